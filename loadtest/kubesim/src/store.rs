@@ -1,0 +1,893 @@
+//! The object store: every object kubesim holds, the global resourceVersion counter, the
+//! watch history and the commit log.
+//!
+//! All writes go through [`Store::commit`] under one lock, which gives the same guarantees
+//! clients rely on from etcd + the apiserver: a strictly increasing resourceVersion per write,
+//! compare-and-swap on `metadata.resourceVersion`, and watch events delivered in commit order
+//! without gaps (a watcher subscribes under the same lock that commits). The lock is held only
+//! for in-memory work; nothing here awaits.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::admission;
+use crate::error::{ApiError, ApiResult};
+use crate::meta;
+use crate::recorder::Recorder;
+use crate::registry::{Registry, ResourceType};
+
+pub type StoreKey = (String, String);
+type ObjKey = (String, String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One committed change.
+#[derive(Debug)]
+pub struct Event {
+    pub rv: u64,
+    pub type_: EventType,
+    pub key: StoreKey,
+    pub object: Arc<Value>,
+    pub old: Option<Arc<Value>>,
+    pub at: Instant,
+}
+
+/// One committed write, attributed to the client that made it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommitRecord {
+    pub rv: u64,
+    /// Milliseconds since the store started.
+    pub at_ms: u64,
+    pub actor: String,
+    pub verb: &'static str,
+    pub group: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Watch history kept: events older than this are compacted (410 Gone to a watcher
+    /// resuming from before it).
+    pub history_window: Duration,
+    /// Upper bound on history entries regardless of age.
+    pub history_max: usize,
+    /// Commit log entries kept (oldest dropped first).
+    pub commit_log_max: usize,
+    /// The label whose value `writer` the invariant recorder watches on pods.
+    pub role_label: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            history_window: Duration::from_secs(300),
+            history_max: 500_000,
+            commit_log_max: 1_000_000,
+            role_label: "sts-role".into(),
+        }
+    }
+}
+
+/// Who is writing and how (query parameters of the request).
+#[derive(Debug, Clone, Default)]
+pub struct WriteOpts {
+    pub actor: String,
+    pub dry_run: bool,
+    /// `fieldValidation=Strict`: unknown fields are an error instead of being pruned.
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    Main,
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    Background,
+    Foreground,
+    Orphan,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeleteOpts {
+    pub write: WriteOpts,
+    pub grace_seconds: Option<i64>,
+    pub propagation: Propagation,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+}
+
+impl Default for DeleteOpts {
+    fn default() -> Self {
+        DeleteOpts {
+            write: WriteOpts::default(),
+            grace_seconds: None,
+            propagation: Propagation::Background,
+            precondition_uid: None,
+            precondition_rv: None,
+        }
+    }
+}
+
+pub struct State {
+    pub rv: u64,
+    pub registry: Registry,
+    objects: HashMap<StoreKey, BTreeMap<ObjKey, Arc<Value>>>,
+    history: VecDeque<Arc<Event>>,
+    /// Events with rv <= compacted are gone.
+    compacted: u64,
+    commit_log: VecDeque<CommitRecord>,
+    pub recorder: Recorder,
+    next_ip: u32,
+}
+
+pub struct Store {
+    state: Mutex<State>,
+    tx: broadcast::Sender<Arc<Event>>,
+    pub config: StoreConfig,
+    started: Instant,
+}
+
+/// What a watch starts with: the events to replay, then the live feed.
+pub struct WatchStart {
+    pub backlog: Vec<Arc<Event>>,
+    pub initial: Vec<Arc<Value>>,
+    pub rx: broadcast::Receiver<Arc<Event>>,
+    pub rv: u64,
+}
+
+pub struct ListResult {
+    pub items: Vec<Arc<Value>>,
+    pub rv: u64,
+    pub continue_token: Option<String>,
+    pub remaining: Option<u64>,
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Arc<Store> {
+        let (tx, _) = broadcast::channel(1 << 16);
+        let recorder = Recorder::new(config.role_label.clone());
+        let store = Arc::new(Store {
+            state: Mutex::new(State {
+                rv: 0,
+                registry: Registry::with_builtins(),
+                objects: HashMap::new(),
+                history: VecDeque::new(),
+                compacted: 0,
+                commit_log: VecDeque::new(),
+                recorder,
+                next_ip: 1,
+            }),
+            tx,
+            config,
+            started: Instant::now(),
+        });
+        let ns = store.registry().get("", "v1", "namespaces");
+        if let Some(ns) = ns {
+            for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+                let opts = WriteOpts {
+                    actor: "kubesim".into(),
+                    ..Default::default()
+                };
+                if let Err(e) = store.create(&ns, None, obj, &opts) {
+                    tracing::error!(error = %e, "creating namespace {name}");
+                }
+            }
+        }
+        store
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every mutation is applied
+        // whole or not at all), so a poisoned lock is still safe to use.
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn registry(&self) -> Registry {
+        self.lock().registry.clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tx.subscribe()
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn current_rv(&self) -> u64 {
+        self.lock().rv
+    }
+
+    pub fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> ApiResult<Arc<Value>> {
+        let st = self.lock();
+        st.get(rt, ns, name)
+            .ok_or_else(|| ApiError::not_found(rt, name))
+    }
+
+    /// List objects of a kind, optionally in one namespace, filtered by `keep`; paginated by
+    /// `limit` and an opaque continue token (the last key returned).
+    pub fn list(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        keep: &dyn Fn(&Value) -> bool,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> ApiResult<ListResult> {
+        let st = self.lock();
+        let (start_rv, after) = match continue_token {
+            Some(tok) => decode_continue(tok)?,
+            None => (st.rv, None),
+        };
+        let Some(map) = st.objects.get(&rt.store_key()) else {
+            return Ok(ListResult {
+                items: vec![],
+                rv: start_rv,
+                continue_token: None,
+                remaining: None,
+            });
+        };
+        let mut items = Vec::new();
+        let mut last_key = None;
+        let mut more = 0u64;
+        let iter: Box<dyn Iterator<Item = (&ObjKey, &Arc<Value>)>> = match (ns, &after) {
+            (_, Some(k)) => Box::new(
+                map.range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded)),
+            ),
+            (Some(ns), None) => Box::new(map.range((ns.to_string(), String::new())..)),
+            (None, None) => Box::new(map.iter()),
+        };
+        for (k, v) in iter {
+            if let Some(ns) = ns
+                && k.0 != ns
+            {
+                if k.0.as_str() > ns {
+                    break;
+                }
+                continue;
+            }
+            if !keep(v) {
+                continue;
+            }
+            if limit.is_some_and(|l| items.len() >= l) {
+                more += 1;
+                continue;
+            }
+            items.push(v.clone());
+            last_key = Some(k.clone());
+        }
+        let continue_token = if more > 0 {
+            last_key.map(|k| encode_continue(start_rv, &k))
+        } else {
+            None
+        };
+        Ok(ListResult {
+            items,
+            rv: start_rv,
+            continue_token,
+            remaining: (more > 0).then_some(more),
+        })
+    }
+
+    /// Start a watch: replay history after `from_rv`, or, when `from_rv` is None, return the
+    /// current objects to send as synthetic ADDED events. Subscribing happens under the commit
+    /// lock, so no event falls between the replay and the live feed.
+    pub fn watch(&self, rt: &ResourceType, from_rv: Option<u64>) -> ApiResult<WatchStart> {
+        let st = self.lock();
+        let key = rt.store_key();
+        let rx = self.tx.subscribe();
+        match from_rv {
+            None => {
+                let initial = st
+                    .objects
+                    .get(&key)
+                    .map(|m| m.values().cloned().collect())
+                    .unwrap_or_default();
+                Ok(WatchStart {
+                    backlog: vec![],
+                    initial,
+                    rx,
+                    rv: st.rv,
+                })
+            }
+            Some(rv) => {
+                if rv < st.compacted {
+                    return Err(ApiError::gone(format!(
+                        "too old resource version: {rv} ({})",
+                        st.compacted + 1
+                    )));
+                }
+                let backlog = st
+                    .history
+                    .iter()
+                    .filter(|e| e.rv > rv && e.key == key)
+                    .cloned()
+                    .collect();
+                Ok(WatchStart {
+                    backlog,
+                    initial: vec![],
+                    rx,
+                    rv: st.rv,
+                })
+            }
+        }
+    }
+
+    /// Forget all watch history: every watcher that resumes from an older resourceVersion gets
+    /// 410 Gone and must relist.
+    pub fn compact(&self) -> u64 {
+        let mut st = self.lock();
+        st.history.clear();
+        st.compacted = st.rv;
+        st.rv
+    }
+
+    pub fn commit_log(&self) -> Vec<CommitRecord> {
+        self.lock().commit_log.iter().cloned().collect()
+    }
+
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        obj: Value,
+        opts: &WriteOpts,
+    ) -> ApiResult<Arc<Value>> {
+        let mut st = self.lock();
+        let created = st.create_locked(self, rt, ns, obj, opts)?;
+        Ok(created)
+    }
+
+    /// Replace an object (PUT) or run `f` on its current state (PATCH), with
+    /// compare-and-swap when the result carries a resourceVersion.
+    pub fn update_with(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        sub: Subresource,
+        opts: &WriteOpts,
+        f: &mut dyn FnMut(Option<&Value>) -> ApiResult<Value>,
+        create_if_missing: bool,
+    ) -> ApiResult<Arc<Value>> {
+        let mut st = self.lock();
+        let current = st.get(rt, ns, name);
+        let Some(current) = current else {
+            if create_if_missing {
+                let mut obj = f(None)?;
+                let m = meta::meta_mut(&mut obj);
+                m.insert("name".into(), json!(name));
+                m.remove("resourceVersion");
+                return st.create_locked(self, rt, ns, obj, opts);
+            }
+            return Err(ApiError::not_found(rt, name));
+        };
+        let new = f(Some(&current))?;
+        st.update_locked(self, rt, &current, new, sub, opts)
+    }
+
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Arc<Value>> {
+        let mut st = self.lock();
+        st.delete_locked(self, rt, ns, name, opts)
+    }
+
+    fn publish(&self, st: &mut State, ev: Event) {
+        let ev = Arc::new(ev);
+        let cutoff = ev.at.checked_sub(self.config.history_window);
+        st.history.push_back(ev.clone());
+        while st.history.len() > self.config.history_max
+            || st
+                .history
+                .front()
+                .zip(cutoff)
+                .is_some_and(|(e, c)| e.at < c)
+        {
+            if let Some(old) = st.history.pop_front() {
+                st.compacted = st.compacted.max(old.rv);
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(ev);
+    }
+}
+
+fn encode_continue(rv: u64, k: &ObjKey) -> String {
+    let raw = json!({"rv": rv, "ns": k.0, "name": k.1}).to_string();
+    hex_encode(raw.as_bytes())
+}
+
+fn decode_continue(tok: &str) -> ApiResult<(u64, Option<ObjKey>)> {
+    let bad = || ApiError::bad_request(format!("invalid continue token: {tok:?}"));
+    let raw = hex_decode(tok).ok_or_else(bad)?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rv = v["rv"].as_u64().ok_or_else(bad)?;
+    let ns = v["ns"].as_str().ok_or_else(bad)?.to_string();
+    let name = v["name"].as_str().ok_or_else(bad)?.to_string();
+    Ok((rv, Some((ns, name))))
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn obj_key(rt: &ResourceType, ns: Option<&str>, name: &str) -> ObjKey {
+    (
+        if rt.namespaced {
+            ns.unwrap_or("").to_string()
+        } else {
+            String::new()
+        },
+        name.to_string(),
+    )
+}
+
+/// The parts of an object that count as its spec for `metadata.generation`.
+fn spec_part(obj: &Value, has_status: bool) -> Value {
+    let mut o = obj.clone();
+    if let Value::Object(m) = &mut o {
+        m.remove("metadata");
+        m.remove("apiVersion");
+        m.remove("kind");
+        if has_status {
+            m.remove("status");
+        }
+    }
+    o
+}
+
+impl State {
+    pub fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> Option<Arc<Value>> {
+        self.objects
+            .get(&rt.store_key())
+            .and_then(|m| m.get(&obj_key(rt, ns, name)))
+            .cloned()
+    }
+
+    pub fn objects_of(&self, key: &StoreKey) -> impl Iterator<Item = &Arc<Value>> {
+        self.objects.get(key).into_iter().flat_map(|m| m.values())
+    }
+
+    pub fn allocate_ip(&mut self, prefix: &str) -> String {
+        let n = self.next_ip;
+        self.next_ip += 1;
+        format!("{prefix}.{}.{}", (n / 250) % 250, n % 250 + 1)
+    }
+
+    fn record(&mut self, store: &Store, verb: &'static str, key: &StoreKey, obj: &Value, actor: &str) {
+        if store.config.commit_log_max == 0 {
+            return;
+        }
+        if self.commit_log.len() >= store.config.commit_log_max {
+            self.commit_log.pop_front();
+        }
+        self.commit_log.push_back(CommitRecord {
+            rv: self.rv,
+            at_ms: store.elapsed_ms(),
+            actor: actor.to_string(),
+            verb,
+            group: key.0.clone(),
+            resource: key.1.clone(),
+            namespace: meta::namespace(obj).to_string(),
+            name: meta::name(obj).to_string(),
+        });
+    }
+
+    fn put(
+        &mut self,
+        store: &Store,
+        key: StoreKey,
+        type_: EventType,
+        obj: Value,
+        old: Option<Arc<Value>>,
+        actor: &str,
+    ) -> Arc<Value> {
+        let obj = Arc::new(obj);
+        let k = (
+            meta::namespace(&obj).to_string(),
+            meta::name(&obj).to_string(),
+        );
+        let map = self.objects.entry(key.clone()).or_default();
+        match type_ {
+            EventType::Deleted => {
+                map.remove(&k);
+            }
+            _ => {
+                map.insert(k, obj.clone());
+            }
+        }
+        if key.0.is_empty() && key.1 == "pods" {
+            let at = store.elapsed_ms();
+            let new = (type_ != EventType::Deleted).then_some(&*obj);
+            self.recorder.observe_pod(at, old.as_deref(), new);
+        }
+        let verb = match type_ {
+            EventType::Added => "create",
+            EventType::Modified => "update",
+            EventType::Deleted => "delete",
+        };
+        self.record(store, verb, &key, &obj, actor);
+        let ev = Event {
+            rv: self.rv,
+            type_,
+            key,
+            object: obj.clone(),
+            old,
+            at: Instant::now(),
+        };
+        store.publish(self, ev);
+        obj
+    }
+
+    pub fn create_locked(
+        &mut self,
+        store: &Store,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        mut obj: Value,
+        opts: &WriteOpts,
+    ) -> ApiResult<Arc<Value>> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the body of the request was not an object"));
+        }
+        obj["apiVersion"] = json!(rt.api_version());
+        obj["kind"] = json!(rt.kind);
+        let ns = if rt.namespaced {
+            let body_ns = meta::namespace(&obj).to_string();
+            let ns = ns.map(str::to_string).unwrap_or(body_ns.clone());
+            if !body_ns.is_empty() && body_ns != ns {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            let ns = if ns.is_empty() { "default".to_string() } else { ns };
+            Some(ns)
+        } else {
+            None
+        };
+        {
+            let m = meta::meta_mut(&mut obj);
+            let has_name = m.get("name").and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+            if !has_name {
+                match m.get("generateName").and_then(Value::as_str) {
+                    Some(prefix) if !prefix.is_empty() => {
+                        let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_string();
+                        m.insert("name".into(), json!(format!("{prefix}{suffix}")));
+                    }
+                    _ => {
+                        let causes = vec![(
+                            "FieldValueRequired".to_string(),
+                            "metadata.name".to_string(),
+                            "Required value: name or generateName is required".to_string(),
+                        )];
+                        return Err(ApiError::invalid(rt, "", &causes));
+                    }
+                }
+            }
+            if let Some(ns) = &ns {
+                m.insert("namespace".into(), json!(ns));
+            } else {
+                m.remove("namespace");
+            }
+        }
+        let name = meta::name(&obj).to_string();
+        if let Some(ns) = &ns {
+            let exists = self
+                .objects
+                .get(&(String::new(), "namespaces".to_string()))
+                .is_some_and(|m| m.contains_key(&(String::new(), ns.clone())));
+            if !exists && !(rt.group.is_empty() && rt.plural == "namespaces") {
+                return Err(ApiError::namespace_not_found(ns));
+            }
+        }
+        if self.get(rt, ns.as_deref(), &name).is_some() {
+            return Err(ApiError::already_exists(rt, &name));
+        }
+        let rv = self.rv + 1;
+        {
+            let m = meta::meta_mut(&mut obj);
+            m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            m.insert("creationTimestamp".into(), json!(meta::now_rfc3339()));
+            m.insert("generation".into(), json!(1));
+            m.insert("resourceVersion".into(), json!(rv.to_string()));
+            m.remove("deletionTimestamp");
+            m.remove("deletionGracePeriodSeconds");
+            m.remove("managedFields");
+            m.remove("selfLink");
+        }
+        admission::admit(self, rt, &mut obj, None, opts)?;
+        if opts.dry_run {
+            return Ok(Arc::new(obj));
+        }
+        self.rv = rv;
+        let key = rt.store_key();
+        let created = self.put(store, key, EventType::Added, obj, None, &opts.actor);
+        admission::after_commit(self, store, rt, &created);
+        Ok(created)
+    }
+
+    pub fn update_locked(
+        &mut self,
+        store: &Store,
+        rt: &ResourceType,
+        current: &Arc<Value>,
+        mut new: Value,
+        sub: Subresource,
+        opts: &WriteOpts,
+    ) -> ApiResult<Arc<Value>> {
+        let name = meta::name(current).to_string();
+        if !new.is_object() {
+            return Err(ApiError::bad_request("the body of the request was not an object"));
+        }
+        if let Some(rv) = meta::meta_str(&new, "resourceVersion")
+            && !rv.is_empty()
+            && Some(rv) != meta::meta_str(current, "resourceVersion")
+        {
+            return Err(ApiError::stale(rt, &name));
+        }
+        if let Some(uid) = meta::meta_str(&new, "uid")
+            && !uid.is_empty()
+            && uid != meta::uid(current)
+        {
+            return Err(ApiError::conflict(
+                rt,
+                &name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta::uid(current)
+                ),
+            ));
+        }
+        let body_name = meta::name(&new);
+        if !body_name.is_empty() && body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        new["apiVersion"] = json!(rt.api_version());
+        new["kind"] = json!(rt.kind);
+        // Subresource semantics: a status write changes only status; a main-resource write of a
+        // kind with a status subresource cannot change status.
+        if rt.status {
+            match sub {
+                Subresource::Status => {
+                    let status = new.get("status").cloned();
+                    let mut merged = (**current).clone();
+                    match status {
+                        Some(s) => merged["status"] = s,
+                        None => {
+                            if let Value::Object(m) = &mut merged {
+                                m.remove("status");
+                            }
+                        }
+                    }
+                    new = merged;
+                }
+                Subresource::Main => match current.get("status") {
+                    Some(s) => new["status"] = s.clone(),
+                    None => {
+                        if let Value::Object(m) = &mut new {
+                            m.remove("status");
+                        }
+                    }
+                },
+            }
+        }
+        let cur_meta = meta::meta(current).cloned().unwrap_or_default();
+        let terminating = meta::is_terminating(current);
+        if terminating {
+            let old_f = meta::finalizers(current);
+            let added: Vec<String> = meta::finalizers(&new)
+                .into_iter()
+                .filter(|f| !old_f.contains(f))
+                .collect();
+            if !added.is_empty() {
+                let causes = vec![(
+                    "FieldValueForbidden".to_string(),
+                    "metadata.finalizers".to_string(),
+                    format!(
+                        "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                        added.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
+                    ),
+                )];
+                return Err(ApiError::invalid(rt, &name, &causes));
+            }
+        }
+        {
+            let m = meta::meta_mut(&mut new);
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
+                match cur_meta.get(f) {
+                    Some(v) => m.insert(f.into(), v.clone()),
+                    None => m.remove(f),
+                };
+            }
+            m.remove("managedFields");
+            m.remove("selfLink");
+        }
+        admission::admit(self, rt, &mut new, Some(current), opts)?;
+        if spec_part(&new, rt.status) != spec_part(current, rt.status) {
+            let g = cur_meta.get("generation").and_then(Value::as_i64).unwrap_or(0) + 1;
+            meta::meta_mut(&mut new).insert("generation".into(), json!(g));
+        }
+        // An update that changes nothing is not a write: same resourceVersion, no event, as
+        // the apiserver does (clients rely on this to keep quiet systems quiet).
+        let mut cmp = new.clone();
+        meta::meta_mut(&mut cmp).insert(
+            "resourceVersion".into(),
+            cur_meta.get("resourceVersion").cloned().unwrap_or(Value::Null),
+        );
+        if cmp == **current {
+            return Ok(current.clone());
+        }
+        if opts.dry_run {
+            return Ok(Arc::new(new));
+        }
+        let key = rt.store_key();
+        if terminating && meta::finalizers(&new).is_empty() {
+            return Ok(self.remove(store, rt, &key, new, Some(current.clone()), &opts.actor));
+        }
+        self.rv += 1;
+        meta::meta_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let updated = self.put(
+            store,
+            key,
+            EventType::Modified,
+            new,
+            Some(current.clone()),
+            &opts.actor,
+        );
+        admission::after_commit(self, store, rt, &updated);
+        Ok(updated)
+    }
+
+    pub(crate) fn remove(
+        &mut self,
+        store: &Store,
+        rt: &ResourceType,
+        key: &StoreKey,
+        mut obj: Value,
+        old: Option<Arc<Value>>,
+        actor: &str,
+    ) -> Arc<Value> {
+        self.rv += 1;
+        meta::meta_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let removed = self.put(store, key.clone(), EventType::Deleted, obj, old, actor);
+        admission::after_delete(self, store, rt, &removed);
+        removed
+    }
+
+    pub fn delete_locked(
+        &mut self,
+        store: &Store,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Arc<Value>> {
+        let Some(current) = self.get(rt, ns, name) else {
+            return Err(ApiError::not_found(rt, name));
+        };
+        if let Some(uid) = &opts.precondition_uid
+            && uid != meta::uid(&current)
+        {
+            return Err(ApiError::conflict(
+                rt,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta::uid(&current)
+                ),
+            ));
+        }
+        if let Some(rv) = &opts.precondition_rv
+            && Some(rv.as_str()) != meta::meta_str(&current, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                rt,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta::meta_str(&current, "resourceVersion").unwrap_or("")
+                ),
+            ));
+        }
+        if opts.write.dry_run {
+            return Ok(current);
+        }
+        let key = rt.store_key();
+        let mut obj = (*current).clone();
+        let mut finalizers = meta::finalizers(&obj);
+        match opts.propagation {
+            Propagation::Foreground if !finalizers.iter().any(|f| f == "foregroundDeletion") => {
+                finalizers.push("foregroundDeletion".into());
+            }
+            Propagation::Orphan if !finalizers.iter().any(|f| f == "orphan") => {
+                finalizers.push("orphan".into());
+            }
+            _ => {}
+        }
+        let graceful = admission::graceful_delete_seconds(rt, &current, opts.grace_seconds);
+        let already_terminating = meta::is_terminating(&current);
+        if !finalizers.is_empty() || graceful.is_some() {
+            if already_terminating {
+                // A second delete can only shorten a pod's grace period.
+                if graceful == Some(0) && finalizers.is_empty() {
+                    return Ok(self.remove(store, rt, &key, obj, Some(current), &opts.write.actor));
+                }
+                return Ok(current);
+            }
+            let grace = graceful.unwrap_or(0);
+            let when = jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_secs(grace))
+                .unwrap_or_else(|_| jiff::Timestamp::now());
+            let m = meta::meta_mut(&mut obj);
+            m.insert("deletionTimestamp".into(), json!(meta::format_time(when)));
+            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            m.insert("finalizers".into(), json!(finalizers));
+            self.rv += 1;
+            m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+            let updated = self.put(
+                store,
+                key,
+                EventType::Modified,
+                obj,
+                Some(current),
+                &opts.write.actor,
+            );
+            admission::after_commit(self, store, rt, &updated);
+            return Ok(updated);
+        }
+        Ok(self.remove(store, rt, &key, obj, Some(current), &opts.write.actor))
+    }
+}
