@@ -90,7 +90,11 @@ pub fn admit(
                         causes.push(invalid_value(&format!("spec.{f}"), v, detail));
                     }
                 }
-                if obj.pointer("/spec/leaseDurationSeconds").and_then(Value::as_i64) == Some(0) {
+                if obj
+                    .pointer("/spec/leaseDurationSeconds")
+                    .and_then(Value::as_i64)
+                    == Some(0)
+                {
                     causes.push(invalid_value(
                         "spec.leaseDurationSeconds",
                         &json!(0),
@@ -98,9 +102,7 @@ pub fn admit(
                     ));
                 }
             }
-            ("apiextensions.k8s.io", "customresourcedefinitions") => {
-                admit_crd(obj, &mut causes)
-            }
+            ("apiextensions.k8s.io", "customresourcedefinitions") => admit_crd(obj, &mut causes),
             _ => {}
         }
     }
@@ -157,7 +159,10 @@ fn default_pod(obj: &mut Value, create: bool) {
         if obj.pointer("/spec/serviceAccountName").is_none() {
             meta::set_path(obj, ".spec.serviceAccountName", json!("default"));
         }
-        if let Some(cs) = obj.pointer_mut("/spec/containers").and_then(Value::as_array_mut) {
+        if let Some(cs) = obj
+            .pointer_mut("/spec/containers")
+            .and_then(Value::as_array_mut)
+        {
             for c in cs {
                 if c.get("imagePullPolicy").is_none() {
                     let latest = c
@@ -258,10 +263,8 @@ fn admit_statefulset(obj: &mut Value, old: Option<&Arc<Value>>, causes: &mut Vec
                 } else if !s.matches(labels) {
                     let shown = labels
                         .map(|l| {
-                            let pairs: Vec<String> = l
-                                .iter()
-                                .map(|(k, v)| format!("{k:?}:{}", v))
-                                .collect();
+                            let pairs: Vec<String> =
+                                l.iter().map(|(k, v)| format!("{k:?}:{}", v)).collect();
                             format!("map[string]string{{{}}}", pairs.join(", "))
                         })
                         .unwrap_or_else(|| "map[string]string(nil)".into());
@@ -327,10 +330,22 @@ fn admit_crd(obj: &mut Value, causes: &mut Vec<Cause>) {
         .unwrap_or("")
         .to_string();
     if plural.is_empty() {
-        causes.push(("FieldValueRequired".into(), "spec.names.plural".into(), "Required value".into()));
+        causes.push((
+            "FieldValueRequired".into(),
+            "spec.names.plural".into(),
+            "Required value".into(),
+        ));
     }
-    if obj.pointer("/spec/names/kind").and_then(Value::as_str).is_none_or(str::is_empty) {
-        causes.push(("FieldValueRequired".into(), "spec.names.kind".into(), "Required value".into()));
+    if obj
+        .pointer("/spec/names/kind")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        causes.push((
+            "FieldValueRequired".into(),
+            "spec.names.kind".into(),
+            "Required value".into(),
+        ));
     }
     if name != format!("{plural}.{group}") {
         causes.push(invalid_value(
@@ -345,7 +360,11 @@ fn admit_crd(obj: &mut Value, causes: &mut Vec<Cause>) {
         .cloned()
         .unwrap_or_default();
     if versions.is_empty() {
-        causes.push(("FieldValueRequired".into(), "spec.versions".into(), "Required value: must have exactly one version marked as storage version".into()));
+        causes.push((
+            "FieldValueRequired".into(),
+            "spec.versions".into(),
+            "Required value: must have exactly one version marked as storage version".into(),
+        ));
     }
     for (i, v) in versions.iter().enumerate() {
         if let Some(s) = v.pointer("/schema/openAPIV3Schema")
@@ -393,11 +412,20 @@ fn admit_crd(obj: &mut Value, causes: &mut Vec<Cause>) {
 
 /// Resource types served for a stored CRD object.
 pub fn crd_types(crd: &Value) -> Vec<ResourceType> {
-    let s = |p: &str| crd.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |p: &str| {
+        crd.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let list = |p: &str| -> Vec<String> {
         crd.pointer(p)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let group = s("/spec/group");
@@ -519,7 +547,11 @@ fn purge(st: &mut State, store: &Store, key: &(String, String), ns: Option<&str>
 
 /// Seconds of graceful deletion for an object, None for immediate removal. Only scheduled
 /// pods terminate gracefully (the kubelet confirms their removal).
-pub fn graceful_delete_seconds(rt: &ResourceType, obj: &Value, requested: Option<i64>) -> Option<i64> {
+pub fn graceful_delete_seconds(
+    rt: &ResourceType,
+    obj: &Value,
+    requested: Option<i64>,
+) -> Option<i64> {
     if !(rt.group.is_empty() && rt.plural == "pods") {
         return None;
     }
@@ -529,14 +561,23 @@ pub fn graceful_delete_seconds(rt: &ResourceType, obj: &Value, requested: Option
         return None;
     }
     let g = requested
-        .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+        .or_else(|| {
+            obj.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
         .unwrap_or(30);
     (g > 0).then_some(g)
 }
 
 impl State {
     /// Remove an object regardless of finalizers (CRD and namespace cleanup).
-    pub fn force_remove(&mut self, store: &Store, key: &(String, String), obj: &Arc<Value>, actor: &str) {
+    pub fn force_remove(
+        &mut self,
+        store: &Store,
+        key: &(String, String),
+        obj: &Arc<Value>,
+        actor: &str,
+    ) {
         let Some(rt) = self.registry.by_store_key(&key.0, &key.1) else {
             return;
         };

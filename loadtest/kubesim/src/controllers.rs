@@ -62,7 +62,8 @@ pub fn is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
-            cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
         })
 }
 
@@ -85,7 +86,9 @@ pub fn start(store: Arc<Store>, cfg: ControllerConfig) -> Vec<tokio::task::JoinH
 }
 
 fn create_nodes(store: &Store, n: usize) {
-    let Ok(nodes) = rt(store, "", "nodes") else { return };
+    let Ok(nodes) = rt(store, "", "nodes") else {
+        return;
+    };
     for i in 1..=n {
         let node = json!({
             "apiVersion": "v1", "kind": "Node",
@@ -118,7 +121,11 @@ fn ordinal_of(pod: &str, set: &str) -> Option<i64> {
 }
 
 fn revision_of(sts: &Value) -> String {
-    let t = sts.pointer("/spec/template").cloned().unwrap_or(Value::Null).to_string();
+    let t = sts
+        .pointer("/spec/template")
+        .cloned()
+        .unwrap_or(Value::Null)
+        .to_string();
     let mut h: u32 = 2166136261;
     for b in t.bytes() {
         h ^= u32::from(b);
@@ -216,13 +223,22 @@ impl StatefulSets {
             return Ok(());
         }
         let uid = meta::uid(&sts).to_string();
-        let replicas = sts.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
-        let ordered = sts.pointer("/spec/podManagementPolicy").and_then(Value::as_str) != Some("Parallel");
+        let replicas = sts
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let ordered = sts
+            .pointer("/spec/podManagementPolicy")
+            .and_then(Value::as_str)
+            != Some("Parallel");
         let partition = sts
             .pointer("/spec/updateStrategy/rollingUpdate/partition")
             .and_then(Value::as_i64)
             .unwrap_or(0);
-        let on_delete = sts.pointer("/spec/updateStrategy/type").and_then(Value::as_str) == Some("OnDelete");
+        let on_delete = sts
+            .pointer("/spec/updateStrategy/type")
+            .and_then(Value::as_str)
+            == Some("OnDelete");
         let revision = revision_of(&sts);
         let pods: BTreeMap<i64, Arc<Value>> = {
             let st = self.store.lock();
@@ -280,7 +296,9 @@ impl StatefulSets {
         let all_ready = (0..replicas).all(|i| pods.get(&i).is_some_and(|p| healthy(p)));
         if !on_delete && extra.is_empty() && all_ready {
             let outdated = pods.iter().rev().find(|(o, p)| {
-                **o >= partition && **o < replicas && meta::label(p, "controller-revision-hash") != Some(revision.as_str())
+                **o >= partition
+                    && **o < replicas
+                    && meta::label(p, "controller-revision-hash") != Some(revision.as_str())
             });
             if let Some((_, p)) = outdated {
                 self.delete_pod(&pods_rt, p)?;
@@ -335,7 +353,10 @@ impl StatefulSets {
             precondition_uid: Some(meta::uid(p).to_string()),
             ..Default::default()
         };
-        match self.store.delete(pods_rt, Some(meta::namespace(p)), meta::name(p), &opts) {
+        match self
+            .store
+            .delete(pods_rt, Some(meta::namespace(p)), meta::name(p), &opts)
+        {
             Ok(_) => Ok(()),
             Err(e) if e.code == 404 || e.code == 409 => Ok(()),
             Err(e) => Err(e),
@@ -347,7 +368,10 @@ fn pod_from_template(sts: &Value, ordinal: i64, revision: &str) -> Value {
     let set = meta::name(sts);
     let name = format!("{set}-{ordinal}");
     let tmpl = sts.pointer("/spec/template").cloned().unwrap_or(json!({}));
-    let mut labels = tmpl.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    let mut labels = tmpl
+        .pointer("/metadata/labels")
+        .cloned()
+        .unwrap_or(json!({}));
     labels["statefulset.kubernetes.io/pod-name"] = json!(name);
     labels["apps.kubernetes.io/pod-index"] = json!(ordinal.to_string());
     labels["controller-revision-hash"] = json!(revision);
@@ -408,20 +432,28 @@ fn with_readiness(pod: &Value, ready: bool, restart: bool) -> Value {
                         m.remove("reason");
                     }
                 } else {
-                    c["reason"] = json!(if t == "Ready" { "ContainersNotReady" } else { "ContainersNotReady" });
+                    c["reason"] = json!(if t == "Ready" {
+                        "ContainersNotReady"
+                    } else {
+                        "ContainersNotReady"
+                    });
                 }
             }
             None => conds.push(condition(t, ready, &now)),
         }
     }
     o["status"]["conditions"] = json!(conds);
-    if let Some(cs) = o.pointer_mut("/status/containerStatuses").and_then(Value::as_array_mut) {
+    if let Some(cs) = o
+        .pointer_mut("/status/containerStatuses")
+        .and_then(Value::as_array_mut)
+    {
         for c in cs {
             c["ready"] = json!(ready);
             if restart {
                 let n = c["restartCount"].as_i64().unwrap_or(0) + 1;
                 c["restartCount"] = json!(n);
-                c["lastState"] = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now}});
+                c["lastState"] =
+                    json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now}});
             }
         }
     }
@@ -473,7 +505,11 @@ impl Kubelet {
                     .unwrap_or(0);
                 let delay = Duration::from_secs(grace).min(self.cfg.pod_terminate_delay);
                 let this = self.clone();
-                let (ns, name, uid) = (meta::namespace(pod).to_string(), meta::name(pod).to_string(), meta::uid(pod).to_string());
+                let (ns, name, uid) = (
+                    meta::namespace(pod).to_string(),
+                    meta::name(pod).to_string(),
+                    meta::uid(pod).to_string(),
+                );
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     this.finish_termination(&ns, &name, &uid);
@@ -509,28 +545,51 @@ impl Kubelet {
     fn schedule(&self, pod: &Value) {
         let Ok(pods) = self.pods_rt() else { return };
         let n = self.cfg.nodes.max(1);
-        let node = format!("kubesim-node-{}", self.next_node.fetch_add(1, Ordering::Relaxed) % n + 1);
-        let (ns, name, uid) = (meta::namespace(pod).to_string(), meta::name(pod).to_string(), meta::uid(pod).to_string());
+        let node = format!(
+            "kubesim-node-{}",
+            self.next_node.fetch_add(1, Ordering::Relaxed) % n + 1
+        );
+        let (ns, name, uid) = (
+            meta::namespace(pod).to_string(),
+            meta::name(pod).to_string(),
+            meta::uid(pod).to_string(),
+        );
         let node_c = node.clone();
-        let res = self.store.update_with(&pods, Some(&ns), &name, Subresource::Main, &writer("scheduler"), &mut |cur| {
-            let mut o = cur.cloned().unwrap_or(Value::Null);
-            if meta::uid(&o) != uid {
-                return Err(ApiError::new(409, "Conflict", "pod replaced"));
-            }
-            o["spec"]["nodeName"] = json!(node_c);
-            meta::meta_mut(&mut o).remove("resourceVersion");
-            Ok(o)
-        }, false);
+        let res = self.store.update_with(
+            &pods,
+            Some(&ns),
+            &name,
+            Subresource::Main,
+            &writer("scheduler"),
+            &mut |cur| {
+                let mut o = cur.cloned().unwrap_or(Value::Null);
+                if meta::uid(&o) != uid {
+                    return Err(ApiError::new(409, "Conflict", "pod replaced"));
+                }
+                o["spec"]["nodeName"] = json!(node_c);
+                meta::meta_mut(&mut o).remove("resourceVersion");
+                Ok(o)
+            },
+            false,
+        );
         if res.is_err() {
             return;
         }
         let now = meta::now_rfc3339();
-        let _ = self.store.update_with(&pods, Some(&ns), &name, Subresource::Status, &writer("kubelet"), &mut |cur| {
-            let mut o = cur.cloned().unwrap_or(Value::Null);
-            o["status"]["conditions"] = json!([condition("PodScheduled", true, &now)]);
-            meta::meta_mut(&mut o).remove("resourceVersion");
-            Ok(o)
-        }, false);
+        let _ = self.store.update_with(
+            &pods,
+            Some(&ns),
+            &name,
+            Subresource::Status,
+            &writer("kubelet"),
+            &mut |cur| {
+                let mut o = cur.cloned().unwrap_or(Value::Null);
+                o["status"]["conditions"] = json!([condition("PodScheduled", true, &now)]);
+                meta::meta_mut(&mut o).remove("resourceVersion");
+                Ok(o)
+            },
+            false,
+        );
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(this.cfg.pod_ready_delay).await;
@@ -613,7 +672,9 @@ async fn gc(store: Arc<Store>, mut rx: broadcast::Receiver<Arc<Event>>) {
             Ok(ev) => {
                 let terminating_owner = ev.type_ == EventType::Modified
                     && meta::is_terminating(&ev.object)
-                    && meta::finalizers(&ev.object).iter().any(|f| f == "foregroundDeletion" || f == "orphan");
+                    && meta::finalizers(&ev.object)
+                        .iter()
+                        .any(|f| f == "foregroundDeletion" || f == "orphan");
                 if (ev.type_ == EventType::Deleted && may_own(&ev.key)) || terminating_owner {
                     collect(&store);
                 }
@@ -627,9 +688,18 @@ async fn gc(store: Arc<Store>, mut rx: broadcast::Receiver<Arc<Event>>) {
 /// One pass of the garbage collector: delete dependents whose owners are all gone, and
 /// complete foreground/orphan deletions.
 pub fn collect(store: &Store) {
-    let (uids, candidates, blocked): (HashSet<String>, Vec<(Arc<ResourceType>, Arc<Value>)>, Vec<(Arc<ResourceType>, Arc<Value>)>) = {
+    let (uids, candidates, blocked): (
+        HashSet<String>,
+        Vec<(Arc<ResourceType>, Arc<Value>)>,
+        Vec<(Arc<ResourceType>, Arc<Value>)>,
+    ) = {
         let st = store.lock();
-        let types: Vec<Arc<ResourceType>> = st.registry.all().filter(|t| t.storage.is_none()).cloned().collect();
+        let types: Vec<Arc<ResourceType>> = st
+            .registry
+            .all()
+            .filter(|t| t.storage.is_none())
+            .cloned()
+            .collect();
         let mut uids = HashSet::new();
         let mut cands = vec![];
         let mut blocked = vec![];
@@ -644,7 +714,9 @@ pub fn collect(store: &Store) {
                     cands.push((t.clone(), o.clone()));
                 }
                 if meta::is_terminating(o)
-                    && meta::finalizers(o).iter().any(|f| f == "foregroundDeletion" || f == "orphan")
+                    && meta::finalizers(o)
+                        .iter()
+                        .any(|f| f == "foregroundDeletion" || f == "orphan")
                 {
                     blocked.push((t.clone(), o.clone()));
                 }
@@ -658,18 +730,33 @@ pub fn collect(store: &Store) {
         let owners = meta::owner_uids(o);
         let orphaning: Vec<&String> = owners
             .iter()
-            .filter(|u| blocked.iter().any(|(_, b)| meta::uid(b) == u.as_str() && meta::finalizers(b).iter().any(|f| f == "orphan")))
+            .filter(|u| {
+                blocked.iter().any(|(_, b)| {
+                    meta::uid(b) == u.as_str() && meta::finalizers(b).iter().any(|f| f == "orphan")
+                })
+            })
             .collect();
         if !orphaning.is_empty() {
             let drop: HashSet<String> = orphaning.iter().map(|s| s.to_string()).collect();
-            let _ = store.update_with(t, Some(meta::namespace(o)), meta::name(o), Subresource::Main, &w, &mut |cur| {
-                let mut c = cur.cloned().unwrap_or(Value::Null);
-                if let Some(refs) = c.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
-                    refs.retain(|r| r["uid"].as_str().is_none_or(|u| !drop.contains(u)));
-                }
-                meta::meta_mut(&mut c).remove("resourceVersion");
-                Ok(c)
-            }, false);
+            let _ = store.update_with(
+                t,
+                Some(meta::namespace(o)),
+                meta::name(o),
+                Subresource::Main,
+                &w,
+                &mut |cur| {
+                    let mut c = cur.cloned().unwrap_or(Value::Null);
+                    if let Some(refs) = c
+                        .pointer_mut("/metadata/ownerReferences")
+                        .and_then(Value::as_array_mut)
+                    {
+                        refs.retain(|r| r["uid"].as_str().is_none_or(|u| !drop.contains(u)));
+                    }
+                    meta::meta_mut(&mut c).remove("resourceVersion");
+                    Ok(c)
+                },
+                false,
+            );
             continue;
         }
         let all_gone = owners.iter().all(|u| !uids.contains(u));
@@ -699,13 +786,24 @@ pub fn collect(store: &Store) {
     for (t, o) in blocked {
         let orphan = meta::finalizers(&o).iter().any(|f| f == "orphan");
         if orphan || !remaining.contains(meta::uid(&o)) {
-            let _ = store.update_with(&t, Some(meta::namespace(&o)), meta::name(&o), Subresource::Main, &w, &mut |cur| {
-                let mut c = cur.cloned().unwrap_or(Value::Null);
-                let f: Vec<String> = meta::finalizers(&c).into_iter().filter(|f| f != "foregroundDeletion" && f != "orphan").collect();
-                meta::meta_mut(&mut c).insert("finalizers".into(), json!(f));
-                meta::meta_mut(&mut c).remove("resourceVersion");
-                Ok(c)
-            }, false);
+            let _ = store.update_with(
+                &t,
+                Some(meta::namespace(&o)),
+                meta::name(&o),
+                Subresource::Main,
+                &w,
+                &mut |cur| {
+                    let mut c = cur.cloned().unwrap_or(Value::Null);
+                    let f: Vec<String> = meta::finalizers(&c)
+                        .into_iter()
+                        .filter(|f| f != "foregroundDeletion" && f != "orphan")
+                        .collect();
+                    meta::meta_mut(&mut c).insert("finalizers".into(), json!(f));
+                    meta::meta_mut(&mut c).remove("resourceVersion");
+                    Ok(c)
+                },
+                false,
+            );
         }
     }
 }
@@ -727,12 +825,26 @@ impl PodFaults {
         self.set_ready_inner(ns, name, ready, false)
     }
 
-    fn set_ready_inner(&self, ns: &str, name: &str, ready: bool, restart: bool) -> ApiResult<Arc<Value>> {
+    fn set_ready_inner(
+        &self,
+        ns: &str,
+        name: &str,
+        ready: bool,
+        restart: bool,
+    ) -> ApiResult<Arc<Value>> {
         let pods = rt(&self.store, "", "pods")?;
-        self.store.update_with(&pods, Some(ns), name, Subresource::Status, &writer("kubelet"), &mut |cur| {
-            let cur = cur.ok_or_else(|| ApiError::internal("missing"))?;
-            Ok(with_readiness(cur, ready, restart))
-        }, false)
+        self.store.update_with(
+            &pods,
+            Some(ns),
+            name,
+            Subresource::Status,
+            &writer("kubelet"),
+            &mut |cur| {
+                let cur = cur.ok_or_else(|| ApiError::internal("missing"))?;
+                Ok(with_readiness(cur, ready, restart))
+            },
+            false,
+        )
     }
 
     /// The container crashes: NotReady at once, restarted and Ready again after the crash
@@ -740,14 +852,22 @@ impl PodFaults {
     pub fn crash(&self, ns: &str, name: &str) -> ApiResult<Arc<Value>> {
         let pod = self.set_ready_inner(ns, name, false, true)?;
         let this = self.clone();
-        let (ns, name, uid) = (ns.to_string(), name.to_string(), meta::uid(&pod).to_string());
+        let (ns, name, uid) = (
+            ns.to_string(),
+            name.to_string(),
+            meta::uid(&pod).to_string(),
+        );
         tokio::spawn(async move {
             tokio::time::sleep(this.cfg.crash_restart_delay).await;
             let pods = match rt(&this.store, "", "pods") {
                 Ok(p) => p,
                 Err(_) => return,
             };
-            if this.store.get(&pods, Some(&ns), &name).is_ok_and(|p| meta::uid(&p) == uid && !meta::is_terminating(&p)) {
+            if this
+                .store
+                .get(&pods, Some(&ns), &name)
+                .is_ok_and(|p| meta::uid(&p) == uid && !meta::is_terminating(&p))
+            {
                 let _ = this.set_ready(&ns, &name, true);
             }
         });

@@ -63,7 +63,10 @@ pub fn to_stored(rt: &ResourceType, served: &Value) -> Value {
             v["source"] = json!({"component": c});
         }
         if v.get("lastTimestamp").is_none()
-            && let Some(t) = v.get("eventTime").and_then(Value::as_str).map(str::to_string)
+            && let Some(t) = v
+                .get("eventTime")
+                .and_then(Value::as_str)
+                .map(str::to_string)
         {
             let t = t.as_str();
             let secs = t.split('.').next().unwrap_or(t).trim_end_matches('Z');
@@ -86,7 +89,9 @@ mod tests {
     #[test]
     fn events_round_trip_between_groups() {
         let reg = Registry::with_builtins();
-        let view = reg.get("events.k8s.io", "v1", "events").expect("events.k8s.io served");
+        let view = reg
+            .get("events.k8s.io", "v1", "events")
+            .expect("events.k8s.io served");
         let ev = json!({
             "apiVersion": "events.k8s.io/v1", "kind": "Event",
             "metadata": {"name": "x.1", "namespace": "default"},

@@ -148,7 +148,10 @@ impl ApiError {
             ..Self::new(
                 405,
                 "MethodNotAllowed",
-                format!("{verb} is not supported on resources of kind \"{}\"", rt.group_resource()),
+                format!(
+                    "{verb} is not supported on resources of kind \"{}\"",
+                    rt.group_resource()
+                ),
             )
         }
     }

@@ -72,8 +72,8 @@ impl Faults {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),
             };
-            let cut = (new.down && !c.down)
-                || new.partitioned.iter().any(|p| !c.partitioned.contains(p));
+            let cut =
+                (new.down && !c.down) || new.partitioned.iter().any(|p| !c.partitioned.contains(p));
             *c = new;
             cut
         };
@@ -98,7 +98,10 @@ impl Faults {
     }
 
     pub fn is_partitioned(&self, agent: &str) -> bool {
-        self.get().partitioned.iter().any(|p| agent.contains(p.as_str()))
+        self.get()
+            .partitioned
+            .iter()
+            .any(|p| agent.contains(p.as_str()))
     }
 
     /// Decide the fate of one API request; sleeps for latency and partitions.
@@ -112,7 +115,11 @@ impl Faults {
         if c.down {
             return Verdict::Fail(ApiError {
                 retry_after: Some(1),
-                ..ApiError::new(503, "ServiceUnavailable", "the server is currently unable to handle the request")
+                ..ApiError::new(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                )
             });
         }
         let affected = (!c.writes_only || is_write)
@@ -127,7 +134,10 @@ impl Faults {
             } else {
                 0
             };
-            (c.latency_ms + jitter, c.error_rate > 0.0 && rng.random_bool(c.error_rate.clamp(0.0, 1.0)))
+            (
+                c.latency_ms + jitter,
+                c.error_rate > 0.0 && rng.random_bool(c.error_rate.clamp(0.0, 1.0)),
+            )
         };
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -136,11 +146,19 @@ impl Faults {
             let e = match c.error_code {
                 429 => ApiError {
                     retry_after: Some(1),
-                    ..ApiError::new(429, "TooManyRequests", "Too many requests, please try again later.")
+                    ..ApiError::new(
+                        429,
+                        "TooManyRequests",
+                        "Too many requests, please try again later.",
+                    )
                 },
                 503 => ApiError {
                     retry_after: Some(1),
-                    ..ApiError::new(503, "ServiceUnavailable", "the server is currently unable to handle the request")
+                    ..ApiError::new(
+                        503,
+                        "ServiceUnavailable",
+                        "the server is currently unable to handle the request",
+                    )
                 },
                 _ => ApiError::internal("Internal error occurred: injected fault"),
             };

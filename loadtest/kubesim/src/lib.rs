@@ -132,7 +132,8 @@ impl Sim {
 
     /// An in-process client with its own User-Agent (what partitions select on).
     pub fn client_as(&self, agent: &str) -> kube::Client {
-        let ua = HeaderValue::from_str(agent).unwrap_or(HeaderValue::from_static("kubesim-inprocess"));
+        let ua =
+            HeaderValue::from_str(agent).unwrap_or(HeaderValue::from_static("kubesim-inprocess"));
         let svc = tower::ServiceBuilder::new()
             .map_request(move |mut r: Request<kube::client::Body>| {
                 r.headers_mut().insert(header::USER_AGENT, ua.clone());

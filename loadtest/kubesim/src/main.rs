@@ -9,7 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "kubesim", version, about = "An embedded Kubernetes API server for tests and demos")]
+#[command(
+    name = "kubesim",
+    version,
+    about = "An embedded Kubernetes API server for tests and demos"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "KUBESIM_ADDR", default_value = "127.0.0.1:0")]

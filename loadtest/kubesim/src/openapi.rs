@@ -150,15 +150,27 @@ fn operations(rt: &ResourceType, item: bool) -> Value {
     };
     let write_params = || {
         vec![
-            param("dryRun", "When present, indicates that modifications should not be persisted."),
-            param("fieldManager", "fieldManager is a name associated with the actor or entity that is making these changes."),
-            param("fieldValidation", "fieldValidation instructs the server on how to handle objects in the request containing unknown or duplicate fields. Valid values are: Ignore, Warn, Strict."),
+            param(
+                "dryRun",
+                "When present, indicates that modifications should not be persisted.",
+            ),
+            param(
+                "fieldManager",
+                "fieldManager is a name associated with the actor or entity that is making these changes.",
+            ),
+            param(
+                "fieldValidation",
+                "fieldValidation instructs the server on how to handle objects in the request containing unknown or duplicate fields. Valid values are: Ignore, Warn, Strict.",
+            ),
         ]
     };
     let json_body = json!({"content": {"*/*": {"schema": ref_.clone()}}, "required": true});
     if item {
         let mut patch_params = write_params();
-        patch_params.push(param("force", "Force is going to \"force\" Apply requests."));
+        patch_params.push(param(
+            "force",
+            "Force is going to \"force\" Apply requests.",
+        ));
         let patch_body = json!({"content": {
             "application/apply-patch+yaml": {"schema": {"type": "object"}},
             "application/json-patch+json": {"schema": {"type": "object"}},
@@ -201,7 +213,10 @@ pub fn document(reg: &Registry, gv: &str) -> Option<Value> {
         paths.insert(collection.clone(), operations(rt, false));
         paths.insert(format!("{collection}/{{name}}"), operations(rt, true));
         if rt.status {
-            paths.insert(format!("{collection}/{{name}}/status"), operations(rt, true));
+            paths.insert(
+                format!("{collection}/{{name}}/status"),
+                operations(rt, true),
+            );
         }
         schemas.insert(schema_name(rt), kind_schema(rt));
     }

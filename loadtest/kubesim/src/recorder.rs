@@ -49,7 +49,10 @@ impl Track {
         let ready_writer = self.pods.values().any(|p| p.writer && p.ready);
         let dual_open = self.dual.last().is_some_and(|i| i.end_ms.is_none());
         if writers >= 2 && !dual_open {
-            self.dual.push(Interval { start_ms: at, end_ms: None });
+            self.dual.push(Interval {
+                start_ms: at,
+                end_ms: None,
+            });
         } else if writers < 2
             && dual_open
             && let Some(i) = self.dual.last_mut()
@@ -62,7 +65,10 @@ impl Track {
         }
         let gap_open = self.gap.last().is_some_and(|i| i.end_ms.is_none());
         if self.seen_writer && !ready_writer && !gap_open {
-            self.gap.push(Interval { start_ms: at, end_ms: None });
+            self.gap.push(Interval {
+                start_ms: at,
+                end_ms: None,
+            });
         } else if ready_writer
             && gap_open
             && let Some(i) = self.gap.last_mut()
@@ -226,7 +232,11 @@ mod tests {
         r.observe_pod(0, None, Some(&pod("db-1", None, true)));
         // Before any writer there is no gap.
         assert_eq!(r.report(5).no_ready_writer_intervals, 0);
-        r.observe_pod(10, Some(&pod("db-0", None, true)), Some(&pod("db-0", Some("writer"), true)));
+        r.observe_pod(
+            10,
+            Some(&pod("db-0", None, true)),
+            Some(&pod("db-0", Some("writer"), true)),
+        );
         // Writer goes NotReady at 20: gap opens.
         r.observe_pod(20, None, Some(&pod("db-0", Some("writer"), false)));
         // Wrong order: db-1 promoted before db-0 demoted: dual writer 30..35.
@@ -234,8 +244,20 @@ mod tests {
         r.observe_pod(35, None, Some(&pod("db-0", Some("reader"), false)));
         let rep = r.report(100);
         let s = &rep.statefulsets["ns/db"];
-        assert_eq!(s.dual_writer, vec![Interval { start_ms: 30, end_ms: Some(35) }]);
-        assert_eq!(s.no_ready_writer, vec![Interval { start_ms: 20, end_ms: Some(30) }]);
+        assert_eq!(
+            s.dual_writer,
+            vec![Interval {
+                start_ms: 30,
+                end_ms: Some(35)
+            }]
+        );
+        assert_eq!(
+            s.no_ready_writer,
+            vec![Interval {
+                start_ms: 20,
+                end_ms: Some(30)
+            }]
+        );
         assert_eq!(rep.dual_writer_ms, 5);
         assert_eq!(rep.max_no_ready_writer_ms, 10);
         assert_eq!(s.writers, vec!["db-1".to_string()]);

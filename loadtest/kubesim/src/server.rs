@@ -53,8 +53,10 @@ fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = code;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -122,7 +124,17 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     if let Verdict::Fail(e) = app.faults.admit(&ua, is_write).await {
         return error_response(&e);
     }
-    match route(&app, &parts.method, &path, &query, &parts.headers, body, &ua).await {
+    match route(
+        &app,
+        &parts.method,
+        &path,
+        &query,
+        &parts.headers,
+        body,
+        &ua,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
@@ -137,7 +149,11 @@ async fn route(
     body: Bytes,
     ua: &str,
 ) -> ApiResult<Response<Body>> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let registry = app.store.registry();
     match segs.as_slice() {
         ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
@@ -150,25 +166,47 @@ async fn route(
         ["api"] => return Ok(json_response(StatusCode::OK, &discovery::core_versions())),
         ["apis"] => return Ok(json_response(StatusCode::OK, &discovery::groups(&registry))),
         ["api", "v1"] => {
-            return Ok(json_response(StatusCode::OK, &discovery::resources(&registry, "", "v1")));
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::resources(&registry, "", "v1"),
+            ));
         }
         ["apis", g] => {
             return discovery::group(&registry, g)
                 .map(|v| json_response(StatusCode::OK, &v))
-                .ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    )
+                });
         }
         ["apis", g, v] => {
             if registry.in_group_version(g, v).next().is_none() {
-                return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+                return Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
             }
-            return Ok(json_response(StatusCode::OK, &discovery::resources(&registry, g, v)));
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::resources(&registry, g, v),
+            ));
         }
         ["openapi", "v3"] => return Ok(json_response(StatusCode::OK, &openapi::index(&registry))),
         ["openapi", "v3", rest @ ..] => {
             let gv = rest.join("/");
             return openapi::document(&registry, &gv)
                 .map(|v| json_response(StatusCode::OK, &v))
-                .ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    )
+                });
         }
         _ => {}
     }
@@ -187,17 +225,32 @@ async fn route(
     // (then it is a subresource of the namespace itself, e.g. namespaces/x/status).
     let (ns, plural, name, sub) = match rest {
         ["namespaces", ns, plural, tail @ ..]
-            if registry.get(group, version, plural).is_some_and(|t| t.namespaced) =>
+            if registry
+                .get(group, version, plural)
+                .is_some_and(|t| t.namespaced) =>
         {
-            (Some(*ns), *plural, tail.first().copied(), tail.get(1).copied())
+            (
+                Some(*ns),
+                *plural,
+                tail.first().copied(),
+                tail.get(1).copied(),
+            )
         }
         [plural, tail @ ..] => (None, *plural, tail.first().copied(), tail.get(1).copied()),
         [] => {
-            return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
         }
     };
     let rt = registry.get(group, version, plural).ok_or_else(|| {
-        ApiError::new(404, "NotFound", "the server could not find the requested resource")
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
     })?;
     let ctx = Ctx {
         app: app.clone(),
@@ -234,12 +287,19 @@ impl Ctx {
         WriteOpts {
             actor: self.ua.clone(),
             dry_run: self.query.get("dryRun").is_some_and(|d| d == "All"),
-            strict: self.query.get("fieldValidation").is_some_and(|v| v == "Strict"),
+            strict: self
+                .query
+                .get("fieldValidation")
+                .is_some_and(|v| v == "Strict"),
         }
     }
 
     fn ns(&self) -> Option<&str> {
-        if self.rt.namespaced { self.ns.as_deref() } else { None }
+        if self.rt.namespaced {
+            self.ns.as_deref()
+        } else {
+            None
+        }
     }
 
     async fn serve(
@@ -254,7 +314,11 @@ impl Ctx {
             Some("status") if self.rt.status => Some(Subresource::Status),
             Some("scale") if self.rt.scale.is_some() => None,
             Some(_) => {
-                return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+                return Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
             }
         };
         let scale = sub == Some("scale");
@@ -276,10 +340,10 @@ impl Ctx {
             (Method::POST, None) => {
                 let obj = self.decode_body(&body)?;
                 let stored = convert::to_stored(&self.rt, &obj);
-                let created = self
-                    .app
-                    .store
-                    .create(&self.rt, self.ns(), stored, &self.write_opts())?;
+                let created =
+                    self.app
+                        .store
+                        .create(&self.rt, self.ns(), stored, &self.write_opts())?;
                 Ok(self.respond_one(StatusCode::CREATED, &created))
             }
             (Method::PUT, Some(name)) => {
@@ -320,13 +384,22 @@ impl Ctx {
                     .store
                     .list(&self.rt, self.ns(), &|o| keep(o), None, None)?;
                 for item in &list.items {
-                    match self.app.store.delete(&self.rt, Some(meta::namespace(item)), meta::name(item), &opts) {
+                    match self.app.store.delete(
+                        &self.rt,
+                        Some(meta::namespace(item)),
+                        meta::name(item),
+                        &opts,
+                    ) {
                         Ok(_) => {}
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
                     }
                 }
-                let items: Vec<Value> = list.items.iter().map(|o| convert::to_served(&self.rt, o)).collect();
+                let items: Vec<Value> = list
+                    .items
+                    .iter()
+                    .map(|o| convert::to_served(&self.rt, o))
+                    .collect();
                 Ok(json_response(
                     StatusCode::OK,
                     &json!({"kind": format!("{}List", self.rt.kind), "apiVersion": self.rt.api_version(), "metadata": {}, "items": items}),
@@ -341,7 +414,10 @@ impl Ctx {
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
-                format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {})", self.content_type),
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {})",
+                    self.content_type
+                ),
             ));
         }
         let v: Value = if self.content_type.contains("yaml") {
@@ -351,10 +427,7 @@ impl Ctx {
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
         } else {
             serde_json::from_slice(body).map_err(|e| {
-                ApiError::bad_request(format!(
-                    "Object '{}' is invalid: {e}",
-                    self.rt.kind
-                ))
+                ApiError::bad_request(format!("Object '{}' is invalid: {e}", self.rt.kind))
             })?
         };
         Ok(v)
@@ -367,11 +440,11 @@ impl Ctx {
             serde_json::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
         };
-        let prop = self
-            .query
-            .get("propagationPolicy")
-            .cloned()
-            .or_else(|| b.get("propagationPolicy").and_then(Value::as_str).map(str::to_string));
+        let prop = self.query.get("propagationPolicy").cloned().or_else(|| {
+            b.get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
         let propagation = match prop.as_deref() {
             Some("Foreground") => Propagation::Foreground,
             Some("Orphan") => Propagation::Orphan,
@@ -389,7 +462,10 @@ impl Ctx {
             .and_then(|g| g.parse().ok())
             .or_else(|| b.get("gracePeriodSeconds").and_then(Value::as_i64));
         let mut write = self.write_opts();
-        if b.get("dryRun").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
+        if b.get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
             write.dry_run = true;
         }
         Ok(DeleteOpts {
@@ -414,7 +490,13 @@ impl Ctx {
         scale: bool,
         body: &[u8],
     ) -> ApiResult<Response<Body>> {
-        let ct = self.content_type.split(';').next().unwrap_or("").trim().to_string();
+        let ct = self
+            .content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         let apply = ct == "application/apply-patch+yaml" || ct == "application/apply-patch+cbor";
         let patch_doc: Value = if apply {
             let s = std::str::from_utf8(body)
@@ -448,7 +530,9 @@ impl Ctx {
                 return Err(ApiError::new(
                     415,
                     "UnsupportedMediaType",
-                    format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other})"),
+                    format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other})"
+                    ),
                 ));
             }
         };
@@ -481,7 +565,9 @@ impl Ctx {
                 }
                 // A patch that does not name a resourceVersion is applied to the latest
                 // object, never rejected as stale.
-                let patch_rv = patch_doc.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                let patch_rv = patch_doc
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str);
                 if patch_rv.is_none() && kind != PatchKind::Json {
                     meta::meta_mut(&mut patched).remove("resourceVersion");
                 }
@@ -499,20 +585,37 @@ impl Ctx {
         let paths = self.rt.scale.clone();
         let (spec, status, sel) = match &paths {
             Some(p) => (
-                meta::get_path(obj, &p.spec_replicas).cloned().unwrap_or(json!(0)),
-                meta::get_path(obj, &p.status_replicas).cloned().unwrap_or(json!(0)),
-                p.label_selector.as_ref().and_then(|s| meta::get_path(obj, s)).cloned(),
+                meta::get_path(obj, &p.spec_replicas)
+                    .cloned()
+                    .unwrap_or(json!(0)),
+                meta::get_path(obj, &p.status_replicas)
+                    .cloned()
+                    .unwrap_or(json!(0)),
+                p.label_selector
+                    .as_ref()
+                    .and_then(|s| meta::get_path(obj, s))
+                    .cloned(),
             ),
             None => (json!(0), json!(0), None),
         };
         let selector = sel.or_else(|| {
             obj.pointer("/spec/selector").map(|s| {
-                json!(crate::selector::LabelSelector::from_json(s).map(|l| l.to_string()).unwrap_or_default())
+                json!(
+                    crate::selector::LabelSelector::from_json(s)
+                        .map(|l| l.to_string())
+                        .unwrap_or_default()
+                )
             })
         });
         let m = meta::meta(obj).cloned().unwrap_or_default();
         let mut md = serde_json::Map::new();
-        for f in ["name", "namespace", "uid", "resourceVersion", "creationTimestamp"] {
+        for f in [
+            "name",
+            "namespace",
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+        ] {
             if let Some(v) = m.get(f) {
                 md.insert(f.into(), v.clone());
             }
@@ -535,34 +638,58 @@ impl Ctx {
         let out = match self.repr {
             Repr::Full => served,
             Repr::Metadata => partial_metadata(&served),
-            Repr::Table => self.table(std::slice::from_ref(&served), json!({"resourceVersion": meta::meta_str(obj, "resourceVersion")})),
+            Repr::Table => self.table(
+                std::slice::from_ref(&served),
+                json!({"resourceVersion": meta::meta_str(obj, "resourceVersion")}),
+            ),
         };
         json_response(code, &out)
     }
 
     fn table(&self, objects: &[Value], list_meta: Value) -> Value {
-        let crd_cols = self.rt.crd.as_ref().map(|c| c.printer_columns.clone().unwrap_or(json!([])));
+        let crd_cols = self
+            .rt
+            .crd
+            .as_ref()
+            .map(|c| c.printer_columns.clone().unwrap_or(json!([])));
         let columns = table::columns(&self.rt.group, &self.rt.plural, crd_cols.as_ref());
         let include = match self.query.get("includeObject").map(String::as_str) {
             Some("None") => table::IncludeObject::None,
             Some("Object") => table::IncludeObject::Object,
             _ => table::IncludeObject::Metadata,
         };
-        table::to_table(&columns, objects, include, list_meta, jiff::Timestamp::now())
+        table::to_table(
+            &columns,
+            objects,
+            include,
+            list_meta,
+            jiff::Timestamp::now(),
+        )
     }
 
     /// The label and field selector of the request as one predicate over stored objects.
     fn filter(&self) -> ApiResult<impl Fn(&Value) -> bool + use<>> {
-        let labels = LabelSelector::parse(self.query.get("labelSelector").map(String::as_str).unwrap_or(""))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let fields = FieldSelector::parse(self.query.get("fieldSelector").map(String::as_str).unwrap_or(""))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let labels = LabelSelector::parse(
+            self.query
+                .get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let fields = FieldSelector::parse(
+            self.query
+                .get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
         fields
             .validate_for(&self.rt.group, &self.rt.plural)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let rt = self.rt.clone();
         Ok(move |o: &Value| {
-            labels.matches(meta::labels(o)) && (fields.is_empty() || fields.matches(&convert::to_served(&rt, o)))
+            labels.matches(meta::labels(o))
+                && (fields.is_empty() || fields.matches(&convert::to_served(&rt, o)))
         })
     }
 
@@ -578,7 +705,10 @@ impl Ctx {
             self.ns(),
             &|o| keep(o),
             limit,
-            self.query.get("continue").map(String::as_str).filter(|c| !c.is_empty()),
+            self.query
+                .get("continue")
+                .map(String::as_str)
+                .filter(|c| !c.is_empty()),
         )?;
         let mut list_meta = json!({"resourceVersion": res.rv.to_string()});
         if let Some(c) = &res.continue_token {
@@ -587,7 +717,11 @@ impl Ctx {
         if let Some(r) = res.remaining {
             list_meta["remainingItemCount"] = json!(r);
         }
-        let items: Vec<Value> = res.items.iter().map(|o| convert::to_served(&self.rt, o)).collect();
+        let items: Vec<Value> = res
+            .items
+            .iter()
+            .map(|o| convert::to_served(&self.rt, o))
+            .collect();
         let out = match self.repr {
             Repr::Table => self.table(&items, list_meta),
             Repr::Metadata => json!({
@@ -608,7 +742,11 @@ impl Ctx {
 
     fn watch(self) -> ApiResult<Response<Body>> {
         let keep = self.filter()?;
-        let rv_param = self.query.get("resourceVersion").cloned().unwrap_or_default();
+        let rv_param = self
+            .query
+            .get("resourceVersion")
+            .cloned()
+            .unwrap_or_default();
         let send_initial = truthy(&self.query, "sendInitialEvents");
         let bookmarks = truthy(&self.query, "allowWatchBookmarks");
         let from_rv = if send_initial || rv_param.is_empty() || rv_param == "0" {
@@ -690,10 +828,14 @@ impl Ctx {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut r = Response::new(Body::from_stream(stream));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        r.headers_mut()
-            .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         Ok(r)
     }
 
@@ -743,10 +885,16 @@ impl Ctx {
             md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
         let (api_version, kind) = match self.repr {
-            Repr::Metadata => ("meta.k8s.io/v1".to_string(), "PartialObjectMetadata".to_string()),
+            Repr::Metadata => (
+                "meta.k8s.io/v1".to_string(),
+                "PartialObjectMetadata".to_string(),
+            ),
             _ => (self.rt.api_version(), self.rt.kind.clone()),
         };
-        line("BOOKMARK", &json!({"kind": kind, "apiVersion": api_version, "metadata": md}))
+        line(
+            "BOOKMARK",
+            &json!({"kind": kind, "apiVersion": api_version, "metadata": md}),
+        )
     }
 }
 
@@ -781,7 +929,11 @@ fn apply_scale(rt: &ResourceType, cur: &Value, scale: &Value) -> ApiResult<Value
             ApiError::invalid(
                 rt,
                 meta::name(cur),
-                &[("FieldValueRequired".into(), "spec.replicas".into(), "Required value".into())],
+                &[(
+                    "FieldValueRequired".into(),
+                    "spec.replicas".into(),
+                    "Required value".into(),
+                )],
             )
         })?;
     if replicas < 0 {
@@ -795,7 +947,9 @@ fn apply_scale(rt: &ResourceType, cur: &Value, scale: &Value) -> ApiResult<Value
             )],
         ));
     }
-    if let Some(rv) = scale.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    if let Some(rv) = scale
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
         && Some(rv) != meta::meta_str(cur, "resourceVersion")
     {
         return Err(ApiError::stale(rt, meta::name(cur)));
@@ -815,7 +969,8 @@ async fn sim_endpoint(app: &Arc<App>, method: &Method, rest: &str, body: &[u8]) 
         if b.is_empty() {
             return Ok(json!({}));
         }
-        serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(b)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     };
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let res: ApiResult<Value> = match (method.clone(), segs.as_slice()) {
@@ -840,13 +995,19 @@ async fn sim_endpoint(app: &Arc<App>, method: &Method, rest: &str, body: &[u8]) 
         }
         (Method::GET, ["requests"]) => serde_json::to_value(app.store.commit_log())
             .map_err(|e| ApiError::internal(e.to_string())),
-        (Method::POST, ["pods", ns, name, action]) => {
-            app.pods.act(ns, name, action).map(|_| json!({"pod": format!("{ns}/{name}"), "action": action}))
-        }
-        (Method::POST, ["nodes", node, action]) => {
-            app.pods.node(node, action).map(|n| json!({"node": node, "action": action, "pods": n}))
-        }
-        _ => Err(ApiError::new(404, "NotFound", format!("no such simulator endpoint: /sim/{rest}"))),
+        (Method::POST, ["pods", ns, name, action]) => app
+            .pods
+            .act(ns, name, action)
+            .map(|_| json!({"pod": format!("{ns}/{name}"), "action": action})),
+        (Method::POST, ["nodes", node, action]) => app
+            .pods
+            .node(node, action)
+            .map(|n| json!({"node": node, "action": action, "pods": n})),
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("no such simulator endpoint: /sim/{rest}"),
+        )),
     };
     match res {
         Ok(v) => json_response(StatusCode::OK, &v),

@@ -188,7 +188,8 @@ impl Store {
         let ns = store.registry().get("", "v1", "namespaces");
         if let Some(ns) = ns {
             for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
                 let opts = WriteOpts {
                     actor: "kubesim".into(),
                     ..Default::default()
@@ -259,9 +260,10 @@ impl Store {
         let mut last_key = None;
         let mut more = 0u64;
         let iter: Box<dyn Iterator<Item = (&ObjKey, &Arc<Value>)>> = match (ns, &after) {
-            (_, Some(k)) => Box::new(
-                map.range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded)),
-            ),
+            (_, Some(k)) => Box::new(map.range((
+                std::ops::Bound::Excluded(k.clone()),
+                std::ops::Bound::Unbounded,
+            ))),
             (Some(ns), None) => Box::new(map.range((ns.to_string(), String::new())..)),
             (None, None) => Box::new(map.iter()),
         };
@@ -497,7 +499,14 @@ impl State {
         format!("{prefix}.{}.{}", (n / 250) % 250, n % 250 + 1)
     }
 
-    fn record(&mut self, store: &Store, verb: &'static str, key: &StoreKey, obj: &Value, actor: &str) {
+    fn record(
+        &mut self,
+        store: &Store,
+        verb: &'static str,
+        key: &StoreKey,
+        obj: &Value,
+        actor: &str,
+    ) {
         if store.config.commit_log_max == 0 {
             return;
         }
@@ -571,7 +580,9 @@ impl State {
         opts: &WriteOpts,
     ) -> ApiResult<Arc<Value>> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the body of the request was not an object"));
+            return Err(ApiError::bad_request(
+                "the body of the request was not an object",
+            ));
         }
         obj["apiVersion"] = json!(rt.api_version());
         obj["kind"] = json!(rt.kind);
@@ -583,18 +594,26 @@ impl State {
                     "the namespace of the provided object does not match the namespace sent on the request",
                 ));
             }
-            let ns = if ns.is_empty() { "default".to_string() } else { ns };
+            let ns = if ns.is_empty() {
+                "default".to_string()
+            } else {
+                ns
+            };
             Some(ns)
         } else {
             None
         };
         {
             let m = meta::meta_mut(&mut obj);
-            let has_name = m.get("name").and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+            let has_name = m
+                .get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty());
             if !has_name {
                 match m.get("generateName").and_then(Value::as_str) {
                     Some(prefix) if !prefix.is_empty() => {
-                        let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_string();
+                        let suffix: String =
+                            uuid::Uuid::new_v4().simple().to_string()[..5].to_string();
                         m.insert("name".into(), json!(format!("{prefix}{suffix}")));
                     }
                     _ => {
@@ -660,7 +679,9 @@ impl State {
     ) -> ApiResult<Arc<Value>> {
         let name = meta::name(current).to_string();
         if !new.is_object() {
-            return Err(ApiError::bad_request("the body of the request was not an object"));
+            return Err(ApiError::bad_request(
+                "the body of the request was not an object",
+            ));
         }
         if let Some(rv) = meta::meta_str(&new, "resourceVersion")
             && !rv.is_empty()
@@ -730,7 +751,11 @@ impl State {
                     "metadata.finalizers".to_string(),
                     format!(
                         "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
-                        added.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
+                        added
+                            .iter()
+                            .map(|f| format!("{f:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 )];
                 return Err(ApiError::invalid(rt, &name, &causes));
@@ -757,7 +782,11 @@ impl State {
         }
         admission::admit(self, rt, &mut new, Some(current), opts)?;
         if spec_part(&new, rt.status) != spec_part(current, rt.status) {
-            let g = cur_meta.get("generation").and_then(Value::as_i64).unwrap_or(0) + 1;
+            let g = cur_meta
+                .get("generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                + 1;
             meta::meta_mut(&mut new).insert("generation".into(), json!(g));
         }
         // An update that changes nothing is not a write: same resourceVersion, no event, as
@@ -765,7 +794,10 @@ impl State {
         let mut cmp = new.clone();
         meta::meta_mut(&mut cmp).insert(
             "resourceVersion".into(),
-            cur_meta.get("resourceVersion").cloned().unwrap_or(Value::Null),
+            cur_meta
+                .get("resourceVersion")
+                .cloned()
+                .unwrap_or(Value::Null),
         );
         if cmp == **current {
             return Ok(current.clone());

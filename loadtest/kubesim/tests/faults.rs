@@ -23,9 +23,12 @@ fn ready(p: &Pod) -> bool {
 
 async fn with_set(client: &kube::Client) -> Api<Pod> {
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
-    sets.create(&PostParams::default(), &serde_json::from_str(STATEFULSET).expect("sts"))
-        .await
-        .expect("create");
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_str(STATEFULSET).expect("sts"),
+    )
+    .await
+    .expect("create");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     eventually(10, "3 ready pods", || {
         let pods = pods.clone();
@@ -39,7 +42,12 @@ async fn with_set(client: &kube::Client) -> Api<Pod> {
 }
 
 /// POST/PUT a JSON body to a `/sim/` endpoint over plain HTTP (what a shell script would do).
-async fn sim_http(addr: std::net::SocketAddr, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+async fn sim_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let b = body.to_string();
@@ -74,7 +82,11 @@ async fn latency_is_added_to_requests() {
 async fn error_rates_return_the_chosen_status() {
     let (sim, client) = sim(Transport::InProcess).await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    for (code, reason) in [(500, "InternalError"), (503, "ServiceUnavailable"), (429, "TooManyRequests")] {
+    for (code, reason) in [
+        (500, "InternalError"),
+        (503, "ServiceUnavailable"),
+        (429, "TooManyRequests"),
+    ] {
         sim.faults().set(FaultConfig {
             error_rate: 1.0,
             error_code: code,
@@ -92,7 +104,9 @@ async fn error_rates_return_the_chosen_status() {
         writes_only: true,
         ..Default::default()
     });
-    cms.list(&ListParams::default()).await.expect("reads unaffected");
+    cms.list(&ListParams::default())
+        .await
+        .expect("reads unaffected");
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "w"}})).expect("cm");
     assert!(cms.create(&PostParams::default(), &cm).await.is_err());
     // A 50% rate fails some and passes some.
@@ -116,10 +130,22 @@ async fn error_rates_return_the_chosen_status() {
 async fn api_down_fails_everything_and_ends_watches() {
     let (sim, client) = sim(Transport::Loopback).await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let rv = cms.list(&ListParams::default()).await.expect("list").metadata.resource_version.expect("rv");
-    let mut w = cms.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut w = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     sim.faults().update(|f| f.down = true);
-    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("watch ended in time");
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("watch ended in time");
     assert!(end.is_none(), "watch should end: {end:?}");
     // kube's config-built client retries 503s; the in-process client shows the raw answer.
     let raw: Api<ConfigMap> = Api::namespaced(sim.client(), "default");
@@ -136,22 +162,48 @@ async fn dropped_watches_end_and_resume_without_loss() {
     let (sim, client) = sim(Transport::Loopback).await;
     let addr = sim.addr().expect("addr");
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let rv = cms.list(&ListParams::default()).await.expect("list").metadata.resource_version.expect("rv");
-    let mut w = cms.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut w = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     sim_http(addr, "POST", "/sim/drop-watches", json!({})).await;
-    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("ended");
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("ended");
     assert!(end.is_none());
     // Changes made while nobody watched are replayed from the history.
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "during"}})).expect("cm");
-    cms.create(&PostParams::default(), &cm).await.expect("create");
-    let mut w = cms.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
-    match tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("event") {
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "during"}})).expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    let mut w = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("event")
+    {
         Some(Ok(WatchEvent::Added(c))) => assert_eq!(c.metadata.name.as_deref(), Some("during")),
         other => panic!("{other:?}"),
     }
     // Forced compaction over HTTP: the same resume is now 410 Gone.
     sim_http(addr, "POST", "/sim/compact", json!({})).await;
-    let mut w = cms.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    let mut w = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     match w.next().await {
         Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
         other => panic!("expected 410, got {other:?}"),
@@ -163,20 +215,43 @@ async fn partition_by_user_agent_cuts_one_client_only() {
     let (sim, _) = sim(Transport::InProcess).await;
     let cut: Api<ConfigMap> = Api::namespaced(sim.client_as("stslock/shard-a"), "default");
     let fine: Api<ConfigMap> = Api::namespaced(sim.client_as("stslock/shard-b"), "default");
-    let rv = cut.list(&ListParams::default()).await.expect("list").metadata.resource_version.expect("rv");
-    let mut w = cut.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
-    sim.faults().update(|f| f.partitioned = vec!["shard-a".into()]);
+    let rv = cut
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut w = cut
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    sim.faults()
+        .update(|f| f.partitioned = vec!["shard-a".into()]);
     // The partitioned client's watch ends and its requests get no answer.
-    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("ended");
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("ended");
     assert!(end.is_none());
-    let hung = tokio::time::timeout(Duration::from_millis(500), cut.list(&ListParams::default())).await;
+    let hung =
+        tokio::time::timeout(Duration::from_millis(500), cut.list(&ListParams::default())).await;
     assert!(hung.is_err(), "partitioned request must not be answered");
-    fine.list(&ListParams::default()).await.expect("other clients unaffected");
+    fine.list(&ListParams::default())
+        .await
+        .expect("other clients unaffected");
     // Healing lets a pending request through.
-    let pending = tokio::spawn(async move { cut.list(&ListParams::default()).await.map(|l| l.items.len()) });
+    let pending = tokio::spawn(async move {
+        cut.list(&ListParams::default())
+            .await
+            .map(|l| l.items.len())
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
     sim.faults().update(|f| f.partitioned.clear());
-    let n = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("answered").expect("join");
+    let n = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("answered")
+        .expect("join");
     assert!(n.is_ok());
 }
 
@@ -194,7 +269,11 @@ async fn pod_faults_over_http_and_rust() {
     sim.pods().crash("default", "db-1").expect("crash");
     let p = pods.get("db-1").await.expect("get");
     assert!(!ready(&p));
-    let restarts = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).map(|c| c[0].restart_count);
+    let restarts = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|c| c[0].restart_count);
     assert_eq!(restarts, Some(1));
     eventually(10, "db-1 restarted", || {
         let pods = pods.clone();
@@ -214,14 +293,26 @@ async fn pod_faults_over_http_and_rust() {
     })
     .await;
     // Node loss: every pod on the node turns NotReady; restore brings them back.
-    let node = pods.get("db-0").await.expect("get").spec.and_then(|s| s.node_name).expect("scheduled");
+    let node = pods
+        .get("db-0")
+        .await
+        .expect("get")
+        .spec
+        .and_then(|s| s.node_name)
+        .expect("scheduled");
     let r = sim_http(addr, "POST", &format!("/sim/nodes/{node}/lose"), json!({})).await;
     assert!(r["pods"].as_u64().is_some_and(|n| n >= 1), "{r}");
     assert!(!ready(&pods.get("db-0").await.expect("get")));
     sim.pods().node(&node, "restore").expect("restore");
     assert!(ready(&pods.get("db-0").await.expect("get")));
     // Fault configuration round-trips over HTTP.
-    let cfg = sim_http(addr, "PUT", "/sim/faults", json!({"latencyMs": 5, "partitioned": ["x"]})).await;
+    let cfg = sim_http(
+        addr,
+        "PUT",
+        "/sim/faults",
+        json!({"latencyMs": 5, "partitioned": ["x"]}),
+    )
+    .await;
     assert_eq!(cfg["latencyMs"], 5);
     assert_eq!(sim.faults().get().partitioned, vec!["x".to_string()]);
 }
@@ -231,22 +322,41 @@ async fn invariant_report_sees_dual_writers_and_gaps() {
     let (sim, client) = sim(Transport::Loopback).await;
     let addr = sim.addr().expect("addr");
     let pods = with_set(&client).await;
-    let label = |role: &'static str| kube::api::Patch::Merge(json!({"metadata": {"labels": {"sts-role": role}}}));
+    let label = |role: &'static str| {
+        kube::api::Patch::Merge(json!({"metadata": {"labels": {"sts-role": role}}}))
+    };
     let pp = kube::api::PatchParams::default();
-    pods.patch("db-0", &pp, &label("writer")).await.expect("label");
+    pods.patch("db-0", &pp, &label("writer"))
+        .await
+        .expect("label");
     // Promote db-1 before demoting db-0: a dual-writer interval.
-    pods.patch("db-1", &pp, &label("writer")).await.expect("label");
+    pods.patch("db-1", &pp, &label("writer"))
+        .await
+        .expect("label");
     tokio::time::sleep(Duration::from_millis(30)).await;
-    pods.patch("db-0", &pp, &label("reader")).await.expect("label");
+    pods.patch("db-0", &pp, &label("reader"))
+        .await
+        .expect("label");
     // Writer NotReady: a gap until it is Ready again.
-    sim.pods().set_ready("default", "db-1", false).expect("notready");
+    sim.pods()
+        .set_ready("default", "db-1", false)
+        .expect("notready");
     tokio::time::sleep(Duration::from_millis(30)).await;
-    sim.pods().set_ready("default", "db-1", true).expect("ready");
+    sim.pods()
+        .set_ready("default", "db-1", true)
+        .expect("ready");
     let r = sim_http(addr, "GET", "/sim/report", json!(null)).await;
     let set = &r["statefulsets"]["default/db"];
     assert_eq!(set["dual_writer"].as_array().map(Vec::len), Some(1), "{r}");
-    assert!(r["dual_writer_ms"].as_u64().is_some_and(|ms| ms >= 30), "{r}");
-    assert_eq!(set["no_ready_writer"].as_array().map(Vec::len), Some(1), "{r}");
+    assert!(
+        r["dual_writer_ms"].as_u64().is_some_and(|ms| ms >= 30),
+        "{r}"
+    );
+    assert_eq!(
+        set["no_ready_writer"].as_array().map(Vec::len),
+        Some(1),
+        "{r}"
+    );
     assert!(set["no_ready_writer"][0]["end_ms"].is_u64());
     assert_eq!(set["writers"], json!(["db-1"]));
     assert_eq!(sim.report().dual_writer_intervals, 1);

@@ -50,7 +50,10 @@ mod tempdir {
 
     fn uuid_like() -> String {
         use std::time::{SystemTime, UNIX_EPOCH};
-        let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let n = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         format!("{}-{n}", std::process::id())
     }
 }
@@ -108,7 +111,11 @@ impl Kubectl {
     /// Run and require success; returns stdout.
     async fn run(&self, args: &[&str]) -> String {
         let o = self.try_run(args).await;
-        assert!(o.ok, "kubectl {args:?} failed:\nstdout: {}\nstderr: {}", o.stdout, o.stderr);
+        assert!(
+            o.ok,
+            "kubectl {args:?} failed:\nstdout: {}\nstderr: {}",
+            o.stdout, o.stderr
+        );
         o.stdout
     }
 
@@ -120,9 +127,10 @@ impl Kubectl {
 }
 
 fn pod_ready(p: &serde_json::Value) -> bool {
-    p["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 async fn wait_pods(k: &Kubectl, n: usize) -> Vec<serde_json::Value> {
@@ -138,26 +146,68 @@ async fn wait_pods(k: &Kubectl, n: usize) -> Vec<serde_json::Value> {
 async fn seed_samples_pods_and_everyday_commands() {
     let (sim, k) = start().await;
     // Plain apply, client-side validation on (no --validate=false).
-    let out = k.run(&["apply", "-f", &fixture("seed-statefulset.yaml"), "-f", &fixture("seed-services.yaml")]).await;
-    assert!(out.contains("statefulset.apps/postgres-cluster created"), "{out}");
+    let out = k
+        .run(&[
+            "apply",
+            "-f",
+            &fixture("seed-statefulset.yaml"),
+            "-f",
+            &fixture("seed-services.yaml"),
+        ])
+        .await;
+    assert!(
+        out.contains("statefulset.apps/postgres-cluster created"),
+        "{out}"
+    );
     assert!(out.contains("service/postgres-writer created"), "{out}");
     // Re-applying is a no-op patch.
-    let out = k.run(&["apply", "-f", &fixture("seed-statefulset.yaml")]).await;
-    assert!(out.contains("statefulset.apps/postgres-cluster unchanged"), "{out}");
+    let out = k
+        .run(&["apply", "-f", &fixture("seed-statefulset.yaml")])
+        .await;
+    assert!(
+        out.contains("statefulset.apps/postgres-cluster unchanged"),
+        "{out}"
+    );
     // Server-side apply.
-    let out = k.run(&["apply", "--server-side", "-f", &fixture("seed-services.yaml")]).await;
-    assert!(out.contains("service/postgres-writer serverside-applied"), "{out}");
+    let out = k
+        .run(&[
+            "apply",
+            "--server-side",
+            "-f",
+            &fixture("seed-services.yaml"),
+        ])
+        .await;
+    assert!(
+        out.contains("service/postgres-writer serverside-applied"),
+        "{out}"
+    );
 
     wait_pods(&k, 3).await;
-    let shown = k.run(&["get", "pods", "-l", "app=postgres", "--show-labels"]).await;
+    let shown = k
+        .run(&["get", "pods", "-l", "app=postgres", "--show-labels"])
+        .await;
     let lines: Vec<&str> = shown.lines().collect();
-    assert!(lines[0].starts_with("NAME") && lines[0].contains("READY") && lines[0].contains("LABELS"), "{shown}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("READY") && lines[0].contains("LABELS"),
+        "{shown}"
+    );
     for (i, line) in lines[1..].iter().enumerate() {
-        assert!(line.starts_with(&format!("postgres-cluster-{i} ")), "{shown}");
+        assert!(
+            line.starts_with(&format!("postgres-cluster-{i} ")),
+            "{shown}"
+        );
         assert!(line.contains("1/1") && line.contains("Running"), "{shown}");
         assert!(line.contains("app=postgres"), "{shown}");
-        assert!(line.contains(&format!("statefulset.kubernetes.io/pod-name=postgres-cluster-{i}")), "{shown}");
-        assert!(line.contains(&format!("apps.kubernetes.io/pod-index={i}")), "{shown}");
+        assert!(
+            line.contains(&format!(
+                "statefulset.kubernetes.io/pod-name=postgres-cluster-{i}"
+            )),
+            "{shown}"
+        );
+        assert!(
+            line.contains(&format!("apps.kubernetes.io/pod-index={i}")),
+            "{shown}"
+        );
     }
     // Created in ordinal order (from the simulator's commit log).
     let created: Vec<String> = sim
@@ -166,55 +216,122 @@ async fn seed_samples_pods_and_everyday_commands() {
         .filter(|c| c.resource == "pods" && c.verb == "create")
         .map(|c| c.name)
         .collect();
-    assert_eq!(created, ["postgres-cluster-0", "postgres-cluster-1", "postgres-cluster-2"]);
+    assert_eq!(
+        created,
+        [
+            "postgres-cluster-0",
+            "postgres-cluster-1",
+            "postgres-cluster-2"
+        ]
+    );
 
     // Output formats.
-    let yaml = k.run(&["get", "statefulset", "postgres-cluster", "-o", "yaml"]).await;
-    assert!(yaml.contains("kind: StatefulSet") && yaml.contains("readyReplicas: 3"), "{yaml}");
+    let yaml = k
+        .run(&["get", "statefulset", "postgres-cluster", "-o", "yaml"])
+        .await;
+    assert!(
+        yaml.contains("kind: StatefulSet") && yaml.contains("readyReplicas: 3"),
+        "{yaml}"
+    );
     let wide = k.run(&["get", "pods", "-o", "wide"]).await;
-    assert!(wide.lines().next().is_some_and(|h| h.contains("IP") && h.contains("NODE")), "{wide}");
+    assert!(
+        wide.lines()
+            .next()
+            .is_some_and(|h| h.contains("IP") && h.contains("NODE")),
+        "{wide}"
+    );
     assert!(wide.contains("kubesim-node-"), "{wide}");
     let sts = k.run(&["get", "sts"]).await;
-    assert!(sts.contains("postgres-cluster") && sts.contains("3/3"), "{sts}");
+    assert!(
+        sts.contains("postgres-cluster") && sts.contains("3/3"),
+        "{sts}"
+    );
     let svc = k.run(&["get", "svc", "postgres-writer"]).await;
-    assert!(svc.contains("ClusterIP") && svc.contains("5432/TCP"), "{svc}");
+    assert!(
+        svc.contains("ClusterIP") && svc.contains("5432/TCP"),
+        "{svc}"
+    );
 
     // describe
     let d = k.run(&["describe", "pod", "postgres-cluster-0"]).await;
-    assert!(d.contains("Name:") && d.contains("postgres-cluster-0") && d.contains("Controlled By:  StatefulSet/postgres-cluster"), "{d}");
-    let d = k.run(&["describe", "statefulset", "postgres-cluster"]).await;
+    assert!(
+        d.contains("Name:")
+            && d.contains("postgres-cluster-0")
+            && d.contains("Controlled By:  StatefulSet/postgres-cluster"),
+        "{d}"
+    );
+    let d = k
+        .run(&["describe", "statefulset", "postgres-cluster"])
+        .await;
     assert!(d.contains("Replicas:") && d.contains("3 desired"), "{d}");
 
     // label / annotate
-    k.run(&["label", "pod", "postgres-cluster-0", "sts-role=writer"]).await;
-    k.run(&["annotate", "pod", "postgres-cluster-0", "example.com/note=hello"]).await;
+    k.run(&["label", "pod", "postgres-cluster-0", "sts-role=writer"])
+        .await;
+    k.run(&[
+        "annotate",
+        "pod",
+        "postgres-cluster-0",
+        "example.com/note=hello",
+    ])
+    .await;
     let p = k.json(&["get", "pod", "postgres-cluster-0"]).await;
     assert_eq!(p["metadata"]["labels"]["sts-role"], "writer");
     assert_eq!(p["metadata"]["annotations"]["example.com/note"], "hello");
-    let sel = k.run(&["get", "pods", "-l", "sts-role=writer", "-o", "name"]).await;
+    let sel = k
+        .run(&["get", "pods", "-l", "sts-role=writer", "-o", "name"])
+        .await;
     assert_eq!(sel.trim(), "pod/postgres-cluster-0");
-    k.run(&["label", "pod", "postgres-cluster-0", "sts-role-"]).await;
+    k.run(&["label", "pod", "postgres-cluster-0", "sts-role-"])
+        .await;
     let p = k.json(&["get", "pod", "postgres-cluster-0"]).await;
     assert!(p["metadata"]["labels"].get("sts-role").is_none());
 
     // Readiness off and on through the status subresource, and kubectl wait.
-    k.run(&["patch", "pod", "postgres-cluster-1", "--subresource=status", "-p", r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#]).await;
+    k.run(&[
+        "patch",
+        "pod",
+        "postgres-cluster-1",
+        "--subresource=status",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
+    ])
+    .await;
     let p = k.json(&["get", "pod", "postgres-cluster-1"]).await;
     assert!(!pod_ready(&p));
     assert!(
-        p["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Initialized" && c["status"] == "True")),
+        p["status"]["conditions"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["type"] == "Initialized" && c["status"] == "True")),
         "other conditions kept: {p}"
     );
     let not_ready = k.run(&["get", "pod", "postgres-cluster-1"]).await;
     assert!(not_ready.contains("0/1"), "{not_ready}");
     let waiter = tokio::spawn({
-        let mut c = k.command(&["wait", "--for=condition=Ready", "pod/postgres-cluster-1", "--timeout=30s"]);
+        let mut c = k.command(&[
+            "wait",
+            "--for=condition=Ready",
+            "pod/postgres-cluster-1",
+            "--timeout=30s",
+        ]);
         async move { c.output().await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    k.run(&["patch", "pod", "postgres-cluster-1", "--subresource=status", "-p", r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#]).await;
+    k.run(&[
+        "patch",
+        "pod",
+        "postgres-cluster-1",
+        "--subresource=status",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
+    ])
+    .await;
     let w = waiter.await.expect("join").expect("kubectl wait");
-    assert!(w.status.success(), "kubectl wait: {}", String::from_utf8_lossy(&w.stderr));
+    assert!(
+        w.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
     assert!(String::from_utf8_lossy(&w.stdout).contains("condition met"));
 
     // Lease create/get/delete.
@@ -222,16 +339,27 @@ async fn seed_samples_pods_and_everyday_commands() {
     std::fs::write(&lease, "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: my-lease\nspec:\n  holderIdentity: postgres-cluster-0\n  leaseDurationSeconds: 30\n").expect("write");
     k.run(&["create", "-f", &lease.display().to_string()]).await;
     let l = k.run(&["get", "lease", "my-lease"]).await;
-    assert!(l.contains("HOLDER") && l.contains("postgres-cluster-0"), "{l}");
+    assert!(
+        l.contains("HOLDER") && l.contains("postgres-cluster-0"),
+        "{l}"
+    );
     k.run(&["delete", "lease", "my-lease"]).await;
     let gone = k.try_run(&["get", "lease", "my-lease"]).await;
-    assert!(!gone.ok && gone.stderr.contains("leases.coordination.k8s.io \"my-lease\" not found"), "{}", gone.stderr);
+    assert!(
+        !gone.ok
+            && gone
+                .stderr
+                .contains("leases.coordination.k8s.io \"my-lease\" not found"),
+        "{}",
+        gone.stderr
+    );
 }
 
 #[tokio::test]
 async fn watch_delete_and_scale() {
     let (_sim, k) = start().await;
-    k.run(&["apply", "-f", &fixture("seed-statefulset.yaml")]).await;
+    k.run(&["apply", "-f", &fixture("seed-statefulset.yaml")])
+        .await;
     wait_pods(&k, 3).await;
     // get -w streams changes.
     let mut watch = k.command(&["get", "pods", "-w", "-l", "app=postgres"]);
@@ -240,7 +368,10 @@ async fn watch_delete_and_scale() {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     // Header + 3 rows first.
     for _ in 0..4 {
-        tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.expect("initial rows").expect("read");
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("initial rows")
+            .expect("read");
     }
     let before = k.json(&["get", "pod", "postgres-cluster-2"]).await;
     let out = k.run(&["delete", "pod", "postgres-cluster-2"]).await;
@@ -271,9 +402,11 @@ async fn watch_delete_and_scale() {
     .await;
     assert_ne!(before["metadata"]["uid"], after["metadata"]["uid"]);
 
-    k.run(&["scale", "statefulset", "postgres-cluster", "--replicas=5"]).await;
+    k.run(&["scale", "statefulset", "postgres-cluster", "--replicas=5"])
+        .await;
     wait_pods(&k, 5).await;
-    k.run(&["scale", "statefulset", "postgres-cluster", "--replicas=1"]).await;
+    k.run(&["scale", "statefulset", "postgres-cluster", "--replicas=1"])
+        .await;
     let left = wait_pods(&k, 1).await;
     assert_eq!(left[0]["metadata"]["name"], "postgres-cluster-0");
 }
@@ -282,7 +415,13 @@ async fn watch_delete_and_scale() {
 async fn custom_resources_and_finalizers() {
     let (_sim, k) = start().await;
     k.run(&["apply", "-f", &fixture("widgets-crd.yaml")]).await;
-    k.run(&["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=20s"]).await;
+    k.run(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/widgets.example.com",
+        "--timeout=20s",
+    ])
+    .await;
     k.run(&["apply", "-f", &fixture("widget.yaml")]).await;
     let got = k.run(&["get", "widgets"]).await;
     let header = got.lines().next().unwrap_or("");
@@ -293,12 +432,20 @@ async fn custom_resources_and_finalizers() {
     let short = k.run(&["get", "wdg", "small"]).await;
     assert!(short.contains("small") && short.contains('3'), "{short}");
     let explain = k.run(&["explain", "widget.spec"]).await;
-    assert!(explain.contains("size") && explain.contains("How big the widget is"), "{explain}");
+    assert!(
+        explain.contains("size") && explain.contains("How big the widget is"),
+        "{explain}"
+    );
     let explain = k.run(&["explain", "wdg"]).await;
-    assert!(explain.contains("Widget is a thing with a size"), "{explain}");
+    assert!(
+        explain.contains("Widget is a thing with a size"),
+        "{explain}"
+    );
 
     // Out-of-range integer: the apiserver's usual message.
-    let bad = k.try_run(&["apply", "-f", &fixture("widget-too-big.yaml")]).await;
+    let bad = k
+        .try_run(&["apply", "-f", &fixture("widget-too-big.yaml")])
+        .await;
     assert!(!bad.ok);
     assert!(
         bad.stderr.contains("The Widget \"huge\" is invalid: spec.size: Invalid value: 5000: spec.size in body should be less than or equal to 10"),
@@ -306,20 +453,59 @@ async fn custom_resources_and_finalizers() {
         bad.stderr
     );
     // Immutable field (CEL transition rule).
-    let bad = k.try_run(&["patch", "widget", "small", "--type=merge", "-p", r#"{"spec":{"owner":"mallory"}}"#]).await;
-    assert!(!bad.ok && bad.stderr.contains("owner is immutable"), "{}", bad.stderr);
+    let bad = k
+        .try_run(&[
+            "patch",
+            "widget",
+            "small",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"owner":"mallory"}}"#,
+        ])
+        .await;
+    assert!(
+        !bad.ok && bad.stderr.contains("owner is immutable"),
+        "{}",
+        bad.stderr
+    );
     // Unknown fields are rejected under kubectl's default strict validation.
     let unknown = k.home.path().join("unknown.yaml");
     std::fs::write(&unknown, "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: odd\nspec:\n  size: 2\n  owner: x\n  colour: red\n").expect("write");
-    let bad = k.try_run(&["apply", "-f", &unknown.display().to_string()]).await;
-    assert!(!bad.ok && bad.stderr.contains("unknown field \"spec.colour\""), "{}", bad.stderr);
+    let bad = k
+        .try_run(&["apply", "-f", &unknown.display().to_string()])
+        .await;
+    assert!(
+        !bad.ok && bad.stderr.contains("unknown field \"spec.colour\""),
+        "{}",
+        bad.stderr
+    );
 
     // A finalizer keeps the object Terminating until it is removed.
-    k.run(&["patch", "widget", "small", "--type=merge", "-p", r#"{"metadata":{"finalizers":["example.com/keep"]}}"#]).await;
+    k.run(&[
+        "patch",
+        "widget",
+        "small",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/keep"]}}"#,
+    ])
+    .await;
     k.run(&["delete", "widget", "small", "--wait=false"]).await;
     let w = k.json(&["get", "widget", "small"]).await;
     assert!(w["metadata"]["deletionTimestamp"].is_string(), "{w}");
-    k.run(&["patch", "widget", "small", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]).await;
+    k.run(&[
+        "patch",
+        "widget",
+        "small",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])
+    .await;
     let gone = k.try_run(&["get", "widget", "small"]).await;
-    assert!(!gone.ok && gone.stderr.contains("not found"), "{}", gone.stderr);
+    assert!(
+        !gone.ok && gone.stderr.contains("not found"),
+        "{}",
+        gone.stderr
+    );
 }

@@ -37,9 +37,12 @@ async fn python_client_lists_and_watches_pods() {
     );
     let (sim, client) = sim(Transport::Loopback).await;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
-    sets.create(&PostParams::default(), &serde_json::from_str(STATEFULSET).expect("sts"))
-        .await
-        .expect("create");
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_str(STATEFULSET).expect("sts"),
+    )
+    .await
+    .expect("create");
     let pods: Api<Pod> = Api::namespaced(client, "default");
     eventually(10, "3 pods", || {
         let pods = pods.clone();
@@ -70,6 +73,12 @@ async fn python_client_lists_and_watches_pods() {
         "python client failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("listed ['db-0', 'db-1', 'db-2']"), "{stdout}");
-    assert!(stdout.contains("watched ['db-0', 'db-1', 'db-2']"), "{stdout}");
+    assert!(
+        stdout.contains("listed ['db-0', 'db-1', 'db-2']"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("watched ['db-0', 'db-1', 'db-2']"),
+        "{stdout}"
+    );
 }

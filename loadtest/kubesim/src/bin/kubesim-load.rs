@@ -16,7 +16,10 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchPar
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "kubesim-load", about = "Measure kubesim's throughput under concurrent pod status patches")]
+#[command(
+    name = "kubesim-load",
+    about = "Measure kubesim's throughput under concurrent pod status patches"
+)]
 struct Args {
     /// Concurrent patching clients (each its own connection pool).
     #[arg(long, default_value_t = 64)]
@@ -113,7 +116,10 @@ async fn main() -> anyhow::Result<()> {
                         {"type": "example.com/Load", "status": "True", "message": n.to_string()}
                     ]}});
                     let t = Instant::now();
-                    match api.patch_status(name, &PatchParams::default(), &Patch::Strategic(patch)).await {
+                    match api
+                        .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+                        .await
+                    {
                         Ok(_) => lat.push(t.elapsed()),
                         Err(_) => errors += 1,
                     }
@@ -140,7 +146,11 @@ async fn main() -> anyhow::Result<()> {
     let rate = all.len() as f64 / elapsed.as_secs_f64();
     println!(
         "kubesim-load: transport={} clients={} watches={} pods={} seconds={:.1}",
-        if args.in_process { "in-process" } else { "loopback-http" },
+        if args.in_process {
+            "in-process"
+        } else {
+            "loopback-http"
+        },
         args.clients,
         args.watches,
         args.pods,
