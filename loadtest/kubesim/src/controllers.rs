@@ -483,6 +483,7 @@ impl Kubelet {
                             object: p,
                             old: None,
                             at: std::time::Instant::now(),
+                            encoded: std::sync::OnceLock::new(),
                         });
                     }
                 }

@@ -863,6 +863,21 @@ impl Ctx {
             (EventType::Modified, true, false) => "DELETED",
             _ => return None,
         };
+        // Most watchers send the stored object as is: serialize it once for all of them.
+        let stored_as_served = self.repr == Repr::Full
+            && !self.rt.is_event_view()
+            && ev.object.get("apiVersion").and_then(Value::as_str)
+                == Some(self.rt.api_version().as_str());
+        if stored_as_served {
+            let obj = ev.encoded();
+            let mut out = Vec::with_capacity(obj.len() + 32);
+            out.extend_from_slice(b"{\"type\":\"");
+            out.extend_from_slice(t.as_bytes());
+            out.extend_from_slice(b"\",\"object\":");
+            out.extend_from_slice(obj);
+            out.extend_from_slice(b"}\n");
+            return Some(Bytes::from(out));
+        }
         Some(self.event_line(t, &ev.object))
     }
 

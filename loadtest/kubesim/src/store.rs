@@ -49,6 +49,16 @@ pub struct Event {
     pub object: Arc<Value>,
     pub old: Option<Arc<Value>>,
     pub at: Instant,
+    /// The object serialized once, shared by every watcher that sends it unchanged.
+    pub encoded: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl Event {
+    pub fn encoded(&self) -> &bytes::Bytes {
+        self.encoded.get_or_init(|| {
+            bytes::Bytes::from(serde_json::to_vec(&*self.object).unwrap_or_default())
+        })
+    }
 }
 
 /// One committed write, attributed to the client that made it.
@@ -566,6 +576,7 @@ impl State {
             object: obj.clone(),
             old,
             at: Instant::now(),
+            encoded: std::sync::OnceLock::new(),
         };
         store.publish(self, ev);
         obj

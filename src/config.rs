@@ -1,0 +1,65 @@
+//! Operator configuration: every flag is also settable from the environment (`STSLOCK_*`),
+//! and every default works out of the box.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// What deleting a StatefulSetLock does to the role labels (the Lease is always deleted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OnDelete {
+    /// Leave the current writer labelled, so deleting the lock is not a write outage.
+    #[default]
+    KeepWriter,
+    /// Remove the role label from every pod of the StatefulSet.
+    RemoveLabels,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then in-cluster config).
+    #[arg(long, env = "STSLOCK_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Pod label that carries the role (values `writer` and `reader`).
+    #[arg(long, env = "STSLOCK_ROLE_LABEL", default_value = "sts-role")]
+    pub role_label: String,
+
+    /// What deleting a lock does to the role labels.
+    #[arg(long, env = "STSLOCK_ON_DELETE", value_enum, default_value_t = OnDelete::KeepWriter)]
+    pub on_delete: OnDelete,
+
+    /// Locks reconciled concurrently.
+    #[arg(long, env = "STSLOCK_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+
+    /// Timeout of every API call, in seconds.
+    #[arg(long, env = "STSLOCK_API_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub api_timeout_seconds: u64,
+
+    /// This replica's identity (Events' reportingInstance, status.shard). Default: the pod
+    /// name from POD_NAME, else the hostname.
+    #[arg(long, env = "STSLOCK_SHARD_ID")]
+    pub shard_id: Option<String>,
+}
+
+impl OperatorArgs {
+    pub fn api_timeout(&self) -> Duration {
+        Duration::from_secs(self.api_timeout_seconds.max(1))
+    }
+
+    pub fn identity(&self) -> String {
+        self.shard_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "stslock".into())
+    }
+}
