@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test fmt lint ci kubesim load python-deps
+.PHONY: help test test-e2e fmt lint ci kubesim load python-deps manifests install uninstall deploy undeploy run dev build-installer
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -31,3 +31,37 @@ kubesim: ## Run kubesim on a free loopback port, kubeconfig in ./kubesim.kubecon
 
 load: ## Measure kubesim throughput (64 clients, 8 watches).
 	cargo run -p kubesim --release --bin kubesim-load -- --clients 64 --watches 8 --seconds 10
+
+# --- The Go operator's targets, same meaning -------------------------------------------
+IMG ?= ghcr.io/stslock/stslock:0.1.0
+KUBECTL ?= kubectl
+
+manifests: ## Regenerate the CRD from the Rust types and dist/install.yaml.
+	cargo run -q -- crd > deploy/crd/app.anukkrit.me_statefulsetlocks.yaml
+	$(MAKE) build-installer
+
+build-installer: ## Build dist/install.yaml (CRD, RBAC, operator) with kustomize.
+	@mkdir -p dist
+	$(KUBECTL) kustomize deploy/default | sed 's|image: ghcr.io/stslock/stslock:.*|image: $(IMG)|' > dist/install.yaml
+
+install: ## Install the CRD into the cluster of the current kubeconfig.
+	$(KUBECTL) apply -f deploy/crd/app.anukkrit.me_statefulsetlocks.yaml
+
+uninstall: ## Remove the CRD (and with it every StatefulSetLock).
+	$(KUBECTL) delete --ignore-not-found -f deploy/crd/app.anukkrit.me_statefulsetlocks.yaml
+
+deploy: ## Deploy the operator (IMG=...) to the cluster of the current kubeconfig.
+	$(KUBECTL) kustomize deploy/default | sed 's|image: ghcr.io/stslock/stslock:.*|image: $(IMG)|' | $(KUBECTL) apply -f -
+
+undeploy: ## Remove the operator.
+	$(KUBECTL) kustomize deploy/default | $(KUBECTL) delete --ignore-not-found -f -
+
+run: ## Run the operator locally against the current kubeconfig.
+	cargo run --release -- run
+
+dev: ## kubesim + the operator + the seed's samples, kubeconfig in ./stslock-dev.kubeconfig.
+	cargo run --release -- dev
+
+test-e2e: ## The integration tests against a real cluster: STSLOCK_TEST_KUBECONFIG=/path make test-e2e.
+	@test -n "$$STSLOCK_TEST_KUBECONFIG" || { echo "set STSLOCK_TEST_KUBECONFIG to a cluster's kubeconfig" >&2; exit 1; }
+	cargo test -p stslock --test '*'

@@ -21,7 +21,6 @@ pub mod openapi;
 pub mod patch;
 pub mod recorder;
 pub mod registry;
-#[path = "../stubs/schema.rs"]
 pub mod schema;
 #[path = "../stubs/selector.rs"]
 pub mod selector;

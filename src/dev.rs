@@ -1,0 +1,102 @@
+//! `stslock dev`: the whole story on one machine. Starts kubesim on 127.0.0.1, writes a
+//! kubeconfig for `kubectl`, installs the CRD, applies the seed's samples, and runs the
+//! operator against it until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::pinned_kind;
+use kube::{Api, Client, CustomResourceExt};
+
+use crate::api::StatefulSetLock;
+
+/// The seed's samples, verbatim (deploy/samples/).
+pub const SAMPLES: &[(&str, &str)] = &[
+    ("postgres-statefulset.yaml", include_str!("../deploy/samples/postgres-statefulset.yaml")),
+    ("postgres-services.yaml", include_str!("../deploy/samples/postgres-services.yaml")),
+    ("app_v1_statefulsetlock.yaml", include_str!("../deploy/samples/app_v1_statefulsetlock.yaml")),
+];
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Address kubesim listens on (port 0 picks a free one).
+    #[arg(long, env = "STSLOCK_DEV_ADDR", default_value = "127.0.0.1:0")]
+    pub addr: SocketAddr,
+    /// Where to write the kubeconfig for kubectl.
+    #[arg(long, env = "STSLOCK_DEV_KUBECONFIG", default_value = "./stslock-dev.kubeconfig")]
+    pub kubeconfig_out: PathBuf,
+    /// Do not apply the seed's samples.
+    #[arg(long)]
+    pub no_samples: bool,
+}
+
+/// Install (server-side apply) the StatefulSetLock CRD.
+pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let crd = StatefulSetLock::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(&name, &PatchParams::apply("stslock").force(), &Patch::Apply(&crd))
+        .await
+        .with_context(|| format!("installing CRD {name}"))?;
+    Ok(())
+}
+
+/// Apply every document of a multi-document YAML file with server-side apply.
+pub async fn apply_yaml(client: &Client, namespace: &str, source: &str, yaml: &str) -> anyhow::Result<Vec<String>> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).with_context(|| format!("parsing {source}"))?;
+    let mut applied = vec![];
+    for doc in docs.into_iter().filter(|d| d.is_object()) {
+        let obj: DynamicObject = serde_json::from_value(doc).with_context(|| format!("reading an object of {source}"))?;
+        let types = obj.types.clone().with_context(|| format!("{source}: object without apiVersion/kind"))?;
+        let gvk = GroupVersionKind::try_from(&types).with_context(|| format!("{source}: bad apiVersion"))?;
+        let (ar, caps) = pinned_kind(client, &gvk)
+            .await
+            .with_context(|| format!("{source}: kind {} is not served", gvk.kind))?;
+        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+            Api::namespaced_with(client.clone(), namespace, &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        let name = obj.metadata.name.clone().with_context(|| format!("{source}: object without a name"))?;
+        api.patch(&name, &PatchParams::apply("stslock-dev").force(), &Patch::Apply(&obj))
+            .await
+            .with_context(|| format!("applying {} {name} from {source}", gvk.kind))?;
+        applied.push(format!("{}/{name}", gvk.kind.to_lowercase()));
+    }
+    Ok(applied)
+}
+
+pub async fn apply_samples(client: &Client) -> anyhow::Result<Vec<String>> {
+    let mut all = vec![];
+    for (file, yaml) in SAMPLES {
+        all.extend(apply_yaml(client, "default", file, yaml).await?);
+    }
+    Ok(all)
+}
+
+pub fn banner(url: &str, kubeconfig: &std::path::Path) -> String {
+    let kc = kubeconfig.display();
+    format!(
+        "stslock dev: kubesim listening on {url}
+kubeconfig written to {kc}
+
+In another terminal:
+  export KUBECONFIG={kc}
+  kubectl get ssl                                  # the lock: writer, epoch, Available
+  kubectl get pods -l app=postgres --show-labels   # sts-role=writer on one pod, reader on the others
+  kubectl get lease postgres-cluster-leader-lease -o yaml
+  kubectl describe ssl postgres-cluster-lock       # the Events: election, failovers
+
+Fail the writer and watch the failover:
+  kubectl patch pod postgres-cluster-0 --subresource=status -p '{{\"status\":{{\"conditions\":[{{\"type\":\"Ready\",\"status\":\"False\"}}]}}}}'
+  kubectl delete pod postgres-cluster-1            # or delete the writer
+Ctrl-C stops everything.
+"
+    )
+}

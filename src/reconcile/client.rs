@@ -1,0 +1,37 @@
+//! Every API call the operator makes, each under a timeout, so a stuck apiserver can stall
+//! one reconcile but never a lane. Errors carry what was being done.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Run one API call under `timeout`, naming it for errors and logs.
+pub async fn call<T, F>(what: &str, timeout: Duration, f: F) -> Result<T>
+where
+    F: Future<Output = std::result::Result<T, kube::Error>>,
+{
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Kube {
+            context: what.to_string(),
+            source: Box::new(e),
+        }),
+        Err(_) => Err(Error::Timeout {
+            context: what.to_string(),
+            after: timeout,
+        }),
+    }
+}
+
+/// Like [`call`] but a 404 is `Ok(None)`.
+pub async fn call_opt<T, F>(what: &str, timeout: Duration, f: F) -> Result<Option<T>>
+where
+    F: Future<Output = std::result::Result<T, kube::Error>>,
+{
+    match call(what, timeout, f).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
