@@ -1,0 +1,139 @@
+//! The reconciler: gather what election needs from the watch caches, ask
+//! [`crate::election::decide`] for a plan, and apply the plan's steps in order.
+//!
+//! It owns all I/O of an election and none of its decisions. Order matters and is the plan's:
+//! the Lease (the intent record) moves first, then the old writer is demoted, then the new one
+//! promoted, then status is written. A crash between any two steps reconverges from the Lease
+//! on the next reconcile.
+
+pub mod apply;
+pub mod client;
+pub mod gather;
+pub mod pods;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::StatefulSetLock;
+use crate::config::OperatorArgs;
+use crate::error::Error;
+use pods::PodIndex;
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    pub client: Client,
+    pub args: OperatorArgs,
+    pub identity: String,
+    pub pods: PodIndex,
+    /// stslock's own Leases, from the labelled Lease watch.
+    pub leases: Arc<RwLock<HashMap<(String, String), Arc<Lease>>>>,
+    pub locks: kube::runtime::reflector::Store<StatefulSetLock>,
+    pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
+    pub recorder: Recorder,
+}
+
+/// Run the operator until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    args: OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let identity = args.identity();
+    let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
+    let controller = Controller::new(locks_api, watcher::Config::default());
+    let locks = controller.store();
+    let (sets, sets_writer) = kube::runtime::reflector::store();
+    let sets_stream = kube::runtime::reflector(
+        sets_writer,
+        watcher(Api::all(client.clone()), watcher::Config::default()),
+    );
+    let pods = PodIndex::new(args.role_label.clone());
+    let leases = Arc::default();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stslock".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        args: args.clone(),
+        identity,
+        pods: pods.clone(),
+        leases: Arc::clone(&leases),
+        locks: locks.clone(),
+        sets: sets.clone(),
+        recorder,
+    });
+    let set_triggers = {
+        let locks = locks.clone();
+        sets_stream.filter_map(move |ev| {
+            use kube::runtime::watcher::Event;
+            let refs = match ev {
+                Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
+                    watch::locks_for_set(&locks, &s.namespace().unwrap_or_default(), &s.name_any())
+                }
+                Ok(_) => vec![],
+                Err(e) => {
+                    tracing::warn!(error = %e, "statefulset watch");
+                    vec![]
+                }
+            };
+            futures::future::ready(Some(futures::stream::iter(refs)))
+        })
+        .flatten()
+    };
+    let controller = controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
+        .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
+        .reconcile_on(set_triggers)
+        .reconcile_on(watch::lease_triggers(client.clone(), leases))
+        .graceful_shutdown_on(shutdown);
+    tracing::info!("stslock operator started");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile"),
+            }
+        })
+        .await;
+    tracing::info!("stslock operator stopped");
+    Ok(())
+}
+
+fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> Action {
+    // Conflicts mean someone (or a previous step) moved the object: retry soon with fresh
+    // caches. Everything else backs off longer.
+    let delay = if err.is_conflict() {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(2)
+    };
+    tracing::warn!(
+        lock = %format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any()),
+        error = %err,
+        kind = err.metric_label(),
+        "reconcile failed; retrying in {delay:?}"
+    );
+    Action::requeue(delay)
+}
+
+async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let now = jiff::Timestamp::now();
+    let observed = gather::observe(&lock, &ctx).await?;
+    let plan = crate::election::decide(&observed, now, &gather::election_config(&ctx.args));
+    apply::apply(&lock, &observed, &plan, &ctx).await?;
+    Ok(apply::next_action(&observed, &plan, now))
+}
