@@ -806,8 +806,24 @@ impl Ctx {
                     _ = epoch.changed() => return,
                     _ = tx.closed() => return,
                     _ = tick.tick(), if bookmarks => {
-                        let rv = this.app.store.current_rv().max(last_rv);
-                        if tx.send(Ok(this.bookmark(rv, false))).await.is_err() { return; }
+                        // A bookmark must never run ahead of an event this watcher has not
+                        // sent yet: read the version first, then drain everything committed
+                        // up to it (commits publish under the lock that version is read under).
+                        let rv = this.app.store.current_rv();
+                        loop {
+                            match live.try_recv() {
+                                Ok(ev) => {
+                                    if ev.rv <= last_rv { continue; }
+                                    last_rv = ev.rv;
+                                    if let Some(l) = this.render(&ev, &keep)
+                                        && tx.send(Ok(l)).await.is_err() { return; }
+                                }
+                                Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                                Err(_) => return,
+                            }
+                        }
+                        last_rv = last_rv.max(rv);
+                        if tx.send(Ok(this.bookmark(last_rv, false))).await.is_err() { return; }
                     }
                     ev = live.recv() => match ev {
                         Ok(ev) => {

@@ -3,8 +3,11 @@ use serde_json::Value;
 #[error("{0}")]
 pub struct PatchError(String);
 pub fn json_patch(t: &Value, p: &Value) -> Result<Value, PatchError> {
-    let _ = p;
-    Ok(t.clone())
+    let ops: json_patch::Patch = serde_json::from_value(p.clone())
+        .map_err(|e| PatchError(format!("invalid JSON patch: {e}")))?;
+    let mut t = t.clone();
+    json_patch::patch(&mut t, &ops).map_err(|e| PatchError(e.to_string()))?;
+    Ok(t)
 }
 pub fn merge_patch(t: &Value, p: &Value) -> Result<Value, PatchError> {
     let mut t = t.clone();
