@@ -35,35 +35,11 @@ const DNS1123_SUBDOMAIN: &str =
     namespaced,
     status = "StatefulSetLockStatus",
     doc = "StatefulSetLock elects one writer pod of a StatefulSet (label sts-role=writer, the others sts-role=reader) and backs the choice with a coordination.k8s.io/v1 Lease.",
-    printcolumn(
-        name = "Writer",
-        type_ = "string",
-        json_path = ".status.writerPod",
-        description = "The pod currently labelled writer"
-    ),
-    printcolumn(
-        name = "Epoch",
-        type_ = "integer",
-        json_path = ".status.writerEpoch",
-        description = "Fencing epoch (the Lease's leaseTransitions)"
-    ),
-    printcolumn(
-        name = "Available",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Available\")].status"
-    ),
-    printcolumn(
-        name = "Shard",
-        type_ = "string",
-        json_path = ".status.shard",
-        priority = 1,
-        description = "Operator replica that owns this lock"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Writer","type":"string","jsonPath":".status.writerPod","description":"The pod currently labelled writer"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.writerEpoch","description":"Fencing epoch (the Lease's leaseTransitions)"}"#,
+    printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].status"}"#,
+    printcolumn = r#"{"name":"Shard","type":"string","jsonPath":".status.shard","priority":1,"description":"Operator replica that owns this lock"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StatefulSetLockSpec {

@@ -1,5 +1,6 @@
 //! Generated artifacts match their sources: the CRD in deploy/crd/ is what `stslock crd`
 //! prints, and dist/install.yaml is what `make build-installer` builds.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::path::Path;
 

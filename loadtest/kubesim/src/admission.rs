@@ -70,10 +70,8 @@ pub fn admit(
     } else {
         match (rt.group.as_str(), rt.plural.as_str()) {
             ("", "pods") => default_pod(obj, old.is_none()),
-            ("", "namespaces") => {
-                if obj.pointer("/status/phase").is_none() {
-                    meta::set_path(obj, ".status.phase", json!("Active"));
-                }
+            ("", "namespaces") if obj.pointer("/status/phase").is_none() => {
+                meta::set_path(obj, ".status.phase", json!("Active"));
             }
             ("", "services") => default_service(st, obj, old),
             ("apps", "statefulsets") => admit_statefulset(obj, old, &mut causes),

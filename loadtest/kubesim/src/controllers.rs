@@ -432,11 +432,7 @@ fn with_readiness(pod: &Value, ready: bool, restart: bool) -> Value {
                         m.remove("reason");
                     }
                 } else {
-                    c["reason"] = json!(if t == "Ready" {
-                        "ContainersNotReady"
-                    } else {
-                        "ContainersNotReady"
-                    });
+                    c["reason"] = json!("ContainersNotReady");
                 }
             }
             None => conds.push(condition(t, ready, &now)),
@@ -658,6 +654,8 @@ impl Kubelet {
 // ---------------------------------------------------------------------------------------
 // Garbage collector
 
+type Typed = (Arc<ResourceType>, Arc<Value>);
+
 /// Kinds that can own other objects in this simulator; deletions of anything else (pods,
 /// events, leases) never trigger a dependents scan, which keeps pod churn cheap.
 fn may_own(key: &(String, String)) -> bool {
@@ -689,11 +687,7 @@ async fn gc(store: Arc<Store>, mut rx: broadcast::Receiver<Arc<Event>>) {
 /// One pass of the garbage collector: delete dependents whose owners are all gone, and
 /// complete foreground/orphan deletions.
 pub fn collect(store: &Store) {
-    let (uids, candidates, blocked): (
-        HashSet<String>,
-        Vec<(Arc<ResourceType>, Arc<Value>)>,
-        Vec<(Arc<ResourceType>, Arc<Value>)>,
-    ) = {
+    let (uids, candidates, blocked): (HashSet<String>, Vec<Typed>, Vec<Typed>) = {
         let st = store.lock();
         let types: Vec<Arc<ResourceType>> = st
             .registry

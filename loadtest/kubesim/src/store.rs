@@ -649,7 +649,7 @@ impl State {
                 .objects
                 .get(&(String::new(), "namespaces".to_string()))
                 .is_some_and(|m| m.contains_key(&(String::new(), ns.clone())));
-            if !exists && !(rt.group.is_empty() && rt.plural == "namespaces") {
+            if !(exists || rt.group.is_empty() && rt.plural == "namespaces") {
                 return Err(ApiError::namespace_not_found(ns));
             }
         }

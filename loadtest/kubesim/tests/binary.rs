@@ -1,5 +1,6 @@
 //! The `kubesim` binary: prints its address, writes a kubeconfig, serves, and exits cleanly
 //! on SIGTERM and SIGINT.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::process::Stdio;
 use std::time::Duration;

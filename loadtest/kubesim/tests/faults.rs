@@ -1,5 +1,6 @@
 //! Every fault kubesim can inject, observed from a real client (kube-rs, and plain HTTP for
 //! the `/sim/` endpoints).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! kube-rs against kubesim, in-process and over loopback: what an operator relies on.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The official Python client (PyPI `kubernetes`) lists and watches pods against kubesim.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 
