@@ -17,7 +17,6 @@ pub mod error;
 pub mod faults;
 pub mod meta;
 pub mod openapi;
-#[path = "../stubs/patch.rs"]
 pub mod patch;
 pub mod recorder;
 pub mod registry;

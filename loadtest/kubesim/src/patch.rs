@@ -8,7 +8,7 @@
 //!
 //! The real apiserver learns list merge keys and strategies from Go struct tags; kubesim has no Go
 //! types, so strategic merge and server-side apply look the strategy up by field name in
-//! [`LIST_STRATEGIES`].
+//! `LIST_STRATEGIES`.
 
 use serde_json::{Map, Value};
 
@@ -82,7 +82,10 @@ const LIST_STRATEGIES: &[(&str, ListStrategy)] = &[
     ("conditions", ListStrategy::MergeKey("type")),
     ("ownerReferences", ListStrategy::MergeKey("uid")),
     ("hostAliases", ListStrategy::MergeKey("ip")),
-    ("topologySpreadConstraints", ListStrategy::MergeKey("topologyKey")),
+    (
+        "topologySpreadConstraints",
+        ListStrategy::MergeKey("topologyKey"),
+    ),
     ("finalizers", ListStrategy::PrimitiveSet),
 ];
 
@@ -161,6 +164,12 @@ pub fn merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
 /// kinds, with the directives kubectl sends: `$patch` (`replace`/`delete`, in maps and list
 /// elements), `$retainKeys`, `$setElementOrder/<list>` and `$deleteFromPrimitiveList/<list>`.
 /// A target that is not an object is patched as an empty object.
+///
+/// Element order, error cases and `null` handling follow strategicpatch. Two deliberate
+/// differences, both invisible once the apiserver has round-tripped the result through its Go
+/// types in the common cases: a nested map with `$patch: delete` is removed (strategicpatch
+/// leaves `{}`), and directives nested in a value that has no live counterpart are processed
+/// rather than copied verbatim. Unrecognised `$`-prefixed keys are ordinary fields, as there.
 pub fn strategic_merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
     let Value::Object(patch) = patch else {
         return Err(PatchError::NotAnObject);
@@ -171,12 +180,14 @@ pub fn strategic_merge_patch(target: &Value, patch: &Value) -> Result<Value, Pat
     };
     // A top-level `$patch: delete` empties the object, as in strategicpatch; there is no parent
     // to remove it from.
-    Ok(Value::Object(merge_map(original, patch)?.unwrap_or_default()))
+    Ok(Value::Object(
+        merge_map(original, patch)?.unwrap_or_default(),
+    ))
 }
 
 /// Server-side apply without managedFields (`application/apply-patch+yaml`, already parsed to
 /// JSON): merges the applied configuration into the live object, or into nothing when the object
-/// does not exist yet. Maps merge recursively, lists with a merge key in [`LIST_STRATEGIES`]
+/// does not exist yet. Maps merge recursively, lists with a merge key in `LIST_STRATEGIES`
 /// merge by key and primitive sets are unioned (in the order structured-merge-diff gives), other
 /// lists are replaced, and a `null` removes the field. Without field ownership a field that an
 /// earlier apply set and this one omits is kept, never removed.
@@ -307,7 +318,13 @@ fn merge_primitive_set(
     let (patch_items, server_only) = merged
         .into_iter()
         .partition(|item| position(patch, item, None).is_some());
-    Ok(normalize_order(patch_items, server_only, patch, &live, None))
+    Ok(normalize_order(
+        patch_items,
+        server_only,
+        patch,
+        &live,
+        None,
+    ))
 }
 
 fn merge_keyed_list(
@@ -443,14 +460,65 @@ fn apply_element_order(
     let merged = match (live, patch_list) {
         (None, None) => return Ok(true),
         (Some(live), None) => live,
-        (live, Some(patch_list)) => {
-            merge_list(field, live.unwrap_or_default(), patch_list, kind)?
+        (live, Some(patch_list)) => merge_list(field, live.unwrap_or_default(), patch_list, kind)?,
+    };
+    let server_order = match (kind, patch_list) {
+        (ListKind::Keyed(key), Some(patch_list)) => {
+            aliased_live_order(&live_order, patch_list, key)
         }
+        _ => live_order,
     };
     let (patch_items, server_only) = partition_by_presence(merged, order, key)?;
-    let ordered = normalize_order(patch_items, server_only, order, &live_order, key);
+    let ordered = normalize_order(patch_items, server_only, order, &server_order, key);
     original.insert(field.to_owned(), Value::Array(ordered));
     Ok(true)
+}
+
+/// The live order that strategicpatch sorts server-only elements by under `$setElementOrder`.
+/// It deletes and appends elements in place in the live list's Go backing array and then reads
+/// that array at the live list's original length, so a slot freed by a `$patch: delete` shows
+/// the element appended after it. Mimicking this keeps element order identical to the
+/// apiserver's, e.g. for a kubectl apply that swaps one container for another.
+fn aliased_live_order(live: &[Value], patch: &[Value], key: &str) -> Vec<Value> {
+    let matches = |item: &Value, id: &Value| item.get(key).is_some_and(|v| same(v, id));
+    let mut view = live.to_vec();
+    let mut len = view.len();
+    let mut replace = false;
+    for item in patch {
+        match item.get(PATCH_DIRECTIVE).and_then(Value::as_str) {
+            Some("delete") => {
+                let Some(id) = item.get(key) else { continue };
+                while let Some(i) = view[..len].iter().position(|v| matches(v, id)) {
+                    // Go's append(s[:i], s[i+1:]...) shifts the tail left and leaves a copy
+                    // of the old last element in the slot past the new end.
+                    for j in i..len - 1 {
+                        view[j] = view[j + 1].clone();
+                    }
+                    len -= 1;
+                }
+            }
+            Some("replace") => replace = true,
+            _ => {}
+        }
+    }
+    if replace {
+        return view;
+    }
+    let mut working: Vec<Value> = view[..len].to_vec();
+    for item in patch {
+        if item.get(PATCH_DIRECTIVE).is_some() {
+            continue;
+        }
+        let Some(id) = item.get(key) else { continue };
+        if working.iter().any(|v| matches(v, id)) {
+            continue;
+        }
+        if let Some(slot) = view.get_mut(working.len()) {
+            *slot = item.clone();
+        }
+        working.push(item.clone());
+    }
+    view
 }
 
 /// The patch list must name its elements in the same relative order as `$setElementOrder`, and
@@ -467,8 +535,7 @@ fn validate_element_order(
     let items: Vec<&Value> = patch
         .iter()
         .filter(|item| {
-            key.is_none()
-                || item.get(PATCH_DIRECTIVE).and_then(Value::as_str) != Some("delete")
+            key.is_none() || item.get(PATCH_DIRECTIVE).and_then(Value::as_str) != Some("delete")
         })
         .collect();
     let (mut in_patch, mut in_order) = (0, 0);
@@ -479,7 +546,10 @@ fn validate_element_order(
             continue;
         }
         let equal = match key {
-            Some(key) => same(merge_key_value(item, key)?, merge_key_value(&order[in_order], key)?),
+            Some(key) => same(
+                merge_key_value(item, key)?,
+                merge_key_value(&order[in_order], key)?,
+            ),
             None => same(item, &order[in_order]),
         };
         if equal {
@@ -654,18 +724,19 @@ fn apply_list(field: &str, live: Vec<Value>, applied: &[Value]) -> Result<Vec<Va
         ListKind::Keyed(key) => Some(key),
     };
 
-    let mut applied_ids: Vec<&Value> = Vec::with_capacity(applied.len());
+    let mut applied_ids: Vec<Value> = Vec::with_capacity(applied.len());
     for item in applied {
         let id = match key {
             Some(key) => {
                 if !item.is_object() {
                     return Err(not_an_object_element(field, item));
                 }
-                merge_key_value(item, key)?
+                merge_key_value(item, key)?;
+                apply_identity(field, item, Some(key)).unwrap_or_default()
             }
-            None => item,
+            None => item.clone(),
         };
-        if applied_ids.iter().any(|seen| same(seen, id)) {
+        if applied_ids.iter().any(|seen| same_id(seen, &id)) {
             return Err(PatchError::DuplicateListEntry {
                 field: field.to_owned(),
                 id: id.to_string(),
@@ -678,8 +749,8 @@ fn apply_list(field: &str, live: Vec<Value>, applied: &[Value]) -> Result<Vec<Va
     let live_match: Vec<Option<usize>> = live
         .iter()
         .map(|item| {
-            identity(item, key)
-                .and_then(|id| applied_ids.iter().position(|applied| same(applied, id)))
+            apply_identity(field, item, key)
+                .and_then(|id| applied_ids.iter().position(|applied| same_id(applied, &id)))
         })
         .collect();
     let first_live: Vec<Option<usize>> = (0..applied.len())
@@ -693,6 +764,7 @@ fn apply_list(field: &str, live: Vec<Value>, applied: &[Value]) -> Result<Vec<Va
     let mut out = Vec::with_capacity(live.len() + applied.len());
     let (mut l, mut a) = (0, 0);
     while l < live.len() || a < applied.len() {
+        let step = (l, a);
         if l < live.len() && a < applied.len() {
             if live_match[l] == Some(a) {
                 let base = first_live[a].and_then(|i| live[i].take());
@@ -718,10 +790,9 @@ fn apply_list(field: &str, live: Vec<Value>, applied: &[Value]) -> Result<Vec<Va
                     l += 1;
                     continue;
                 }
-                Some(m) if merged[m] => {
-                    l += 1;
-                    continue;
-                }
+                // Already merged with its applied element; structured-merge-diff then goes
+                // on to the next applied element in the same step.
+                Some(m) if merged[m] => l += 1,
                 Some(_) => {}
             }
         }
@@ -734,8 +805,43 @@ fn apply_list(field: &str, live: Vec<Value>, applied: &[Value]) -> Result<Vec<Va
             }
             a += 1;
         }
+        if (l, a) == step {
+            // Unreachable by construction; guarantees termination all the same.
+            out.extend(live[l].take());
+            l += 1;
+        }
     }
     Ok(out)
+}
+
+/// Server-side apply keys some lists on more fields than strategic merge does (the Go types'
+/// `listMapKey`s): (field, extra key, its default when absent).
+const APPLY_EXTRA_KEYS: &[(&str, &str, Option<&str>)] = &[
+    ("ports", "protocol", Some("TCP")),
+    ("topologySpreadConstraints", "whenUnsatisfiable", None),
+];
+
+/// What server-side apply matches a list element on.
+fn apply_identity(field: &str, item: &Value, key: Option<&str>) -> Option<Value> {
+    let id = identity(item, key)?.clone();
+    let Some((_, extra, default)) = APPLY_EXTRA_KEYS.iter().find(|(f, _, _)| *f == field) else {
+        return Some(id);
+    };
+    let extra = item
+        .get(*extra)
+        .cloned()
+        .or_else(|| default.map(Value::from))
+        .unwrap_or_default();
+    Some(Value::Array(vec![id, extra]))
+}
+
+fn same_id(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
+        }
+        _ => same(a, b),
+    }
 }
 
 fn apply_element(
@@ -755,7 +861,9 @@ fn apply_element(
 fn fresh_applied(value: &Value) -> Result<Value, PatchError> {
     Ok(match value {
         Value::Object(map) => Value::Object(apply_map(Object::new(), map)?),
-        Value::Array(list) => Value::Array(list.iter().map(fresh_applied).collect::<Result<_, _>>()?),
+        Value::Array(list) => {
+            Value::Array(list.iter().map(fresh_applied).collect::<Result<_, _>>()?)
+        }
         scalar => scalar.clone(),
     })
 }
@@ -877,7 +985,10 @@ mod tests {
 
     #[test]
     fn label_patch_merges_into_labels() {
-        let out = smp(pod(), json!({"metadata": {"labels": {"sts-role": "writer"}}}));
+        let out = smp(
+            pod(),
+            json!({"metadata": {"labels": {"sts-role": "writer"}}}),
+        );
         assert_eq!(
             out["metadata"]["labels"],
             json!({"app": "db", "sts-role": "writer"})
@@ -964,7 +1075,10 @@ mod tests {
             containers[0]["terminationMessagePath"],
             "/dev/termination-log"
         );
-        assert_eq!(containers[1], json!({"name": "exporter", "image": "exporter:1"}));
+        assert_eq!(
+            containers[1],
+            json!({"name": "exporter", "image": "exporter:1"})
+        );
         assert_eq!(out["spec"]["replicas"], 3);
         assert_eq!(
             out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
@@ -1007,7 +1121,10 @@ mod tests {
             "containers": [{"name": "b"}, {"name": "a"}],
         }});
         let err = strategic_merge_patch(&live, &patch).unwrap_err();
-        assert!(matches!(err, PatchError::SetElementOrderMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, PatchError::SetElementOrderMismatch { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1028,13 +1145,32 @@ mod tests {
     }
 
     #[test]
+    fn swapping_a_container_orders_like_the_apiserver() {
+        // kubectl apply replacing "old" by "new" next to a container the server injected.
+        let live = json!({"spec": {"containers": [
+            {"name": "old"}, {"name": "app"}, {"name": "injected"}]}});
+        let patch = json!({"spec": {
+            "$setElementOrder/containers": [{"name": "app"}, {"name": "new"}],
+            "containers": [{"name": "new", "image": "n"}, {"$patch": "delete", "name": "old"}],
+        }});
+        let out = smp(live, patch);
+        assert_eq!(
+            names(&out["spec"]["containers"]),
+            ["app", "injected", "new"]
+        );
+    }
+
+    #[test]
     fn patch_delete_removes_a_container() {
         let patch = json!({"spec": {"template": {"spec": {
             "$setElementOrder/containers": [{"name": "db"}],
             "containers": [{"$patch": "delete", "name": "exporter"}],
         }}}});
         let out = smp(statefulset(), patch);
-        assert_eq!(names(&out["spec"]["template"]["spec"]["containers"]), ["db"]);
+        assert_eq!(
+            names(&out["spec"]["template"]["spec"]["containers"]),
+            ["db"]
+        );
     }
 
     #[test]
@@ -1134,13 +1270,19 @@ mod tests {
             "tolerations": [{"key": "other", "operator": "Exists"}],
         }});
         let out = smp(pod(), patch);
-        assert_eq!(out["spec"]["containers"][0]["args"], json!(["-c", "fsync=off"]));
+        assert_eq!(
+            out["spec"]["containers"][0]["args"],
+            json!(["-c", "fsync=off"])
+        );
         assert_eq!(
             out["spec"]["tolerations"],
             json!([{"key": "other", "operator": "Exists"}])
         );
         // An empty merging list changes nothing; an empty atomic list empties it.
-        let out = smp(pod(), json!({"spec": {"containers": [], "tolerations": []}}));
+        let out = smp(
+            pod(),
+            json!({"spec": {"containers": [], "tolerations": []}}),
+        );
         assert_eq!(out["spec"]["containers"], pod()["spec"]["containers"]);
         assert_eq!(out["spec"]["tolerations"], json!([]));
     }
@@ -1239,7 +1381,10 @@ mod tests {
     fn missing_merge_key_is_an_error() {
         let patch = json!({"spec": {"containers": [{"image": "x"}]}});
         let err = strategic_merge_patch(&pod(), &patch).unwrap_err();
-        assert!(matches!(err, PatchError::MissingMergeKey { key: "name", .. }), "{err}");
+        assert!(
+            matches!(err, PatchError::MissingMergeKey { key: "name", .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1306,9 +1451,12 @@ mod tests {
 
     #[test]
     fn json_patch_missing_path_and_bad_documents() {
-        let err = json_patch(&pod(), &json!([{"op": "remove", "path": "/metadata/nope"}]))
-            .unwrap_err();
-        assert!(matches!(err, PatchError::PathNotFound { operation: 0, .. }), "{err}");
+        let err =
+            json_patch(&pod(), &json!([{"op": "remove", "path": "/metadata/nope"}])).unwrap_err();
+        assert!(
+            matches!(err, PatchError::PathNotFound { operation: 0, .. }),
+            "{err}"
+        );
         let err = json_patch(
             &pod(),
             &json!([{"op": "replace", "path": "/spec/nope", "value": 1}]),
@@ -1438,6 +1586,29 @@ mod tests {
             conditions[1],
             json!({"type": "Ready", "status": "False", "lastTransitionTime": "t0"})
         );
+    }
+
+    #[test]
+    fn apply_keys_ports_on_port_and_protocol() {
+        let live = json!({"spec": {"containers": [{"name": "dns", "ports": [
+            {"containerPort": 53, "protocol": "UDP", "name": "dns"}]}]}});
+        let applied = json!({"spec": {"containers": [{"name": "dns", "ports": [
+            {"containerPort": 53, "protocol": "UDP", "name": "dns"},
+            {"containerPort": 53, "name": "dns-tcp"}]}]}});
+        let out = server_side_apply(Some(&live), &applied).unwrap();
+        assert_eq!(
+            out["spec"]["containers"][0]["ports"],
+            json!([
+                {"containerPort": 53, "protocol": "UDP", "name": "dns"},
+                {"containerPort": 53, "name": "dns-tcp"},
+            ])
+        );
+        let dup = json!({"spec": {"ports": [
+            {"port": 80, "protocol": "TCP"}, {"port": 80}]}});
+        assert!(matches!(
+            server_side_apply(None, &dup),
+            Err(PatchError::DuplicateListEntry { .. })
+        ));
     }
 
     #[test]
