@@ -129,3 +129,8 @@ pub struct Condition {
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
     serde_saphyr::to_string(&StatefulSetLock::crd())
 }
+
+/// `metav1.Time` format: RFC 3339, seconds, UTC.
+pub fn format_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}

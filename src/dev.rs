@@ -16,9 +16,18 @@ use crate::api::StatefulSetLock;
 
 /// The seed's samples, verbatim (deploy/samples/).
 pub const SAMPLES: &[(&str, &str)] = &[
-    ("postgres-statefulset.yaml", include_str!("../deploy/samples/postgres-statefulset.yaml")),
-    ("postgres-services.yaml", include_str!("../deploy/samples/postgres-services.yaml")),
-    ("app_v1_statefulsetlock.yaml", include_str!("../deploy/samples/app_v1_statefulsetlock.yaml")),
+    (
+        "postgres-statefulset.yaml",
+        include_str!("../deploy/samples/postgres-statefulset.yaml"),
+    ),
+    (
+        "postgres-services.yaml",
+        include_str!("../deploy/samples/postgres-services.yaml"),
+    ),
+    (
+        "app_v1_statefulsetlock.yaml",
+        include_str!("../deploy/samples/app_v1_statefulsetlock.yaml"),
+    ),
 ];
 
 #[derive(Debug, Clone, Args)]
@@ -27,7 +36,11 @@ pub struct DevArgs {
     #[arg(long, env = "STSLOCK_DEV_ADDR", default_value = "127.0.0.1:0")]
     pub addr: SocketAddr,
     /// Where to write the kubeconfig for kubectl.
-    #[arg(long, env = "STSLOCK_DEV_KUBECONFIG", default_value = "./stslock-dev.kubeconfig")]
+    #[arg(
+        long,
+        env = "STSLOCK_DEV_KUBECONFIG",
+        default_value = "./stslock-dev.kubeconfig"
+    )]
     pub kubeconfig_out: PathBuf,
     /// Do not apply the seed's samples.
     #[arg(long)]
@@ -40,21 +53,35 @@ pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
         Api::all(client.clone());
     let crd = StatefulSetLock::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(&name, &PatchParams::apply("stslock").force(), &Patch::Apply(&crd))
-        .await
-        .with_context(|| format!("installing CRD {name}"))?;
+    crds.patch(
+        &name,
+        &PatchParams::apply("stslock").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .with_context(|| format!("installing CRD {name}"))?;
     Ok(())
 }
 
 /// Apply every document of a multi-document YAML file with server-side apply.
-pub async fn apply_yaml(client: &Client, namespace: &str, source: &str, yaml: &str) -> anyhow::Result<Vec<String>> {
+pub async fn apply_yaml(
+    client: &Client,
+    namespace: &str,
+    source: &str,
+    yaml: &str,
+) -> anyhow::Result<Vec<String>> {
     let docs: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(yaml).with_context(|| format!("parsing {source}"))?;
     let mut applied = vec![];
     for doc in docs.into_iter().filter(|d| d.is_object()) {
-        let obj: DynamicObject = serde_json::from_value(doc).with_context(|| format!("reading an object of {source}"))?;
-        let types = obj.types.clone().with_context(|| format!("{source}: object without apiVersion/kind"))?;
-        let gvk = GroupVersionKind::try_from(&types).with_context(|| format!("{source}: bad apiVersion"))?;
+        let obj: DynamicObject = serde_json::from_value(doc)
+            .with_context(|| format!("reading an object of {source}"))?;
+        let types = obj
+            .types
+            .clone()
+            .with_context(|| format!("{source}: object without apiVersion/kind"))?;
+        let gvk = GroupVersionKind::try_from(&types)
+            .with_context(|| format!("{source}: bad apiVersion"))?;
         let (ar, caps) = pinned_kind(client, &gvk)
             .await
             .with_context(|| format!("{source}: kind {} is not served", gvk.kind))?;
@@ -63,10 +90,18 @@ pub async fn apply_yaml(client: &Client, namespace: &str, source: &str, yaml: &s
         } else {
             Api::all_with(client.clone(), &ar)
         };
-        let name = obj.metadata.name.clone().with_context(|| format!("{source}: object without a name"))?;
-        api.patch(&name, &PatchParams::apply("stslock-dev").force(), &Patch::Apply(&obj))
-            .await
-            .with_context(|| format!("applying {} {name} from {source}", gvk.kind))?;
+        let name = obj
+            .metadata
+            .name
+            .clone()
+            .with_context(|| format!("{source}: object without a name"))?;
+        api.patch(
+            &name,
+            &PatchParams::apply("stslock-dev").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .with_context(|| format!("applying {} {name} from {source}", gvk.kind))?;
         applied.push(format!("{}/{name}", gvk.kind.to_lowercase()));
     }
     Ok(applied)
@@ -99,4 +134,26 @@ Fail the writer and watch the failover:
 Ctrl-C stops everything.
 "
     )
+}
+
+/// Run kubesim, install the CRD, apply the samples, run the operator until `shutdown`.
+pub async fn run(
+    dev: DevArgs,
+    operator: crate::config::OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let mut sim = kubesim::Sim::start(kubesim::SimConfig::default());
+    let addr = sim.serve(dev.addr).await?;
+    sim.write_kubeconfig(&dev.kubeconfig_out)?;
+    let client = sim.client_as("stslock-dev/setup");
+    install_crd(&client).await?;
+    if !dev.no_samples {
+        let applied = apply_samples(&client).await?;
+        tracing::info!(objects = ?applied, "applied the seed's samples");
+    }
+    eprintln!("{}", banner(&format!("http://{addr}"), &dev.kubeconfig_out));
+    let operator_client = sim.client_as(&format!("stslock/{}", operator.identity()));
+    crate::reconcile::run(operator_client, operator, shutdown).await?;
+    drop(sim);
+    Ok(())
 }

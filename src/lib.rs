@@ -2,3 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod config;
+#[cfg(feature = "dev")]
+pub mod dev;
+pub mod elect;
+pub mod error;
+pub mod reconcile;

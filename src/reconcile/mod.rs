@@ -1,5 +1,5 @@
 //! The reconciler: gather what election needs from the watch caches, ask
-//! [`crate::election::decide`] for a plan, and apply the plan's steps in order.
+//! [`crate::elect::decide`] for a plan, and apply the plan's steps in order.
 //!
 //! It owns all I/O of an election and none of its decisions. Order matters and is the plan's:
 //! the Lease (the intent record) moves first, then the old writer is demoted, then the new one
@@ -77,21 +77,26 @@ pub async fn run(
     });
     let set_triggers = {
         let locks = locks.clone();
-        sets_stream.filter_map(move |ev| {
-            use kube::runtime::watcher::Event;
-            let refs = match ev {
-                Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
-                    watch::locks_for_set(&locks, &s.namespace().unwrap_or_default(), &s.name_any())
-                }
-                Ok(_) => vec![],
-                Err(e) => {
-                    tracing::warn!(error = %e, "statefulset watch");
-                    vec![]
-                }
-            };
-            futures::future::ready(Some(futures::stream::iter(refs)))
-        })
-        .flatten()
+        sets_stream
+            .filter_map(move |ev| {
+                use kube::runtime::watcher::Event;
+                let refs = match ev {
+                    Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
+                        watch::locks_for_set(
+                            &locks,
+                            &s.namespace().unwrap_or_default(),
+                            &s.name_any(),
+                        )
+                    }
+                    Ok(_) => vec![],
+                    Err(e) => {
+                        tracing::warn!(error = %e, "statefulset watch");
+                        vec![]
+                    }
+                };
+                futures::future::ready(Some(futures::stream::iter(refs)))
+            })
+            .flatten()
     };
     let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
@@ -133,7 +138,11 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = jiff::Timestamp::now();
     let observed = gather::observe(&lock, &ctx).await?;
-    let plan = crate::election::decide(&observed, now, &gather::election_config(&ctx.args));
+    let plan = crate::elect::decide(
+        &observed,
+        now,
+        &gather::election_config(&ctx.args, &ctx.identity),
+    );
     apply::apply(&lock, &observed, &plan, &ctx).await?;
-    Ok(apply::next_action(&observed, &plan, now))
+    Ok(apply::next_action(&plan))
 }

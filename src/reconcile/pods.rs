@@ -210,7 +210,11 @@ mod tests {
     fn projects_and_indexes_by_statefulset() {
         let idx = PodIndex::new("sts-role");
         idx.apply(&watcher::Event::Init);
-        idx.apply(&watcher::Event::InitApply(pod("db-0", true, Some("writer"))));
+        idx.apply(&watcher::Event::InitApply(pod(
+            "db-0",
+            true,
+            Some("writer"),
+        )));
         idx.apply(&watcher::Event::InitApply(pod("db-1", false, None)));
         let touched = idx.apply(&watcher::Event::InitDone);
         assert_eq!(touched, vec![("ns".to_string(), "db".to_string())]);
@@ -222,8 +226,15 @@ mod tests {
         assert_eq!(pods[0].epoch, Some(4));
         assert!(!pods[1].ready);
         // An unchanged re-apply touches nothing; a change touches the set.
-        assert!(idx.apply(&watcher::Event::Apply(pod("db-0", true, Some("writer")))).is_empty());
-        assert_eq!(idx.apply(&watcher::Event::Apply(pod("db-0", false, Some("writer")))).len(), 1);
+        assert!(
+            idx.apply(&watcher::Event::Apply(pod("db-0", true, Some("writer"))))
+                .is_empty()
+        );
+        assert_eq!(
+            idx.apply(&watcher::Event::Apply(pod("db-0", false, Some("writer"))))
+                .len(),
+            1
+        );
         idx.apply(&watcher::Event::Delete(pod("db-1", false, None)));
         assert_eq!(idx.pods_of("ns", "db").len(), 1);
         assert_eq!(idx.len(), 1);

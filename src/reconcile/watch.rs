@@ -26,11 +26,17 @@ pub const STS_POD_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
 
 /// Locks in `namespace` whose StatefulSet is `statefulset`.
-pub fn locks_for_set(locks: &Store<StatefulSetLock>, namespace: &str, statefulset: &str) -> Vec<ObjectRef<StatefulSetLock>> {
+pub fn locks_for_set(
+    locks: &Store<StatefulSetLock>,
+    namespace: &str,
+    statefulset: &str,
+) -> Vec<ObjectRef<StatefulSetLock>> {
     locks
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(namespace) && l.spec.stateful_set_name == statefulset)
+        .filter(|l| {
+            l.namespace().as_deref() == Some(namespace) && l.spec.stateful_set_name == statefulset
+        })
         .map(|l| ObjectRef::from_obj(l.as_ref()))
         .collect()
 }

@@ -1,0 +1,620 @@
+//! The election rules (DESIGN §2), in order of precedence: deletion, finalizer, conflicts,
+//! foreign Lease, missing StatefulSet, no replicas, paused, then election / renewal /
+//! failover / switchover.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::types::*;
+use crate::api::{Condition, StatefulSetLockStatus};
+use crate::config::OnDelete;
+
+/// Decide what to do for one lock. Pure: same inputs, same plan.
+pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
+    let mut b = Builder::new(o, now, cfg);
+    if o.deleting {
+        b.delete();
+        return b.finish();
+    }
+    if !o.has_finalizer {
+        b.plan.steps.push(Step::AddFinalizer);
+    }
+    if let Some(winner) = conflict(o) {
+        b.error(
+            "Conflict",
+            format!("{winner}; this lock is ignored until it is deleted or changed"),
+        );
+        return b.finish();
+    }
+    if let Some(l) = &o.lease
+        && l.owner.as_deref() != Some(o.key().as_str())
+    {
+        b.error(
+            "LeaseNotOwned",
+            format!(
+                "Lease {} exists and was not created by stslock for this lock (owner: {}); it is never overwritten: choose another leaseName or delete that Lease",
+                o.lease_name,
+                l.owner.as_deref().unwrap_or("none")
+            ),
+        );
+        return b.finish();
+    }
+    let Some(replicas) = o.replicas else {
+        b.error(
+            "StatefulSetNotFound",
+            format!(
+                "StatefulSet {} not found in namespace {}",
+                o.statefulset_name, o.namespace
+            ),
+        );
+        return b.finish();
+    };
+    if replicas == 0 {
+        b.unavailable(
+            "NoReplicas",
+            format!("StatefulSet {} has 0 replicas", o.statefulset_name),
+            Severity::Normal,
+        );
+        return b.finish();
+    }
+    if o.paused {
+        b.paused();
+        return b.finish();
+    }
+    b.elect();
+    b.finish()
+}
+
+/// The rival that wins over this lock, if any: the oldest lock (then the smallest name) on the
+/// same StatefulSet or the same lease name.
+fn conflict(o: &Observed) -> Option<String> {
+    let older = |r: &Rival| (r.created, r.name.as_str()) < (o.created, o.name.as_str());
+    o.rivals.iter().filter(|r| older(r)).find_map(|r| {
+        if r.statefulset == o.statefulset_name {
+            Some(format!(
+                "StatefulSet {} is already managed by StatefulSetLock {}",
+                o.statefulset_name, r.name
+            ))
+        } else if r.lease_name == o.lease_name {
+            Some(format!(
+                "Lease {} is already used by StatefulSetLock {}",
+                o.lease_name, r.name
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+struct Builder<'a> {
+    o: &'a Observed,
+    now: Timestamp,
+    cfg: &'a Config,
+    plan: Plan,
+    status: StatefulSetLockStatus,
+}
+
+fn lease_expired(l: &LeaseView, now: Timestamp) -> bool {
+    match l.renew_time.or(l.acquire_time) {
+        Some(t) => t
+            .saturating_add(SignedDuration::from_secs(l.duration_seconds))
+            .is_ok_and(|e| e <= now),
+        None => true,
+    }
+}
+
+fn secs_until(from: Timestamp, to: Timestamp) -> Duration {
+    let d = to.duration_since(from);
+    if d.is_negative() {
+        Duration::ZERO
+    } else {
+        d.unsigned_abs()
+    }
+}
+
+impl<'a> Builder<'a> {
+    fn new(o: &'a Observed, now: Timestamp, cfg: &'a Config) -> Self {
+        let mut status = o.status.clone();
+        status.observed_generation = Some(o.generation);
+        status.shard = Some(cfg.identity.clone());
+        status.ready_replicas =
+            Some(o.pods.iter().filter(|p| p.ready && !p.terminating).count() as i32);
+        Builder {
+            o,
+            now,
+            cfg,
+            plan: Plan::default(),
+            status,
+        }
+    }
+
+    fn finish(mut self) -> Plan {
+        if self.status != self.o.status && !self.o.deleting {
+            self.plan.status = Some(self.status);
+        }
+        self.plan
+    }
+
+    /// Set a condition with metav1.Condition semantics; returns whether its status changed.
+    fn condition(&mut self, type_: &str, status: bool, reason: &str, message: String) -> bool {
+        let s = if status { "True" } else { "False" };
+        let now = crate::api::format_time(self.now);
+        let generation = Some(self.o.generation);
+        match self.status.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                let changed = c.status != s;
+                if changed {
+                    c.last_transition_time = now;
+                }
+                c.status = s.into();
+                c.reason = reason.into();
+                c.message = message;
+                c.observed_generation = generation;
+                changed
+            }
+            None => {
+                self.status.conditions.push(Condition {
+                    type_: type_.into(),
+                    status: s.into(),
+                    last_transition_time: now,
+                    observed_generation: generation,
+                    reason: reason.into(),
+                    message,
+                });
+                true
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        severity: Severity,
+        reason: &'static str,
+        action: &'static str,
+        message: String,
+    ) {
+        self.plan.events.push(Note {
+            severity,
+            reason,
+            action,
+            message,
+        });
+    }
+
+    /// An error condition: Error=True, Available=False. The Event fires when the error first
+    /// appears or its reason changes, not on every reconcile.
+    fn error(&mut self, reason: &'static str, message: String) {
+        let before = self
+            .o
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Error")
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        self.condition("Error", true, reason, message.clone());
+        self.condition("Available", false, reason, message.clone());
+        self.condition(
+            "Progressing",
+            false,
+            reason,
+            "waiting for the error to be fixed".into(),
+        );
+        if before != Some(("True".into(), reason.into())) {
+            self.event(Severity::Warning, reason, "Validate", message);
+        }
+        // Retry now and then even without watch events (e.g. a foreign Lease deleted).
+        self.plan.requeue_after = Some(Duration::from_secs(30));
+    }
+
+    fn clear_error(&mut self) {
+        if self.status.conditions.iter().any(|c| c.type_ == "Error") {
+            self.condition("Error", false, "NoError", String::new());
+        }
+    }
+
+    fn unavailable(&mut self, reason: &'static str, message: String, severity: Severity) {
+        self.clear_error();
+        let changed = self.condition("Available", false, reason, message.clone());
+        let reason_changed = self
+            .o
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Available")
+            .is_none_or(|c| c.reason != reason);
+        self.condition("Progressing", true, reason, message.clone());
+        if changed || reason_changed {
+            self.event(severity, reason, "Elect", message);
+        }
+    }
+
+    fn paused(&mut self) {
+        self.clear_error();
+        let writer = self.current_writer();
+        let ok = writer.is_some_and(|w| w.ready && !w.terminating && w.role == Some(Role::Writer));
+        self.condition(
+            "Available",
+            ok,
+            if ok { "WriterReady" } else { "Paused" },
+            match writer {
+                Some(w) => format!("writer {} (paused)", w.name),
+                None => "no writer (paused)".into(),
+            },
+        );
+        if self.condition(
+            "Progressing",
+            false,
+            "Paused",
+            "spec.paused is true: roles are frozen".into(),
+        ) {
+            self.event(
+                Severity::Normal,
+                "Paused",
+                "Pause",
+                "roles frozen: spec.paused is true".into(),
+            );
+        }
+    }
+
+    /// The pod the Lease names, if it is still the same pod (same UID).
+    fn current_writer(&self) -> Option<&'a Candidate> {
+        let l = self.o.lease.as_ref()?;
+        let holder = l.holder.as_deref()?;
+        self.o
+            .pods
+            .iter()
+            .find(|p| p.name == holder && l.holder_uid.as_deref().is_none_or(|u| u == p.uid))
+    }
+
+    fn eligible(p: &Candidate) -> bool {
+        p.ready && !p.terminating
+    }
+
+    /// Lowest-ordinal Ready, non-terminating pod, excluding `not`.
+    fn best_candidate(&self, not: Option<&str>) -> Option<&'a Candidate> {
+        let mut c: Vec<&Candidate> = self
+            .o
+            .pods
+            .iter()
+            .filter(|p| Self::eligible(p) && Some(p.name.as_str()) != not)
+            .collect();
+        c.sort_by_key(|p| (p.ordinal.unwrap_or(u32::MAX), p.name.clone()));
+        c.first().copied()
+    }
+
+    fn preferred(&self) -> Option<&'a Candidate> {
+        let name = self.o.preferred_writer.as_deref()?;
+        self.o
+            .pods
+            .iter()
+            .find(|p| p.name == name && Self::eligible(p))
+    }
+
+    /// Label steps so that exactly `writer` (if any) is writer with `epoch` and every other pod
+    /// is reader: demotions first, then the promotion, then the remaining readers.
+    fn relabel(&mut self, writer: Option<&Candidate>, epoch: i64) {
+        let mut demote = vec![];
+        let mut readers = vec![];
+        for p in &self.o.pods {
+            if writer.is_some_and(|w| w.uid == p.uid) {
+                continue;
+            }
+            match p.role {
+                Some(Role::Writer) => demote.push(p),
+                Some(Role::Reader) if p.epoch.is_none() => {}
+                _ => readers.push(p),
+            }
+        }
+        for p in demote {
+            self.plan.steps.push(Step::Label {
+                pod: p.name.clone(),
+                uid: p.uid.clone(),
+                role: Some(Role::Reader),
+                epoch: None,
+            });
+        }
+        if let Some(w) = writer
+            && (w.role != Some(Role::Writer) || w.epoch != Some(epoch))
+        {
+            self.plan.steps.push(Step::Label {
+                pod: w.name.clone(),
+                uid: w.uid.clone(),
+                role: Some(Role::Writer),
+                epoch: Some(epoch),
+            });
+        }
+        for p in readers {
+            self.plan.steps.push(Step::Label {
+                pod: p.name.clone(),
+                uid: p.uid.clone(),
+                role: Some(Role::Reader),
+                epoch: None,
+            });
+        }
+    }
+
+    fn set_writer_status(&mut self, w: &Candidate, epoch: i64, changed_at: Option<Timestamp>) {
+        self.status.writer_pod = Some(w.name.clone());
+        self.status.writer_uid = Some(w.uid.clone());
+        self.status.writer_epoch = Some(epoch);
+        if let Some(t) = changed_at {
+            self.status.last_failover_time = Some(crate::api::format_time(t));
+        }
+        self.clear_error();
+        self.condition(
+            "Available",
+            true,
+            "WriterReady",
+            format!("{} is the writer (epoch {epoch})", w.name),
+        );
+        self.condition(
+            "Progressing",
+            false,
+            "Stable",
+            "writer elected and labelled".into(),
+        );
+    }
+
+    /// Renewal: the holder keeps the Lease, renewed at half its duration.
+    fn schedule_renewal(&mut self, l: &LeaseView, renewed_now: bool) {
+        let half = SignedDuration::from_millis(l.duration_seconds.max(1) * 500);
+        let last = if renewed_now {
+            Some(self.now)
+        } else {
+            l.renew_time
+        };
+        let due = last
+            .and_then(|t| t.checked_add(half).ok())
+            .unwrap_or(self.now);
+        self.requeue(secs_until(self.now, due));
+    }
+
+    fn requeue(&mut self, after: Duration) {
+        self.plan.requeue_after = Some(match self.plan.requeue_after {
+            Some(cur) => cur.min(after),
+            None => after,
+        });
+    }
+
+    fn elect(&mut self) {
+        let o = self.o;
+        let Some(lease) = &o.lease else {
+            // First election.
+            match self.preferred().or_else(|| self.best_candidate(None)) {
+                Some(w) => {
+                    self.plan.steps.push(Step::CreateLease {
+                        holder: w.name.clone(),
+                        holder_uid: w.uid.clone(),
+                    });
+                    self.relabel(Some(w), 0);
+                    self.set_writer_status(w, 0, Some(self.now));
+                    self.event(
+                        Severity::Normal,
+                        "Elected",
+                        "Elect",
+                        format!("elected {} as writer (epoch 0)", w.name),
+                    );
+                    self.plan.transition = Some(Transition {
+                        kind: "election",
+                        old_writer: None,
+                        new_writer: w.name.clone(),
+                        reason: "initial election".into(),
+                        epoch: 0,
+                    });
+                    self.requeue(Duration::from_millis(
+                        (o.lease_duration_seconds.max(1) * 500) as u64,
+                    ));
+                }
+                None => {
+                    // Nobody can be writer: make sure nobody claims to be (no Lease means no
+                    // legitimate writer), and wait for a Ready pod.
+                    self.relabel(None, 0);
+                    self.status.writer_pod = None;
+                    self.status.writer_uid = None;
+                    self.unavailable(
+                        "NoReadyPod",
+                        format!("no Ready pod in StatefulSet {}", o.statefulset_name),
+                        Severity::Warning,
+                    );
+                }
+            }
+            return;
+        };
+        let epoch = lease.transitions;
+        let writer = self.current_writer();
+        // Why the current writer cannot stay, if it cannot.
+        let problem: Option<String> = match writer {
+            None => Some(match lease.holder.as_deref() {
+                Some(h) if o.pods.iter().any(|p| p.name == h) => {
+                    format!("writer {h} was recreated (new UID)")
+                }
+                Some(h) => format!("writer {h} was deleted"),
+                None => "the Lease has no holder".into(),
+            }),
+            Some(w) if w.terminating => Some(format!("writer {} is terminating", w.name)),
+            Some(w) if !w.ready => Some(format!("writer {} is not Ready", w.name)),
+            Some(_) => None,
+        };
+        match (writer, problem) {
+            (Some(w), None) => {
+                // A healthy writer: keep it, unless a Ready preferred writer asks for a switchover.
+                if let Some(p) = self.preferred()
+                    && p.uid != w.uid
+                {
+                    self.handover(
+                        lease,
+                        Some(w),
+                        p,
+                        "Switchover",
+                        "switchover",
+                        format!("switchover from {} to preferred writer {}", w.name, p.name),
+                    );
+                    return;
+                }
+                let expired = lease_expired(lease, self.now);
+                let half_due = lease
+                    .renew_time
+                    .and_then(|t| {
+                        t.checked_add(SignedDuration::from_millis(
+                            lease.duration_seconds.max(1) * 500,
+                        ))
+                        .ok()
+                    })
+                    .is_none_or(|d| d <= self.now);
+                if expired || half_due {
+                    // Renew for the same holder: no transition, no new epoch, even when the
+                    // Lease lapsed while the operator was away (the holder is the same Ready pod).
+                    self.plan.steps.push(Step::UpdateLease {
+                        expected_resource_version: lease.resource_version.clone(),
+                        holder: w.name.clone(),
+                        holder_uid: w.uid.clone(),
+                        transitions: epoch,
+                        acquire: expired,
+                    });
+                    self.schedule_renewal(lease, true);
+                } else {
+                    self.schedule_renewal(lease, false);
+                }
+                self.relabel(Some(w), epoch);
+                self.set_writer_status(w, epoch, None);
+                if let Some(name) = &o.preferred_writer
+                    && self.preferred().is_none()
+                    && name != &w.name
+                {
+                    self.condition(
+                        "Progressing",
+                        true,
+                        "PreferredWriterNotReady",
+                        format!("preferred writer {name} is not Ready; keeping {}", w.name),
+                    );
+                }
+            }
+            (w, Some(why)) => {
+                // Anti-flap: a NotReady (not deleted, not terminating) writer gets
+                // failoverDelaySeconds to come back.
+                if let Some(w) = w
+                    && !w.ready
+                    && !w.terminating
+                    && o.failover_delay_seconds > 0
+                {
+                    let since = w.ready_since.unwrap_or(self.now);
+                    let deadline = since
+                        .checked_add(SignedDuration::from_secs(o.failover_delay_seconds))
+                        .unwrap_or(self.now);
+                    if deadline > self.now {
+                        self.requeue(secs_until(self.now, deadline));
+                        self.relabel(Some(w), epoch);
+                        self.condition(
+                            "Available",
+                            false,
+                            "WriterNotReady",
+                            format!(
+                                "{why}; failover in {}s unless it recovers",
+                                secs_until(self.now, deadline).as_secs()
+                            ),
+                        );
+                        self.condition("Progressing", true, "FailoverPending", why);
+                        return;
+                    }
+                }
+                let candidate = self
+                    .preferred()
+                    .filter(|p| w.is_none_or(|w| w.uid != p.uid))
+                    .or_else(|| self.best_candidate(lease.holder.as_deref()));
+                match candidate {
+                    Some(c) => self.handover(lease, w, c, "Failover", "failover", why),
+                    None => {
+                        // No one to hand over to: keep the Lease and the label where they are
+                        // (demoting would only create a writer-less gap with no gain), but make
+                        // sure no other pod claims the role.
+                        if let Some(w) = w {
+                            self.relabel(Some(w), epoch);
+                        } else {
+                            self.relabel(None, epoch);
+                        }
+                        self.unavailable(
+                            "NoReadyPod",
+                            format!("{why} and no other pod is Ready"),
+                            Severity::Warning,
+                        );
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Move the Lease to `to` (a transition: epoch + 1), demote everyone else, promote `to`.
+    fn handover(
+        &mut self,
+        lease: &LeaseView,
+        from: Option<&Candidate>,
+        to: &Candidate,
+        reason: &'static str,
+        kind: &'static str,
+        why: String,
+    ) {
+        let epoch = lease.transitions + 1;
+        self.plan.steps.push(Step::UpdateLease {
+            expected_resource_version: lease.resource_version.clone(),
+            holder: to.name.clone(),
+            holder_uid: to.uid.clone(),
+            transitions: epoch,
+            acquire: true,
+        });
+        self.relabel(Some(to), epoch);
+        self.set_writer_status(to, epoch, Some(self.now));
+        let old = from
+            .map(|f| f.name.clone())
+            .or_else(|| lease.holder.clone());
+        self.event(
+            Severity::Normal,
+            reason,
+            if kind == "failover" {
+                "Failover"
+            } else {
+                "Switchover"
+            },
+            format!("{why}: {} is the writer now (epoch {epoch})", to.name),
+        );
+        self.plan.transition = Some(Transition {
+            kind,
+            old_writer: old,
+            new_writer: to.name.clone(),
+            reason: why,
+            epoch,
+        });
+        self.requeue(Duration::from_millis(
+            (lease.duration_seconds.max(1) * 500) as u64,
+        ));
+    }
+
+    fn delete(&mut self) {
+        let o = self.o;
+        if !o.has_finalizer {
+            return;
+        }
+        if let Some(l) = &o.lease
+            && l.owner.as_deref() == Some(o.key().as_str())
+        {
+            self.plan.steps.push(Step::DeleteLease {
+                expected_resource_version: l.resource_version.clone(),
+            });
+        }
+        if self.cfg.on_delete == OnDelete::RemoveLabels {
+            for p in o.pods.iter().filter(|p| p.role.is_some()) {
+                self.plan.steps.push(Step::Label {
+                    pod: p.name.clone(),
+                    uid: p.uid.clone(),
+                    role: None,
+                    epoch: None,
+                });
+            }
+        }
+        self.plan.steps.push(Step::RemoveFinalizer);
+    }
+}
+
+#[cfg(test)]
+mod tests;

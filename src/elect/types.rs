@@ -1,0 +1,174 @@
+//! The plain data [`super::decide`] works on.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::api::StatefulSetLockStatus;
+use crate::config::OnDelete;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Writer,
+    Reader,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Writer => "writer",
+            Role::Reader => "reader",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "writer" => Some(Role::Writer),
+            "reader" => Some(Role::Reader),
+            _ => None,
+        }
+    }
+}
+
+/// A pod of the lock's StatefulSet, as election sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub uid: String,
+    pub ordinal: Option<u32>,
+    pub ready: bool,
+    /// When the Ready condition last changed (NotReady since, for a NotReady pod).
+    pub ready_since: Option<Timestamp>,
+    pub terminating: bool,
+    /// The role label's value (None when absent; any other value is treated as absent).
+    pub role: Option<Role>,
+    pub epoch: Option<i64>,
+}
+
+/// The writer Lease as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseView {
+    pub holder: Option<String>,
+    pub holder_uid: Option<String>,
+    /// `leaseTransitions`: the fencing epoch.
+    pub transitions: i64,
+    pub renew_time: Option<Timestamp>,
+    pub acquire_time: Option<Timestamp>,
+    pub duration_seconds: i64,
+    pub resource_version: String,
+    /// The lock (`namespace/name`) that created the Lease, from its annotation.
+    pub owner: Option<String>,
+}
+
+/// Another lock in the same namespace, for conflict detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rival {
+    pub name: String,
+    pub created: Timestamp,
+    pub statefulset: String,
+    pub lease_name: String,
+}
+
+/// Everything [`super::decide`] needs to know.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub namespace: String,
+    pub name: String,
+    pub created: Timestamp,
+    pub generation: i64,
+    pub deleting: bool,
+    pub has_finalizer: bool,
+    pub statefulset_name: String,
+    pub lease_name: String,
+    pub lease_duration_seconds: i64,
+    pub paused: bool,
+    pub failover_delay_seconds: i64,
+    pub preferred_writer: Option<String>,
+    /// Spec replicas of the StatefulSet; None when it does not exist.
+    pub replicas: Option<i32>,
+    pub pods: Vec<Candidate>,
+    pub lease: Option<LeaseView>,
+    pub rivals: Vec<Rival>,
+    pub status: StatefulSetLockStatus,
+}
+
+impl Observed {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub on_delete: OnDelete,
+    /// This replica's identity, reported in status.shard.
+    pub identity: String,
+}
+
+/// One step of a plan, applied in order; every step is a single API write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    AddFinalizer,
+    CreateLease {
+        holder: String,
+        holder_uid: String,
+    },
+    /// Compare-and-swap on the Lease's resourceVersion.
+    UpdateLease {
+        expected_resource_version: String,
+        holder: String,
+        holder_uid: String,
+        transitions: i64,
+        /// A new holder (or re-acquisition): set acquireTime.
+        acquire: bool,
+    },
+    /// Set (or with None, remove) the role label of a pod, guarded by its UID. A writer
+    /// gets the epoch annotation, anything else loses it.
+    Label {
+        pod: String,
+        uid: String,
+        role: Option<Role>,
+        epoch: Option<i64>,
+    },
+    DeleteLease {
+        expected_resource_version: String,
+    },
+    RemoveFinalizer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// An Event to record on the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub severity: Severity,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
+}
+
+/// What [`super::decide`] wants done.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// The status to write; None when it equals the current one.
+    pub status: Option<StatefulSetLockStatus>,
+    pub events: Vec<Note>,
+    /// Reconcile again after this long even if nothing changes (renewals, failover delays).
+    pub requeue_after: Option<Duration>,
+    /// Why a failover or switchover happened, for traces and Events.
+    pub transition: Option<Transition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub kind: &'static str,
+    pub old_writer: Option<String>,
+    pub new_writer: String,
+    pub reason: String,
+    pub epoch: i64,
+}
