@@ -817,7 +817,14 @@ impl State {
             return Ok(Arc::new(new));
         }
         let key = rt.store_key();
-        if terminating && meta::finalizers(&new).is_empty() {
+        // A terminating object leaves the store when its last finalizer goes, unless it is in
+        // a graceful deletion (a pod whose kubelet has not confirmed yet): that one leaves when
+        // the kubelet deletes it with grace 0.
+        let grace_pending = cur_meta
+            .get("deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|g| g > 0);
+        if terminating && !grace_pending && meta::finalizers(&new).is_empty() {
             return Ok(self.remove(store, rt, &key, new, Some(current.clone()), &opts.actor));
         }
         self.rv += 1;
@@ -904,9 +911,37 @@ impl State {
         let already_terminating = meta::is_terminating(&current);
         if !finalizers.is_empty() || graceful.is_some() {
             if already_terminating {
-                // A second delete can only shorten a pod's grace period.
-                if graceful == Some(0) && finalizers.is_empty() {
-                    return Ok(self.remove(store, rt, &key, obj, Some(current), &opts.write.actor));
+                // A second delete can only shorten the grace period; at 0 the object goes as
+                // soon as no finalizer holds it.
+                if opts.grace_seconds == Some(0) {
+                    if finalizers.is_empty() {
+                        return Ok(self.remove(
+                            store,
+                            rt,
+                            &key,
+                            obj,
+                            Some(current),
+                            &opts.write.actor,
+                        ));
+                    }
+                    if meta::meta(&current)
+                        .and_then(|m| m.get("deletionGracePeriodSeconds"))
+                        .and_then(Value::as_i64)
+                        != Some(0)
+                    {
+                        let m = meta::meta_mut(&mut obj);
+                        m.insert("deletionGracePeriodSeconds".into(), json!(0));
+                        self.rv += 1;
+                        m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+                        return Ok(self.put(
+                            store,
+                            key,
+                            EventType::Modified,
+                            obj,
+                            Some(current),
+                            &opts.write.actor,
+                        ));
+                    }
                 }
                 return Ok(current);
             }

@@ -693,3 +693,47 @@ async fn generate_name_and_generation() {
         other => panic!("expected namespace not found, got {other:?}"),
     }
 }
+
+/// A pod in graceful deletion stays (Terminating) when someone patches it; only the kubelet's
+/// final delete removes it.
+#[tokio::test]
+async fn patching_a_terminating_pod_does_not_remove_it() {
+    let mut cfg = kubesim::SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    cfg.controllers.pod_terminate_delay = Duration::from_secs(2);
+    let (_sim, client) = common::sim_with(Transport::InProcess, cfg).await;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_str(common::STATEFULSET).unwrap(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    eventually(10, "db-0 scheduled", || {
+        let pods = pods.clone();
+        async move {
+            pods.get_opt("db-0")
+                .await
+                .ok()??
+                .spec?
+                .node_name
+                .map(|_| ())
+        }
+    })
+    .await;
+    pods.delete("db-0", &DeleteParams::default()).await.unwrap();
+    let p = pods
+        .patch(
+            "db-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"sts-role": "reader"}}})),
+        )
+        .await
+        .unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    assert!(
+        pods.get_opt("db-0").await.unwrap().is_some(),
+        "still terminating"
+    );
+}

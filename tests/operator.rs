@@ -1,0 +1,644 @@
+//! The operator against kubesim: the behaviour the seed's README promises, and none of the
+//! seed's failure modes. Every test ends by checking kubesim's invariant report: no instant
+//! with two writer-labelled pods.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kubesim::{Sim, SimConfig};
+use serde_json::json;
+use stslock::api::StatefulSetLock;
+use stslock::config::{OnDelete, OperatorArgs};
+use tokio::sync::oneshot;
+
+struct Env {
+    sim: Sim,
+    client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn args() -> OperatorArgs {
+    OperatorArgs {
+        kubeconfig: None,
+        role_label: "sts-role".into(),
+        on_delete: OnDelete::KeepWriter,
+        concurrency: 16,
+        api_timeout_seconds: 5,
+        shard_id: Some("test-0".into()),
+    }
+}
+
+impl Env {
+    async fn start() -> Env {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(f: impl FnOnce(&mut SimConfig)) -> Env {
+        let mut cfg = SimConfig::default();
+        cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+        cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
+        f(&mut cfg);
+        let sim = Sim::start(cfg);
+        let client = sim.client_as("test");
+        stslock::dev::install_crd(&client).await.expect("crd");
+        let mut env = Env {
+            sim,
+            client,
+            stop: None,
+            task: None,
+        };
+        env.start_operator(args());
+        env
+    }
+
+    fn start_operator(&mut self, args: OperatorArgs) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let client = self.sim.client_as("stslock/test-0");
+        self.task = Some(tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            stslock::reconcile::run(client, args, shutdown)
+                .await
+                .expect("operator");
+        }));
+        self.stop = Some(tx);
+    }
+
+    async fn stop_operator(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    fn locks(&self) -> Api<StatefulSetLock> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    async fn statefulset(&self, name: &str, replicas: i32) {
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+        }))
+        .unwrap();
+        Api::<StatefulSet>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &sts)
+            .await
+            .expect("create sts");
+    }
+
+    async fn lock(
+        &self,
+        name: &str,
+        sts: &str,
+        lease: &str,
+        duration: i32,
+        extra: serde_json::Value,
+    ) {
+        let mut spec =
+            json!({"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": duration});
+        if let serde_json::Value::Object(m) = extra {
+            for (k, v) in m {
+                spec[k] = v;
+            }
+        }
+        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name}, "spec": spec})).unwrap();
+        self.locks()
+            .create(&PostParams::default(), &l)
+            .await
+            .expect("create lock");
+    }
+
+    /// Poll until `f` holds, failing after `secs`.
+    async fn until<T>(
+        &self,
+        secs: u64,
+        what: &str,
+        mut f: impl FnMut() -> BoxFuture<'static, Option<T>>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {secs}s waiting for: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pod name → role label, for pods of `app`.
+    async fn roles(&self, app: &str) -> Vec<(String, Option<String>)> {
+        let l = self
+            .pods()
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .unwrap();
+        let mut v: Vec<_> = l
+            .items
+            .iter()
+            .map(|p| (p.name_any(), p.labels().get("sts-role").cloned()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn wait_writer(&self, app: &str, writer: &str) {
+        let pods = self.pods();
+        let (app, writer) = (app.to_string(), writer.to_string());
+        self.until(15, &format!("{writer} sole writer of {app}"), move || {
+            let pods = pods.clone();
+            let (app, writer) = (app.clone(), writer.clone());
+            Box::pin(async move {
+                let l = pods
+                    .list(&ListParams::default().labels(&format!("app={app}")))
+                    .await
+                    .ok()?;
+                let ok = !l.items.is_empty()
+                    && l.items.iter().all(|p| {
+                        let role = p.labels().get("sts-role").map(String::as_str);
+                        if p.name_any() == writer {
+                            role == Some("writer")
+                        } else {
+                            role == Some("reader")
+                        }
+                    });
+                ok.then_some(())
+            })
+        })
+        .await;
+    }
+
+    async fn lock_status(&self, name: &str) -> stslock::api::StatefulSetLockStatus {
+        self.locks()
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+
+    async fn wait_condition(&self, lock: &str, type_: &str, status: &str, reason: &str) {
+        let locks = self.locks();
+        let (lock, type_, status, reason) = (
+            lock.to_string(),
+            type_.to_string(),
+            status.to_string(),
+            reason.to_string(),
+        );
+        self.until(
+            15,
+            &format!("{lock} {type_}={status} {reason}"),
+            move || {
+                let locks = locks.clone();
+                let (lock, type_, status, reason) =
+                    (lock.clone(), type_.clone(), status.clone(), reason.clone());
+                Box::pin(async move {
+                    let l = locks.get(&lock).await.ok()?;
+                    l.status?
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+                        .then_some(())
+                })
+            },
+        )
+        .await;
+    }
+
+    async fn events(&self, lock: &str) -> Vec<(String, String)> {
+        let evs: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), "default");
+        let l = evs
+            .list(&ListParams::default().fields(&format!("involvedObject.name={lock}")))
+            .await
+            .unwrap();
+        l.items
+            .iter()
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.message.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn assert_never_two_writers(&self) {
+        let r = self.sim.report();
+        assert_eq!(
+            r.dual_writer_intervals, 0,
+            "two writers at once: {:?}",
+            r.statefulsets
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_samples_elect_pod_zero_and_renew() {
+    let env = Env::start().await;
+    let applied = stslock::dev::apply_samples(&env.client)
+        .await
+        .expect("samples");
+    assert_eq!(applied.len(), 5);
+    env.wait_writer("postgres", "postgres-cluster-0").await;
+    let lease = env
+        .leases()
+        .get("postgres-cluster-leader-lease")
+        .await
+        .unwrap();
+    let spec = lease.spec.clone().unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("postgres-cluster-0"));
+    assert_eq!(spec.lease_duration_seconds, Some(30));
+    assert_eq!(spec.lease_transitions, Some(0));
+    env.wait_condition("postgres-cluster-lock", "Available", "True", "WriterReady")
+        .await;
+    let st = env.lock_status("postgres-cluster-lock").await;
+    assert_eq!(st.writer_pod.as_deref(), Some("postgres-cluster-0"));
+    assert_eq!(st.observed_generation, Some(1));
+    assert_eq!(st.writer_epoch, Some(0));
+    let writer = env.pods().get("postgres-cluster-0").await.unwrap();
+    assert_eq!(
+        writer
+            .annotations()
+            .get("app.anukkrit.me/writer-epoch")
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(st.writer_uid, writer.uid());
+    assert!(
+        env.events("postgres-cluster-lock")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Elected")
+    );
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals() {
+    let env = Env::start().await;
+    for i in 0..10 {
+        env.statefulset(&format!("s{i}"), 2).await;
+        env.lock(
+            &format!("l{i}"),
+            &format!("s{i}"),
+            &format!("lease{i}"),
+            2,
+            json!({}),
+        )
+        .await;
+    }
+    for i in 0..10 {
+        env.wait_writer(&format!("s{i}"), &format!("s{i}-0")).await;
+        env.wait_condition(&format!("l{i}"), "Available", "True", "WriterReady")
+            .await;
+    }
+    // Idle for two lease periods: the operator writes nothing but Lease renewals, about one
+    // per lock per second (half of 2 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = env.sim.commit_log().last().map(|c| c.rv).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let writes: Vec<_> = env
+        .sim
+        .commit_log()
+        .into_iter()
+        .filter(|c| c.rv > start && c.actor.starts_with("stslock/"))
+        .collect();
+    let non_lease: Vec<_> = writes.iter().filter(|c| c.resource != "leases").collect();
+    assert!(
+        non_lease.is_empty(),
+        "idle locks wrote more than renewals: {non_lease:?}"
+    );
+    let renewals = writes.len();
+    // 10 locks × 4 s / 1 s = 40 renewals; allow scheduling slack.
+    assert!(
+        (30..=50).contains(&renewals),
+        "{renewals} renewals in 4 s for 10 locks of 2 s"
+    );
+    let per_lock = writes
+        .iter()
+        .filter(|c| c.name == "lease0")
+        .map(|c| c.at_ms)
+        .collect::<Vec<_>>();
+    let gaps: Vec<u64> = per_lock.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| (800..=1300).contains(g)),
+        "renewal gaps {gaps:?} ms for a 2 s lease"
+    );
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notready_writer_fails_over_and_does_not_fail_back() {
+    let env = Env::start().await;
+    env.statefulset("db", 3).await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    env.sim.pods().set_ready("default", "db-0", false).unwrap();
+    env.wait_writer("db", "db-1").await;
+    let lease = env.leases().get("db-lease").await.unwrap().spec.unwrap();
+    assert_eq!(lease.holder_identity.as_deref(), Some("db-1"));
+    assert_eq!(lease.lease_transitions, Some(1));
+    // Demoted before the promotion, in commit order.
+    let log = env.sim.commit_log();
+    let pos = |name: &str| {
+        log.iter()
+            .rposition(|c| {
+                c.resource == "pods" && c.name == name && c.actor.starts_with("stslock/")
+            })
+            .unwrap()
+    };
+    assert!(pos("db-0") < pos("db-1"), "old writer demoted first");
+    // It comes back: stays reader.
+    env.sim.pods().set_ready("default", "db-0", true).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.roles("db").await[0],
+        ("db-0".into(), Some("reader".into()))
+    );
+    env.wait_writer("db", "db-1").await;
+    let evs = env.events("lock").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "Failover" && m.contains("db-0 is not Ready")),
+        "{evs:?}"
+    );
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_writer_fails_over_and_its_replacement_is_a_reader() {
+    let env = Env::start().await;
+    env.statefulset("db", 3).await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    let old_uid = env.pods().get("db-0").await.unwrap().uid();
+    env.pods()
+        .delete("db-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_writer("db", "db-1").await;
+    // The recreated db-0 (new UID) is labelled reader.
+    let pods = env.pods();
+    env.until(15, "db-0 recreated as reader", move || {
+        let pods = pods.clone();
+        let old_uid = old_uid.clone();
+        Box::pin(async move {
+            let p = pods.get_opt("db-0").await.ok()??;
+            (p.uid() != old_uid && p.labels().get("sts-role").map(String::as_str) == Some("reader"))
+                .then_some(())
+        })
+    })
+    .await;
+    env.wait_writer("db", "db-1").await;
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_writer_is_handed_over_before_it_is_gone() {
+    let env = Env::start_with(|c| c.controllers.pod_terminate_delay = Duration::from_secs(3)).await;
+    env.statefulset("db", 2).await;
+    env.lock(
+        "lock",
+        "db",
+        "db-lease",
+        30,
+        json!({"failoverDelaySeconds": 60}),
+    )
+    .await;
+    env.wait_writer("db", "db-0").await;
+    env.pods()
+        .delete("db-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    let pods = env.pods();
+    env.until(5, "db-1 writer while db-0 still terminating", move || {
+        let pods = pods.clone();
+        Box::pin(async move {
+            let old = pods.get_opt("db-0").await.ok()??;
+            let new = pods.get("db-1").await.ok()?;
+            (old.metadata.deletion_timestamp.is_some()
+                && old.labels().get("sts-role").map(String::as_str) == Some("reader")
+                && new.labels().get("sts-role").map(String::as_str) == Some("writer"))
+            .then_some(())
+        })
+    })
+    .await;
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch() {
+    let mut env = Env::start().await;
+    env.statefulset("db", 2).await;
+    env.lock("lock", "db", "db-lease", 1, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    env.stop_operator().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the 1 s Lease lapses
+    let lapsed = env.leases().get("db-lease").await.unwrap().spec.unwrap();
+    env.start_operator(args());
+    let leases = env.leases();
+    let renewed = env
+        .until(10, "lease re-acquired", move || {
+            let leases = leases.clone();
+            let before = lapsed.renew_time.clone();
+            Box::pin(async move {
+                let s = leases.get("db-lease").await.ok()?.spec?;
+                (s.renew_time != before).then_some(s)
+            })
+        })
+        .await;
+    assert_eq!(renewed.holder_identity.as_deref(), Some("db-0"));
+    assert_eq!(renewed.lease_transitions, Some(0), "no needless failover");
+    env.wait_writer("db", "db-0").await;
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_writer_switches_over_and_paused_freezes() {
+    let env = Env::start().await;
+    env.statefulset("db", 3).await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    let pp = PatchParams::default();
+    env.locks()
+        .patch(
+            "lock",
+            &pp,
+            &Patch::Merge(json!({"spec": {"preferredWriter": "db-2"}})),
+        )
+        .await
+        .unwrap();
+    env.wait_writer("db", "db-2").await;
+    assert!(
+        env.events("lock")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Switchover")
+    );
+    env.locks()
+        .patch(
+            "lock",
+            &pp,
+            &Patch::Merge(json!({"spec": {"paused": true, "preferredWriter": null}})),
+        )
+        .await
+        .unwrap();
+    env.wait_condition("lock", "Progressing", "False", "Paused")
+        .await;
+    env.sim.pods().set_ready("default", "db-2", false).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.wait_writer("db", "db-2").await; // frozen
+    env.locks()
+        .patch(
+            "lock",
+            &pp,
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap();
+    env.wait_writer("db", "db-0").await;
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_reports_and_recovers_without_damage() {
+    let env = Env::start().await;
+    // Missing StatefulSet, then created: Error clears, Available returns.
+    env.lock("early", "later", "later-lease", 30, json!({}))
+        .await;
+    env.wait_condition("early", "Error", "True", "StatefulSetNotFound")
+        .await;
+    assert!(
+        env.events("early")
+            .await
+            .iter()
+            .any(|(r, _)| r == "StatefulSetNotFound")
+    );
+    env.statefulset("later", 2).await;
+    env.wait_condition("early", "Available", "True", "WriterReady")
+        .await;
+    env.wait_condition("early", "Error", "False", "NoError")
+        .await;
+
+    // A second lock on the same StatefulSet: Conflict, and it writes nothing.
+    env.lock("second", "later", "other-lease", 30, json!({}))
+        .await;
+    env.wait_condition("second", "Error", "True", "Conflict")
+        .await;
+    assert!(env.leases().get_opt("other-lease").await.unwrap().is_none());
+    // The same lease name on another StatefulSet: Conflict too.
+    env.statefulset("third", 1).await;
+    env.lock("third", "third", "later-lease", 30, json!({}))
+        .await;
+    env.wait_condition("third", "Error", "True", "Conflict")
+        .await;
+
+    // A Lease stslock did not create is never overwritten.
+    let foreign: Lease = serde_json::from_value(json!({"metadata": {"name": "taken"}, "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 10}})).unwrap();
+    env.leases()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    env.statefulset("fourth", 1).await;
+    env.lock("fourth", "fourth", "taken", 30, json!({})).await;
+    env.wait_condition("fourth", "Error", "True", "LeaseNotOwned")
+        .await;
+    let after = env.leases().get("taken").await.unwrap();
+    assert_eq!(
+        after.spec.unwrap().holder_identity.as_deref(),
+        Some("someone-else")
+    );
+    assert!(
+        env.roles("fourth").await.iter().all(|(_, r)| r.is_none()),
+        "no labels written"
+    );
+    // Fixed by deleting the foreign Lease: it recovers.
+    env.leases()
+        .delete("taken", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_condition("fourth", "Available", "True", "WriterReady")
+        .await;
+
+    // Invalid specs are rejected by the API with the apiserver's messages.
+    let bad: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": "bad"},
+        "spec": {"statefulSetName": "Not_A_Name", "leaseName": "x", "leaseDurationSeconds": 5000}})).unwrap();
+    match env.locks().create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422);
+            assert!(s.message.contains("spec.leaseDurationSeconds: Invalid value: 5000: spec.leaseDurationSeconds in body should be less than or equal to 3600"), "{}", s.message);
+            assert!(s.message.contains("spec.statefulSetName"), "{}", s.message);
+        }
+        other => panic!("expected 422, got {other:?}"),
+    }
+    match env
+        .locks()
+        .patch(
+            "early",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"statefulSetName": "other"}})),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(
+            s.message.contains("statefulSetName is immutable"),
+            "{}",
+            s.message
+        ),
+        other => panic!("expected immutability error, got {other:?}"),
+    }
+    env.assert_never_two_writers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label() {
+    let env = Env::start().await;
+    env.statefulset("db", 2).await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    let l = env.locks().get("lock").await.unwrap();
+    assert!(l.finalizers().iter().any(|f| f == stslock::api::FINALIZER));
+    env.locks()
+        .delete("lock", &DeleteParams::default())
+        .await
+        .unwrap();
+    let locks = env.locks();
+    env.until(10, "lock gone", move || {
+        let locks = locks.clone();
+        Box::pin(async move { locks.get_opt("lock").await.ok()?.is_none().then_some(()) })
+    })
+    .await;
+    assert!(
+        env.leases().get_opt("db-lease").await.unwrap().is_none(),
+        "Lease deleted"
+    );
+    assert_eq!(
+        env.roles("db").await[0].1.as_deref(),
+        Some("writer"),
+        "keep-writer: no write outage"
+    );
+    env.assert_never_two_writers();
+}
