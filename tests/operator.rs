@@ -642,3 +642,81 @@ async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label() {
     );
     env.assert_never_two_writers();
 }
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Failover latency over 200 failovers: from the commit that turned the writer NotReady to the
+/// commit that labelled the new writer, both read from kubesim's commit log. Prints the
+/// distribution (run with --nocapture); asserts only that every failover happened and that no
+/// instant had two writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_latency_over_200_failovers() {
+    let env = Env::start().await;
+    let sets = 20;
+    for i in 0..sets {
+        env.statefulset(&format!("f{i}"), 3).await;
+        env.lock(
+            &format!("f{i}"),
+            &format!("f{i}"),
+            &format!("f{i}-lease"),
+            30,
+            json!({}),
+        )
+        .await;
+    }
+    for i in 0..sets {
+        env.wait_writer(&format!("f{i}"), &format!("f{i}-0")).await;
+    }
+    let mut latencies = vec![];
+    for round in 0..10 {
+        // Every set fails over once per round: the current writer goes NotReady, the previous
+        // one (NotReady since last round) comes back as a reader.
+        let writer = round % 3;
+        let next = (round + 1) % 3;
+        for i in 0..sets {
+            env.sim
+                .pods()
+                .set_ready("default", &format!("f{i}-{next}"), true)
+                .ok();
+            env.sim
+                .pods()
+                .set_ready("default", &format!("f{i}-{writer}"), false)
+                .unwrap();
+        }
+        for i in 0..sets {
+            env.wait_writer(&format!("f{i}"), &format!("f{i}-{next}"))
+                .await;
+        }
+        let log = env.sim.commit_log();
+        for i in 0..sets {
+            let old = format!("f{i}-{writer}");
+            let new = format!("f{i}-{next}");
+            let fail = log
+                .iter()
+                .rfind(|c| c.name == old && c.actor == "kubesim/kubelet")
+                .expect("notready commit");
+            let promoted = log
+                .iter()
+                .find(|c| {
+                    c.rv > fail.rv
+                        && c.name == new
+                        && c.resource == "pods"
+                        && c.actor.starts_with("stslock/")
+                })
+                .expect("promotion commit");
+            latencies.push(promoted.at_ms - fail.at_ms);
+        }
+    }
+    assert_eq!(latencies.len(), 200);
+    latencies.sort_unstable();
+    println!(
+        "failover latency over {} failovers (debug build, in-process kubesim): p50 {} ms, p99 {} ms, max {} ms",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1]
+    );
+    env.assert_never_two_writers();
+}

@@ -12,12 +12,10 @@ pub mod gather;
 pub mod pods;
 pub mod watch;
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -35,7 +33,7 @@ pub struct Context {
     pub identity: String,
     pub pods: PodIndex,
     /// stslock's own Leases, from the labelled Lease watch.
-    pub leases: Arc<RwLock<HashMap<(String, String), Arc<Lease>>>>,
+    pub leases: watch::LeaseCache,
     pub locks: kube::runtime::reflector::Store<StatefulSetLock>,
     pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
     pub recorder: Recorder,

@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -24,6 +23,10 @@ use crate::reconcile::pods::PodIndex;
 pub const STS_POD_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Label stslock puts on the Leases it creates, so it can watch only those.
 pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
+
+/// stslock's own Leases by (namespace, name), kept by [`lease_triggers`].
+pub type LeaseCache =
+    Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>;
 
 /// Locks in `namespace` whose StatefulSet is `statefulset`.
 pub fn locks_for_set(
@@ -76,33 +79,11 @@ pub fn pod_triggers(
         .flatten()
 }
 
-/// Lock keys to reconcile because a StatefulSet changed (created, scaled, deleted).
-pub fn statefulset_triggers(
-    client: Client,
-    locks: Store<StatefulSetLock>,
-) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
-    let sets: Api<StatefulSet> = Api::all(client);
-    watcher(sets, watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .filter_map(move |s| {
-            let refs = match s {
-                Ok(s) => locks_for_set(&locks, &s.namespace().unwrap_or_default(), &s.name_any()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "statefulset watch");
-                    vec![]
-                }
-            };
-            futures::future::ready(Some(futures::stream::iter(refs)))
-        })
-        .flatten()
-}
-
 /// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted
 /// by someone else).
 pub fn lease_triggers(
     client: Client,
-    leases: Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>,
+    leases: LeaseCache,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let api: Api<Lease> = Api::all(client);
     watcher(api, watcher::Config::default().labels(LEASE_LABEL))
