@@ -299,7 +299,8 @@ async fn seed_samples_elect_pod_zero_and_renew() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals() {
     let env = Env::start().await;
-    for i in 0..10 {
+    let locks = 100;
+    for i in 0..locks {
         env.statefulset(&format!("s{i}"), 2).await;
         env.lock(
             &format!("l{i}"),
@@ -310,13 +311,13 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
         )
         .await;
     }
-    for i in 0..10 {
+    for i in 0..locks {
         env.wait_writer(&format!("s{i}"), &format!("s{i}-0")).await;
         env.wait_condition(&format!("l{i}"), "Available", "True", "WriterReady")
             .await;
     }
-    // Idle for two lease periods: the operator writes nothing but Lease renewals, about one
-    // per lock per second (half of 2 s).
+    // Idle for two lease periods: the operator writes nothing but Lease renewals, one per lock
+    // per second (half of 2 s).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = env.sim.commit_log().last().map(|c| c.rv).unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -332,20 +333,31 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
         "idle locks wrote more than renewals: {non_lease:?}"
     );
     let renewals = writes.len();
-    // 10 locks × 4 s / 1 s = 40 renewals; allow scheduling slack.
+    // 100 locks x 4 s / 1 s = 400 renewals; allow scheduling slack.
     assert!(
-        (30..=50).contains(&renewals),
-        "{renewals} renewals in 4 s for 10 locks of 2 s"
+        (320..=480).contains(&renewals),
+        "{renewals} renewals in 4 s for 100 locks of 2 s"
     );
-    let per_lock = writes
-        .iter()
-        .filter(|c| c.name == "lease0")
-        .map(|c| c.at_ms)
-        .collect::<Vec<_>>();
-    let gaps: Vec<u64> = per_lock.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut gaps = vec![];
+    for i in 0..locks {
+        let name = format!("lease{i}");
+        let at: Vec<u64> = writes
+            .iter()
+            .filter(|c| c.name == name)
+            .map(|c| c.at_ms)
+            .collect();
+        gaps.extend(at.windows(2).map(|w| w[1] - w[0]));
+    }
+    gaps.sort_unstable();
+    let (lo, hi) = (gaps[0], gaps[gaps.len() - 1]);
+    println!(
+        "idle: {renewals} writes in 4 s for {locks} locks, all Lease renewals; gaps for 2 s leases over {} renewals: min {lo} ms, median {} ms, max {hi} ms",
+        gaps.len(),
+        gaps[gaps.len() / 2]
+    );
     assert!(
-        gaps.iter().all(|g| (800..=1300).contains(g)),
-        "renewal gaps {gaps:?} ms for a 2 s lease"
+        lo >= 700 && hi <= 1600,
+        "renewal gaps {lo}..{hi} ms for a 2 s lease"
     );
     env.assert_never_two_writers();
 }
