@@ -59,12 +59,7 @@ fn rt(store: &Store, g: &str, plural: &str) -> ApiResult<Arc<ResourceType>> {
 }
 
 pub fn is_ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
+    meta::pod_ready(pod)
 }
 
 /// Start every controller; they stop when the returned handles are dropped or aborted.

@@ -152,3 +152,15 @@ pub fn set_path(obj: &mut Value, path: &str, value: Value) {
             .or_insert_with(|| Value::Object(Map::new()));
     }
 }
+
+/// Is the pod's Ready condition True?
+pub fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        })
+}

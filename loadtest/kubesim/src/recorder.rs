@@ -108,17 +108,6 @@ pub struct Report {
     pub max_no_ready_writer_ms: u64,
 }
 
-fn pod_ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c.get("type").and_then(Value::as_str) == Some("Ready")
-                    && c.get("status").and_then(Value::as_str) == Some("True")
-            })
-        })
-}
-
 fn owner_set(pod: &Value) -> Option<String> {
     let r = meta::controller_ref(pod)?;
     if r.get("kind").and_then(Value::as_str) != Some("StatefulSet") {
@@ -151,7 +140,7 @@ impl Recorder {
             Some(p) => {
                 let state = PodState {
                     writer: meta::label(p, &self.label_key) == Some("writer"),
-                    ready: pod_ready(p),
+                    ready: meta::pod_ready(p),
                 };
                 track.pods.insert(name, state);
             }

@@ -633,17 +633,21 @@ impl Ctx {
         })
     }
 
-    fn respond_one(&self, code: StatusCode, obj: &Value) -> Response<Body> {
+    /// One stored object in the representation the client asked for.
+    fn represent(&self, obj: &Value) -> Value {
         let served = convert::to_served(&self.rt, obj);
-        let out = match self.repr {
+        match self.repr {
             Repr::Full => served,
             Repr::Metadata => partial_metadata(&served),
             Repr::Table => self.table(
                 std::slice::from_ref(&served),
                 json!({"resourceVersion": meta::meta_str(obj, "resourceVersion")}),
             ),
-        };
-        json_response(code, &out)
+        }
+    }
+
+    fn respond_one(&self, code: StatusCode, obj: &Value) -> Response<Body> {
+        json_response(code, &self.represent(obj))
     }
 
     fn table(&self, objects: &[Value], list_meta: Value) -> Value {
@@ -898,16 +902,7 @@ impl Ctx {
     }
 
     fn event_line(&self, t: &str, obj: &Value) -> Bytes {
-        let served = convert::to_served(&self.rt, obj);
-        let out = match self.repr {
-            Repr::Full => served,
-            Repr::Metadata => partial_metadata(&served),
-            Repr::Table => self.table(
-                std::slice::from_ref(&served),
-                json!({"resourceVersion": meta::meta_str(obj, "resourceVersion")}),
-            ),
-        };
-        line(t, &out)
+        line(t, &self.represent(obj))
     }
 
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
