@@ -61,8 +61,7 @@ pub struct StatefulSetLockSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
 
-    /// Seconds a writer must stay NotReady before it is failed over (anti-flap). Deleted or
-    /// terminating writers are replaced at once.
+    /// Seconds a NotReady writer gets to recover before failover; deleted or terminating writers are replaced at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
     pub failover_delay_seconds: Option<i32>,
