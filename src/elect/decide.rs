@@ -415,7 +415,7 @@ impl<'a> Builder<'a> {
                     self.unavailable(
                         "NoReadyPod",
                         format!("no Ready pod in StatefulSet {}", o.statefulset_name),
-                        Severity::Warning,
+                        Severity::Normal, // before the first election this is the usual wait for pods
                     );
                 }
             }
