@@ -21,11 +21,9 @@ pub mod patch;
 pub mod recorder;
 pub mod registry;
 pub mod schema;
-#[path = "../stubs/selector.rs"]
 pub mod selector;
 pub mod server;
 pub mod store;
-#[path = "../stubs/table.rs"]
 pub mod table;
 
 use std::net::SocketAddr;
