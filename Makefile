@@ -62,6 +62,5 @@ run: ## Run the operator locally against the current kubeconfig.
 dev: ## kubesim + the operator + the seed's samples, kubeconfig in ./stslock-dev.kubeconfig.
 	cargo run --release -- dev
 
-test-e2e: ## The integration tests against a real cluster: STSLOCK_TEST_KUBECONFIG=/path make test-e2e.
-	@test -n "$$STSLOCK_TEST_KUBECONFIG" || { echo "set STSLOCK_TEST_KUBECONFIG to a cluster's kubeconfig" >&2; exit 1; }
-	cargo test -p stslock --test '*'
+test-e2e: ## End-to-end: kubectl 1.32 drives CRD install, samples, failover and describe (against kubesim over loopback).
+	cargo test -p stslock --test kubectl_story --test operator
