@@ -732,3 +732,38 @@ async fn failover_latency_over_200_failovers() {
     );
     env.assert_never_two_writers();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset() {
+    let env = Env::start().await;
+    env.statefulset("db", 3).await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_writer("db", "db-0").await;
+    env.sim.pods().set_ready("default", "db-0", false).unwrap();
+    env.wait_writer("db", "db-1").await; // epoch 1
+    env.leases()
+        .delete("db-lease", &DeleteParams::default())
+        .await
+        .unwrap();
+    let leases = env.leases();
+    let spec = env
+        .until(10, "lease re-created", move || {
+            let leases = leases.clone();
+            Box::pin(async move { leases.get_opt("db-lease").await.ok()??.spec })
+        })
+        .await;
+    assert_eq!(spec.holder_identity.as_deref(), Some("db-1"));
+    assert_eq!(
+        spec.lease_transitions,
+        Some(1),
+        "the fencing epoch never goes back"
+    );
+    env.wait_writer("db", "db-1").await;
+    assert!(
+        env.events("lock")
+            .await
+            .iter()
+            .any(|(r, _)| r == "LeaseRecreated")
+    );
+    env.assert_never_two_writers();
+}

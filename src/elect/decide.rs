@@ -380,28 +380,62 @@ impl<'a> Builder<'a> {
     fn elect(&mut self) {
         let o = self.o;
         let Some(lease) = &o.lease else {
-            // First election.
-            match self.preferred().or_else(|| self.best_candidate(None)) {
+            // No Lease: a first election, or the Lease was deleted behind our back. The epoch
+            // must never go backwards (applications fence on it), so it continues from the
+            // highest epoch any pod or the status still carries; and a healthy labelled writer
+            // keeps the role (re-created Lease, no failover).
+            let floor = o
+                .pods
+                .iter()
+                .filter_map(|p| p.epoch)
+                .chain(o.status.writer_epoch)
+                .max();
+            let sitting = o.pods.iter().find(|p| {
+                p.role == Some(Role::Writer)
+                    && Self::eligible(p)
+                    && o.status.writer_uid.as_deref().is_none_or(|u| u == p.uid)
+            });
+            let (chosen, epoch, recreated) = match (sitting, self.preferred()) {
+                (Some(w), None) => (Some(w), floor.unwrap_or(0), true),
+                (Some(w), Some(p)) if p.uid == w.uid => (Some(w), floor.unwrap_or(0), true),
+                _ => (
+                    self.preferred().or_else(|| self.best_candidate(None)),
+                    floor.map_or(0, |e| e + 1),
+                    false,
+                ),
+            };
+            match chosen {
                 Some(w) => {
                     self.plan.steps.push(Step::CreateLease {
                         holder: w.name.clone(),
                         holder_uid: w.uid.clone(),
+                        transitions: epoch,
                     });
-                    self.relabel(Some(w), 0);
-                    self.set_writer_status(w, 0, Some(self.now));
-                    self.event(
-                        Severity::Normal,
-                        "Elected",
-                        "Elect",
-                        format!("elected {} as writer (epoch 0)", w.name),
-                    );
-                    self.plan.transition = Some(Transition {
-                        kind: "election",
-                        old_writer: None,
-                        new_writer: w.name.clone(),
-                        reason: "initial election".into(),
-                        epoch: 0,
-                    });
+                    self.relabel(Some(w), epoch);
+                    if recreated {
+                        self.set_writer_status(w, epoch, None);
+                        self.event(
+                            Severity::Warning,
+                            "LeaseRecreated",
+                            "Elect",
+                            format!("Lease {} was missing; re-created for the current writer {} (epoch {epoch})", o.lease_name, w.name),
+                        );
+                    } else {
+                        self.set_writer_status(w, epoch, Some(self.now));
+                        self.event(
+                            Severity::Normal,
+                            "Elected",
+                            "Elect",
+                            format!("elected {} as writer (epoch {epoch})", w.name),
+                        );
+                        self.plan.transition = Some(Transition {
+                            kind: "election",
+                            old_writer: None,
+                            new_writer: w.name.clone(),
+                            reason: "no Lease: election".into(),
+                            epoch,
+                        });
+                    }
                     self.requeue(Duration::from_millis(
                         (o.lease_duration_seconds.max(1) * 500) as u64,
                     ));

@@ -112,6 +112,8 @@ pub enum Step {
     CreateLease {
         holder: String,
         holder_uid: String,
+        /// The epoch to start from: 0 on a first election, never lower than any epoch seen.
+        transitions: i64,
     },
     /// Compare-and-swap on the Lease's resourceVersion.
     UpdateLease {

@@ -66,7 +66,11 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                     .await?;
                 }
             }
-            Step::CreateLease { holder, holder_uid } => {
+            Step::CreateLease {
+                holder,
+                holder_uid,
+                transitions,
+            } => {
                 let lease: Lease = serde_json::from_value(json!({
                     "metadata": {
                         "name": o.lease_name,
@@ -80,7 +84,7 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                         "leaseDurationSeconds": o.lease_duration_seconds,
                         "acquireTime": micro(now),
                         "renewTime": micro(now),
-                        "leaseTransitions": 0,
+                        "leaseTransitions": transitions,
                     }
                 }))?;
                 call(

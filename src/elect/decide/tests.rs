@@ -83,7 +83,8 @@ fn initial_election_picks_lowest_ready_ordinal_lease_first() {
         plan.steps[0],
         Step::CreateLease {
             holder: "db-1".into(),
-            holder_uid: "uid-1-0".into()
+            holder_uid: "uid-1-0".into(),
+            transitions: 0
         }
     );
     assert!(plan.steps.contains(&Step::Label {
@@ -415,6 +416,35 @@ fn finalizer_added_first_and_deletion_cleans_up() {
     assert_eq!(decide(&o, ts(1), &cfg()).steps, vec![Step::RemoveFinalizer]);
 }
 
+#[test]
+fn deleted_lease_is_recreated_for_the_sitting_writer_and_the_epoch_never_goes_back() {
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[1].role = Some(Role::Writer);
+    pods[1].epoch = Some(7);
+    pods[0].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.status.writer_epoch = Some(7);
+    o.status.writer_uid = Some("uid-1-0".into());
+    let plan = decide(&o, ts(1), &cfg());
+    assert_eq!(
+        plan.steps,
+        vec![Step::CreateLease {
+            holder: "db-1".into(),
+            holder_uid: "uid-1-0".into(),
+            transitions: 7
+        }],
+        "same writer, same epoch, no relabelling"
+    );
+    assert!(plan.transition.is_none());
+    assert_eq!(plan.events[0].reason, "LeaseRecreated");
+    // The sitting writer is gone: a new election continues the epoch.
+    o.pods[1].ready = false;
+    let plan = decide(&o, ts(2), &cfg());
+    assert!(
+        matches!(&plan.steps[0], Step::CreateLease { holder, transitions: 8, .. } if holder == "db-0")
+    );
+}
+
 /// A tiny world: pods with labels and a Lease, changed by random events and by applying
 /// plans — possibly only a prefix of one, as when the operator crashes mid-plan.
 mod world {
@@ -445,8 +475,12 @@ mod world {
     /// Apply one step to the world.
     pub fn apply(o: &mut Observed, step: &Step, now: Timestamp) {
         match step {
-            Step::CreateLease { holder, holder_uid } => {
-                let mut l = lease(holder, holder_uid, 0, 0);
+            Step::CreateLease {
+                holder,
+                holder_uid,
+                transitions,
+            } => {
+                let mut l = lease(holder, holder_uid, *transitions, 0);
                 l.renew_time = Some(now);
                 l.acquire_time = Some(now);
                 o.lease = Some(l);
@@ -529,6 +563,8 @@ fn no_two_writers_under_random_events_and_crashes() {
                         None
                     }
                 }
+                // Someone deletes the Lease behind the operator's back.
+                5 if rng.next(4) == 0 => o.lease = None,
                 _ => {}
             }
             let plan = decide(&o, now, &cfg());
