@@ -42,9 +42,37 @@ pub struct OperatorArgs {
     /// name from POD_NAME, else the hostname.
     #[arg(long, env = "STSLOCK_SHARD_ID")]
     pub shard_id: Option<String>,
+
+    /// Shard group this replica joins (replicas of one group split the locks).
+    #[arg(long, env = "STSLOCK_SHARD_GROUP", default_value = "stslock")]
+    pub shard_group: String,
+
+    /// Namespace of the membership Leases. Default: POD_NAMESPACE, else the kubeconfig
+    /// context's namespace, else `default`.
+    #[arg(long, env = "STSLOCK_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Membership Lease duration in seconds (renewed every third of it).
+    #[arg(long, env = "STSLOCK_MEMBERSHIP_LEASE_SECONDS", default_value_t = 15)]
+    pub membership_lease_seconds: u64,
 }
 
 impl OperatorArgs {
+    /// Defaults for an operator embedded in tests or `stslock dev`.
+    pub fn for_shard(id: &str) -> OperatorArgs {
+        OperatorArgs {
+            kubeconfig: None,
+            role_label: "sts-role".into(),
+            on_delete: OnDelete::KeepWriter,
+            concurrency: 16,
+            api_timeout_seconds: 10,
+            shard_id: Some(id.to_string()),
+            shard_group: "stslock".into(),
+            namespace: None,
+            membership_lease_seconds: 15,
+        }
+    }
+
     pub fn api_timeout(&self) -> Duration {
         Duration::from_secs(self.api_timeout_seconds.max(1))
     }

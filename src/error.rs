@@ -14,6 +14,8 @@ pub enum Error {
     Timeout { context: String, after: Duration },
     #[error("{0}")]
     Invalid(String),
+    #[error("this replica is fenced: its membership Lease may have lapsed, so it writes nothing")]
+    Fenced,
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
 }
@@ -33,6 +35,7 @@ impl Error {
             },
             Error::Timeout { .. } => "timeout",
             Error::Invalid(_) => "invalid",
+            Error::Fenced => "fenced",
             Error::Serialize(_) => "serialize",
         }
     }

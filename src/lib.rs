@@ -8,3 +8,4 @@ pub mod dev;
 pub mod elect;
 pub mod error;
 pub mod reconcile;
+pub mod sharding;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kubesim::{Sim, SimConfig};
-use stslock::config::{OnDelete, OperatorArgs};
+use stslock::config::OperatorArgs;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -91,14 +91,9 @@ async fn kubectl_story_with_the_seed_samples() {
     ])
     .await;
     let client = sim.client_as("stslock/kubectl-story");
-    let args = OperatorArgs {
-        kubeconfig: None,
-        role_label: "sts-role".into(),
-        on_delete: OnDelete::KeepWriter,
-        concurrency: 4,
-        api_timeout_seconds: 5,
-        shard_id: Some("stslock-0".into()),
-    };
+    let mut args = OperatorArgs::for_shard("stslock-0");
+    args.concurrency = 4;
+    args.api_timeout_seconds = 5;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(stslock::reconcile::run(client, args, async {
         let _ = stopped.await;

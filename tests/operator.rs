@@ -14,7 +14,7 @@ use kube::{Api, Client, ResourceExt};
 use kubesim::{Sim, SimConfig};
 use serde_json::json;
 use stslock::api::StatefulSetLock;
-use stslock::config::{OnDelete, OperatorArgs};
+use stslock::config::OperatorArgs;
 use tokio::sync::oneshot;
 
 struct Env {
@@ -25,14 +25,9 @@ struct Env {
 }
 
 fn args() -> OperatorArgs {
-    OperatorArgs {
-        kubeconfig: None,
-        role_label: "sts-role".into(),
-        on_delete: OnDelete::KeepWriter,
-        concurrency: 16,
-        api_timeout_seconds: 5,
-        shard_id: Some("test-0".into()),
-    }
+    let mut a = OperatorArgs::for_shard("test-0");
+    a.api_timeout_seconds = 5;
+    a
 }
 
 impl Env {

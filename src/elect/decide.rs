@@ -203,8 +203,13 @@ impl<'a> Builder<'a> {
         if before != Some(("True".into(), reason.into())) {
             self.event(Severity::Warning, reason, "Validate", message);
         }
-        // Retry now and then even without watch events (e.g. a foreign Lease deleted).
-        self.plan.requeue_after = Some(Duration::from_secs(30));
+        // Foreign Leases are not watched (only stslock's are), so their removal is noticed by
+        // polling; everything else that can fix an error arrives as a watch event.
+        self.plan.requeue_after = Some(Duration::from_secs(if reason == "LeaseNotOwned" {
+            5
+        } else {
+            30
+        }));
     }
 
     fn clear_error(&mut self) {

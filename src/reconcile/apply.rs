@@ -39,6 +39,11 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pp = PatchParams::default();
     for step in &plan.steps {
+        // A replica that may have lost its membership stops mid-plan: the next owner
+        // reconverges from the Lease.
+        if !ctx.sharding.may_write() {
+            return Err(crate::error::Error::Fenced);
+        }
         let now = jiff::Timestamp::now();
         match step {
             Step::AddFinalizer | Step::RemoveFinalizer => {

@@ -37,15 +37,34 @@ pub struct Context {
     pub locks: kube::runtime::reflector::Store<StatefulSetLock>,
     pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
     pub recorder: Recorder,
+    pub sharding: Arc<crate::sharding::Sharding>,
 }
 
 /// Run the operator until `shutdown` resolves.
 pub async fn run(
     client: Client,
     args: OperatorArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let identity = args.identity();
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let membership = Duration::from_secs(args.membership_lease_seconds.max(3));
+    let sharding = crate::sharding::Sharding::new(
+        client.clone(),
+        crate::sharding::ShardConfig {
+            id: identity.clone(),
+            group: args.shard_group.clone(),
+            namespace,
+            lease_duration: membership,
+            margin: membership / 5,
+            grace: membership / 7,
+            api_timeout: args.api_timeout(),
+        },
+    );
     let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
     let controller = Controller::new(locks_api, watcher::Config::default());
     let locks = controller.store();
@@ -72,7 +91,32 @@ pub async fn run(
         locks: locks.clone(),
         sets: sets.clone(),
         recorder,
+        sharding: sharding.clone(),
     });
+    // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_waiter = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let background = vec![
+        tokio::spawn(sharding.clone().membership_loop()),
+        tokio::spawn(sharding.clone().watch_members()),
+        tokio::spawn({
+            let sharding = sharding.clone();
+            let locks = locks.clone();
+            let mut stop = stop_rx.clone();
+            async move {
+                loop {
+                    sharding.assign(&locks).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        }),
+    ];
     let set_triggers = {
         let locks = locks.clone();
         sets_stream
@@ -101,7 +145,12 @@ pub async fn run(
         .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
         .reconcile_on(set_triggers)
         .reconcile_on(watch::lease_triggers(client.clone(), leases))
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on({
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        });
     tracing::info!("stslock operator started");
     controller
         .run(reconcile, error_policy, ctx)
@@ -112,6 +161,11 @@ pub async fn run(
             }
         })
         .await;
+    sharding.leave(&locks).await;
+    for t in background {
+        t.abort();
+    }
+    stop_waiter.abort();
     tracing::info!("stslock operator stopped");
     Ok(())
 }
@@ -134,6 +188,16 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> 
 }
 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Only the replica named by the lock's shard label works on it, and only while its own
+    // membership is surely live.
+    let Some(_inflight) = ctx.sharding.begin(&lock) else {
+        let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+        return Ok(if mine {
+            Action::requeue(Duration::from_secs(1))
+        } else {
+            Action::await_change()
+        });
+    };
     let now = jiff::Timestamp::now();
     let observed = gather::observe(&lock, &ctx).await?;
     let plan = crate::elect::decide(
