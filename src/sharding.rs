@@ -77,12 +77,12 @@ pub struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.sharding.inflight.lock() {
-            if let Some(n) = m.get_mut(&self.key) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.key);
-                }
+        if let Ok(mut m) = self.sharding.inflight.lock()
+            && let Some(n) = m.get_mut(&self.key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
             }
         }
     }
@@ -356,10 +356,10 @@ impl Sharding {
         let ring = self.view.read().ok().and_then(|v| v.ring.clone());
         if let Some(ring) = ring {
             for lock in locks.state() {
-                if lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id) {
-                    if let Some(to) = ring.owner(&key_of(&lock)).map(str::to_string) {
-                        self.hand_off(&lock, &to).await;
-                    }
+                if lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id)
+                    && let Some(to) = ring.owner(&key_of(&lock)).map(str::to_string)
+                {
+                    self.hand_off(&lock, &to).await;
                 }
             }
         }
