@@ -20,22 +20,38 @@ use tokio::sync::oneshot;
 struct Env {
     sim: Sim,
     client: Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    replicas: usize,
+    operators: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+/// Runs a test body with 1 and with 3 operator replicas: P2's behaviour must hold for both.
+macro_rules! replicas_test {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_replica() {
+                super::$name(1).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn three_replicas() {
+                super::$name(3).await
+            }
+        }
+    };
 }
 
 fn args() -> OperatorArgs {
-    let mut a = OperatorArgs::for_shard("test-0");
+    let mut a = OperatorArgs::for_shard("test");
     a.api_timeout_seconds = 5;
     a
 }
 
 impl Env {
-    async fn start() -> Env {
-        Self::start_with(|_| {}).await
+    async fn start(replicas: usize) -> Env {
+        Self::start_with(replicas, |_| {}).await
     }
 
-    async fn start_with(f: impl FnOnce(&mut SimConfig)) -> Env {
+    async fn start_with(replicas: usize, f: impl FnOnce(&mut SimConfig)) -> Env {
         let mut cfg = SimConfig::default();
         cfg.controllers.pod_ready_delay = Duration::from_millis(20);
         cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
@@ -46,33 +62,35 @@ impl Env {
         let mut env = Env {
             sim,
             client,
-            stop: None,
-            task: None,
+            replicas,
+            operators: vec![],
         };
-        env.start_operator(args());
+        env.start_operators();
         env
     }
 
-    fn start_operator(&mut self, args: OperatorArgs) {
-        let (tx, rx) = oneshot::channel::<()>();
-        let client = self.sim.client_as("stslock/test-0");
-        self.task = Some(tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            stslock::reconcile::run(client, args, shutdown)
-                .await
-                .expect("operator");
-        }));
-        self.stop = Some(tx);
+    fn start_operators(&mut self) {
+        for i in 0..self.replicas {
+            let mut a = args();
+            a.shard_id = Some(format!("test-{i}"));
+            let (tx, rx) = oneshot::channel::<()>();
+            let client = self.sim.client_as(&format!("stslock/test-{i}"));
+            let task = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = rx.await;
+                };
+                stslock::reconcile::run(client, a, shutdown)
+                    .await
+                    .expect("operator");
+            });
+            self.operators.push((tx, task));
+        }
     }
 
-    async fn stop_operator(&mut self) {
-        if let Some(tx) = self.stop.take() {
+    async fn stop_operators(&mut self) {
+        for (tx, task) in self.operators.drain(..) {
             let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
         }
     }
 
@@ -250,9 +268,8 @@ impl Env {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_samples_elect_pod_zero_and_renew() {
-    let env = Env::start().await;
+async fn seed_samples_elect_pod_zero_and_renew(replicas: usize) {
+    let env = Env::start(replicas).await;
     let applied = stslock::dev::apply_samples(&env.client)
         .await
         .expect("samples");
@@ -291,9 +308,8 @@ async fn seed_samples_elect_pod_zero_and_renew() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals() {
-    let env = Env::start().await;
+async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals(replicas: usize) {
+    let env = Env::start(replicas).await;
     let locks = 100;
     for i in 0..locks {
         env.statefulset(&format!("s{i}"), 2).await;
@@ -357,9 +373,8 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notready_writer_fails_over_and_does_not_fail_back() {
-    let env = Env::start().await;
+async fn notready_writer_fails_over_and_does_not_fail_back(replicas: usize) {
+    let env = Env::start(replicas).await;
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
@@ -395,9 +410,8 @@ async fn notready_writer_fails_over_and_does_not_fail_back() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleted_writer_fails_over_and_its_replacement_is_a_reader() {
-    let env = Env::start().await;
+async fn deleted_writer_fails_over_and_its_replacement_is_a_reader(replicas: usize) {
+    let env = Env::start(replicas).await;
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
@@ -423,9 +437,11 @@ async fn deleted_writer_fails_over_and_its_replacement_is_a_reader() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminating_writer_is_handed_over_before_it_is_gone() {
-    let env = Env::start_with(|c| c.controllers.pod_terminate_delay = Duration::from_secs(3)).await;
+async fn terminating_writer_is_handed_over_before_it_is_gone(replicas: usize) {
+    let env = Env::start_with(replicas, |c| {
+        c.controllers.pod_terminate_delay = Duration::from_secs(3)
+    })
+    .await;
     env.statefulset("db", 2).await;
     env.lock(
         "lock",
@@ -456,16 +472,15 @@ async fn terminating_writer_is_handed_over_before_it_is_gone() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch() {
-    let mut env = Env::start().await;
+async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch(replicas: usize) {
+    let mut env = Env::start(replicas).await;
     env.statefulset("db", 2).await;
     env.lock("lock", "db", "db-lease", 1, json!({})).await;
     env.wait_writer("db", "db-0").await;
-    env.stop_operator().await;
+    env.stop_operators().await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // the 1 s Lease lapses
     let lapsed = env.leases().get("db-lease").await.unwrap().spec.unwrap();
-    env.start_operator(args());
+    env.start_operators();
     let leases = env.leases();
     let renewed = env
         .until(10, "lease re-acquired", move || {
@@ -483,9 +498,8 @@ async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preferred_writer_switches_over_and_paused_freezes() {
-    let env = Env::start().await;
+async fn preferred_writer_switches_over_and_paused_freezes(replicas: usize) {
+    let env = Env::start(replicas).await;
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
@@ -530,9 +544,8 @@ async fn preferred_writer_switches_over_and_paused_freezes() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_reports_and_recovers_without_damage() {
-    let env = Env::start().await;
+async fn bad_input_reports_and_recovers_without_damage(replicas: usize) {
+    let env = Env::start(replicas).await;
     // Missing StatefulSet, then created: Error clears, Available returns.
     env.lock("early", "later", "later-lease", 30, json!({}))
         .await;
@@ -620,9 +633,8 @@ async fn bad_input_reports_and_recovers_without_damage() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label() {
-    let env = Env::start().await;
+async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label(replicas: usize) {
+    let env = Env::start(replicas).await;
     env.statefulset("db", 2).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
@@ -658,9 +670,8 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// commit that labelled the new writer, both read from kubesim's commit log. Prints the
 /// distribution (run with --nocapture); asserts only that every failover happened and that no
 /// instant had two writers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_latency_over_200_failovers() {
-    let env = Env::start().await;
+async fn failover_latency_over_200_failovers(replicas: usize) {
+    let env = Env::start(replicas).await;
     let sets = 20;
     for i in 0..sets {
         env.statefulset(&format!("f{i}"), 3).await;
@@ -728,9 +739,8 @@ async fn failover_latency_over_200_failovers() {
     env.assert_never_two_writers();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset() {
-    let env = Env::start().await;
+async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset(replicas: usize) {
+    let env = Env::start(replicas).await;
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
@@ -762,3 +772,15 @@ async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset() {
     );
     env.assert_never_two_writers();
 }
+
+replicas_test!(seed_samples_elect_pod_zero_and_renew);
+replicas_test!(lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals);
+replicas_test!(notready_writer_fails_over_and_does_not_fail_back);
+replicas_test!(deleted_writer_fails_over_and_its_replacement_is_a_reader);
+replicas_test!(terminating_writer_is_handed_over_before_it_is_gone);
+replicas_test!(restart_with_an_expired_lease_keeps_the_writer_and_epoch);
+replicas_test!(preferred_writer_switches_over_and_paused_freezes);
+replicas_test!(bad_input_reports_and_recovers_without_damage);
+replicas_test!(deleting_the_lock_cleans_up_and_keeps_the_writer_label);
+replicas_test!(failover_latency_over_200_failovers);
+replicas_test!(a_deleted_lease_is_recreated_without_failover_or_epoch_reset);
