@@ -45,6 +45,9 @@ pub struct DevArgs {
     /// Do not apply the seed's samples.
     #[arg(long)]
     pub no_samples: bool,
+    /// Operator replicas (shards) to run, as `stslock-0`, `stslock-1`, ...
+    #[arg(long, env = "STSLOCK_DEV_SHARDS", default_value_t = 3)]
+    pub shards: usize,
 }
 
 /// Install (server-side apply) the StatefulSetLock CRD.
@@ -123,7 +126,7 @@ kubeconfig written to {kc}
 
 In another terminal:
   export KUBECONFIG={kc}
-  kubectl get ssl                                  # the lock: writer, epoch, Available
+  kubectl get ssl -o wide                          # the lock: writer, epoch, Available, shard
   kubectl get pods -l app=postgres --show-labels   # sts-role=writer on one pod, reader on the others
   kubectl get lease postgres-cluster-leader-lease -o yaml
   kubectl describe ssl postgres-cluster-lock       # the Events: election, failovers
@@ -140,7 +143,7 @@ Ctrl-C stops everything.
 pub async fn run(
     dev: DevArgs,
     operator: crate::config::OperatorArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut sim = kubesim::Sim::start(kubesim::SimConfig::default());
     let addr = sim.serve(dev.addr).await?;
@@ -152,8 +155,30 @@ pub async fn run(
         tracing::info!(objects = ?applied, "applied the seed's samples");
     }
     eprintln!("{}", banner(&format!("http://{addr}"), &dev.kubeconfig_out));
-    let operator_client = sim.client_as(&format!("stslock/{}", operator.identity()));
-    crate::reconcile::run(operator_client, operator, shutdown).await?;
+    // Every shard is a full operator replica with its own identity and User-Agent (what
+    // kubesim's partitions select on); they split the locks through their membership Leases.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut replicas = vec![];
+    for i in 0..dev.shards.max(1) {
+        let mut args = operator.clone();
+        let id = format!("stslock-{i}");
+        args.shard_id = Some(id.clone());
+        let client = sim.client_as(&format!("stslock/{id}"));
+        let mut stop = stop_rx.clone();
+        replicas.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::reconcile::run(client, args, shutdown).await {
+                tracing::error!(error = %e, shard = %id, "operator replica stopped");
+            }
+        }));
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for r in replicas {
+        let _ = r.await;
+    }
     drop(sim);
     Ok(())
 }
