@@ -99,7 +99,8 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let background = vec![
+    // The background tasks live exactly as long as this future: dropped (or aborted) with it.
+    let background = AbortOnDrop(vec![
         tokio::spawn(sharding.clone().membership_loop()),
         tokio::spawn(sharding.clone().watch_members()),
         tokio::spawn({
@@ -116,7 +117,8 @@ pub async fn run(
                 }
             }
         }),
-    ];
+        stop_waiter,
+    ]);
     let set_triggers = {
         let locks = locks.clone();
         sets_stream
@@ -162,12 +164,20 @@ pub async fn run(
         })
         .await;
     sharding.leave(&locks).await;
-    for t in background {
-        t.abort();
-    }
-    stop_waiter.abort();
+    drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())
+}
+
+/// Aborts its tasks when dropped, so a replica's helpers never outlive it.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> Action {

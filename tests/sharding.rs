@@ -1,0 +1,176 @@
+//! Several operator replicas split the locks: every lock is owned by exactly one live replica,
+//! the load is balanced, a graceful leave or an abrupt death of a replica moves only its locks.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kubesim::{Sim, SimConfig};
+use serde_json::json;
+use stslock::api::{SHARD_LABEL, StatefulSetLock};
+use stslock::config::OperatorArgs;
+use tokio::sync::oneshot;
+
+struct Replica {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(sim: &Sim, id: &str, membership_secs: u64) -> Replica {
+    let mut a = OperatorArgs::for_shard(id);
+    a.membership_lease_seconds = membership_secs;
+    a.api_timeout_seconds = 5;
+    let client = sim.client_as(&format!("stslock/{id}"));
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        stslock::reconcile::run(client, a, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("operator");
+    });
+    Replica { stop, task }
+}
+
+async fn fleet(client: &Client, n: usize) {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    for i in 0..n {
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": format!("s{i}")},
+            "spec": {"serviceName": "s", "replicas": 1, "selector": {"matchLabels": {"app": format!("s{i}")}},
+                     "template": {"metadata": {"labels": {"app": format!("s{i}")}}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}
+        }))
+        .unwrap();
+        sets.create(&PostParams::default(), &sts).await.unwrap();
+        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": 30}}))
+        .unwrap();
+        locks.create(&PostParams::default(), &l).await.unwrap();
+    }
+}
+
+/// Owner label of every lock (None when unlabelled).
+async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    locks
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|l| (l.name_any(), l.labels().get(SHARD_LABEL).cloned()))
+        .collect()
+}
+
+async fn until_owned_by(
+    client: &Client,
+    live: &HashSet<String>,
+    secs: u64,
+) -> (BTreeMap<String, Option<String>>, Duration) {
+    let start = Instant::now();
+    loop {
+        let o = owners(client).await;
+        if o.values()
+            .all(|v| v.as_ref().is_some_and(|v| live.contains(v)))
+        {
+            // Stable for a moment: no more handoffs in flight.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let again = owners(client).await;
+            if again == o {
+                return (o, start.elapsed());
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "locks not all owned by {live:?} after {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn counts(o: &BTreeMap<String, Option<String>>) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for v in o.values().flatten() {
+        *c.entry(v.clone()).or_default() += 1;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_split_1000_locks_and_rebalance() {
+    let mut cfg = SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    let sim = Sim::start(cfg);
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let n = 1000;
+    fleet(&client, n).await;
+    let mut replicas: BTreeMap<String, Replica> = (0..3)
+        .map(|i| (format!("r{i}"), start(&sim, &format!("r{i}"), 3)))
+        .collect();
+    let live: HashSet<String> = replicas.keys().cloned().collect();
+    let (three, took) = until_owned_by(&client, &live, 60).await;
+    let c = counts(&three);
+    let max = *c.values().max().unwrap() as f64;
+    let balance = max / (n as f64 / 3.0);
+    println!("3 replicas, {n} locks: {c:?}, busiest/mean {balance:.3}, all owned after {took:?}");
+    assert!(
+        balance <= 1.15,
+        "busiest replica owns {balance:.3}x the mean"
+    );
+
+    // A 4th replica joins: it takes about its share, nothing else moves.
+    replicas.insert("r3".into(), start(&sim, "r3", 3));
+    let live4: HashSet<String> = replicas.keys().cloned().collect();
+    let (four, _) = until_owned_by(&client, &live4, 60).await;
+    let moved = three
+        .iter()
+        .filter(|(k, v)| four.get(*k) != Some(v))
+        .count();
+    println!("4th replica joined: {moved} of {n} locks moved");
+    assert!(moved as f64 <= 1.3 / 4.0 * n as f64, "{moved} moved");
+    assert!(
+        three
+            .iter()
+            .filter(|(k, v)| four.get(*k) != Some(v))
+            .all(|(k, _)| four[k].as_deref() == Some("r3"))
+    );
+
+    // r1 leaves gracefully: only its locks move, and quickly.
+    let r1 = replicas.remove("r1").unwrap();
+    let left_at = Instant::now();
+    let _ = r1.stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), r1.task).await;
+    let live3: HashSet<String> = replicas.keys().cloned().collect();
+    let (after_leave, _) = until_owned_by(&client, &live3, 30).await;
+    println!("graceful leave handed off in {:?}", left_at.elapsed());
+    for (k, v) in &four {
+        if v.as_deref() != Some("r1") {
+            assert_eq!(
+                after_leave.get(k),
+                Some(v),
+                "{k} moved although its owner stayed"
+            );
+        }
+    }
+
+    // r2 dies abruptly (no handoff, its membership Lease just stops being renewed): its locks
+    // are owned again within the membership duration + 5 s.
+    let r2 = replicas.remove("r2").unwrap();
+    r2.task.abort();
+    let died = Instant::now();
+    let live2: HashSet<String> = replicas.keys().cloned().collect();
+    let (_, _) = until_owned_by(&client, &live2, 3 + 5 + 5).await;
+    let reowned = died.elapsed();
+    println!("abrupt death: all locks owned again after {reowned:?} (membership Lease 3 s)");
+    assert!(reowned <= Duration::from_secs(3 + 5 + 1), "{reowned:?}");
+    assert_eq!(sim.report().dual_writer_intervals, 0);
+    for (_, r) in replicas {
+        let _ = r.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    }
+}
