@@ -114,6 +114,14 @@ impl Sharding {
             .unwrap_or(false)
     }
 
+    /// How long this replica may still write; every write's timeout is bounded by it.
+    pub fn write_window(&self) -> Duration {
+        self.fence
+            .lock()
+            .map(|f| f.remaining(self.now()))
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Start a reconcile of `lock` if this replica owns it and may write; the guard marks it in
     /// flight so a handoff waits for it.
     pub fn begin(&self, lock: &StatefulSetLock) -> Option<InFlight<'_>> {
@@ -327,9 +335,14 @@ impl Sharding {
             "{why}: StatefulSetLock {ns}/{} → shard {owner}",
             lock.name_any()
         );
+        // Bounded by the fence window like every write of this replica.
+        let timeout = self.cfg.api_timeout.min(self.write_window());
+        if timeout.is_zero() {
+            return;
+        }
         match call(
             &what,
-            self.cfg.api_timeout,
+            timeout,
             api.patch(
                 &lock.name_any(),
                 &PatchParams::default(),

@@ -174,3 +174,70 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
         let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
     }
 }
+
+/// A replica cut off from the API (kubesim partition by User-Agent) stops writing; its peer
+/// takes its locks only after that, and it rejoins cleanly when the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
+    let mut cfg = SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    let sim = Sim::start(cfg);
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    fleet(&client, 40).await;
+    let r0 = start(&sim, "r0", 3);
+    let r1 = start(&sim, "r1", 3);
+    let live: HashSet<String> = ["r0".to_string(), "r1".to_string()].into();
+    let (before, _) = until_owned_by(&client, &live, 60).await;
+    let r1_locks: Vec<String> = before
+        .iter()
+        .filter(|(_, v)| v.as_deref() == Some("r1"))
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(!r1_locks.is_empty());
+
+    let cut_at = sim.commit_log().last().map(|c| c.at_ms).unwrap_or(0);
+    sim.faults()
+        .update(|f| f.partitioned = vec!["stslock/r1".into()]);
+    let only_r0: HashSet<String> = ["r0".to_string()].into();
+    let (_, took) = until_owned_by(&client, &only_r0, 20).await;
+    println!("partition: r0 owns all locks {took:?} after r1 was cut off");
+    let log = sim.commit_log();
+    let last_r1 = log
+        .iter()
+        .filter(|c| c.actor == "stslock/r1")
+        .map(|c| c.at_ms)
+        .max()
+        .unwrap_or(0);
+    let first_takeover = log
+        .iter()
+        .filter(|c| {
+            c.actor == "stslock/r0"
+                && c.at_ms > cut_at
+                && c.resource == "statefulsetlocks"
+                && r1_locks.contains(&c.name)
+        })
+        .map(|c| c.at_ms)
+        .min()
+        .expect("r0 took over r1's locks");
+    println!(
+        "last write by r1 at {last_r1} ms, first takeover by r0 at {first_takeover} ms (cut at {cut_at} ms)"
+    );
+    assert!(
+        last_r1 < first_takeover,
+        "r1 wrote at {last_r1} ms, after r0 took over at {first_takeover} ms"
+    );
+
+    // Heal: r1 renews, rejoins the ring and gets its share back.
+    sim.faults().update(|f| f.partitioned.clear());
+    let (after, _) = until_owned_by(&client, &live, 30).await;
+    assert!(
+        after.values().any(|v| v.as_deref() == Some("r1")),
+        "r1 rejoined"
+    );
+    assert_eq!(sim.report().dual_writer_intervals, 0);
+    for r in [r0, r1] {
+        let _ = r.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    }
+}

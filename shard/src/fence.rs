@@ -38,9 +38,16 @@ impl Fence {
 
     /// May this replica write at monotonic time `now`?
     pub fn may_write(&self, now: Duration) -> bool {
+        !self.remaining(now).is_zero()
+    }
+
+    /// How long writes stay allowed from `now`. A write must also *complete* within this
+    /// (use it to bound the request's timeout): a request answered after the fence closed
+    /// could land after a peer took over.
+    pub fn remaining(&self, now: Duration) -> Duration {
         match self.last_renew_start {
-            Some(t) => now.saturating_sub(t) < self.duration.saturating_sub(self.margin),
-            None => false,
+            Some(t) => (t + self.duration.saturating_sub(self.margin)).saturating_sub(now),
+            None => Duration::ZERO,
         }
     }
 }
@@ -56,6 +63,7 @@ mod tests {
         assert!(!f.may_write(s(0)), "never renewed: no writes");
         f.renewed(s(10));
         assert!(f.may_write(s(21)));
+        assert_eq!(f.remaining(s(21)), s(1));
         assert!(!f.may_write(s(22)));
         // A late, older success does not extend the window.
         f.renewed(s(5));

@@ -32,7 +32,7 @@ fn micro(now: jiff::Timestamp) -> Value {
 }
 
 pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Context) -> Result<()> {
-    let timeout = ctx.args.api_timeout();
+    let api_timeout = ctx.args.api_timeout();
     let ns = o.namespace.as_str();
     let locks: Api<StatefulSetLock> = Api::namespaced(ctx.client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
@@ -41,9 +41,13 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     for step in &plan.steps {
         // A replica that may have lost its membership stops mid-plan: the next owner
         // reconverges from the Lease.
-        if !ctx.sharding.may_write() {
+        // A write must also finish inside the fence window: one answered later could land
+        // after a peer took the lock over.
+        let window = ctx.sharding.write_window();
+        if window.is_zero() {
             return Err(crate::error::Error::Fenced);
         }
+        let timeout = api_timeout.min(window);
         let now = jiff::Timestamp::now();
         match step {
             Step::AddFinalizer | Step::RemoveFinalizer => {
@@ -168,6 +172,10 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                 .await?;
             }
         }
+    }
+    let timeout = api_timeout.min(ctx.sharding.write_window());
+    if timeout.is_zero() {
+        return Err(crate::error::Error::Fenced);
     }
     if let Some(status) = &plan.status {
         call(
