@@ -40,13 +40,14 @@ fn install_yaml_matches_kustomize() {
         built == committed,
         "dist/install.yaml is stale: run `make build-installer`"
     );
-    // The installer carries the CRD, least-privilege RBAC and the operator.
+    // The installer carries the CRD, least-privilege RBAC and the operator (3 shards + PDB).
     for kind in [
         "CustomResourceDefinition",
         "ClusterRole",
         "ClusterRoleBinding",
         "ServiceAccount",
-        "Deployment",
+        "StatefulSet",
+        "PodDisruptionBudget",
         "Namespace",
     ] {
         assert!(built.contains(&format!("kind: {kind}\n")), "missing {kind}");
