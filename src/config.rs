@@ -52,6 +52,10 @@ pub struct OperatorArgs {
     #[arg(long, env = "STSLOCK_NAMESPACE")]
     pub namespace: Option<String>,
 
+    /// At most this many StatefulSetLocks per namespace; younger ones report QuotaExceeded.
+    #[arg(long, env = "STSLOCK_MAX_LOCKS_PER_NAMESPACE")]
+    pub max_locks_per_namespace: Option<usize>,
+
     /// Membership Lease duration in seconds (renewed every third of it).
     #[arg(long, env = "STSLOCK_MEMBERSHIP_LEASE_SECONDS", default_value_t = 15)]
     pub membership_lease_seconds: u64,
@@ -69,6 +73,7 @@ impl OperatorArgs {
             shard_id: Some(id.to_string()),
             shard_group: "stslock".into(),
             namespace: None,
+            max_locks_per_namespace: None,
             membership_lease_seconds: 15,
         }
     }

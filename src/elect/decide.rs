@@ -27,6 +27,20 @@ pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
         );
         return b.finish();
     }
+    if let Some(max) = cfg.max_locks_per_namespace {
+        let older = o
+            .rivals
+            .iter()
+            .filter(|r| (r.created, r.name.as_str()) < (o.created, o.name.as_str()))
+            .count();
+        if older >= max {
+            b.error(
+                "QuotaExceeded",
+                format!("namespace {} already has {older} older StatefulSetLocks; the limit is {max} (--max-locks-per-namespace)", o.namespace),
+            );
+            return b.finish();
+        }
+    }
     if let Some(l) = &o.lease
         && l.owner.as_deref() != Some(o.key().as_str())
     {

@@ -103,6 +103,8 @@ pub struct Config {
     pub on_delete: OnDelete,
     /// This replica's identity, reported in status.shard.
     pub identity: String,
+    /// At most this many locks per namespace; younger locks beyond it report QuotaExceeded.
+    pub max_locks_per_namespace: Option<usize>,
 }
 
 /// One step of a plan, applied in order; every step is a single API write.

@@ -20,6 +20,7 @@ pub fn election_config(args: &OperatorArgs, identity: &str) -> Config {
     Config {
         on_delete: args.on_delete,
         identity: identity.to_string(),
+        max_locks_per_namespace: args.max_locks_per_namespace,
     }
 }
 

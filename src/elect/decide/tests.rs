@@ -43,6 +43,7 @@ fn cfg() -> Config {
     Config {
         on_delete: OnDelete::KeepWriter,
         identity: "shard-a".into(),
+        max_locks_per_namespace: None,
     }
 }
 
@@ -382,6 +383,38 @@ fn bad_input_gets_conditions_and_events_and_writes_nothing() {
 }
 
 #[test]
+fn locks_beyond_the_namespace_quota_report_quota_exceeded() {
+    let mut o = observed(vec![pod(0, true)]);
+    o.rivals = (0..2)
+        .map(|i| Rival {
+            name: format!("r{i}"),
+            created: ts(-10 + i),
+            statefulset: format!("other{i}"),
+            lease_name: format!("l{i}"),
+        })
+        .collect();
+    let limited = Config {
+        max_locks_per_namespace: Some(2),
+        ..cfg()
+    };
+    let plan = decide(&o, ts(1), &limited);
+    assert!(
+        plan.steps.iter().all(|s| matches!(s, Step::AddFinalizer))
+            && plan.events[0].reason == "QuotaExceeded"
+    );
+    let roomy = Config {
+        max_locks_per_namespace: Some(3),
+        ..cfg()
+    };
+    assert!(
+        decide(&o, ts(1), &roomy)
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::CreateLease { .. }))
+    );
+}
+
+#[test]
 fn finalizer_added_first_and_deletion_cleans_up() {
     let mut o = observed(vec![pod(0, true)]);
     o.has_finalizer = false;
@@ -407,6 +440,7 @@ fn finalizer_added_first_and_deletion_cleans_up() {
         &Config {
             on_delete: OnDelete::RemoveLabels,
             identity: "x".into(),
+            max_locks_per_namespace: None,
         },
     );
     assert_eq!(remove.steps.len(), 4);
