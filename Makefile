@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test test-e2e fmt lint ci kubesim load python-deps manifests install uninstall deploy undeploy run dev build-installer
+.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps manifests install uninstall deploy undeploy run dev build-installer
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ ci: ## What CI runs.
 
 kubesim: ## Run kubesim on a free loopback port, kubeconfig in ./kubesim.kubeconfig.
 	cargo run -p kubesim --release -- --kubeconfig ./kubesim.kubeconfig
+
+fleet: ## Fleet run: 1000 locks, 3 replicas, replica kills and writer failures, 60 s.
+	cargo run -p fleet --release -- --locks 1000 --replicas 3 --kill-every 10 --flap-every-ms 500 --seconds 60
 
 load: ## Measure kubesim throughput (64 clients, 8 watches).
 	cargo run -p kubesim --release --bin kubesim-load -- --clients 64 --watches 8 --seconds 10
