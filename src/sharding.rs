@@ -58,6 +58,10 @@ pub struct Sharding {
     inflight: Mutex<HashMap<String, usize>>,
     /// Locks being handed off: no new reconciles start.
     draining: Mutex<HashSet<String>>,
+    /// Locks this replica handed off, with the resourceVersion of the handoff write: a
+    /// reconcile started from a cache older than that (still showing this replica as owner)
+    /// must not run.
+    released: Mutex<HashMap<String, u64>>,
     leaving: std::sync::atomic::AtomicBool,
 }
 
@@ -98,6 +102,7 @@ impl Sharding {
             view: RwLock::default(),
             inflight: Mutex::default(),
             draining: Mutex::default(),
+            released: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -351,7 +356,16 @@ impl Sharding {
         )
         .await
         {
-            Ok(_) => {
+            Ok(updated) => {
+                if owner != self.cfg.id
+                    && let Ok(mut r) = self.released.lock()
+                {
+                    let rv = updated
+                        .resource_version()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(u64::MAX);
+                    r.insert(key_of(lock), rv);
+                }
                 tracing::info!(shard = %self.cfg.id, lock = %key_of(lock), to = owner, "{why}")
             }
             // Lost the race (someone changed the lock): the next pass sees the new state.

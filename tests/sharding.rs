@@ -35,7 +35,7 @@ fn start(sim: &Sim, id: &str, membership_secs: u64) -> Replica {
     Replica { stop, task }
 }
 
-async fn fleet(client: &Client, n: usize) {
+async fn fleet(client: &Client, n: usize, lease_seconds: i32) {
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
     let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
     for i in 0..n {
@@ -47,7 +47,7 @@ async fn fleet(client: &Client, n: usize) {
         .unwrap();
         sets.create(&PostParams::default(), &sts).await.unwrap();
         let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-            "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": 30}}))
+            "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": lease_seconds}}))
         .unwrap();
         locks.create(&PostParams::default(), &l).await.unwrap();
     }
@@ -108,7 +108,7 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
     let client = sim.client_as("test");
     stslock::dev::install_crd(&client).await.unwrap();
     let n = 1000;
-    fleet(&client, n).await;
+    fleet(&client, n, 30).await;
     let mut replicas: BTreeMap<String, Replica> = (0..3)
         .map(|i| (format!("r{i}"), start(&sim, &format!("r{i}"), 3)))
         .collect();
@@ -184,7 +184,7 @@ async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
     let sim = Sim::start(cfg);
     let client = sim.client_as("test");
     stslock::dev::install_crd(&client).await.unwrap();
-    fleet(&client, 40).await;
+    fleet(&client, 40, 30).await;
     let r0 = start(&sim, "r0", 3);
     let r1 = start(&sim, "r1", 3);
     let live: HashSet<String> = ["r0".to_string(), "r1".to_string()].into();
@@ -240,4 +240,110 @@ async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
         let _ = r.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
     }
+}
+
+/// 50 abrupt kill/restart cycles of random replicas while writers fail: kubesim's commit log,
+/// which records each lock's owner label with every write to it, shows that every operator
+/// write for a lock (its Lease, its pods' labels, its status) came from the replica that owned
+/// the lock at that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_kill_restart_cycles_never_let_a_non_owner_write() {
+    let mut cfg = SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+    let sim = Sim::start(cfg);
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let n = 60;
+    // Short leases: renewals every second give many writes to check.
+    fleet(&client, n, 2).await;
+    let ids = ["r0", "r1", "r2"];
+    let mut replicas: BTreeMap<String, Replica> = ids
+        .iter()
+        .map(|id| (id.to_string(), start(&sim, id, 2)))
+        .collect();
+    let live: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    until_owned_by(&client, &live, 60).await;
+    for cycle in 0..50usize {
+        let id = ids[cycle % 3];
+        if let Some(r) = replicas.remove(id) {
+            r.task.abort();
+        }
+        // Fail some writer meanwhile (it comes back as a reader).
+        let pod = format!("s{}-0", cycle % n);
+        let _ = sim.pods().set_ready("default", &pod, cycle % 2 == 0);
+        tokio::time::sleep(Duration::from_millis(150 + 37 * (cycle as u64 % 5))).await;
+        replicas.insert(id.to_string(), start(&sim, id, 2));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    until_owned_by(&client, &live, 60).await;
+    for (_, r) in std::mem::take(&mut replicas) {
+        let _ = r.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    }
+    // Owner of each lock over time, from the commit log (the label recorded on each write).
+    let log = sim.commit_log();
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let mut checked = 0;
+    let mut violations = vec![];
+    for c in &log {
+        if c.resource == "statefulsetlocks" {
+            let before = owner.get(&c.name).cloned();
+            if let Some(o) = c.labels.get(SHARD_LABEL) {
+                owner.insert(c.name.clone(), o.clone());
+            }
+            // A status or finalizer write must come from the owner before this commit (a label
+            // change itself may come from the previous owner handing off, or a claimer).
+            let label_change = before.as_deref() != c.labels.get(SHARD_LABEL).map(String::as_str);
+            if let Some(actor) = c.actor.strip_prefix("stslock/")
+                && !label_change
+            {
+                checked += 1;
+                if owner.get(&c.name).map(String::as_str) != Some(actor) {
+                    violations.push(format!(
+                        "{} wrote lock {} owned by {:?} (rv {})",
+                        actor,
+                        c.name,
+                        owner.get(&c.name),
+                        c.rv
+                    ));
+                }
+            }
+            continue;
+        }
+        let Some(actor) = c.actor.strip_prefix("stslock/") else {
+            continue;
+        };
+        // Writes for lock l{i}: its Lease lease{i}, the pods s{i}-*.
+        let lock = if c.resource == "leases" {
+            c.name.strip_prefix("lease").map(|i| format!("l{i}"))
+        } else if c.resource == "pods" {
+            c.name
+                .strip_prefix('s')
+                .and_then(|r| r.split_once('-'))
+                .map(|(i, _)| format!("l{i}"))
+        } else {
+            None
+        };
+        if let Some(lock) = lock {
+            checked += 1;
+            if owner.get(&lock).map(String::as_str) != Some(actor) {
+                violations.push(format!(
+                    "{} wrote {} {} for lock {lock} owned by {:?} (rv {})",
+                    actor,
+                    c.resource,
+                    c.name,
+                    owner.get(&lock),
+                    c.rv
+                ));
+            }
+        }
+    }
+    println!(
+        "50 kill/restart cycles: {checked} operator writes checked against the owner at the time, {} violations",
+        violations.len()
+    );
+    assert!(checked > 800, "too few writes checked: {checked}");
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_eq!(sim.report().dual_writer_intervals, 0);
 }

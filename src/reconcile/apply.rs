@@ -38,6 +38,10 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pp = PatchParams::default();
+    // Writes to the lock itself are compare-and-swap on the version this plan was made from
+    // (advanced by the plan's own finalizer write): a reconcile that started from a stale view
+    // — e.g. before its shard handed the lock off — cannot write it.
+    let mut lock_rv = lock.resource_version();
     for step in &plan.steps {
         // A replica that may have lost its membership stops mid-plan: the next owner
         // reconverges from the Lease.
@@ -57,22 +61,16 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                 } else {
                     f.retain(|x| x != FINALIZER);
                 }
-                let patch = json!({"metadata": {"finalizers": f, "resourceVersion": lock.resource_version()}});
+                let patch = json!({"metadata": {"finalizers": f, "resourceVersion": lock_rv}});
                 let what = format!("updating finalizers of StatefulSetLock {ns}/{}", o.name);
-                if matches!(step, Step::RemoveFinalizer) {
-                    call_opt(
-                        &what,
-                        timeout,
-                        locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
-                    )
-                    .await?;
-                } else {
-                    call(
-                        &what,
-                        timeout,
-                        locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
-                    )
-                    .await?;
+                let updated = call_opt(
+                    &what,
+                    timeout,
+                    locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
+                )
+                .await?;
+                if let Some(u) = updated {
+                    lock_rv = u.resource_version();
                 }
             }
             Step::CreateLease {
@@ -181,7 +179,11 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
         call(
             &format!("writing status of StatefulSetLock {ns}/{}", o.name),
             timeout,
-            locks.patch_status(&o.name, &pp, &Patch::Merge(json!({"status": status}))),
+            locks.patch_status(
+                &o.name,
+                &pp,
+                &Patch::Merge(json!({"metadata": {"resourceVersion": lock_rv}, "status": status})),
+            ),
         )
         .await?;
     }

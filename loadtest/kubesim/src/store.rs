@@ -73,6 +73,10 @@ pub struct CommitRecord {
     pub resource: String,
     pub namespace: String,
     pub name: String,
+    /// Values of the labels named in [`StoreConfig::recorded_labels`] on the committed object
+    /// (e.g. an ownership label, to check who owned an object when something wrote for it).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +90,8 @@ pub struct StoreConfig {
     pub commit_log_max: usize,
     /// The label whose value `writer` the invariant recorder watches on pods.
     pub role_label: String,
+    /// Label keys whose values the commit log records with each write.
+    pub recorded_labels: Vec<String>,
 }
 
 impl Default for StoreConfig {
@@ -95,6 +101,7 @@ impl Default for StoreConfig {
             history_max: 500_000,
             commit_log_max: 1_000_000,
             role_label: "sts-role".into(),
+            recorded_labels: vec![],
         }
     }
 }
@@ -532,6 +539,12 @@ impl State {
             resource: key.1.clone(),
             namespace: meta::namespace(obj).to_string(),
             name: meta::name(obj).to_string(),
+            labels: store
+                .config
+                .recorded_labels
+                .iter()
+                .filter_map(|k| meta::label(obj, k).map(|v| (k.clone(), v.to_string())))
+                .collect(),
         });
     }
 
