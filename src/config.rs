@@ -59,6 +59,29 @@ pub struct OperatorArgs {
     /// Membership Lease duration in seconds (renewed every third of it).
     #[arg(long, env = "STSLOCK_MEMBERSHIP_LEASE_SECONDS", default_value_t = 15)]
     pub membership_lease_seconds: u64,
+
+    /// Write budget of this replica, in writes per second (0: unlimited). Lease renewals are
+    /// served first, so reconciles cannot make a Lease lapse by using the budget up.
+    #[arg(long, env = "STSLOCK_QPS", default_value_t = 200.0)]
+    pub qps: f64,
+
+    /// Writes this replica may send at once above `--qps` after a quiet period.
+    #[arg(long, env = "STSLOCK_BURST", default_value_t = 400)]
+    pub burst: u32,
+
+    /// Reconcile writes per second per namespace (0: unlimited); a namespace over it waits
+    /// without holding a worker, so one noisy tenant cannot starve the others.
+    #[arg(long, env = "STSLOCK_TENANT_QPS", default_value_t = 50.0)]
+    pub tenant_qps: f64,
+
+    /// Only handle StatefulSetLocks in these namespaces (comma-separated; default: all).
+    #[arg(long, env = "STSLOCK_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Only handle StatefulSetLocks in namespaces matching this label selector
+    /// (e.g. `stslock=enabled`); combined with `--namespaces` when both are given.
+    #[arg(long, env = "STSLOCK_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
 }
 
 impl OperatorArgs {
@@ -75,6 +98,11 @@ impl OperatorArgs {
             namespace: None,
             max_locks_per_namespace: None,
             membership_lease_seconds: 15,
+            qps: 200.0,
+            burst: 400,
+            tenant_qps: 50.0,
+            namespaces: vec![],
+            namespace_selector: None,
         }
     }
 

@@ -7,5 +7,8 @@ pub mod config;
 pub mod dev;
 pub mod elect;
 pub mod error;
+pub mod limits;
 pub mod reconcile;
+pub mod renew;
+pub mod scope;
 pub mod sharding;

@@ -288,7 +288,7 @@ impl Sharding {
 
     /// Claim, hand off or leave each lock as the rules say. Runs periodically and on ring
     /// changes.
-    pub async fn assign(&self, locks: &Store<StatefulSetLock>) {
+    pub async fn assign(&self, locks: &Store<StatefulSetLock>, scope: &crate::scope::Scope) {
         self.recompute();
         if !self.may_write() {
             return;
@@ -299,6 +299,9 @@ impl Sharding {
         };
         let Some(ring) = ring else { return };
         for lock in locks.state() {
+            if !scope.allows(&lock.namespace().unwrap_or_default()) {
+                continue;
+            }
             let key = key_of(&lock);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
             match stslock_shard::decide(label, ring.owner(&key), &self.cfg.id, &alive) {

@@ -366,8 +366,10 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
         gaps.len(),
         gaps[gaps.len() / 2]
     );
+    // The renewal lane renews at half the duration, up to 5 % early by jitter; the reconcile
+    // lane's safety net would only renew at 1.6 s, so gaps near that mean the lane is broken.
     assert!(
-        lo >= 700 && hi <= 1600,
+        lo >= 700 && hi <= 1300,
         "renewal gaps {lo}..{hi} ms for a 2 s lease"
     );
     env.assert_never_two_writers();

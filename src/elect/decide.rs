@@ -386,7 +386,9 @@ impl<'a> Builder<'a> {
         let due = last
             .and_then(|t| t.checked_add(half).ok())
             .unwrap_or(self.now);
-        self.requeue(secs_until(self.now, due));
+        let after = secs_until(self.now, due);
+        self.plan.renew_after = Some(after);
+        self.requeue(after);
     }
 
     fn requeue(&mut self, after: Duration) {

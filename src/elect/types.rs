@@ -164,6 +164,9 @@ pub struct Plan {
     pub events: Vec<Note>,
     /// Reconcile again after this long even if nothing changes (renewals, failover delays).
     pub requeue_after: Option<Duration>,
+    /// The holder keeps the Lease and its next renewal is due after this long: the renewal
+    /// lane takes it from here (the reconcile lane's requeue is then only a safety net).
+    pub renew_after: Option<Duration>,
     /// Why a failover or switchover happened, for traces and Events.
     pub transition: Option<Transition>,
 }

@@ -20,6 +20,7 @@ use crate::api::{
 };
 use crate::elect::{Observed, Plan, Severity, Step};
 use crate::error::Result;
+use crate::limits::Lane;
 use crate::reconcile::Context;
 use crate::reconcile::client::{call, call_opt};
 use crate::reconcile::watch::LEASE_LABEL;
@@ -42,7 +43,17 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     // (advanced by the plan's own finalizer write): a reconcile that started from a stale view
     // — e.g. before its shard handed the lock off — cannot write it.
     let mut lock_rv = lock.resource_version();
+    let held_by = o.lease.as_ref().and_then(|l| l.holder.as_deref());
     for step in &plan.steps {
+        // Every write is budgeted (renewing the current holder first, see crate::limits)
+        // before its fence window is taken, so waiting for a token cannot eat the window.
+        let lane = match step {
+            Step::UpdateLease {
+                holder, acquire, ..
+            } if !acquire && Some(holder.as_str()) == held_by => Lane::Renewal,
+            _ => Lane::Reconcile,
+        };
+        ctx.limits.acquire(lane).await;
         // A replica that may have lost its membership stops mid-plan: the next owner
         // reconverges from the Lease.
         // A write must also finish inside the fence window: one answered later could land
@@ -171,11 +182,12 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
             }
         }
     }
-    let timeout = api_timeout.min(ctx.sharding.write_window());
-    if timeout.is_zero() {
-        return Err(crate::error::Error::Fenced);
-    }
     if let Some(status) = &plan.status {
+        ctx.limits.acquire(Lane::Reconcile).await;
+        let timeout = api_timeout.min(ctx.sharding.write_window());
+        if timeout.is_zero() {
+            return Err(crate::error::Error::Fenced);
+        }
         call(
             &format!("writing status of StatefulSetLock {ns}/{}", o.name),
             timeout,
@@ -200,9 +212,10 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
             secondary: None,
         };
         // An Event that cannot be written is logged, never a reason to redo the election.
+        ctx.limits.acquire(Lane::Reconcile).await;
         if let Err(e) = call(
             &format!("recording Event {}", note.reason),
-            timeout,
+            api_timeout,
             ctx.recorder.publish(&ev, &reference),
         )
         .await
@@ -224,11 +237,12 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     Ok(())
 }
 
-pub fn next_action(plan: &Plan) -> Action {
-    Action::requeue(
-        plan.requeue_after
-            .unwrap_or(RESYNC)
-            .min(RESYNC)
-            .max(Duration::from_millis(50)),
-    )
+/// When to reconcile a lock again. While its writer holds the Lease the renewal lane renews it;
+/// the reconcile lane then only wakes as a safety net, past the renewal but well before expiry.
+pub fn next_action(plan: &Plan, lease_duration: Duration) -> Action {
+    let after = match (plan.requeue_after, plan.renew_after) {
+        (Some(r), Some(n)) if r >= n => n + lease_duration.mul_f64(0.3),
+        (r, _) => r.unwrap_or(RESYNC),
+    };
+    Action::requeue(after.min(RESYNC).max(Duration::from_millis(50)))
 }

@@ -38,6 +38,14 @@ pub struct Context {
     pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
     pub recorder: Recorder,
     pub sharding: Arc<crate::sharding::Sharding>,
+    /// The write budget (global, per namespace, renewals first).
+    pub limits: Arc<crate::limits::Limits>,
+    /// The renewal lane's handle.
+    pub renewals: crate::renew::Renewals,
+    /// Namespaces this install handles.
+    pub scope: Arc<crate::scope::Scope>,
+    /// Consecutive failed reconciles per lock, for exponential backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Run the operator until `shutdown` resolves.
@@ -82,6 +90,18 @@ pub async fn run(
             instance: Some(identity.clone()),
         },
     );
+    let limits = Arc::new(crate::limits::Limits::new(
+        args.qps,
+        args.burst,
+        args.tenant_qps,
+    ));
+    let scope = Arc::new(crate::scope::Scope::new(
+        &args.namespaces,
+        args.namespace_selector.as_deref(),
+    ));
+    tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
+    let (renewals, renew_inbox) = crate::renew::channel();
+    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::channel(1024);
     let ctx = Arc::new(Context {
         client: client.clone(),
         args: args.clone(),
@@ -92,6 +112,10 @@ pub async fn run(
         sets: sets.clone(),
         recorder,
         sharding: sharding.clone(),
+        limits: limits.clone(),
+        renewals,
+        scope: scope.clone(),
+        failures: Default::default(),
     });
     // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -103,13 +127,28 @@ pub async fn run(
     let background = AbortOnDrop(vec![
         tokio::spawn(sharding.clone().membership_loop()),
         tokio::spawn(sharding.clone().watch_members()),
+        tokio::spawn(crate::renew::run(ctx.clone(), renew_inbox, to_reconcile_tx)),
+        tokio::spawn({
+            let (scope, client) = (scope.clone(), client.clone());
+            async move { scope.follow(client).await }
+        }),
+        tokio::spawn({
+            let limits = limits.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    limits.forget_idle();
+                }
+            }
+        }),
         tokio::spawn({
             let sharding = sharding.clone();
             let locks = locks.clone();
+            let scope = scope.clone();
             let mut stop = stop_rx.clone();
             async move {
                 loop {
-                    sharding.assign(&locks).await;
+                    sharding.assign(&locks, &scope).await;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                         _ = stop.changed() => return,
@@ -147,6 +186,7 @@ pub async fn run(
         .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
         .reconcile_on(set_triggers)
         .reconcile_on(watch::lease_triggers(client.clone(), leases))
+        .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
         .graceful_shutdown_on({
             let mut stop = stop_rx.clone();
             async move {
@@ -180,16 +220,44 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> Action {
-    // Conflicts mean someone (or a previous step) moved the object: retry soon with fresh
-    // caches. Everything else backs off longer.
-    let delay = if err.is_conflict() {
-        Duration::from_millis(200)
+fn lock_key(lock: &StatefulSetLock) -> String {
+    format!(
+        "{}/{}",
+        lock.namespace().unwrap_or_default(),
+        lock.name_any()
+    )
+}
+
+/// Per-lock exponential backoff with jitter: conflicts (someone, or a previous step, moved the
+/// object) start at 100 ms, other errors at 1 s; each consecutive failure doubles it up to 60 s;
+/// a success resets it.
+fn backoff(failures: u32, conflict: bool) -> Duration {
+    let base = if conflict {
+        Duration::from_millis(100)
     } else {
-        Duration::from_secs(2)
+        Duration::from_secs(1)
     };
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
+    let capped = exp.min(Duration::from_secs(60));
+    // ±20 % so locks that failed together do not retry together.
+    capped.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = lock_key(&lock);
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut m| {
+            let n = m.entry(key.clone()).or_default();
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff(failures, err.is_conflict());
     tracing::warn!(
-        lock = %format!("{}/{}", lock.namespace().unwrap_or_default(), lock.name_any()),
+        lock = %key,
+        failures,
         error = %err,
         kind = err.metric_label(),
         "reconcile failed; retrying in {delay:?}"
@@ -198,6 +266,9 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> 
 }
 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.scope.allows(&lock.namespace().unwrap_or_default()) {
+        return Ok(Action::await_change());
+    }
     // Only the replica named by the lock's shard label works on it, and only while its own
     // membership is surely live.
     let Some(_inflight) = ctx.sharding.begin(&lock) else {
@@ -215,6 +286,35 @@ async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Acti
         now,
         &gather::election_config(&ctx.args, &ctx.identity),
     );
+    // The namespace's budget is checked without waiting: over it, the lock goes back on the
+    // queue and the worker moves on to other namespaces. A plain renewal is exempt.
+    let writes = plan.steps.len() + usize::from(plan.status.is_some()) + plan.events.len();
+    let renewal_only = plan.status.is_none()
+        && plan.events.is_empty()
+        && plan.steps.iter().all(|s| {
+            matches!(s, crate::elect::Step::UpdateLease { holder, acquire: false, .. }
+                if Some(holder) == observed.lease.as_ref().and_then(|l| l.holder.as_ref()))
+        });
+    if writes > 0
+        && !renewal_only
+        && let Err(wait) = ctx.limits.tenant_admit(
+            &observed.namespace,
+            u32::try_from(writes).unwrap_or(u32::MAX),
+        )
+    {
+        tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
+        return Ok(Action::requeue(wait));
+    }
     apply::apply(&lock, &observed, &plan, &ctx).await?;
-    Ok(apply::next_action(&plan))
+    let key = observed.key();
+    if let Ok(mut m) = ctx.failures.lock() {
+        m.remove(&key);
+    }
+    let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
+    match plan.renew_after {
+        Some(after) => ctx.renewals.schedule(lock_ref, after),
+        None => ctx.renewals.cancel(lock_ref),
+    }
+    let duration = Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
+    Ok(apply::next_action(&plan, duration))
 }

@@ -123,6 +123,7 @@ fn settled_lock_plans_nothing_until_renewal_is_due() {
     assert!(again.status.is_none(), "no status write without a diff");
     assert!(again.events.is_empty());
     assert_eq!(again.requeue_after, Some(Duration::from_secs(13)));
+    assert_eq!(again.renew_after, Some(Duration::from_secs(13)));
     // At half the duration: one renewal, same holder, same epoch.
     let due = decide(&settled, ts(15), &cfg());
     assert_eq!(

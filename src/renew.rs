@@ -1,0 +1,304 @@
+//! The renewal lane: one timer-wheel entry (`tokio_util::time::DelayQueue`, a hierarchical
+//! timing wheel) per owned lock whose writer holds its Lease, due at half the Lease duration
+//! after the last renewal, a few percent early by jitter so renewals of locks created together
+//! spread out.
+//!
+//! A renewal is a single compare-and-swap update of the Lease's `renewTime` for the same
+//! holder, budgeted before any reconcile write ([`crate::limits`]) and run outside the
+//! reconcile workers, so a reconcile storm cannot make a Lease lapse. It renews only what the
+//! reconcile lane would renew unchanged: the lock is this replica's, not paused or deleting,
+//! the Lease is the lock's and unexpired, and its holder is the same Ready, non-terminating
+//! writer-labelled pod (same UID). Anything else — a conflict, a not-Ready holder, an error —
+//! sends the lock to the reconcile lane, which decides.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+use crate::api::{LEASE_OWNER_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION};
+use crate::limits::Lane;
+use crate::reconcile::Context;
+use crate::reconcile::client::call;
+
+/// Renewals running at once (each is one API call).
+const PARALLEL: usize = 32;
+/// Renewals are scheduled up to this fraction of the half-duration early.
+const JITTER: f64 = 0.05;
+
+pub type LockRef = ObjectRef<StatefulSetLock>;
+
+enum Cmd {
+    Schedule(LockRef, Instant),
+    Cancel(LockRef),
+}
+
+/// Counters of the renewal lane (exposed as metrics).
+#[derive(Debug, Default)]
+pub struct RenewStats {
+    pub renewed: AtomicU64,
+    pub deferred: AtomicU64,
+    pub failed: AtomicU64,
+    /// Sum and max of how late renewals started after they were due, in microseconds.
+    pub late_us_sum: AtomicU64,
+    pub late_us_max: AtomicU64,
+    pub scheduled: AtomicU64,
+}
+
+/// Handle to the renewal lane, held in the reconcile [`Context`].
+#[derive(Clone)]
+pub struct Renewals {
+    tx: mpsc::UnboundedSender<Cmd>,
+    pub stats: Arc<RenewStats>,
+}
+
+/// The lane's inbox; [`run`] consumes it.
+pub struct Inbox(mpsc::UnboundedReceiver<Cmd>);
+
+pub fn channel() -> (Renewals, Inbox) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Renewals {
+            tx,
+            stats: Arc::default(),
+        },
+        Inbox(rx),
+    )
+}
+
+/// `due_in` minus up to [`JITTER`] of it: never later than due.
+fn jittered(due_in: Duration) -> Duration {
+    let early = due_in.mul_f64(JITTER * rand::random::<f64>());
+    due_in.saturating_sub(early)
+}
+
+impl Renewals {
+    /// (Re)schedule the renewal of `lock` to `due_in` from now (jittered a little earlier).
+    pub fn schedule(&self, lock: LockRef, due_in: Duration) {
+        let _ = self
+            .tx
+            .send(Cmd::Schedule(lock, Instant::now() + jittered(due_in)));
+    }
+
+    pub fn cancel(&self, lock: LockRef) {
+        let _ = self.tx.send(Cmd::Cancel(lock));
+    }
+}
+
+/// Run the lane until the inbox closes (the operator stops). Locks that need a decision are
+/// sent to `reconcile`.
+pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::Sender<LockRef>) {
+    let Inbox(mut rx) = inbox;
+    let mut wheel: DelayQueue<LockRef> = DelayQueue::new();
+    let mut entries: HashMap<LockRef, (delay_queue::Key, Instant)> = HashMap::new();
+    let permits = Arc::new(Semaphore::new(PARALLEL));
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Cmd::Schedule(lock, at)) => {
+                    ctx.renewals.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+                    match entries.get_mut(&lock) {
+                        Some((key, due)) => {
+                            wheel.reset_at(key, at);
+                            *due = at;
+                        }
+                        None => {
+                            let key = wheel.insert_at(lock.clone(), at);
+                            entries.insert(lock, (key, at));
+                        }
+                    }
+                }
+                Some(Cmd::Cancel(lock)) => {
+                    if let Some((key, _)) = entries.remove(&lock) {
+                        wheel.remove(&key);
+                    }
+                }
+            },
+            Some(expired) = wheel.next(), if !wheel.is_empty() => {
+                let lock = expired.into_inner();
+                let due = entries.remove(&lock).map(|(_, d)| d).unwrap_or_else(Instant::now);
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
+                tokio::spawn(async move {
+                    renew_one(&ctx, lock, due, &reconcile).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// What one renewal ended as.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Renewed(Duration),
+    /// Not this replica's (any more), or fenced: nothing to do here.
+    NotMine,
+    /// Someone renewed it already; next renewal due after this long.
+    NotDue(Duration),
+    /// Needs a decision: send to the reconcile lane.
+    Reconcile(&'static str),
+}
+
+async fn renew_one(ctx: &Context, lock: LockRef, due: Instant, reconcile: &mpsc::Sender<LockRef>) {
+    let late = Instant::now().saturating_duration_since(due);
+    let stats = &ctx.renewals.stats;
+    let late_us = late.as_micros() as u64;
+    stats.late_us_sum.fetch_add(late_us, Ordering::Relaxed);
+    stats.late_us_max.fetch_max(late_us, Ordering::Relaxed);
+    let outcome = match ctx.locks.get(&lock) {
+        None => Outcome::NotMine,
+        Some(l) => try_renew(ctx, &l).await,
+    };
+    match outcome {
+        Outcome::Renewed(next) => {
+            stats.renewed.fetch_add(1, Ordering::Relaxed);
+            ctx.renewals.schedule(lock, next);
+        }
+        Outcome::NotDue(next) => ctx.renewals.schedule(lock, next),
+        Outcome::NotMine => {}
+        Outcome::Reconcile(why) => {
+            stats.deferred.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
+            // The reconcile lane reschedules the renewal when it settles the lock.
+            let _ = reconcile.send(lock).await;
+        }
+    }
+}
+
+async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
+    let Some(_inflight) = ctx.sharding.begin(lock) else {
+        return Outcome::NotMine;
+    };
+    let ns = lock.namespace().unwrap_or_default();
+    if !ctx.scope.allows(&ns) {
+        return Outcome::NotMine;
+    }
+    if lock.meta().deletion_timestamp.is_some() || lock.spec.paused {
+        return Outcome::Reconcile("lock paused or deleting");
+    }
+    let key = format!("{ns}/{}", lock.name_any());
+    let lease_name = lock.spec.lease_name.clone();
+    let cached = ctx
+        .leases
+        .read()
+        .ok()
+        .and_then(|m| m.get(&(ns.clone(), lease_name.clone())).cloned());
+    let Some(lease) = cached else {
+        return Outcome::Reconcile("Lease not in cache");
+    };
+    if lease.annotations().get(LEASE_OWNER_ANNOTATION) != Some(&key) {
+        return Outcome::Reconcile("Lease not owned by this lock");
+    }
+    let Some(spec) = lease.spec.as_ref() else {
+        return Outcome::Reconcile("Lease has no spec");
+    };
+    let Some(holder) = spec.holder_identity.as_deref() else {
+        return Outcome::Reconcile("Lease has no holder");
+    };
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
+    let half = duration / 2;
+    let now = jiff::Timestamp::now();
+    let since_renew = spec
+        .renew_time
+        .as_ref()
+        .map(|t| now.duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(duration);
+    if since_renew >= duration {
+        return Outcome::Reconcile("Lease expired");
+    }
+    // Renewed since this entry was scheduled (by the reconcile lane): not due yet. The slack
+    // covers the jitter, so an early-jittered entry renews instead of rescheduling itself.
+    if since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half {
+        return Outcome::NotDue(half - since_renew);
+    }
+    let holder_uid = lease.annotations().get(WRITER_UID_ANNOTATION);
+    let healthy = ctx
+        .pods
+        .pods_of(&ns, &lock.spec.stateful_set_name)
+        .iter()
+        .any(|p| {
+            p.name == holder
+                && Some(&p.uid) == holder_uid
+                && p.ready
+                && !p.terminating
+                && p.role.as_deref() == Some("writer")
+        });
+    if !healthy {
+        return Outcome::Reconcile("holder not a Ready writer");
+    }
+    ctx.limits.acquire(Lane::Renewal).await;
+    let window = ctx.sharding.write_window();
+    if window.is_zero() {
+        return Outcome::NotMine;
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": lease.resource_version()},
+        "spec": {"renewTime": MicroTime(jiff::Timestamp::now())},
+    });
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    match call(
+        &format!("renewing Lease {ns}/{lease_name} for {holder}"),
+        ctx.args.api_timeout().min(window),
+        api.patch(&lease_name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    {
+        Ok(_) => Outcome::Renewed(half),
+        Err(e) => {
+            ctx.renewals.stats.failed.fetch_add(1, Ordering::Relaxed);
+            if !e.is_conflict() {
+                tracing::warn!(lock = %key, error = %e, "Lease renewal failed");
+            }
+            Outcome::Reconcile("renewal write failed")
+        }
+    }
+}
+
+/// The stream of locks the renewal lane sends to the reconcile lane.
+pub fn to_reconcile(
+    rx: mpsc::Receiver<LockRef>,
+) -> impl futures::Stream<Item = LockRef> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_early_and_small() {
+        let d = Duration::from_secs(15);
+        for _ in 0..1000 {
+            let j = jittered(d);
+            assert!(j <= d && j >= d.mul_f64(1.0 - JITTER), "{j:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn wheel_reset_keeps_one_entry_per_lock() {
+        // The same mechanics `run` uses: resetting an entry moves it, never duplicates it.
+        let mut wheel: DelayQueue<&str> = DelayQueue::new();
+        let k = wheel.insert_at("a", Instant::now() + Duration::from_secs(3600));
+        wheel.reset_at(&k, Instant::now() + Duration::from_millis(10));
+        let first = tokio::time::timeout(Duration::from_secs(5), wheel.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.into_inner(), "a");
+        assert!(wheel.is_empty());
+    }
+}
