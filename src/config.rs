@@ -16,6 +16,18 @@ pub enum OnDelete {
     RemoveLabels,
 }
 
+/// What a replica does with its locks when it shuts down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LeaveStrategy {
+    /// Hand every lock to its next owner on the ring, then delete the membership Lease.
+    #[default]
+    Handoff,
+    /// Keep the locks and the membership Lease: a replacement with the same shard id (a
+    /// StatefulSet pod of the operator) resumes them; if none comes back within the membership
+    /// Lease duration, peers claim them.
+    Keep,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OperatorArgs {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then in-cluster config).
@@ -46,6 +58,10 @@ pub struct OperatorArgs {
     /// Shard group this replica joins (replicas of one group split the locks).
     #[arg(long, env = "STSLOCK_SHARD_GROUP", default_value = "stslock")]
     pub shard_group: String,
+
+    /// What to do with this replica's locks on shutdown.
+    #[arg(long, env = "STSLOCK_LEAVE", value_enum, default_value_t = LeaveStrategy::Handoff)]
+    pub leave: LeaveStrategy,
 
     /// Namespace of the membership Leases. Default: POD_NAMESPACE, else the kubeconfig
     /// context's namespace, else `default`.
@@ -95,6 +111,7 @@ impl OperatorArgs {
             api_timeout_seconds: 10,
             shard_id: Some(id.to_string()),
             shard_group: "stslock".into(),
+            leave: LeaveStrategy::Handoff,
             namespace: None,
             max_locks_per_namespace: None,
             membership_lease_seconds: 15,

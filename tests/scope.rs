@@ -61,7 +61,10 @@ async fn setup(namespaces: &[(&str, bool)]) -> (Sim, Client) {
 fn operator(
     sim: &Sim,
     f: impl FnOnce(&mut OperatorArgs),
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let mut a = OperatorArgs::for_shard("scoped");
     a.api_timeout_seconds = 5;
     f(&mut a);

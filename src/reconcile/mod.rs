@@ -203,7 +203,12 @@ pub async fn run(
             }
         })
         .await;
-    sharding.leave(&locks).await;
+    match args.leave {
+        crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
+        crate::config::LeaveStrategy::Keep => {
+            tracing::info!("keeping this replica's locks for a replacement with the same id")
+        }
+    }
     drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())

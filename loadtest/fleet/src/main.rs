@@ -15,6 +15,10 @@
 //!   step is held for `--seconds`. A step is sustained when every lock is elected, no Lease
 //!   lapses and renewal lateness p99 stays within a tenth of the Lease duration. Reports the
 //!   largest sustained count per replica count and their ratio.
+//! - `rolling`: a rolling update of the operator (replicas stopped gracefully one at a time,
+//!   highest id first, each replaced by one with the same id after `--restart-delay-ms`), once
+//!   per shutdown strategy (`--leave handoff`, then `keep`), each on a fresh cluster in one
+//!   run. Reports ownership moves, renewal lateness and lapses during the update.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -30,7 +34,7 @@ use kube::{Api, ResourceExt};
 use rand::Rng;
 use serde_json::json;
 use stslock::api::{SHARD_LABEL, StatefulSetLock};
-use stslock::config::OperatorArgs;
+use stslock::config::{LeaveStrategy, OperatorArgs};
 use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,6 +42,7 @@ enum Scenario {
     Chaos,
     Noisy,
     Capacity,
+    Rolling,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -100,6 +105,12 @@ struct Args {
         default_value = "0.6,0.7,0.75,0.8,0.85,0.9,0.95,1.0,1.05"
     )]
     capacity_steps: Vec<f64>,
+    /// `rolling`: time between a replica's stop and its replacement's start.
+    #[arg(long, default_value_t = 3000)]
+    restart_delay_ms: u64,
+    /// `rolling`: time a replacement gets before the next replica is stopped.
+    #[arg(long, default_value_t = 5000)]
+    ready_wait_ms: u64,
 }
 
 struct Replica {
@@ -131,6 +142,7 @@ struct Fleet {
     replicas: Vec<Option<Replica>>,
     /// (namespace, name) of every lock created.
     locks: Vec<(String, String)>,
+    leave: LeaveStrategy,
 }
 
 impl Fleet {
@@ -138,6 +150,7 @@ impl Fleet {
         let mut cfg = kubesim::SimConfig::default();
         cfg.controllers.pod_ready_delay = Duration::from_millis(50);
         cfg.store.history_window = Duration::from_secs(180);
+        cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
         let sim = kubesim::Sim::start(cfg);
         let client = sim.client_as("fleet");
         Fleet {
@@ -146,6 +159,7 @@ impl Fleet {
             args: args.clone(),
             replicas: vec![],
             locks: vec![],
+            leave: LeaveStrategy::Handoff,
         }
     }
 
@@ -202,6 +216,7 @@ impl Fleet {
         a.qps = self.args.qps;
         a.burst = self.args.burst;
         a.tenant_qps = self.args.tenant_qps;
+        a.leave = self.leave;
         let client = self.sim.client_as(&format!("stslock/{id}"));
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -227,6 +242,33 @@ impl Fleet {
             }
             None => false,
         }
+    }
+
+    /// Graceful: what the replica does on SIGTERM.
+    async fn stop_replica(&mut self, i: usize) {
+        if let Some(r) = self.replicas.get_mut(i).and_then(Option::take) {
+            let _ = r.stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+        }
+    }
+
+    /// Ownership label changes of locks committed in [from_ms, to_ms].
+    fn moves(&self, from_ms: u64, to_ms: u64) -> usize {
+        let mut last: HashMap<(String, String), Option<String>> = HashMap::new();
+        let mut moves = 0;
+        for c in self
+            .sim
+            .commit_log()
+            .iter()
+            .filter(|c| c.resource == "statefulsetlocks" && c.at_ms <= to_ms)
+        {
+            let owner = c.labels.get(SHARD_LABEL).cloned();
+            let prev = last.insert((c.namespace.clone(), c.name.clone()), owner.clone());
+            if c.at_ms >= from_ms && prev.is_some_and(|p| p.is_some() && p != owner) {
+                moves += 1;
+            }
+        }
+        moves
     }
 
     async fn stop_all(&mut self) {
@@ -385,6 +427,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Chaos => chaos(&args).await,
         Scenario::Noisy => noisy(&args).await,
         Scenario::Capacity => capacity(&args).await,
+        Scenario::Rolling => rolling(&args).await,
     }
 }
 
@@ -538,7 +581,9 @@ async fn noisy(args: &Args) -> anyhow::Result<()> {
         let noise = noisy_phase.then(|| {
             let (fleet, stop) = (fleet.clone(), stop.clone());
             let every = Duration::from_millis(args.noisy_flap_every_ms.max(1));
-            tokio::spawn(async move { flapper(&fleet, quiet..fleet.locks.len(), every, &stop).await })
+            tokio::spawn(
+                async move { flapper(&fleet, quiet..fleet.locks.len(), every, &stop).await },
+            )
         });
         let quiet_flaps = {
             let (fleet, stop2) = (fleet.clone(), stop.clone());
@@ -557,7 +602,11 @@ async fn noisy(args: &Args) -> anyhow::Result<()> {
         let to = fleet.sim.store().elapsed_ms();
         let q = fleet.failovers(&quiet_flaps);
         let r = fleet.renewals(from, to);
-        let phase = if noisy_phase { "noisy phase" } else { "quiet phase" };
+        let phase = if noisy_phase {
+            "noisy phase"
+        } else {
+            "quiet phase"
+        };
         println!(
             "{phase}: {} quiet writer failures, {} noisy writer failures, {} operator writes ({:.0}/s)",
             quiet_flaps.len(),
@@ -660,6 +709,57 @@ async fn capacity(args: &Args) -> anyhow::Result<()> {
             "capacity: {r1} replica(s) {c1} locks, {rn} replicas {cn} locks: {:.2}× (target ≥ 3.5× for 1 → 4)",
             *cn as f64 / (*c1).max(1) as f64
         );
+    }
+    Ok(())
+}
+
+async fn rolling(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "rolling: {} locks, {} replicas, {} s leases, {} s membership; each replica replaced after {} ms, next one {} ms later",
+        args.locks,
+        args.replicas,
+        args.lease_seconds,
+        args.membership_seconds,
+        args.restart_delay_ms,
+        args.ready_wait_ms
+    );
+    for leave in [LeaveStrategy::Handoff, LeaveStrategy::Keep] {
+        let mut fleet = Fleet::new(args);
+        fleet.leave = leave;
+        let nss = tenants("tenant", args.namespaces);
+        fleet.install(&nss).await?;
+        fleet.add_locks(&nss, args.locks).await?;
+        for i in 0..args.replicas {
+            fleet.start_replica(i);
+        }
+        settle(&fleet, &format!("  --leave {leave:?}")).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let from = fleet.sim.store().elapsed_ms();
+        for i in (0..args.replicas).rev() {
+            fleet.stop_replica(i).await;
+            tokio::time::sleep(Duration::from_millis(args.restart_delay_ms)).await;
+            fleet.start_replica(i);
+            tokio::time::sleep(Duration::from_millis(args.ready_wait_ms)).await;
+        }
+        // Until the last replacement has settled in, and every lock renewed at least twice.
+        tokio::time::sleep(Duration::from_secs(
+            u64::try_from(args.lease_seconds).unwrap_or(30),
+        ))
+        .await;
+        let to = fleet.sim.store().elapsed_ms();
+        let r = fleet.renewals(from, to);
+        let per = fleet.ownership().await?;
+        let report = fleet.sim.report();
+        println!(
+            "  --leave {leave:?}: {} ownership moves for {} locks over {:.1} s; {}; lapses {}; dual-writer intervals {}; final ownership {per:?}",
+            fleet.moves(from, to),
+            args.locks,
+            (to - from) as f64 / 1000.0,
+            line_latency("renewal lateness", &r.lateness),
+            r.lapses,
+            report.dual_writer_intervals
+        );
+        fleet.stop_all().await;
     }
     Ok(())
 }
