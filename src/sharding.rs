@@ -142,6 +142,20 @@ impl Sharding {
         {
             return None;
         }
+        // A view older than this replica's own handoff of the lock still shows it as the
+        // owner: no reconcile or renewal may start from it.
+        let seen: u64 = lock
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if self
+            .released
+            .lock()
+            .map(|r| r.get(&key).is_some_and(|handed_off| seen < *handed_off))
+            .unwrap_or(true)
+        {
+            return None;
+        }
         if let Ok(mut m) = self.inflight.lock() {
             *m.entry(key.clone()).or_default() += 1;
         }
