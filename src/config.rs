@@ -98,6 +98,10 @@ pub struct OperatorArgs {
     /// (e.g. `stslock=enabled`); combined with `--namespaces` when both are given.
     #[arg(long, env = "STSLOCK_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
+
+    /// Log format on stderr. (Traces: set OTEL_EXPORTER_OTLP_ENDPOINT to export over OTLP/gRPC.)
+    #[arg(long, env = "STSLOCK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 impl OperatorArgs {
@@ -120,6 +124,7 @@ impl OperatorArgs {
             tenant_qps: 50.0,
             namespaces: vec![],
             namespace_selector: None,
+            log_format: crate::telemetry::LogFormat::Text,
         }
     }
 

@@ -48,6 +48,10 @@ pub struct DevArgs {
     /// Operator replicas (shards) to run, as `stslock-0`, `stslock-1`, ...
     #[arg(long, env = "STSLOCK_DEV_SHARDS", default_value_t = 3)]
     pub shards: usize,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317); without
+    /// it the standard OTEL_EXPORTER_OTLP_ENDPOINT applies.
+    #[arg(long, env = "STSLOCK_DEV_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Install (server-side apply) the StatefulSetLock CRD.

@@ -12,3 +12,4 @@ pub mod reconcile;
 pub mod renew;
 pub mod scope;
 pub mod sharding;
+pub mod telemetry;

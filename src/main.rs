@@ -33,14 +33,18 @@ enum Command {
     Crd,
 }
 
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs (and traces, when OTLP is configured); the guard flushes traces on the way out.
+fn init_telemetry(
+    args: &OperatorArgs,
+    otlp: stslock::telemetry::Otlp,
+    shard: Option<String>,
+) -> anyhow::Result<stslock::telemetry::TelemetryGuard> {
+    stslock::telemetry::init(&stslock::telemetry::TelemetryConfig {
+        log_format: args.log_format,
+        otlp,
+        shard,
+        ..Default::default()
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -87,14 +91,27 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", stslock::api::crd_yaml()?);
         }
         Command::Run(args) => {
-            init_logging();
+            let telemetry = init_telemetry(
+                &args,
+                stslock::telemetry::Otlp::FromEnv,
+                Some(args.identity()),
+            )?;
             let client = client_for(&args).await?;
-            stslock::reconcile::run(client, args, shutdown_signal()).await?;
+            let result = stslock::reconcile::run(client, args, shutdown_signal()).await;
+            telemetry.shutdown().await;
+            result?;
         }
         #[cfg(feature = "dev")]
         Command::Dev { dev, operator } => {
-            init_logging();
-            stslock::dev::run(dev, operator, shutdown_signal()).await?;
+            let otlp = match &dev.otlp_endpoint {
+                Some(e) => stslock::telemetry::Otlp::Endpoint(e.clone()),
+                None => stslock::telemetry::Otlp::FromEnv,
+            };
+            // Several shards share this process: the shard is on each span, not the resource.
+            let telemetry = init_telemetry(&operator, otlp, None)?;
+            let result = stslock::dev::run(dev, operator, shutdown_signal()).await;
+            telemetry.shutdown().await;
+            result?;
         }
     }
     Ok(())

@@ -260,6 +260,14 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         Ok(_) => Outcome::Renewed(half),
         Err(e) => {
             ctx.renewals.stats.failed.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::renewal_failed(
+                &ns,
+                &lock.name_any(),
+                &ctx.identity,
+                Some(holder),
+                spec.lease_transitions.unwrap_or_default().into(),
+                &e,
+            );
             if !e.is_conflict() {
                 tracing::warn!(lock = %key, error = %e, "Lease renewal failed");
             }

@@ -342,7 +342,16 @@ impl Sharding {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.set_owner(lock, to, "handoff").await;
+        {
+            use tracing::Instrument;
+            let span = crate::telemetry::handoff_span(
+                &lock.namespace().unwrap_or_default(),
+                &lock.name_any(),
+                &self.cfg.id,
+                to,
+            );
+            self.set_owner(lock, to, "handoff").instrument(span).await;
+        }
         if let Ok(mut d) = self.draining.lock() {
             d.remove(&key);
         }
@@ -383,11 +392,18 @@ impl Sharding {
                         .unwrap_or(u64::MAX);
                     r.insert(key_of(lock), rv);
                 }
+                // The handoff span's outcome, when there is one.
+                tracing::Span::current().record("stslock.outcome", "ok");
                 tracing::info!(shard = %self.cfg.id, lock = %key_of(lock), to = owner, "{why}")
             }
             // Lost the race (someone changed the lock): the next pass sees the new state.
-            Err(e) if e.is_conflict() || e.is_not_found() => {}
-            Err(e) => tracing::warn!(error = %e, "ownership label"),
+            Err(e) if e.is_conflict() || e.is_not_found() => {
+                tracing::Span::current().record("stslock.outcome", e.metric_label());
+            }
+            Err(e) => {
+                tracing::Span::current().record("stslock.outcome", e.metric_label());
+                tracing::warn!(error = %e, "ownership label")
+            }
         }
     }
 

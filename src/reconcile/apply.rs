@@ -207,7 +207,8 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                 Severity::Warning => EventType::Warning,
             },
             reason: note.reason.into(),
-            note: Some(note.message.clone()),
+            // The trace of the decision, for `kubectl describe` → trace backend.
+            note: Some(crate::telemetry::with_trace_id(&note.message)),
             action: note.action.into(),
             secondary: None,
         };

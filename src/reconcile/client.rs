@@ -4,14 +4,21 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::error::{Error, Result};
 
-/// Run one API call under `timeout`, naming it for errors and logs.
+/// Run one API call under `timeout`, naming it for errors and logs; it is a span (a child of
+/// whatever reconcile or election made it) named after `what`.
 pub async fn call<T, F>(what: &str, timeout: Duration, f: F) -> Result<T>
 where
     F: Future<Output = std::result::Result<T, kube::Error>>,
 {
-    match tokio::time::timeout(timeout, f).await {
+    let span = crate::telemetry::api_span(what);
+    let result = match tokio::time::timeout(timeout, f)
+        .instrument(span.clone())
+        .await
+    {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Kube {
             context: what.to_string(),
@@ -21,7 +28,14 @@ where
             context: what.to_string(),
             after: timeout,
         }),
+    };
+    if let Err(e) = &result
+        && !span.is_disabled()
+    {
+        span.record("otel.status_code", "ERROR");
+        span.record("error", tracing::field::display(e));
     }
+    result
 }
 
 /// Like [`call`] but a 404 is `Ok(None)`.

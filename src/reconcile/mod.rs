@@ -195,7 +195,7 @@ pub async fn run(
         });
     tracing::info!("stslock operator started");
     controller
-        .run(reconcile, error_policy, ctx)
+        .run(traced_reconcile, error_policy, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
@@ -270,6 +270,15 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// [`reconcile`] inside its span, the parent of its election span and API calls.
+fn traced_reconcile(
+    lock: Arc<StatefulSetLock>,
+    ctx: Arc<Context>,
+) -> impl std::future::Future<Output = Result<Action, Error>> + Send {
+    let span = crate::telemetry::reconcile_span(&lock, &ctx.identity);
+    crate::telemetry::traced(span, reconcile(lock, ctx))
+}
+
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !ctx.scope.allows(&lock.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
@@ -310,7 +319,13 @@ async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Acti
         tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
         return Ok(Action::requeue(wait));
     }
-    apply::apply(&lock, &observed, &plan, &ctx).await?;
+    crate::telemetry::traced_apply(
+        &observed,
+        &plan,
+        &ctx.identity,
+        apply::apply(&lock, &observed, &plan, &ctx),
+    )
+    .await?;
     let key = observed.key();
     if let Ok(mut m) = ctx.failures.lock() {
         m.remove(&key);
