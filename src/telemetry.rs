@@ -220,7 +220,7 @@ pub fn build(cfg: &TelemetryConfig) -> anyhow::Result<(tracing::Dispatch, Teleme
         // are at debug level so that without export they cost nothing.
         let targets = tracing_subscriber::filter::Targets::new()
             .with_target("stslock", tracing::Level::INFO)
-            .with_target("stslock::reconcile::client", tracing::Level::DEBUG);
+            .with_target(API_TARGET, tracing::Level::DEBUG);
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("stslock"))
             .with_threads(false)
@@ -425,11 +425,15 @@ pub fn handoff_span(namespace: &str, name: &str, from: &str, to: &str) -> Span {
     )
 }
 
+/// The target of API-call spans (debug level: exported, but not logged by default).
+pub const API_TARGET: &str = "stslock::api_call";
+
 /// The span of one API call, named after the call's description; verb and resource are
 /// read off it (descriptions are "<verb>ing <what> <Kind> ns/name ...").
 pub fn api_span(what: &str) -> Span {
     let (verb, resource) = verb_and_resource(what);
     tracing::debug_span!(
+        target: API_TARGET,
         "api",
         "otel.name" = what,
         "otel.kind" = "client",

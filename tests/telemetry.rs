@@ -1,0 +1,437 @@
+//! Traces against kubesim and a real OTLP/gRPC receiver in this process: a failover is one
+//! span carrying the decision, its API calls are its children, and the Event names the trace;
+//! an unreachable collector changes nothing about failover.
+//!
+//! Each test scopes its own subscriber to its thread (`current_thread` runtime, so every task
+//! of the operator runs there) instead of a process-wide one: the tests point at different
+//! collectors and run in parallel.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kubesim::{Sim, SimConfig};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use serde_json::json;
+use stslock::api::StatefulSetLock;
+use stslock::config::OperatorArgs;
+use stslock::telemetry::{Otlp, TelemetryConfig, TelemetryGuard};
+use tokio::sync::oneshot;
+
+// ---------------------------------------------------------------- the OTLP receiver
+
+/// One received span with its resource's attributes.
+#[derive(Debug, Clone)]
+struct Got {
+    span: opentelemetry_proto::tonic::trace::v1::Span,
+    resource: Vec<KeyValue>,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<Value> {
+        attr(&self.span.attributes, key)
+    }
+    fn str(&self, key: &str) -> Option<String> {
+        match self.attr(key)? {
+            Value::StringValue(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn attr(kvs: &[KeyValue], key: &str) -> Option<Value> {
+    kvs.iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone()?.value)
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Got>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push(Got {
+                        span,
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Receiver {
+    /// A gRPC OTLP trace receiver on 127.0.0.1:0; returns its endpoint.
+    async fn start() -> (String, Receiver) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let r = Receiver::default();
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(r.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(async move {
+            server.await.unwrap();
+        });
+        (format!("http://{addr}"), r)
+    }
+
+    fn spans(&self) -> Vec<Got> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------- kubesim and the operator
+
+struct Env {
+    sim: Sim,
+    client: Client,
+    operators: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Env {
+    async fn start(replicas: usize) -> Env {
+        let mut cfg = SimConfig::default();
+        cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+        cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
+        let sim = Sim::start(cfg);
+        let client = sim.client_as("test");
+        stslock::dev::install_crd(&client).await.expect("crd");
+        let mut operators = vec![];
+        for i in 0..replicas {
+            let mut a = OperatorArgs::for_shard(&format!("otel-{i}"));
+            a.api_timeout_seconds = 5;
+            let (tx, rx) = oneshot::channel::<()>();
+            let client = sim.client_as(&format!("stslock/otel-{i}"));
+            let task = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = rx.await;
+                };
+                stslock::reconcile::run(client, a, shutdown)
+                    .await
+                    .expect("operator");
+            });
+            operators.push((tx, task));
+        }
+        Env {
+            sim,
+            client,
+            operators,
+        }
+    }
+
+    async fn stop(&mut self) {
+        for (tx, task) in self.operators.drain(..) {
+            let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+    }
+
+    async fn statefulset(&self, name: &str, replicas: i32) {
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+        }))
+        .unwrap();
+        Api::<StatefulSet>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &sts)
+            .await
+            .expect("create sts");
+    }
+
+    async fn lock(&self, name: &str, sts: &str, lease: &str) {
+        let l: StatefulSetLock = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name},
+            "spec": {"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": 30}
+        }))
+        .unwrap();
+        Api::<StatefulSetLock>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &l)
+            .await
+            .expect("create lock");
+    }
+
+    async fn holder(&self, lease: &str) -> Option<String> {
+        Api::<Lease>::namespaced(self.client.clone(), "default")
+            .get_opt(lease)
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    }
+
+    /// Poll until `lease` is held by `writer` and the pod carries the writer label.
+    async fn wait_writer(&self, lease: &str, writer: &str) {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), "default");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let labelled =
+                pods.get_opt(writer).await.ok().flatten().is_some_and(|p| {
+                    p.labels().get("sts-role").map(String::as_str) == Some("writer")
+                });
+            if labelled && self.holder(lease).await.as_deref() == Some(writer) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {writer} to hold {lease}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// (reason, note) of the Events of `lock`.
+    async fn events(&self, lock: &str) -> Vec<(String, String)> {
+        let evs: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), "default");
+        evs.list(&ListParams::default().fields(&format!("involvedObject.name={lock}")))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.message.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn telemetry(otlp: Otlp, max_queue: usize) -> (tracing::Dispatch, TelemetryGuard) {
+    stslock::telemetry::build(&TelemetryConfig {
+        otlp,
+        log_filter: Some("warn".into()),
+        max_queue,
+        export_timeout: Duration::from_secs(1),
+        shutdown_timeout: Duration::from_secs(3),
+        ..TelemetryConfig::default()
+    })
+    .expect("telemetry")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "current_thread")]
+async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_trace() {
+    let (endpoint, receiver) = Receiver::start().await;
+    let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
+    let _scoped = tracing::dispatcher::set_default(&dispatch);
+    let mut env = Env::start(1).await;
+    env.statefulset("db", 3).await;
+    env.lock("lock", "db", "db-lease").await;
+    env.wait_writer("db-lease", "db-0").await;
+    env.sim.pods().set_ready("default", "db-0", false).unwrap();
+    env.wait_writer("db-lease", "db-1").await;
+
+    // The failover span is exported once closed; flush until it arrives.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let failover = loop {
+        guard.flush().await;
+        if let Some(s) = receiver.spans().into_iter().find(|g| {
+            g.span.name == "failover" && g.str("stslock.lock").as_deref() == Some("default/lock")
+        }) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover span; got {:?}",
+            receiver
+                .spans()
+                .iter()
+                .map(|g| g.span.name.clone())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s = |k: &str| failover.str(k).unwrap_or_else(|| panic!("attribute {k}"));
+    assert_eq!(s("k8s.namespace.name"), "default");
+    assert_eq!(s("stslock.shard"), "otel-0");
+    assert_eq!(s("stslock.writer.old"), "db-0");
+    assert_eq!(s("stslock.writer.new"), "db-1");
+    assert_eq!(s("stslock.reason"), "writer db-0 is not Ready");
+    assert_eq!(s("stslock.outcome"), "ok");
+    assert_eq!(failover.attr("stslock.epoch"), Some(Value::IntValue(1)));
+    match failover.attr("stslock.writerless_seconds") {
+        Some(Value::DoubleValue(w)) => assert!((0.0..15.0).contains(&w), "writerless {w}"),
+        other => panic!("writerless_seconds: {other:?}"),
+    }
+    assert_eq!(
+        attr(&failover.resource, "service.name"),
+        Some(Value::StringValue("stslock".into()))
+    );
+
+    let all = receiver.spans();
+    let same_trace: Vec<&Got> = all
+        .iter()
+        .filter(|g| g.span.trace_id == failover.span.trace_id)
+        .collect();
+    // Parent: the reconcile that decided it.
+    let parent = same_trace
+        .iter()
+        .find(|g| g.span.span_id == failover.span.parent_span_id)
+        .expect("the failover span's parent was exported");
+    assert_eq!(parent.span.name, "reconcile");
+    assert_eq!(parent.str("stslock.lock").as_deref(), Some("default/lock"));
+    // Children: the API calls of the plan, Lease first.
+    let children: Vec<&&Got> = same_trace
+        .iter()
+        .filter(|g| g.span.parent_span_id == failover.span.span_id)
+        .collect();
+    let lease_update = children
+        .iter()
+        .find(|g| g.span.name.starts_with("updating Lease default/db-lease"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no Lease update among the children: {:?}",
+                children.iter().map(|g| &g.span.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(lease_update.str("k8s.verb").as_deref(), Some("patch"));
+    assert_eq!(lease_update.str("k8s.resource").as_deref(), Some("leases"));
+    assert!(
+        children
+            .iter()
+            .any(|g| g.span.name.starts_with("labelling pod default/db-1")),
+        "promotion of db-1 is a child span"
+    );
+
+    // `kubectl describe ssl` shows the trace.
+    let trace_id = hex(&failover.span.trace_id);
+    assert_eq!(trace_id.len(), 32);
+    let evs = env.events("lock").await;
+    let (_, note) = evs
+        .iter()
+        .find(|(r, _)| r == "Failover")
+        .unwrap_or_else(|| panic!("no Failover event: {evs:?}"));
+    assert!(
+        note.ends_with(&format!("trace_id={trace_id}")),
+        "event note {note:?} should name trace {trace_id}"
+    );
+    // The election before it was its own trace, with its own id in its own Event.
+    let (_, elected) = evs.iter().find(|(r, _)| r == "Elected").expect("Elected");
+    assert!(elected.contains(" trace_id="), "{elected:?}");
+    assert!(!elected.contains(&trace_id), "{elected:?}");
+
+    // Renewals add no decision spans: one election, one failover.
+    let decisions: HashMap<String, usize> = receiver
+        .spans()
+        .iter()
+        .filter(|g| g.attr("stslock.kind").is_some())
+        .fold(HashMap::new(), |mut m, g| {
+            *m.entry(g.span.name.clone()).or_default() += 1;
+            m
+        });
+    assert_eq!(
+        decisions,
+        HashMap::from([("election".to_string(), 1), ("failover".to_string(), 1)])
+    );
+    env.stop().await;
+    guard.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_unreachable_collector_does_not_slow_failover() {
+    // A port that was just free and is closed now.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    // A tiny queue: spans beyond it are dropped, never waited for.
+    let (dispatch, guard) = telemetry(Otlp::Endpoint(format!("http://{closed}")), 8);
+    let _scoped = tracing::dispatcher::set_default(&dispatch);
+    assert!(guard.exporting());
+    let guard = Arc::new(guard);
+    // Keep exports to the dead endpoint in flight the whole time.
+    let flusher = tokio::spawn({
+        let guard = Arc::clone(&guard);
+        async move {
+            loop {
+                guard.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let mut env = Env::start(1).await;
+    for i in 0..4 {
+        env.statefulset(&format!("db{i}"), 3).await;
+        env.lock(
+            &format!("lock{i}"),
+            &format!("db{i}"),
+            &format!("db{i}-lease"),
+        )
+        .await;
+    }
+    for i in 0..4 {
+        env.wait_writer(&format!("db{i}-lease"), &format!("db{i}-0"))
+            .await;
+    }
+    let started = Instant::now();
+    for i in 0..4 {
+        env.sim
+            .pods()
+            .set_ready("default", &format!("db{i}-0"), false)
+            .unwrap();
+    }
+    for i in 0..4 {
+        env.wait_writer(&format!("db{i}-lease"), &format!("db{i}-1"))
+            .await;
+    }
+    let took = started.elapsed();
+    // Failover is normally tens of milliseconds here; one export timeout is 1 s.
+    assert!(
+        took < Duration::from_secs(1),
+        "failover of 4 locks took {took:?}"
+    );
+    // The spans existed (and were dropped): the Events still carry their trace ids.
+    let evs = env.events("lock0").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "Failover" && m.contains(" trace_id=")),
+        "{evs:?}"
+    );
+    flusher.abort();
+    let _ = flusher.await;
+    env.stop().await;
+    // Shutdown is bounded even with a dead collector.
+    let guard = Arc::into_inner(guard).expect("sole owner");
+    let t = Instant::now();
+    guard.shutdown().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
