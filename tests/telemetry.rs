@@ -87,16 +87,27 @@ impl TraceService for Receiver {
 }
 
 impl Receiver {
-    /// A gRPC OTLP trace receiver on 127.0.0.1:0; returns its endpoint.
+    /// A gRPC OTLP trace receiver on 127.0.0.1:0, on a thread and runtime of its own (like a
+    /// collector, it must not share the operator's runtime); returns its endpoint.
     async fn start() -> (String, Receiver) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let r = Receiver::default();
-        let server = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(r.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-        tokio::spawn(async move {
-            server.await.unwrap();
+        let service = TraceServiceServer::new(r.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .await
+                    .unwrap();
+            });
         });
         (format!("http://{addr}"), r)
     }
@@ -363,14 +374,26 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn an_unreachable_collector_does_not_slow_failover() {
-    // A port that was just free and is closed now.
+async fn a_collector_on_a_closed_port_does_not_slow_failover() {
+    // A port that was just free and is closed now: connections are refused.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
+    failover_with_a_broken_collector(format!("http://{closed}")).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_collector_that_never_answers_does_not_slow_failover() {
+    // Listening but never accepting: connections hang until the exporter's timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    failover_with_a_broken_collector(format!("http://{}", silent.local_addr().unwrap())).await;
+    drop(silent);
+}
+
+async fn failover_with_a_broken_collector(endpoint: String) {
     // A tiny queue: spans beyond it are dropped, never waited for.
-    let (dispatch, guard) = telemetry(Otlp::Endpoint(format!("http://{closed}")), 8);
+    let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 8);
     let _scoped = tracing::dispatcher::set_default(&dispatch);
     assert!(guard.exporting());
     let guard = Arc::new(guard);
@@ -434,4 +457,92 @@ async fn an_unreachable_collector_does_not_slow_failover() {
         "shutdown took {:?}",
         t.elapsed()
     );
+}
+
+/// The cost of trace export: elections per second with export to the in-process receiver vs
+/// without (the same subscriber minus the OpenTelemetry layer), alternating to even out
+/// warm-up. Run with
+/// `cargo test --release --test telemetry -- --ignored --nocapture telemetry_cost`
+/// (`STSLOCK_BENCH_LOCKS` sets the number of locks per round, default 200).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "measurement; prints numbers"]
+async fn telemetry_cost() {
+    let n: usize = std::env::var("STSLOCK_BENCH_LOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let (endpoint, receiver) = Receiver::start().await;
+    let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
+    for round in 0..6 {
+        let export = round % 2 == 1;
+        let otlp = if export {
+            Otlp::Endpoint(endpoint.clone())
+        } else {
+            Otlp::Off
+        };
+        let (dispatch, guard) = telemetry(otlp, 4096);
+        let _scoped = tracing::dispatcher::set_default(&dispatch);
+        let before = receiver.spans().len();
+        let mut env = Env::start(1).await;
+        for i in 0..n {
+            env.statefulset(&format!("s{i}"), 2).await;
+        }
+        let started = Instant::now();
+        for i in 0..n {
+            env.lock(&format!("l{i}"), &format!("s{i}"), &format!("s{i}-lease"))
+                .await;
+        }
+        let leases: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let held = leases
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|l| {
+                    l.spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.as_ref())
+                        .is_some()
+                })
+                .count();
+            if held >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "only {held}/{n} elected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        env.stop().await;
+        guard.flush().await;
+        let exported = receiver.spans().len() - before;
+        let mode = if export { "otlp" } else { "off" };
+        println!(
+            "round {round} ({mode}): {n} elections in {secs:.3} s = {:.1} elections/s, {exported} spans exported",
+            n as f64 / secs
+        );
+        if export {
+            let mut by_name: HashMap<String, usize> = HashMap::new();
+            for g in &receiver.spans()[before..] {
+                let name = g.str("k8s.verb").map_or(g.span.name.clone(), |v| {
+                    format!("api {v} {}", g.str("k8s.resource").unwrap_or_default())
+                });
+                *by_name.entry(name).or_default() += 1;
+            }
+            let mut by_name: Vec<_> = by_name.into_iter().collect();
+            by_name.sort_by_key(|e| std::cmp::Reverse(e.1));
+            println!("  spans by kind: {by_name:?}");
+        }
+        rates.entry(mode).or_default().push(n as f64 / secs);
+        guard.shutdown().await;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (off, on) = (mean(&rates["off"]), mean(&rates["otlp"]));
+    println!(
+        "elections/s without export {off:.1}, with OTLP export {on:.1}, ratio {:.3}",
+        on / off
+    );
+    assert!(on > 0.0 && off > 0.0);
 }
