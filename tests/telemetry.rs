@@ -133,27 +133,33 @@ impl Env {
         let sim = Sim::start(cfg);
         let client = sim.client_as("test");
         stslock::dev::install_crd(&client).await.expect("crd");
-        let mut operators = vec![];
-        for i in 0..replicas {
-            let mut a = OperatorArgs::for_shard(&format!("otel-{i}"));
-            a.api_timeout_seconds = 5;
-            let (tx, rx) = oneshot::channel::<()>();
-            let client = sim.client_as(&format!("stslock/otel-{i}"));
-            let task = tokio::spawn(async move {
-                let shutdown = async {
-                    let _ = rx.await;
-                };
-                stslock::reconcile::run(client, a, shutdown)
-                    .await
-                    .expect("operator");
-            });
-            operators.push((tx, task));
-        }
-        Env {
+        let mut env = Env {
             sim,
             client,
-            operators,
+            operators: vec![],
+        };
+        for _ in 0..replicas {
+            env.add_replica();
         }
+        env
+    }
+
+    /// Start replica `otel-<n>` (n = replicas so far).
+    fn add_replica(&mut self) {
+        let id = format!("otel-{}", self.operators.len());
+        let mut a = OperatorArgs::for_shard(&id);
+        a.api_timeout_seconds = 5;
+        let (tx, rx) = oneshot::channel::<()>();
+        let client = self.sim.client_as(&format!("stslock/{id}"));
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            stslock::reconcile::run(client, a, shutdown)
+                .await
+                .expect("operator");
+        });
+        self.operators.push((tx, task));
     }
 
     async fn stop(&mut self) {
@@ -177,9 +183,13 @@ impl Env {
     }
 
     async fn lock(&self, name: &str, sts: &str, lease: &str) {
+        self.lock_for(name, sts, lease, 30).await
+    }
+
+    async fn lock_for(&self, name: &str, sts: &str, lease: &str, seconds: i32) {
         let l: StatefulSetLock = serde_json::from_value(json!({
             "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name},
-            "spec": {"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": 30}
+            "spec": {"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": seconds}
         }))
         .unwrap();
         Api::<StatefulSetLock>::namespaced(self.client.clone(), "default")
@@ -240,13 +250,39 @@ impl Env {
 fn telemetry(otlp: Otlp, max_queue: usize) -> (tracing::Dispatch, TelemetryGuard) {
     stslock::telemetry::build(&TelemetryConfig {
         otlp,
-        log_filter: Some("warn".into()),
+        log_filter: Some("error".into()),
         max_queue,
         export_timeout: Duration::from_secs(1),
         shutdown_timeout: Duration::from_secs(3),
         ..TelemetryConfig::default()
     })
     .expect("telemetry")
+}
+
+/// Flush until a span matching `f` has arrived.
+async fn wait_span(
+    guard: &TelemetryGuard,
+    receiver: &Receiver,
+    what: &str,
+    f: impl Fn(&Got) -> bool,
+) -> Got {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        guard.flush().await;
+        if let Some(s) = receiver.spans().into_iter().find(&f) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} span; got {:?}",
+            receiver
+                .spans()
+                .iter()
+                .map(|g| g.span.name.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -369,6 +405,108 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         decisions,
         HashMap::from([("election".to_string(), 1), ("failover".to_string(), 1)])
     );
+    env.stop().await;
+    guard.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_shard_handoff_is_a_span_with_its_ownership_write_as_child() {
+    let (endpoint, receiver) = Receiver::start().await;
+    let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
+    let _scoped = tracing::dispatcher::set_default(&dispatch);
+    let mut env = Env::start(1).await;
+    for i in 0..8 {
+        env.statefulset(&format!("h{i}"), 1).await;
+        env.lock(&format!("h{i}"), &format!("h{i}"), &format!("h{i}-lease"))
+            .await;
+    }
+    for i in 0..8 {
+        env.wait_writer(&format!("h{i}-lease"), &format!("h{i}-0"))
+            .await;
+    }
+    // A second replica joins: the ring moves some locks from otel-0 to otel-1.
+    env.add_replica();
+    let handoff = wait_span(&guard, &receiver, "handoff", |g| {
+        g.span.name == "handoff" && g.str("stslock.outcome").as_deref() == Some("ok")
+    })
+    .await;
+    assert_eq!(handoff.str("stslock.shard").as_deref(), Some("otel-0"));
+    assert_eq!(handoff.str("stslock.shard.to").as_deref(), Some("otel-1"));
+    assert_eq!(
+        handoff.str("k8s.namespace.name").as_deref(),
+        Some("default")
+    );
+    let lock = handoff.str("stslock.lock").unwrap();
+    assert!(lock.starts_with("default/h"), "{lock}");
+    let spans = receiver.spans();
+    let write = spans
+        .iter()
+        .find(|g| g.span.parent_span_id == handoff.span.span_id)
+        .expect("the ownership write is a child of the handoff span");
+    assert_eq!(write.span.trace_id, handoff.span.trace_id);
+    assert!(
+        write
+            .span
+            .name
+            .starts_with(&format!("handoff: StatefulSetLock {lock}")),
+        "{}",
+        write.span.name
+    );
+    assert_eq!(write.str("k8s.verb").as_deref(), Some("patch"));
+    assert_eq!(
+        write.str("k8s.resource").as_deref(),
+        Some("statefulsetlocks")
+    );
+    env.stop().await;
+    guard.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_renewal_is_a_span_and_a_successful_one_is_not() {
+    let (endpoint, receiver) = Receiver::start().await;
+    let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
+    let _scoped = tracing::dispatcher::set_default(&dispatch);
+    let mut env = Env::start(1).await;
+    env.statefulset("r", 2).await;
+    // A 2 s Lease is renewed every second.
+    env.lock_for("r", "r", "r-lease", 2).await;
+    env.wait_writer("r-lease", "r-0").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    guard.flush().await;
+    assert!(
+        !receiver
+            .spans()
+            .iter()
+            .any(|g| g.span.name == "renewal failed"),
+        "renewals that succeed get no span"
+    );
+    // The operator's writes fail with 500 for a while.
+    env.sim.faults().update(|f| {
+        f.error_rate = 1.0;
+        f.error_code = 500;
+        f.writes_only = true;
+        f.agents = vec!["stslock/otel-0".into()];
+    });
+    let failed = wait_span(&guard, &receiver, "renewal failed", |g| {
+        g.span.name == "renewal failed"
+    })
+    .await;
+    env.sim.faults().update(|f| *f = Default::default());
+    assert_eq!(failed.str("stslock.lock").as_deref(), Some("default/r"));
+    assert_eq!(failed.str("k8s.namespace.name").as_deref(), Some("default"));
+    assert_eq!(failed.str("stslock.shard").as_deref(), Some("otel-0"));
+    assert_eq!(failed.str("stslock.writer.old").as_deref(), Some("r-0"));
+    assert_eq!(failed.attr("stslock.epoch"), Some(Value::IntValue(0)));
+    assert_eq!(
+        failed.str("stslock.outcome").as_deref(),
+        Some("server_error")
+    );
+    assert_eq!(
+        failed.span.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    // Healed: the same writer keeps the Lease.
+    env.wait_writer("r-lease", "r-0").await;
     env.stop().await;
     guard.shutdown().await;
 }
