@@ -130,9 +130,10 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// The endpoint to export to, if export is on.
-fn endpoint_enabled(otlp: &Otlp) -> Option<Option<String>> {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+/// Whether to export, and to which endpoint when it is not the environment's: `None` is no
+/// export, `Some(None)` export where `OTEL_*` says. `env` reads a variable.
+fn export_target(otlp: &Otlp, env: impl Fn(&str) -> Option<String>) -> Option<Option<String>> {
+    let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     match otlp {
         Otlp::Off => None,
         Otlp::Endpoint(e) => Some(Some(e.clone())),
@@ -211,7 +212,7 @@ pub fn build(cfg: &TelemetryConfig) -> anyhow::Result<(tracing::Dispatch, Teleme
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     }
     .with_filter(filter);
-    let provider = match endpoint_enabled(&cfg.otlp) {
+    let provider = match export_target(&cfg.otlp, |k| std::env::var(k).ok()) {
         Some(endpoint) => Some(tracer_provider(cfg, endpoint)?),
         None => None,
     };
@@ -475,6 +476,8 @@ pub fn verb_and_resource(what: &str) -> (&'static str, &'static str) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -505,6 +508,54 @@ mod tests {
         ] {
             assert_eq!(verb_and_resource(what), want, "{what}");
         }
+    }
+
+    #[test]
+    fn export_follows_the_standard_variables() {
+        let with = |vars: &[(&str, &str)]| {
+            let vars: HashMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            move |k: &str| vars.get(k).cloned()
+        };
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
+        assert_eq!(export_target(&Otlp::FromEnv, with(&[])), None);
+        assert_eq!(export_target(&Otlp::FromEnv, with(&[ep])), Some(None));
+        assert_eq!(
+            export_target(
+                &Otlp::FromEnv,
+                with(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317")])
+            ),
+            Some(None)
+        );
+        assert_eq!(
+            export_target(
+                &Otlp::FromEnv,
+                with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])
+            ),
+            None
+        );
+        assert_eq!(
+            export_target(&Otlp::FromEnv, with(&[ep, ("OTEL_SDK_DISABLED", "TRUE")])),
+            None
+        );
+        assert_eq!(
+            export_target(&Otlp::FromEnv, with(&[ep, ("OTEL_SDK_DISABLED", "false")])),
+            Some(None)
+        );
+        assert_eq!(
+            export_target(
+                &Otlp::FromEnv,
+                with(&[ep, ("OTEL_TRACES_EXPORTER", "none")])
+            ),
+            None
+        );
+        assert_eq!(export_target(&Otlp::Off, with(&[ep])), None);
+        assert_eq!(
+            export_target(&Otlp::Endpoint("http://x:4317".into()), with(&[])),
+            Some(Some("http://x:4317".into()))
+        );
     }
 
     #[test]

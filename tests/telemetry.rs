@@ -123,10 +123,16 @@ struct Env {
     sim: Sim,
     client: Client,
     operators: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    /// No write budgets (`--qps 0 --tenant-qps 0`): measure the operator, not its limiter.
+    unlimited: bool,
 }
 
 impl Env {
     async fn start(replicas: usize) -> Env {
+        Self::start_with(replicas, false).await
+    }
+
+    async fn start_with(replicas: usize, unlimited: bool) -> Env {
         let mut cfg = SimConfig::default();
         cfg.controllers.pod_ready_delay = Duration::from_millis(20);
         cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
@@ -137,6 +143,7 @@ impl Env {
             sim,
             client,
             operators: vec![],
+            unlimited,
         };
         for _ in 0..replicas {
             env.add_replica();
@@ -149,6 +156,10 @@ impl Env {
         let id = format!("otel-{}", self.operators.len());
         let mut a = OperatorArgs::for_shard(&id);
         a.api_timeout_seconds = 5;
+        if self.unlimited {
+            a.qps = 0.0;
+            a.tenant_qps = 0.0;
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let client = self.sim.client_as(&format!("stslock/{id}"));
         let task = tokio::spawn(async move {
@@ -250,6 +261,7 @@ impl Env {
 fn telemetry(otlp: Otlp, max_queue: usize) -> (tracing::Dispatch, TelemetryGuard) {
     stslock::telemetry::build(&TelemetryConfig {
         otlp,
+        shard: Some("otel-resource".into()),
         log_filter: Some("error".into()),
         max_queue,
         export_timeout: Duration::from_secs(1),
@@ -335,9 +347,18 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         Some(Value::DoubleValue(w)) => assert!((0.0..15.0).contains(&w), "writerless {w}"),
         other => panic!("writerless_seconds: {other:?}"),
     }
+    let resource = |k: &str| attr(&failover.resource, k);
     assert_eq!(
-        attr(&failover.resource, "service.name"),
+        resource("service.name"),
         Some(Value::StringValue("stslock".into()))
+    );
+    assert_eq!(
+        resource("service.version"),
+        Some(Value::StringValue(env!("CARGO_PKG_VERSION").into()))
+    );
+    assert_eq!(
+        resource("stslock.shard"),
+        Some(Value::StringValue("otel-resource".into()))
     );
 
     let all = receiver.spans();
@@ -601,7 +622,8 @@ async fn failover_with_a_broken_collector(endpoint: String) {
 /// without (the same subscriber minus the OpenTelemetry layer), alternating to even out
 /// warm-up. Run with
 /// `cargo test --release --test telemetry -- --ignored --nocapture telemetry_cost`
-/// (`STSLOCK_BENCH_LOCKS` sets the number of locks per round, default 200).
+/// (`STSLOCK_BENCH_LOCKS` sets the number of locks per round, default 200; the write budgets
+/// are off unless `STSLOCK_BENCH_BUDGETS` is set, since with them the limiter sets the pace).
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "measurement; prints numbers"]
 async fn telemetry_cost() {
@@ -621,7 +643,7 @@ async fn telemetry_cost() {
         let (dispatch, guard) = telemetry(otlp, 4096);
         let _scoped = tracing::dispatcher::set_default(&dispatch);
         let before = receiver.spans().len();
-        let mut env = Env::start(1).await;
+        let mut env = Env::start_with(1, std::env::var_os("STSLOCK_BENCH_BUDGETS").is_none()).await;
         for i in 0..n {
             env.statefulset(&format!("s{i}"), 2).await;
         }
