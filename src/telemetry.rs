@@ -431,7 +431,15 @@ pub const API_TARGET: &str = "stslock::api_call";
 
 /// The span of one API call, named after the call's description; verb and resource are
 /// read off it (descriptions are "<verb>ing <what> <Kind> ns/name ...").
+///
+/// Only inside another span (a reconcile, a decision, a handoff): calls made outside any —
+/// every Lease renewal of the renewal lane, membership renewals, claims — would each be a
+/// trace of their own, the per-renewal cost this module avoids. A failed renewal has its
+/// own span ([`renewal_failed`]).
 pub fn api_span(what: &str) -> Span {
+    if Span::current().is_none() {
+        return Span::none();
+    }
     let (verb, resource) = verb_and_resource(what);
     tracing::debug_span!(
         target: API_TARGET,

@@ -494,12 +494,27 @@ async fn a_failed_renewal_is_a_span_and_a_successful_one_is_not() {
     env.wait_writer("r-lease", "r-0").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     guard.flush().await;
+    let renewed = env
+        .sim
+        .commit_log()
+        .iter()
+        .filter(|c| {
+            c.resource == "leases" && c.name == "r-lease" && c.actor.starts_with("stslock/")
+        })
+        .count();
     assert!(
-        !receiver
-            .spans()
-            .iter()
-            .any(|g| g.span.name == "renewal failed"),
-        "renewals that succeed get no span"
+        renewed >= 3,
+        "created and renewed at least twice: {renewed} writes"
+    );
+    let renewal_spans: Vec<String> = receiver
+        .spans()
+        .iter()
+        .map(|g| g.span.name.clone())
+        .filter(|n| n == "renewal failed" || n.starts_with("renewing Lease"))
+        .collect();
+    assert!(
+        renewal_spans.is_empty(),
+        "renewals that succeed get no span: {renewal_spans:?}"
     );
     // The operator's writes fail with 500 for a while.
     env.sim.faults().update(|f| {
