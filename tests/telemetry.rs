@@ -413,7 +413,37 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     assert!(elected.contains(" trace_id="), "{elected:?}");
     assert!(!elected.contains(&trace_id), "{elected:?}");
 
-    // Renewals add no decision spans: one election, one failover.
+    // A switchover to a preferred writer is a decision span too.
+    Api::<StatefulSetLock>::namespaced(env.client.clone(), "default")
+        .patch(
+            "lock",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"preferredWriter": "db-2"}})),
+        )
+        .await
+        .unwrap();
+    env.wait_writer("db-lease", "db-2").await;
+    let switchover = wait_span(&guard, &receiver, "switchover", |g| {
+        g.span.name == "switchover"
+    })
+    .await;
+    assert_eq!(
+        switchover.str("stslock.writer.old").as_deref(),
+        Some("db-1")
+    );
+    assert_eq!(
+        switchover.str("stslock.writer.new").as_deref(),
+        Some("db-2")
+    );
+    assert_eq!(switchover.attr("stslock.epoch"), Some(Value::IntValue(2)));
+    assert_eq!(switchover.str("stslock.outcome").as_deref(), Some("ok"));
+    assert_eq!(
+        switchover.attr("stslock.writerless_seconds"),
+        None,
+        "a switchover from a Ready writer is never writer-less"
+    );
+
+    // Renewals add no decision spans: one election, one failover, one switchover.
     let decisions: HashMap<String, usize> = receiver
         .spans()
         .iter()
@@ -424,7 +454,11 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         });
     assert_eq!(
         decisions,
-        HashMap::from([("election".to_string(), 1), ("failover".to_string(), 1)])
+        HashMap::from([
+            ("election".to_string(), 1),
+            ("failover".to_string(), 1),
+            ("switchover".to_string(), 1)
+        ])
     );
     env.stop().await;
     guard.shutdown().await;
