@@ -22,7 +22,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use crate::elect::{Observed, Plan, Step};
+use crate::elect::{Observed, Plan, Step, Transition};
 
 /// How logs are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -321,11 +321,34 @@ pub async fn traced_apply(
     result
 }
 
-/// The span of a plan that changes the writer (election, failover, switchover); a disabled
-/// span for any other plan, so that renewals and no-ops add nothing to the trace.
+/// The span of a plan that changes the writer (election, failover, switchover) or re-creates
+/// a missing Lease for the sitting writer; a disabled span for any other plan, so that
+/// renewals and no-ops add nothing to the trace.
 pub fn decision_span(o: &Observed, plan: &Plan, shard: &str) -> Span {
-    let Some(t) = &plan.transition else {
-        return Span::none();
+    let recreated;
+    let t = match &plan.transition {
+        Some(t) => t,
+        None => {
+            // No transition but a new Lease: the same writer keeps the role and the epoch.
+            let Some((holder, epoch)) = plan.steps.iter().find_map(|s| match s {
+                Step::CreateLease {
+                    holder,
+                    transitions,
+                    ..
+                } => Some((holder, *transitions)),
+                _ => None,
+            }) else {
+                return Span::none();
+            };
+            recreated = Transition {
+                kind: "lease_recreated",
+                old_writer: Some(holder.clone()),
+                new_writer: holder.clone(),
+                reason: format!("Lease {} was missing", o.lease_name),
+                epoch,
+            };
+            &recreated
+        }
     };
     tracing::info_span!(
         "election",

@@ -443,7 +443,27 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         "a switchover from a Ready writer is never writer-less"
     );
 
-    // Renewals add no decision spans: one election, one failover, one switchover.
+    // A Lease deleted behind the operator's back is re-created for the same writer: a decision
+    // span of its own, the epoch unchanged.
+    Api::<Lease>::namespaced(env.client.clone(), "default")
+        .delete("db-lease", &Default::default())
+        .await
+        .unwrap();
+    let recreated = wait_span(&guard, &receiver, "lease_recreated", |g| {
+        g.span.name == "lease_recreated"
+    })
+    .await;
+    assert_eq!(recreated.str("stslock.writer.old").as_deref(), Some("db-2"));
+    assert_eq!(recreated.str("stslock.writer.new").as_deref(), Some("db-2"));
+    assert_eq!(recreated.attr("stslock.epoch"), Some(Value::IntValue(2)));
+    assert_eq!(
+        recreated.str("stslock.reason").as_deref(),
+        Some("Lease db-lease was missing")
+    );
+    assert_eq!(recreated.str("stslock.outcome").as_deref(), Some("ok"));
+    env.wait_writer("db-lease", "db-2").await;
+
+    // Renewals add no decision spans: one of each.
     let decisions: HashMap<String, usize> = receiver
         .spans()
         .iter()
@@ -457,7 +477,8 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         HashMap::from([
             ("election".to_string(), 1),
             ("failover".to_string(), 1),
-            ("switchover".to_string(), 1)
+            ("switchover".to_string(), 1),
+            ("lease_recreated".to_string(), 1)
         ])
     );
     env.stop().await;
