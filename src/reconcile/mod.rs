@@ -101,7 +101,7 @@ pub async fn run(
     ));
     tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
     let (renewals, renew_inbox) = crate::renew::channel();
-    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::channel(1024);
+    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
         args: args.clone(),
