@@ -1,6 +1,7 @@
 //! Operator configuration: every flag is also settable from the environment (`STSLOCK_*`),
 //! and every default works out of the box.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -59,6 +60,10 @@ pub struct OperatorArgs {
     /// Membership Lease duration in seconds (renewed every third of it).
     #[arg(long, env = "STSLOCK_MEMBERSHIP_LEASE_SECONDS", default_value_t = 15)]
     pub membership_lease_seconds: u64,
+
+    /// Address of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
+    #[arg(long, env = "STSLOCK_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
 }
 
 impl OperatorArgs {
@@ -75,6 +80,7 @@ impl OperatorArgs {
             namespace: None,
             max_locks_per_namespace: None,
             membership_lease_seconds: 15,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 

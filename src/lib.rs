@@ -7,5 +7,6 @@ pub mod config;
 pub mod dev;
 pub mod elect;
 pub mod error;
+pub mod metrics;
 pub mod reconcile;
 pub mod sharding;

@@ -15,7 +15,7 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -38,6 +38,15 @@ pub struct Context {
     pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
     pub recorder: Recorder,
     pub sharding: Arc<crate::sharding::Sharding>,
+    /// This replica's metrics (one per replica: several share a process in tests and dev).
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Hooks for whoever embeds the operator (tests, `stslock dev`).
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives the address `/metrics`, `/healthz` and `/readyz` are served on, once bound.
+    pub metrics_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 }
 
 /// Run the operator until `shutdown` resolves.
@@ -46,7 +55,25 @@ pub async fn run(
     args: OperatorArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(client, args, shutdown, RunOptions::default()).await
+}
+
+/// [`run`], with hooks for embedding.
+pub async fn run_with(
+    client: Client,
+    args: OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> anyhow::Result<()> {
     let identity = args.identity();
+    let metrics = Arc::new(crate::metrics::Metrics::new(&identity));
+    // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
+    // while the replica is still connecting.
+    let (listener, metrics_addr) = crate::metrics::server::bind(args.metrics_addr).await?;
+    tracing::info!(shard = %identity, addr = %metrics_addr, "serving /metrics, /healthz, /readyz");
+    if let Some(tx) = options.metrics_bound {
+        let _ = tx.send(metrics_addr);
+    }
     let namespace = args
         .namespace
         .clone()
@@ -75,6 +102,14 @@ pub async fn run(
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
+    let caches = Arc::new(crate::metrics::server::CacheSync::default());
+    let probe = Arc::new(crate::metrics::server::Probe {
+        metrics: metrics.clone(),
+        caches: caches.clone(),
+        pods: pods.clone(),
+        locks: locks.clone(),
+        sharding: sharding.clone(),
+    });
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -92,6 +127,7 @@ pub async fn run(
         sets: sets.clone(),
         recorder,
         sharding: sharding.clone(),
+        metrics: metrics.clone(),
     });
     // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -100,10 +136,16 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     // The background tasks live exactly as long as this future: dropped (or aborted) with it.
+    let scoped = |f| crate::metrics::scoped(metrics.clone(), f);
     let background = AbortOnDrop(vec![
-        tokio::spawn(sharding.clone().membership_loop()),
-        tokio::spawn(sharding.clone().watch_members()),
-        tokio::spawn({
+        tokio::spawn(crate::metrics::server::serve(listener, probe)),
+        tokio::spawn(scoped(sharding.clone().membership_loop().boxed())),
+        tokio::spawn(scoped(sharding.clone().watch_members().boxed())),
+        tokio::spawn(cache_synced(locks.clone(), caches.clone(), |c| &c.locks)),
+        tokio::spawn(cache_synced(sets.clone(), caches.clone(), |c| {
+            &c.statefulsets
+        })),
+        tokio::spawn(scoped({
             let sharding = sharding.clone();
             let locks = locks.clone();
             let mut stop = stop_rx.clone();
@@ -116,7 +158,8 @@ pub async fn run(
                     }
                 }
             }
-        }),
+            .boxed()
+        })),
         stop_waiter,
     ]);
     let set_triggers = {
@@ -146,7 +189,11 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
         .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
         .reconcile_on(set_triggers)
-        .reconcile_on(watch::lease_triggers(client.clone(), leases))
+        .reconcile_on(watch::lease_triggers_synced(
+            client.clone(),
+            leases,
+            caches.leases.clone(),
+        ))
         .graceful_shutdown_on({
             let mut stop = stop_rx.clone();
             async move {
@@ -163,10 +210,24 @@ pub async fn run(
             }
         })
         .await;
-    sharding.leave(&locks).await;
+    crate::metrics::scoped(metrics.clone(), sharding.leave(&locks)).await;
     drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())
+}
+
+/// Marks a reflector cache as synced once it has its initial list.
+async fn cache_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    caches: Arc<crate::metrics::server::CacheSync>,
+    flag: fn(&crate::metrics::server::CacheSync) -> &std::sync::atomic::AtomicBool,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    if store.wait_until_ready().await.is_ok() {
+        flag(&caches).store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Aborts its tasks when dropped, so a replica's helpers never outlive it.
@@ -198,23 +259,45 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, _ctx: Arc<Context>) -> 
 }
 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
+    crate::metrics::scoped(ctx.metrics.clone(), reconcile_lock(lock, ctx)).await
+}
+
+async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Only the replica named by the lock's shard label works on it, and only while its own
     // membership is surely live.
     let Some(_inflight) = ctx.sharding.begin(&lock) else {
         let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+        if !mine {
+            ctx.metrics.forget_lock(&format!(
+                "{}/{}",
+                lock.namespace().unwrap_or_default(),
+                lock.name_any()
+            ));
+        }
         return Ok(if mine {
             Action::requeue(Duration::from_secs(1))
         } else {
             Action::await_change()
         });
     };
-    let now = jiff::Timestamp::now();
-    let observed = gather::observe(&lock, &ctx).await?;
-    let plan = crate::elect::decide(
-        &observed,
-        now,
-        &gather::election_config(&ctx.args, &ctx.identity),
-    );
-    apply::apply(&lock, &observed, &plan, &ctx).await?;
-    Ok(apply::next_action(&plan))
+    let _busy = ctx.metrics.reconcile_started();
+    let started = std::time::Instant::now();
+    let result = async {
+        let now = jiff::Timestamp::now();
+        let observed = gather::observe(&lock, &ctx).await?;
+        ctx.metrics.observed(&observed);
+        let plan = crate::elect::decide(
+            &observed,
+            now,
+            &gather::election_config(&ctx.args, &ctx.identity),
+        );
+        apply::apply(&lock, &observed, &plan, &ctx).await?;
+        ctx.metrics
+            .applied(&observed, &plan, now, jiff::Timestamp::now());
+        Ok(apply::next_action(&plan))
+    }
+    .await;
+    ctx.metrics
+        .reconcile_finished(started.elapsed(), result.as_ref().err());
+    result
 }

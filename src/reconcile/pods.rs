@@ -76,6 +76,8 @@ struct Inner {
     pods: HashMap<(String, String), SetKey>,
     /// Objects listed since the last `Init`, swapped in at `InitDone`.
     buffer: Option<Vec<Arc<PodProjection>>>,
+    /// The initial list has been delivered (readiness).
+    synced: bool,
 }
 
 /// Cluster-wide index of StatefulSet pods.
@@ -102,6 +104,11 @@ impl PodIndex {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Has the pod watch delivered its initial list (so the index is complete)?
+    pub fn is_synced(&self) -> bool {
+        self.read().synced
+    }
+
     /// Apply one watcher event; returns the StatefulSets whose pods changed (namespace, name).
     pub fn apply(&self, event: &watcher::Event<Pod>) -> Vec<SetKey> {
         let mut inner = self.write();
@@ -119,6 +126,7 @@ impl PodIndex {
                 vec![]
             }
             watcher::Event::InitDone => {
+                inner.synced = true;
                 let listed = inner.buffer.take().unwrap_or_default();
                 let mut touched: Vec<SetKey> = inner.sets.keys().cloned().collect();
                 inner.sets.clear();
