@@ -165,7 +165,7 @@ impl Metrics {
         );
         r.register(
             "failover_duration_seconds",
-            "From the writer going NotReady (or the Lease takeover being decided) to the new writer labelled",
+            "From the writer going NotReady (or, for a writer that is gone, the Lease takeover) to the new writer labelled",
             m.failover_duration.clone(),
         );
         r.register(
@@ -218,6 +218,21 @@ impl Metrics {
             "Seconds spent waiting for the client-side rate limiter",
             m.rate_limit_wait_seconds.clone(),
         );
+        // Series that exist from the start read 0 rather than missing, so rates and alerts
+        // see them before the first event.
+        for kind in Error::METRIC_LABELS {
+            let _ = m.reconcile_errors.get_or_create(&KindLabel {
+                kind: (*kind).into(),
+            });
+        }
+        for kind in ["election", "failover", "switchover"] {
+            let _ = m
+                .writer_changes
+                .get_or_create(&KindLabel { kind: kind.into() });
+        }
+        let _ = m.owned_locks.get_or_create(&ShardLabel {
+            shard: m.shard.clone(),
+        });
         Metrics { registry, ..m }
     }
 
@@ -259,9 +274,11 @@ impl Metrics {
         }
     }
 
-    /// A plan was applied in full: count renewals, writer changes and writer-less time.
-    /// `decided` is the `now` the plan was made for, `applied` when its last write returned.
-    pub fn applied(&self, o: &Observed, plan: &Plan, decided: Timestamp, applied: Timestamp) {
+    /// A plan's steps were all written: count renewals, writer changes and writer-less time.
+    /// `started` is when its first write (the Lease) was made, `applied` when its last one
+    /// (the new writer's label) returned.
+    pub fn applied(&self, o: &Observed, plan: &Plan, started: Timestamp, applied: Timestamp) {
+        let decided = started;
         if let Some(r) = renewal(o, plan, decided) {
             self.lease_renewals.inc();
             self.lease_renewal_lateness
@@ -372,8 +389,8 @@ pub fn writers(o: &Observed) -> usize {
 }
 
 /// When the writer a failover replaced was lost: the old writer's NotReady transition if the
-/// reconcile saw one, else the moment the takeover was decided (a deleted or recreated writer
-/// leaves no timestamp the operator can trust). None for elections and switchovers.
+/// reconcile saw one, else `decided`, the moment of the Lease takeover (a deleted or recreated
+/// writer leaves no timestamp the operator can trust). None for elections and switchovers.
 pub fn failover_started_at(o: &Observed, t: &Transition, decided: Timestamp) -> Option<Timestamp> {
     if t.kind != "failover" {
         return None;

@@ -319,3 +319,30 @@ fn shard_state_is_labelled_by_shard() {
     assert_eq!(sample(&m, "stslock_ring_members"), 3.0);
     assert_eq!(sample(&m, "stslock_shard_ready"), 1.0);
 }
+
+#[test]
+fn error_kinds_and_writer_changes_start_at_zero() {
+    let m = Metrics::new("shard-a");
+    for kind in Error::METRIC_LABELS {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("stslock_reconcile_errors_total{{kind=\"{kind}\"}}")
+            ),
+            0.0
+        );
+    }
+    let e = Error::Timeout {
+        context: "getting Lease ns/l".into(),
+        after: Duration::from_secs(1),
+    };
+    assert!(Error::METRIC_LABELS.contains(&e.metric_label()));
+    m.reconcile_finished(Duration::from_millis(3), Some(&e));
+    m.reconcile_finished(Duration::from_millis(3), None);
+    assert_eq!(sample(&m, "stslock_reconciles_total"), 2.0);
+    assert_eq!(
+        sample(&m, "stslock_reconcile_errors_total{kind=\"timeout\"}"),
+        1.0
+    );
+    assert_eq!(sample(&m, "stslock_owned_locks{shard=\"shard-a\"}"), 0.0);
+}

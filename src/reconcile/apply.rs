@@ -42,6 +42,7 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     // (advanced by the plan's own finalizer write): a reconcile that started from a stale view
     // — e.g. before its shard handed the lock off — cannot write it.
     let mut lock_rv = lock.resource_version();
+    let mut first_write = None;
     for step in &plan.steps {
         // A replica that may have lost its membership stops mid-plan: the next owner
         // reconverges from the Lease.
@@ -53,6 +54,7 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
         }
         let timeout = api_timeout.min(window);
         let now = jiff::Timestamp::now();
+        first_write.get_or_insert(now);
         match step {
             Step::AddFinalizer | Step::RemoveFinalizer => {
                 let mut f: Vec<String> = lock.finalizers().to_vec();
@@ -171,6 +173,11 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
             }
         }
     }
+    // The election's writes are done (the new writer is labelled): count what they did now,
+    // so a failed status write below cannot hide a failover from the metrics.
+    let labelled = jiff::Timestamp::now();
+    ctx.metrics
+        .applied(o, plan, first_write.unwrap_or(labelled), labelled);
     let timeout = api_timeout.min(ctx.sharding.write_window());
     if timeout.is_zero() {
         return Err(crate::error::Error::Fenced);

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
@@ -92,9 +92,25 @@ pub async fn run_with(
             api_timeout: args.api_timeout(),
         },
     );
+    let caches = Arc::new(crate::metrics::server::CacheSync::default());
+    // What Controller::new builds, with the lock watch's InitDone visible for readiness (a
+    // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
     let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
-    let controller = Controller::new(locks_api, watcher::Config::default());
-    let locks = controller.store();
+    let (locks, locks_writer) = kube::runtime::reflector::store();
+    let lock_events =
+        kube::runtime::reflector(locks_writer, watcher(locks_api, watcher::Config::default()))
+            .inspect({
+                let caches = caches.clone();
+                move |ev| {
+                    if matches!(ev, Ok(watcher::Event::InitDone)) {
+                        caches
+                            .locks
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            })
+            .applied_objects();
+    let controller = Controller::for_stream(lock_events, locks.clone());
     let (sets, sets_writer) = kube::runtime::reflector::store();
     let sets_stream = kube::runtime::reflector(
         sets_writer,
@@ -102,7 +118,6 @@ pub async fn run_with(
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
-    let caches = Arc::new(crate::metrics::server::CacheSync::default());
     let probe = Arc::new(crate::metrics::server::Probe {
         metrics: metrics.clone(),
         caches: caches.clone(),
@@ -141,7 +156,6 @@ pub async fn run_with(
         tokio::spawn(crate::metrics::server::serve(listener, probe)),
         tokio::spawn(scoped(sharding.clone().membership_loop().boxed())),
         tokio::spawn(scoped(sharding.clone().watch_members().boxed())),
-        tokio::spawn(cache_synced(locks.clone(), caches.clone(), |c| &c.locks)),
         tokio::spawn(cache_synced(sets.clone(), caches.clone(), |c| {
             &c.statefulsets
         })),
@@ -216,7 +230,8 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Marks a reflector cache as synced once it has its initial list.
+/// Marks a reflector cache as synced once it has its initial list. Only for stores nothing
+/// else waits on: `wait_until_ready` wakes only its most recent waiter.
 async fn cache_synced<K>(
     store: kube::runtime::reflector::Store<K>,
     caches: Arc<crate::metrics::server::CacheSync>,
@@ -292,8 +307,6 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             &gather::election_config(&ctx.args, &ctx.identity),
         );
         apply::apply(&lock, &observed, &plan, &ctx).await?;
-        ctx.metrics
-            .applied(&observed, &plan, now, jiff::Timestamp::now());
         Ok(apply::next_action(&plan))
     }
     .await;
