@@ -90,11 +90,8 @@ struct Replica {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn start_replica(
-    sim: &Sim,
-    id: &str,
-    f: impl FnOnce(&mut OperatorArgs),
-) -> (oneshot::Receiver<SocketAddr>, Replica) {
+/// Start an operator replica and wait for the address its metrics server bound.
+async fn replica(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
     let mut args = OperatorArgs::for_shard(id);
     args.api_timeout_seconds = 5;
     f(&mut args);
@@ -112,17 +109,12 @@ fn start_replica(
             .await
             .expect("operator");
     });
-    let addr = SocketAddr::from(([0, 0, 0, 0], 0));
-    (bound_rx, Replica { addr, stop, task })
-}
-
-async fn replica(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
-    let (bound, mut r) = start_replica(sim, id, f);
-    r.addr = tokio::time::timeout(Duration::from_secs(10), bound)
+    let addr = tokio::time::timeout(Duration::from_secs(10), bound_rx)
         .await
         .expect("metrics address in time")
         .expect("metrics address");
-    r
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    Replica { addr, stop, task }
 }
 
 async fn stop(replicas: Vec<Replica>) {
@@ -257,18 +249,28 @@ async fn failovers_are_counted_once_and_locks_are_split_across_three_replicas() 
         }
     }
     // The counts settle once every replica has finished its reconciles; shards may still be
-    // claiming their locks, so wait for the ownership to add up too.
-    let scrapes = until(15, "metrics to account for every failover and lock", || {
-        let replicas = &replicas;
-        async move {
-            let s = scrape_all(replicas).await;
-            let done = sum(&s, "stslock_failover_duration_seconds_count") == failovers as f64
-                && sum(&s, "stslock_owned_locks") == locks as f64
-                && sum(&s, "stslock_reconciles_in_flight") == 0.0;
-            done.then_some(s)
+    // claiming their locks. Then the numbers must be exact.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let scrapes = loop {
+        let s = scrape_all(&replicas).await;
+        let settled = sum(&s, "stslock_failover_duration_seconds_count") >= failovers as f64
+            && sum(&s, "stslock_owned_locks") == locks as f64
+            && sum(&s, "stslock_reconciles_in_flight") == 0.0;
+        if settled || tokio::time::Instant::now() > deadline {
+            break s;
         }
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        sum(&scrapes, "stslock_failover_duration_seconds_count"),
+        failovers as f64,
+        "failovers counted across the replicas"
+    );
+    assert_eq!(
+        sum(&scrapes, "stslock_owned_locks"),
+        locks as f64,
+        "owned locks across the replicas"
+    );
     assert_eq!(
         sum(&scrapes, "stslock_writer_changes_total{kind=\"failover\"}"),
         failovers as f64
@@ -494,4 +496,66 @@ async fn alert_rules_and_dashboard_use_only_exposed_metrics() {
     ] {
         assert!(dash_used.contains(metric), "no panel shows {metric}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stslock_dev_prints_where_each_shard_serves_its_metrics() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = std::env::temp_dir().join(format!("stslock-dev-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stslock"))
+        .args([
+            "dev",
+            "--shards",
+            "2",
+            "--no-samples",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig-out")
+        .arg(dir.join("kubeconfig"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run stslock dev");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addrs = HashMap::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while addrs.len() < 2 {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("stslock dev exited");
+            // "shard stslock-0: http://127.0.0.1:PORT/metrics  http://.../readyz  ..."
+            if let Some(rest) = line.strip_prefix("shard ")
+                && let Some((id, urls)) = rest.split_once(": http://")
+                && let Some((addr, _)) = urls.split_once("/metrics")
+            {
+                addrs.insert(id.to_string(), addr.parse::<SocketAddr>().unwrap());
+            }
+        }
+    })
+    .await
+    .expect("stslock dev printed both shards' metrics addresses");
+    let mut ids: Vec<_> = addrs.keys().cloned().collect();
+    ids.sort();
+    assert_eq!(ids, ["stslock-0", "stslock-1"]);
+    for (id, addr) in &addrs {
+        until(30, &format!("{id} ready"), || async {
+            let (status, _) = get(*addr, "/readyz").await;
+            (status == 200).then_some(())
+        })
+        .await;
+        let (status, text) = get(*addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            text.contains(&format!("stslock_owned_locks{{shard=\"{id}\"}}")),
+            "{text}"
+        );
+    }
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -276,8 +276,16 @@ impl Metrics {
 
     /// A plan's steps were all written: count renewals, writer changes and writer-less time.
     /// `started` is when its first write (the Lease) was made, `applied` when its last one
-    /// (the new writer's label) returned.
-    pub fn applied(&self, o: &Observed, plan: &Plan, started: Timestamp, applied: Timestamp) {
+    /// (the new writer's label) returned; `old_writer_lost` is when this replica saw the old
+    /// writer turn NotReady, if it did (see [`failover_started_at`]).
+    pub fn applied(
+        &self,
+        o: &Observed,
+        plan: &Plan,
+        started: Timestamp,
+        applied: Timestamp,
+        old_writer_lost: Option<Timestamp>,
+    ) {
         let decided = started;
         if let Some(r) = renewal(o, plan, decided) {
             self.lease_renewals.inc();
@@ -295,7 +303,7 @@ impl Metrics {
                     kind: t.kind.into(),
                 })
                 .inc();
-            if let Some(lost) = failover_started_at(o, t, decided) {
+            if let Some(lost) = failover_started_at(o, t, decided, old_writer_lost) {
                 let gap = seconds_between(lost, applied);
                 self.failover_duration.observe(gap);
                 failover_gap = Some(gap);
@@ -388,10 +396,18 @@ pub fn writers(o: &Observed) -> usize {
         .count()
 }
 
-/// When the writer a failover replaced was lost: the old writer's NotReady transition if the
-/// reconcile saw one, else `decided`, the moment of the Lease takeover (a deleted or recreated
-/// writer leaves no timestamp the operator can trust). None for elections and switchovers.
-pub fn failover_started_at(o: &Observed, t: &Transition, decided: Timestamp) -> Option<Timestamp> {
+/// When the writer a failover replaced was lost. For a NotReady writer: when this replica's
+/// pod watch saw it turn NotReady (`seen_not_ready`), else its Ready condition's
+/// lastTransitionTime (second precision, so up to a second early; used when the replica
+/// started or took the lock over after the transition). For a writer that is gone (deleted,
+/// recreated, terminating): `decided`, the moment of the Lease takeover, as nothing better is
+/// known. None for elections and switchovers.
+pub fn failover_started_at(
+    o: &Observed,
+    t: &Transition,
+    decided: Timestamp,
+    seen_not_ready: Option<Timestamp>,
+) -> Option<Timestamp> {
     if t.kind != "failover" {
         return None;
     }
@@ -400,7 +416,10 @@ pub fn failover_started_at(o: &Observed, t: &Transition, decided: Timestamp) -> 
         .as_deref()
         .and_then(|name| o.pods.iter().find(|p| p.name == name));
     Some(match old {
-        Some(p) if !p.ready && !p.terminating => p.ready_since.unwrap_or(decided).min(decided),
+        Some(p) if !p.ready && !p.terminating => seen_not_ready
+            .or(p.ready_since)
+            .unwrap_or(decided)
+            .min(decided),
         _ => decided,
     })
 }

@@ -91,7 +91,7 @@ fn a_notready_writer_failover_is_timed_from_its_notready_transition() {
     let plan = decide(&o, ts(12_000), &cfg());
     assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("failover"));
     m.observed(&o);
-    m.applied(&o, &plan, ts(12_000), ts(12_250));
+    m.applied(&o, &plan, ts(12_000), ts(12_250), None);
     assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
     assert_eq!(sample(&m, "stslock_failover_duration_seconds_sum"), 2.25);
     assert_eq!(
@@ -114,6 +114,30 @@ fn a_notready_writer_failover_is_timed_from_its_notready_transition() {
 }
 
 #[test]
+fn a_notready_transition_seen_by_the_watch_beats_the_second_precision_condition() {
+    let m = Metrics::new("shard-a");
+    let mut writer = pod(0, false, Some(Role::Writer));
+    // The condition says 10.000 s (truncated); the watch saw it at 10.600 s.
+    writer.ready_since = Some(ts(10_000));
+    let o = observed(
+        vec![writer, pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    let plan = decide(&o, ts(10_620), &cfg());
+    let t = plan.transition.clone().unwrap();
+    assert_eq!(
+        failover_started_at(&o, &t, ts(10_620), Some(ts(10_600))),
+        Some(ts(10_600))
+    );
+    m.applied(&o, &plan, ts(10_620), ts(10_650), Some(ts(10_600)));
+    assert!((sample(&m, "stslock_failover_duration_seconds_sum") - 0.05).abs() < 1e-9);
+    assert_eq!(
+        sample(&m, "stslock_failover_duration_seconds_bucket{le=\"0.05\"}"),
+        1.0
+    );
+}
+
+#[test]
 fn a_deleted_writer_failover_is_timed_from_the_takeover_decision() {
     let m = Metrics::new("shard-a");
     let o = observed(
@@ -123,8 +147,11 @@ fn a_deleted_writer_failover_is_timed_from_the_takeover_decision() {
     let plan = decide(&o, ts(12_000), &cfg());
     let t = plan.transition.clone().unwrap();
     assert_eq!(t.kind, "failover");
-    assert_eq!(failover_started_at(&o, &t, ts(12_000)), Some(ts(12_000)));
-    m.applied(&o, &plan, ts(12_000), ts(12_040));
+    assert_eq!(
+        failover_started_at(&o, &t, ts(12_000), None),
+        Some(ts(12_000))
+    );
+    m.applied(&o, &plan, ts(12_000), ts(12_040), None);
     assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
     assert!((sample(&m, "stslock_failover_duration_seconds_sum") - 0.04).abs() < 1e-9);
 }
@@ -136,7 +163,7 @@ fn an_election_is_not_a_failover() {
     o.status = StatefulSetLockStatus::default();
     let plan = decide(&o, ts(1_000), &cfg());
     assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("election"));
-    m.applied(&o, &plan, ts(1_000), ts(1_010));
+    m.applied(&o, &plan, ts(1_000), ts(1_010), None);
     assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 0.0);
     assert_eq!(
         sample(&m, "stslock_writer_changes_total{kind=\"election\"}"),
@@ -161,14 +188,14 @@ fn renewals_report_lateness_past_half_the_duration_and_lapses() {
             lapsed: false
         })
     );
-    m.applied(&o, &plan, ts(16_000), ts(16_005));
+    m.applied(&o, &plan, ts(16_000), ts(16_005), None);
     // Not due yet: no write, no renewal.
     let early = decide(&o, ts(10_000), &cfg());
     assert_eq!(renewal(&o, &early, ts(10_000)), None);
-    m.applied(&o, &early, ts(10_000), ts(10_000));
+    m.applied(&o, &early, ts(10_000), ts(10_000), None);
     // Expired (30 s) before the renewal: a lapse.
     let plan = decide(&o, ts(40_000), &cfg());
-    m.applied(&o, &plan, ts(40_000), ts(40_010));
+    m.applied(&o, &plan, ts(40_000), ts(40_010), None);
     assert_eq!(sample(&m, "stslock_lease_renewals_total"), 2.0);
     assert_eq!(sample(&m, "stslock_lease_lapses_total"), 1.0);
     assert_eq!(
@@ -213,19 +240,19 @@ fn a_lock_waiting_out_its_failover_delay_is_writerless_until_the_writer_recovers
         plan.transition.is_none(),
         "still within failoverDelaySeconds"
     );
-    m.applied(&o, &plan, ts(10_000), ts(10_010));
+    m.applied(&o, &plan, ts(10_000), ts(10_010), None);
     assert_eq!(sample(&m, "stslock_writerless_locks"), 1.0);
     // The writer comes back: 3.5 s without a Ready writer are counted (from the reconcile
     // that saw it, to the one that saw it back).
     o.pods[0].ready = true;
     let plan = decide(&o, ts(13_000), &cfg());
-    m.applied(&o, &plan, ts(13_000), ts(13_500));
+    m.applied(&o, &plan, ts(13_000), ts(13_500), None);
     assert_eq!(sample(&m, "stslock_writerless_locks"), 0.0);
     assert_eq!(sample(&m, "stslock_writerless_seconds_total"), 3.5);
     // Handing a writer-less lock off stops tracking it on this replica.
     o.pods[0].ready = false;
     let plan = decide(&o, ts(20_000), &cfg());
-    m.applied(&o, &plan, ts(20_000), ts(20_000));
+    m.applied(&o, &plan, ts(20_000), ts(20_000), None);
     assert_eq!(sample(&m, "stslock_writerless_locks"), 1.0);
     m.forget_lock("ns/lock");
     assert_eq!(sample(&m, "stslock_writerless_locks"), 0.0);

@@ -176,8 +176,18 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     // The election's writes are done (the new writer is labelled): count what they did now,
     // so a failed status write below cannot hide a failover from the metrics.
     let labelled = jiff::Timestamp::now();
-    ctx.metrics
-        .applied(o, plan, first_write.unwrap_or(labelled), labelled);
+    let old_writer_lost = plan
+        .transition
+        .as_ref()
+        .and_then(|t| t.old_writer.as_deref())
+        .and_then(|w| ctx.pods.not_ready_seen_at(ns, w));
+    ctx.metrics.applied(
+        o,
+        plan,
+        first_write.unwrap_or(labelled),
+        labelled,
+        old_writer_lost,
+    );
     let timeout = api_timeout.min(ctx.sharding.write_window());
     if timeout.is_zero() {
         return Err(crate::error::Error::Fenced);
