@@ -354,6 +354,47 @@ async fn readyz_waits_for_synced_caches_and_the_membership_lease() {
     stop(vec![r]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.expect("crd");
+    let first = replica(&sim, "h-0", |_| {}).await;
+    let locks = 12;
+    for i in 0..locks {
+        lock(&client, &format!("h{i}"), &format!("hs{i}")).await;
+    }
+    until(20, "the only replica owns every lock", || async {
+        let s = scrape_all(std::slice::from_ref(&first)).await;
+        (total(&s[0], "stslock_owned_locks") == locks as f64).then_some(())
+    })
+    .await;
+    let mut replicas = vec![first];
+    for i in 1..3 {
+        replicas.push(replica(&sim, &format!("h-{i}"), |_| {}).await);
+    }
+    // The ring grows to three; h-0 hands the locks it no longer owns to their new owners.
+    let s = until(20, "three ring members and every lock owned once", || {
+        let replicas = &replicas;
+        async move {
+            let s = scrape_all(replicas).await;
+            let settled = s.iter().all(|m| m["stslock_ring_members"] == 3.0)
+                && sum(&s, "stslock_owned_locks") == locks as f64
+                && total(&s[0], "stslock_owned_locks") < locks as f64;
+            settled.then_some(s)
+        }
+    })
+    .await;
+    let moved = locks as f64 - total(&s[0], "stslock_owned_locks");
+    assert!(
+        total(&s[0], "stslock_handoffs_total") >= moved,
+        "h-0 gave away {moved} locks with {} handoffs",
+        total(&s[0], "stslock_handoffs_total")
+    );
+    assert_eq!(sum(&s, "stslock_dual_writer_detections_total"), 0.0);
+    stop(replicas).await;
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
