@@ -395,6 +395,43 @@ async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
     stop(replicas).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_renewal_is_counted_with_its_lateness() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.expect("crd");
+    let r = replica(&sim, "n-0", |_| {}).await;
+    statefulset(&client, "rn", 2).await;
+    let l: StatefulSetLock = serde_json::from_value(json!({
+        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": "rn"},
+        "spec": {"statefulSetName": "rn", "leaseName": "rn-lease", "leaseDurationSeconds": 2}
+    }))
+    .unwrap();
+    Api::<StatefulSetLock>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &l)
+        .await
+        .unwrap();
+    wait_writer(&client, "rn", "rn-0").await;
+    // A 2 s Lease is renewed every second by the same holder, with no new epoch.
+    let s = until(20, "three renewals", || async {
+        let s = samples(&get(r.addr, "/metrics").await.1);
+        (s["stslock_lease_renewals_total"] >= 3.0).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s["stslock_lease_renewal_lateness_seconds_count"],
+        s["stslock_lease_renewals_total"]
+    );
+    assert_eq!(s["stslock_writer_changes_total{kind=\"election\"}"], 1.0);
+    assert_eq!(s["stslock_writer_changes_total{kind=\"failover\"}"], 0.0);
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client, "default")
+        .get("rn-lease")
+        .await
+        .unwrap();
+    assert_eq!(lease.spec.unwrap().lease_transitions, Some(0));
+    stop(vec![r]).await;
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
