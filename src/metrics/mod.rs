@@ -466,9 +466,14 @@ pub fn renewal(o: &Observed, plan: &Plan, decided: Timestamp) -> Option<Renewal>
 }
 
 /// Does the lock lack a Ready writer after this plan? None when the question does not apply:
-/// a lock being deleted, paused, or whose StatefulSet is scaled to zero (or missing).
+/// a lock being deleted, paused, whose StatefulSet is scaled to zero (or missing), or that
+/// never had a writer (before the first election, waiting for pods is the usual start, as
+/// election itself judges it).
 pub fn writerless(o: &Observed, plan: &Plan) -> Option<bool> {
     if o.deleting || o.paused || o.replicas.unwrap_or(0) == 0 {
+        return None;
+    }
+    if o.lease.is_none() && o.status.writer_pod.is_none() && plan.transition.is_none() {
         return None;
     }
     let writer = match &plan.transition {

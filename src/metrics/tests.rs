@@ -259,6 +259,23 @@ fn a_lock_waiting_out_its_failover_delay_is_writerless_until_the_writer_recovers
 }
 
 #[test]
+fn a_new_lock_waiting_for_its_first_ready_pod_is_not_writerless() {
+    let mut o = observed(vec![pod(0, false, None), pod(1, false, None)], None);
+    o.status = StatefulSetLockStatus::default();
+    let plan = decide(&o, ts(1_000), &cfg());
+    assert!(plan.transition.is_none());
+    assert_eq!(writerless(&o, &plan), None);
+    // Once it has had a writer, losing every Ready pod is writer-less.
+    let mut o = observed(
+        vec![pod(0, false, Some(Role::Writer)), pod(1, false, None)],
+        Some(lease("db-0", 0)),
+    );
+    o.status.writer_pod = Some("db-0".into());
+    let plan = decide(&o, ts(1_000), &cfg());
+    assert_eq!(writerless(&o, &plan), Some(true));
+}
+
+#[test]
 fn scaled_to_zero_and_paused_locks_are_not_writerless() {
     let mut o = observed(vec![], None);
     o.replicas = Some(0);
