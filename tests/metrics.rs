@@ -432,6 +432,37 @@ async fn every_renewal_is_counted_with_its_lateness() {
     stop(vec![r]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_with_no_ready_pod_is_reported_writerless_until_one_returns() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.expect("crd");
+    let r = replica(&sim, "w-0", |_| {}).await;
+    statefulset(&client, "wl", 2).await;
+    lock(&client, "wl", "wl").await;
+    wait_writer(&client, "wl", "wl-0").await;
+    let gauge = |text: String| samples(&text)["stslock_writerless_locks"];
+    assert_eq!(gauge(get(r.addr, "/metrics").await.1), 0.0);
+    // No Ready pod at all: nobody to fail over to, the lock is writer-less.
+    sim.pods().set_ready("default", "wl-1", false).unwrap();
+    sim.pods().set_ready("default", "wl-0", false).unwrap();
+    until(15, "writerless_locks 1", || async {
+        (gauge(get(r.addr, "/metrics").await.1) == 1.0).then_some(())
+    })
+    .await;
+    sim.pods().set_ready("default", "wl-1", true).unwrap();
+    wait_writer(&client, "wl", "wl-1").await;
+    let s = until(15, "writerless_locks 0", || async {
+        let s = samples(&get(r.addr, "/metrics").await.1);
+        (s["stslock_writerless_locks"] == 0.0).then_some(s)
+    })
+    .await;
+    assert!(s["stslock_writerless_seconds_total"] > 0.0);
+    assert_eq!(s["stslock_failover_duration_seconds_count"], 1.0);
+    assert_eq!(s["stslock_dual_writer_detections_total"], 0.0);
+    stop(vec![r]).await;
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
