@@ -286,8 +286,7 @@ impl Metrics {
         applied: Timestamp,
         old_writer_lost: Option<Timestamp>,
     ) {
-        let decided = started;
-        if let Some(r) = renewal(o, plan, decided) {
+        if let Some(r) = renewal(o, plan, started) {
             self.lease_renewals.inc();
             self.lease_renewal_lateness
                 .observe(r.lateness.as_secs_f64());
@@ -303,18 +302,17 @@ impl Metrics {
                     kind: t.kind.into(),
                 })
                 .inc();
-            if let Some(lost) = failover_started_at(o, t, decided, old_writer_lost) {
+            if let Some(lost) = failover_started_at(o, t, started, old_writer_lost) {
                 let gap = seconds_between(lost, applied);
                 self.failover_duration.observe(gap);
                 failover_gap = Some(gap);
             }
         }
-        let Ok(mut wl) = self.writerless.lock() else {
-            return;
-        };
+        // Every update below leaves the map consistent, so a poisoned lock is still usable.
+        let mut wl = self.writerless.lock().unwrap_or_else(|p| p.into_inner());
         match writerless(o, plan) {
             Some(true) => {
-                wl.entry(key).or_insert(decided);
+                wl.entry(key).or_insert(started);
             }
             Some(false) | None => {
                 let since = wl.remove(&key);
