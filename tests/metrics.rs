@@ -668,3 +668,82 @@ async fn stslock_dev_prints_where_each_shard_serves_its_metrics() {
     child.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `deploy/observability` builds with kustomize, and its pieces point at each other and at the
+/// operator's pods: ServiceMonitor → Service (labels, port name) → manager pods (labels,
+/// container port), dashboard ConfigMap = the JSON file.
+#[test]
+fn observability_kustomization_wires_the_metrics_port_of_the_manager() {
+    let out =
+        std::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .args(["kustomize", "deploy/observability"])
+            .current_dir(root())
+            .output()
+            .expect("kubectl kustomize (kubectl is required, as for dist/install.yaml)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+            .clone()
+    };
+    let (svc, sm, cm) = (find("Service"), find("ServiceMonitor"), find("ConfigMap"));
+    assert_eq!(
+        find("PrometheusRule")["metadata"]["namespace"],
+        "stslock-system"
+    );
+    assert_eq!(sm["metadata"]["namespace"], "stslock-system");
+    let subset = |want: &serde_json::Value, have: &serde_json::Value| {
+        want.as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| have.get(k) == Some(v))
+    };
+    assert!(subset(
+        &sm["spec"]["selector"]["matchLabels"],
+        &svc["metadata"]["labels"]
+    ));
+    let port = &svc["spec"]["ports"][0];
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], port["name"]);
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    let manager: Vec<serde_json::Value> = serde_saphyr::from_multiple(
+        &std::fs::read_to_string(root().join("deploy/manager/manager.yaml")).unwrap(),
+    )
+    .unwrap();
+    let sts = manager.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let template = &sts["spec"]["template"];
+    assert!(subset(
+        &svc["spec"]["selector"],
+        &template["metadata"]["labels"]
+    ));
+    let container = &template["spec"]["containers"][0];
+    let cport = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == port["targetPort"])
+        .expect("the Service's targetPort is a named port of the manager");
+    let addr = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "STSLOCK_METRICS_ADDR")
+        .expect("the manager sets --metrics-addr")["value"]
+        .as_str()
+        .unwrap()
+        .parse::<SocketAddr>()
+        .unwrap();
+    assert_eq!(cport["containerPort"], addr.port());
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let dashboard =
+        std::fs::read_to_string(root().join("deploy/observability/grafana-dashboard.json"))
+            .unwrap();
+    assert_eq!(cm["data"]["grafana-dashboard.json"], dashboard.as_str());
+}
