@@ -1,6 +1,9 @@
 //! The metrics endpoints of running operator replicas against kubesim: what `/metrics` says
-//! after failovers, when `/readyz` turns ready, and that the alert rules and the dashboard
-//! shipped in deploy/observability/ refer only to metrics the operator exposes.
+//! after failovers, renewals, handoffs and a StatefulSet without a Ready pod; when `/readyz`
+//! turns ready (and unready when fenced); that `stslock dev` prints each shard's address; and
+//! that the alert rules, dashboard and manifests in deploy/observability/ refer only to
+//! metrics the operator exposes and to the port it serves them on. Assertions are on counts
+//! and states, never on durations.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::collections::{BTreeSet, HashMap};
