@@ -64,6 +64,10 @@ pub struct OperatorArgs {
     /// Address of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
     #[arg(long, env = "STSLOCK_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+
+    /// Also export failovers and writer-less locks by namespace (one series per namespace).
+    #[arg(long, env = "STSLOCK_NAMESPACE_METRICS")]
+    pub namespace_metrics: bool,
 }
 
 impl OperatorArgs {
@@ -81,6 +85,7 @@ impl OperatorArgs {
             max_locks_per_namespace: None,
             membership_lease_seconds: 15,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            namespace_metrics: false,
         }
     }
 

@@ -53,6 +53,17 @@ struct ShardLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    namespace: String,
+}
+
+/// Per-namespace series, only with `--namespace-metrics`: one series per tenant namespace.
+struct NamespaceMetrics {
+    failovers: Family<NamespaceLabel, Counter>,
+    writerless_locks: Family<NamespaceLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabels {
     verb: String,
     resource: String,
@@ -85,6 +96,7 @@ pub struct Metrics {
     /// Locks of this replica without a Ready writer, since when (wall clock, like the pods'
     /// Ready transitions the failover duration is measured from).
     writerless: Mutex<HashMap<String, Timestamp>>,
+    namespaces: Option<NamespaceMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,6 +109,12 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(shard: &str) -> Metrics {
+        Metrics::new_with(shard, false)
+    }
+
+    /// With `per_namespace`, also failovers and writer-less locks by namespace (cardinality:
+    /// one series per namespace with locks, so it is a flag).
+    pub fn new_with(shard: &str, per_namespace: bool) -> Metrics {
         let mut registry = Registry::with_prefix("stslock");
         let m = Metrics {
             shard: shard.to_string(),
@@ -120,6 +138,10 @@ impl Metrics {
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
             writerless: Mutex::default(),
+            namespaces: per_namespace.then(|| NamespaceMetrics {
+                failovers: Family::default(),
+                writerless_locks: Family::default(),
+            }),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -218,6 +240,18 @@ impl Metrics {
             "Seconds spent waiting for the client-side rate limiter",
             m.rate_limit_wait_seconds.clone(),
         );
+        if let Some(ns) = &m.namespaces {
+            r.register(
+                "namespace_failovers",
+                "Failovers by namespace (--namespace-metrics)",
+                ns.failovers.clone(),
+            );
+            r.register(
+                "namespace_writerless_locks",
+                "Locks of this replica without a Ready writer, by namespace (--namespace-metrics)",
+                ns.writerless_locks.clone(),
+            );
+        }
         // Series that exist from the start read 0 rather than missing, so rates and alerts
         // see them before the first event.
         for kind in Error::METRIC_LABELS {
@@ -306,6 +340,13 @@ impl Metrics {
                 let gap = seconds_between(lost, applied);
                 self.failover_duration.observe(gap);
                 failover_gap = Some(gap);
+                if let Some(ns) = &self.namespaces {
+                    ns.failovers
+                        .get_or_create(&NamespaceLabel {
+                            namespace: o.namespace.clone(),
+                        })
+                        .inc();
+                }
             }
         }
         // Every update below leaves the map consistent, so a poisoned lock is still usable.
@@ -328,6 +369,19 @@ impl Metrics {
             }
         }
         self.writerless_locks.set(wl.len() as i64);
+        self.count_namespace_writerless(&wl, &o.namespace);
+    }
+
+    fn count_namespace_writerless(&self, wl: &HashMap<String, Timestamp>, namespace: &str) {
+        if let Some(ns) = &self.namespaces {
+            let prefix = format!("{namespace}/");
+            let n = wl.keys().filter(|k| k.starts_with(&prefix)).count();
+            ns.writerless_locks
+                .get_or_create(&NamespaceLabel {
+                    namespace: namespace.to_string(),
+                })
+                .set(n as i64);
+        }
     }
 
     /// The lock is no longer this replica's (handed off, deleted): stop tracking it.
@@ -336,6 +390,9 @@ impl Metrics {
             && wl.remove(key).is_some()
         {
             self.writerless_locks.set(wl.len() as i64);
+            if let Some((namespace, _)) = key.split_once('/') {
+                self.count_namespace_writerless(&wl, namespace);
+            }
         }
     }
 

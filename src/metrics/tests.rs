@@ -390,3 +390,52 @@ fn error_kinds_and_writer_changes_start_at_zero() {
     );
     assert_eq!(sample(&m, "stslock_owned_locks{shard=\"shard-a\"}"), 0.0);
 }
+
+#[test]
+fn per_namespace_series_exist_only_with_the_flag() {
+    let plain = Metrics::new("shard-a");
+    assert!(!plain.render().unwrap().contains("namespace_"));
+    let m = Metrics::new_with("shard-a", true);
+    let mut writer = pod(0, false, Some(Role::Writer));
+    writer.ready_since = Some(ts(10_000));
+    let mut o = observed(
+        vec![writer, pod(1, false, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    o.namespace = "tenant-a".into();
+    o.lease.as_mut().unwrap().owner = Some("tenant-a/lock".into());
+    // No Ready pod: writer-less in tenant-a.
+    let plan = decide(&o, ts(11_000), &cfg());
+    m.applied(&o, &plan, ts(11_000), ts(11_000), None);
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_writerless_locks{namespace=\"tenant-a\"}"
+        ),
+        1.0
+    );
+    // db-1 becomes Ready: a failover in tenant-a, no longer writer-less.
+    o.pods[1].ready = true;
+    let plan = decide(&o, ts(12_000), &cfg());
+    assert_eq!(
+        plan.transition.as_ref().map(|t| t.kind),
+        Some("failover"),
+        "{plan:?}"
+    );
+    m.applied(&o, &plan, ts(12_000), ts(12_010), None);
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_failovers_total{namespace=\"tenant-a\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_writerless_locks{namespace=\"tenant-a\"}"
+        ),
+        0.0
+    );
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
+}

@@ -66,7 +66,10 @@ pub async fn run_with(
     options: RunOptions,
 ) -> anyhow::Result<()> {
     let identity = args.identity();
-    let metrics = Arc::new(crate::metrics::Metrics::new(&identity));
+    let metrics = Arc::new(crate::metrics::Metrics::new_with(
+        &identity,
+        args.namespace_metrics,
+    ));
     // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
     // while the replica is still connecting.
     let (listener, metrics_addr) = crate::metrics::server::bind(args.metrics_addr).await?;
