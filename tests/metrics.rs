@@ -634,13 +634,13 @@ async fn stslock_dev_prints_where_each_shard_serves_its_metrics() {
         .expect("run stslock dev");
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut addrs = HashMap::new();
+    let mut seen = vec![];
     tokio::time::timeout(Duration::from_secs(60), async {
         while addrs.len() < 2 {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("stslock dev exited");
+            let Some(line) = lines.next_line().await.unwrap() else {
+                panic!("stslock dev exited; its stderr:\n{}", seen.join("\n"));
+            };
+            seen.push(line.clone());
             // "shard stslock-0: http://127.0.0.1:PORT/metrics  http://.../readyz  ..."
             if let Some(rest) = line.strip_prefix("shard ")
                 && let Some((id, urls)) = rest.split_once(": http://")
