@@ -204,3 +204,22 @@ pub async fn run(
     drop(sim);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_shard_gets_its_own_metrics_port() {
+        let base: SocketAddr = "127.0.0.1:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(base, 0), base);
+        assert_eq!(
+            shard_metrics_addr(base, 2),
+            "127.0.0.1:8082".parse().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(any, 5), any);
+        let top: SocketAddr = "0.0.0.0:65535".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(top, 3).port(), 65535);
+    }
+}

@@ -380,7 +380,14 @@ fn error_kinds_and_writer_changes_start_at_zero() {
         context: "getting Lease ns/l".into(),
         after: Duration::from_secs(1),
     };
-    assert!(Error::METRIC_LABELS.contains(&e.metric_label()));
+    let others = [
+        Error::Invalid("x".into()),
+        Error::Fenced,
+        Error::Serialize(serde_json::from_str::<u8>("x").unwrap_err()),
+    ];
+    for err in others.iter().chain([&e]) {
+        assert!(Error::METRIC_LABELS.contains(&err.metric_label()), "{err}");
+    }
     m.reconcile_finished(Duration::from_millis(3), Some(&e));
     m.reconcile_finished(Duration::from_millis(3), None);
     assert_eq!(sample(&m, "stslock_reconciles_total"), 2.0);
