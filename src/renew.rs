@@ -131,10 +131,10 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSend
                 let due = entries.remove(&lock).map(|(_, d)| d).unwrap_or_else(Instant::now);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
-                tokio::spawn(async move {
+                tokio::spawn(crate::metrics::scoped(ctx.metrics.clone(), async move {
                     renew_one(&ctx, lock, due, &reconcile).await;
                     drop(permit);
-                });
+                }));
             }
         }
     }
@@ -264,7 +264,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     )
     .await
     {
-        Ok(_) => Outcome::Renewed(half),
+        Ok(_) => {
+            ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
+            Outcome::Renewed(half)
+        }
         Err(e) => {
             ctx.renewals.stats.failed.fetch_add(1, Ordering::Relaxed);
             if !e.is_conflict() {

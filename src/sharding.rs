@@ -383,6 +383,9 @@ impl Sharding {
                         .unwrap_or(u64::MAX);
                     r.insert(key_of(lock), rv);
                 }
+                if why == "handoff" {
+                    crate::metrics::with_current(|m| m.handoff());
+                }
                 tracing::info!(shard = %self.cfg.id, lock = %key_of(lock), to = owner, "{why}")
             }
             // Lost the race (someone changed the lock): the next pass sees the new state.

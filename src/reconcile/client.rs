@@ -11,7 +11,9 @@ pub async fn call<T, F>(what: &str, timeout: Duration, f: F) -> Result<T>
 where
     F: Future<Output = std::result::Result<T, kube::Error>>,
 {
-    match tokio::time::timeout(timeout, f).await {
+    let result = tokio::time::timeout(timeout, f).await;
+    crate::metrics::record_api_call(what, &response_code(&result));
+    match result {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Kube {
             context: what.to_string(),
@@ -21,6 +23,19 @@ where
             context: what.to_string(),
             after: timeout,
         }),
+    }
+}
+
+/// The `code` label of an API request: the HTTP status of an API error, `2xx` for success
+/// (the client does not report which), `transport` or `timeout` when there was no answer.
+fn response_code<T, E>(
+    result: &std::result::Result<std::result::Result<T, kube::Error>, E>,
+) -> String {
+    match result {
+        Ok(Ok(_)) => "2xx".into(),
+        Ok(Err(kube::Error::Api(s))) => s.code.to_string(),
+        Ok(Err(_)) => "transport".into(),
+        Err(_) => "timeout".into(),
     }
 }
 
