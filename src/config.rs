@@ -1,6 +1,7 @@
 //! Operator configuration: every flag is also settable from the environment (`STSLOCK_*`),
 //! and every default works out of the box.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -98,6 +99,13 @@ pub struct OperatorArgs {
     /// (e.g. `stslock=enabled`); combined with `--namespaces` when both are given.
     #[arg(long, env = "STSLOCK_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
+    #[arg(long, env = "STSLOCK_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Also export failovers and writer-less locks by namespace (one series per namespace).
+    #[arg(long, env = "STSLOCK_NAMESPACE_METRICS")]
+    pub namespace_metrics: bool,
 
     /// Log format on stderr. (Traces: set OTEL_EXPORTER_OTLP_ENDPOINT to export over OTLP/gRPC.)
     #[arg(long, env = "STSLOCK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
@@ -124,6 +132,8 @@ impl OperatorArgs {
             tenant_qps: 50.0,
             namespaces: vec![],
             namespace_selector: None,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            namespace_metrics: false,
             log_format: crate::telemetry::LogFormat::Text,
         }
     }

@@ -143,6 +143,16 @@ Ctrl-C stops everything.
     )
 }
 
+/// Shard `i`'s metrics address: one port per shard from `--metrics-addr` (port 0 stays 0, a
+/// free port for each), since all shards share this machine.
+pub fn shard_metrics_addr(base: SocketAddr, i: usize) -> SocketAddr {
+    let port = match base.port() {
+        0 => 0,
+        p => p.saturating_add(u16::try_from(i).unwrap_or(u16::MAX)),
+    };
+    SocketAddr::new(base.ip(), port)
+}
+
 /// Run kubesim, install the CRD, apply the samples, run the operator until `shutdown`.
 pub async fn run(
     dev: DevArgs,
@@ -167,16 +177,28 @@ pub async fn run(
         let mut args = operator.clone();
         let id = format!("stslock-{i}");
         args.shard_id = Some(id.clone());
+        args.metrics_addr = shard_metrics_addr(operator.metrics_addr, i);
         let client = sim.client_as(&format!("stslock/{id}"));
         let mut stop = stop_rx.clone();
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let options = crate::reconcile::RunOptions {
+            metrics_bound: Some(bound_tx),
+        };
+        let shard = id.clone();
         replicas.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::reconcile::run(client, args, shutdown).await {
-                tracing::error!(error = %e, shard = %id, "operator replica stopped");
+            if let Err(e) = crate::reconcile::run_with(client, args, shutdown, options).await {
+                tracing::error!(error = %e, shard = %shard, "operator replica stopped");
             }
         }));
+        match bound_rx.await {
+            Ok(addr) => eprintln!(
+                "shard {id}: http://{addr}/metrics  http://{addr}/readyz  http://{addr}/healthz"
+            ),
+            Err(_) => anyhow::bail!("shard {id} stopped before serving its metrics"),
+        }
     }
     shutdown.await;
     let _ = stop_tx.send(true);
@@ -185,4 +207,23 @@ pub async fn run(
     }
     drop(sim);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_shard_gets_its_own_metrics_port() {
+        let base: SocketAddr = "127.0.0.1:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(base, 0), base);
+        assert_eq!(
+            shard_metrics_addr(base, 2),
+            "127.0.0.1:8082".parse().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(any, 5), any);
+        let top: SocketAddr = "0.0.0.0:65535".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(shard_metrics_addr(top, 3).port(), 65535);
+    }
 }

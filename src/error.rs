@@ -23,6 +23,20 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Every value [`Error::metric_label`] returns, so metrics can start each at zero.
+    pub const METRIC_LABELS: &[&str] = &[
+        "conflict",
+        "not_found",
+        "throttled",
+        "server_error",
+        "api_error",
+        "transport",
+        "timeout",
+        "invalid",
+        "fenced",
+        "serialize",
+    ];
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube { source, .. } => match source.as_ref() {

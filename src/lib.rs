@@ -8,6 +8,7 @@ pub mod dev;
 pub mod elect;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod reconcile;
 pub mod renew;
 pub mod scope;

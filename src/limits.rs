@@ -131,6 +131,7 @@ impl Limits {
         }
         let waited = start.elapsed();
         if !waited.is_zero() {
+            crate::metrics::with_current(|m| m.rate_limit_wait(waited));
             self.stats.waits.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .wait_nanos

@@ -98,7 +98,7 @@ impl Renewals {
 
 /// Run the lane until the inbox closes (the operator stops). Locks that need a decision are
 /// sent to `reconcile`.
-pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::Sender<LockRef>) {
+pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSender<LockRef>) {
     let Inbox(mut rx) = inbox;
     let mut wheel: DelayQueue<LockRef> = DelayQueue::new();
     let mut entries: HashMap<LockRef, (delay_queue::Key, Instant)> = HashMap::new();
@@ -131,10 +131,10 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::Sender<LockRe
                 let due = entries.remove(&lock).map(|(_, d)| d).unwrap_or_else(Instant::now);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
-                tokio::spawn(async move {
+                tokio::spawn(crate::metrics::scoped(ctx.metrics.clone(), async move {
                     renew_one(&ctx, lock, due, &reconcile).await;
                     drop(permit);
-                });
+                }));
             }
         }
     }
@@ -152,7 +152,12 @@ enum Outcome {
     Reconcile(&'static str),
 }
 
-async fn renew_one(ctx: &Context, lock: LockRef, due: Instant, reconcile: &mpsc::Sender<LockRef>) {
+async fn renew_one(
+    ctx: &Context,
+    lock: LockRef,
+    due: Instant,
+    reconcile: &mpsc::UnboundedSender<LockRef>,
+) {
     let late = Instant::now().saturating_duration_since(due);
     let stats = &ctx.renewals.stats;
     let late_us = late.as_micros() as u64;
@@ -172,8 +177,10 @@ async fn renew_one(ctx: &Context, lock: LockRef, due: Instant, reconcile: &mpsc:
         Outcome::Reconcile(why) => {
             stats.deferred.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
-            // The reconcile lane reschedules the renewal when it settles the lock.
-            let _ = reconcile.send(lock).await;
+            // The reconcile lane reschedules the renewal when it settles the lock. Never wait
+            // for it: a busy reconcile lane must not hold up other locks' renewals (at most
+            // one entry per lock and renewal period is ever in this channel).
+            let _ = reconcile.send(lock);
         }
     }
 }
@@ -257,7 +264,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     )
     .await
     {
-        Ok(_) => Outcome::Renewed(half),
+        Ok(_) => {
+            ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
+            Outcome::Renewed(half)
+        }
         Err(e) => {
             ctx.renewals.stats.failed.fetch_add(1, Ordering::Relaxed);
             crate::telemetry::renewal_failed(
@@ -278,7 +288,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
 
 /// The stream of locks the renewal lane sends to the reconcile lane.
 pub fn to_reconcile(
-    rx: mpsc::Receiver<LockRef>,
+    rx: mpsc::UnboundedReceiver<LockRef>,
 ) -> impl futures::Stream<Item = LockRef> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
 }

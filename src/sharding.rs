@@ -392,6 +392,9 @@ impl Sharding {
                         .unwrap_or(u64::MAX);
                     r.insert(key_of(lock), rv);
                 }
+                if why == "handoff" {
+                    crate::metrics::with_current(|m| m.handoff());
+                }
                 // The handoff span's outcome, when there is one.
                 tracing::Span::current().record("stslock.outcome", "ok");
                 tracing::info!(shard = %self.cfg.id, lock = %key_of(lock), to = owner, "{why}")

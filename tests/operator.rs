@@ -689,6 +689,18 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
     for i in 0..sets {
         env.wait_writer(&format!("f{i}"), &format!("f{i}-0")).await;
     }
+    // All three pods of every set exist and carry a role before pods are failed (wait_writer
+    // alone passes while the StatefulSet controller is still creating the last pods).
+    for i in 0..sets {
+        let app = format!("f{i}");
+        loop {
+            let roles = env.roles(&app).await;
+            if roles.len() == 3 && roles.iter().all(|(_, r)| r.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let mut latencies = vec![];
     for round in 0..10 {
         // Every set fails over once per round: the current writer goes NotReady, the previous

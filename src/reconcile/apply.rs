@@ -44,6 +44,7 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     // — e.g. before its shard handed the lock off — cannot write it.
     let mut lock_rv = lock.resource_version();
     let held_by = o.lease.as_ref().and_then(|l| l.holder.as_deref());
+    let mut first_write = None;
     for step in &plan.steps {
         // Every write is budgeted (renewing the current holder first, see crate::limits)
         // before its fence window is taken, so waiting for a token cannot eat the window.
@@ -64,6 +65,7 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
         }
         let timeout = api_timeout.min(window);
         let now = jiff::Timestamp::now();
+        first_write.get_or_insert(now);
         match step {
             Step::AddFinalizer | Step::RemoveFinalizer => {
                 let mut f: Vec<String> = lock.finalizers().to_vec();
@@ -182,6 +184,21 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
             }
         }
     }
+    // The election's writes are done (the new writer is labelled): count what they did now,
+    // so a failed status write below cannot hide a failover from the metrics.
+    let labelled = jiff::Timestamp::now();
+    let old_writer_lost = plan
+        .transition
+        .as_ref()
+        .and_then(|t| t.old_writer.as_deref())
+        .and_then(|w| ctx.pods.not_ready_seen_at(ns, w));
+    ctx.metrics.applied(
+        o,
+        plan,
+        first_write.unwrap_or(labelled),
+        labelled,
+        old_writer_lost,
+    );
     if let Some(status) = &plan.status {
         ctx.limits.acquire(Lane::Reconcile).await;
         let timeout = api_timeout.min(ctx.sharding.write_window());

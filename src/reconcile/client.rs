@@ -15,10 +15,11 @@ where
     F: Future<Output = std::result::Result<T, kube::Error>>,
 {
     let span = crate::telemetry::api_span(what);
-    let result = match tokio::time::timeout(timeout, f)
+    let result = tokio::time::timeout(timeout, f)
         .instrument(span.clone())
-        .await
-    {
+        .await;
+    crate::metrics::record_api_call(what, &response_code(&result));
+    let result = match result {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Kube {
             context: what.to_string(),
@@ -36,6 +37,19 @@ where
         span.record("error", tracing::field::display(e));
     }
     result
+}
+
+/// The `code` label of an API request: the HTTP status of an API error, `2xx` for success
+/// (the client does not report which), `transport` or `timeout` when there was no answer.
+fn response_code<T, E>(
+    result: &std::result::Result<std::result::Result<T, kube::Error>, E>,
+) -> String {
+    match result {
+        Ok(Ok(_)) => "2xx".into(),
+        Ok(Err(kube::Error::Api(s))) => s.code.to_string(),
+        Ok(Err(_)) => "transport".into(),
+        Err(_) => "timeout".into(),
+    }
 }
 
 /// Like [`call`] but a 404 is `Ok(None)`.

@@ -15,10 +15,10 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
@@ -46,6 +46,15 @@ pub struct Context {
     pub scope: Arc<crate::scope::Scope>,
     /// Consecutive failed reconciles per lock, for exponential backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// This replica's metrics (one per replica: several share a process in tests and dev).
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Hooks for whoever embeds the operator (tests, `stslock dev`).
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives the address `/metrics`, `/healthz` and `/readyz` are served on, once bound.
+    pub metrics_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 }
 
 /// Run the operator until `shutdown` resolves.
@@ -54,7 +63,28 @@ pub async fn run(
     args: OperatorArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(client, args, shutdown, RunOptions::default()).await
+}
+
+/// [`run`], with hooks for embedding.
+pub async fn run_with(
+    client: Client,
+    args: OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> anyhow::Result<()> {
     let identity = args.identity();
+    let metrics = Arc::new(crate::metrics::Metrics::new_with(
+        &identity,
+        args.namespace_metrics,
+    ));
+    // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
+    // while the replica is still connecting.
+    let (listener, metrics_addr) = crate::metrics::server::bind(args.metrics_addr).await?;
+    tracing::info!(shard = %identity, addr = %metrics_addr, "serving /metrics, /healthz, /readyz");
+    if let Some(tx) = options.metrics_bound {
+        let _ = tx.send(metrics_addr);
+    }
     let namespace = args
         .namespace
         .clone()
@@ -73,9 +103,25 @@ pub async fn run(
             api_timeout: args.api_timeout(),
         },
     );
+    let caches = Arc::new(crate::metrics::server::CacheSync::default());
+    // What Controller::new builds, with the lock watch's InitDone visible for readiness (a
+    // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
     let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
-    let controller = Controller::new(locks_api, watcher::Config::default());
-    let locks = controller.store();
+    let (locks, locks_writer) = kube::runtime::reflector::store();
+    let lock_events =
+        kube::runtime::reflector(locks_writer, watcher(locks_api, watcher::Config::default()))
+            .inspect({
+                let caches = caches.clone();
+                move |ev| {
+                    if matches!(ev, Ok(watcher::Event::InitDone)) {
+                        caches
+                            .locks
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            })
+            .applied_objects();
+    let controller = Controller::for_stream(lock_events, locks.clone());
     let (sets, sets_writer) = kube::runtime::reflector::store();
     let sets_stream = kube::runtime::reflector(
         sets_writer,
@@ -83,6 +129,13 @@ pub async fn run(
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
+    let probe = Arc::new(crate::metrics::server::Probe {
+        metrics: metrics.clone(),
+        caches: caches.clone(),
+        pods: pods.clone(),
+        locks: locks.clone(),
+        sharding: sharding.clone(),
+    });
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -101,7 +154,7 @@ pub async fn run(
     ));
     tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
     let (renewals, renew_inbox) = crate::renew::channel();
-    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::channel(1024);
+    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
         args: args.clone(),
@@ -116,6 +169,7 @@ pub async fn run(
         renewals,
         scope: scope.clone(),
         failures: Default::default(),
+        metrics: metrics.clone(),
     });
     // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -124,10 +178,17 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     // The background tasks live exactly as long as this future: dropped (or aborted) with it.
+    let scoped = |f| crate::metrics::scoped(metrics.clone(), f);
     let background = AbortOnDrop(vec![
-        tokio::spawn(sharding.clone().membership_loop()),
-        tokio::spawn(sharding.clone().watch_members()),
-        tokio::spawn(crate::renew::run(ctx.clone(), renew_inbox, to_reconcile_tx)),
+        tokio::spawn(crate::metrics::server::serve(listener, probe)),
+        tokio::spawn(scoped(sharding.clone().membership_loop().boxed())),
+        tokio::spawn(scoped(sharding.clone().watch_members().boxed())),
+        tokio::spawn(cache_synced(sets.clone(), caches.clone(), |c| {
+            &c.statefulsets
+        })),
+        tokio::spawn(scoped(
+            crate::renew::run(ctx.clone(), renew_inbox, to_reconcile_tx).boxed(),
+        )),
         tokio::spawn({
             let (scope, client) = (scope.clone(), client.clone());
             async move { scope.follow(client).await }
@@ -141,7 +202,7 @@ pub async fn run(
                 }
             }
         }),
-        tokio::spawn({
+        tokio::spawn(scoped({
             let sharding = sharding.clone();
             let locks = locks.clone();
             let scope = scope.clone();
@@ -155,7 +216,8 @@ pub async fn run(
                     }
                 }
             }
-        }),
+            .boxed()
+        })),
         stop_waiter,
     ]);
     let set_triggers = {
@@ -185,7 +247,11 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
         .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
         .reconcile_on(set_triggers)
-        .reconcile_on(watch::lease_triggers(client.clone(), leases))
+        .reconcile_on(watch::lease_triggers_synced(
+            client.clone(),
+            leases,
+            caches.leases.clone(),
+        ))
         .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
         .graceful_shutdown_on({
             let mut stop = stop_rx.clone();
@@ -204,7 +270,9 @@ pub async fn run(
         })
         .await;
     match args.leave {
-        crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
+        crate::config::LeaveStrategy::Handoff => {
+            crate::metrics::scoped(metrics.clone(), sharding.leave(&locks)).await
+        }
         crate::config::LeaveStrategy::Keep => {
             tracing::info!("keeping this replica's locks for a replacement with the same id")
         }
@@ -212,6 +280,21 @@ pub async fn run(
     drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())
+}
+
+/// Marks a reflector cache as synced once it has its initial list. Only for stores nothing
+/// else waits on: `wait_until_ready` wakes only its most recent waiter.
+async fn cache_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    caches: Arc<crate::metrics::server::CacheSync>,
+    flag: fn(&crate::metrics::server::CacheSync) -> &std::sync::atomic::AtomicBool,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    if store.wait_until_ready().await.is_ok() {
+        flag(&caches).store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Aborts its tasks when dropped, so a replica's helpers never outlive it.
@@ -280,6 +363,10 @@ fn traced_reconcile(
 }
 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
+    crate::metrics::scoped(ctx.metrics.clone(), reconcile_lock(lock, ctx)).await
+}
+
+async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !ctx.scope.allows(&lock.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
     }
@@ -287,54 +374,71 @@ async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Acti
     // membership is surely live.
     let Some(_inflight) = ctx.sharding.begin(&lock) else {
         let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+        if !mine {
+            ctx.metrics.forget_lock(&format!(
+                "{}/{}",
+                lock.namespace().unwrap_or_default(),
+                lock.name_any()
+            ));
+        }
         return Ok(if mine {
             Action::requeue(Duration::from_secs(1))
         } else {
             Action::await_change()
         });
     };
-    let now = jiff::Timestamp::now();
-    let observed = gather::observe(&lock, &ctx).await?;
-    let plan = crate::elect::decide(
-        &observed,
-        now,
-        &gather::election_config(&ctx.args, &ctx.identity),
-    );
-    // The namespace's budget is checked without waiting: over it, the lock goes back on the
-    // queue and the worker moves on to other namespaces. A plain renewal is exempt.
-    let writes = plan.steps.len() + usize::from(plan.status.is_some()) + plan.events.len();
-    let renewal_only = plan.status.is_none()
-        && plan.events.is_empty()
-        && plan.steps.iter().all(|s| {
-            matches!(s, crate::elect::Step::UpdateLease { holder, acquire: false, .. }
-                if Some(holder) == observed.lease.as_ref().and_then(|l| l.holder.as_ref()))
-        });
-    if writes > 0
-        && !renewal_only
-        && let Err(wait) = ctx.limits.tenant_admit(
-            &observed.namespace,
-            u32::try_from(writes).unwrap_or(u32::MAX),
+    let _busy = ctx.metrics.reconcile_started();
+    let started = std::time::Instant::now();
+    let result = async {
+        let now = jiff::Timestamp::now();
+        let observed = gather::observe(&lock, &ctx).await?;
+        ctx.metrics.observed(&observed);
+        let plan = crate::elect::decide(
+            &observed,
+            now,
+            &gather::election_config(&ctx.args, &ctx.identity),
+        );
+        // The namespace's budget is checked without waiting: over it, the lock goes back on
+        // the queue and the worker moves on to other namespaces. A plain renewal is exempt.
+        let writes = plan.steps.len() + usize::from(plan.status.is_some()) + plan.events.len();
+        let renewal_only = plan.status.is_none()
+            && plan.events.is_empty()
+            && plan.steps.iter().all(|s| {
+                matches!(s, crate::elect::Step::UpdateLease { holder, acquire: false, .. }
+                    if Some(holder) == observed.lease.as_ref().and_then(|l| l.holder.as_ref()))
+            });
+        if writes > 0
+            && !renewal_only
+            && let Err(wait) = ctx.limits.tenant_admit(
+                &observed.namespace,
+                u32::try_from(writes).unwrap_or(u32::MAX),
+            )
+        {
+            tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
+            return Ok(Action::requeue(wait));
+        }
+        crate::telemetry::traced_apply(
+            &observed,
+            &plan,
+            &ctx.identity,
+            apply::apply(&lock, &observed, &plan, &ctx),
         )
-    {
-        tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
-        return Ok(Action::requeue(wait));
+        .await?;
+        let key = observed.key();
+        if let Ok(mut m) = ctx.failures.lock() {
+            m.remove(&key);
+        }
+        let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
+        match plan.renew_after {
+            Some(after) => ctx.renewals.schedule(lock_ref, after),
+            None => ctx.renewals.cancel(lock_ref),
+        }
+        let duration =
+            Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
+        Ok(apply::next_action(&plan, duration))
     }
-    crate::telemetry::traced_apply(
-        &observed,
-        &plan,
-        &ctx.identity,
-        apply::apply(&lock, &observed, &plan, &ctx),
-    )
-    .await?;
-    let key = observed.key();
-    if let Ok(mut m) = ctx.failures.lock() {
-        m.remove(&key);
-    }
-    let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
-    match plan.renew_after {
-        Some(after) => ctx.renewals.schedule(lock_ref, after),
-        None => ctx.renewals.cancel(lock_ref),
-    }
-    let duration = Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
-    Ok(apply::next_action(&plan, duration))
+    .await;
+    ctx.metrics
+        .reconcile_finished(started.elapsed(), result.as_ref().err());
+    result
 }

@@ -76,6 +76,11 @@ struct Inner {
     pods: HashMap<(String, String), SetKey>,
     /// Objects listed since the last `Init`, swapped in at `InitDone`.
     buffer: Option<Vec<Arc<PodProjection>>>,
+    /// The initial list has been delivered (readiness).
+    synced: bool,
+    /// When this index saw a Ready pod turn NotReady, by (namespace, name): the condition's
+    /// lastTransitionTime has only second precision, too coarse to time sub-second failovers.
+    not_ready_seen: HashMap<(String, String), jiff::Timestamp>,
 }
 
 /// Cluster-wide index of StatefulSet pods.
@@ -102,6 +107,11 @@ impl PodIndex {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Has the pod watch delivered its initial list (so the index is complete)?
+    pub fn is_synced(&self) -> bool {
+        self.read().synced
+    }
+
     /// Apply one watcher event; returns the StatefulSets whose pods changed (namespace, name).
     pub fn apply(&self, event: &watcher::Event<Pod>) -> Vec<SetKey> {
         let mut inner = self.write();
@@ -119,6 +129,7 @@ impl PodIndex {
                 vec![]
             }
             watcher::Event::InitDone => {
+                inner.synced = true;
                 let listed = inner.buffer.take().unwrap_or_default();
                 let mut touched: Vec<SetKey> = inner.sets.keys().cloned().collect();
                 inner.sets.clear();
@@ -128,6 +139,12 @@ impl PodIndex {
                     touched.push(key.clone());
                     insert(&mut inner, key, p);
                 }
+                let Inner {
+                    pods,
+                    not_ready_seen,
+                    ..
+                } = &mut *inner;
+                not_ready_seen.retain(|id, _| pods.contains_key(id));
                 touched.sort();
                 touched.dedup();
                 touched
@@ -137,16 +154,20 @@ impl PodIndex {
                     return vec![];
                 };
                 let key = (proj.namespace.clone(), proj.statefulset.clone());
-                let changed = inner
-                    .sets
-                    .get(&key)
-                    .and_then(|s| s.get(&proj.name))
-                    .is_none_or(|old| **old != proj);
+                let old = inner.sets.get(&key).and_then(|s| s.get(&proj.name));
+                let changed = old.is_none_or(|old| **old != proj);
+                let id = (proj.namespace.clone(), proj.name.clone());
+                if proj.ready {
+                    inner.not_ready_seen.remove(&id);
+                } else if old.is_some_and(|o| o.ready && o.uid == proj.uid) {
+                    inner.not_ready_seen.insert(id, jiff::Timestamp::now());
+                }
                 insert(&mut inner, key.clone(), Arc::new(proj));
                 if changed { vec![key] } else { vec![] }
             }
             watcher::Event::Delete(p) => {
                 let id = (p.namespace().unwrap_or_default(), p.name_any());
+                inner.not_ready_seen.remove(&id);
                 let Some(key) = inner.pods.remove(&id) else {
                     return vec![];
                 };
@@ -168,6 +189,15 @@ impl PodIndex {
             .get(&(namespace.to_string(), statefulset.to_string()))
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// When this index saw the pod go from Ready to NotReady (None if it was never seen Ready,
+    /// e.g. NotReady already in the initial list, or is Ready now).
+    pub fn not_ready_seen_at(&self, namespace: &str, name: &str) -> Option<jiff::Timestamp> {
+        self.read()
+            .not_ready_seen
+            .get(&(namespace.to_string(), name.to_string()))
+            .copied()
     }
 
     pub fn len(&self) -> usize {
@@ -238,5 +268,31 @@ mod tests {
         idx.apply(&watcher::Event::Delete(pod("db-1", false, None)));
         assert_eq!(idx.pods_of("ns", "db").len(), 1);
         assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn synced_after_the_initial_list_and_notready_transitions_are_timed_when_seen() {
+        let idx = PodIndex::new("sts-role");
+        assert!(!idx.is_synced());
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(pod("db-0", true, None)));
+        idx.apply(&watcher::Event::InitApply(pod("db-1", false, None)));
+        assert!(!idx.is_synced());
+        idx.apply(&watcher::Event::InitDone);
+        assert!(idx.is_synced());
+        // NotReady in the list: the index never saw it turn, so it has no time for it.
+        assert_eq!(idx.not_ready_seen_at("ns", "db-1"), None);
+        let before = jiff::Timestamp::now();
+        idx.apply(&watcher::Event::Apply(pod("db-0", false, None)));
+        let seen = idx.not_ready_seen_at("ns", "db-0").expect("seen NotReady");
+        assert!(seen >= before && seen <= jiff::Timestamp::now());
+        // Still NotReady: the first sighting stays.
+        idx.apply(&watcher::Event::Apply(pod("db-0", false, Some("reader"))));
+        assert_eq!(idx.not_ready_seen_at("ns", "db-0"), Some(seen));
+        idx.apply(&watcher::Event::Apply(pod("db-0", true, None)));
+        assert_eq!(idx.not_ready_seen_at("ns", "db-0"), None);
+        idx.apply(&watcher::Event::Apply(pod("db-0", false, None)));
+        idx.apply(&watcher::Event::Delete(pod("db-0", false, None)));
+        assert_eq!(idx.not_ready_seen_at("ns", "db-0"), None);
     }
 }

@@ -85,6 +85,15 @@ pub fn lease_triggers(
     client: Client,
     leases: LeaseCache,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
+    lease_triggers_synced(client, leases, Arc::default())
+}
+
+/// [`lease_triggers`], also setting `synced` once the initial list is in the cache (readiness).
+pub fn lease_triggers_synced(
+    client: Client,
+    leases: LeaseCache,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let api: Api<Lease> = Api::all(client);
     watcher(api, watcher::Config::default().labels(LEASE_LABEL))
         .default_backoff()
@@ -114,7 +123,9 @@ pub fn lease_triggers(
                         m.clear();
                     }
                 }
-                Ok(watcher::Event::InitDone) => {}
+                Ok(watcher::Event::InitDone) => {
+                    synced.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 Err(e) => tracing::warn!(error = %e, "lease watch"),
             }
             futures::future::ready(Some(futures::stream::iter(refs)))

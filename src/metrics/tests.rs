@@ -1,0 +1,448 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::api::StatefulSetLockStatus;
+use crate::config::OnDelete;
+use crate::elect::{Candidate, Config, LeaseView, decide};
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap()
+}
+
+fn pod(i: u32, ready: bool, role: Option<Role>) -> Candidate {
+    Candidate {
+        name: format!("db-{i}"),
+        uid: format!("uid-{i}"),
+        ordinal: Some(i),
+        ready,
+        ready_since: Some(ts(0)),
+        terminating: false,
+        role,
+        epoch: role.map(|_| 3),
+    }
+}
+
+fn lease(holder: &str, renewed_ms: i64) -> LeaseView {
+    LeaseView {
+        holder: Some(holder.into()),
+        holder_uid: Some(format!("uid-{}", holder.trim_start_matches("db-"))),
+        transitions: 3,
+        renew_time: Some(ts(renewed_ms)),
+        acquire_time: Some(ts(0)),
+        duration_seconds: 30,
+        resource_version: "7".into(),
+        owner: Some("ns/lock".into()),
+    }
+}
+
+fn observed(pods: Vec<Candidate>, lease: Option<LeaseView>) -> Observed {
+    Observed {
+        namespace: "ns".into(),
+        name: "lock".into(),
+        created: ts(0),
+        generation: 1,
+        deleting: false,
+        has_finalizer: true,
+        statefulset_name: "db".into(),
+        lease_name: "db-lease".into(),
+        lease_duration_seconds: 30,
+        paused: false,
+        failover_delay_seconds: 0,
+        preferred_writer: None,
+        replicas: Some(pods.len() as i32),
+        pods,
+        lease,
+        rivals: vec![],
+        status: StatefulSetLockStatus {
+            writer_pod: Some("db-0".into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn cfg() -> Config {
+    Config {
+        on_delete: OnDelete::KeepWriter,
+        identity: "shard-a".into(),
+        max_locks_per_namespace: None,
+    }
+}
+
+/// The value of one sample line (`name{labels} value`) of the exposition.
+fn sample(m: &Metrics, series: &str) -> f64 {
+    let text = m.render().unwrap();
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[test]
+fn a_notready_writer_failover_is_timed_from_its_notready_transition() {
+    let m = Metrics::new("shard-a");
+    let mut writer = pod(0, false, Some(Role::Writer));
+    writer.ready_since = Some(ts(10_000));
+    let o = observed(
+        vec![writer, pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    let plan = decide(&o, ts(12_000), &cfg());
+    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("failover"));
+    m.observed(&o);
+    m.applied(&o, &plan, ts(12_000), ts(12_250), None);
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_sum"), 2.25);
+    assert_eq!(
+        sample(&m, "stslock_failover_duration_seconds_bucket{le=\"2.5\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "stslock_failover_duration_seconds_bucket{le=\"1.0\"}"),
+        0.0
+    );
+    assert_eq!(sample(&m, "stslock_writerless_seconds_total"), 2.25);
+    assert_eq!(
+        sample(&m, "stslock_writer_changes_total{kind=\"failover\"}"),
+        1.0
+    );
+    // A failover is not a renewal, and one writer is not two.
+    assert_eq!(sample(&m, "stslock_lease_renewals_total"), 0.0);
+    assert_eq!(sample(&m, "stslock_dual_writer_detections_total"), 0.0);
+    assert_eq!(sample(&m, "stslock_writerless_locks"), 0.0);
+}
+
+#[test]
+fn a_notready_transition_seen_by_the_watch_beats_the_second_precision_condition() {
+    let m = Metrics::new("shard-a");
+    let mut writer = pod(0, false, Some(Role::Writer));
+    // The condition says 10.000 s (truncated); the watch saw it at 10.600 s.
+    writer.ready_since = Some(ts(10_000));
+    let o = observed(
+        vec![writer, pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    let plan = decide(&o, ts(10_620), &cfg());
+    let t = plan.transition.clone().unwrap();
+    assert_eq!(
+        failover_started_at(&o, &t, ts(10_620), Some(ts(10_600))),
+        Some(ts(10_600))
+    );
+    m.applied(&o, &plan, ts(10_620), ts(10_650), Some(ts(10_600)));
+    assert!((sample(&m, "stslock_failover_duration_seconds_sum") - 0.05).abs() < 1e-9);
+    assert_eq!(
+        sample(&m, "stslock_failover_duration_seconds_bucket{le=\"0.05\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_deleted_writer_failover_is_timed_from_the_takeover_decision() {
+    let m = Metrics::new("shard-a");
+    let o = observed(
+        vec![pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    let plan = decide(&o, ts(12_000), &cfg());
+    let t = plan.transition.clone().unwrap();
+    assert_eq!(t.kind, "failover");
+    assert_eq!(
+        failover_started_at(&o, &t, ts(12_000), None),
+        Some(ts(12_000))
+    );
+    m.applied(&o, &plan, ts(12_000), ts(12_040), None);
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
+    assert!((sample(&m, "stslock_failover_duration_seconds_sum") - 0.04).abs() < 1e-9);
+}
+
+#[test]
+fn an_election_is_not_a_failover() {
+    let m = Metrics::new("shard-a");
+    let mut o = observed(vec![pod(0, true, None), pod(1, true, None)], None);
+    o.status = StatefulSetLockStatus::default();
+    let plan = decide(&o, ts(1_000), &cfg());
+    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("election"));
+    m.applied(&o, &plan, ts(1_000), ts(1_010), None);
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 0.0);
+    assert_eq!(
+        sample(&m, "stslock_writer_changes_total{kind=\"election\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn renewals_report_lateness_past_half_the_duration_and_lapses() {
+    let m = Metrics::new("shard-a");
+    let pods = vec![
+        pod(0, true, Some(Role::Writer)),
+        pod(1, true, Some(Role::Reader)),
+    ];
+    // Renewed at 0, due at 15 s, renewed at 16 s: one second late.
+    let o = observed(pods.clone(), Some(lease("db-0", 0)));
+    let plan = decide(&o, ts(16_000), &cfg());
+    assert_eq!(
+        renewal(&o, &plan, ts(16_000)),
+        Some(Renewal {
+            lateness: Duration::from_secs(1),
+            lapsed: false
+        })
+    );
+    m.applied(&o, &plan, ts(16_000), ts(16_005), None);
+    // Not due yet: no write, no renewal.
+    let early = decide(&o, ts(10_000), &cfg());
+    assert_eq!(renewal(&o, &early, ts(10_000)), None);
+    m.applied(&o, &early, ts(10_000), ts(10_000), None);
+    // Expired (30 s) before the renewal: a lapse.
+    let plan = decide(&o, ts(40_000), &cfg());
+    m.applied(&o, &plan, ts(40_000), ts(40_010), None);
+    assert_eq!(sample(&m, "stslock_lease_renewals_total"), 2.0);
+    assert_eq!(sample(&m, "stslock_lease_lapses_total"), 1.0);
+    assert_eq!(
+        sample(&m, "stslock_lease_renewal_lateness_seconds_sum"),
+        26.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_lease_renewal_lateness_seconds_bucket{le=\"1.0\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn two_writer_labels_in_one_statefulset_are_detected() {
+    let m = Metrics::new("shard-a");
+    let o = observed(
+        vec![
+            pod(0, true, Some(Role::Writer)),
+            pod(1, true, Some(Role::Writer)),
+        ],
+        Some(lease("db-0", 0)),
+    );
+    m.observed(&o);
+    assert_eq!(sample(&m, "stslock_dual_writer_detections_total"), 1.0);
+}
+
+#[test]
+fn a_lock_waiting_out_its_failover_delay_is_writerless_until_the_writer_recovers() {
+    let m = Metrics::new("shard-a");
+    let mut writer = pod(0, false, Some(Role::Writer));
+    writer.ready_since = Some(ts(9_000));
+    let mut o = observed(
+        vec![writer, pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    o.failover_delay_seconds = 60;
+    let plan = decide(&o, ts(10_000), &cfg());
+    assert!(
+        plan.transition.is_none(),
+        "still within failoverDelaySeconds"
+    );
+    m.applied(&o, &plan, ts(10_000), ts(10_010), None);
+    assert_eq!(sample(&m, "stslock_writerless_locks"), 1.0);
+    // The writer comes back: 3.5 s without a Ready writer are counted (from the reconcile
+    // that saw it, to the one that saw it back).
+    o.pods[0].ready = true;
+    let plan = decide(&o, ts(13_000), &cfg());
+    m.applied(&o, &plan, ts(13_000), ts(13_500), None);
+    assert_eq!(sample(&m, "stslock_writerless_locks"), 0.0);
+    assert_eq!(sample(&m, "stslock_writerless_seconds_total"), 3.5);
+    // Handing a writer-less lock off stops tracking it on this replica.
+    o.pods[0].ready = false;
+    let plan = decide(&o, ts(20_000), &cfg());
+    m.applied(&o, &plan, ts(20_000), ts(20_000), None);
+    assert_eq!(sample(&m, "stslock_writerless_locks"), 1.0);
+    m.forget_lock("ns/lock");
+    assert_eq!(sample(&m, "stslock_writerless_locks"), 0.0);
+}
+
+#[test]
+fn a_new_lock_waiting_for_its_first_ready_pod_is_not_writerless() {
+    let mut o = observed(vec![pod(0, false, None), pod(1, false, None)], None);
+    o.status = StatefulSetLockStatus::default();
+    let plan = decide(&o, ts(1_000), &cfg());
+    assert!(plan.transition.is_none());
+    assert_eq!(writerless(&o, &plan), None);
+    // Once it has had a writer, losing every Ready pod is writer-less.
+    let mut o = observed(
+        vec![pod(0, false, Some(Role::Writer)), pod(1, false, None)],
+        Some(lease("db-0", 0)),
+    );
+    o.status.writer_pod = Some("db-0".into());
+    let plan = decide(&o, ts(1_000), &cfg());
+    assert_eq!(writerless(&o, &plan), Some(true));
+}
+
+#[test]
+fn scaled_to_zero_and_paused_locks_are_not_writerless() {
+    let mut o = observed(vec![], None);
+    o.replicas = Some(0);
+    assert_eq!(writerless(&o, &Plan::default()), None);
+    let mut o = observed(vec![pod(0, false, Some(Role::Writer))], None);
+    o.paused = true;
+    assert_eq!(writerless(&o, &Plan::default()), None);
+}
+
+#[test]
+fn api_calls_are_labelled_from_their_descriptions() {
+    let cases = [
+        (
+            "updating finalizers of StatefulSetLock ns/x",
+            ("patch", "statefulsetlocks"),
+        ),
+        ("creating Lease ns/l", ("create", "leases")),
+        (
+            "updating Lease ns/l (holder db-1, epoch 2)",
+            ("patch", "leases"),
+        ),
+        ("labelling pod ns/db-0 sts-role=writer", ("patch", "pods")),
+        ("deleting Lease ns/l", ("delete", "leases")),
+        (
+            "writing status of StatefulSetLock ns/x",
+            ("patch", "statefulsetlocks"),
+        ),
+        ("recording Event Failover", ("create", "events")),
+        ("getting Lease ns/l", ("get", "leases")),
+        ("renewing membership Lease stslock-a", ("patch", "leases")),
+        ("creating membership Lease stslock-a", ("create", "leases")),
+        ("deleting membership Lease stslock-a", ("delete", "leases")),
+        (
+            "handoff: StatefulSetLock ns/x → shard b",
+            ("patch", "statefulsetlocks"),
+        ),
+        (
+            "claim: StatefulSetLock ns/x → shard a",
+            ("patch", "statefulsetlocks"),
+        ),
+    ];
+    for (what, want) in cases {
+        assert_eq!(api_labels(what), want, "{what}");
+    }
+    let m = Metrics::new("shard-a");
+    m.api_request("creating Lease ns/l", "409");
+    m.api_request("creating Lease ns/l", "409");
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_api_requests_total{verb=\"create\",resource=\"leases\",code=\"409\"}"
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn api_calls_count_only_inside_their_replicas_scope() {
+    let a = Arc::new(Metrics::new("a"));
+    let b = Arc::new(Metrics::new("b"));
+    scoped(a.clone(), async {
+        record_api_call("getting Lease ns/l", "2xx")
+    })
+    .await;
+    record_api_call("getting Lease ns/l", "2xx");
+    let series = "stslock_api_requests_total{verb=\"get\",resource=\"leases\",code=\"2xx\"}";
+    assert_eq!(sample(&a, series), 1.0);
+    assert!(!b.render().unwrap().contains(series));
+}
+
+#[test]
+fn rate_limit_waits_are_counted_with_their_seconds() {
+    let m = Metrics::new("shard-a");
+    m.rate_limit_wait(Duration::from_millis(250));
+    m.rate_limit_wait(Duration::from_millis(500));
+    assert_eq!(sample(&m, "stslock_rate_limit_waits_total"), 2.0);
+    assert_eq!(sample(&m, "stslock_rate_limit_wait_seconds_total"), 0.75);
+}
+
+#[test]
+fn shard_state_is_labelled_by_shard() {
+    let m = Metrics::new("stslock-1");
+    m.shard_state(7, 3, true);
+    assert_eq!(sample(&m, "stslock_owned_locks{shard=\"stslock-1\"}"), 7.0);
+    assert_eq!(sample(&m, "stslock_ring_members"), 3.0);
+    assert_eq!(sample(&m, "stslock_shard_ready"), 1.0);
+}
+
+#[test]
+fn error_kinds_and_writer_changes_start_at_zero() {
+    let m = Metrics::new("shard-a");
+    for kind in Error::METRIC_LABELS {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("stslock_reconcile_errors_total{{kind=\"{kind}\"}}")
+            ),
+            0.0
+        );
+    }
+    let e = Error::Timeout {
+        context: "getting Lease ns/l".into(),
+        after: Duration::from_secs(1),
+    };
+    let others = [
+        Error::Invalid("x".into()),
+        Error::Fenced,
+        Error::Serialize(serde_json::from_str::<u8>("x").unwrap_err()),
+    ];
+    for err in others.iter().chain([&e]) {
+        assert!(Error::METRIC_LABELS.contains(&err.metric_label()), "{err}");
+    }
+    m.reconcile_finished(Duration::from_millis(3), Some(&e));
+    m.reconcile_finished(Duration::from_millis(3), None);
+    assert_eq!(sample(&m, "stslock_reconciles_total"), 2.0);
+    assert_eq!(
+        sample(&m, "stslock_reconcile_errors_total{kind=\"timeout\"}"),
+        1.0
+    );
+    assert_eq!(sample(&m, "stslock_owned_locks{shard=\"shard-a\"}"), 0.0);
+}
+
+#[test]
+fn per_namespace_series_exist_only_with_the_flag() {
+    let plain = Metrics::new("shard-a");
+    assert!(!plain.render().unwrap().contains("namespace_"));
+    let m = Metrics::new_with("shard-a", true);
+    let mut writer = pod(0, false, Some(Role::Writer));
+    writer.ready_since = Some(ts(10_000));
+    let mut o = observed(
+        vec![writer, pod(1, false, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    o.namespace = "tenant-a".into();
+    o.lease.as_mut().unwrap().owner = Some("tenant-a/lock".into());
+    // No Ready pod: writer-less in tenant-a.
+    let plan = decide(&o, ts(11_000), &cfg());
+    m.applied(&o, &plan, ts(11_000), ts(11_000), None);
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_writerless_locks{namespace=\"tenant-a\"}"
+        ),
+        1.0
+    );
+    // db-1 becomes Ready: a failover in tenant-a, no longer writer-less.
+    o.pods[1].ready = true;
+    let plan = decide(&o, ts(12_000), &cfg());
+    assert_eq!(
+        plan.transition.as_ref().map(|t| t.kind),
+        Some("failover"),
+        "{plan:?}"
+    );
+    m.applied(&o, &plan, ts(12_000), ts(12_010), None);
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_failovers_total{namespace=\"tenant-a\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "stslock_namespace_writerless_locks{namespace=\"tenant-a\"}"
+        ),
+        0.0
+    );
+    assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
+}
