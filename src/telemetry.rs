@@ -241,7 +241,8 @@ pub fn build(cfg: &TelemetryConfig) -> anyhow::Result<(tracing::Dispatch, Teleme
 /// Build and install the process-wide subscriber.
 pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
     let (dispatch, guard) = build(cfg)?;
-    tracing::dispatcher::set_global_default(dispatch)
+    // Also routes `log` records (rustls, among others) into it, as `fmt().init()` did.
+    tracing_subscriber::util::SubscriberInitExt::try_init(dispatch)
         .context("a tracing subscriber is already installed")?;
     if guard.exporting() {
         tracing::info!("exporting traces over OTLP/gRPC");
