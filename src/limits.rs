@@ -42,6 +42,11 @@ pub struct Limits {
     global: Option<DefaultDirectRateLimiter>,
     tenant: Option<DefaultKeyedRateLimiter<String>>,
     tenant_burst: u32,
+    tenant_qps: f64,
+    /// Locks waiting for their namespace's budget, by namespace: a deferred lock comes back at
+    /// a random point of the time the budget needs to serve all of them, not all at once.
+    deferred:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     renewals_waiting: AtomicUsize,
     renewal_done: Notify,
     clock: DefaultClock,
@@ -66,6 +71,8 @@ impl Limits {
             global: quota(qps, burst).map(RateLimiter::direct),
             tenant: quota(tenant_qps, tenant_burst).map(RateLimiter::keyed),
             tenant_burst,
+            tenant_qps,
+            deferred: Default::default(),
             renewals_waiting: AtomicUsize::new(0),
             renewal_done: Notify::new(),
             clock: DefaultClock::default(),
@@ -78,23 +85,50 @@ impl Limits {
         Limits::new(0.0, 1, 0.0)
     }
 
-    /// Reserve `writes` tokens of `namespace`'s budget for one reconcile, without waiting.
-    /// `Err(wait)` means the namespace is over budget: requeue the lock after `wait`.
-    pub fn tenant_admit(&self, namespace: &str, writes: u32) -> Result<(), Duration> {
+    /// Reserve `writes` tokens of `namespace`'s budget for the reconcile of `lock`, without
+    /// waiting. `Err(wait)` means the namespace is over budget: requeue the lock after `wait`,
+    /// which spreads the namespace's deferred locks over the time its budget needs for them
+    /// (so they do not all wake together and spin the reconcile lane).
+    pub fn tenant_admit(&self, namespace: &str, lock: &str, writes: u32) -> Result<(), Duration> {
         let (Some(tenant), Some(n)) = (&self.tenant, NonZeroU32::new(writes)) else {
             return Ok(());
         };
         // A plan larger than the burst can never pass whole: admit it against the burst.
         let n = n.min(NonZeroU32::new(self.tenant_burst).unwrap_or(NonZeroU32::MIN));
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         match tenant.check_key_n(&namespace.to_string(), n) {
-            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Ok(())) | Err(_) => {
+                if let Some(set) = deferred.get_mut(namespace) {
+                    set.remove(lock);
+                    if set.is_empty() {
+                        deferred.remove(namespace);
+                    }
+                }
+                Ok(())
+            }
             Ok(Err(not_until)) => {
                 self.stats.tenant_deferrals.fetch_add(1, Ordering::Relaxed);
-                Err(not_until
-                    .wait_time_from(self.clock.now())
-                    .max(Duration::from_millis(10)))
+                let waiting = {
+                    let set = deferred.entry(namespace.to_string()).or_default();
+                    set.insert(lock.to_string());
+                    set.len()
+                };
+                let base = not_until.wait_time_from(self.clock.now());
+                // Each deferred lock needs about `n` tokens.
+                let backlog = Duration::from_secs_f64(
+                    (waiting as f64 * f64::from(n.get()) / self.tenant_qps).min(300.0),
+                );
+                Err((base + backlog.mul_f64(rand::random::<f64>())).max(Duration::from_millis(10)))
             }
         }
+    }
+
+    /// Locks currently deferred by their namespace's budget.
+    pub fn deferred_locks(&self) -> usize {
+        self.deferred
+            .lock()
+            .map(|d| d.values().map(|s| s.len()).sum())
+            .unwrap_or(0)
     }
 
     /// Wait for one token of the global budget; renewals go first. Returns the time waited.
@@ -142,6 +176,9 @@ impl Limits {
 
     /// Forget idle namespaces' budget state (call now and then).
     pub fn forget_idle(&self) {
+        if let Ok(mut d) = self.deferred.lock() {
+            d.retain(|_, s| !s.is_empty());
+        }
         if let Some(t) = &self.tenant {
             t.retain_recent();
             t.shrink_to_fit();
@@ -160,30 +197,41 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(l.acquire(Lane::Reconcile).await, Duration::ZERO);
         }
-        assert!(l.tenant_admit("a", 100).is_ok());
+        assert!(l.tenant_admit("a", "x", 100).is_ok());
     }
 
     #[tokio::test]
     async fn tenant_budget_defers_only_the_noisy_namespace() {
         let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
         let mut admitted = 0;
-        for _ in 0..50 {
-            if l.tenant_admit("noisy", 1).is_ok() {
-                admitted += 1;
+        let mut waits = vec![];
+        for i in 0..50 {
+            match l.tenant_admit("noisy", &format!("l{i}"), 1) {
+                Ok(()) => admitted += 1,
+                Err(w) => waits.push(w),
             }
         }
         assert_eq!(admitted, 10, "burst of a 5 qps tenant is 10");
-        let wait = l.tenant_admit("noisy", 1).unwrap_err();
+        assert_eq!(l.deferred_locks(), 40);
+        // 40 deferred locks at 5/s need 8 s: their retries are spread over it, not bunched.
         assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(250),
-            "{wait:?}"
+            waits.iter().all(|w| *w <= Duration::from_millis(8300)),
+            "{waits:?}"
+        );
+        let late = waits
+            .iter()
+            .filter(|w| **w > Duration::from_secs(4))
+            .count();
+        assert!(
+            (5..=30).contains(&late),
+            "{late} of 40 retries in the second half"
         );
         assert!(
-            l.tenant_admit("quiet", 1).is_ok(),
+            l.tenant_admit("quiet", "q", 1).is_ok(),
             "another namespace is unaffected"
         );
         // A plan bigger than the burst is admitted against the burst, not refused forever.
-        assert!(l.tenant_admit("big", 1000).is_ok());
+        assert!(l.tenant_admit("big", "b", 1000).is_ok());
     }
 
     #[tokio::test]

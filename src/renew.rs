@@ -34,6 +34,8 @@ use crate::reconcile::client::call;
 
 /// Renewals running at once (each is one API call).
 const PARALLEL: usize = 32;
+/// A renewal handed to the reconcile lane is looked at again after this long.
+const RECHECK: Duration = Duration::from_secs(1);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -61,6 +63,9 @@ pub struct RenewStats {
 pub struct Renewals {
     tx: mpsc::UnboundedSender<Cmd>,
     pub stats: Arc<RenewStats>,
+    /// Locks handed to the reconcile lane and not rescheduled by it since: handed once, not
+    /// again on every re-check (a trigger would override the reconcile lane's own pacing).
+    handed: Arc<std::sync::Mutex<std::collections::HashSet<LockRef>>>,
 }
 
 /// The lane's inbox; [`run`] consumes it.
@@ -72,6 +77,7 @@ pub fn channel() -> (Renewals, Inbox) {
         Renewals {
             tx,
             stats: Arc::default(),
+            handed: Arc::default(),
         },
         Inbox(rx),
     )
@@ -84,14 +90,25 @@ fn jittered(due_in: Duration) -> Duration {
 }
 
 impl Renewals {
-    /// (Re)schedule the renewal of `lock` to `due_in` from now (jittered a little earlier).
+    /// (Re)schedule the renewal of `lock` to `due_in` from now (jittered a little earlier);
+    /// called by the reconcile lane when it has settled the lock.
     pub fn schedule(&self, lock: LockRef, due_in: Duration) {
+        if let Ok(mut h) = self.handed.lock() {
+            h.remove(&lock);
+        }
+        self.reschedule(lock, due_in);
+    }
+
+    fn reschedule(&self, lock: LockRef, due_in: Duration) {
         let _ = self
             .tx
             .send(Cmd::Schedule(lock, Instant::now() + jittered(due_in)));
     }
 
     pub fn cancel(&self, lock: LockRef) {
+        if let Ok(mut h) = self.handed.lock() {
+            h.remove(&lock);
+        }
         let _ = self.tx.send(Cmd::Cancel(lock));
     }
 }
@@ -172,15 +189,25 @@ async fn renew_one(
             stats.renewed.fetch_add(1, Ordering::Relaxed);
             ctx.renewals.schedule(lock, next);
         }
-        Outcome::NotDue(next) => ctx.renewals.schedule(lock, next),
+        Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
         Outcome::Reconcile(why) => {
             stats.deferred.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
             // The reconcile lane reschedules the renewal when it settles the lock. Never wait
-            // for it: a busy reconcile lane must not hold up other locks' renewals (at most
-            // one entry per lock and renewal period is ever in this channel).
-            let _ = reconcile.send(lock);
+            // for it: a busy reconcile lane must not hold up other locks' renewals. Look again
+            // soon in case it is slow and the holder recovers meanwhile (a Ready writer's Lease
+            // must not lapse waiting for a reconcile).
+            let first = ctx
+                .renewals
+                .handed
+                .lock()
+                .map(|mut h| h.insert(lock.clone()))
+                .unwrap_or(true);
+            if first {
+                let _ = reconcile.send(lock.clone());
+            }
+            ctx.renewals.reschedule(lock, RECHECK);
         }
     }
 }

@@ -411,6 +411,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             && !renewal_only
             && let Err(wait) = ctx.limits.tenant_admit(
                 &observed.namespace,
+                &observed.name,
                 u32::try_from(writes).unwrap_or(u32::MAX),
             )
         {
