@@ -74,8 +74,14 @@ async fn until_owned_by(
     let start = Instant::now();
     loop {
         let o = owners(client).await;
+        // Every lock owned by a live replica, and every live replica owning at least half its
+        // share (a replica that just joined is not yet seen by its peers: the locks are all
+        // owned by live replicas before its handoffs have even started).
+        let c = counts(&o);
+        let fair = o.len() / (2 * live.len().max(1));
         if o.values()
             .all(|v| v.as_ref().is_some_and(|v| live.contains(v)))
+            && live.iter().all(|r| c.get(r).copied().unwrap_or(0) >= fair)
         {
             // Stable for a moment: no more handoffs in flight.
             tokio::time::sleep(Duration::from_millis(700)).await;

@@ -317,8 +317,8 @@ fn lock_key(lock: &StatefulSetLock) -> String {
 }
 
 /// Per-lock exponential backoff with jitter: conflicts (someone, or a previous step, moved the
-/// object) start at 100 ms, other errors at 1 s; each consecutive failure doubles it up to 60 s;
-/// a success resets it.
+/// object) start at 100 ms and stay under 1 s, other errors start at 1 s; each consecutive
+/// failure doubles it, up to 60 s; a success resets it.
 fn backoff(failures: u32, conflict: bool) -> Duration {
     let base = if conflict {
         Duration::from_millis(100)
@@ -326,7 +326,14 @@ fn backoff(failures: u32, conflict: bool) -> Duration {
         Duration::from_secs(1)
     };
     let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
-    let capped = exp.min(Duration::from_secs(60));
+    // A conflict is not a fault: the write that caused it is on its way through the watch and
+    // triggers a reconcile too. Backing off far would only delay a failover behind a slow
+    // watch, so conflicts back off to 1 s at most; errors up to 60 s.
+    let capped = exp.min(if conflict {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(60)
+    });
     // ±20 % so locks that failed together do not retry together.
     capped.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
@@ -442,4 +449,24 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     ctx.metrics
         .reconcile_finished(started.elapsed(), result.as_ref().err());
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_conflicts_stay_short() {
+        for _ in 0..200 {
+            let first = backoff(1, false);
+            assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
+            let third = backoff(3, false);
+            assert!(third >= Duration::from_millis(3200) && third <= Duration::from_millis(4800));
+            assert!(backoff(30, false) <= Duration::from_secs(72));
+            assert!(backoff(30, false) >= Duration::from_secs(48));
+            assert!(backoff(1, true) <= Duration::from_millis(120));
+            assert!(backoff(30, true) <= Duration::from_millis(1200));
+        }
+    }
 }
