@@ -108,11 +108,16 @@ pub async fn run_with(
     // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
     let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
     let (locks, locks_writer) = kube::runtime::reflector::store();
+    let lock_index = watch::LockIndex::default();
     let lock_events =
         kube::runtime::reflector(locks_writer, watcher(locks_api, watcher::Config::default()))
             .inspect({
                 let caches = caches.clone();
+                let index = lock_index.clone();
                 move |ev| {
+                    if let Ok(e) = ev {
+                        index.apply(e);
+                    }
                     if matches!(ev, Ok(watcher::Event::InitDone)) {
                         caches
                             .locks
@@ -221,17 +226,13 @@ pub async fn run_with(
         stop_waiter,
     ]);
     let set_triggers = {
-        let locks = locks.clone();
+        let locks = lock_index.clone();
         sets_stream
             .filter_map(move |ev| {
                 use kube::runtime::watcher::Event;
                 let refs = match ev {
                     Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
-                        watch::locks_for_set(
-                            &locks,
-                            &s.namespace().unwrap_or_default(),
-                            &s.name_any(),
-                        )
+                        locks.locks_for_set(&s.namespace().unwrap_or_default(), &s.name_any())
                     }
                     Ok(_) => vec![],
                     Err(e) => {
@@ -245,7 +246,11 @@ pub async fn run_with(
     };
     let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
-        .reconcile_on(watch::pod_triggers(client.clone(), pods, locks.clone()))
+        .reconcile_on(watch::pod_triggers(
+            client.clone(),
+            pods,
+            lock_index.clone(),
+        ))
         .reconcile_on(set_triggers)
         .reconcile_on(watch::lease_triggers_synced(
             client.clone(),

@@ -6,13 +6,13 @@
 //! to a pod, a StatefulSet or one of our Leases maps to the locks in that namespace that
 //! target it.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
@@ -28,27 +28,111 @@ pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
 pub type LeaseCache =
     Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>;
 
-/// Locks in `namespace` whose StatefulSet is `statefulset`.
-pub fn locks_for_set(
-    locks: &Store<StatefulSetLock>,
-    namespace: &str,
-    statefulset: &str,
-) -> Vec<ObjectRef<StatefulSetLock>> {
-    locks
-        .state()
-        .iter()
-        .filter(|l| {
-            l.namespace().as_deref() == Some(namespace) && l.spec.stateful_set_name == statefulset
-        })
-        .map(|l| ObjectRef::from_obj(l.as_ref()))
-        .collect()
+type SetKey = (String, String);
+
+#[derive(Default)]
+struct LockIndexInner {
+    /// (namespace, StatefulSet) → names of the locks targeting it.
+    by_set: HashMap<SetKey, BTreeSet<String>>,
+    /// (namespace, lock) → its StatefulSet.
+    set_of: HashMap<SetKey, String>,
+    /// Listed since the last `Init`, swapped in at `InitDone`.
+    buffer: Option<Vec<(SetKey, String)>>,
+}
+
+/// Locks by the StatefulSet they target, kept from the lock watch: a pod or StatefulSet event
+/// finds its locks without scanning every lock (at thousands of locks and hundreds of pod
+/// events a second, the scan made the one pod-event stream a queue that quiet namespaces waited
+/// in behind noisy ones).
+#[derive(Clone, Default)]
+pub struct LockIndex(Arc<RwLock<LockIndexInner>>);
+
+impl LockIndexInner {
+    fn insert(&mut self, lock: SetKey, set: String) {
+        if let Some(old) = self.set_of.insert(lock.clone(), set.clone())
+            && old != set
+        {
+            self.remove_from_set(&lock, &old);
+        }
+        self.by_set
+            .entry((lock.0.clone(), set))
+            .or_default()
+            .insert(lock.1);
+    }
+
+    fn remove_from_set(&mut self, lock: &SetKey, set: &str) {
+        let key = (lock.0.clone(), set.to_string());
+        if let Some(names) = self.by_set.get_mut(&key) {
+            names.remove(&lock.1);
+            if names.is_empty() {
+                self.by_set.remove(&key);
+            }
+        }
+    }
+}
+
+fn lock_key(l: &StatefulSetLock) -> SetKey {
+    (l.namespace().unwrap_or_default(), l.name_any())
+}
+
+impl LockIndex {
+    /// Follow one event of the lock watch.
+    pub fn apply(&self, event: &watcher::Event<StatefulSetLock>) {
+        let Ok(mut inner) = self.0.write() else {
+            return;
+        };
+        match event {
+            watcher::Event::Init => inner.buffer = Some(Vec::new()),
+            watcher::Event::InitApply(l) => {
+                let entry = (lock_key(l), l.spec.stateful_set_name.clone());
+                inner.buffer.get_or_insert_with(Vec::new).push(entry);
+            }
+            watcher::Event::InitDone => {
+                let listed = inner.buffer.take().unwrap_or_default();
+                inner.by_set.clear();
+                inner.set_of.clear();
+                for (lock, set) in listed {
+                    inner.insert(lock, set);
+                }
+            }
+            watcher::Event::Apply(l) => inner.insert(lock_key(l), l.spec.stateful_set_name.clone()),
+            watcher::Event::Delete(l) => {
+                let lock = lock_key(l);
+                if let Some(set) = inner.set_of.remove(&lock) {
+                    inner.remove_from_set(&lock, &set);
+                }
+            }
+        }
+    }
+
+    /// Locks in `namespace` whose StatefulSet is `statefulset`.
+    pub fn locks_for_set(
+        &self,
+        namespace: &str,
+        statefulset: &str,
+    ) -> Vec<ObjectRef<StatefulSetLock>> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|i| {
+                i.by_set
+                    .get(&(namespace.to_string(), statefulset.to_string()))
+                    .map(|names| {
+                        names
+                            .iter()
+                            .map(|n| ObjectRef::new(n).within(namespace))
+                            .collect()
+                    })
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Lock keys to reconcile because pods changed; also keeps `index` current.
 pub fn pod_triggers(
     client: Client,
     index: PodIndex,
-    locks: Store<StatefulSetLock>,
+    locks: LockIndex,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let pods: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default().labels(STS_POD_LABEL);
@@ -61,7 +145,7 @@ pub fn pod_triggers(
                     let mut refs = Vec::new();
                     let mut seen = HashSet::new();
                     for (ns, set) in touched {
-                        for r in locks_for_set(&locks, &ns, &set) {
+                        for r in locks.locks_for_set(&ns, &set) {
                             if seen.insert(r.clone()) {
                                 refs.push(r);
                             }
@@ -138,4 +222,53 @@ pub fn owner_ref(lease: &Lease) -> Option<ObjectRef<StatefulSetLock>> {
     let owner = lease.annotations().get(LEASE_OWNER_ANNOTATION)?;
     let (ns, name) = owner.split_once('/')?;
     Some(ObjectRef::new(name).within(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(name: &str, set: &str) -> StatefulSetLock {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"statefulSetName": set, "leaseName": format!("{name}-lease"), "leaseDurationSeconds": 30}
+        }))
+        .unwrap()
+    }
+
+    fn names(idx: &LockIndex, set: &str) -> Vec<String> {
+        idx.locks_for_set("ns", set)
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
+    #[test]
+    fn lock_index_follows_the_watch_and_relists() {
+        let idx = LockIndex::default();
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(lock("a", "db")));
+        assert!(names(&idx, "db").is_empty(), "not before InitDone");
+        idx.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&idx, "db"), ["a"]);
+        idx.apply(&watcher::Event::Apply(lock("b", "db")));
+        idx.apply(&watcher::Event::Apply(lock("c", "other")));
+        assert_eq!(names(&idx, "db"), ["a", "b"]);
+        idx.apply(&watcher::Event::Apply(lock("b", "moved")));
+        assert_eq!(names(&idx, "db"), ["a"]);
+        assert_eq!(names(&idx, "moved"), ["b"]);
+        idx.apply(&watcher::Event::Delete(lock("a", "db")));
+        assert!(names(&idx, "db").is_empty());
+        assert!(idx.locks_for_set("elsewhere", "moved").is_empty());
+        // A relist replaces everything: c is gone, d is new.
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(lock("b", "moved")));
+        idx.apply(&watcher::Event::InitApply(lock("d", "db")));
+        assert_eq!(names(&idx, "other"), ["c"], "old view kept until InitDone");
+        idx.apply(&watcher::Event::InitDone);
+        assert!(names(&idx, "other").is_empty());
+        assert_eq!(names(&idx, "db"), ["d"]);
+        assert_eq!(names(&idx, "moved"), ["b"]);
+    }
 }
