@@ -14,7 +14,7 @@
 //! them would delay a handoff.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -30,14 +30,6 @@ pub enum Lane {
     Reconcile,
 }
 
-/// Counters of the waits the budget imposed (exposed as metrics).
-#[derive(Debug, Default)]
-pub struct LimitStats {
-    pub waits: AtomicU64,
-    pub wait_nanos: AtomicU64,
-    pub tenant_deferrals: AtomicU64,
-}
-
 pub struct Limits {
     global: Option<DefaultDirectRateLimiter>,
     tenant: Option<DefaultKeyedRateLimiter<String>>,
@@ -50,7 +42,6 @@ pub struct Limits {
     renewals_waiting: AtomicUsize,
     renewal_done: Notify,
     clock: DefaultClock,
-    pub stats: LimitStats,
 }
 
 fn quota(qps: f64, burst: u32) -> Option<Quota> {
@@ -76,7 +67,6 @@ impl Limits {
             renewals_waiting: AtomicUsize::new(0),
             renewal_done: Notify::new(),
             clock: DefaultClock::default(),
-            stats: LimitStats::default(),
         }
     }
 
@@ -107,7 +97,6 @@ impl Limits {
                 Ok(())
             }
             Ok(Err(not_until)) => {
-                self.stats.tenant_deferrals.fetch_add(1, Ordering::Relaxed);
                 let waiting = {
                     let set = deferred.entry(namespace.to_string()).or_default();
                     set.insert(lock.to_string());
@@ -166,10 +155,6 @@ impl Limits {
         let waited = start.elapsed();
         if !waited.is_zero() {
             crate::metrics::with_current(|m| m.rate_limit_wait(waited));
-            self.stats.waits.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .wait_nanos
-                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
         waited
     }
@@ -245,32 +230,32 @@ mod tests {
         for i in 0..40 {
             let (l, order) = (l.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                l.acquire(Lane::Reconcile).await;
-                order.lock().unwrap().push(("reconcile", i));
+                let waited = l.acquire(Lane::Reconcile).await;
+                order.lock().unwrap().push(("reconcile", i, waited));
             }));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         for i in 0..5 {
             let (l, order) = (l.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                l.acquire(Lane::Renewal).await;
-                order.lock().unwrap().push(("renewal", i));
+                let waited = l.acquire(Lane::Renewal).await;
+                order.lock().unwrap().push(("renewal", i, waited));
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
         let order = order.lock().unwrap();
-        let last_renewal = order.iter().rposition(|(k, _)| *k == "renewal").unwrap();
+        let last_renewal = order.iter().rposition(|(k, _, _)| *k == "renewal").unwrap();
         let reconciles_before = order[..last_renewal]
             .iter()
-            .filter(|(k, _)| *k == "reconcile")
+            .filter(|(k, _, _)| *k == "reconcile")
             .count();
         // Without priority the renewals would queue behind ~35 reconciles.
         assert!(
             reconciles_before <= 15,
             "renewals waited behind {reconciles_before} reconciles: {order:?}"
         );
-        assert!(l.stats.waits.load(Ordering::Relaxed) > 0);
+        assert!(order.iter().any(|(_, _, waited)| !waited.is_zero()));
     }
 }

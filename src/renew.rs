@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -46,23 +45,10 @@ enum Cmd {
     Cancel(LockRef),
 }
 
-/// Counters of the renewal lane (exposed as metrics).
-#[derive(Debug, Default)]
-pub struct RenewStats {
-    pub renewed: AtomicU64,
-    pub deferred: AtomicU64,
-    pub failed: AtomicU64,
-    /// Sum and max of how late renewals started after they were due, in microseconds.
-    pub late_us_sum: AtomicU64,
-    pub late_us_max: AtomicU64,
-    pub scheduled: AtomicU64,
-}
-
 /// Handle to the renewal lane, held in the reconcile [`Context`].
 #[derive(Clone)]
 pub struct Renewals {
     tx: mpsc::UnboundedSender<Cmd>,
-    pub stats: Arc<RenewStats>,
     /// Locks handed to the reconcile lane and not rescheduled by it since: handed once, not
     /// again on every re-check (a trigger would override the reconcile lane's own pacing).
     handed: Arc<std::sync::Mutex<std::collections::HashSet<LockRef>>>,
@@ -76,7 +62,6 @@ pub fn channel() -> (Renewals, Inbox) {
     (
         Renewals {
             tx,
-            stats: Arc::default(),
             handed: Arc::default(),
         },
         Inbox(rx),
@@ -118,38 +103,32 @@ impl Renewals {
 pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSender<LockRef>) {
     let Inbox(mut rx) = inbox;
     let mut wheel: DelayQueue<LockRef> = DelayQueue::new();
-    let mut entries: HashMap<LockRef, (delay_queue::Key, Instant)> = HashMap::new();
+    let mut entries: HashMap<LockRef, delay_queue::Key> = HashMap::new();
     let permits = Arc::new(Semaphore::new(PARALLEL));
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 None => return,
-                Some(Cmd::Schedule(lock, at)) => {
-                    ctx.renewals.stats.scheduled.fetch_add(1, Ordering::Relaxed);
-                    match entries.get_mut(&lock) {
-                        Some((key, due)) => {
-                            wheel.reset_at(key, at);
-                            *due = at;
-                        }
-                        None => {
-                            let key = wheel.insert_at(lock.clone(), at);
-                            entries.insert(lock, (key, at));
-                        }
+                Some(Cmd::Schedule(lock, at)) => match entries.get(&lock) {
+                    Some(key) => wheel.reset_at(key, at),
+                    None => {
+                        let key = wheel.insert_at(lock.clone(), at);
+                        entries.insert(lock, key);
                     }
-                }
+                },
                 Some(Cmd::Cancel(lock)) => {
-                    if let Some((key, _)) = entries.remove(&lock) {
+                    if let Some(key) = entries.remove(&lock) {
                         wheel.remove(&key);
                     }
                 }
             },
             Some(expired) = wheel.next(), if !wheel.is_empty() => {
                 let lock = expired.into_inner();
-                let due = entries.remove(&lock).map(|(_, d)| d).unwrap_or_else(Instant::now);
+                entries.remove(&lock);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
                 tokio::spawn(crate::metrics::scoped(ctx.metrics.clone(), async move {
-                    renew_one(&ctx, lock, due, &reconcile).await;
+                    renew_one(&ctx, lock, &reconcile).await;
                     drop(permit);
                 }));
             }
@@ -169,30 +148,16 @@ enum Outcome {
     Reconcile(&'static str),
 }
 
-async fn renew_one(
-    ctx: &Context,
-    lock: LockRef,
-    due: Instant,
-    reconcile: &mpsc::UnboundedSender<LockRef>,
-) {
-    let late = Instant::now().saturating_duration_since(due);
-    let stats = &ctx.renewals.stats;
-    let late_us = late.as_micros() as u64;
-    stats.late_us_sum.fetch_add(late_us, Ordering::Relaxed);
-    stats.late_us_max.fetch_max(late_us, Ordering::Relaxed);
+async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSender<LockRef>) {
     let outcome = match ctx.locks.get(&lock) {
         None => Outcome::NotMine,
         Some(l) => try_renew(ctx, &l).await,
     };
     match outcome {
-        Outcome::Renewed(next) => {
-            stats.renewed.fetch_add(1, Ordering::Relaxed);
-            ctx.renewals.schedule(lock, next);
-        }
+        Outcome::Renewed(next) => ctx.renewals.schedule(lock, next),
         Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
         Outcome::Reconcile(why) => {
-            stats.deferred.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
             // The reconcile lane reschedules the renewal when it settles the lock. Never wait
             // for it: a busy reconcile lane must not hold up other locks' renewals. Look again
@@ -296,7 +261,6 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
             Outcome::Renewed(half)
         }
         Err(e) => {
-            ctx.renewals.stats.failed.fetch_add(1, Ordering::Relaxed);
             crate::telemetry::renewal_failed(
                 &ns,
                 &lock.name_any(),

@@ -464,7 +464,7 @@ pub fn api_span(what: &str) -> Span {
     if Span::current().is_none() {
         return Span::none();
     }
-    let (verb, resource) = verb_and_resource(what);
+    let (verb, resource) = crate::reconcile::client::verb_and_resource(what);
     tracing::debug_span!(
         target: API_TARGET,
         "api",
@@ -477,70 +477,11 @@ pub fn api_span(what: &str) -> Span {
     )
 }
 
-const KINDS: &[(&str, &str)] = &[
-    ("statefulsetlock", "statefulsetlocks"),
-    ("statefulset", "statefulsets"),
-    ("lease", "leases"),
-    ("pod", "pods"),
-    ("event", "events"),
-];
-
-/// ("patch", "leases") from "updating Lease ns/x (holder …)".
-pub fn verb_and_resource(what: &str) -> (&'static str, &'static str) {
-    let mut words = what.split_whitespace();
-    let verb = match words.next().map(|w| w.trim_end_matches(':')) {
-        Some("creating" | "recording") => "create",
-        Some("updating" | "labelling" | "writing" | "renewing" | "claim" | "handoff") => "patch",
-        Some("deleting") => "delete",
-        Some("getting" | "reading") => "get",
-        Some("listing") => "list",
-        _ => "unknown",
-    };
-    let resource = what
-        .split_whitespace()
-        .find_map(|w| {
-            let w = w.to_ascii_lowercase();
-            KINDS.iter().find(|(k, _)| *k == w).map(|(_, r)| *r)
-        })
-        .unwrap_or("unknown");
-    (verb, resource)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
     use super::*;
-
-    #[test]
-    fn verbs_and_resources_of_every_call_description() {
-        for (what, want) in [
-            (
-                "updating finalizers of StatefulSetLock ns/x",
-                ("patch", "statefulsetlocks"),
-            ),
-            ("creating Lease ns/l", ("create", "leases")),
-            (
-                "updating Lease ns/l (holder db-1, epoch 2)",
-                ("patch", "leases"),
-            ),
-            ("labelling pod ns/db-0 sts-role=writer", ("patch", "pods")),
-            ("deleting Lease ns/l", ("delete", "leases")),
-            (
-                "writing status of StatefulSetLock ns/x",
-                ("patch", "statefulsetlocks"),
-            ),
-            ("recording Event Failover", ("create", "events")),
-            ("getting Lease ns/l", ("get", "leases")),
-            ("renewing membership Lease m", ("patch", "leases")),
-            (
-                "handoff: StatefulSetLock ns/x → shard s",
-                ("patch", "statefulsetlocks"),
-            ),
-        ] {
-            assert_eq!(verb_and_resource(what), want, "{what}");
-        }
-    }
 
     #[test]
     fn export_follows_the_standard_variables() {

@@ -396,9 +396,9 @@ impl Metrics {
         }
     }
 
-    /// One API call finished; `what` is the call's description (see [`api_labels`]).
+    /// One API call finished; `what` is the call's description (see [`crate::reconcile::client::verb_and_resource`]).
     pub fn api_request(&self, what: &str, code: &str) {
-        let (verb, resource) = api_labels(what);
+        let (verb, resource) = crate::reconcile::client::verb_and_resource(what);
         self.api_requests
             .get_or_create(&ApiLabels {
                 verb: verb.into(),
@@ -550,33 +550,6 @@ pub fn writerless(o: &Observed, plan: &Plan) -> Option<bool> {
         .and_then(|w| o.pods.iter().find(|p| p.name == w))
         .is_some_and(|p| p.ready && !p.terminating);
     Some(!ready)
-}
-
-/// (verb, resource) of an API call from its description, e.g. "updating Lease ns/x" →
-/// ("patch", "leases"). The operator's calls are described in a fixed vocabulary (see
-/// `reconcile::apply` and `sharding`); anything else is counted as "other".
-pub fn api_labels(what: &str) -> (&'static str, &'static str) {
-    let first = what.split_whitespace().next().unwrap_or("");
-    let verb = match first {
-        "creating" | "recording" => "create",
-        "updating" | "labelling" | "writing" | "renewing" | "claim:" | "handoff:" => "patch",
-        "deleting" => "delete",
-        "getting" => "get",
-        "listing" => "list",
-        _ => "other",
-    };
-    let resource = if first == "recording" || what.contains(" Event") {
-        "events"
-    } else if what.contains("StatefulSetLock") {
-        "statefulsetlocks"
-    } else if what.contains("Lease") {
-        "leases"
-    } else if what.contains("pod ") {
-        "pods"
-    } else {
-        "other"
-    };
-    (verb, resource)
 }
 
 tokio::task_local! {

@@ -318,7 +318,11 @@ fn api_calls_are_labelled_from_their_descriptions() {
         ),
     ];
     for (what, want) in cases {
-        assert_eq!(api_labels(what), want, "{what}");
+        assert_eq!(
+            crate::reconcile::client::verb_and_resource(what),
+            want,
+            "{what}"
+        );
     }
     let m = Metrics::new("shard-a");
     m.api_request("creating Lease ns/l", "409");

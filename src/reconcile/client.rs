@@ -63,3 +63,35 @@ where
         Err(e) => Err(e),
     }
 }
+
+const KINDS: &[(&str, &str)] = &[
+    ("statefulsetlock", "statefulsetlocks"),
+    ("statefulset", "statefulsets"),
+    ("lease", "leases"),
+    ("pod", "pods"),
+    ("event", "events"),
+];
+
+/// (verb, resource) of an API call from its description, e.g. "updating Lease ns/x" →
+/// ("patch", "leases"), for metrics labels and span attributes. The operator's calls are
+/// described in a fixed vocabulary (the call sites in `reconcile` and `sharding`); anything
+/// else is "other".
+pub fn verb_and_resource(what: &str) -> (&'static str, &'static str) {
+    let mut words = what.split_whitespace();
+    let verb = match words.next().map(|w| w.trim_end_matches(':')) {
+        Some("creating" | "recording") => "create",
+        Some("updating" | "labelling" | "writing" | "renewing" | "claim" | "handoff") => "patch",
+        Some("deleting") => "delete",
+        Some("getting" | "reading") => "get",
+        Some("listing") => "list",
+        _ => "other",
+    };
+    let resource = what
+        .split_whitespace()
+        .find_map(|w| {
+            let w = w.to_ascii_lowercase();
+            KINDS.iter().find(|(k, _)| *k == w).map(|(_, r)| *r)
+        })
+        .unwrap_or("other");
+    (verb, resource)
+}
