@@ -25,29 +25,93 @@ fn invalid_value(field: &str, value: &Value, detail: &str) -> Cause {
     )
 }
 
-const DNS1123_SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
-const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
-
-fn validate_name(rt: &ResourceType, name: &str) -> Option<Cause> {
+fn validate_name(rt: &ResourceType, name: &str) -> Vec<Cause> {
     let label_kinds = rt.group.is_empty() && (rt.plural == "namespaces" || rt.plural == "services");
-    let ok = if label_kinds {
-        meta::is_dns1123_label(name)
+    let msgs = if label_kinds {
+        meta::dns1123_label_errors(name)
     } else if rt.group.is_empty() && rt.plural == "events" {
-        !name.is_empty()
+        vec![]
     } else {
-        meta::is_dns1123_subdomain(name)
+        meta::dns1123_subdomain_errors(name)
     };
-    (!ok).then(|| {
-        invalid_value(
-            "metadata.name",
-            &json!(name),
-            if label_kinds {
-                DNS1123_LABEL_MSG
+    msgs.iter()
+        .map(|m| invalid_value("metadata.name", &json!(name), m))
+        .collect()
+}
+
+pub const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s.io";
+
+/// Finalizer names the apiserver knows without a domain prefix.
+const STANDARD_FINALIZERS: &[&str] = &["kubernetes", "orphan", "foregroundDeletion"];
+
+/// `ValidateObjectMeta`'s checks of labels, annotations and finalizers.
+fn validate_meta(obj: &Value, causes: &mut Vec<Cause>) {
+    let Some(m) = meta::meta(obj) else { return };
+    if let Some(labels) = m.get("labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            for msg in meta::qualified_name_errors(k) {
+                causes.push(invalid_value("metadata.labels", &json!(k), &msg));
+            }
+            let v = v.as_str().unwrap_or("");
+            for msg in meta::label_value_errors(v) {
+                causes.push(invalid_value("metadata.labels", &json!(v), &msg));
+            }
+        }
+    }
+    if let Some(ann) = m.get("annotations").and_then(Value::as_object) {
+        for k in ann.keys() {
+            for msg in meta::qualified_name_errors(&k.to_lowercase()) {
+                causes.push(invalid_value("metadata.annotations", &json!(k), &msg));
+            }
+        }
+    }
+    for (i, f) in meta::finalizers(obj).iter().enumerate() {
+        let errs = meta::qualified_name_errors(f);
+        for msg in &errs {
+            causes.push(invalid_value("metadata.finalizers", &json!(f), msg));
+        }
+        if !f.contains('/') && !STANDARD_FINALIZERS.contains(&f.as_str()) {
+            causes.push(invalid_value(
+                &format!("metadata.finalizers[{i}]"),
+                &json!(f),
+                "name is neither a standard finalizer name nor is it fully qualified",
+            ));
+        }
+    }
+}
+
+/// Labels and annotations are maps of strings: anything else fails decoding (400), before
+/// validation.
+pub fn check_meta_types(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    for field in ["labels", "annotations"] {
+        let Some(m) = meta::meta(obj).and_then(|m| m.get(field)) else {
+            continue;
+        };
+        let bad = match m {
+            Value::Null => None,
+            Value::Object(map) => map.values().find(|v| !v.is_string()),
+            other => Some(other),
+        };
+        if let Some(v) = bad {
+            let t = match v {
+                Value::Bool(_) => "bool",
+                Value::Number(_) => "number",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+                _ => "value",
+            };
+            let into = if m.is_object() {
+                format!("Go struct field ObjectMeta.metadata.{field} of type string")
             } else {
-                DNS1123_SUBDOMAIN_MSG
-            },
-        )
-    })
+                format!("Go struct field ObjectMeta.metadata.{field} of type map[string]string")
+            };
+            return Err(ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: json: cannot unmarshal {t} into {into}",
+                rt.kind, rt.version, rt.kind
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Default and validate `obj` before it is committed. `old` is the stored object on update.
@@ -59,23 +123,47 @@ pub fn admit(
     opts: &WriteOpts,
 ) -> ApiResult<()> {
     let name = meta::name(obj).to_string();
+    check_meta_types(rt, obj)?;
     let mut causes = Vec::new();
-    if old.is_none()
-        && let Some(c) = validate_name(rt, &name)
-    {
-        causes.push(c);
+    if old.is_none() {
+        causes.extend(validate_name(rt, &name));
+    }
+    let mut meta_causes = vec![];
+    validate_meta(obj, &mut meta_causes);
+    // On update the apiserver checks object metadata twice (the strategy's ValidateUpdate
+    // and the registry's own ValidateObjectMetaUpdate), and reports each finding twice.
+    let times = if old.is_some() { 2 } else { 1 };
+    for _ in 0..times {
+        causes.extend(meta_causes.iter().cloned());
     }
     if let Some(crd) = &rt.crd {
         admit_custom(rt, crd, obj, old, opts, &mut causes)?;
     } else {
         match (rt.group.as_str(), rt.plural.as_str()) {
             ("", "pods") => default_pod(obj, old.is_none()),
-            ("", "namespaces") if obj.pointer("/status/phase").is_none() => {
-                meta::set_path(obj, ".status.phase", json!("Active"));
+            ("", "namespaces") => {
+                if old.is_none() {
+                    meta::set_path(obj, ".status", json!({"phase": "Active"}));
+                    if obj.pointer("/spec/finalizers").is_none() {
+                        meta::set_path(obj, ".spec.finalizers", json!(["kubernetes"]));
+                    }
+                } else if obj.pointer("/status/phase").is_none() {
+                    meta::set_path(obj, ".status.phase", json!("Active"));
+                }
+                let name = meta::name(obj).to_string();
+                if !name.is_empty() {
+                    let m = meta::meta_mut(obj);
+                    let labels = m.entry("labels").or_insert_with(|| json!({}));
+                    if !labels.is_object() {
+                        *labels = json!({});
+                    }
+                    labels["kubernetes.io/metadata.name"] = json!(name);
+                }
             }
             ("", "services") => default_service(st, obj, old),
             ("apps", "statefulsets") => admit_statefulset(obj, old, &mut causes),
             ("coordination.k8s.io", "leases") => {
+                check_lease_types(rt, obj)?;
                 for f in ["leaseDurationSeconds", "leaseTransitions"] {
                     if let Some(v) = obj.pointer(&format!("/spec/{f}"))
                         && (v.as_i64().is_none() || v.as_i64().is_some_and(|n| n < 0))
@@ -101,13 +189,146 @@ pub fn admit(
                 }
             }
             ("apiextensions.k8s.io", "customresourcedefinitions") => admit_crd(obj, &mut causes),
+            ("", "events") if old.is_none() => validate_event(obj, false, &mut causes),
+            ("events.k8s.io", "events") if old.is_none() => validate_event(obj, true, &mut causes),
             _ => {}
         }
     }
     if causes.is_empty() {
         Ok(())
+    } else if rt.is_event_view()
+        && let Some(core) = st.registry.get("", "v1", "events")
+    {
+        // events.k8s.io Events are validated as core Events (and reported as such).
+        Err(ApiError::invalid(&core, &name, &causes))
     } else {
         Err(ApiError::invalid(rt, &name, &causes))
+    }
+}
+
+/// Lease fields that fail decoding (400) before validation: integers that are not, and
+/// MicroTime fields that do not parse.
+fn check_lease_types(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    let fail = |why: String| {
+        Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {why}",
+            rt.kind, rt.version, rt.kind
+        )))
+    };
+    for f in ["leaseDurationSeconds", "leaseTransitions"] {
+        if let Some(v) = obj.pointer(&format!("/spec/{f}"))
+            && !v.is_null()
+            && !v.is_i64()
+        {
+            let t = match v {
+                Value::String(_) => "string",
+                Value::Bool(_) => "bool",
+                Value::Number(_) => "number",
+                Value::Array(_) => "array",
+                _ => "object",
+            };
+            return fail(format!(
+                "json: cannot unmarshal {t} into Go struct field LeaseSpec.spec.{f} of type int32"
+            ));
+        }
+    }
+    for f in ["acquireTime", "renewTime"] {
+        if let Some(Value::String(t)) = obj.pointer(&format!("/spec/{f}"))
+            && meta::parse_time(t).is_none()
+        {
+            return fail(format!(
+                "parsing time {t:?} as \"2006-01-02T15:04:05.000000Z07:00\": cannot parse {t:?} as \"2006\""
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `ValidateEventCreate` on the core form of an Event: the legacy checks for every Event, and
+/// for events.k8s.io/v1 (`strict`) the required `eventTime` and type.
+fn validate_event(obj: &Value, strict: bool, causes: &mut Vec<Cause>) {
+    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let ns = meta::namespace(obj);
+    let involved_ns = s("/involvedObject/namespace");
+    let has_time = obj.get("eventTime").is_some_and(|t| !t.is_null());
+    let mismatch = || {
+        invalid_value(
+            "involvedObject.namespace",
+            &json!(involved_ns),
+            "does not match event.namespace",
+        )
+    };
+    let empty = json!("");
+    if !has_time {
+        if involved_ns.is_empty() {
+            if !ns.is_empty() && ns != "default" {
+                causes.push(mismatch());
+            }
+        } else if ns != involved_ns {
+            causes.push(mismatch());
+        }
+    } else {
+        if involved_ns.is_empty() && ns != "default" && ns != "kube-system" {
+            causes.push(mismatch());
+        }
+        let controller_field = if strict {
+            "reportingController"
+        } else {
+            "reportingComponent"
+        };
+        let controller = s("/reportingComponent");
+        if controller.is_empty() {
+            causes.push((
+                "FieldValueRequired".into(),
+                controller_field.into(),
+                "Required value".into(),
+            ));
+        }
+        for m in meta::qualified_name_errors(controller) {
+            causes.push(invalid_value(controller_field, &json!(controller), &m));
+        }
+        for (field, limit) in [("reportingInstance", 128), ("action", 128), ("reason", 128)] {
+            let v = s(&format!("/{field}"));
+            if v.is_empty() {
+                causes.push((
+                    "FieldValueRequired".into(),
+                    field.into(),
+                    "Required value".into(),
+                ));
+            }
+            if v.len() > limit {
+                causes.push(invalid_value(
+                    field,
+                    &empty,
+                    &format!("can have at most {limit} characters"),
+                ));
+            }
+        }
+        if s("/message").len() > 1024 {
+            causes.push(invalid_value(
+                "message",
+                &empty,
+                "can have at most 1024 characters",
+            ));
+        }
+    }
+    if !strict {
+        return;
+    }
+    if !has_time {
+        causes.push((
+            "FieldValueRequired".into(),
+            "eventTime".into(),
+            "Required value".into(),
+        ));
+    }
+    let t = s("/type");
+    if t != "Normal" && t != "Warning" {
+        causes.push(invalid_value(
+            "type",
+            &empty,
+            &format!("has invalid value: {t}"),
+        ));
     }
 }
 
@@ -132,7 +353,7 @@ fn admit_custom(
         return Err(ApiError::bad_request(format!(
             "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
             rt.kind,
-            rt.api_version(),
+            rt.version,
             rt.kind,
             fields.join(", ")
         )));
@@ -150,6 +371,9 @@ fn default_pod(obj: &mut Value, create: bool) {
         }
         if obj.pointer("/spec/terminationGracePeriodSeconds").is_none() {
             meta::set_path(obj, ".spec.terminationGracePeriodSeconds", json!(30));
+        }
+        if obj.pointer("/spec/dnsPolicy").is_none() {
+            meta::set_path(obj, ".spec.dnsPolicy", json!("ClusterFirst"));
         }
         if obj.pointer("/spec/schedulerName").is_none() {
             meta::set_path(obj, ".spec.schedulerName", json!("default-scheduler"));
@@ -263,9 +487,9 @@ fn admit_statefulset(obj: &mut Value, old: Option<&Arc<Value>>, causes: &mut Vec
                         .map(|l| {
                             let pairs: Vec<String> =
                                 l.iter().map(|(k, v)| format!("{k:?}:{}", v)).collect();
-                            format!("map[string]string{{{}}}", pairs.join(", "))
+                            format!("{{{}}}", pairs.join(","))
                         })
-                        .unwrap_or_else(|| "map[string]string(nil)".into());
+                        .unwrap_or_else(|| "null".into());
                     causes.push((
                         "FieldValueInvalid".into(),
                         "spec.template.metadata.labels".into(),
@@ -293,6 +517,7 @@ fn admit_statefulset(obj: &mut Value, old: Option<&Arc<Value>>, causes: &mut Vec
             "ordinals",
             "template",
             "updateStrategy",
+            "revisionHistoryLimit",
             "persistentVolumeClaimRetentionPolicy",
             "minReadySeconds",
         ];
@@ -309,7 +534,7 @@ fn admit_statefulset(obj: &mut Value, old: Option<&Arc<Value>>, causes: &mut Vec
             causes.push((
                 "FieldValueForbidden".into(),
                 "spec".into(),
-                "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into(),
+                "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into(),
             ));
         }
     }
@@ -378,6 +603,7 @@ fn admit_crd(obj: &mut Value, causes: &mut Vec<Cause>) {
     if obj.pointer("/spec/scope").is_none() {
         meta::set_path(obj, ".spec.scope", json!("Namespaced"));
     }
+
     // The real apiserver reports these once the names are accepted; `kubectl wait
     // --for=condition=Established` depends on them.
     let now = meta::now_rfc3339();
@@ -495,15 +721,37 @@ pub fn crd_types(crd: &Value) -> Vec<ResourceType> {
         .collect()
 }
 
+/// What the ServiceAccount controller puts into every new namespace (the root-CA publisher's
+/// `kube-root-ca.crt` ConfigMap is not modelled: tests count ConfigMaps).
+fn seed_namespace(st: &mut State, store: &Store, ns: &str) {
+    let opts = WriteOpts {
+        actor: "kubesim/namespace-seed".into(),
+        ..Default::default()
+    };
+    let seeds = [("serviceaccounts", json!({"metadata": {"name": "default"}}))];
+    for (plural, obj) in seeds {
+        let Some(rt) = st.registry.get("", "v1", plural) else {
+            continue;
+        };
+        if st.get(&rt, Some(ns), meta::name(&obj)).is_none()
+            && let Err(e) = st.create_locked(store, &rt, Some(ns), obj, &opts)
+        {
+            tracing::warn!(error = %e, "seeding namespace {ns}");
+        }
+    }
+}
+
 /// Side effects of a committed create/update.
-pub fn after_commit(st: &mut State, _store: &Store, rt: &ResourceType, obj: &Arc<Value>) {
+pub fn after_commit(st: &mut State, store: &Store, rt: &ResourceType, obj: &Arc<Value>) {
+    if rt.group.is_empty() && rt.plural == "namespaces" && !meta::is_terminating(obj) {
+        seed_namespace(st, store, meta::name(obj));
+    }
     if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
         let name = meta::name(obj).to_string();
         st.registry.remove_crd(&name);
-        if !meta::is_terminating(obj) {
-            for t in crd_types(obj) {
-                st.registry.insert(t);
-            }
+        // A terminating CRD is still served (its objects are being deleted) until it goes.
+        for t in crd_types(obj) {
+            st.registry.insert(t);
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct ControllerConfig {
     /// Time a crashed container takes to restart and be Ready again.
     pub crash_restart_delay: Duration,
     pub nodes: usize,
+    /// The scheduler and kubelet stand-in: pods are bound to a node and become Running and
+    /// Ready. Off, pods stay Pending and unbound, as on a cluster without nodes.
+    pub kubelet: bool,
 }
 
 impl Default for ControllerConfig {
@@ -38,6 +41,7 @@ impl Default for ControllerConfig {
             pod_terminate_delay: Duration::from_millis(500),
             crash_restart_delay: Duration::from_secs(2),
             nodes: 3,
+            kubelet: true,
         }
     }
 }
@@ -75,9 +79,329 @@ pub fn start(store: Arc<Store>, cfg: ControllerConfig) -> Vec<tokio::task::JoinH
         cfg: cfg.clone(),
         next_node: Arc::new(AtomicUsize::new(0)),
     };
-    handles.push(tokio::spawn(kubelet.run(store.subscribe())));
+    if cfg.kubelet {
+        handles.push(tokio::spawn(kubelet.run(store.subscribe())));
+    }
     handles.push(tokio::spawn(gc(store.clone(), store.subscribe())));
+    handles.push(tokio::spawn(finalizers(store.clone(), store.subscribe())));
     handles
+}
+
+/// How long the namespace and CRD finalizers take to act after a deletion (the apiserver's
+/// controllers are asynchronous too: a namespace is seen Terminating before it goes).
+const FINALIZE_DELAY: Duration = Duration::from_millis(100);
+
+/// The namespace controller and the CRD finalizer: a Terminating namespace has its content
+/// deleted (objects with finalizers stay Terminating until those are removed) and goes when
+/// it is empty; a deleted CRD has its custom resources deleted, then goes.
+async fn finalizers(store: Arc<Store>, mut rx: broadcast::Receiver<Arc<Event>>) {
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Missed events: sweep everything that is terminating.
+                sweep_all(&store);
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let (group, plural) = (&ev.key.0, &ev.key.1);
+        let st = store.lock();
+        let mut todo: Vec<(bool, String)> = vec![];
+        if group.is_empty() && plural == "namespaces" {
+            if meta::is_terminating(&ev.object) && ev.type_ != EventType::Deleted {
+                todo.push((true, meta::name(&ev.object).to_string()));
+            }
+        } else if group == "apiextensions.k8s.io" && plural == "customresourcedefinitions" {
+            if meta::is_terminating(&ev.object) && ev.type_ != EventType::Deleted {
+                todo.push((false, meta::name(&ev.object).to_string()));
+            }
+        } else if ev.type_ != EventType::Deleted && !meta::is_terminating(&ev.object) {
+            // Only removals and new terminations can unblock a finalizer.
+        } else {
+            let ns = meta::namespace(&ev.object);
+            if !ns.is_empty()
+                && let Some(nsrt) = st.registry.get("", "v1", "namespaces")
+                && st
+                    .get(&nsrt, None, ns)
+                    .is_some_and(|n| meta::is_terminating(&n))
+            {
+                todo.push((true, ns.to_string()));
+            }
+            if let Some(rt) = st.registry.by_store_key(group, plural)
+                && let Some(crd) = &rt.crd
+            {
+                todo.push((false, crd.crd_name.clone()));
+            }
+        }
+        drop(st);
+        for (is_ns, name) in todo {
+            let store = store.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(FINALIZE_DELAY).await;
+                if is_ns {
+                    sweep_namespace(&store, &name);
+                } else {
+                    sweep_crd(&store, &name);
+                }
+            });
+        }
+    }
+}
+
+fn sweep_all(store: &Store) {
+    let (namespaces, crds): (Vec<String>, Vec<String>) = {
+        let st = store.lock();
+        let names = |g: &str, p: &str| -> Vec<String> {
+            st.objects_of(&(g.to_string(), p.to_string()))
+                .filter(|o| meta::is_terminating(o))
+                .map(|o| meta::name(o).to_string())
+                .collect()
+        };
+        (
+            names("", "namespaces"),
+            names("apiextensions.k8s.io", "customresourcedefinitions"),
+        )
+    };
+    for n in namespaces {
+        sweep_namespace(store, &n);
+    }
+    for c in crds {
+        sweep_crd(store, &c);
+    }
+}
+
+fn finalizer_opts(actor: &str) -> DeleteOpts {
+    DeleteOpts {
+        write: writer(actor),
+        ..Default::default()
+    }
+}
+
+/// Delete what is left of the objects of `key` (in `ns`); returns what remains afterwards
+/// (objects held by finalizers or a graceful deletion) and their finalizers.
+fn delete_all(
+    st: &mut crate::store::State,
+    store: &Store,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    actor: &str,
+) -> (usize, BTreeMap<String, usize>) {
+    let key = rt.store_key();
+    let victims: Vec<Arc<Value>> = st
+        .objects_of(&key)
+        .filter(|o| ns.is_none_or(|n| meta::namespace(o) == n))
+        .cloned()
+        .collect();
+    let opts = finalizer_opts(actor);
+    for v in &victims {
+        if !meta::is_terminating(v) {
+            let vns = meta::namespace(v).to_string();
+            let _ = st.delete_locked(
+                store,
+                rt,
+                Some(&vns).filter(|n| !n.is_empty()).map(String::as_str),
+                meta::name(v),
+                &opts,
+            );
+        }
+    }
+    let mut left = 0;
+    let mut fins = BTreeMap::new();
+    for o in st
+        .objects_of(&key)
+        .filter(|o| ns.is_none_or(|n| meta::namespace(o) == n))
+    {
+        left += 1;
+        for f in meta::finalizers(o) {
+            *fins.entry(f).or_insert(0) += 1;
+        }
+    }
+    (left, fins)
+}
+
+fn sweep_namespace(store: &Store, name: &str) {
+    let mut st = store.lock();
+    let Some(nsrt) = st.registry.get("", "v1", "namespaces") else {
+        return;
+    };
+    let Some(cur) = st.get(&nsrt, None, name) else {
+        return;
+    };
+    if !meta::is_terminating(&cur) {
+        return;
+    }
+    let types: Vec<Arc<ResourceType>> = {
+        let mut seen = HashSet::new();
+        st.registry
+            .all()
+            .filter(|t| t.namespaced && t.storage.is_none())
+            .filter(|t| seen.insert(t.store_key()))
+            .cloned()
+            .collect()
+    };
+    let mut remaining: Vec<String> = vec![];
+    let mut fins: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &types {
+        let (left, f) = delete_all(&mut st, store, t, Some(name), "namespace-controller");
+        if left > 0 {
+            remaining.push(format!(
+                "{}.{} has {left} resource instances",
+                t.plural, t.group
+            ));
+        }
+        for (k, n) in f {
+            *fins.entry(k).or_insert(0) += n;
+        }
+    }
+    let Some(cur) = st.get(&nsrt, None, name) else {
+        return;
+    };
+    let key = nsrt.store_key();
+    if remaining.is_empty() {
+        let mut obj = (*cur).clone();
+        if let Some(a) = obj
+            .pointer_mut("/spec/finalizers")
+            .and_then(Value::as_array_mut)
+        {
+            a.retain(|f| f != "kubernetes");
+        }
+        if meta::finalizers(&obj).is_empty()
+            && obj
+                .pointer("/spec/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+        {
+            st.remove(
+                store,
+                &nsrt,
+                &key,
+                obj,
+                Some(cur),
+                "kubesim/namespace-controller",
+            );
+        }
+        return;
+    }
+    let now = meta::now_rfc3339();
+    let cond = |t: &str, status: &str, reason: &str, msg: String| json!({"type": t, "status": status, "lastTransitionTime": now, "reason": reason, "message": msg});
+    let fin_msg = fins
+        .iter()
+        .map(|(f, n)| format!("{f} in {n} resource instances"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut conditions = vec![
+        cond(
+            "NamespaceDeletionDiscoveryFailure",
+            "False",
+            "ResourcesDiscovered",
+            "All resources successfully discovered".into(),
+        ),
+        cond(
+            "NamespaceDeletionGroupVersionParsingFailure",
+            "False",
+            "ParsedGroupVersions",
+            "All legacy kube types successfully parsed".into(),
+        ),
+        cond(
+            "NamespaceDeletionContentFailure",
+            "False",
+            "ContentDeleted",
+            "All content successfully deleted, may be waiting on finalization".into(),
+        ),
+        cond(
+            "NamespaceContentRemaining",
+            "True",
+            "SomeResourcesRemain",
+            format!("Some resources are remaining: {}", remaining.join(", ")),
+        ),
+    ];
+    if !fins.is_empty() {
+        conditions.push(cond(
+            "NamespaceFinalizersRemaining",
+            "True",
+            "SomeFinalizersRemain",
+            format!("Some content in the namespace has finalizers remaining: {fin_msg}"),
+        ));
+    } else {
+        conditions.push(cond(
+            "NamespaceFinalizersRemaining",
+            "False",
+            "ContentHasNoFinalizers",
+            "All content-preserving finalizers finished".into(),
+        ));
+    }
+    let same = |a: Option<&Value>| {
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            if let Some(a) = v.as_array_mut() {
+                for c in a {
+                    if let Some(m) = c.as_object_mut() {
+                        m.remove("lastTransitionTime");
+                    }
+                }
+            }
+            v
+        };
+        a.map(strip) == Some(strip(&json!(conditions)))
+    };
+    if same(cur.pointer("/status/conditions")) {
+        return;
+    }
+    let mut obj = (*cur).clone();
+    meta::set_path(&mut obj, ".status.conditions", json!(conditions));
+    let _ = st.update_locked(
+        store,
+        &nsrt,
+        &cur,
+        obj,
+        Subresource::Status,
+        &writer("namespace-controller"),
+    );
+}
+
+fn sweep_crd(store: &Store, name: &str) {
+    let mut st = store.lock();
+    let Some(crdrt) = st
+        .registry
+        .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+    else {
+        return;
+    };
+    let Some(cur) = st.get(&crdrt, None, name) else {
+        return;
+    };
+    if !meta::is_terminating(&cur) {
+        return;
+    }
+    let rt = st
+        .registry
+        .all()
+        .find(|t| t.crd.as_ref().is_some_and(|c| c.crd_name == name))
+        .cloned();
+    if let Some(rt) = rt {
+        let (left, _) = delete_all(&mut st, store, &rt, None, "crd-finalizer");
+        if left > 0 {
+            return;
+        }
+    }
+    let Some(cur) = st.get(&crdrt, None, name) else {
+        return;
+    };
+    let mut obj = (*cur).clone();
+    let f: Vec<String> = meta::finalizers(&obj)
+        .into_iter()
+        .filter(|f| f != crate::admission::CRD_CLEANUP_FINALIZER)
+        .collect();
+    meta::meta_mut(&mut obj).insert("finalizers".into(), json!(f));
+    let _ = st.update_locked(
+        store,
+        &crdrt,
+        &cur,
+        obj,
+        Subresource::Main,
+        &writer("crd-finalizer"),
+    );
 }
 
 fn create_nodes(store: &Store, n: usize) {

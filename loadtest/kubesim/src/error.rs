@@ -100,16 +100,18 @@ impl ApiError {
 
     /// 422 with field causes; `causes` are `(reason, field, message)`.
     pub fn invalid(rt: &ResourceType, name: &str, causes: &[(String, String, String)]) -> Self {
-        let parts: Vec<String> = causes
-            .iter()
-            .map(|(_, field, msg)| {
-                if field.is_empty() {
-                    msg.clone()
-                } else {
-                    format!("{field}: {msg}")
-                }
-            })
-            .collect();
+        // The message names each distinct finding once (the causes keep duplicates).
+        let mut parts: Vec<String> = vec![];
+        for (_, field, msg) in causes {
+            let p = if field.is_empty() {
+                msg.clone()
+            } else {
+                format!("{field}: {msg}")
+            };
+            if !parts.contains(&p) {
+                parts.push(p);
+            }
+        }
         let joined = if parts.len() == 1 {
             parts[0].clone()
         } else {
@@ -124,7 +126,10 @@ impl ApiError {
             .iter()
             .map(|(reason, field, msg)| json!({"reason": reason, "message": msg, "field": field}))
             .collect();
-        let mut d = json!({"name": name, "kind": rt.kind, "causes": causes_json});
+        let mut d = json!({"kind": rt.kind, "causes": causes_json});
+        if !name.is_empty() {
+            d["name"] = json!(name);
+        }
         if !rt.group.is_empty() {
             d["group"] = json!(rt.group);
         }
@@ -158,6 +163,42 @@ impl ApiError {
 
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
+    }
+
+    /// 500 ServerTimeout, as `errors.NewServerTimeout`: what the apiserver answers when
+    /// storage did not confirm a write in time (the write may still have been committed).
+    pub fn server_timeout(group: &str, plural: &str, operation: &str) -> Self {
+        let qualified = if group.is_empty() {
+            plural.to_string()
+        } else {
+            format!("{plural}.{group}")
+        };
+        let mut d = json!({"name": operation, "kind": plural});
+        if !group.is_empty() {
+            d["group"] = json!(group);
+        }
+        ApiError {
+            details: Some(d),
+            ..Self::new(
+                500,
+                "ServerTimeout",
+                format!(
+                    "The {operation} operation against {qualified} could not be completed at this time, please try again."
+                ),
+            )
+        }
+    }
+
+    /// 504 Timeout, as the apiserver's request-timeout filter answers (`errors.NewTimeoutError`).
+    pub fn request_timeout() -> Self {
+        ApiError {
+            details: Some(json!({})),
+            ..Self::new(
+                504,
+                "Timeout",
+                "Timeout: request did not complete within requested timeout - context deadline exceeded",
+            )
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

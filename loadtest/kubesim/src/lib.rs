@@ -6,10 +6,14 @@
 //! and compaction, finalizers, garbage collection, CRDs validated by their schemas), plus the
 //! StatefulSet controller and a kubelet stand-in. Faults can be injected from Rust or over
 //! HTTP under `/sim/`, and an invariant recorder reports every interval during which a
-//! StatefulSet had two writer-labelled pods or no Ready writer.
+//! StatefulSet had two writer-labelled pods or no Ready writer. The fault layer also has the
+//! failure modes of a real apiserver: writes that commit but lose or delay their answer,
+//! watches of one resource that lag or stall half-open, and stale `resourceVersion=0` reads
+//! (see [`faults`]).
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod auth;
 pub mod controllers;
 pub mod convert;
 pub mod discovery;
@@ -36,8 +40,9 @@ use http::{HeaderValue, Request, header};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use auth::{ADMIN_TOKEN, User};
 pub use controllers::{ControllerConfig, PodFaults};
-pub use faults::{FaultConfig, Faults};
+pub use faults::{FaultConfig, Faults, HoldResponse, LoseResponse, LostAs, StaleRead, WatchFault};
 pub use recorder::Report;
 pub use store::{CommitRecord, Store, StoreConfig};
 
@@ -47,6 +52,13 @@ pub struct SimConfig {
     pub controllers: ControllerConfig,
     /// How often open watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Authenticate and authorize requests as the apiserver does with RBAC (see
+    /// [`auth`]): bearer tokens ([`ADMIN_TOKEN`], [`SimConfig::tokens`], ServiceAccount tokens
+    /// issued through TokenRequest), Roles, ClusterRoles and their bindings. Off (the
+    /// default), every request is allowed.
+    pub rbac: bool,
+    /// Static bearer tokens with RBAC on: token -> user.
+    pub tokens: std::collections::BTreeMap<String, auth::User>,
 }
 
 impl Default for SimConfig {
@@ -55,6 +67,8 @@ impl Default for SimConfig {
             store: StoreConfig::default(),
             controllers: ControllerConfig::default(),
             bookmark_interval: Duration::from_secs(5),
+            rbac: false,
+            tokens: Default::default(),
         }
     }
 }
@@ -75,6 +89,7 @@ impl Sim {
         let app = Arc::new(server::App {
             store: store.clone(),
             faults: Arc::new(Faults::default()),
+            auth: Arc::new(auth::Auth::new(cfg.rbac, cfg.tokens.clone())),
             pods: PodFaults {
                 store,
                 cfg: cfg.controllers,
@@ -130,9 +145,16 @@ impl Sim {
     pub fn client_as(&self, agent: &str) -> kube::Client {
         let ua =
             HeaderValue::from_str(agent).unwrap_or(HeaderValue::from_static("kubesim-inprocess"));
+        let rbac = self.app.auth.enabled;
         let svc = tower::ServiceBuilder::new()
             .map_request(move |mut r: Request<kube::client::Body>| {
                 r.headers_mut().insert(header::USER_AGENT, ua.clone());
+                if rbac && !r.headers().contains_key(header::AUTHORIZATION) {
+                    r.headers_mut().insert(
+                        header::AUTHORIZATION,
+                        HeaderValue::from_static(concat!("Bearer ", "kubesim")),
+                    );
+                }
                 r
             })
             .service(server::router(self.app.clone()));

@@ -164,3 +164,107 @@ pub fn pod_ready(pod: &Value) -> bool {
             })
         })
 }
+
+const QUALIFIED_NAME_MSG: &str = "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+const LABEL_VALUE_MSG: &str = "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')";
+pub const DNS1123_SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+pub const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, non-empty.
+fn is_qualified_name_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn dns1123_subdomain_regex(value: &str) -> bool {
+    !value.is_empty()
+        && value.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// The apiserver's `IsDNS1123Subdomain` messages (empty: valid).
+pub fn dns1123_subdomain_errors(value: &str) -> Vec<String> {
+    let mut out = vec![];
+    if value.len() > 253 {
+        out.push("must be no more than 253 characters".to_string());
+    }
+    if !dns1123_subdomain_regex(value) {
+        out.push(DNS1123_SUBDOMAIN_MSG.to_string());
+    }
+    out
+}
+
+/// The apiserver's `IsDNS1123Label` messages (empty: valid).
+pub fn dns1123_label_errors(value: &str) -> Vec<String> {
+    let mut out = vec![];
+    if value.len() > 63 {
+        out.push("must be no more than 63 characters".to_string());
+    }
+    if !is_dns1123_label_regex(value) {
+        if value.contains('.') && dns1123_subdomain_regex(value) {
+            out.push("must not contain dots".to_string());
+        } else {
+            out.push(DNS1123_LABEL_MSG.to_string());
+        }
+    }
+    out
+}
+
+fn is_dns1123_label_regex(value: &str) -> bool {
+    !value.contains('.') && dns1123_subdomain_regex(value)
+}
+
+/// The apiserver's `IsQualifiedName` messages (label keys, annotation keys, finalizers).
+pub fn qualified_name_errors(value: &str) -> Vec<String> {
+    let parts: Vec<&str> = value.split('/').collect();
+    let (prefix, name) = match parts.as_slice() {
+        [name] => (None, *name),
+        [prefix, name] => (Some(*prefix), *name),
+        _ => {
+            return vec![
+                "a qualified name must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]') with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')".to_string(),
+            ];
+        }
+    };
+    let mut out = vec![];
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            out.push("prefix part must be non-empty".to_string());
+        } else {
+            for m in dns1123_subdomain_errors(p) {
+                out.push(format!("prefix part {m}"));
+            }
+        }
+    }
+    if name.is_empty() {
+        out.push("name part must be non-empty".to_string());
+    } else if name.len() > 63 {
+        out.push("name part must be no more than 63 characters".to_string());
+    }
+    if !name.is_empty() && !is_qualified_name_part(name) {
+        out.push(QUALIFIED_NAME_MSG.to_string());
+    }
+    out
+}
+
+/// The apiserver's `IsValidLabelValue` messages.
+pub fn label_value_errors(value: &str) -> Vec<String> {
+    let mut out = vec![];
+    if value.len() > 63 {
+        out.push("must be no more than 63 characters".to_string());
+    }
+    if !value.is_empty() && !is_qualified_name_part(value) {
+        out.push(LABEL_VALUE_MSG.to_string());
+    }
+    out
+}

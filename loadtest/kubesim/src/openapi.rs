@@ -230,3 +230,164 @@ pub fn document(reg: &Registry, gv: &str) -> Option<Value> {
         "components": {"schemas": schemas},
     }))
 }
+
+/// Rewrite v3 `$ref`s (`#/components/schemas/X`) as v2 ones (`#/definitions/X`).
+fn v2_refs(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| {
+                    let x = match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => {
+                            json!(r.replace("#/components/schemas/", "#/definitions/"))
+                        }
+                        _ => v2_refs(x),
+                    };
+                    (k.clone(), x)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(v2_refs).collect()),
+        other => other.clone(),
+    }
+}
+
+/// One v3 operation as a Swagger 2.0 operation: parameters typed inline, the request body as
+/// a `body` parameter and `consumes`.
+fn v2_operation(op: &Value, strategic: bool) -> Value {
+    let mut out = Map::new();
+    for k in [
+        "tags",
+        "description",
+        "operationId",
+        "x-kubernetes-action",
+        "x-kubernetes-group-version-kind",
+    ] {
+        if let Some(v) = op.get(k) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    let mut params: Vec<Value> = op
+        .get("parameters")
+        .and_then(Value::as_array)
+        .map(|ps| ps.iter().map(v2_parameter).collect())
+        .unwrap_or_default();
+    if let Some(body) = op.get("requestBody") {
+        let content = body.get("content").and_then(Value::as_object);
+        let mut consumes: Vec<String> = content
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        if op.get("x-kubernetes-action").and_then(Value::as_str) == Some("patch") {
+            // The apiserver's order; built-in kinds also take strategic merge patches.
+            consumes = vec![
+                "application/json-patch+json".into(),
+                "application/merge-patch+json".into(),
+            ];
+            if strategic {
+                consumes.push("application/strategic-merge-patch+json".into());
+            }
+            consumes.push("application/apply-patch+yaml".into());
+        }
+        let schema = content
+            .and_then(|c| c.values().next())
+            .and_then(|m| m.get("schema"))
+            .cloned()
+            .unwrap_or(json!({"type": "object"}));
+        params.push(
+            json!({"name": "body", "in": "body", "required": true, "schema": v2_refs(&schema)}),
+        );
+        out.insert("consumes".into(), json!(consumes));
+    }
+    out.insert("parameters".into(), json!(params));
+    out.insert(
+        "produces".into(),
+        json!([
+            "application/json",
+            "application/yaml",
+            "application/vnd.kubernetes.protobuf"
+        ]),
+    );
+    out.insert("schemes".into(), json!(["https"]));
+    if let Some(r) = op.get("responses") {
+        let mut rs = Map::new();
+        if let Some(m) = r.as_object() {
+            for (code, resp) in m {
+                let schema = resp
+                    .pointer("/content/application~1json/schema")
+                    .cloned()
+                    .unwrap_or(json!({}));
+                rs.insert(
+                    code.clone(),
+                    json!({"description": resp.get("description").cloned().unwrap_or(json!("OK")), "schema": v2_refs(&schema)}),
+                );
+            }
+        }
+        out.insert("responses".into(), Value::Object(rs));
+    }
+    Value::Object(out)
+}
+
+fn v2_parameter(p: &Value) -> Value {
+    let mut out = Map::new();
+    for k in ["name", "in", "description", "required"] {
+        if let Some(v) = p.get(k) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(Value::Object(s)) = p.get("schema") {
+        for (k, v) in s {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// `/openapi/v2`: one Swagger 2.0 document for every served group-version, derived from the
+/// v3 documents (what older clients and tools read: definitions with
+/// `x-kubernetes-group-version-kind`, paths with their verbs and patch types).
+pub fn v2(reg: &Registry) -> Value {
+    let mut gvs: Vec<(String, String)> = vec![("".into(), "v1".into())];
+    for (g, vs) in reg.groups() {
+        for v in vs {
+            gvs.push((g.clone(), v));
+        }
+    }
+    let mut paths = Map::new();
+    let mut definitions = Map::new();
+    for (g, v) in gvs {
+        let Some(doc) = document(reg, &gv_path(&g, &v)) else {
+            continue;
+        };
+        let custom = reg.in_group_version(&g, &v).any(|rt| rt.crd.is_some());
+        if let Some(Value::Object(s)) = doc.pointer("/components/schemas") {
+            for (name, schema) in s {
+                definitions.insert(name.clone(), v2_refs(schema));
+            }
+        }
+        if let Some(Value::Object(ps)) = doc.get("paths") {
+            for (path, item) in ps {
+                let mut out = Map::new();
+                if let Some(m) = item.as_object() {
+                    for (verb, op) in m {
+                        if verb == "parameters" {
+                            let params: Vec<Value> = op
+                                .as_array()
+                                .map(|a| a.iter().map(v2_parameter).collect())
+                                .unwrap_or_default();
+                            out.insert(verb.clone(), json!(params));
+                        } else {
+                            out.insert(verb.clone(), v2_operation(op, !custom));
+                        }
+                    }
+                }
+                paths.insert(path.clone(), Value::Object(out));
+            }
+        }
+    }
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Kubernetes", "version": format!("v1.{}.0", crate::discovery::KUBE_MINOR)},
+        "paths": paths,
+        "definitions": definitions,
+    })
+}

@@ -89,7 +89,7 @@ fn parse_set(s: &str) -> Result<BTreeSet<String>, SelectorError> {
         .trim()
         .strip_prefix('(')
         .and_then(|x| x.strip_suffix(')'))
-        .ok_or_else(|| err(format!("found '{s}', expected: '('")))?;
+        .ok_or_else(|| err(format!("found '{s}' expected: '('")))?;
     let vals: BTreeSet<String> = inner
         .split(',')
         .map(|v| v.trim().to_string())
@@ -387,6 +387,11 @@ impl FieldSelector {
             if !COMMON_FIELDS.contains(&f.as_str())
                 && !supported(group, plural).contains(&f.as_str())
             {
+                if supported(group, plural).is_empty() {
+                    return Err(SelectorError(format!(
+                        "{f:?} is not a known field selector: only \"metadata.name\", \"metadata.namespace\""
+                    )));
+                }
                 return Err(SelectorError(format!("field label not supported: {f}")));
             }
         }
@@ -480,7 +485,10 @@ mod tests {
             .expect("p")
             .validate_for("", "configmaps")
             .expect_err("unsupported");
-        assert_eq!(e.to_string(), "field label not supported: data.k");
+        assert_eq!(
+            e.to_string(),
+            r#""data.k" is not a known field selector: only "metadata.name", "metadata.namespace""#
+        );
         let ev = json!({"involvedObject": {"name": "a,b"}, "source": {"component": "kubelet"}});
         assert!(
             FieldSelector::parse(r"involvedObject.name=a\,b,source=kubelet")

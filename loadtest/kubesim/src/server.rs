@@ -4,7 +4,7 @@
 //! Everything a client sees passes through [`handle`]; it parses the request, applies faults,
 //! and calls the store. It holds no state of its own beyond [`App`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::controllers::PodFaults;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
-use crate::faults::{FaultConfig, Faults, Verdict};
+use crate::faults::{FaultConfig, Faults, LostAs, MAX_HANG, Verdict, WatchShape};
 use crate::meta;
 use crate::patch;
 use crate::registry::ResourceType;
@@ -31,6 +31,7 @@ use crate::{discovery, openapi};
 pub struct App {
     pub store: Arc<Store>,
     pub faults: Arc<Faults>,
+    pub auth: Arc<crate::auth::Auth>,
     pub pods: PodFaults,
     pub bookmark_interval: Duration,
 }
@@ -124,6 +125,25 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     if let Verdict::Fail(e) = app.faults.admit(&ua, is_write).await {
         return error_response(&e);
     }
+    if app.auth.enabled {
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let st = app.store.lock();
+        let user = match app.auth.authenticate(&st, authorization) {
+            Ok(u) => u,
+            Err(e) => return error_response(&e),
+        };
+        let attrs = crate::auth::Attributes::from_request(
+            parts.method.as_str(),
+            &path,
+            truthy(&query, "watch"),
+        );
+        if !crate::auth::authorize(&st, &user, &attrs) {
+            return error_response(&crate::auth::forbidden(&user, &attrs));
+        }
+    }
     match route(
         &app,
         &parts.method,
@@ -195,6 +215,7 @@ async fn route(
                 &discovery::resources(&registry, g, v),
             ));
         }
+        ["openapi", "v2"] => return Ok(json_response(StatusCode::OK, &openapi::v2(&registry))),
         ["openapi", "v3"] => return Ok(json_response(StatusCode::OK, &openapi::index(&registry))),
         ["openapi", "v3", rest @ ..] => {
             let gv = rest.join("/");
@@ -302,6 +323,10 @@ impl Ctx {
         }
     }
 
+    /// Serve one request on a resource, then apply the faults that act on a served write's
+    /// answer ([`crate::faults::HoldResponse`], [`crate::faults::LoseResponse`]). The write is
+    /// complete (committed, recorded, its watch event published) before its answer is held or
+    /// lost: the store does all of it synchronously inside `serve_verb`.
     async fn serve(
         self,
         method: &Method,
@@ -309,6 +334,56 @@ impl Ctx {
         sub: Option<&str>,
         body: Bytes,
     ) -> ApiResult<Response<Body>> {
+        if *method == Method::GET {
+            return self.serve_verb(method, name, sub, body).await;
+        }
+        let app = self.app.clone();
+        let rt = self.rt.clone();
+        let ua = self.ua.clone();
+        let dry_run = self.write_opts().dry_run;
+        let res = self.serve_verb(method, name, sub, body).await;
+        let succeeded = !dry_run && res.as_ref().is_ok_and(|r| r.status().is_success());
+        let fate = app.faults.write_fate(&ua, &rt.group, &rt.plural, succeeded);
+        if !fate.hold.is_zero() {
+            tokio::time::sleep(fate.hold).await;
+        }
+        let operation = match *method {
+            Method::POST => "create",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "delete",
+            _ => "write",
+        };
+        match fate.lost {
+            None => res,
+            Some(LostAs::Hang) => {
+                // Until the client gives up: dropping the request (a timeout, a closed
+                // connection) drops this future.
+                tokio::time::sleep(MAX_HANG).await;
+                Err(ApiError::request_timeout())
+            }
+            Some(LostAs::ServerTimeout) => {
+                Err(ApiError::server_timeout(&rt.group, &rt.plural, operation))
+            }
+            Some(LostAs::Timeout) => Err(ApiError::request_timeout()),
+        }
+    }
+
+    async fn serve_verb(
+        self,
+        method: &Method,
+        name: Option<&str>,
+        sub: Option<&str>,
+        body: Bytes,
+    ) -> ApiResult<Response<Body>> {
+        if sub == Some("token")
+            && self.rt.group.is_empty()
+            && self.rt.plural == "serviceaccounts"
+            && *method == Method::POST
+            && let Some(name) = name
+        {
+            return self.token_request(name, &body);
+        }
         let subres = match sub {
             None => None,
             Some("status") if self.rt.status => Some(Subresource::Status),
@@ -331,7 +406,10 @@ impl Ctx {
                 }
             }
             (Method::GET, Some(name)) => {
-                let obj = self.app.store.get(&self.rt, self.ns(), name)?;
+                let obj = match self.stale_lag() {
+                    Some(age) => self.app.store.get_as_of(&self.rt, self.ns(), name, age)?,
+                    None => self.app.store.get(&self.rt, self.ns(), name)?,
+                };
                 if scale {
                     return Ok(json_response(StatusCode::OK, &self.to_scale(&obj)));
                 }
@@ -348,6 +426,25 @@ impl Ctx {
             }
             (Method::PUT, Some(name)) => {
                 let obj = self.decode_body(&body)?;
+                // Custom resources do not allow unconditional updates.
+                if self.rt.crd.is_some()
+                    && !scale
+                    && meta::meta_str(&obj, "resourceVersion").is_none_or(str::is_empty)
+                {
+                    return Err(ApiError {
+                        details: Some(
+                            json!({"name": name, "group": self.rt.group, "kind": self.rt.plural, "causes": [{"reason": "FieldValueInvalid", "message": "Invalid value: 0: must be specified for an update", "field": "metadata.resourceVersion"}]}),
+                        ),
+                        ..ApiError::new(
+                            422,
+                            "Invalid",
+                            format!(
+                                "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0: must be specified for an update",
+                                self.rt.group_resource()
+                            ),
+                        )
+                    });
+                }
                 let sub = subres.unwrap_or(Subresource::Main);
                 let rt = self.rt.clone();
                 let updated = self.app.store.update_with(
@@ -374,7 +471,35 @@ impl Ctx {
             (Method::DELETE, Some(name)) => {
                 let opts = self.delete_opts(&body)?;
                 let obj = self.app.store.delete(&self.rt, self.ns(), name, &opts)?;
-                Ok(self.respond_one(StatusCode::OK, &obj))
+                let still_there = self
+                    .app
+                    .store
+                    .get(&self.rt, self.ns(), name)
+                    .is_ok_and(|o| meta::uid(&o) == meta::uid(&obj));
+                let is_pod = self.rt.group.is_empty() && self.rt.plural == "pods";
+                let held = !meta::finalizers(&obj).is_empty();
+                if (still_there && !opts.write.dry_run) || (opts.write.dry_run && held) {
+                    return Ok(self.respond_one(StatusCode::OK, &obj));
+                }
+                if is_pod {
+                    // Pods answer with the deleted object, marked as deleted now.
+                    let mut o = (*obj).clone();
+                    let m = meta::meta_mut(&mut o);
+                    if !m.contains_key("deletionTimestamp") {
+                        m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+                        m.insert("deletionGracePeriodSeconds".into(), json!(0));
+                    }
+                    return Ok(self.respond_one(StatusCode::OK, &o));
+                }
+                let mut details =
+                    json!({"name": name, "kind": self.rt.plural, "uid": meta::uid(&obj)});
+                if !self.rt.group.is_empty() {
+                    details["group"] = json!(self.rt.group);
+                }
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}),
+                ))
             }
             (Method::DELETE, None) => {
                 let opts = self.delete_opts(&body)?;
@@ -407,6 +532,60 @@ impl Ctx {
             }
             (m, _) => Err(ApiError::method_not_supported(&self.rt, m.as_str())),
         }
+    }
+
+    /// TokenRequest (`POST .../serviceaccounts/<name>/token`): a bearer token for the
+    /// ServiceAccount, which [`crate::auth`] maps to its user while it exists.
+    fn token_request(&self, name: &str, body: &[u8]) -> ApiResult<Response<Body>> {
+        let sa = self.app.store.get(&self.rt, self.ns(), name)?;
+        let req = if body.is_empty() {
+            json!({})
+        } else {
+            self.decode_body(body)?
+        };
+        let secs = req
+            .pointer("/spec/expirationSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(3600);
+        if secs < 600 {
+            return Err(ApiError {
+                details: Some(
+                    json!({"kind": "TokenRequest", "group": "authentication.k8s.io", "causes": [{"reason": "FieldValueInvalid", "message": format!("Invalid value: {secs}: may not specify a duration less than 10 minutes"), "field": "spec.expirationSeconds"}]}),
+                ),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "TokenRequest.authentication.k8s.io \"\" is invalid: spec.expirationSeconds: Invalid value: {secs}: may not specify a duration less than 10 minutes"
+                    ),
+                )
+            });
+        }
+        let ns = meta::namespace(&sa).to_string();
+        let token = self.app.auth.issue(
+            &ns,
+            name,
+            meta::uid(&sa),
+            Duration::from_secs(secs.unsigned_abs()),
+        );
+        let expires = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let audiences = req
+            .pointer("/spec/audiences")
+            .filter(|a| a.as_array().is_some_and(|a| !a.is_empty()))
+            .cloned()
+            .unwrap_or(json!(["https://kubernetes.default.svc.cluster.local"]));
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({
+                "kind": "TokenRequest",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"name": name, "namespace": ns, "creationTimestamp": null},
+                "spec": {"audiences": audiences, "expirationSeconds": secs, "boundObjectRef": req.pointer("/spec/boundObjectRef").cloned().unwrap_or(Value::Null)},
+                "status": {"token": token, "expirationTimestamp": meta::format_time(expires)},
+            }),
+        ))
     }
 
     fn decode_body(&self, body: &[u8]) -> ApiResult<Value> {
@@ -498,6 +677,18 @@ impl Ctx {
             .trim()
             .to_string();
         let apply = ct == "application/apply-patch+yaml" || ct == "application/apply-patch+cbor";
+        let known = matches!(
+            ct.as_str(),
+            "application/json-patch+json"
+                | "application/merge-patch+json"
+                | "application/strategic-merge-patch+json"
+        );
+        if !known && !apply {
+            return Err(ApiError {
+                details: Some(json!({})),
+                ..ApiError::new(415, "UnsupportedMediaType", "415: Unsupported Media Type")
+            });
+        }
         let patch_doc: Value = if apply {
             let s = std::str::from_utf8(body)
                 .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
@@ -508,9 +699,16 @@ impl Ctx {
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
         };
         if apply && self.query.get("fieldManager").is_none_or(String::is_empty) {
-            return Err(ApiError::bad_request(
-                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-            ));
+            return Err(ApiError {
+                details: Some(
+                    json!({"group": "meta.k8s.io", "kind": "PatchOptions", "causes": [{"reason": "FieldValueRequired", "message": "Required value: is required for apply patch", "field": "fieldManager"}]}),
+                ),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                )
+            });
         }
         let kind = match ct.as_str() {
             "application/json-patch+json" => PatchKind::Json,
@@ -520,7 +718,7 @@ impl Ctx {
                     return Err(ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        "strategic merge patch is not supported for custom resources",
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
                     ));
                 }
                 PatchKind::Strategic
@@ -539,6 +737,7 @@ impl Ctx {
         let rt = self.rt.clone();
         let sub = subres.unwrap_or(Subresource::Main);
         let create_if_missing = kind == PatchKind::Apply && !scale && sub == Subresource::Main;
+        let created = create_if_missing && self.app.store.get(&self.rt, self.ns(), name).is_err();
         let this = self;
         let updated = self.app.store.update_with(
             &self.rt,
@@ -558,10 +757,38 @@ impl Ctx {
                     PatchKind::Strategic => patch::strategic_merge_patch(&served, &patch_doc),
                     PatchKind::Apply => patch::server_side_apply(cur.map(|_| &served), &patch_doc),
                 }
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                .map_err(|e| {
+                    if kind == PatchKind::Json {
+                        // A JSON patch that cannot be applied (a failed test, a missing path).
+                        ApiError {
+                            details: Some(json!({})),
+                            ..ApiError::new(
+                                422,
+                                "Invalid",
+                                "the server rejected our request due to an error in our request",
+                            )
+                        }
+                    } else {
+                        ApiError::bad_request(e.to_string())
+                    }
+                })?;
                 if scale {
                     let cur = cur.ok_or_else(|| ApiError::not_found(&rt, name))?;
                     return apply_scale(&rt, cur, &patched);
+                }
+                // metadata.uid cannot be patched: a different uid is an invalid update (twice:
+                // both metadata validations of an update report it), not a precondition.
+                if let Some(c) = cur
+                    && let Some(uid) = meta::meta_str(&patched, "uid")
+                    && !uid.is_empty()
+                    && uid != meta::uid(c)
+                {
+                    let cause = (
+                        "FieldValueInvalid".to_string(),
+                        "metadata.uid".to_string(),
+                        format!("Invalid value: {:?}: field is immutable", uid),
+                    );
+                    return Err(ApiError::invalid(&rt, name, &[cause.clone(), cause]));
                 }
                 // A patch that does not name a resourceVersion is applied to the latest
                 // object, never rejected as stale.
@@ -578,7 +805,12 @@ impl Ctx {
         if scale {
             return Ok(json_response(StatusCode::OK, &self.to_scale(&updated)));
         }
-        Ok(self.respond_one(StatusCode::OK, &updated))
+        let code = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok(self.respond_one(code, &updated))
     }
 
     fn to_scale(&self, obj: &Value) -> Value {
@@ -628,7 +860,7 @@ impl Ctx {
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
             "metadata": md,
-            "spec": {"replicas": spec},
+            "spec": if spec == json!(0) { json!({}) } else { json!({"replicas": spec}) },
             "status": status_obj,
         })
     }
@@ -697,28 +929,69 @@ impl Ctx {
         })
     }
 
+    /// How stale a read may be: `Some` for a `resourceVersion=0` read that a
+    /// [`crate::faults::StaleRead`] fault matches (served from a lagging snapshot, as from the
+    /// apiserver's watch cache); None for quorum reads and unfaulted ones.
+    fn stale_lag(&self) -> Option<Duration> {
+        if self.query.get("resourceVersion").map(String::as_str) != Some("0") {
+            return None;
+        }
+        self.app
+            .faults
+            .stale_read_lag(&self.ua, &self.rt.group, &self.rt.plural)
+    }
+
     fn list(&self) -> ApiResult<Response<Body>> {
+        if self
+            .query
+            .get("resourceVersionMatch")
+            .is_some_and(|m| !m.is_empty())
+            && self
+                .query
+                .get("resourceVersion")
+                .is_none_or(String::is_empty)
+        {
+            return Err(ApiError {
+                details: Some(
+                    json!({"group": "meta.k8s.io", "kind": "ListOptions", "causes": [{"reason": "FieldValueForbidden", "message": "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided", "field": "resourceVersionMatch"}]}),
+                ),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    "ListOptions.meta.k8s.io \"\" is invalid: resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+                )
+            });
+        }
         let keep = self.filter()?;
         let limit = self
             .query
             .get("limit")
             .and_then(|l| l.parse::<usize>().ok())
             .filter(|l| *l > 0);
-        let res = self.app.store.list(
-            &self.rt,
-            self.ns(),
-            &|o| keep(o),
-            limit,
-            self.query
-                .get("continue")
-                .map(String::as_str)
-                .filter(|c| !c.is_empty()),
-        )?;
+        let res = match self.stale_lag() {
+            Some(age) => self
+                .app
+                .store
+                .list_as_of(&self.rt, self.ns(), &|o| keep(o), age)?,
+            None => self.app.store.list(
+                &self.rt,
+                self.ns(),
+                &|o| keep(o),
+                limit,
+                self.query
+                    .get("continue")
+                    .map(String::as_str)
+                    .filter(|c| !c.is_empty()),
+            )?,
+        };
         let mut list_meta = json!({"resourceVersion": res.rv.to_string()});
         if let Some(c) = &res.continue_token {
             list_meta["continue"] = json!(c);
         }
-        if let Some(r) = res.remaining {
+        let selected = ["labelSelector", "fieldSelector"]
+            .iter()
+            .any(|k| self.query.get(*k).is_some_and(|v| !v.is_empty()));
+        if let Some(r) = res.remaining.filter(|_| !selected) {
             list_meta["remainingItemCount"] = json!(r);
         }
         let items: Vec<Value> = res
@@ -766,10 +1039,14 @@ impl Ctx {
             .and_then(|t| t.parse::<u64>().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(1800));
+        let selector = self.query.get("labelSelector").cloned().unwrap_or_default();
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
         let start = self.app.store.watch(&self.rt, from_rv);
         let mut epoch = self.app.faults.watch_epoch();
         epoch.mark_unchanged();
+        // Taken before the stream's shape is first computed: no change can fall in between.
+        let mut changes = self.app.faults.changes();
+        changes.mark_unchanged();
         let this = Arc::new(self);
         tokio::spawn(async move {
             let start = match start {
@@ -779,21 +1056,26 @@ impl Ctx {
                     return;
                 }
             };
+            let mut out = Outbox {
+                tx,
+                held: VecDeque::new(),
+                shape: this.watch_shape(&selector),
+                changes,
+                who: this.clone(),
+                selector,
+            };
             let mut last_rv = start.rv;
             for o in &start.initial {
-                if this.in_scope(o) && keep(o) {
-                    let _ = tx.send(Ok(this.event_line("ADDED", o))).await;
-                }
-            }
-            if send_initial && bookmarks {
-                let b = this.bookmark(start.rv, true);
-                if tx.send(Ok(b)).await.is_err() {
+                if this.in_scope(o) && keep(o) && !out.push(this.event_line("ADDED", o)).await {
                     return;
                 }
             }
+            if send_initial && bookmarks && !out.push(this.bookmark(start.rv, true)).await {
+                return;
+            }
             for ev in &start.backlog {
                 if let Some(l) = this.render(ev, &keep)
-                    && tx.send(Ok(l)).await.is_err()
+                    && !out.push(l).await
                 {
                     return;
                 }
@@ -802,14 +1084,34 @@ impl Ctx {
             let mut live = start.rx;
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
+            // Past `timeoutSeconds` while stalled: the stream stays open (half-open) until the
+            // stall is lifted, then delivers what it held and ends.
+            let mut expired = false;
             let mut tick = tokio::time::interval(this.app.bookmark_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             tick.tick().await;
             loop {
+                out.refresh();
+                if expired && !out.shape.stall {
+                    out.flush().await;
+                    return;
+                }
+                let due = out.next_due();
                 tokio::select! {
-                    _ = &mut deadline => return,
+                    _ = &mut deadline, if !expired => {
+                        if !out.shape.stall {
+                            return;
+                        }
+                        expired = true;
+                    }
                     _ = epoch.changed() => return,
-                    _ = tx.closed() => return,
-                    _ = tick.tick(), if bookmarks => {
+                    _ = out.tx.closed() => return,
+                    _ = out.changes.changed() => out.reshape(),
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                        if due.is_some() => {
+                        if !out.deliver_due().await { return; }
+                    }
+                    _ = tick.tick(), if bookmarks && !out.shape.stall => {
                         // A bookmark must never run ahead of an event this watcher has not
                         // sent yet: read the version first, then drain everything committed
                         // up to it (commits publish under the lock that version is read under).
@@ -820,28 +1122,28 @@ impl Ctx {
                                     if ev.rv <= last_rv { continue; }
                                     last_rv = ev.rv;
                                     if let Some(l) = this.render(&ev, &keep)
-                                        && tx.send(Ok(l)).await.is_err() { return; }
+                                        && !out.push(l).await { return; }
                                 }
                                 Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                                 Err(_) => return,
                             }
                         }
                         last_rv = last_rv.max(rv);
-                        if tx.send(Ok(this.bookmark(last_rv, false))).await.is_err() { return; }
+                        if !out.push(this.bookmark(last_rv, false)).await { return; }
                     }
                     ev = live.recv() => match ev {
                         Ok(ev) => {
                             if ev.rv <= last_rv { continue; }
                             last_rv = ev.rv;
                             if let Some(l) = this.render(&ev, &keep)
-                                && tx.send(Ok(l)).await.is_err() { return; }
+                                && !out.push(l).await { return; }
                         }
                         // A watcher too slow for the feed is ended; it resumes from its last
                         // resourceVersion out of the history, like after any dropped watch.
                         Err(_) => return,
                     }
                 }
-                if this.app.faults.is_partitioned(&this.ua) || this.app.faults.get().down {
+                if this.app.faults.snapshot().down || this.app.faults.is_partitioned(&this.ua) {
                     return;
                 }
             }
@@ -857,6 +1159,16 @@ impl Ctx {
             HeaderValue::from_static("chunked"),
         );
         Ok(r)
+    }
+
+    fn watch_shape(&self, selector: &str) -> WatchShape {
+        Faults::watch_shape(
+            &self.app.faults.snapshot(),
+            &self.ua,
+            &self.rt.group,
+            &self.rt.plural,
+            selector,
+        )
     }
 
     fn in_scope(&self, o: &Value) -> bool {
@@ -921,6 +1233,85 @@ impl Ctx {
             "BOOKMARK",
             &json!({"kind": kind, "apiVersion": api_version, "metadata": md}),
         )
+    }
+}
+
+/// The sending side of one watch stream, with the events a [`crate::faults::WatchFault`]
+/// holds back (lagging: until due; stalled: until lifted). Empty while the stream is not
+/// faulted, so unfaulted streams send straight through.
+struct Outbox {
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    held: VecDeque<(tokio::time::Instant, Bytes)>,
+    shape: WatchShape,
+    /// Fault configuration changes since `shape` was computed.
+    changes: tokio::sync::watch::Receiver<u64>,
+    who: Arc<Ctx>,
+    selector: String,
+}
+
+impl Outbox {
+    fn reshape(&mut self) {
+        self.shape = self.who.watch_shape(&self.selector);
+    }
+
+    /// Re-evaluate the stream's faults if the configuration changed. Called before every line
+    /// is queued, so an event committed after a fault was set is always shaped by it (the
+    /// select loop may see the event before it sees the change).
+    fn refresh(&mut self) {
+        if self.changes.has_changed().unwrap_or(false) {
+            self.changes.mark_unchanged();
+            self.reshape();
+        }
+    }
+
+    /// Queue or send one line; false when the stream must end (the client is gone, or more
+    /// than `max_held` lines are held: the apiserver's slow-watcher close).
+    async fn push(&mut self, l: Bytes) -> bool {
+        self.refresh();
+        if self.shape.is_normal() && self.held.is_empty() {
+            return self.tx.send(Ok(l)).await.is_ok();
+        }
+        if self.held.len() >= self.shape.max_held {
+            tracing::warn!(
+                held = self.held.len(),
+                "closing a lagging/stalled watch: too many events held"
+            );
+            return false;
+        }
+        self.held.push_back((tokio::time::Instant::now(), l));
+        true
+    }
+
+    /// When the oldest held line is due (None: nothing held, or stalled).
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        if self.shape.stall {
+            return None;
+        }
+        self.held.front().map(|(at, _)| *at + self.shape.lag)
+    }
+
+    /// Send every held line that is due, in order; false when the client is gone.
+    async fn deliver_due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        while let Some(due) = self.next_due()
+            && due <= now
+        {
+            if let Some((_, l)) = self.held.pop_front()
+                && self.tx.send(Ok(l)).await.is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Send everything held, now.
+    async fn flush(&mut self) {
+        while let Some((_, l)) = self.held.pop_front() {
+            if self.tx.send(Ok(l)).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

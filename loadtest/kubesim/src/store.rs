@@ -316,6 +316,71 @@ impl Store {
         })
     }
 
+    /// The objects of `rt` (in `ns`, filtered by `keep`) as they were at least `age` ago: the
+    /// current ones with every newer event of the watch history undone, newest first. The
+    /// history is bounded ([`StoreConfig::history_window`], `history_max`, compaction), so the
+    /// snapshot is never older than the history kept. Returns the snapshot's resourceVersion;
+    /// no pagination (the apiserver's watch cache ignores `limit` for `resourceVersion=0`).
+    pub fn list_as_of(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        keep: &dyn Fn(&Value) -> bool,
+        age: Duration,
+    ) -> ApiResult<ListResult> {
+        let key = rt.store_key();
+        let in_ns = |k: &ObjKey| ns.is_none_or(|n| k.0 == n);
+        let (map, rv) = {
+            let st = self.lock();
+            let mut map: BTreeMap<ObjKey, Arc<Value>> = st
+                .objects
+                .get(&key)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| in_ns(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let rv = st.undo_newer(&key, age, |k, before| {
+                if !in_ns(&k) {
+                    return;
+                }
+                match before {
+                    Some(v) => map.insert(k, v),
+                    None => map.remove(&k),
+                };
+            });
+            (map, rv)
+        };
+        Ok(ListResult {
+            items: map.into_values().filter(|v| keep(v)).collect(),
+            rv,
+            continue_token: None,
+            remaining: None,
+        })
+    }
+
+    /// One object as it was at least `age` ago (see [`Store::list_as_of`]).
+    pub fn get_as_of(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        age: Duration,
+    ) -> ApiResult<Arc<Value>> {
+        let key = rt.store_key();
+        let want = obj_key(rt, ns, name);
+        let st = self.lock();
+        let mut cur = st.get(rt, ns, name);
+        st.undo_newer(&key, age, |k, before| {
+            if k == want {
+                cur = before;
+            }
+        });
+        cur.ok_or_else(|| ApiError::not_found(rt, name))
+    }
+
     /// Start a watch: replay history after `from_rv`, or, when `from_rv` is None, return the
     /// current objects to send as synthetic ADDED events. Subscribing happens under the commit
     /// lock, so no event falls between the replay and the live feed.
@@ -484,6 +549,36 @@ fn obj_key(rt: &ResourceType, ns: Option<&str>, name: &str) -> ObjKey {
     )
 }
 
+/// Whether the apiserver keeps `metadata.generation` for a kind: custom resources and the
+/// kinds with a spec that controllers observe (not ConfigMaps, Leases, Events, RBAC, ...).
+fn has_generation(rt: &ResourceType) -> bool {
+    rt.crd.is_some()
+        || matches!(
+            (rt.group.as_str(), rt.plural.as_str()),
+            ("", "pods")
+                | ("apps", _)
+                | ("policy", _)
+                | ("networking.k8s.io", _)
+                | ("apiextensions.k8s.io", _)
+                | ("batch", _)
+        )
+}
+
+/// The registry key etcd would hold an object under (quoted in storage errors).
+fn storage_key(rt: &ResourceType, obj: &Value) -> String {
+    let prefix = if rt.crd.is_some() {
+        format!("/registry/{}/{}", rt.group, rt.plural)
+    } else {
+        format!("/registry/{}", rt.plural)
+    };
+    let ns = meta::namespace(obj);
+    if ns.is_empty() {
+        format!("{prefix}/{}", meta::name(obj))
+    } else {
+        format!("{prefix}/{ns}/{}", meta::name(obj))
+    }
+}
+
 /// The parts of an object that count as its spec for `metadata.generation`.
 fn spec_part(obj: &Value, has_status: bool) -> Value {
     let mut o = obj.clone();
@@ -504,6 +599,40 @@ impl State {
             .get(&rt.store_key())
             .and_then(|m| m.get(&obj_key(rt, ns, name)))
             .cloned()
+    }
+
+    /// Walk the history of `key` newer than `age`, newest first, calling `undo` with each
+    /// changed object's key and its state before the change (None: it did not exist). Returns
+    /// the resourceVersion of the state before the oldest change walked (the current one when
+    /// none is).
+    fn undo_newer(
+        &self,
+        key: &StoreKey,
+        age: Duration,
+        mut undo: impl FnMut(ObjKey, Option<Arc<Value>>),
+    ) -> u64 {
+        let cutoff = Instant::now().checked_sub(age);
+        let mut rv = self.rv;
+        for ev in self.history.iter().rev() {
+            if cutoff.is_some_and(|c| ev.at <= c) {
+                break;
+            }
+            rv = ev.rv.saturating_sub(1);
+            if ev.key != *key {
+                continue;
+            }
+            let k = (
+                meta::namespace(&ev.object).to_string(),
+                meta::name(&ev.object).to_string(),
+            );
+            let before = match ev.type_ {
+                EventType::Added => None,
+                EventType::Modified => ev.old.clone().or_else(|| Some(ev.object.clone())),
+                EventType::Deleted => Some(ev.old.clone().unwrap_or_else(|| ev.object.clone())),
+            };
+            undo(k, before);
+        }
+        rv
     }
 
     pub fn objects_of(&self, key: &StoreKey) -> impl Iterator<Item = &Arc<Value>> {
@@ -665,6 +794,49 @@ impl State {
             if !(exists || rt.group.is_empty() && rt.plural == "namespaces") {
                 return Err(ApiError::namespace_not_found(ns));
             }
+            let terminating = self
+                .objects
+                .get(&(String::new(), "namespaces".to_string()))
+                .and_then(|m| m.get(&(String::new(), ns.clone())))
+                .is_some_and(|n| meta::is_terminating(n));
+            if terminating {
+                return Err(ApiError {
+                    details: Some(
+                        json!({"name": name, "kind": rt.plural, "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
+                    ),
+                    ..ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                            rt.group_resource()
+                        ),
+                    )
+                });
+            }
+        }
+        if let Some(crd) = &rt.crd {
+            let terminating = self
+                .objects
+                .get(&(
+                    "apiextensions.k8s.io".to_string(),
+                    "customresourcedefinitions".to_string(),
+                ))
+                .and_then(|m| m.get(&(String::new(), crd.crd_name.clone())))
+                .is_some_and(|c| meta::is_terminating(c));
+            if terminating {
+                return Err(ApiError {
+                    details: Some(json!({"name": name, "group": rt.group, "kind": rt.plural})),
+                    ..ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{} \"{name}\" is forbidden: create not allowed while custom resource definition is terminating",
+                            rt.group_resource()
+                        ),
+                    )
+                });
+            }
         }
         if self.get(rt, ns.as_deref(), &name).is_some() {
             return Err(ApiError::already_exists(rt, &name));
@@ -674,12 +846,24 @@ impl State {
             let m = meta::meta_mut(&mut obj);
             m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
             m.insert("creationTimestamp".into(), json!(meta::now_rfc3339()));
-            m.insert("generation".into(), json!(1));
+            if has_generation(rt) {
+                m.insert("generation".into(), json!(1));
+            } else {
+                m.remove("generation");
+            }
             m.insert("resourceVersion".into(), json!(rv.to_string()));
             m.remove("deletionTimestamp");
             m.remove("deletionGracePeriodSeconds");
             m.remove("managedFields");
             m.remove("selfLink");
+        }
+        // A custom resource with a status subresource is created without status: status is
+        // written through /status only.
+        if rt.crd.is_some()
+            && rt.status
+            && let Value::Object(m) = &mut obj
+        {
+            m.remove("status");
         }
         admission::admit(self, rt, &mut obj, None, opts)?;
         if opts.dry_run {
@@ -721,7 +905,8 @@ impl State {
                 rt,
                 &name,
                 &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    "StorageError: invalid object, Code: 4, Key: {}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    storage_key(rt, current),
                     meta::uid(current)
                 ),
             ));
@@ -782,6 +967,8 @@ impl State {
                             .join(", ")
                     ),
                 )];
+                // Reported by both metadata validations of an update.
+                let causes = [causes.clone(), causes].concat();
                 return Err(ApiError::invalid(rt, &name, &causes));
             }
         }
@@ -805,7 +992,7 @@ impl State {
             m.remove("selfLink");
         }
         admission::admit(self, rt, &mut new, Some(current), opts)?;
-        if spec_part(&new, rt.status) != spec_part(current, rt.status) {
+        if has_generation(rt) && spec_part(&new, rt.status) != spec_part(current, rt.status) {
             let g = cur_meta
                 .get("generation")
                 .and_then(Value::as_i64)
@@ -837,7 +1024,13 @@ impl State {
             .get("deletionGracePeriodSeconds")
             .and_then(Value::as_i64)
             .is_some_and(|g| g > 0);
-        if terminating && !grace_pending && meta::finalizers(&new).is_empty() {
+        let spec_finalizers = new
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+            && rt.group.is_empty()
+            && rt.plural == "namespaces";
+        if terminating && !grace_pending && !spec_finalizers && meta::finalizers(&new).is_empty() {
             return Ok(self.remove(store, rt, &key, new, Some(current.clone()), &opts.actor));
         }
         self.rv += 1;
@@ -884,32 +1077,65 @@ impl State {
         if let Some(uid) = &opts.precondition_uid
             && uid != meta::uid(&current)
         {
-            return Err(ApiError::conflict(
-                rt,
-                name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta::uid(&current)
-                ),
-            ));
+            return Err(ApiError {
+                details: Some(json!({"name": name, "kind": rt.kind})),
+                ..ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} {name:?}: the UID in the precondition ({uid}) does not match the UID in record ({}). The object might have been deleted and then recreated",
+                        rt.kind,
+                        meta::uid(&current)
+                    ),
+                )
+            });
         }
         if let Some(rv) = &opts.precondition_rv
             && Some(rv.as_str()) != meta::meta_str(&current, "resourceVersion")
         {
-            return Err(ApiError::conflict(
-                rt,
-                name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta::meta_str(&current, "resourceVersion").unwrap_or("")
-                ),
-            ));
+            return Err(ApiError {
+                details: Some(json!({"name": name, "kind": rt.kind})),
+                ..ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} {name:?}: the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
+                        rt.kind,
+                        meta::meta_str(&current, "resourceVersion").unwrap_or("")
+                    ),
+                )
+            });
         }
         if opts.write.dry_run {
             return Ok(current);
         }
         let key = rt.store_key();
         let mut obj = (*current).clone();
+        // A namespace with spec.finalizers (`kubernetes`) turns Terminating; the namespace
+        // controller deletes its content, then the namespace.
+        let ns_finalizers = obj
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        if rt.group.is_empty() && rt.plural == "namespaces" && ns_finalizers {
+            if meta::is_terminating(&current) {
+                return Ok(current);
+            }
+            let m = meta::meta_mut(&mut obj);
+            m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            self.rv += 1;
+            m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+            meta::set_path(&mut obj, ".status.phase", json!("Terminating"));
+            return Ok(self.put(
+                store,
+                key,
+                EventType::Modified,
+                obj,
+                Some(current),
+                &opts.write.actor,
+            ));
+        }
         let mut finalizers = meta::finalizers(&obj);
         match opts.propagation {
             Propagation::Foreground if !finalizers.iter().any(|f| f == "foregroundDeletion") => {
@@ -919,6 +1145,16 @@ impl State {
                 finalizers.push("orphan".into());
             }
             _ => {}
+        }
+        // A CRD's deletion first deletes its custom resources (the apiserver's finalizer).
+        if rt.group == "apiextensions.k8s.io"
+            && rt.plural == "customresourcedefinitions"
+            && !meta::is_terminating(&current)
+            && !finalizers
+                .iter()
+                .any(|f| f == admission::CRD_CLEANUP_FINALIZER)
+        {
+            finalizers.push(admission::CRD_CLEANUP_FINALIZER.into());
         }
         let graceful = admission::graceful_delete_seconds(rt, &current, opts.grace_seconds);
         let already_terminating = meta::is_terminating(&current);

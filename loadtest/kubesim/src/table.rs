@@ -297,6 +297,8 @@ fn builtin(key: &str, o: &Value, now: jiff::Timestamp) -> Value {
             json!(format!("{ready}/{total}"))
         }
         "pod.status" => json!(pod_status(o)),
+        // A string cell, as the apiserver prints it ("2", or "2 (5m ago)" with a last
+        // termination).
         "pod.restarts#int" => json!(
             o.pointer("/status/containerStatuses")
                 .and_then(Value::as_array)
@@ -304,6 +306,7 @@ fn builtin(key: &str, o: &Value, now: jiff::Timestamp) -> Value {
                     .iter()
                     .filter_map(|c| c.get("restartCount").and_then(Value::as_i64))
                     .sum::<i64>())
+                .to_string()
         ),
         "pod.ip" => json!(s(o, "/status/podIP").unwrap_or("<none>")),
         "pod.node" => json!(s(o, "/spec/nodeName").unwrap_or("<none>")),
@@ -542,7 +545,7 @@ mod tests {
         assert_eq!(
             t["rows"][0]["cells"],
             json!([
-                "p", "1/1", "Running", 2, "10m", "10.0.0.1", "n1", "<none>", "<none>"
+                "p", "1/1", "Running", "2", "10m", "10.0.0.1", "n1", "<none>", "<none>"
             ])
         );
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");

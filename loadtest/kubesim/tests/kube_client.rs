@@ -89,7 +89,9 @@ async fn list_with_selectors_and_pages(t: Transport) {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 400);
             assert!(
-                s.message.contains("field label not supported: data.k"),
+                // kube-apiserver 1.34's wording (checked by the conformance suite).
+                s.message
+                    .contains(r#""data.k" is not a known field selector"#),
                 "{}",
                 s.message
             );
