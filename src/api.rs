@@ -100,6 +100,17 @@ pub struct StatefulSetLockStatus {
     /// When the writer last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_time: Option<String>,
+    /// The highest fencing epoch ever issued for this lock, recorded before the Lease carries
+    /// it: the next writer gets a higher one even if the Lease is lost or edited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_epoch: Option<i64>,
+    /// UID of the pod `highestEpoch` was issued to.
+    #[serde(
+        default,
+        rename = "highestEpochUID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub highest_epoch_uid: Option<String>,
 }
 
 /// A `metav1.Condition` (same fields and JSON names, so clients that read conditions generically

@@ -16,6 +16,10 @@ pub enum Error {
     Invalid(String),
     #[error("this replica is fenced: its membership Lease may have lapsed, so it writes nothing")]
     Fenced,
+    /// The view a plan was made from is out of date (a fresh read disagreed with it, or
+    /// ownership moved): nothing was written, and the next reconcile starts from fresh state.
+    #[error("stale view: {0}")]
+    Stale(String),
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
 }
@@ -35,6 +39,7 @@ impl Error {
         "invalid",
         "fenced",
         "serialize",
+        "stale",
     ];
 
     pub fn metric_label(&self) -> &'static str {
@@ -51,6 +56,7 @@ impl Error {
             Error::Invalid(_) => "invalid",
             Error::Fenced => "fenced",
             Error::Serialize(_) => "serialize",
+            Error::Stale(_) => "stale",
         }
     }
 
@@ -70,5 +76,41 @@ impl Error {
 
     pub fn is_conflict(&self) -> bool {
         self.api_code() == Some(409)
+    }
+
+    /// A precondition failed or the view was stale: retry soon, from fresh state.
+    pub fn is_retry_soon(&self) -> bool {
+        self.is_conflict() || matches!(self, Error::Stale(_))
+    }
+
+    /// The write may or may not have been applied: no answer in time, a transport error, or
+    /// a 5xx (the apiserver's own timeouts answer 500/504 after the write may have
+    /// committed). Whatever the write touched must be read again before it is trusted.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Kube { source, .. } => match source.as_ref() {
+                kube::Error::Api(s) => s.code >= 500,
+                _ => true,
+            },
+            _ => false,
+        }
+    }
+
+    /// A guarded write of a pod failed its UID guard: the pod of that name is another pod now.
+    /// kubesim answers 409 (a precondition); the real apiserver 422 (`metadata.uid`: field is
+    /// immutable).
+    pub fn is_uid_mismatch(&self) -> bool {
+        match self {
+            Error::Kube { source, .. } => match source.as_ref() {
+                kube::Error::Api(s) => {
+                    s.code == 409
+                        || (s.code == 422 && s.message.contains("uid"))
+                        || (s.code == 422 && s.message.contains("immutable"))
+                }
+                _ => false,
+            },
+            _ => false,
+        }
     }
 }

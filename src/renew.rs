@@ -6,10 +6,13 @@
 //! A renewal is a single compare-and-swap update of the Lease's `renewTime` for the same
 //! holder, budgeted before any reconcile write ([`crate::limits`]) and run outside the
 //! reconcile workers, so a reconcile storm cannot make a Lease lapse. It renews only what the
-//! reconcile lane would renew unchanged: the lock is this replica's, not paused or deleting,
-//! the Lease is the lock's and unexpired, and its holder is the same Ready, non-terminating
-//! writer-labelled pod (same UID). Anything else — a conflict, a not-Ready holder, an error —
-//! sends the lock to the reconcile lane, which decides.
+//! reconcile lane would renew unchanged: the lock is this replica's (and its view of it is
+//! trusted, see `reconcile::fresh`), not deleting, the Lease is the lock's, unexpired and of the
+//! lock's duration, and its holder is the same Ready, non-terminating writer-labelled pod (same
+//! UID) — or, while the lock is `paused`, the same pod at all (roles are frozen, the sitting
+//! writer keeps its Lease). Anything else — a conflict, a not-Ready holder, an error — sends the
+//! lock to the reconcile lane, which decides. A conflict also fetches the Lease afresh: a
+//! lagging Lease watch must not make every renewal fail until the Lease lapses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +38,9 @@ use crate::reconcile::client::call;
 const PARALLEL: usize = 32;
 /// A renewal handed to the reconcile lane is looked at again after this long.
 const RECHECK: Duration = Duration::from_secs(1);
+/// A renewal whose write or re-read failed is tried again after this long: the holder is
+/// healthy, only the API answered badly, and the Lease's time is running.
+const RETRY: Duration = Duration::from_millis(300);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -146,6 +152,9 @@ enum Outcome {
     NotDue(Duration),
     /// Needs a decision: send to the reconcile lane.
     Reconcile(&'static str),
+    /// The API failed the renewal (or the re-read before it): hand it to the reconcile lane
+    /// too, but try again here soon.
+    Retry(&'static str),
 }
 
 async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSender<LockRef>) {
@@ -157,7 +166,12 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
         Outcome::Renewed(next) => ctx.renewals.schedule(lock, next),
         Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
-        Outcome::Reconcile(why) => {
+        Outcome::Reconcile(why) | Outcome::Retry(why) => {
+            let again = if matches!(outcome, Outcome::Retry(_)) {
+                RETRY
+            } else {
+                RECHECK
+            };
             tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
             // The reconcile lane reschedules the renewal when it settles the lock. Never wait
             // for it: a busy reconcile lane must not hold up other locks' renewals. Look again
@@ -172,12 +186,15 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
             if first {
                 let _ = reconcile.send(lock.clone());
             }
-            ctx.renewals.reschedule(lock, RECHECK);
+            ctx.renewals.reschedule(lock, again);
         }
     }
 }
 
 async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
+    let lock = ctx.fresh.newest_lock(Arc::new(lock.clone()));
+    let lock = lock.as_ref();
+    let generation = ctx.sharding.generation();
     let Some(_inflight) = ctx.sharding.begin(lock) else {
         return Outcome::NotMine;
     };
@@ -185,10 +202,35 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     if !ctx.scope.allows(&ns) {
         return Outcome::NotMine;
     }
-    if lock.meta().deletion_timestamp.is_some() || lock.spec.paused {
-        return Outcome::Reconcile("lock paused or deleting");
-    }
     let key = format!("{ns}/{}", lock.name_any());
+    // A renewal needs the lock's ownership verified in this fence generation (its other writes'
+    // unknown outcomes do not matter to a compare-and-swap of renewTime). If it is not, the
+    // lock is re-read here, not left to the reconcile lane: that lane backs off (up to a
+    // minute) on a lock whose writes keep failing, and a Ready writer's Lease must not lapse
+    // waiting for it (rule 16).
+    let reread;
+    let lock = if ctx.fresh.owner_verified(&key, generation) {
+        lock
+    } else {
+        match crate::reconcile::gather::reread(lock, ctx).await {
+            Ok(Some(l)) => {
+                ctx.fresh.trust(&key, generation);
+                reread = ctx.fresh.newest_lock(Arc::new(l));
+                if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
+                    return Outcome::NotMine;
+                }
+                reread.as_ref()
+            }
+            Ok(None) => return Outcome::NotMine,
+            Err(e) => {
+                tracing::debug!(lock = %key, error = %e, "re-read before renewal");
+                return Outcome::Retry("view of the lock could not be re-read");
+            }
+        }
+    };
+    if lock.meta().deletion_timestamp.is_some() {
+        return Outcome::Reconcile("lock deleting");
+    }
     let lease_name = lock.spec.lease_name.clone();
     let cached = ctx
         .leases
@@ -207,6 +249,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     let Some(holder) = spec.holder_identity.as_deref() else {
         return Outcome::Reconcile("Lease has no holder");
     };
+    if spec.lease_duration_seconds != Some(lock.spec.lease_duration_seconds) {
+        return Outcome::Reconcile("leaseDurationSeconds changed");
+    }
     let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
     let half = duration / 2;
     let now = jiff::Timestamp::now();
@@ -216,9 +261,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         .map(|t| now.duration_since(t.0))
         .and_then(|d| Duration::try_from(d).ok())
         .unwrap_or(duration);
-    if since_renew >= duration {
-        return Outcome::Reconcile("Lease expired");
-    }
+    // Lapsed (renewals failed, or the replica was away): the same healthy holder re-acquires
+    // it here, with no transition (rule 5), as the reconcile lane would.
+    let expired = since_renew >= duration;
     // Renewed since this entry was scheduled (by the reconcile lane): not due yet. The slack
     // covers the jitter, so an early-jittered entry renews instead of rescheduling itself.
     if since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half {
@@ -232,31 +277,38 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         .any(|p| {
             p.name == holder
                 && Some(&p.uid) == holder_uid
-                && p.ready
-                && !p.terminating
+                && (lock.spec.paused || (p.ready && !p.terminating))
                 && p.role.as_deref() == Some("writer")
         });
     if !healthy {
         return Outcome::Reconcile("holder not a Ready writer");
     }
     ctx.limits.acquire(Lane::Renewal).await;
-    let window = ctx.sharding.write_window();
-    if window.is_zero() {
+    let Ok(permit) = ctx.sharding.permit(lock, generation) else {
         return Outcome::NotMine;
-    }
-    let patch = json!({
-        "metadata": {"resourceVersion": lease.resource_version()},
-        "spec": {"renewTime": MicroTime(jiff::Timestamp::now())},
-    });
+    };
+    let now = MicroTime(jiff::Timestamp::now());
+    let patch = if expired {
+        json!({
+            "metadata": {"resourceVersion": lease.resource_version()},
+            "spec": {"renewTime": now, "acquireTime": now},
+        })
+    } else {
+        json!({
+            "metadata": {"resourceVersion": lease.resource_version()},
+            "spec": {"renewTime": now},
+        })
+    };
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     match call(
         &format!("renewing Lease {ns}/{lease_name} for {holder}"),
-        ctx.args.api_timeout().min(window),
+        ctx.args.api_timeout().min(permit.window),
         api.patch(&lease_name, &PatchParams::default(), &Patch::Merge(&patch)),
     )
     .await
     {
-        Ok(_) => {
+        Ok(renewed) => {
+            crate::reconcile::watch::remember_lease(&ctx.leases, renewed);
             ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
             Outcome::Renewed(half)
         }
@@ -269,10 +321,30 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
                 spec.lease_transitions.unwrap_or_default().into(),
                 &e,
             );
-            if !e.is_conflict() {
+            if e.outcome_unknown() {
+                permit.unknown_outcome();
+            }
+            drop(permit);
+            if e.is_conflict() {
+                // The cache is behind the Lease: read it now, so the next attempt (here or in
+                // the reconcile lane) starts from the truth.
+                match crate::reconcile::client::call_opt(
+                    &format!("reading Lease {ns}/{lease_name}"),
+                    ctx.args.api_timeout(),
+                    api.get(&lease_name),
+                )
+                .await
+                {
+                    Ok(Some(l)) => crate::reconcile::watch::remember_lease(&ctx.leases, l),
+                    Ok(None) => {
+                        crate::reconcile::watch::forget_lease(&ctx.leases, &ns, &lease_name, None)
+                    }
+                    Err(e) => tracing::debug!(lock = %key, error = %e, "Lease refresh"),
+                }
+            } else {
                 tracing::warn!(lock = %key, error = %e, "Lease renewal failed");
             }
-            Outcome::Reconcile("renewal write failed")
+            Outcome::Retry("renewal write failed")
         }
     }
 }

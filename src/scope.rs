@@ -62,6 +62,11 @@ impl Scope {
         true
     }
 
+    /// Is the scope known: no selector, or the selected namespaces have been listed?
+    pub fn is_synced(&self) -> bool {
+        self.selector.is_none() || self.synced.load(Ordering::Acquire)
+    }
+
     /// A human description for logs.
     pub fn describe(&self) -> String {
         let mut parts = vec![];
@@ -87,9 +92,12 @@ impl Scope {
         };
         let api: Api<Namespace> = Api::all(client);
         let mut buffer: HashSet<String> = HashSet::new();
-        let mut events = watcher(api, watcher::Config::default().labels(&selector))
-            .default_backoff()
-            .boxed();
+        let mut events = watcher(
+            api,
+            crate::reconcile::watch::watch_config().labels(&selector),
+        )
+        .default_backoff()
+        .boxed();
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(watcher::Event::Init) => buffer.clear(),

@@ -25,6 +25,25 @@ use crate::reconcile::client::{call, call_opt};
 
 /// Label on membership Leases naming the shard group.
 pub const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
+/// Annotation a replica puts on its membership Lease when it starts a graceful leave: peers
+/// take it off the ring at once (no new locks go to it), but its locks stay its own until it
+/// hands them off or its Lease is gone.
+pub const LEAVING_ANNOTATION: &str = "app.anukkrit.me/leaving";
+
+/// What the rest of the replica does when this replica's ownership of a lock changes by its
+/// own write: `true` when it gained the lock (a claim), `false` when it handed it off.
+pub type OnOwnership = Box<dyn Fn(&StatefulSetLock, bool) + Send + Sync>;
+
+/// Why a write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The lock is not (or may no longer be) this replica's: another owns it, it is being
+    /// handed off, or this replica's view predates its own handoff.
+    NotOwner,
+    /// The fence is closed (membership may have lapsed), or it closed and reopened since the
+    /// plan started.
+    Fenced,
+}
 
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -40,11 +59,22 @@ pub struct ShardConfig {
     pub api_timeout: Duration,
 }
 
+#[derive(Debug, Clone)]
+struct Seen {
+    /// renewTime as last seen.
+    renew_time: Option<MicroTime>,
+    /// This observer's clock (ms since origin) when that renewTime was first seen.
+    at_ms: u64,
+    duration: Duration,
+    /// Marked as leaving (graceful): off the ring, but still holding its locks.
+    leaving: bool,
+}
+
 #[derive(Default)]
 struct View {
-    /// Member id → (renewTime as last seen, local time it was first seen, duration, leaving).
-    members: HashMap<String, (Option<MicroTime>, u64, Duration)>,
+    members: HashMap<String, Seen>,
     ring: Option<Ring>,
+    /// Alive members, leaving ones included: the owners whose labels are respected.
     alive: HashSet<String>,
 }
 
@@ -56,13 +86,26 @@ pub struct Sharding {
     view: RwLock<View>,
     /// Locks being reconciled right now (namespace/name → count).
     inflight: Mutex<HashMap<String, usize>>,
-    /// Locks being handed off: no new reconciles start.
+    /// Locks being handed off: no new reconciles start, no new write is sent.
     draining: Mutex<HashSet<String>>,
+    /// Writes in flight per lock (a handoff waits for them), and when a write for the lock
+    /// last ended without a known outcome (it may still land: the handoff waits it out).
+    writes: Mutex<HashMap<String, (usize, Option<Instant>)>>,
+    /// Handoffs whose response was lost: the lock is neither worked on nor handed again until
+    /// a fresh read says where the label is.
+    unresolved: Mutex<HashSet<String>>,
+    /// Bumped each time the fence reopens after the membership Lease may have expired (peers
+    /// may have claimed locks meanwhile): trust in cached views (see `reconcile::fresh`) and
+    /// plans started before do not survive it.
+    generation: std::sync::atomic::AtomicU64,
+    on_ownership: std::sync::OnceLock<OnOwnership>,
     /// Locks this replica handed off, with the resourceVersion of the handoff write: a
     /// reconcile started from a cache older than that (still showing this replica as owner)
     /// must not run.
     released: Mutex<HashMap<String, u64>>,
     leaving: std::sync::atomic::AtomicBool,
+    /// The leave is done: no more membership renewals.
+    left: std::sync::atomic::AtomicBool,
 }
 
 fn key_of(lock: &StatefulSetLock) -> String {
@@ -92,6 +135,39 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One write's permission (see [`Sharding::permit`]).
+pub struct WritePermit<'a> {
+    sharding: &'a Sharding,
+    key: String,
+    /// The write must complete within this (its timeout).
+    pub window: Duration,
+}
+
+impl WritePermit<'_> {
+    /// The write ended without a known outcome: it may still be applied.
+    pub fn unknown_outcome(&self) {
+        if let Ok(mut w) = self.sharding.writes.lock() {
+            w.entry(self.key.clone()).or_default().1 = Some(Instant::now());
+        }
+    }
+}
+
+impl Drop for WritePermit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.sharding.writes.lock()
+            && let Some(e) = w.get_mut(&self.key)
+        {
+            e.0 = e.0.saturating_sub(1);
+            if e.0 == 0
+                && e.1
+                    .is_none_or(|t| t.elapsed() > self.sharding.cfg.api_timeout)
+            {
+                w.remove(&self.key);
+            }
+        }
+    }
+}
+
 impl Sharding {
     pub fn new(client: Client, cfg: ShardConfig) -> Arc<Sharding> {
         Arc::new(Sharding {
@@ -102,8 +178,13 @@ impl Sharding {
             view: RwLock::default(),
             inflight: Mutex::default(),
             draining: Mutex::default(),
+            writes: Mutex::default(),
+            unresolved: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            on_ownership: std::sync::OnceLock::new(),
             released: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            left: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -134,26 +215,7 @@ impl Sharding {
         if lock.labels().get(SHARD_LABEL) != Some(&self.cfg.id) || !self.may_write() {
             return None;
         }
-        if self
-            .draining
-            .lock()
-            .map(|d| d.contains(&key))
-            .unwrap_or(true)
-        {
-            return None;
-        }
-        // A view older than this replica's own handoff of the lock still shows it as the
-        // owner: no reconcile or renewal may start from it.
-        let seen: u64 = lock
-            .resource_version()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if self
-            .released
-            .lock()
-            .map(|r| r.get(&key).is_some_and(|handed_off| seen < *handed_off))
-            .unwrap_or(true)
-        {
+        if self.is_draining(&key) || self.predates_own_handoff(&key, lock) {
             return None;
         }
         if let Ok(mut m) = self.inflight.lock() {
@@ -163,6 +225,83 @@ impl Sharding {
             sharding: self,
             key,
         })
+    }
+
+    fn is_draining(&self, key: &str) -> bool {
+        self.draining
+            .lock()
+            .map(|d| d.contains(key))
+            .unwrap_or(true)
+            || self
+                .unresolved
+                .lock()
+                .map(|u| u.contains(key))
+                .unwrap_or(true)
+    }
+
+    /// Is this view of the lock older than this replica's own handoff of it? Such a view
+    /// still shows this replica as the owner: nothing may start or be written from it.
+    fn predates_own_handoff(&self, key: &str, lock: &StatefulSetLock) -> bool {
+        let seen: u64 = lock
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.released
+            .lock()
+            .map(|r| r.get(key).is_some_and(|handed_off| seen < *handed_off))
+            .unwrap_or(true)
+    }
+
+    /// The fence generation (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What to do when this replica gains or gives up a lock; set once, when the replica is
+    /// wired.
+    pub fn on_ownership(&self, f: OnOwnership) {
+        let _ = self.on_ownership.set(f);
+    }
+
+    /// Permission to send one write for `lock` (as this replica sees it now, freshest view
+    /// first), for a plan started in fence generation `generation`. Checked at every write,
+    /// not only when a plan starts: ownership can move and the fence can close in between.
+    /// The permit bounds the write's timeout (`window`) and counts it in flight until
+    /// dropped, so a handoff can wait for it; `unknown_outcome` records a write that may still
+    /// land.
+    pub fn permit(
+        &self,
+        lock: &StatefulSetLock,
+        generation: u64,
+    ) -> Result<WritePermit<'_>, Refused> {
+        let key = key_of(lock);
+        if lock.labels().get(SHARD_LABEL) != Some(&self.cfg.id)
+            || self.is_draining(&key)
+            || self.predates_own_handoff(&key, lock)
+        {
+            return Err(Refused::NotOwner);
+        }
+        if generation != self.generation() {
+            return Err(Refused::Fenced);
+        }
+        // Counted in flight before the window is read: a handoff that sets `draining` after
+        // the check above waits for this write.
+        if let Ok(mut w) = self.writes.lock() {
+            w.entry(key.clone()).or_default().0 += 1;
+        }
+        let permit = WritePermit {
+            sharding: self,
+            key,
+            window: self.write_window(),
+        };
+        if permit.window.is_zero() {
+            return Err(Refused::Fenced);
+        }
+        // Re-checked with the write counted: a handoff that began meanwhile sees it.
+        if self.is_draining(&permit.key) {
+            return Err(Refused::NotOwner);
+        }
+        Ok(permit)
     }
 
     pub fn ring_members(&self) -> Vec<String> {
@@ -188,17 +327,55 @@ impl Sharding {
     /// Create or renew this replica's membership Lease; on success the fence moves.
     async fn renew(&self) -> crate::error::Result<()> {
         let started = self.now();
-        let now = MicroTime(jiff::Timestamp::now());
+        // Trust in cached views survives a closed fence as long as the membership Lease cannot
+        // have expired meanwhile: before that, no peer can have claimed anything.
+        let was_closed = self
+            .fence
+            .lock()
+            .map(|f| f.may_have_expired(started))
+            .unwrap_or(true);
+        // Microsecond precision, as the apiserver stores it: a read-back compares equal.
+        let micros = jiff::Timestamp::now().as_microsecond();
+        let now = MicroTime(jiff::Timestamp::from_microsecond(micros).unwrap_or_default());
         let name = self.lease_name();
         let timeout = self.cfg.api_timeout;
         let patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
-        let renewed = call_opt(
+        let renewed = match call_opt(
             &format!("renewing membership Lease {name}"),
             timeout,
             self.leases()
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
-        .await?;
+        .await
+        {
+            Ok(r) => r,
+            // Maybe committed (the answer was lost or late): read it back (rule 14). If the
+            // Lease carries exactly the renewTime sent, the renewal happened, and peers see it.
+            Err(e) if e.outcome_unknown() => {
+                let back = call_opt(
+                    &format!("reading membership Lease {name}"),
+                    timeout,
+                    self.leases().get(&name),
+                )
+                .await;
+                match back {
+                    Ok(Some(l))
+                        if l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
+                            && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                                == Some(self.cfg.id.as_str()) =>
+                    {
+                        Some(l)
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if self.left.load(std::sync::atomic::Ordering::SeqCst) {
+            // The leave finished while this renewal was in flight: it must neither re-create
+            // the Lease nor reopen the fence.
+            return Ok(());
+        }
         if renewed.is_none() {
             let lease: Lease = serde_json::from_value(json!({
                 "metadata": {"name": name, "labels": {GROUP_LABEL: self.cfg.group}},
@@ -212,6 +389,15 @@ impl Sharding {
             .await?;
         }
         if let Ok(mut f) = self.fence.lock() {
+            if self.left.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            if was_closed {
+                // Reopening after the Lease may have expired: peers may have claimed locks, and
+                // the caches need not show it yet.
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             f.renewed(started);
         }
         Ok(())
@@ -220,7 +406,9 @@ impl Sharding {
     /// Renew the membership Lease every S/3 until leaving.
     pub async fn membership_loop(self: Arc<Self>) {
         let every = self.cfg.lease_duration / 3;
-        while !self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+        // A leaving replica keeps renewing while it hands its locks off (its fence must stay
+        // open for those writes); it stops when the leave is done.
+        while !self.left.load(std::sync::atomic::Ordering::SeqCst) {
             if let Err(e) = self.renew().await {
                 tracing::warn!(error = %e, shard = %self.cfg.id, "membership renewal failed");
             }
@@ -228,37 +416,57 @@ impl Sharding {
         }
     }
 
+    /// Note one observation of a member's Lease. Liveness is measured on this observer's clock,
+    /// from when it saw the renewTime change, never from the holder's timestamp.
+    fn observe_member(&self, l: &Lease) {
+        let spec = l.spec.clone().unwrap_or_default();
+        let Some(id) = spec.holder_identity.clone() else {
+            return;
+        };
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+        let leaving = l.annotations().contains_key(LEAVING_ANNOTATION);
+        let now_ms = self.now().as_millis() as u64;
+        if let Ok(mut v) = self.view.write() {
+            match v.members.get_mut(&id) {
+                Some(seen) if seen.renew_time == spec.renew_time => {
+                    seen.leaving = leaving;
+                    seen.duration = duration;
+                }
+                _ => {
+                    v.members.insert(
+                        id,
+                        Seen {
+                            renew_time: spec.renew_time,
+                            at_ms: now_ms,
+                            duration,
+                            leaving,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
     /// Watch the group's membership Leases and keep the ring.
     pub async fn watch_members(self: Arc<Self>) {
         let api = self.leases();
-        let cfg = watcher::Config::default().labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
+        let cfg = crate::reconcile::watch::watch_config()
+            .labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
         let mut stream = watcher(api, cfg).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
-            let now_ms = self.now().as_millis() as u64;
             match ev {
                 Ok(watcher::Event::Apply(l)) | Ok(watcher::Event::InitApply(l)) => {
-                    let spec = l.spec.clone().unwrap_or_default();
-                    let Some(id) = spec.holder_identity.clone() else {
-                        continue;
-                    };
-                    let dur = Duration::from_secs(
-                        spec.lease_duration_seconds.unwrap_or(15).max(1) as u64
-                    );
-                    if let Ok(mut v) = self.view.write() {
-                        // Liveness is measured on this observer's clock, from when it saw the
-                        // renewTime change, never from the holder's timestamp.
-                        let changed = v
-                            .members
-                            .get(&id)
-                            .is_none_or(|(rt, _, _)| rt != &spec.renew_time);
-                        if changed {
-                            v.members.insert(id, (spec.renew_time.clone(), now_ms, dur));
-                        }
-                    }
+                    self.observe_member(&l)
                 }
                 Ok(watcher::Event::Delete(l)) => {
+                    // A graceful leaver marked its Lease first and deletes it only when it
+                    // writes no more: it is gone at once. Any other delete (a person, another
+                    // controller) says nothing about whether the replica still runs: it gets
+                    // the same grace as an expiry, measured from its last renewal seen.
+                    let leaving = l.annotations().contains_key(LEAVING_ANNOTATION);
                     if let (Some(id), Ok(mut v)) =
                         (l.spec.and_then(|s| s.holder_identity), self.view.write())
+                        && leaving
                     {
                         v.members.remove(&id);
                     }
@@ -267,6 +475,31 @@ impl Sharding {
                 Err(e) => tracing::warn!(error = %e, "membership watch"),
             }
             self.recompute();
+        }
+    }
+
+    /// A quorum LIST of the group's membership Leases: before a peer is declared dead, its
+    /// Lease is read fresh, so a stalled watch cannot make a live peer look dead.
+    async fn refresh_members(&self) -> bool {
+        let lp =
+            kube::api::ListParams::default().labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
+        match call(
+            &format!("listing membership Leases of group {}", self.cfg.group),
+            self.cfg.api_timeout,
+            self.leases().list(&lp),
+        )
+        .await
+        {
+            Ok(list) => {
+                for l in &list.items {
+                    self.observe_member(l);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "membership refresh");
+                false
+            }
         }
     }
 
@@ -279,24 +512,36 @@ impl Sharding {
         let members: Vec<Member> = v
             .members
             .iter()
-            .map(|(id, (_, at, d))| Member {
+            .map(|(id, seen)| Member {
                 id: id.clone(),
-                renewed_at_ms: *at,
-                duration: *d,
+                renewed_at_ms: seen.at_ms,
+                duration: seen.duration,
                 leaving: false,
             })
             .collect();
-        let mut alive = alive_members(&members, now_ms, self.cfg.grace);
-        if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
-            alive.retain(|m| m != &self.cfg.id);
-        }
-        let set: HashSet<String> = alive.iter().cloned().collect();
-        if set == v.alive && v.ring.is_some() {
+        let holders: HashSet<String> = alive_members(&members, now_ms, self.cfg.grace)
+            .into_iter()
+            .collect();
+        let me_leaving = self.leaving.load(std::sync::atomic::Ordering::SeqCst);
+        let mut ring_members: Vec<String> = holders
+            .iter()
+            .filter(|id| {
+                let leaving = v.members.get(*id).is_some_and(|s| s.leaving);
+                !(leaving || (me_leaving && **id == self.cfg.id))
+            })
+            .cloned()
+            .collect();
+        ring_members.sort();
+        let unchanged = v
+            .ring
+            .as_ref()
+            .is_some_and(|r| r.members() == ring_members.as_slice());
+        v.alive = holders;
+        if unchanged {
             return false;
         }
-        tracing::info!(shard = %self.cfg.id, members = ?alive, "ring changed");
-        v.ring = Some(Ring::new(&alive));
-        v.alive = set;
+        tracing::info!(shard = %self.cfg.id, members = ?ring_members, "ring changed");
+        v.ring = Some(Ring::new(&ring_members));
         true
     }
 
@@ -307,42 +552,118 @@ impl Sharding {
         if !self.may_write() {
             return;
         }
-        let (ring, alive) = match self.view.read() {
-            Ok(v) => (v.ring.clone(), v.alive.clone()),
-            Err(_) => return,
-        };
-        let Some(ring) = ring else { return };
+        self.resolve_unknown_handoffs().await;
+        let mut refreshed = false;
         for lock in locks.state() {
             if !scope.allows(&lock.namespace().unwrap_or_default()) {
                 continue;
             }
             let key = key_of(&lock);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
-            match stslock_shard::decide(label, ring.owner(&key), &self.cfg.id, &alive) {
-                Decision::Claim => self.set_owner(&lock, &self.cfg.id, "claim").await,
-                Decision::Release { to } => self.hand_off(&lock, &to).await,
-                Decision::Own | Decision::WaitForHandoff { .. } | Decision::NotMine => {}
+            let mut decision = self.decide_for(&key, label);
+            // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
+            // read of the membership Leases (my watch may just have stalled).
+            if decision == Some(Decision::Claim) && label.is_some() && !refreshed {
+                refreshed = true;
+                if !self.refresh_members().await {
+                    return;
+                }
+                self.recompute();
+                decision = self.decide_for(&key, label);
+            }
+            match decision {
+                Some(Decision::Claim) => {
+                    self.set_owner(&lock, &self.cfg.id, "claim").await;
+                }
+                Some(Decision::Release { to }) => self.hand_off(&lock, &to).await,
+                _ => {}
             }
         }
     }
 
-    /// Drain a lock (no new reconciles, wait for the one in flight), then move its label.
+    fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
+        let v = self.view.read().ok()?;
+        let ring = v.ring.as_ref()?;
+        Some(stslock_shard::decide(
+            label,
+            ring.owner(key),
+            &self.cfg.id,
+            &v.alive,
+        ))
+    }
+
+    /// Handoffs whose response was lost: read the lock to see where its label is.
+    async fn resolve_unknown_handoffs(&self) {
+        let keys: Vec<String> = match self.unresolved.lock() {
+            Ok(u) => u.iter().cloned().collect(),
+            Err(_) => return,
+        };
+        for key in keys {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), ns);
+            match call_opt(
+                &format!("reading StatefulSetLock {key} (handoff outcome)"),
+                self.cfg.api_timeout,
+                api.get(name),
+            )
+            .await
+            {
+                Ok(found) => {
+                    if let Some(l) = &found
+                        && l.labels().get(SHARD_LABEL) != Some(&self.cfg.id)
+                    {
+                        self.record_released(&key, l);
+                        if let Some(f) = self.on_ownership.get() {
+                            f(l, false);
+                        }
+                    }
+                    if let Ok(mut u) = self.unresolved.lock() {
+                        u.remove(&key);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, lock = %key, "handoff outcome unknown"),
+            }
+        }
+    }
+
+    fn record_released(&self, key: &str, updated: &StatefulSetLock) {
+        if let Ok(mut r) = self.released.lock() {
+            let rv = updated
+                .resource_version()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX);
+            r.insert(key.to_string(), rv);
+        }
+    }
+
+    /// Drain a lock, then move its label. Draining stops new reconciles and new writes for
+    /// it at once (every write asks for a permit); the label moves only when no write of this
+    /// replica for the lock is in flight — and, when one ended without a known outcome, only
+    /// after it can no longer land (api-timeout after it was sent). If that does not happen
+    /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
         let key = key_of(lock);
         if let Ok(mut d) = self.draining.lock() {
             d.insert(key.clone());
         }
-        let deadline = Instant::now() + self.cfg.api_timeout * 2;
-        while self
-            .inflight
-            .lock()
-            .map(|m| m.contains_key(&key))
-            .unwrap_or(false)
-            && Instant::now() < deadline
-        {
+        let deadline = Instant::now() + self.cfg.api_timeout * 2 + Duration::from_secs(1);
+        let quiet = loop {
+            let busy = self.writes.lock().map_or(true, |w| {
+                w.get(&key).is_some_and(|(n, unknown)| {
+                    *n > 0 || unknown.is_some_and(|t| t.elapsed() <= self.cfg.api_timeout)
+                })
+            });
+            if !busy {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        {
+        };
+        if quiet {
             use tracing::Instrument;
             let span = crate::telemetry::handoff_span(
                 &lock.namespace().unwrap_or_default(),
@@ -351,6 +672,8 @@ impl Sharding {
                 to,
             );
             self.set_owner(lock, to, "handoff").instrument(span).await;
+        } else {
+            tracing::warn!(shard = %self.cfg.id, lock = %key, "handoff put off: a write is still in flight");
         }
         if let Ok(mut d) = self.draining.lock() {
             d.remove(&key);
@@ -383,14 +706,11 @@ impl Sharding {
         .await
         {
             Ok(updated) => {
-                if owner != self.cfg.id
-                    && let Ok(mut r) = self.released.lock()
-                {
-                    let rv = updated
-                        .resource_version()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(u64::MAX);
-                    r.insert(key_of(lock), rv);
+                if owner != self.cfg.id {
+                    self.record_released(&key_of(lock), &updated);
+                }
+                if let Some(f) = self.on_ownership.get() {
+                    f(&updated, owner == self.cfg.id);
                 }
                 if why == "handoff" {
                     crate::metrics::with_current(|m| m.handoff());
@@ -405,7 +725,16 @@ impl Sharding {
             }
             Err(e) => {
                 tracing::Span::current().record("stslock.outcome", e.metric_label());
-                tracing::warn!(error = %e, "ownership label")
+                tracing::warn!(error = %e, "ownership label");
+                // A handoff that may have committed: until a read says otherwise, the lock is
+                // not this replica's to work on. (A claim that may have committed shows up in
+                // the lock watch, and a claimed lock is re-read before it is decided.)
+                if e.outcome_unknown()
+                    && owner != self.cfg.id
+                    && let Ok(mut u) = self.unresolved.lock()
+                {
+                    u.insert(key_of(lock));
+                }
             }
         }
     }
@@ -415,6 +744,18 @@ impl Sharding {
     pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let name = self.lease_name();
+        let mark = json!({"metadata": {"annotations": {LEAVING_ANNOTATION: "true"}}});
+        if let Err(e) = call(
+            &format!("updating membership Lease {name} (leaving)"),
+            self.cfg.api_timeout.min(self.write_window()),
+            self.leases()
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&mark)),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "marking the membership Lease as leaving");
+        }
         self.recompute();
         let ring = self.view.read().ok().and_then(|v| v.ring.clone());
         if let Some(ring) = ring {
@@ -426,7 +767,11 @@ impl Sharding {
                 }
             }
         }
-        let name = self.lease_name();
+        // No write of this replica may follow the delete: peers claim what is left at once.
+        self.left.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut f) = self.fence.lock() {
+            *f = Fence::new(self.cfg.lease_duration, self.cfg.margin);
+        }
         if let Err(e) = call_opt(
             &format!("deleting membership Lease {name}"),
             self.cfg.api_timeout,

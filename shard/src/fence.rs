@@ -36,6 +36,14 @@ impl Fence {
         self.last_renew_start = Some(self.last_renew_start.map_or(started, |t| t.max(started)));
     }
 
+    /// Has the Lease possibly expired since the last successful renewal, as of `now` (more
+    /// than its duration since that renew was sent, or never renewed)? Only then may peers
+    /// have taken keys away.
+    pub fn may_have_expired(&self, now: Duration) -> bool {
+        self.last_renew_start
+            .is_none_or(|t| now.saturating_sub(t) >= self.duration)
+    }
+
     /// May this replica write at monotonic time `now`?
     pub fn may_write(&self, now: Duration) -> bool {
         !self.remaining(now).is_zero()

@@ -251,6 +251,13 @@ impl<'a> Builder<'a> {
     fn paused(&mut self) {
         self.clear_error();
         let writer = self.current_writer();
+        // Roles are frozen, but the Lease keeps saying who the writer is: the sitting holder
+        // (same UID, still there) is renewed as usual, with no transition and no relabelling.
+        if let (Some(lease), Some(w)) = (&self.o.lease, writer)
+            && self.lease_epoch_sound(lease)
+        {
+            self.renew_if_due(lease, w);
+        }
         let ok = writer.is_some_and(|w| w.ready && !w.terminating && w.role == Some(Role::Writer));
         self.condition(
             "Available",
@@ -261,18 +268,99 @@ impl<'a> Builder<'a> {
                 None => "no writer (paused)".into(),
             },
         );
-        if self.condition(
+        // The Event marks the lock becoming paused: Progressing keeps its status (False) when a
+        // stable lock is paused, so its reason is what changes.
+        let was_paused = self
+            .o
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.reason == "Paused");
+        self.condition(
             "Progressing",
             false,
             "Paused",
             "spec.paused is true: roles are frozen".into(),
-        ) {
+        );
+        if !was_paused {
             self.event(
                 Severity::Normal,
                 "Paused",
                 "Pause",
                 "roles frozen: spec.paused is true".into(),
             );
+        }
+    }
+
+    /// The highest epoch any record shows: the Lease, the lock's status (the writer's epoch and
+    /// the highest one reserved) and every pod's epoch annotation. None before any election.
+    fn epoch_floor(&self) -> Option<i64> {
+        let o = self.o;
+        o.pods
+            .iter()
+            .filter_map(|p| p.epoch)
+            .chain(o.status.writer_epoch)
+            .chain(o.status.highest_epoch)
+            .chain(o.lease.as_ref().map(|l| l.transitions))
+            .max()
+    }
+
+    /// Does the Lease's epoch belong to its holder alone? Not when some record shows a higher
+    /// epoch (leaseTransitions lowered, or a Lease write committed behind a lost response and
+    /// then overwritten), nor when another pod holds this epoch by the lock's status or its
+    /// writer label and annotation (holderIdentity edited without a transition).
+    fn lease_epoch_sound(&self, l: &LeaseView) -> bool {
+        let o = self.o;
+        if self.epoch_floor().is_some_and(|f| f > l.transitions) {
+            return false;
+        }
+        let holder_uid = l.holder_uid.as_deref();
+        let status_claims = (o.status.writer_epoch == Some(l.transitions)
+            && o.status.writer_uid.is_some()
+            && o.status.writer_uid.as_deref() != holder_uid)
+            || (o.status.highest_epoch == Some(l.transitions)
+                && o.status.highest_epoch_uid.is_some()
+                && o.status.highest_epoch_uid.as_deref() != holder_uid);
+        let pod_claims = o.pods.iter().any(|p| {
+            p.role == Some(Role::Writer)
+                && p.epoch == Some(l.transitions)
+                && Some(p.uid.as_str()) != holder_uid
+        });
+        !(status_claims || pod_claims)
+    }
+
+    /// The next epoch to issue: above every record of any earlier one.
+    fn next_epoch(&self) -> i64 {
+        self.epoch_floor().map_or(0, |e| e + 1)
+    }
+
+    /// Renew the Lease for its sitting holder `w` when half its duration has passed, it
+    /// expired, or the lock's leaseDurationSeconds changed; schedule the next renewal.
+    fn renew_if_due(&mut self, lease: &LeaseView, w: &Candidate) {
+        let expired = lease_expired(lease, self.now);
+        let half_due = lease
+            .renew_time
+            .and_then(|t| {
+                t.checked_add(SignedDuration::from_millis(
+                    lease.duration_seconds.max(1) * 500,
+                ))
+                .ok()
+            })
+            .is_none_or(|d| d <= self.now);
+        let resized = lease.duration_seconds != self.o.lease_duration_seconds;
+        if expired || half_due || resized {
+            // Renew for the same holder: no transition, no new epoch, even when the Lease
+            // lapsed while the operator was away (the holder is the same pod).
+            self.plan.steps.push(Step::UpdateLease {
+                expected_resource_version: lease.resource_version.clone(),
+                holder: w.name.clone(),
+                holder_uid: w.uid.clone(),
+                transitions: lease.transitions,
+                acquire: expired,
+            });
+            self.schedule_renewal(true);
+        } else {
+            self.schedule_renewal_from(lease.renew_time);
         }
     }
 
@@ -312,45 +400,146 @@ impl<'a> Builder<'a> {
 
     /// Label steps so that exactly `writer` (if any) is writer with `epoch` and every other pod
     /// is reader: demotions first, then the promotion, then the remaining readers.
+    ///
+    /// The pod cache may lag: a pod it shows as a reader may carry `writer` by now. So besides
+    /// every pod the cache shows as a writer, the Lease's holder and the writer the lock's
+    /// status records are demoted by UID whatever the cache says (a no-op write when they are
+    /// readers already). A promotion in a plan that does not write the Lease first is preceded
+    /// by a fresh read of the Lease: the label must not contradict the Lease it is based on.
     fn relabel(&mut self, writer: Option<&Candidate>, epoch: i64) {
-        let mut demote = vec![];
+        let (demote, promote, readers) = self.label_steps(writer, epoch);
+        self.plan.steps.extend(demote);
+        self.push_promotion(promote);
+        self.plan.steps.extend(readers);
+    }
+
+    /// A promotion, preceded by a confirmation of the Lease unless this plan writes the Lease
+    /// before it.
+    fn push_promotion(&mut self, promote: Option<Step>) {
+        let Some(promote) = promote else { return };
+        let lease_written = self
+            .plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::CreateLease { .. } | Step::UpdateLease { .. }));
+        if !lease_written
+            && let Step::Label {
+                pod,
+                uid,
+                epoch: Some(epoch),
+                ..
+            } = &promote
+        {
+            self.plan.steps.push(Step::ConfirmLease {
+                holder: pod.clone(),
+                holder_uid: uid.clone(),
+                transitions: *epoch,
+            });
+        }
+        self.plan.steps.push(promote);
+    }
+
+    /// The label steps of [`Self::relabel`]: (demotions, the promotion, the other readers).
+    fn label_steps(
+        &self,
+        writer: Option<&Candidate>,
+        epoch: i64,
+    ) -> (Vec<Step>, Option<Step>, Vec<Step>) {
+        let o = self.o;
+        let is_writer = |name: &str, uid: Option<&str>| {
+            writer.is_some_and(|w| w.name == name && uid.is_none_or(|u| u == w.uid))
+        };
+        let mut demote: Vec<(String, String)> = vec![];
         let mut readers = vec![];
-        for p in &self.o.pods {
+        for p in &o.pods {
             if writer.is_some_and(|w| w.uid == p.uid) {
                 continue;
             }
             match p.role {
-                Some(Role::Writer) => demote.push(p),
+                Some(Role::Writer) => demote.push((p.name.clone(), p.uid.clone())),
                 Some(Role::Reader) if p.epoch.is_none() => {}
                 _ => readers.push(p),
             }
         }
-        for p in demote {
-            self.plan.steps.push(Step::Label {
-                pod: p.name.clone(),
-                uid: p.uid.clone(),
+        let recorded = [
+            o.lease
+                .as_ref()
+                .and_then(|l| l.holder.clone().map(|h| (h, l.holder_uid.clone()))),
+            o.status
+                .writer_pod
+                .clone()
+                .map(|w| (w, o.status.writer_uid.clone())),
+            self.reserved_for(),
+        ];
+        for (name, uid) in recorded.into_iter().flatten() {
+            if is_writer(&name, uid.as_deref()) {
+                continue;
+            }
+            // The cache already shows a newer pod under that name: the recorded one is gone
+            // (caches only move forward, and a name is reused only after deletion).
+            if let Some(u) = &uid
+                && o.pods.iter().any(|p| p.name == name && p.uid != *u)
+            {
+                continue;
+            }
+            // The UID guard keeps a recreated pod of the same name out of it; without a
+            // recorded UID the demotion is unguarded (demoting is always safe).
+            let uid = uid
+                .or_else(|| {
+                    o.pods
+                        .iter()
+                        .find(|p| p.name == name)
+                        .map(|p| p.uid.clone())
+                })
+                .unwrap_or_default();
+            if !demote.iter().any(|(n, u)| *n == name && *u == uid) {
+                demote.push((name, uid));
+            }
+        }
+        readers.retain(|p| !demote.iter().any(|(n, _)| *n == p.name));
+        let done: Vec<(String, String)> = self
+            .plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Label {
+                    pod,
+                    uid,
+                    role: Some(Role::Reader),
+                    ..
+                } => Some((pod.clone(), uid.clone())),
+                _ => None,
+            })
+            .collect();
+        demote.retain(|d| !done.contains(d));
+        readers.retain(|p| !done.iter().any(|(n, _)| *n == p.name));
+        let demote = demote
+            .into_iter()
+            .map(|(pod, uid)| Step::Label {
+                pod,
+                uid,
                 role: Some(Role::Reader),
                 epoch: None,
-            });
-        }
-        if let Some(w) = writer
-            && (w.role != Some(Role::Writer) || w.epoch != Some(epoch))
-        {
-            self.plan.steps.push(Step::Label {
+            })
+            .collect();
+        let promote = writer
+            .filter(|w| w.role != Some(Role::Writer) || w.epoch != Some(epoch))
+            .map(|w| Step::Label {
                 pod: w.name.clone(),
                 uid: w.uid.clone(),
                 role: Some(Role::Writer),
                 epoch: Some(epoch),
             });
-        }
-        for p in readers {
-            self.plan.steps.push(Step::Label {
+        let readers = readers
+            .into_iter()
+            .map(|p| Step::Label {
                 pod: p.name.clone(),
                 uid: p.uid.clone(),
                 role: Some(Role::Reader),
                 epoch: None,
-            });
-        }
+            })
+            .collect();
+        (demote, promote, readers)
     }
 
     fn set_writer_status(&mut self, w: &Candidate, epoch: i64, changed_at: Option<Timestamp>) {
@@ -375,14 +564,15 @@ impl<'a> Builder<'a> {
         );
     }
 
-    /// Renewal: the holder keeps the Lease, renewed at half its duration.
-    fn schedule_renewal(&mut self, l: &LeaseView, renewed_now: bool) {
-        let half = SignedDuration::from_millis(l.duration_seconds.max(1) * 500);
-        let last = if renewed_now {
-            Some(self.now)
-        } else {
-            l.renew_time
-        };
+    /// Renewal: the holder keeps the Lease, renewed at half its duration (the lock's
+    /// duration: an edit of leaseDurationSeconds takes effect at the next renewal).
+    fn schedule_renewal(&mut self, renewed_now: bool) {
+        let last = renewed_now.then_some(self.now);
+        self.schedule_renewal_from(last);
+    }
+
+    fn schedule_renewal_from(&mut self, last: Option<Timestamp>) {
+        let half = SignedDuration::from_millis(self.o.lease_duration_seconds.max(1) * 500);
         let due = last
             .and_then(|t| t.checked_add(half).ok())
             .unwrap_or(self.now);
@@ -401,83 +591,36 @@ impl<'a> Builder<'a> {
     fn elect(&mut self) {
         let o = self.o;
         let Some(lease) = &o.lease else {
-            // No Lease: a first election, or the Lease was deleted behind our back. The epoch
-            // must never go backwards (applications fence on it), so it continues from the
-            // highest epoch any pod or the status still carries; and a healthy labelled writer
-            // keeps the role (re-created Lease, no failover).
-            let floor = o
-                .pods
-                .iter()
-                .filter_map(|p| p.epoch)
-                .chain(o.status.writer_epoch)
-                .max();
-            let sitting = o.pods.iter().find(|p| {
-                p.role == Some(Role::Writer)
-                    && Self::eligible(p)
-                    && o.status.writer_uid.as_deref().is_none_or(|u| u == p.uid)
-            });
-            let (chosen, epoch, recreated) = match (sitting, self.preferred()) {
-                (Some(w), None) => (Some(w), floor.unwrap_or(0), true),
-                (Some(w), Some(p)) if p.uid == w.uid => (Some(w), floor.unwrap_or(0), true),
-                _ => (
-                    self.preferred().or_else(|| self.best_candidate(None)),
-                    floor.map_or(0, |e| e + 1),
-                    false,
-                ),
-            };
-            match chosen {
-                Some(w) => {
-                    self.plan.steps.push(Step::CreateLease {
-                        holder: w.name.clone(),
-                        holder_uid: w.uid.clone(),
-                        transitions: epoch,
-                    });
-                    self.relabel(Some(w), epoch);
-                    if recreated {
-                        self.set_writer_status(w, epoch, None);
-                        self.event(
-                            Severity::Warning,
-                            "LeaseRecreated",
-                            "Elect",
-                            format!("Lease {} was missing; re-created for the current writer {} (epoch {epoch})", o.lease_name, w.name),
-                        );
-                    } else {
-                        self.set_writer_status(w, epoch, Some(self.now));
-                        self.event(
-                            Severity::Normal,
-                            "Elected",
-                            "Elect",
-                            format!("elected {} as writer (epoch {epoch})", w.name),
-                        );
-                        self.plan.transition = Some(Transition {
-                            kind: "election",
-                            old_writer: None,
-                            new_writer: w.name.clone(),
-                            reason: "no Lease: election".into(),
-                            epoch,
-                        });
-                    }
-                    self.requeue(Duration::from_millis(
-                        (o.lease_duration_seconds.max(1) * 500) as u64,
-                    ));
-                }
-                None => {
-                    // Nobody can be writer: make sure nobody claims to be (no Lease means no
-                    // legitimate writer), and wait for a Ready pod.
-                    self.relabel(None, 0);
-                    self.status.writer_pod = None;
-                    self.status.writer_uid = None;
-                    self.unavailable(
-                        "NoReadyPod",
-                        format!("no Ready pod in StatefulSet {}", o.statefulset_name),
-                        Severity::Normal, // before the first election this is the usual wait for pods
-                    );
-                }
-            }
+            self.elect_without_lease();
             return;
         };
         let epoch = lease.transitions;
         let writer = self.current_writer();
+        if !self.lease_epoch_sound(lease) {
+            // Someone else moved the Lease's holder without a transition, or lowered its
+            // epoch: the epoch it shows may belong to another pod. Whoever becomes writer now
+            // gets a fresh epoch above every record (rule 13).
+            let why = format!(
+                "the Lease's holder or epoch was changed outside stslock (holder {}, epoch {epoch})",
+                lease.holder.as_deref().unwrap_or("none")
+            );
+            let to = writer
+                .filter(|w| Self::eligible(w))
+                .or_else(|| self.preferred())
+                .or_else(|| self.best_candidate(None));
+            match to {
+                Some(to) => self.handover(lease, writer, to, "EpochRepaired", "epoch_repair", why),
+                None => {
+                    self.relabel(None, epoch);
+                    self.unavailable(
+                        "NoReadyPod",
+                        format!("{why} and no pod is Ready"),
+                        Severity::Warning,
+                    );
+                }
+            }
+            return;
+        }
         // Why the current writer cannot stay, if it cannot.
         let problem: Option<String> = match writer {
             None => Some(match lease.holder.as_deref() {
@@ -507,30 +650,7 @@ impl<'a> Builder<'a> {
                     );
                     return;
                 }
-                let expired = lease_expired(lease, self.now);
-                let half_due = lease
-                    .renew_time
-                    .and_then(|t| {
-                        t.checked_add(SignedDuration::from_millis(
-                            lease.duration_seconds.max(1) * 500,
-                        ))
-                        .ok()
-                    })
-                    .is_none_or(|d| d <= self.now);
-                if expired || half_due {
-                    // Renew for the same holder: no transition, no new epoch, even when the
-                    // Lease lapsed while the operator was away (the holder is the same Ready pod).
-                    self.plan.steps.push(Step::UpdateLease {
-                        expected_resource_version: lease.resource_version.clone(),
-                        holder: w.name.clone(),
-                        holder_uid: w.uid.clone(),
-                        transitions: epoch,
-                        acquire: expired,
-                    });
-                    self.schedule_renewal(lease, true);
-                } else {
-                    self.schedule_renewal(lease, false);
-                }
+                self.renew_if_due(lease, w);
                 self.relabel(Some(w), epoch);
                 self.set_writer_status(w, epoch, None);
                 if let Some(name) = &o.preferred_writer
@@ -583,11 +703,7 @@ impl<'a> Builder<'a> {
                         // No one to hand over to: keep the Lease and the label where they are
                         // (demoting would only create a writer-less gap with no gain), but make
                         // sure no other pod claims the role.
-                        if let Some(w) = w {
-                            self.relabel(Some(w), epoch);
-                        } else {
-                            self.relabel(None, epoch);
-                        }
+                        self.relabel(w, epoch);
                         self.unavailable(
                             "NoReadyPod",
                             format!("{why} and no other pod is Ready"),
@@ -600,7 +716,151 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Move the Lease to `to` (a transition: epoch + 1), demote everyone else, promote `to`.
+    /// No Lease: a first election, or the Lease was deleted behind our back.
+    fn elect_without_lease(&mut self) {
+        let o = self.o;
+        // A healthy labelled writer keeps the role (re-created Lease, no failover) — but only
+        // with an epoch no record shows as issued after it: if any record is higher (a Lease
+        // write that committed behind a lost response, say), the epoch it carries may not be
+        // its own any more, and it gets a fresh one.
+        let floor = self.epoch_floor();
+        let sitting = o.pods.iter().find(|p| {
+            p.role == Some(Role::Writer)
+                && Self::eligible(p)
+                && o.status.writer_uid.as_deref().is_none_or(|u| u == p.uid)
+                && p.epoch.is_some()
+                && p.epoch == floor
+        });
+        let keep = match (sitting, self.preferred()) {
+            (Some(w), None) => Some(w),
+            (Some(w), Some(p)) if p.uid == w.uid => Some(w),
+            _ => None,
+        };
+        if let Some(w) = keep {
+            let epoch = w.epoch.unwrap_or(0);
+            self.plan.steps.push(Step::CreateLease {
+                holder: w.name.clone(),
+                holder_uid: w.uid.clone(),
+                transitions: epoch,
+            });
+            self.relabel(Some(w), epoch);
+            self.set_writer_status(w, epoch, None);
+            self.event(
+                Severity::Warning,
+                "LeaseRecreated",
+                "Elect",
+                format!(
+                    "Lease {} was missing; re-created for the current writer {} (epoch {epoch})",
+                    o.lease_name, w.name
+                ),
+            );
+            self.requeue(Duration::from_millis(
+                (o.lease_duration_seconds.max(1) * 500) as u64,
+            ));
+            return;
+        }
+        let Some(w) = self.preferred().or_else(|| self.best_candidate(None)) else {
+            // Nobody can be writer: make sure nobody claims to be (no Lease means no
+            // legitimate writer), and wait for a Ready pod.
+            self.relabel(None, 0);
+            self.status.writer_pod = None;
+            self.status.writer_uid = None;
+            self.unavailable(
+                "NoReadyPod",
+                format!("no Ready pod in StatefulSet {}", o.statefulset_name),
+                Severity::Normal, // before the first election this is the usual wait for pods
+            );
+            return;
+        };
+        let epoch = self.next_epoch();
+        if let Some(last) = o.status.writer_uid.as_deref() {
+            self.demote_leftovers(Some(last));
+        }
+        let (demote, promote, readers) = self.label_steps(Some(w), epoch);
+        self.plan.steps.extend(demote);
+        self.reserve(epoch, &w.uid);
+        self.plan.steps.push(Step::CreateLease {
+            holder: w.name.clone(),
+            holder_uid: w.uid.clone(),
+            transitions: epoch,
+        });
+        self.push_promotion(promote);
+        self.plan.steps.extend(readers);
+        self.set_writer_status(w, epoch, Some(self.now));
+        self.event(
+            Severity::Normal,
+            "Elected",
+            "Elect",
+            format!("elected {} as writer (epoch {epoch})", w.name),
+        );
+        self.plan.transition = Some(Transition {
+            kind: "election",
+            old_writer: None,
+            new_writer: w.name.clone(),
+            reason: "no Lease: election".into(),
+            epoch,
+        });
+        self.requeue(Duration::from_millis(
+            (o.lease_duration_seconds.max(1) * 500) as u64,
+        ));
+    }
+
+    /// The pod the highest reserved epoch was for (it may carry `writer` by now, whatever the
+    /// cache says), if the cache knows it by UID.
+    fn reserved_for(&self) -> Option<(String, Option<String>)> {
+        let uid = self.o.status.highest_epoch_uid.as_deref()?;
+        let p = self.o.pods.iter().find(|p| p.uid == uid)?;
+        Some((p.name.clone(), Some(p.uid.clone())))
+    }
+
+    /// Before the Lease moves again, demote every writer left over from an interrupted earlier
+    /// handover (a pod the cache or the status shows as writer that is not `holder_uid`, the
+    /// Lease's holder now): so at any moment the only writers are the holder and, during the
+    /// demote step, the previous holder.
+    fn demote_leftovers(&mut self, holder_uid: Option<&str>) {
+        let o = self.o;
+        let mut leftovers: Vec<(String, String)> = o
+            .pods
+            .iter()
+            .filter(|p| p.role == Some(Role::Writer) && Some(p.uid.as_str()) != holder_uid)
+            .map(|p| (p.name.clone(), p.uid.clone()))
+            .collect();
+        let recorded = [
+            o.status.writer_pod.clone().zip(o.status.writer_uid.clone()),
+            self.reserved_for().and_then(|(n, u)| u.map(|u| (n, u))),
+        ];
+        for (name, uid) in recorded.into_iter().flatten() {
+            if holder_uid.is_some()
+                && Some(uid.as_str()) != holder_uid
+                && !leftovers.iter().any(|(_, u)| *u == uid)
+            {
+                leftovers.push((name, uid));
+            }
+        }
+        for (pod, uid) in leftovers {
+            self.plan.steps.push(Step::Label {
+                pod,
+                uid,
+                role: Some(Role::Reader),
+                epoch: None,
+            });
+        }
+    }
+
+    /// Record `epoch` (and the pod it is for) on the lock before anything carries it.
+    fn reserve(&mut self, epoch: i64, uid: &str) {
+        if self.o.status.highest_epoch.is_none_or(|h| h < epoch) {
+            self.plan.steps.push(Step::ReserveEpoch {
+                epoch,
+                uid: uid.to_string(),
+            });
+            self.status.highest_epoch = Some(epoch);
+            self.status.highest_epoch_uid = Some(uid.to_string());
+        }
+    }
+
+    /// Move the Lease to `to` under a new epoch (reserved on the lock first), demote everyone
+    /// else — the previous holder by UID whatever the cache says — then promote `to`.
     fn handover(
         &mut self,
         lease: &LeaseView,
@@ -610,7 +870,21 @@ impl<'a> Builder<'a> {
         kind: &'static str,
         why: String,
     ) {
-        let epoch = lease.transitions + 1;
+        let epoch = self.next_epoch();
+        // After an edit from outside, the Lease's holder is not a holder stslock made: only
+        // the pod taking over may keep `writer` while the Lease moves.
+        let keep = if kind == "epoch_repair" {
+            Some(to.uid.as_str())
+        } else {
+            lease.holder_uid.as_deref()
+        };
+        self.demote_leftovers(keep);
+        // Everyone but `to` — the holder first of all — is demoted before the Lease moves, and
+        // the epoch reserved meanwhile (the reconciler sends these together): demoting is
+        // always safe, and the promotion waits for the Lease.
+        let (demote, promote, readers) = self.label_steps(Some(to), epoch);
+        self.plan.steps.extend(demote);
+        self.reserve(epoch, &to.uid);
         self.plan.steps.push(Step::UpdateLease {
             expected_resource_version: lease.resource_version.clone(),
             holder: to.name.clone(),
@@ -618,7 +892,8 @@ impl<'a> Builder<'a> {
             transitions: epoch,
             acquire: true,
         });
-        self.relabel(Some(to), epoch);
+        self.push_promotion(promote);
+        self.plan.steps.extend(readers);
         self.set_writer_status(to, epoch, Some(self.now));
         let old = from
             .map(|f| f.name.clone())
@@ -626,10 +901,10 @@ impl<'a> Builder<'a> {
         self.event(
             Severity::Normal,
             reason,
-            if kind == "failover" {
-                "Failover"
-            } else {
-                "Switchover"
+            match kind {
+                "failover" => "Failover",
+                "switchover" => "Switchover",
+                _ => "RepairEpoch",
             },
             format!("{why}: {} is the writer now (epoch {epoch})", to.name),
         );
@@ -641,7 +916,7 @@ impl<'a> Builder<'a> {
             epoch,
         });
         self.requeue(Duration::from_millis(
-            (lease.duration_seconds.max(1) * 500) as u64,
+            (self.o.lease_duration_seconds.max(1) * 500) as u64,
         ));
     }
 
@@ -657,7 +932,14 @@ impl<'a> Builder<'a> {
                 expected_resource_version: l.resource_version.clone(),
             });
         }
-        if self.cfg.on_delete == OnDelete::RemoveLabels {
+        // Only the lock that manages the StatefulSet may strip its labels: a lock that lost a
+        // conflict, or whose Lease belongs to someone else, never touched them, and removing
+        // them would take the winner's writer away.
+        let manages = conflict(o).is_none()
+            && o.lease
+                .as_ref()
+                .is_none_or(|l| l.owner.as_deref() == Some(o.key().as_str()));
+        if self.cfg.on_delete == OnDelete::RemoveLabels && manages {
             for p in o.pods.iter().filter(|p| p.role.is_some()) {
                 self.plan.steps.push(Step::Label {
                     pod: p.name.clone(),

@@ -107,10 +107,27 @@ pub struct Config {
     pub max_locks_per_namespace: Option<usize>,
 }
 
-/// One step of a plan, applied in order; every step is a single API write.
+/// One step of a plan, applied in order; every step is a single API call (a write, except
+/// [`Step::ConfirmLease`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     AddFinalizer,
+    /// Record `epoch` as the lock's highest issued epoch (status, compare-and-swap on the
+    /// lock's resourceVersion) before any Lease carries it: whatever happens to the Lease
+    /// afterwards, no later plan can issue it again.
+    ReserveEpoch {
+        epoch: i64,
+        /// The pod it is for.
+        uid: String,
+    },
+    /// Read the Lease from the API server (not the cache) and stop the plan unless it still
+    /// names this holder with this epoch: a plan that promotes without writing the Lease must
+    /// not act on a stale view of it.
+    ConfirmLease {
+        holder: String,
+        holder_uid: String,
+        transitions: i64,
+    },
     CreateLease {
         holder: String,
         holder_uid: String,
@@ -126,8 +143,10 @@ pub enum Step {
         /// A new holder (or re-acquisition): set acquireTime.
         acquire: bool,
     },
-    /// Set (or with None, remove) the role label of a pod, guarded by its UID. A writer
-    /// gets the epoch annotation, anything else loses it.
+    /// Set (or with None, remove) the role label of a pod, guarded by its UID (an empty UID:
+    /// unguarded, only for demotions). A writer gets the epoch annotation, anything else loses
+    /// it. A demotion whose pod is gone (404) or is another pod now (UID mismatch) is done: the
+    /// pod it was meant for no longer exists.
     Label {
         pod: String,
         uid: String,
@@ -173,6 +192,8 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
+    /// `election`, `failover`, `switchover`, or `epoch_repair` (the Lease's holder or epoch was
+    /// changed outside stslock: the holder is confirmed under a new epoch).
     pub kind: &'static str,
     pub old_writer: Option<String>,
     pub new_writer: String,

@@ -38,6 +38,8 @@ pub struct Probe {
     pub pods: PodIndex,
     pub locks: Store<StatefulSetLock>,
     pub sharding: Arc<Sharding>,
+    /// The namespaces in scope (listed, with --namespace-selector).
+    pub scope: Arc<crate::scope::Scope>,
 }
 
 impl Probe {
@@ -51,6 +53,7 @@ impl Probe {
             ),
             ("pods", self.pods.is_synced()),
             ("leases", self.caches.leases.load(Ordering::SeqCst)),
+            ("namespaces", self.scope.is_synced()),
         ]
         .into_iter()
         .filter(|(_, synced)| !synced)

@@ -1,8 +1,14 @@
 //! Apply: carry out a [`Plan`]'s steps in order, each one API write under a timeout, each
 //! guarded so that it cannot act on something that changed since it was observed — the
-//! Lease by its resourceVersion, a pod by its UID, the lock's finalizers by its
+//! Lease by its resourceVersion, a pod by its UID, the lock's finalizers and status by its
 //! resourceVersion. A failed guard (409) stops the plan; the next reconcile starts from what
 //! is true then.
+//!
+//! Every write asks the shard runtime for a permit at the moment it is sent (ownership, the
+//! fence, a handoff in progress), so a plan stops as soon as its lock is no longer this
+//! replica's. Every response goes into the caches (read-your-writes); a write whose outcome is
+//! unknown makes the lock untrusted, so it is re-read before it is decided again; a 409 on the
+//! Lease fetches the Lease afresh.
 
 use std::time::Duration;
 
@@ -23,7 +29,7 @@ use crate::error::Result;
 use crate::limits::Lane;
 use crate::reconcile::Context;
 use crate::reconcile::client::{call, call_opt};
-use crate::reconcile::watch::LEASE_LABEL;
+use crate::reconcile::watch::{LEASE_LABEL, forget_lease, remember_lease};
 
 /// How long a quiet lock waits before a safety-net reconcile (watches drive everything else).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -32,155 +38,357 @@ fn micro(now: jiff::Timestamp) -> Value {
     serde_json::to_value(MicroTime(now)).unwrap_or(Value::Null)
 }
 
-pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Context) -> Result<()> {
-    let api_timeout = ctx.args.api_timeout();
-    let ns = o.namespace.as_str();
-    let locks: Api<StatefulSetLock> = Api::namespaced(ctx.client.clone(), ns);
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pp = PatchParams::default();
-    // Writes to the lock itself are compare-and-swap on the version this plan was made from
-    // (advanced by the plan's own finalizer write): a reconcile that started from a stale view
-    // — e.g. before its shard handed the lock off — cannot write it.
-    let mut lock_rv = lock.resource_version();
-    let held_by = o.lease.as_ref().and_then(|l| l.holder.as_deref());
-    let mut first_write = None;
-    for step in &plan.steps {
+/// A failed write: what it means for the caches, then the error.
+fn after_failure(
+    ctx: &Context,
+    key: &str,
+    permit: &crate::sharding::WritePermit<'_>,
+    e: &crate::error::Error,
+) {
+    if e.outcome_unknown() {
+        permit.unknown_outcome();
+        ctx.fresh.distrust(key);
+    }
+}
+
+fn refused(r: crate::sharding::Refused, key: &str) -> crate::error::Error {
+    match r {
+        crate::sharding::Refused::Fenced => crate::error::Error::Fenced,
+        crate::sharding::Refused::NotOwner => crate::error::Error::Stale(format!(
+            "{key} is not this replica's any more (handed off or claimed)"
+        )),
+    }
+}
+
+/// Fetch the Lease afresh (after a 409 or a failed confirmation) into the cache.
+async fn refresh_lease(ctx: &Context, leases: &Api<Lease>, ns: &str, name: &str) {
+    match call_opt(
+        &format!("reading Lease {ns}/{name}"),
+        ctx.args.api_timeout(),
+        leases.get(name),
+    )
+    .await
+    {
+        Ok(Some(l)) => remember_lease(&ctx.leases, l),
+        Ok(None) => forget_lease(&ctx.leases, ns, name, None),
+        Err(e) => tracing::debug!(error = %e, "Lease refresh"),
+    }
+}
+
+/// One plan's API context: what every step needs to make its call.
+struct Applier<'a> {
+    ctx: &'a Context,
+    lock: &'a StatefulSetLock,
+    o: &'a Observed,
+    key: String,
+    generation: u64,
+    held_by: Option<&'a str>,
+    locks: Api<StatefulSetLock>,
+    leases: Api<Lease>,
+    pods: Api<Pod>,
+}
+
+/// Steps that may be sent together: none depends on another's result, and each is safe in any
+/// order and any subset (demotions, the epoch reservation, reading the Lease). Everything else
+/// — finalizers, Lease writes, a promotion — waits for all steps before it.
+fn joins_wave(step: &Step) -> bool {
+    match step {
+        Step::ReserveEpoch { .. } | Step::ConfirmLease { .. } => true,
+        Step::Label { role, .. } => *role != Some(crate::elect::Role::Writer),
+        _ => false,
+    }
+}
+
+/// The plan's steps in waves: consecutive wave-joining steps together, every other step alone.
+fn waves(steps: &[Step]) -> Vec<&[Step]> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < steps.len() {
+        let mut end = start + 1;
+        if joins_wave(&steps[start]) {
+            while end < steps.len() && joins_wave(&steps[end]) {
+                end += 1;
+            }
+        }
+        out.push(&steps[start..end]);
+        start = end;
+    }
+    out
+}
+
+impl Applier<'_> {
+    /// The lock as this replica knows it best now (its own writes included), for the
+    /// ownership check of each write.
+    fn current_lock(&self) -> std::sync::Arc<StatefulSetLock> {
+        let ctx = self.ctx;
+        ctx.locks
+            .get(&kube::runtime::reflector::ObjectRef::from_obj(self.lock))
+            .map(|l| ctx.fresh.newest_lock(l))
+            .filter(|l| {
+                crate::reconcile::fresh::rv_number(l.resource_version().as_deref())
+                    >= crate::reconcile::fresh::rv_number(self.lock.resource_version().as_deref())
+            })
+            .unwrap_or_else(|| std::sync::Arc::new(self.lock.clone()))
+    }
+
+    /// Confirm the Lease by a quorum read (not a write: no budget, no permit).
+    async fn confirm(&self, holder: &str, holder_uid: &str, transitions: i64) -> Result<()> {
+        let (ctx, o, ns) = (self.ctx, self.o, self.o.namespace.as_str());
+        let fresh = call_opt(
+            &format!("reading Lease {ns}/{} (confirm)", o.lease_name),
+            ctx.args.api_timeout(),
+            self.leases.get(&o.lease_name),
+        )
+        .await?;
+        let agrees = fresh.as_ref().is_some_and(|l| {
+            let v = crate::reconcile::gather::lease_view(l);
+            v.holder.as_deref() == Some(holder)
+                && v.holder_uid.as_deref() == Some(holder_uid)
+                && v.transitions == transitions
+        });
+        match fresh {
+            Some(l) => remember_lease(&ctx.leases, l),
+            None => forget_lease(&ctx.leases, ns, &o.lease_name, None),
+        }
+        if agrees {
+            Ok(())
+        } else {
+            Err(crate::error::Error::Stale(format!(
+                "Lease {ns}/{} no longer names {holder} with epoch {transitions}",
+                o.lease_name
+            )))
+        }
+    }
+
+    /// Carry out one step; returns the lock's new resourceVersion when the step wrote the lock.
+    async fn step(&self, step: &Step, lock_rv: Option<String>) -> Result<Option<String>> {
+        if let Step::ConfirmLease {
+            holder,
+            holder_uid,
+            transitions,
+        } = step
+        {
+            self.confirm(holder, holder_uid, *transitions).await?;
+            return Ok(None);
+        }
+        let (ctx, lock, o) = (self.ctx, self.lock, self.o);
+        let ns = o.namespace.as_str();
+        let (locks, leases, pods) = (&self.locks, &self.leases, &self.pods);
+        let pp = PatchParams::default();
         // Every write is budgeted (renewing the current holder first, see crate::limits)
-        // before its fence window is taken, so waiting for a token cannot eat the window.
+        // before its permit is taken, so waiting for a token cannot eat the fence window.
         let lane = match step {
             Step::UpdateLease {
                 holder, acquire, ..
-            } if !acquire && Some(holder.as_str()) == held_by => Lane::Renewal,
+            } if !acquire && Some(holder.as_str()) == self.held_by => Lane::Renewal,
             _ => Lane::Reconcile,
         };
         ctx.limits.acquire(lane).await;
-        // A replica that may have lost its membership stops mid-plan: the next owner
-        // reconverges from the Lease.
-        // A write must also finish inside the fence window: one answered later could land
-        // after a peer took the lock over.
-        let window = ctx.sharding.write_window();
-        if window.is_zero() {
-            return Err(crate::error::Error::Fenced);
-        }
-        let timeout = api_timeout.min(window);
+        // Ownership and the fence, checked now for this write against the freshest view of
+        // the lock: a handoff or a claim since the plan started stops it here. The write must
+        // also finish inside the fence window: one answered later could land after a peer took
+        // the lock over.
+        let permit = ctx
+            .sharding
+            .permit(&self.current_lock(), self.generation)
+            .map_err(|r| refused(r, &self.key))?;
+        let timeout = ctx.args.api_timeout().min(permit.window);
         let now = jiff::Timestamp::now();
-        first_write.get_or_insert(now);
-        match step {
-            Step::AddFinalizer | Step::RemoveFinalizer => {
-                let mut f: Vec<String> = lock.finalizers().to_vec();
-                if matches!(step, Step::AddFinalizer) {
-                    f.push(FINALIZER.into());
-                } else {
-                    f.retain(|x| x != FINALIZER);
+        let mut lock_rv = lock_rv;
+        let before = lock_rv.clone();
+        let result: Result<()> = async {
+            match step {
+                Step::ConfirmLease { .. } => Ok(()),
+                Step::AddFinalizer | Step::RemoveFinalizer => {
+                    let mut f: Vec<String> = lock.finalizers().to_vec();
+                    if matches!(step, Step::AddFinalizer) {
+                        f.push(FINALIZER.into());
+                    } else {
+                        f.retain(|x| x != FINALIZER);
+                    }
+                    let patch = json!({"metadata": {"finalizers": f, "resourceVersion": lock_rv}});
+                    let what = format!("updating finalizers of StatefulSetLock {ns}/{}", o.name);
+                    let updated = call_opt(
+                        &what,
+                        timeout,
+                        locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
+                    )
+                    .await?;
+                    if let Some(u) = updated {
+                        lock_rv = u.resource_version();
+                        ctx.fresh.remember_lock(u);
+                    }
+                    Ok(())
                 }
-                let patch = json!({"metadata": {"finalizers": f, "resourceVersion": lock_rv}});
-                let what = format!("updating finalizers of StatefulSetLock {ns}/{}", o.name);
-                let updated = call_opt(
-                    &what,
-                    timeout,
-                    locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
-                )
-                .await?;
-                if let Some(u) = updated {
+                Step::ReserveEpoch { epoch, uid } => {
+                    let patch = json!({"metadata": {"resourceVersion": lock_rv}, "status": {"highestEpoch": epoch, "highestEpochUID": uid}});
+                    let u = call(
+                        &format!("writing status of StatefulSetLock {ns}/{} (reserve epoch {epoch})", o.name),
+                        timeout,
+                        locks.patch_status(&o.name, &pp, &Patch::Merge(&patch)),
+                    )
+                    .await?;
                     lock_rv = u.resource_version();
+                    ctx.fresh.remember_lock(u);
+                    Ok(())
                 }
-            }
-            Step::CreateLease {
-                holder,
-                holder_uid,
-                transitions,
-            } => {
-                let lease: Lease = serde_json::from_value(json!({
-                    "metadata": {
-                        "name": o.lease_name,
-                        "namespace": ns,
-                        "labels": {LEASE_LABEL: "stslock"},
-                        "annotations": {LEASE_OWNER_ANNOTATION: o.key(), WRITER_UID_ANNOTATION: holder_uid},
-                        "ownerReferences": [lock.controller_owner_ref(&()).map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).unwrap_or(Value::Null)],
-                    },
-                    "spec": {
+                Step::CreateLease {
+                    holder,
+                    holder_uid,
+                    transitions,
+                } => {
+                    let lease = new_lease(lock, o, holder, holder_uid, *transitions, now)?;
+                    let created = call(
+                        &format!("creating Lease {ns}/{}", o.lease_name),
+                        timeout,
+                        leases.create(&PostParams::default(), &lease),
+                    )
+                    .await?;
+                    remember_lease(&ctx.leases, created);
+                    Ok(())
+                }
+                Step::UpdateLease {
+                    expected_resource_version,
+                    holder,
+                    holder_uid,
+                    transitions,
+                    acquire,
+                } => {
+                    let mut spec = json!({
                         "holderIdentity": holder,
                         "leaseDurationSeconds": o.lease_duration_seconds,
-                        "acquireTime": micro(now),
                         "renewTime": micro(now),
                         "leaseTransitions": transitions,
+                    });
+                    if *acquire {
+                        spec["acquireTime"] = micro(now);
                     }
-                }))?;
-                call(
-                    &format!("creating Lease {ns}/{}", o.lease_name),
-                    timeout,
-                    leases.create(&PostParams::default(), &lease),
-                )
-                .await?;
-            }
-            Step::UpdateLease {
-                expected_resource_version,
-                holder,
-                holder_uid,
-                transitions,
-                acquire,
-            } => {
-                let mut spec = json!({
-                    "holderIdentity": holder,
-                    "leaseDurationSeconds": o.lease_duration_seconds,
-                    "renewTime": micro(now),
-                    "leaseTransitions": transitions,
-                });
-                if *acquire {
-                    spec["acquireTime"] = micro(now);
+                    // The resourceVersion in the patch makes it a compare-and-swap.
+                    let patch = json!({
+                        "metadata": {"resourceVersion": expected_resource_version, "annotations": {WRITER_UID_ANNOTATION: holder_uid}},
+                        "spec": spec,
+                    });
+                    let updated = call(
+                        &format!(
+                            "updating Lease {ns}/{} (holder {holder}, epoch {transitions})",
+                            o.lease_name
+                        ),
+                        timeout,
+                        leases.patch(&o.lease_name, &pp, &Patch::Merge(&patch)),
+                    )
+                    .await?;
+                    remember_lease(&ctx.leases, updated);
+                    Ok(())
                 }
-                // The resourceVersion in the patch makes it a compare-and-swap.
-                let patch = json!({
-                    "metadata": {"resourceVersion": expected_resource_version, "annotations": {WRITER_UID_ANNOTATION: holder_uid}},
-                    "spec": spec,
-                });
-                call(
-                    &format!(
-                        "updating Lease {ns}/{} (holder {holder}, epoch {transitions})",
-                        o.lease_name
-                    ),
-                    timeout,
-                    leases.patch(&o.lease_name, &pp, &Patch::Merge(&patch)),
-                )
-                .await?;
+                Step::Label {
+                    pod,
+                    uid,
+                    role,
+                    epoch,
+                } => {
+                    // metadata.uid in the patch is a precondition: a pod recreated under the same
+                    // name since it was observed is never given the role.
+                    let mut meta = json!({
+                        "labels": {ctx.args.role_label.as_str(): role.map(|r| r.as_str())},
+                        "annotations": {EPOCH_ANNOTATION: epoch.map(|e| e.to_string())},
+                    });
+                    if !uid.is_empty() {
+                        meta["uid"] = json!(uid);
+                    }
+                    let what = format!(
+                        "labelling pod {ns}/{pod} {}={}",
+                        ctx.args.role_label,
+                        role.map(|r| r.as_str()).unwrap_or("(none)")
+                    );
+                    let demote = *role != Some(crate::elect::Role::Writer);
+                    match call_opt(&what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
+                        Ok(Some(p)) => {
+                            ctx.pods.remember(&p);
+                            Ok(())
+                        }
+                        // The pod is gone: nothing carries a role any more. A promotion cannot
+                        // go on (the plan was made for that pod).
+                        Ok(None) if demote => Ok(()),
+                        Ok(None) => Err(crate::error::Error::Stale(format!("pod {ns}/{pod} is gone"))),
+                        // Another pod under that name now: the one meant is gone.
+                        Err(e) if demote && e.is_uid_mismatch() => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Step::DeleteLease {
+                    expected_resource_version,
+                } => {
+                    let dp = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            resource_version: Some(expected_resource_version.clone()),
+                            uid: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    call_opt(
+                        &format!("deleting Lease {ns}/{}", o.lease_name),
+                        timeout,
+                        leases.delete(&o.lease_name, &dp),
+                    )
+                    .await?;
+                    forget_lease(&ctx.leases, ns, &o.lease_name, None);
+                    Ok(())
+                }
             }
-            Step::Label {
-                pod,
-                uid,
-                role,
-                epoch,
-            } => {
-                // metadata.uid in the patch is a precondition: a pod recreated under the same
-                // name since it was observed is never given the role.
-                let patch = json!({"metadata": {
-                    "uid": uid,
-                    "labels": {ctx.args.role_label.as_str(): role.map(|r| r.as_str())},
-                    "annotations": {EPOCH_ANNOTATION: epoch.map(|e| e.to_string())},
-                }});
-                let what = format!(
-                    "labelling pod {ns}/{pod} {}={}",
-                    ctx.args.role_label,
-                    role.map(|r| r.as_str()).unwrap_or("(none)")
-                );
-                call_opt(&what, timeout, pods.patch(pod, &pp, &Patch::Merge(&patch))).await?;
-            }
-            Step::DeleteLease {
-                expected_resource_version,
-            } => {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: Some(expected_resource_version.clone()),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                call_opt(
-                    &format!("deleting Lease {ns}/{}", o.lease_name),
-                    timeout,
-                    leases.delete(&o.lease_name, &dp),
+        }
+        .await;
+        if let Err(e) = &result {
+            after_failure(ctx, &self.key, &permit, e);
+            // Rule 14: a conflict on the Lease means the cache is behind; fetch it now so the
+            // next plan (and the renewal lane) starts from the truth.
+            if e.is_conflict()
+                && matches!(
+                    step,
+                    Step::UpdateLease { .. } | Step::CreateLease { .. } | Step::DeleteLease { .. }
                 )
-                .await?;
+            {
+                refresh_lease(ctx, leases, ns, &o.lease_name).await;
+            }
+        }
+        result?;
+        Ok(if lock_rv != before { lock_rv } else { None })
+    }
+}
+
+pub async fn apply(
+    lock: &StatefulSetLock,
+    o: &Observed,
+    plan: &Plan,
+    ctx: &Context,
+    generation: u64,
+) -> Result<()> {
+    let api_timeout = ctx.args.api_timeout();
+    let ns = o.namespace.as_str();
+    let pp = PatchParams::default();
+    let a = Applier {
+        ctx,
+        lock,
+        o,
+        key: o.key(),
+        generation,
+        held_by: o.lease.as_ref().and_then(|l| l.holder.as_deref()),
+        locks: Api::namespaced(ctx.client.clone(), ns),
+        leases: Api::namespaced(ctx.client.clone(), ns),
+        pods: Api::namespaced(ctx.client.clone(), ns),
+    };
+    let (locks, key) = (&a.locks, &a.key);
+    // Writes to the lock itself are compare-and-swap on the version this plan was made from
+    // (advanced by the plan's own lock writes): a reconcile that started from a stale view —
+    // e.g. before its shard handed the lock off — cannot write it.
+    let mut lock_rv = lock.resource_version();
+    let mut first_write = None;
+    for wave in waves(&plan.steps) {
+        first_write.get_or_insert_with(jiff::Timestamp::now);
+        let results =
+            futures::future::join_all(wave.iter().map(|s| a.step(s, lock_rv.clone()))).await;
+        for r in results {
+            if let Some(rv) = r? {
+                lock_rv = Some(rv);
             }
         }
     }
@@ -201,11 +409,12 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
     );
     if let Some(status) = &plan.status {
         ctx.limits.acquire(Lane::Reconcile).await;
-        let timeout = api_timeout.min(ctx.sharding.write_window());
-        if timeout.is_zero() {
-            return Err(crate::error::Error::Fenced);
-        }
-        call(
+        let permit = ctx
+            .sharding
+            .permit(&a.current_lock(), generation)
+            .map_err(|r| refused(r, key))?;
+        let timeout = api_timeout.min(permit.window);
+        match call(
             &format!("writing status of StatefulSetLock {ns}/{}", o.name),
             timeout,
             locks.patch_status(
@@ -214,9 +423,19 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
                 &Patch::Merge(json!({"metadata": {"resourceVersion": lock_rv}, "status": status})),
             ),
         )
-        .await?;
+        .await
+        {
+            Ok(u) => ctx.fresh.remember_lock(u),
+            Err(e) => {
+                after_failure(ctx, key, &permit, &e);
+                return Err(e);
+            }
+        }
     }
-    let reference = lock.object_ref(&());
+    // Regarding the lock, not one version of it: the same Event repeated is then one Event
+    // with a growing series (the recorder keys its cache on the whole reference).
+    let mut reference = lock.object_ref(&());
+    reference.resource_version = None;
     for note in &plan.events {
         let ev = Event {
             type_: match note.severity {
@@ -229,11 +448,15 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
             action: note.action.into(),
             secondary: None,
         };
-        // An Event that cannot be written is logged, never a reason to redo the election.
+        // An Event that cannot be written is logged, never a reason to redo the election;
+        // one for a lock this replica no longer owns is not written at all.
         ctx.limits.acquire(Lane::Reconcile).await;
+        let Ok(permit) = ctx.sharding.permit(&a.current_lock(), generation) else {
+            break;
+        };
         if let Err(e) = call(
             &format!("recording Event {}", note.reason),
-            api_timeout,
+            api_timeout.min(permit.window),
             ctx.recorder.publish(&ev, &reference),
         )
         .await
@@ -253,6 +476,56 @@ pub async fn apply(lock: &StatefulSetLock, o: &Observed, plan: &Plan, ctx: &Cont
         );
     }
     Ok(())
+}
+
+/// The Lease a new election creates: labelled as stslock's (so it is watched), annotated with
+/// its lock and writer UID, owned by the lock (garbage-collected with it).
+fn new_lease(
+    lock: &StatefulSetLock,
+    o: &Observed,
+    holder: &str,
+    holder_uid: &str,
+    transitions: i64,
+    now: jiff::Timestamp,
+) -> Result<Lease> {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    Ok(Lease {
+        metadata: ObjectMeta {
+            name: Some(o.lease_name.clone()),
+            namespace: Some(o.namespace.clone()),
+            labels: Some([(LEASE_LABEL.to_string(), "stslock".to_string())].into()),
+            annotations: Some(
+                [
+                    (LEASE_OWNER_ANNOTATION.to_string(), o.key()),
+                    (WRITER_UID_ANNOTATION.to_string(), holder_uid.to_string()),
+                ]
+                .into(),
+            ),
+            owner_references: lock.controller_owner_ref(&()).map(|r| vec![r]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.to_string()),
+            lease_duration_seconds: i32::try_from(o.lease_duration_seconds).ok(),
+            acquire_time: Some(MicroTime(now)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: i32::try_from(transitions).ok(),
+            ..LeaseSpec::default()
+        }),
+    })
+}
+
+/// Is this plan nothing but a renewal of the sitting holder (no new holder, no label, no status,
+/// no Event)? Such a plan is exempt from the namespace's write budget, like the renewal lane.
+pub fn renewal_only(o: &Observed, plan: &Plan) -> bool {
+    let holder = o.lease.as_ref().and_then(|l| l.holder.as_ref());
+    plan.status.is_none()
+        && plan.events.is_empty()
+        && !plan.steps.is_empty()
+        && plan.steps.iter().all(|s| {
+            matches!(s, Step::UpdateLease { holder: h, acquire: false, .. } if Some(h) == holder)
+        })
 }
 
 /// When to reconcile a lock again. While its writer holds the Lease the renewal lane renews it;

@@ -1,6 +1,7 @@
 //! Gather: build [`Observed`] for one lock from the watch caches (pods, StatefulSets, locks,
 //! stslock's Leases), falling back to a direct GET only for a Lease the cache does not have
-//! (it may be foreign, and foreign Leases are not watched).
+//! (it may be foreign, and foreign Leases are not watched). An untrusted lock
+//! ([`crate::reconcile::fresh`]) is first re-read with quorum reads ([`reread`]).
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use crate::config::OperatorArgs;
 use crate::elect::{Candidate, Config, LeaseView, Observed, Rival, Role};
 use crate::error::Result;
 use crate::reconcile::Context;
-use crate::reconcile::client::call_opt;
+use crate::reconcile::client::{call, call_opt};
 
 pub fn election_config(args: &OperatorArgs, identity: &str) -> Config {
     Config {
@@ -60,6 +61,73 @@ pub async fn lease(
         api.get(name),
     )
     .await
+}
+
+/// Quorum reads of everything one lock's decision rests on — the lock, its Lease, its
+/// StatefulSet's pods — into the caches (which keep whatever is newer). Returns the lock as
+/// read (None: it is gone).
+pub async fn reread(lock: &StatefulSetLock, ctx: &Context) -> Result<Option<StatefulSetLock>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let ns = lock.namespace().unwrap_or_default();
+    let name = lock.name_any();
+    let timeout = ctx.args.api_timeout();
+    let locks: Api<StatefulSetLock> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(fresh) = call_opt(
+        &format!("reading StatefulSetLock {ns}/{name}"),
+        timeout,
+        locks.get(&name),
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    ctx.fresh.remember_lock(fresh.clone());
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let lease_name = &fresh.spec.lease_name;
+    match call_opt(
+        &format!("reading Lease {ns}/{lease_name}"),
+        timeout,
+        leases.get(lease_name),
+    )
+    .await?
+    {
+        Some(l)
+            if l.labels()
+                .get(crate::reconcile::watch::LEASE_LABEL)
+                .is_some() =>
+        {
+            crate::reconcile::watch::remember_lease(&ctx.leases, l)
+        }
+        // Not ours (not watched, never cached): gather reads it directly every time.
+        Some(_) => {}
+        None => crate::reconcile::watch::forget_lease(&ctx.leases, &ns, lease_name, None),
+    }
+    let set_name = &fresh.spec.stateful_set_name;
+    if let Some(set) = ctx.sets.get(&ObjectRef::new(set_name).within(&ns)) {
+        // The StatefulSet's own selector, narrowed to StatefulSet pods; the index keeps only
+        // pods this set controls.
+        let mut selector: Vec<String> = set
+            .spec
+            .selector
+            .match_labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        selector.push(crate::reconcile::watch::STS_POD_LABEL.to_string());
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let listed = call(
+            &format!("listing pods of StatefulSet {ns}/{set_name}"),
+            timeout,
+            pods.list(&kube::api::ListParams::default().labels(&selector.join(","))),
+        )
+        .await?;
+        let list_rv =
+            crate::reconcile::fresh::rv_number(listed.metadata.resource_version.as_deref());
+        ctx.pods.replace_set(&ns, set_name, &listed.items, list_rv);
+    }
+    Ok(Some(fresh))
 }
 
 pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> {

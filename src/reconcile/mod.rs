@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod fresh;
 pub mod gather;
 pub mod pods;
 pub mod watch;
@@ -48,6 +49,8 @@ pub struct Context {
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// This replica's metrics (one per replica: several share a process in tests and dev).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Read-your-writes and trust per lock (see [`fresh`]).
+    pub fresh: Arc<fresh::Freshness>,
 }
 
 /// Hooks for whoever embeds the operator (tests, `stslock dev`).
@@ -110,7 +113,7 @@ pub async fn run_with(
     let (locks, locks_writer) = kube::runtime::reflector::store();
     let lock_index = watch::LockIndex::default();
     let lock_events =
-        kube::runtime::reflector(locks_writer, watcher(locks_api, watcher::Config::default()))
+        kube::runtime::reflector(locks_writer, watcher(locks_api, watch::watch_config()))
             .inspect({
                 let caches = caches.clone();
                 let index = lock_index.clone();
@@ -130,16 +133,21 @@ pub async fn run_with(
     let (sets, sets_writer) = kube::runtime::reflector::store();
     let sets_stream = kube::runtime::reflector(
         sets_writer,
-        watcher(Api::all(client.clone()), watcher::Config::default()),
+        watcher(Api::all(client.clone()), watch::watch_config()),
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
+    let scope = Arc::new(crate::scope::Scope::new(
+        &args.namespaces,
+        args.namespace_selector.as_deref(),
+    ));
     let probe = Arc::new(crate::metrics::server::Probe {
         metrics: metrics.clone(),
         caches: caches.clone(),
         pods: pods.clone(),
         locks: locks.clone(),
         sharding: sharding.clone(),
+        scope: scope.clone(),
     });
     let recorder = Recorder::new(
         client.clone(),
@@ -153,10 +161,7 @@ pub async fn run_with(
         args.burst,
         args.tenant_qps,
     ));
-    let scope = Arc::new(crate::scope::Scope::new(
-        &args.namespaces,
-        args.namespace_selector.as_deref(),
-    ));
+
     tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
     let (renewals, renew_inbox) = crate::renew::channel();
     let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -175,6 +180,23 @@ pub async fn run_with(
         scope: scope.clone(),
         failures: Default::default(),
         metrics: metrics.clone(),
+        fresh: Arc::default(),
+    });
+    // A lock this replica gains or gives up is re-read before it is decided again (the
+    // previous owner's writes may not be in the caches yet). A gained lock gets its renewal
+    // entry at once (rule 16): the renewal lane renews it if due, or hands it to the
+    // reconcile lane.
+    sharding.on_ownership({
+        let (fresh, renewals) = (ctx.fresh.clone(), ctx.renewals.clone());
+        Box::new(move |lock: &StatefulSetLock, gained: bool| {
+            fresh.distrust(&fresh::lock_key(lock));
+            let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
+            if gained {
+                renewals.schedule(lock_ref, Duration::ZERO);
+            } else {
+                renewals.cancel(lock_ref);
+            }
+        })
     });
     // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -354,7 +376,7 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> A
             *n
         })
         .unwrap_or(1);
-    let delay = backoff(failures, err.is_conflict());
+    let delay = backoff(failures, err.is_retry_soon());
     tracing::warn!(
         lock = %key,
         failures,
@@ -382,16 +404,35 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     if !ctx.scope.allows(&lock.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
     }
+    let key = fresh::lock_key(&lock);
+    // What this replica wrote itself may be newer than the watch has delivered.
+    let mut lock = ctx.fresh.newest_lock(lock);
+    // The fence generation this plan belongs to: if the fence closes and reopens meanwhile,
+    // every write of the plan is refused.
+    let generation = ctx.sharding.generation();
+    if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity)
+        && ctx.sharding.may_write()
+        && !ctx.fresh.is_trusted(&key, generation)
+    {
+        // Untrusted (restart, claim, closed fence, a write with an unknown outcome): re-read
+        // the lock, its Lease and its pods before deciding anything.
+        match gather::reread(&lock, &ctx).await? {
+            Some(l) => {
+                lock = ctx.fresh.newest_lock(Arc::new(l));
+                ctx.fresh.trust(&key, generation);
+            }
+            None => {
+                ctx.fresh.forget(&key);
+                return Ok(Action::await_change());
+            }
+        }
+    }
     // Only the replica named by the lock's shard label works on it, and only while its own
     // membership is surely live.
     let Some(_inflight) = ctx.sharding.begin(&lock) else {
         let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
         if !mine {
-            ctx.metrics.forget_lock(&format!(
-                "{}/{}",
-                lock.namespace().unwrap_or_default(),
-                lock.name_any()
-            ));
+            ctx.metrics.forget_lock(&key);
         }
         return Ok(if mine {
             Action::requeue(Duration::from_secs(1))
@@ -410,17 +451,18 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             now,
             &gather::election_config(&ctx.args, &ctx.identity),
         );
+        // The renewal entry follows the plan before anything can defer the plan: a held
+        // Lease is renewed on time even while its namespace is over its write budget.
+        let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
+        match plan.renew_after {
+            Some(after) => ctx.renewals.schedule(lock_ref.clone(), after),
+            None => ctx.renewals.cancel(lock_ref.clone()),
+        }
         // The namespace's budget is checked without waiting: over it, the lock goes back on
         // the queue and the worker moves on to other namespaces. A plain renewal is exempt.
         let writes = plan.steps.len() + usize::from(plan.status.is_some()) + plan.events.len();
-        let renewal_only = plan.status.is_none()
-            && plan.events.is_empty()
-            && plan.steps.iter().all(|s| {
-                matches!(s, crate::elect::Step::UpdateLease { holder, acquire: false, .. }
-                    if Some(holder) == observed.lease.as_ref().and_then(|l| l.holder.as_ref()))
-            });
         if writes > 0
-            && !renewal_only
+            && !apply::renewal_only(&observed, &plan)
             && let Err(wait) = ctx.limits.tenant_admit(
                 &observed.namespace,
                 &observed.name,
@@ -434,17 +476,15 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             &observed,
             &plan,
             &ctx.identity,
-            apply::apply(&lock, &observed, &plan, &ctx),
+            apply::apply(&lock, &observed, &plan, &ctx, generation),
         )
         .await?;
-        let key = observed.key();
         if let Ok(mut m) = ctx.failures.lock() {
             m.remove(&key);
         }
-        let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
-        match plan.renew_after {
-            Some(after) => ctx.renewals.schedule(lock_ref, after),
-            None => ctx.renewals.cancel(lock_ref),
+        if let Some(after) = plan.renew_after {
+            // Renewed (or not due) as of now: the lane's entry starts from here.
+            ctx.renewals.schedule(lock_ref, after);
         }
         let duration =
             Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));

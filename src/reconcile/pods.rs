@@ -28,6 +28,18 @@ pub struct PodProjection {
     pub terminating: bool,
     pub role: Option<String>,
     pub epoch: Option<u64>,
+    /// The version this projection was made from: the index only moves forward.
+    pub resource_version: u64,
+}
+
+impl PodProjection {
+    /// Does `other` say anything different to election (the resourceVersion aside)?
+    fn same_as(&self, other: &PodProjection) -> bool {
+        PodProjection {
+            resource_version: other.resource_version,
+            ..self.clone()
+        } == *other
+    }
 }
 
 impl PodProjection {
@@ -62,6 +74,9 @@ impl PodProjection {
                 .annotations()
                 .get(EPOCH_ANNOTATION)
                 .and_then(|e| e.parse().ok()),
+            resource_version: crate::reconcile::fresh::rv_number(
+                pod.metadata.resource_version.as_deref(),
+            ),
             name,
         })
     }
@@ -131,13 +146,22 @@ impl PodIndex {
             watcher::Event::InitDone => {
                 inner.synced = true;
                 let listed = inner.buffer.take().unwrap_or_default();
+                let list_rv = listed.iter().map(|p| p.resource_version).max().unwrap_or(0);
                 let mut touched: Vec<SetKey> = inner.sets.keys().cloned().collect();
+                // Versions this replica wrote (or read) after the list was served stay.
+                let newer: Vec<Arc<PodProjection>> = inner
+                    .sets
+                    .values()
+                    .flat_map(|s| s.values())
+                    .filter(|p| p.resource_version > list_rv)
+                    .cloned()
+                    .collect();
                 inner.sets.clear();
                 inner.pods.clear();
-                for p in listed {
+                for p in listed.into_iter().chain(newer) {
                     let key = (p.namespace.clone(), p.statefulset.clone());
                     touched.push(key.clone());
-                    insert(&mut inner, key, p);
+                    upsert(&mut inner, key, p);
                 }
                 let Inner {
                     pods,
@@ -149,37 +173,94 @@ impl PodIndex {
                 touched.dedup();
                 touched
             }
-            watcher::Event::Apply(p) => {
-                let Some(proj) = PodProjection::from_pod(p, &self.role_label) else {
-                    return vec![];
-                };
-                let key = (proj.namespace.clone(), proj.statefulset.clone());
-                let old = inner.sets.get(&key).and_then(|s| s.get(&proj.name));
-                let changed = old.is_none_or(|old| **old != proj);
-                let id = (proj.namespace.clone(), proj.name.clone());
-                if proj.ready {
-                    inner.not_ready_seen.remove(&id);
-                } else if old.is_some_and(|o| o.ready && o.uid == proj.uid) {
-                    inner.not_ready_seen.insert(id, jiff::Timestamp::now());
-                }
-                insert(&mut inner, key.clone(), Arc::new(proj));
-                if changed { vec![key] } else { vec![] }
-            }
+            watcher::Event::Apply(p) => self.upsert_locked(&mut inner, p),
             watcher::Event::Delete(p) => {
-                let id = (p.namespace().unwrap_or_default(), p.name_any());
-                inner.not_ready_seen.remove(&id);
-                let Some(key) = inner.pods.remove(&id) else {
-                    return vec![];
-                };
-                if let Some(set) = inner.sets.get_mut(&key) {
-                    set.remove(&id.1);
-                    if set.is_empty() {
-                        inner.sets.remove(&key);
-                    }
-                }
-                vec![key]
+                let rv = crate::reconcile::fresh::rv_number(p.metadata.resource_version.as_deref());
+                remove_locked(
+                    &mut inner,
+                    &p.namespace().unwrap_or_default(),
+                    &p.name_any(),
+                    Some(rv),
+                )
             }
         }
+    }
+
+    /// A pod as a write response or a quorum read returned it: into the index unless the
+    /// index already has a newer version.
+    pub fn remember(&self, pod: &Pod) -> Vec<SetKey> {
+        let mut inner = self.write();
+        self.upsert_locked(&mut inner, pod)
+    }
+
+    /// A quorum read found the pod gone.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let mut inner = self.write();
+        remove_locked(&mut inner, namespace, name, None);
+    }
+
+    /// The pods of one StatefulSet as a quorum LIST returned them (at `list_rv`): each listed
+    /// pod goes in (unless newer is known), and pods of the set the list no longer has are
+    /// gone unless known at a version newer than the list.
+    pub fn replace_set(&self, namespace: &str, statefulset: &str, pods: &[Pod], list_rv: u64) {
+        let mut inner = self.write();
+        let mut listed = std::collections::HashSet::new();
+        for p in pods {
+            listed.insert(p.name_any());
+            self.upsert_locked(&mut inner, p);
+        }
+        let stale: Vec<String> = inner
+            .sets
+            .get(&(namespace.to_string(), statefulset.to_string()))
+            .map(|s| {
+                s.values()
+                    .filter(|p| !listed.contains(&p.name) && p.resource_version <= list_rv)
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in stale {
+            remove_locked(&mut inner, namespace, &name, None);
+        }
+    }
+
+    fn upsert_locked(&self, inner: &mut Inner, p: &Pod) -> Vec<SetKey> {
+        let Some(proj) = PodProjection::from_pod(p, &self.role_label) else {
+            return vec![];
+        };
+        let key = (proj.namespace.clone(), proj.statefulset.clone());
+        let id = (proj.namespace.clone(), proj.name.clone());
+        let old = inner
+            .pods
+            .get(&id)
+            .and_then(|k| inner.sets.get(k))
+            .and_then(|s| s.get(&proj.name))
+            .cloned();
+        // A watch that lags behind what a write response or a fresh read already showed
+        // must not take the index back.
+        if old
+            .as_ref()
+            .is_some_and(|o| o.resource_version > proj.resource_version)
+        {
+            return vec![];
+        }
+        let changed = old.as_ref().is_none_or(|old| !old.same_as(&proj));
+        if proj.ready {
+            inner.not_ready_seen.remove(&id);
+        } else if old.as_ref().is_some_and(|o| o.ready && o.uid == proj.uid) {
+            inner.not_ready_seen.insert(id, jiff::Timestamp::now());
+        }
+        let mut touched = vec![];
+        if let Some(o) = &old
+            && o.statefulset != proj.statefulset
+        {
+            touched.extend(remove_locked(inner, &o.namespace, &o.name, None));
+        }
+        upsert(inner, key.clone(), Arc::new(proj));
+        if changed {
+            touched.push(key);
+        }
+        touched
     }
 
     /// The pods of one StatefulSet, by name.
@@ -209,11 +290,38 @@ impl PodIndex {
     }
 }
 
-fn insert(inner: &mut Inner, key: SetKey, p: Arc<PodProjection>) {
+fn upsert(inner: &mut Inner, key: SetKey, p: Arc<PodProjection>) {
     inner
         .pods
         .insert((p.namespace.clone(), p.name.clone()), key.clone());
     inner.sets.entry(key).or_default().insert(p.name.clone(), p);
+}
+
+/// Remove a pod (as of `rv`: not when the index knows a newer version of that name, i.e. a
+/// recreated pod); returns its set.
+fn remove_locked(inner: &mut Inner, namespace: &str, name: &str, rv: Option<u64>) -> Vec<SetKey> {
+    let id = (namespace.to_string(), name.to_string());
+    let Some(key) = inner.pods.get(&id).cloned() else {
+        return vec![];
+    };
+    if let Some(rv) = rv
+        && inner
+            .sets
+            .get(&key)
+            .and_then(|s| s.get(name))
+            .is_some_and(|p| p.resource_version > rv)
+    {
+        return vec![];
+    }
+    inner.pods.remove(&id);
+    inner.not_ready_seen.remove(&id);
+    if let Some(set) = inner.sets.get_mut(&key) {
+        set.remove(name);
+        if set.is_empty() {
+            inner.sets.remove(&key);
+        }
+    }
+    vec![key]
 }
 
 #[cfg(test)]

@@ -24,9 +24,52 @@ pub const STS_POD_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Label stslock puts on the Leases it creates, so it can watch only those.
 pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
 
-/// stslock's own Leases by (namespace, name), kept by [`lease_triggers`].
+/// stslock's own Leases by (namespace, name), kept by [`lease_triggers`] and by the responses
+/// of this replica's own Lease writes and reads ([`remember_lease`]).
 pub type LeaseCache =
     Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>;
+
+/// Server-side timeout of every watch: a stream that went half-open is replaced within this
+/// (plus the client's read timeout), not after the default five minutes.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 20;
+
+/// The watcher configuration every cache uses.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
+}
+
+/// Put `lease` into the cache unless the cache already has a newer version: watch events,
+/// write responses and quorum reads all go through here, so the cache only moves forward.
+pub fn remember_lease(cache: &LeaseCache, lease: Lease) {
+    use crate::reconcile::fresh::rv_number;
+    let key = (lease.namespace().unwrap_or_default(), lease.name_any());
+    if let Ok(mut m) = cache.write() {
+        let newer = m.get(&key).is_none_or(|known| {
+            rv_number(known.resource_version().as_deref())
+                <= rv_number(lease.resource_version().as_deref())
+        });
+        if newer {
+            m.insert(key, Arc::new(lease));
+        }
+    }
+}
+
+/// The Lease is gone as of resourceVersion `rv` (None: certainly gone, e.g. a 404 from a quorum
+/// read): drop it unless the cache holds a newer version (a re-created Lease).
+pub fn forget_lease(cache: &LeaseCache, namespace: &str, name: &str, rv: Option<&str>) {
+    use crate::reconcile::fresh::rv_number;
+    if let Ok(mut m) = cache.write() {
+        let key = (namespace.to_string(), name.to_string());
+        let older = m.get(&key).is_some_and(|known| {
+            rv.is_none_or(|rv| {
+                rv_number(known.resource_version().as_deref()) <= rv_number(Some(rv))
+            })
+        });
+        if older {
+            m.remove(&key);
+        }
+    }
+}
 
 type SetKey = (String, String);
 
@@ -135,7 +178,7 @@ pub fn pod_triggers(
     locks: LockIndex,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let pods: Api<Pod> = Api::all(client);
-    let cfg = watcher::Config::default().labels(STS_POD_LABEL);
+    let cfg = watch_config().labels(STS_POD_LABEL);
     watcher(pods, cfg)
         .default_backoff()
         .filter_map(move |ev| {
@@ -179,35 +222,42 @@ pub fn lease_triggers_synced(
     synced: Arc<std::sync::atomic::AtomicBool>,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let api: Api<Lease> = Api::all(client);
-    watcher(api, watcher::Config::default().labels(LEASE_LABEL))
+    // A relist is buffered and swapped in at InitDone (merged with anything newer this replica
+    // wrote meanwhile): the cache never goes through an empty state that would look like every
+    // Lease was deleted.
+    let mut relist: Option<Vec<Lease>> = None;
+    watcher(api, watch_config().labels(LEASE_LABEL))
         .default_backoff()
         .filter_map(move |ev| {
             let mut refs = vec![];
             match ev {
-                Ok(watcher::Event::Apply(l)) | Ok(watcher::Event::InitApply(l)) => {
-                    let key = (l.namespace().unwrap_or_default(), l.name_any());
+                Ok(watcher::Event::Apply(l)) => {
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
-                    if let Ok(mut m) = leases.write() {
-                        m.insert(key, Arc::new(l));
+                    remember_lease(&leases, l);
+                }
+                Ok(watcher::Event::InitApply(l)) => {
+                    if let Some(r) = owner_ref(&l) {
+                        refs.push(r);
                     }
+                    relist.get_or_insert_with(Vec::new).push(l);
                 }
                 Ok(watcher::Event::Delete(l)) => {
-                    let key = (l.namespace().unwrap_or_default(), l.name_any());
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
-                    if let Ok(mut m) = leases.write() {
-                        m.remove(&key);
-                    }
+                    forget_lease(
+                        &leases,
+                        &l.namespace().unwrap_or_default(),
+                        &l.name_any(),
+                        l.resource_version().as_deref(),
+                    );
                 }
-                Ok(watcher::Event::Init) => {
-                    if let Ok(mut m) = leases.write() {
-                        m.clear();
-                    }
-                }
+                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
                 Ok(watcher::Event::InitDone) => {
+                    let listed = relist.take().unwrap_or_default();
+                    swap_in(&leases, listed, &mut refs);
                     synced.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(e) => tracing::warn!(error = %e, "lease watch"),
@@ -215,6 +265,41 @@ pub fn lease_triggers_synced(
             futures::future::ready(Some(futures::stream::iter(refs)))
         })
         .flatten()
+}
+
+/// Replace the cache with a relist, keeping entries newer than the list (written by this
+/// replica after the list was served); Leases that disappeared trigger their locks.
+fn swap_in(cache: &LeaseCache, listed: Vec<Lease>, refs: &mut Vec<ObjectRef<StatefulSetLock>>) {
+    use crate::reconcile::fresh::rv_number;
+    let list_rv = listed
+        .iter()
+        .map(|l| rv_number(l.resource_version().as_deref()))
+        .max()
+        .unwrap_or(0);
+    let Ok(mut m) = cache.write() else { return };
+    let old = std::mem::take(&mut *m);
+    for l in listed {
+        m.insert(
+            (l.namespace().unwrap_or_default(), l.name_any()),
+            Arc::new(l),
+        );
+    }
+    for (key, known) in old {
+        let known_rv = rv_number(known.resource_version().as_deref());
+        match m.get(&key) {
+            Some(listed) if rv_number(listed.resource_version().as_deref()) >= known_rv => {}
+            // Written by this replica after the list was served: keep the newer version.
+            _ if known_rv > list_rv => {
+                m.insert(key, known);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(r) = owner_ref(&known) {
+                    refs.push(r);
+                }
+            }
+        }
+    }
 }
 
 /// The lock a Lease belongs to, from the annotation stslock writes on it.

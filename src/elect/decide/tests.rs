@@ -60,6 +60,14 @@ fn lease(holder: &str, uid: &str, transitions: i64, renewed: i64) -> LeaseView {
     }
 }
 
+/// The plan's first Lease write (after the epoch reservation and any leftover demotions).
+fn lease_step(plan: &Plan) -> &Step {
+    plan.steps
+        .iter()
+        .find(|s| matches!(s, Step::CreateLease { .. } | Step::UpdateLease { .. }))
+        .expect("a Lease write")
+}
+
 /// Labels as they would be after applying `plan` to `o` (for settled-state assertions).
 fn labelled(o: &Observed, plan: &Plan) -> Observed {
     let mut o = o.clone();
@@ -82,6 +90,14 @@ fn initial_election_picks_lowest_ready_ordinal_lease_first() {
     let plan = decide(&o, ts(10), &cfg());
     assert_eq!(
         plan.steps[0],
+        Step::ReserveEpoch {
+            epoch: 0,
+            uid: "uid-1-0".into()
+        },
+        "the epoch is recorded on the lock before the Lease carries it"
+    );
+    assert_eq!(
+        *lease_step(&plan),
         Step::CreateLease {
             holder: "db-1".into(),
             holder_uid: "uid-1-0".into(),
@@ -147,7 +163,7 @@ fn notready_writer_fails_over_demote_first_and_stays_reader_after_recovery() {
     o.lease = Some(lease("db-0", "uid-0-0", 3, 5));
     let plan = decide(&o, ts(10), &cfg());
     assert!(
-        matches!(&plan.steps[0], Step::UpdateLease { holder, transitions: 4, acquire: true, .. } if holder == "db-1")
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 4, acquire: true, .. } if holder == "db-1")
     );
     let demote = plan
         .steps
@@ -176,7 +192,7 @@ fn recreated_writer_is_a_new_pod_and_gets_reader() {
     o.lease = Some(lease("db-0", "uid-0-0", 1, 5));
     let plan = decide(&o, ts(10), &cfg());
     assert!(
-        matches!(&plan.steps[0], Step::UpdateLease { holder, transitions: 2, .. } if holder == "db-1")
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 2, .. } if holder == "db-1")
     );
     assert!(plan.steps.contains(&Step::Label {
         pod: "db-0".into(),
@@ -202,7 +218,7 @@ fn terminating_writer_is_handed_over_at_once_even_with_a_delay() {
     o.lease = Some(lease("db-0", "uid-0-0", 0, 5));
     let plan = decide(&o, ts(6), &cfg());
     assert!(
-        matches!(&plan.steps[0], Step::UpdateLease { holder, transitions: 1, .. } if holder == "db-1")
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 1, .. } if holder == "db-1")
     );
 }
 
@@ -243,7 +259,7 @@ fn failover_delay_waits_then_fails_over() {
     assert!(early.steps.is_empty(), "{:?}", early.steps);
     assert_eq!(early.requeue_after, Some(Duration::from_secs(6)));
     let late = decide(&o, ts(110), &cfg());
-    assert!(matches!(&late.steps[0], Step::UpdateLease { holder, .. } if holder == "db-1"));
+    assert!(matches!(lease_step(&late), Step::UpdateLease { holder, .. } if holder == "db-1"));
 }
 
 #[test]
@@ -258,7 +274,7 @@ fn preferred_writer_switches_over_when_ready_and_waits_when_not() {
     o.preferred_writer = Some("db-1".into());
     let plan = decide(&o, ts(6), &cfg());
     assert!(
-        matches!(&plan.steps[0], Step::UpdateLease { holder, transitions: 1, .. } if holder == "db-1")
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 1, .. } if holder == "db-1")
     );
     assert_eq!(plan.events[0].reason, "Switchover");
     o.preferred_writer = Some("db-2".into());
@@ -279,7 +295,13 @@ fn paused_freezes_roles() {
     o.lease = Some(lease("db-0", "uid-0-0", 0, 5));
     o.paused = true;
     let plan = decide(&o, ts(100), &cfg());
-    assert!(plan.steps.is_empty());
+    // Roles stay as they are; the sitting holder's Lease is still renewed (same epoch).
+    assert!(
+        matches!(plan.steps.as_slice(), [Step::UpdateLease { holder, transitions: 0, .. }] if holder == "db-0"),
+        "{:?}",
+        plan.steps
+    );
+    assert!(plan.renew_after.is_some());
     assert!(
         plan.status
             .expect("status")
@@ -476,7 +498,7 @@ fn deleted_lease_is_recreated_for_the_sitting_writer_and_the_epoch_never_goes_ba
     o.pods[1].ready = false;
     let plan = decide(&o, ts(2), &cfg());
     assert!(
-        matches!(&plan.steps[0], Step::CreateLease { holder, transitions: 8, .. } if holder == "db-0")
+        matches!(lease_step(&plan), Step::CreateLease { holder, transitions: 8, .. } if holder == "db-0")
     );
 }
 
@@ -546,12 +568,21 @@ mod world {
                 role,
                 epoch,
             } => {
-                if let Some(p) = o.pods.iter_mut().find(|p| &p.name == pod && &p.uid == uid) {
+                if let Some(p) = o
+                    .pods
+                    .iter_mut()
+                    .find(|p| &p.name == pod && (uid.is_empty() || &p.uid == uid))
+                {
                     p.role = *role;
                     p.epoch = *epoch;
                 }
             }
             Step::DeleteLease { .. } => o.lease = None,
+            Step::ReserveEpoch { epoch, uid } => {
+                o.status.highest_epoch = Some(*epoch);
+                o.status.highest_epoch_uid = Some(uid.clone());
+            }
+            Step::ConfirmLease { .. } => {}
             Step::AddFinalizer => o.has_finalizer = true,
             Step::RemoveFinalizer => o.has_finalizer = false,
         }
@@ -685,4 +716,295 @@ fn a_healthy_writer_is_never_replaced() {
             writer_uid = w;
         }
     }
+}
+
+// ---- P5: deciding from stale views and meddled-with records (DESIGN §2 rules 12 and 13) ----
+
+/// Index of the first step matching `f`.
+fn position(plan: &Plan, f: impl Fn(&Step) -> bool) -> Option<usize> {
+    plan.steps.iter().position(f)
+}
+
+fn is_label(s: &Step, name: &str, want: Role) -> bool {
+    matches!(s, Step::Label { pod, role: Some(r), .. } if pod == name && *r == want)
+}
+
+#[test]
+fn handover_from_a_stale_pod_view_demotes_the_lease_holder_by_uid_first() {
+    // The Lease already names db-1 (epoch 6), but the pod cache still shows db-1 as a reader;
+    // db-1 turns NotReady. The next plan must demote db-1 — by UID, whatever the cache says —
+    // before it promotes anyone, or db-1 and the new writer both carry `writer`.
+    let mut pods = vec![pod(0, true), pod(1, false), pod(2, true)];
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-1", "uid-1-0", 6, 9));
+    o.status.writer_pod = Some("db-1".into());
+    o.status.writer_uid = Some("uid-1-0".into());
+    o.status.writer_epoch = Some(6);
+    let plan = decide(&o, ts(10), &cfg());
+    let demote = position(&plan, |s| {
+        matches!(s, Step::Label { pod, uid, role: Some(Role::Reader), .. } if pod == "db-1" && uid == "uid-1-0")
+    })
+    .expect("the Lease's holder is demoted by UID");
+    let promote = position(&plan, |s| is_label(s, "db-0", Role::Writer)).expect("db-0 promoted");
+    assert!(demote < promote, "{:?}", plan.steps);
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 7, .. } if holder == "db-0")
+    );
+}
+
+#[test]
+fn a_labels_only_plan_confirms_the_lease_before_it_promotes() {
+    // The Lease moved db-0 → db-1 (epoch 5), the Lease cache still shows db-0 (epoch 4), and
+    // db-0 — a reader now — is Ready again: a plan from that view would relabel db-0 `writer`
+    // with the old epoch while the Lease names db-1.
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Reader);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 4, 9));
+    let plan = decide(&o, ts(10), &cfg());
+    // Carried out against the truth, the plan must stop before labelling anyone writer against
+    // the Lease: a fresh read of the Lease (the plan's `ConfirmLease`) disagrees with the view.
+    let (truth_holder, truth_epoch) = ("db-1", 5);
+    let mut promoted_against_the_lease = None;
+    for s in &plan.steps {
+        if let Step::Label {
+            pod,
+            role: Some(Role::Writer),
+            epoch,
+            ..
+        } = s
+            && (pod != truth_holder || *epoch != Some(truth_epoch))
+        {
+            promoted_against_the_lease = Some(s.clone());
+            break;
+        }
+        // Debug name, not a pattern: the step is what this test is about.
+        if format!("{s:?}").starts_with("ConfirmLease") {
+            assert!(
+                format!("{s:?}").contains("\"db-0\""),
+                "confirms the view it was made from: {s:?}"
+            );
+            break; // the truth names db-1: the confirmation fails and the plan stops here
+        }
+    }
+    assert_eq!(
+        promoted_against_the_lease, None,
+        "labelled writer against the Lease: {:?}",
+        plan.steps
+    );
+}
+
+#[test]
+fn an_edited_lease_holder_gets_a_new_epoch_not_the_old_writers() {
+    // `kubectl edit lease`: holderIdentity (and the UID annotation) now name db-1, but epoch 6
+    // is db-0's (the status and db-0's own annotation say so). db-1 must not become writer with
+    // epoch 6: two pods would have held it.
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(6);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-1", "uid-1-0", 6, 9));
+    o.status.writer_pod = Some("db-0".into());
+    o.status.writer_uid = Some("uid-0-0".into());
+    o.status.writer_epoch = Some(6);
+    let plan = decide(&o, ts(10), &cfg());
+    for s in &plan.steps {
+        if let Step::Label {
+            role: Some(Role::Writer),
+            epoch,
+            ..
+        } = s
+        {
+            assert!(epoch.is_some_and(|e| e > 6), "{s:?}");
+        }
+    }
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { transitions, .. } if *transitions > 6),
+        "{:?}",
+        plan.steps
+    );
+    let t = plan.transition.clone().expect("counted as a transition");
+    assert!(t.epoch > 6);
+    // db-0 (the writer by every other record) is demoted before anyone is promoted.
+    let demote = position(&plan, |s| is_label(s, "db-0", Role::Reader)).expect("db-0 demoted");
+    let promote = position(&plan, |s| {
+        matches!(
+            s,
+            Step::Label {
+                role: Some(Role::Writer),
+                ..
+            }
+        )
+    })
+    .expect("a promotion");
+    assert!(demote < promote);
+}
+
+#[test]
+fn a_lowered_lease_transitions_never_rewrites_the_writers_epoch_downwards() {
+    // Someone lowered leaseTransitions from 6 to 2 while db-0 is the healthy writer.
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(6);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 2, 9));
+    o.status.writer_pod = Some("db-0".into());
+    o.status.writer_uid = Some("uid-0-0".into());
+    o.status.writer_epoch = Some(6);
+    let plan = decide(&o, ts(10), &cfg());
+    for s in &plan.steps {
+        match s {
+            Step::Label { epoch: Some(e), .. } => {
+                assert!(*e > 6, "epoch annotation rewritten to {e}: {s:?}")
+            }
+            Step::UpdateLease { transitions, .. } | Step::CreateLease { transitions, .. } => {
+                assert!(*transitions > 6, "Lease written with epoch {transitions}")
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { holder, .. } if holder == "db-0"),
+        "the healthy writer keeps the role, under a fresh epoch"
+    );
+}
+
+#[test]
+fn deleting_a_lock_that_lost_a_conflict_or_a_lease_never_strips_the_winners_writer() {
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(3);
+    pods[1].role = Some(Role::Reader);
+    let remove = Config {
+        on_delete: OnDelete::RemoveLabels,
+        ..cfg()
+    };
+    // Lost a conflict: an older lock manages the same StatefulSet.
+    let mut o = observed(pods.clone());
+    o.deleting = true;
+    o.rivals = vec![Rival {
+        name: "older".into(),
+        created: ts(-100),
+        statefulset: "db".into(),
+        lease_name: "other-lease".into(),
+    }];
+    let plan = decide(&o, ts(10), &remove);
+    assert!(
+        !plan.steps.iter().any(|s| matches!(s, Step::Label { .. })),
+        "{:?}",
+        plan.steps
+    );
+    assert!(plan.steps.contains(&Step::RemoveFinalizer));
+    // LeaseNotOwned: the Lease belongs to another lock.
+    let mut o = observed(pods.clone());
+    o.deleting = true;
+    let mut l = lease("db-0", "uid-0-0", 3, 9);
+    l.owner = Some("ns/someone-else".into());
+    o.lease = Some(l);
+    let plan = decide(&o, ts(10), &remove);
+    assert!(
+        !plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Label { .. } | Step::DeleteLease { .. })),
+        "{:?}",
+        plan.steps
+    );
+    // The lock that does manage the set still removes the labels it put there.
+    let mut o = observed(pods);
+    o.deleting = true;
+    o.lease = Some(lease("db-0", "uid-0-0", 3, 9));
+    let plan = decide(&o, ts(10), &remove);
+    assert!(
+        plan.steps
+            .iter()
+            .any(|s| matches!(s, Step::Label { role: None, .. }))
+    );
+}
+
+#[test]
+fn paused_keeps_renewing_and_a_duration_edit_reaches_the_lease_at_once() {
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(3);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 3, 0));
+    o.status.writer_pod = Some("db-0".into());
+    o.status.writer_uid = Some("uid-0-0".into());
+    o.status.writer_epoch = Some(3);
+    // Paused, renewal due (30 s lease renewed 16 s ago): renewed, nothing else.
+    o.paused = true;
+    let plan = decide(&o, ts(16), &cfg());
+    assert!(
+        matches!(plan.steps.as_slice(), [Step::UpdateLease { holder, transitions: 3, acquire: false, .. }] if holder == "db-0"),
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(plan.renew_after, Some(std::time::Duration::from_secs(15)));
+    // Not paused, renewed 2 s ago, but leaseDurationSeconds changed 30 → 10: the Lease gets
+    // the new duration now and the next renewal is due at half of it.
+    o.paused = false;
+    o.lease_duration_seconds = 10;
+    let plan = decide(&o, ts(2), &cfg());
+    assert!(
+        plan.steps.iter().any(
+            |s| matches!(s, Step::UpdateLease { holder, transitions: 3, .. } if holder == "db-0")
+        ),
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(plan.renew_after, Some(std::time::Duration::from_secs(5)));
+}
+
+#[test]
+fn an_epoch_issued_behind_a_lost_response_is_never_issued_again_after_the_lease_is_deleted() {
+    // A switchover db-0 → db-1 reserved epoch 7 and moved the Lease (committed, answer lost);
+    // then someone deleted the Lease. db-0 is still the labelled, Ready writer with epoch 6.
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(6);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.status.writer_pod = Some("db-0".into());
+    o.status.writer_uid = Some("uid-0-0".into());
+    o.status.writer_epoch = Some(6);
+    o.status.highest_epoch = Some(7);
+    o.status.highest_epoch_uid = Some("uid-1-0".into());
+    let plan = decide(&o, ts(10), &cfg());
+    match lease_step(&plan) {
+        Step::CreateLease { transitions, .. } => assert!(*transitions >= 8, "{:?}", plan.steps),
+        s => panic!("expected a new Lease, got {s:?}"),
+    }
+    for s in &plan.steps {
+        if let Step::Label { epoch: Some(e), .. } = s {
+            assert!(*e >= 8, "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn pausing_a_stable_lock_is_an_event_once() {
+    let mut pods = vec![pod(0, true), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(3);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 3, 9));
+    let settled = decide(&o, ts(10), &cfg());
+    o.status = settled.status.expect("status");
+    o.paused = true;
+    let plan = decide(&o, ts(11), &cfg());
+    assert!(
+        plan.events.iter().any(|e| e.reason == "Paused"),
+        "{:?}",
+        plan.events
+    );
+    o.status = plan.status.expect("status");
+    let again = decide(&o, ts(12), &cfg());
+    assert!(again.events.is_empty(), "{:?}", again.events);
 }
