@@ -1,80 +1,25 @@
-//! The user's story with the real kubectl over loopback: install the CRD, apply the seed's
-//! samples with `kubectl apply -f deploy/samples/`, see the writer, fail it, read the Events.
+//! The user's story with the real kubectl: install the CRD, apply the seed's samples with
+//! `kubectl apply -f deploy/samples/`, see the writer, fail it, read the Events. kubectl 1.32
+//! against kubesim over loopback, or kubectl 1.33 against the real apiserver (`tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kubesim::{Sim, SimConfig};
-use stslock::config::OperatorArgs;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Kubectl {
-    kubeconfig: PathBuf,
-    home: PathBuf,
-}
-
-impl Kubectl {
-    async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
-        let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-        let out = tokio::time::timeout(
-            Duration::from_secs(60),
-            tokio::process::Command::new(&bin)
-                .args(args)
-                .current_dir(root())
-                .env("KUBECONFIG", &self.kubeconfig)
-                .env("HOME", &self.home)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("kubectl in time")
-        .unwrap_or_else(|e| panic!("cannot run {bin} (install kubectl 1.32 or set KUBECTL): {e}"));
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    async fn run(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.try_run(args).await;
-        assert!(ok, "kubectl {args:?}: {out}\n{err}");
-        out
-    }
-
-    async fn until(&self, args: &[&str], what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let (_, out, _) = self.try_run(args).await;
-            if pred(&out) {
-                return out;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; last output:\n{out}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
+mod common;
+use common::{Backend, Env, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_story_with_the_seed_samples() {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(50);
-    let mut sim = Sim::start(cfg);
-    sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let home = std::env::temp_dir().join(format!("stslock-kubectl-{}", std::process::id()));
-    std::fs::create_dir_all(&home).unwrap();
-    let k = Kubectl {
-        kubeconfig: home.join("kubeconfig"),
-        home: home.clone(),
-    };
-    sim.write_kubeconfig(&k.kubeconfig).unwrap();
+    let mut env = Env::start_with(Options {
+        // The operator starts after `make install`, below.
+        replicas: 0,
+        pod_ready_delay: Duration::from_millis(50),
+        install_crd: false,
+        serve_http: true,
+        ..Options::default()
+    })
+    .await;
+    let k = env.kubectl();
 
     // make install, then the operator, then the samples exactly as a user applies them.
     k.run(&[
@@ -90,14 +35,9 @@ async fn kubectl_story_with_the_seed_samples() {
         "--timeout=20s",
     ])
     .await;
-    let client = sim.client_as("stslock/kubectl-story");
-    let mut args = OperatorArgs::for_shard("stslock-0");
+    let mut args = env.operator_args("stslock-0");
     args.concurrency = 4;
-    args.api_timeout_seconds = 5;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(stslock::reconcile::run(client, args, async {
-        let _ = stopped.await;
-    }));
+    env.start_operator_with("stslock-0", args).await;
     let out = k.run(&["apply", "-f", "deploy/samples/"]).await;
     assert!(
         out.contains("statefulsetlock.app.anukkrit.me/postgres-cluster-lock created"),
@@ -169,8 +109,17 @@ async fn kubectl_story_with_the_seed_samples() {
         "{described}"
     );
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
-    assert_eq!(sim.report().dual_writer_intervals, 0);
-    let _ = std::fs::remove_dir_all(&home);
+    env.stop_operators().await;
+    env.assert_never_two_writers().await;
+    if env.backend() == Backend::Real {
+        // The operator wrote as its ServiceAccount only, never as the admin kubectl used.
+        let writes = env.writes();
+        assert!(
+            writes
+                .iter()
+                .filter(|w| w.by_operator())
+                .all(|w| w.user.as_deref() == Some("system:serviceaccount:stslock-system:stslock")),
+            "operator writes under another identity"
+        );
+    }
 }

@@ -1,28 +1,19 @@
-//! The operator against kubesim: the behaviour the seed's README promises, and none of the
-//! seed's failure modes. Every test ends by checking kubesim's invariant report: no instant
-//! with two writer-labelled pods.
+//! The operator against kubesim or a real control plane (`tests/common`): the behaviour the
+//! seed's README promises, and none of the seed's failure modes. Every test ends by checking
+//! the invariant report of a record the operator did not write (kubesim's history, or the
+//! harness's own pod watch on a real cluster): no instant with two writer-labelled pods.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
-use kubesim::{Sim, SimConfig};
+use kube::ResourceExt;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use stslock::api::StatefulSetLock;
-use stslock::config::OperatorArgs;
-use tokio::sync::oneshot;
 
-struct Env {
-    sim: Sim,
-    client: Client,
-    replicas: usize,
-    operators: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
-}
+mod common;
+use common::{Env, Options};
 
 /// Runs a test body with 1 and with 3 operator replicas: P2's behaviour must hold for both.
 macro_rules! replicas_test {
@@ -40,239 +31,9 @@ macro_rules! replicas_test {
     };
 }
 
-fn args() -> OperatorArgs {
-    let mut a = OperatorArgs::for_shard("test");
-    a.api_timeout_seconds = 5;
-    a
-}
-
-impl Env {
-    async fn start(replicas: usize) -> Env {
-        Self::start_with(replicas, |_| {}).await
-    }
-
-    async fn start_with(replicas: usize, f: impl FnOnce(&mut SimConfig)) -> Env {
-        let mut cfg = SimConfig::default();
-        cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-        cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-        f(&mut cfg);
-        let sim = Sim::start(cfg);
-        let client = sim.client_as("test");
-        stslock::dev::install_crd(&client).await.expect("crd");
-        let mut env = Env {
-            sim,
-            client,
-            replicas,
-            operators: vec![],
-        };
-        env.start_operators();
-        env
-    }
-
-    fn start_operators(&mut self) {
-        for i in 0..self.replicas {
-            let mut a = args();
-            a.shard_id = Some(format!("test-{i}"));
-            let (tx, rx) = oneshot::channel::<()>();
-            let client = self.sim.client_as(&format!("stslock/test-{i}"));
-            let task = tokio::spawn(async move {
-                let shutdown = async {
-                    let _ = rx.await;
-                };
-                stslock::reconcile::run(client, a, shutdown)
-                    .await
-                    .expect("operator");
-            });
-            self.operators.push((tx, task));
-        }
-    }
-
-    async fn stop_operators(&mut self) {
-        for (tx, task) in self.operators.drain(..) {
-            let _ = tx.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-        }
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    fn locks(&self) -> Api<StatefulSetLock> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    fn leases(&self) -> Api<Lease> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    async fn statefulset(&self, name: &str, replicas: i32) {
-        let sts: StatefulSet = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
-        }))
-        .unwrap();
-        Api::<StatefulSet>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &sts)
-            .await
-            .expect("create sts");
-    }
-
-    async fn lock(
-        &self,
-        name: &str,
-        sts: &str,
-        lease: &str,
-        duration: i32,
-        extra: serde_json::Value,
-    ) {
-        let mut spec =
-            json!({"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": duration});
-        if let serde_json::Value::Object(m) = extra {
-            for (k, v) in m {
-                spec[k] = v;
-            }
-        }
-        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name}, "spec": spec})).unwrap();
-        self.locks()
-            .create(&PostParams::default(), &l)
-            .await
-            .expect("create lock");
-    }
-
-    /// Poll until `f` holds, failing after `secs`.
-    async fn until<T>(
-        &self,
-        secs: u64,
-        what: &str,
-        mut f: impl FnMut() -> BoxFuture<'static, Option<T>>,
-    ) -> T {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out after {secs}s waiting for: {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Pod name → role label, for pods of `app`.
-    async fn roles(&self, app: &str) -> Vec<(String, Option<String>)> {
-        let l = self
-            .pods()
-            .list(&ListParams::default().labels(&format!("app={app}")))
-            .await
-            .unwrap();
-        let mut v: Vec<_> = l
-            .items
-            .iter()
-            .map(|p| (p.name_any(), p.labels().get("sts-role").cloned()))
-            .collect();
-        v.sort();
-        v
-    }
-
-    async fn wait_writer(&self, app: &str, writer: &str) {
-        let pods = self.pods();
-        let (app, writer) = (app.to_string(), writer.to_string());
-        self.until(15, &format!("{writer} sole writer of {app}"), move || {
-            let pods = pods.clone();
-            let (app, writer) = (app.clone(), writer.clone());
-            Box::pin(async move {
-                let l = pods
-                    .list(&ListParams::default().labels(&format!("app={app}")))
-                    .await
-                    .ok()?;
-                let ok = !l.items.is_empty()
-                    && l.items.iter().all(|p| {
-                        let role = p.labels().get("sts-role").map(String::as_str);
-                        if p.name_any() == writer {
-                            role == Some("writer")
-                        } else {
-                            role == Some("reader")
-                        }
-                    });
-                ok.then_some(())
-            })
-        })
-        .await;
-    }
-
-    async fn lock_status(&self, name: &str) -> stslock::api::StatefulSetLockStatus {
-        self.locks()
-            .get(name)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default()
-    }
-
-    async fn wait_condition(&self, lock: &str, type_: &str, status: &str, reason: &str) {
-        let locks = self.locks();
-        let (lock, type_, status, reason) = (
-            lock.to_string(),
-            type_.to_string(),
-            status.to_string(),
-            reason.to_string(),
-        );
-        self.until(
-            15,
-            &format!("{lock} {type_}={status} {reason}"),
-            move || {
-                let locks = locks.clone();
-                let (lock, type_, status, reason) =
-                    (lock.clone(), type_.clone(), status.clone(), reason.clone());
-                Box::pin(async move {
-                    let l = locks.get(&lock).await.ok()?;
-                    l.status?
-                        .conditions
-                        .iter()
-                        .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
-                        .then_some(())
-                })
-            },
-        )
-        .await;
-    }
-
-    async fn events(&self, lock: &str) -> Vec<(String, String)> {
-        let evs: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.client.clone(), "default");
-        let l = evs
-            .list(&ListParams::default().fields(&format!("involvedObject.name={lock}")))
-            .await
-            .unwrap();
-        l.items
-            .iter()
-            .map(|e| {
-                (
-                    e.reason.clone().unwrap_or_default(),
-                    e.message.clone().unwrap_or_default(),
-                )
-            })
-            .collect()
-    }
-
-    fn assert_never_two_writers(&self) {
-        let r = self.sim.report();
-        assert_eq!(
-            r.dual_writer_intervals, 0,
-            "two writers at once: {:?}",
-            r.statefulsets
-        );
-    }
-}
-
 async fn seed_samples_elect_pod_zero_and_renew(replicas: usize) {
     let env = Env::start(replicas).await;
-    let applied = stslock::dev::apply_samples(&env.client)
-        .await
-        .expect("samples");
+    let applied = env.apply_samples().await;
     assert_eq!(applied.len(), 5);
     env.wait_writer("postgres", "postgres-cluster-0").await;
     let lease = env
@@ -299,13 +60,9 @@ async fn seed_samples_elect_pod_zero_and_renew(replicas: usize) {
         Some("0")
     );
     assert_eq!(st.writer_uid, writer.uid());
-    assert!(
-        env.events("postgres-cluster-lock")
-            .await
-            .iter()
-            .any(|(r, _)| r == "Elected")
-    );
-    env.assert_never_two_writers();
+    env.wait_event("postgres-cluster-lock", "Elected", |r, _| r == "Elected")
+        .await;
+    env.assert_never_two_writers().await;
 }
 
 async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewals(replicas: usize) {
@@ -324,19 +81,21 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
     }
     for i in 0..locks {
         env.wait_writer(&format!("s{i}"), &format!("s{i}-0")).await;
+        // Both pods exist and are labelled (wait_writer passes while the second is still
+        // being created), so the idle window below is idle.
+        env.wait_roles(&format!("s{i}"), 2).await;
         env.wait_condition(&format!("l{i}"), "Available", "True", "WriterReady")
             .await;
     }
     // Idle for two lease periods: the operator writes nothing but Lease renewals, one per lock
     // per second (half of 2 s).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = env.sim.commit_log().last().map(|c| c.rv).unwrap_or(0);
+    let start = env.commit_log().last().map(|c| c.seq).unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let writes: Vec<_> = env
-        .sim
         .commit_log()
         .into_iter()
-        .filter(|c| c.rv > start && c.actor.starts_with("stslock/"))
+        .filter(|c| c.seq > start && c.by_operator())
         .collect();
     let non_lease: Vec<_> = writes.iter().filter(|c| c.resource != "leases").collect();
     assert!(
@@ -372,7 +131,7 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
         lo >= 700 && hi <= 1300,
         "renewal gaps {lo}..{hi} ms for a 2 s lease"
     );
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn notready_writer_fails_over_and_does_not_fail_back(replicas: usize) {
@@ -380,36 +139,35 @@ async fn notready_writer_fails_over_and_does_not_fail_back(replicas: usize) {
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
-    env.sim.pods().set_ready("default", "db-0", false).unwrap();
+    env.set_ready("db-0", false).await;
     env.wait_writer("db", "db-1").await;
     let lease = env.leases().get("db-lease").await.unwrap().spec.unwrap();
     assert_eq!(lease.holder_identity.as_deref(), Some("db-1"));
     assert_eq!(lease.lease_transitions, Some(1));
     // Demoted before the promotion, in commit order.
-    let log = env.sim.commit_log();
-    let pos = |name: &str| {
-        log.iter()
-            .rposition(|c| {
-                c.resource == "pods" && c.name == name && c.actor.starts_with("stslock/")
-            })
-            .unwrap()
-    };
-    assert!(pos("db-0") < pos("db-1"), "old writer demoted first");
+    let (demoted, promoted) = env
+        .commits_until(5, "the operator's writes to db-0 and db-1", |log| {
+            let pos = |name: &str| {
+                log.iter()
+                    .rposition(|c| c.resource == "pods" && c.name == name && c.by_operator())
+            };
+            Some((pos("db-0")?, pos("db-1")?))
+        })
+        .await;
+    assert!(demoted < promoted, "old writer demoted first");
     // It comes back: stays reader.
-    env.sim.pods().set_ready("default", "db-0", true).unwrap();
+    env.set_ready("db-0", true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         env.roles("db").await[0],
         ("db-0".into(), Some("reader".into()))
     );
     env.wait_writer("db", "db-1").await;
-    let evs = env.events("lock").await;
-    assert!(
-        evs.iter()
-            .any(|(r, m)| r == "Failover" && m.contains("db-0 is not Ready")),
-        "{evs:?}"
-    );
-    env.assert_never_two_writers();
+    env.wait_event("lock", "Failover (db-0 is not Ready)", |r, m| {
+        r == "Failover" && m.contains("db-0 is not Ready")
+    })
+    .await;
+    env.assert_never_two_writers().await;
 }
 
 async fn deleted_writer_fails_over_and_its_replacement_is_a_reader(replicas: usize) {
@@ -418,10 +176,7 @@ async fn deleted_writer_fails_over_and_its_replacement_is_a_reader(replicas: usi
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
     let old_uid = env.pods().get("db-0").await.unwrap().uid();
-    env.pods()
-        .delete("db-0", &DeleteParams::default())
-        .await
-        .unwrap();
+    env.delete_pod("db-0").await;
     env.wait_writer("db", "db-1").await;
     // The recreated db-0 (new UID) is labelled reader.
     let pods = env.pods();
@@ -436,12 +191,14 @@ async fn deleted_writer_fails_over_and_its_replacement_is_a_reader(replicas: usi
     })
     .await;
     env.wait_writer("db", "db-1").await;
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn terminating_writer_is_handed_over_before_it_is_gone(replicas: usize) {
-    let env = Env::start_with(replicas, |c| {
-        c.controllers.pod_terminate_delay = Duration::from_secs(3)
+    let env = Env::start_with(Options {
+        replicas,
+        pod_terminate_delay: Duration::from_secs(3),
+        ..Options::default()
     })
     .await;
     env.statefulset("db", 2).await;
@@ -454,10 +211,7 @@ async fn terminating_writer_is_handed_over_before_it_is_gone(replicas: usize) {
     )
     .await;
     env.wait_writer("db", "db-0").await;
-    env.pods()
-        .delete("db-0", &DeleteParams::default())
-        .await
-        .unwrap();
+    env.delete_pod("db-0").await;
     let pods = env.pods();
     env.until(5, "db-1 writer while db-0 still terminating", move || {
         let pods = pods.clone();
@@ -471,7 +225,7 @@ async fn terminating_writer_is_handed_over_before_it_is_gone(replicas: usize) {
         })
     })
     .await;
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch(replicas: usize) {
@@ -482,7 +236,7 @@ async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch(replicas: usiz
     env.stop_operators().await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // the 1 s Lease lapses
     let lapsed = env.leases().get("db-lease").await.unwrap().spec.unwrap();
-    env.start_operators();
+    env.start_operators().await;
     let leases = env.leases();
     let renewed = env
         .until(10, "lease re-acquired", move || {
@@ -497,7 +251,7 @@ async fn restart_with_an_expired_lease_keeps_the_writer_and_epoch(replicas: usiz
     assert_eq!(renewed.holder_identity.as_deref(), Some("db-0"));
     assert_eq!(renewed.lease_transitions, Some(0), "no needless failover");
     env.wait_writer("db", "db-0").await;
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn preferred_writer_switches_over_and_paused_freezes(replicas: usize) {
@@ -515,12 +269,8 @@ async fn preferred_writer_switches_over_and_paused_freezes(replicas: usize) {
         .await
         .unwrap();
     env.wait_writer("db", "db-2").await;
-    assert!(
-        env.events("lock")
-            .await
-            .iter()
-            .any(|(r, _)| r == "Switchover")
-    );
+    env.wait_event("lock", "Switchover", |r, _| r == "Switchover")
+        .await;
     env.locks()
         .patch(
             "lock",
@@ -531,7 +281,7 @@ async fn preferred_writer_switches_over_and_paused_freezes(replicas: usize) {
         .unwrap();
     env.wait_condition("lock", "Progressing", "False", "Paused")
         .await;
-    env.sim.pods().set_ready("default", "db-2", false).unwrap();
+    env.set_ready("db-2", false).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     env.wait_writer("db", "db-2").await; // frozen
     env.locks()
@@ -543,7 +293,7 @@ async fn preferred_writer_switches_over_and_paused_freezes(replicas: usize) {
         .await
         .unwrap();
     env.wait_writer("db", "db-0").await;
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn bad_input_reports_and_recovers_without_damage(replicas: usize) {
@@ -553,12 +303,10 @@ async fn bad_input_reports_and_recovers_without_damage(replicas: usize) {
         .await;
     env.wait_condition("early", "Error", "True", "StatefulSetNotFound")
         .await;
-    assert!(
-        env.events("early")
-            .await
-            .iter()
-            .any(|(r, _)| r == "StatefulSetNotFound")
-    );
+    env.wait_event("early", "StatefulSetNotFound", |r, _| {
+        r == "StatefulSetNotFound"
+    })
+    .await;
     env.statefulset("later", 2).await;
     env.wait_condition("early", "Available", "True", "WriterReady")
         .await;
@@ -632,7 +380,7 @@ async fn bad_input_reports_and_recovers_without_damage(replicas: usize) {
         ),
         other => panic!("expected immutability error, got {other:?}"),
     }
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label(replicas: usize) {
@@ -661,7 +409,7 @@ async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label(replicas: usize)
         Some("writer"),
         "keep-writer: no write outage"
     );
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -669,7 +417,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 /// Failover latency over 200 failovers: from the commit that turned the writer NotReady to the
-/// commit that labelled the new writer, both read from kubesim's commit log. Prints the
+/// commit that labelled the new writer, both read from the write log (kubesim's commit log, or the audit log). Prints the
 /// distribution (run with --nocapture); asserts only that every failover happened and that no
 /// instant had two writers.
 async fn failover_latency_over_200_failovers(replicas: usize) {
@@ -692,14 +440,7 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
     // All three pods of every set exist and carry a role before pods are failed (wait_writer
     // alone passes while the StatefulSet controller is still creating the last pods).
     for i in 0..sets {
-        let app = format!("f{i}");
-        loop {
-            let roles = env.roles(&app).await;
-            if roles.len() == 3 && roles.iter().all(|(_, r)| r.is_some()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        env.wait_roles(&format!("f{i}"), 3).await;
     }
     let mut latencies = vec![];
     for round in 0..10 {
@@ -708,49 +449,47 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
         let writer = round % 3;
         let next = (round + 1) % 3;
         for i in 0..sets {
-            env.sim
-                .pods()
-                .set_ready("default", &format!("f{i}-{next}"), true)
-                .ok();
-            env.sim
-                .pods()
-                .set_ready("default", &format!("f{i}-{writer}"), false)
-                .unwrap();
+            env.set_ready(&format!("f{i}-{next}"), true).await;
+            env.set_ready(&format!("f{i}-{writer}"), false).await;
         }
         for i in 0..sets {
             env.wait_writer(&format!("f{i}"), &format!("f{i}-{next}"))
                 .await;
         }
-        let log = env.sim.commit_log();
-        for i in 0..sets {
-            let old = format!("f{i}-{writer}");
-            let new = format!("f{i}-{next}");
-            let fail = log
-                .iter()
-                .rfind(|c| c.name == old && c.actor == "kubesim/kubelet")
-                .expect("notready commit");
-            let promoted = log
-                .iter()
-                .find(|c| {
-                    c.rv > fail.rv
-                        && c.name == new
-                        && c.resource == "pods"
-                        && c.actor.starts_with("stslock/")
-                })
-                .expect("promotion commit");
-            latencies.push(promoted.at_ms - fail.at_ms);
-        }
+        let readiness = env.readiness_actor();
+        let round_latencies = env
+            .commits_until(5, "every set's NotReady and promotion commits", |log| {
+                (0..sets)
+                    .map(|i| {
+                        let old = format!("f{i}-{writer}");
+                        let new = format!("f{i}-{next}");
+                        let fail = log.iter().rfind(|c| {
+                            c.name == old && c.resource == "pods" && c.actor == readiness
+                        })?;
+                        let promoted = log.iter().find(|c| {
+                            c.seq > fail.seq
+                                && c.name == new
+                                && c.resource == "pods"
+                                && c.by_operator()
+                        })?;
+                        Some(promoted.at_ms.saturating_sub(fail.at_ms))
+                    })
+                    .collect::<Option<Vec<u64>>>()
+            })
+            .await;
+        latencies.extend(round_latencies);
     }
     assert_eq!(latencies.len(), 200);
     latencies.sort_unstable();
     println!(
-        "failover latency over {} failovers (debug build, in-process kubesim): p50 {} ms, p99 {} ms, max {} ms",
+        "failover latency over {} failovers (debug build, {:?}): p50 {} ms, p99 {} ms, max {} ms",
         latencies.len(),
+        env.backend(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         latencies[latencies.len() - 1]
     );
-    env.assert_never_two_writers();
+    env.assert_never_two_writers().await;
 }
 
 async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset(replicas: usize) {
@@ -758,7 +497,7 @@ async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset(replicas: 
     env.statefulset("db", 3).await;
     env.lock("lock", "db", "db-lease", 30, json!({})).await;
     env.wait_writer("db", "db-0").await;
-    env.sim.pods().set_ready("default", "db-0", false).unwrap();
+    env.set_ready("db-0", false).await;
     env.wait_writer("db", "db-1").await; // epoch 1
     env.leases()
         .delete("db-lease", &DeleteParams::default())
@@ -778,13 +517,9 @@ async fn a_deleted_lease_is_recreated_without_failover_or_epoch_reset(replicas: 
         "the fencing epoch never goes back"
     );
     env.wait_writer("db", "db-1").await;
-    assert!(
-        env.events("lock")
-            .await
-            .iter()
-            .any(|(r, _)| r == "LeaseRecreated")
-    );
-    env.assert_never_two_writers();
+    env.wait_event("lock", "LeaseRecreated", |r, _| r == "LeaseRecreated")
+        .await;
+    env.assert_never_two_writers().await;
 }
 
 replicas_test!(seed_samples_elect_pod_zero_and_renew);

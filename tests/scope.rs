@@ -1,6 +1,6 @@
 //! `--namespaces` and `--namespace-selector` scope an install: locks outside the scope are not
 //! claimed, finalized, elected or labelled, and a namespace that enters the scope is handled
-//! from then on. Against kubesim.
+//! from then on. On kubesim or a real control plane (`tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::time::Duration;
@@ -9,38 +9,36 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use kubesim::{Sim, SimConfig};
 use serde_json::json;
 use stslock::api::{SHARD_LABEL, StatefulSetLock};
-use stslock::config::OperatorArgs;
 
-async fn setup(namespaces: &[(&str, bool)]) -> (Sim, Client) {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    let sim = Sim::start(cfg);
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+mod common;
+use common::{Env, Options};
+
+/// An environment without operators, and one namespace per entry (labelled `stslock=on` or
+/// not), each with StatefulSet `db` and its lock; returns the namespaces' names.
+async fn setup(namespaces: &[(&str, bool)]) -> (Env, Vec<String>) {
+    let env = Env::start_with(Options {
+        replicas: 0,
+        ..Options::default()
+    })
+    .await;
+    let client = env.admin.clone();
+    let mut names = vec![];
     for (ns, labelled) in namespaces {
         let labels = if *labelled {
             json!({"stslock": "on"})
         } else {
             json!({})
         };
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}}))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let ns = env.add_namespace(ns, labels).await;
         let sts: StatefulSet = serde_json::from_value(json!({
             "metadata": {"name": "db"},
             "spec": {"serviceName": "db", "replicas": 2, "selector": {"matchLabels": {"app": "db"}},
                      "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
         }))
         .unwrap();
-        Api::<StatefulSet>::namespaced(client.clone(), ns)
+        Api::<StatefulSet>::namespaced(client.clone(), &ns)
             .create(&PostParams::default(), &sts)
             .await
             .unwrap();
@@ -50,34 +48,13 @@ async fn setup(namespaces: &[(&str, bool)]) -> (Sim, Client) {
             "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 10}
         }))
         .unwrap();
-        Api::<StatefulSetLock>::namespaced(client.clone(), ns)
+        Api::<StatefulSetLock>::namespaced(client.clone(), &ns)
             .create(&PostParams::default(), &lock)
             .await
             .unwrap();
+        names.push(ns);
     }
-    (sim, client)
-}
-
-fn operator(
-    sim: &Sim,
-    f: impl FnOnce(&mut OperatorArgs),
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let mut a = OperatorArgs::for_shard("scoped");
-    a.api_timeout_seconds = 5;
-    f(&mut a);
-    let client = sim.client_as("stslock/scoped");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        stslock::reconcile::run(client, a, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("operator");
-    });
-    (tx, task)
+    (env, names)
 }
 
 /// The writer of `ns`'s lock, once every pod carries a role and one is the writer.
@@ -114,7 +91,8 @@ async fn wait_writer(client: &Client, ns: &str, secs: u64) -> String {
 }
 
 /// Nothing of the operator's is on `ns`'s lock, pods or Lease.
-async fn untouched(sim: &Sim, client: &Client, ns: &str) {
+async fn untouched(env: &Env, ns: &str) {
+    let client = &env.admin;
     let lock = Api::<StatefulSetLock>::namespaced(client.clone(), ns)
         .get("db")
         .await
@@ -137,44 +115,51 @@ async fn untouched(sim: &Sim, client: &Client, ns: &str) {
             p.name_any()
         );
     }
-    let writes: Vec<_> = sim
-        .commit_log()
+    // Every write the API server saw, failed attempts included on a real cluster.
+    let writes: Vec<_> = env
+        .writes()
         .into_iter()
-        .filter(|c| c.namespace == ns && c.actor.starts_with("stslock/"))
+        .filter(|c| c.namespace == ns && c.by_operator())
         .collect();
     assert!(writes.is_empty(), "{ns}: operator wrote {writes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_flag_limits_the_install() {
-    let (sim, client) = setup(&[("team-a", false), ("team-b", false)]).await;
-    let (stop, task) = operator(&sim, |a| a.namespaces = vec!["team-a".into()]);
-    assert_eq!(wait_writer(&client, "team-a", 15).await, "db-0");
+    let (mut env, ns) = setup(&[("team-a", false), ("team-b", false)]).await;
+    let (team_a, team_b) = (ns[0].clone(), ns[1].clone());
+    let args = env.operator_args_with("scoped", |a| a.namespaces = vec![team_a.clone()]);
+    env.start_operator_with("scoped", args).await;
+    let client = env.admin.clone();
+    assert_eq!(wait_writer(&client, &team_a, 15).await, "db-0");
     // Give the out-of-scope lock every chance to be touched (several assignment rounds).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    untouched(&sim, &client, "team-b").await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    untouched(&env, &team_b).await;
+    env.stop_operators().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_selector_follows_namespace_labels() {
-    let (sim, client) = setup(&[("team-a", true), ("team-b", false)]).await;
-    let (stop, task) = operator(&sim, |a| a.namespace_selector = Some("stslock=on".into()));
-    assert_eq!(wait_writer(&client, "team-a", 15).await, "db-0");
+    let (mut env, ns) = setup(&[("team-a", true), ("team-b", false)]).await;
+    let (team_a, team_b) = (ns[0].clone(), ns[1].clone());
+    let args = env.operator_args_with("scoped", |a| {
+        a.namespace_selector = Some("stslock=on".into())
+    });
+    env.start_operator_with("scoped", args).await;
+    let client = env.admin.clone();
+    assert_eq!(wait_writer(&client, &team_a, 15).await, "db-0");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    untouched(&sim, &client, "team-b").await;
+    untouched(&env, &team_b).await;
     // Labelling the namespace brings it into the scope.
     Api::<Namespace>::all(client.clone())
         .patch(
-            "team-b",
+            &team_b,
             &PatchParams::default(),
             &Patch::Merge(json!({"metadata": {"labels": {"stslock": "on"}}})),
         )
         .await
         .unwrap();
-    assert_eq!(wait_writer(&client, "team-b", 15).await, "db-0");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-    assert_eq!(sim.report().dual_writer_intervals, 0);
+    assert_eq!(wait_writer(&client, &team_b, 15).await, "db-0");
+    env.stop_operators().await;
+    env.assert_never_two_writers().await;
 }

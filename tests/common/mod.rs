@@ -1,0 +1,1513 @@
+//! The integration suites' one harness: the same test body runs against kubesim (in-process,
+//! the default) or a real Kubernetes control plane (DESIGN §9).
+//!
+//! - `STSLOCK_TEST_BACKEND=real`: one real control plane (kube-apiserver 1.34, etcd,
+//!   kube-controller-manager and the pod-lifecycle stand-in, `loadtest/controlplane`) per test
+//!   binary, started by the first test that needs it. Tests take turns on it (one at a time:
+//!   two cores cannot run two timing-sensitive tests and a control plane without skewing
+//!   them), each in a fresh namespace, with its operator replicas scoped to that namespace.
+//! - `STSLOCK_TEST_KUBECONFIG=<path>`: the same on any cluster; that kubeconfig's identity does
+//!   the setup. The audit log is read from `STSLOCK_TEST_AUDIT_LOG` when given.
+//!
+//! On either backend the operator authenticates only as itself: on kubesim as the User-Agent
+//! `stslock/<id>`, on a real cluster as ServiceAccount `stslock-system/stslock` with exactly
+//! `deploy/rbac/` (a TokenRequest token), each replica with its own User-Agent. The admin
+//! client is for setup and for what a test does to the world (readiness, deletions).
+//!
+//! Invariants are checked from records the operator did not write: kubesim's history
+//! (`Sim::report`, `Sim::commit_log`); on a real cluster an independent pod watch per test
+//! namespace, fed to kubesim's recorder, and the apiserver's audit log.
+//!
+//! Tests that need kubesim's fault API or internals call [`kubesim_only`], which prints why a
+//! test is skipped on the real backend (to stderr, past libtest's output capture).
+#![allow(dead_code)] // each suite uses part of the harness
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::io::{BufRead, Seek, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use controlplane::{ControlPlane, OperatorIdentity, PodLifecycleOptions};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use kubesim::recorder::Recorder;
+use kubesim::{Report, Sim, SimConfig};
+use serde_json::{Value, json};
+use stslock::api::{StatefulSetLock, StatefulSetLockStatus};
+use stslock::config::OperatorArgs;
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, oneshot};
+
+/// The pod label the operator writes (the default `--role-label`).
+pub const ROLE_LABEL: &str = "sts-role";
+/// The timeout of every API call the harness makes.
+pub const CALL: Duration = Duration::from_secs(10);
+/// How long the real backend's stand-in kubelet takes to make a bound pod Ready (one value per
+/// control plane; kubesim's is per test, [`Options::pod_ready_delay`]).
+pub const REAL_POD_READY_DELAY: Duration = Duration::from_millis(20);
+/// The finalizer through which the real backend keeps a deleted pod terminating for
+/// [`Options::pod_terminate_delay`], as kubesim's kubelet does.
+const TERMINATE_FINALIZER: &str = "stslock.test/terminate-delay";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Kubesim,
+    Real,
+}
+
+pub fn backend() -> Backend {
+    if std::env::var_os("STSLOCK_TEST_KUBECONFIG").is_some_and(|v| !v.is_empty()) {
+        return Backend::Real;
+    }
+    match std::env::var("STSLOCK_TEST_BACKEND").as_deref() {
+        Ok("real") => Backend::Real,
+        Ok("kubesim") | Ok("") | Err(_) => Backend::Kubesim,
+        Ok(other) => panic!("STSLOCK_TEST_BACKEND={other}: expected `kubesim` or `real`"),
+    }
+}
+
+/// The current test's name (libtest names the thread after it).
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_string()
+}
+
+/// False (and says so on stderr, which libtest does not capture when written to directly) on
+/// the real backend: for tests that need kubesim's faults or internals.
+pub fn kubesim_only(reason: &str) -> bool {
+    if backend() == Backend::Kubesim {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED on the real backend: {}: {reason}",
+        test_name()
+    );
+    false
+}
+
+/// Runs a call with the harness's timeout; panics with what failed.
+pub async fn call<T, E: std::fmt::Debug>(
+    what: &str,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(CALL, f).await {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: no answer within {CALL:?}"),
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// How an [`Env`] is set up. `Options::default()` is what `tests/operator.rs` needs.
+#[derive(Clone)]
+pub struct Options {
+    pub replicas: usize,
+    /// kubesim's kubelet: from created to Ready.
+    pub pod_ready_delay: Duration,
+    /// From deletion to gone (both backends).
+    pub pod_terminate_delay: Duration,
+    pub install_crd: bool,
+    /// kubesim: also serve HTTP on loopback (for `kubectl`).
+    pub serve_http: bool,
+    /// Shard id of replica `i`; its User-Agent is `stslock/<id>`.
+    pub shard_id: fn(usize) -> String,
+    /// Adjusts every replica's arguments (after the harness's defaults, before scoping).
+    pub operator_args: fn(&mut OperatorArgs),
+    /// Adjusts kubesim's configuration (ignored on the real backend).
+    pub sim: fn(&mut SimConfig),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            replicas: 1,
+            pod_ready_delay: Duration::from_millis(20),
+            pod_terminate_delay: Duration::from_millis(100),
+            install_crd: true,
+            serve_http: false,
+            shard_id: |i| format!("test-{i}"),
+            operator_args: |_| {},
+            sim: |_| {},
+        }
+    }
+}
+
+/// One write as the API server saw it: from kubesim's commit log, or from the real apiserver's
+/// audit log (stage ResponseComplete).
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// Order: kubesim's resourceVersion; on a real cluster the audit log's order of request
+    /// arrival (a request sent after another's response is later).
+    pub seq: u64,
+    /// Milliseconds since the environment started: kubesim's commit time; on a real cluster
+    /// the audit event's stageTimestamp (response complete, just after the commit).
+    pub at_ms: u64,
+    /// The client's User-Agent.
+    pub actor: String,
+    /// Authenticated user (real clusters only).
+    pub user: Option<String>,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    /// `status`, `binding`, …; empty for the object itself (real clusters only).
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The response code; kubesim records committed writes only (200).
+    pub code: u16,
+    /// kubesim's recorded labels of the committed object (empty on a real cluster).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Write {
+    pub fn committed(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+    pub fn by_operator(&self) -> bool {
+        self.actor.starts_with("stslock/")
+    }
+}
+
+/// A started operator replica.
+struct Replica {
+    id: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Env {
+    /// The namespace the test works in (kubesim: `default`).
+    pub ns: String,
+    /// Setup client: CRDs, fixtures, what the world does to pods. Never the operator's.
+    pub admin: Client,
+    pub opts: Options,
+    started: Instant,
+    inner: Inner,
+    operators: Vec<Replica>,
+    home: PathBuf,
+}
+
+enum Inner {
+    Sim(Box<Sim>),
+    Real(Box<Real>),
+}
+
+struct Real {
+    cluster: &'static Cluster,
+    watch: Arc<Mutex<Watched>>,
+    /// One pod watch per namespace of the test.
+    watch_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    audit: Mutex<AuditTail>,
+    namespaces: Mutex<Vec<String>>,
+    started_at: jiff::Timestamp,
+    _turn: SemaphorePermit<'static>,
+}
+
+impl Drop for Real {
+    fn drop(&mut self) {
+        for t in self.watch_tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+impl Env {
+    pub async fn start(replicas: usize) -> Env {
+        Self::start_with(Options {
+            replicas,
+            ..Options::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(opts: Options) -> Env {
+        let started = Instant::now();
+        let home = std::env::temp_dir().join(format!(
+            "stslock-test-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&home).unwrap();
+        let mut env = match backend() {
+            Backend::Kubesim => {
+                let mut cfg = SimConfig::default();
+                cfg.controllers.pod_ready_delay = opts.pod_ready_delay;
+                cfg.controllers.pod_terminate_delay = opts.pod_terminate_delay;
+                (opts.sim)(&mut cfg);
+                let mut sim = Sim::start(cfg);
+                if opts.serve_http {
+                    sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                }
+                let admin = sim.client_as("test");
+                if opts.install_crd {
+                    stslock::dev::install_crd(&admin).await.expect("crd");
+                }
+                Env {
+                    ns: "default".into(),
+                    admin,
+                    opts,
+                    started,
+                    inner: Inner::Sim(Box::new(sim)),
+                    operators: vec![],
+                    home,
+                }
+            }
+            Backend::Real => Self::start_real(opts, started, home).await,
+        };
+        env.start_operators().await;
+        env
+    }
+
+    async fn start_real(opts: Options, started: Instant, home: PathBuf) -> Env {
+        static TURN: Semaphore = Semaphore::const_new(1);
+        let turn = TURN.acquire().await.unwrap();
+        let cluster = cluster().await;
+        let admin =
+            controlplane::client_from_kubeconfig(&cluster.admin_kubeconfig, "stslock-test/admin")
+                .await
+                .unwrap();
+        let ns = namespace_name();
+        create_namespace(&admin, &ns, json!({})).await;
+        if opts.install_crd {
+            install_crd_and_wait(&admin).await;
+        }
+        let watch = Arc::new(Mutex::new(Watched::new()));
+        let watch_task = tokio::spawn(record_pods(
+            Api::namespaced(admin.clone(), &ns),
+            watch.clone(),
+            started,
+        ));
+        let watch_tasks = Mutex::new(vec![watch_task]);
+        let audit = AuditTail::new(cluster.audit_log.clone(), ns.clone());
+        let ns_for_list = ns.clone();
+        let _ = writeln!(
+            std::io::stderr(),
+            "real backend: {} in namespace {ns} on {}",
+            test_name(),
+            cluster.what
+        );
+        Env {
+            ns,
+            admin,
+            opts,
+            started,
+            inner: Inner::Real(Box::new(Real {
+                cluster,
+                watch,
+                watch_tasks,
+                audit: Mutex::new(audit),
+                namespaces: Mutex::new(vec![ns_for_list]),
+                started_at: jiff::Timestamp::now(),
+                _turn: turn,
+            })),
+            operators: vec![],
+            home,
+        }
+    }
+
+    /// Another namespace for this test, with `labels`: `name` itself on kubesim, a unique name
+    /// from it on a real cluster (returned); the invariant recorder and the write log cover it.
+    pub async fn add_namespace(&self, name: &str, labels: Value) -> String {
+        match &self.inner {
+            Inner::Sim(_) => {
+                let namespace: Namespace =
+                    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+                        .unwrap();
+                call(
+                    "create namespace",
+                    Api::<Namespace>::all(self.admin.clone())
+                        .create(&PostParams::default(), &namespace),
+                )
+                .await
+                .unwrap();
+                name.to_string()
+            }
+            Inner::Real(real) => {
+                let unique = format!("t-{name}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+                create_namespace(&self.admin, &unique, labels).await;
+                real.audit.lock().unwrap().namespaces.push(unique.clone());
+                let task = tokio::spawn(record_pods(
+                    Api::namespaced(self.admin.clone(), &unique),
+                    real.watch.clone(),
+                    self.started,
+                ));
+                real.watch_tasks.lock().unwrap().push(task);
+                real.namespaces.lock().unwrap().push(unique.clone());
+                unique
+            }
+        }
+    }
+
+    /// Every namespace of this test.
+    fn namespaces(&self) -> Vec<String> {
+        match &self.inner {
+            Inner::Sim(_) => vec![self.ns.clone()],
+            Inner::Real(real) => real.namespaces.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            Inner::Sim(_) => Backend::Kubesim,
+            Inner::Real(_) => Backend::Real,
+        }
+    }
+
+    /// kubesim itself, for kubesim-only tests (None on the real backend).
+    pub fn sim(&self) -> Option<&Sim> {
+        match &self.inner {
+            Inner::Sim(sim) => Some(sim),
+            Inner::Real(_) => None,
+        }
+    }
+
+    /// Milliseconds since the environment started (the time base of [`Write::at_ms`] on a
+    /// real cluster and of the real backend's invariant report).
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    // --- the operator ------------------------------------------------------------------
+
+    /// The arguments of replica `id`: the harness's defaults, the suite's [`Options`], and on a
+    /// shared real cluster the scoping to this test's namespace (locks, membership Leases and
+    /// the shard group), so tests cannot see each other's operators.
+    pub fn operator_args(&self, id: &str) -> OperatorArgs {
+        self.operator_args_with(id, |_| {})
+    }
+
+    /// [`Env::operator_args`] with `f` applied before the scoping (which applies only when `f`
+    /// left both `namespaces` and `namespace_selector` unset).
+    pub fn operator_args_with(&self, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> OperatorArgs {
+        let mut a = OperatorArgs::for_shard(id);
+        a.api_timeout_seconds = 5;
+        (self.opts.operator_args)(&mut a);
+        f(&mut a);
+        if self.backend() == Backend::Real {
+            if a.namespaces.is_empty() && a.namespace_selector.is_none() {
+                a.namespaces = vec![self.ns.clone()];
+            }
+            a.namespace = Some(self.ns.clone());
+            a.shard_group = self.ns.clone();
+        }
+        a
+    }
+
+    /// A client for operator replica `id`, as that replica and nobody else.
+    pub async fn operator_client(&self, id: &str) -> Client {
+        let agent = format!("stslock/{id}");
+        match &self.inner {
+            Inner::Sim(sim) => sim.client_as(&agent),
+            Inner::Real(real) => OperatorIdentity {
+                user_agent: agent,
+                ..real.cluster.operator.clone()
+            }
+            .client()
+            .await
+            .unwrap(),
+        }
+    }
+
+    pub async fn start_operators(&mut self) {
+        for i in 0..self.opts.replicas {
+            let id = (self.opts.shard_id)(i);
+            self.start_operator_with(&id, self.operator_args(&id)).await;
+        }
+    }
+
+    pub async fn start_operator_with(&mut self, id: &str, args: OperatorArgs) {
+        let client = self.operator_client(id).await;
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            stslock::reconcile::run(client, args, shutdown)
+                .await
+                .expect("operator");
+        });
+        self.operators.push(Replica {
+            id: id.to_string(),
+            stop,
+            task,
+        });
+    }
+
+    pub async fn stop_operators(&mut self) {
+        for r in self.operators.drain(..) {
+            let _ = r.stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(15), r.task).await;
+        }
+    }
+
+    pub fn operator_ids(&self) -> Vec<String> {
+        self.operators.iter().map(|r| r.id.clone()).collect()
+    }
+
+    // --- fixtures ------------------------------------------------------------------------
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        self.api()
+    }
+
+    pub fn locks(&self) -> Api<StatefulSetLock> {
+        self.api()
+    }
+
+    pub fn leases(&self) -> Api<Lease> {
+        self.api()
+    }
+
+    pub async fn statefulset(&self, name: &str, replicas: i32) {
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+        }))
+        .unwrap();
+        call(
+            "create statefulset",
+            self.api::<StatefulSet>()
+                .create(&PostParams::default(), &sts),
+        )
+        .await
+        .expect("create sts");
+    }
+
+    pub async fn lock(&self, name: &str, sts: &str, lease: &str, duration: i32, extra: Value) {
+        let mut spec =
+            json!({"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": duration});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                spec[k] = v;
+            }
+        }
+        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name}, "spec": spec})).unwrap();
+        call(
+            "create lock",
+            self.locks().create(&PostParams::default(), &l),
+        )
+        .await
+        .expect("create lock");
+    }
+
+    /// The seed's samples (`deploy/samples/`) applied into the test namespace, as
+    /// `stslock::dev::apply_samples` applies them into `default`.
+    pub async fn apply_samples(&self) -> Vec<String> {
+        let mut all = vec![];
+        for (file, yaml) in stslock::dev::SAMPLES {
+            let applied = tokio::time::timeout(
+                CALL,
+                stslock::dev::apply_yaml(&self.admin, &self.ns, file, yaml),
+            )
+            .await
+            .expect("applying samples in time")
+            .expect("samples");
+            all.extend(applied);
+        }
+        all
+    }
+
+    // --- what the world does -------------------------------------------------------------
+
+    /// Flips a pod's readiness as its kubelet would report it (Ready and ContainersReady,
+    /// container statuses): kubesim's fault API, or `pods/status` as admin on a real cluster
+    /// (the stand-in never touches a readiness it did not set first).
+    pub async fn set_ready(&self, pod: &str, ready: bool) {
+        match &self.inner {
+            Inner::Sim(sim) => {
+                sim.pods().set_ready(&self.ns, pod, ready).unwrap();
+            }
+            Inner::Real(_) => {
+                let pods = self.pods();
+                for _ in 0..10 {
+                    let cur = call("get pod", pods.get(pod)).await.unwrap();
+                    let patch = readiness_patch(&cur, ready);
+                    match call(
+                        "patch pod status",
+                        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&patch)),
+                    )
+                    .await
+                    {
+                        Ok(_) => return,
+                        Err(e) if status_code(&e) == Some(409) => continue,
+                        Err(e) => panic!("set_ready {pod} {ready}: {e}"),
+                    }
+                }
+                panic!("set_ready {pod}: conflicts on every attempt");
+            }
+        }
+    }
+
+    /// The actor ([`Write::actor`]) of [`Env::set_ready`]'s writes.
+    pub fn readiness_actor(&self) -> &'static str {
+        match self.inner {
+            Inner::Sim(_) => "kubesim/kubelet",
+            Inner::Real(_) => "stslock-test/admin",
+        }
+    }
+
+    /// Deletes a pod; it stays terminating for [`Options::pod_terminate_delay`] (kubesim's
+    /// kubelet; on a real cluster a finalizer of the harness, as the stand-in finalizes at
+    /// once).
+    pub async fn delete_pod(&self, pod: &str) {
+        let pods = self.pods();
+        if self.backend() == Backend::Real && !self.opts.pod_terminate_delay.is_zero() {
+            let cur = call("get pod", pods.get(pod)).await.unwrap();
+            let mut finalizers = cur.finalizers().to_vec();
+            finalizers.push(TERMINATE_FINALIZER.to_string());
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": cur.resource_version()}});
+            call(
+                "add finalizer",
+                pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await
+            .unwrap();
+            let (pods2, name, delay) =
+                (pods.clone(), pod.to_string(), self.opts.pod_terminate_delay);
+            let uid = cur.uid();
+            tokio::spawn(async move {
+                // Simulated time a kubelet takes to stop the containers, not a wait for a state.
+                tokio::time::sleep(delay).await;
+                release_finalizer(&pods2, &name, uid.as_deref()).await;
+            });
+        }
+        call("delete pod", pods.delete(pod, &DeleteParams::default()))
+            .await
+            .unwrap();
+    }
+
+    // --- observing -----------------------------------------------------------------------
+
+    /// Polls until `f` holds, failing after `secs`.
+    pub async fn until<T>(
+        &self,
+        secs: u64,
+        what: &str,
+        f: impl FnMut() -> BoxFuture<'static, Option<T>>,
+    ) -> T {
+        poll(secs, what, f).await
+    }
+
+    /// Pod name → role label, for pods of `app`.
+    pub async fn roles(&self, app: &str) -> Vec<(String, Option<String>)> {
+        let l = call(
+            "list pods",
+            self.pods()
+                .list(&ListParams::default().labels(&format!("app={app}"))),
+        )
+        .await
+        .unwrap();
+        let mut v: Vec<_> = l
+            .items
+            .iter()
+            .map(|p| (p.name_any(), p.labels().get(ROLE_LABEL).cloned()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Until `writer` is the writer of `app` and every other pod a reader.
+    pub async fn wait_writer(&self, app: &str, writer: &str) {
+        let pods = self.pods();
+        let (app, writer) = (app.to_string(), writer.to_string());
+        self.until(15, &format!("{writer} sole writer of {app}"), move || {
+            let pods = pods.clone();
+            let (app, writer) = (app.clone(), writer.clone());
+            Box::pin(async move {
+                let l = call(
+                    "list pods",
+                    pods.list(&ListParams::default().labels(&format!("app={app}"))),
+                )
+                .await
+                .ok()?;
+                let ok = !l.items.is_empty()
+                    && l.items.iter().all(|p| {
+                        let role = p.labels().get(ROLE_LABEL).map(String::as_str);
+                        if p.name_any() == writer {
+                            role == Some("writer")
+                        } else {
+                            role == Some("reader")
+                        }
+                    });
+                ok.then_some(())
+            })
+        })
+        .await;
+    }
+
+    pub async fn lock_status(&self, name: &str) -> StatefulSetLockStatus {
+        call("get lock", self.locks().get(name))
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+
+    pub async fn wait_condition(&self, lock: &str, type_: &str, status: &str, reason: &str) {
+        let locks = self.locks();
+        let (lock, type_, status, reason) = (
+            lock.to_string(),
+            type_.to_string(),
+            status.to_string(),
+            reason.to_string(),
+        );
+        self.until(
+            15,
+            &format!("{lock} {type_}={status} {reason}"),
+            move || {
+                let locks = locks.clone();
+                let (lock, type_, status, reason) =
+                    (lock.clone(), type_.clone(), status.clone(), reason.clone());
+                Box::pin(async move {
+                    let l = call("get lock", locks.get(&lock)).await.ok()?;
+                    l.status?
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+                        .then_some(())
+                })
+            },
+        )
+        .await;
+    }
+
+    /// (reason, message) of the Events about `lock` (core/v1 view; the operator writes
+    /// events.k8s.io/v1).
+    pub async fn events(&self, lock: &str) -> Vec<(String, String)> {
+        let l = call(
+            "list events",
+            self.api::<Event>()
+                .list(&ListParams::default().fields(&format!("involvedObject.name={lock}"))),
+        )
+        .await
+        .unwrap();
+        l.items
+            .iter()
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.message.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Until an Event about `lock` matches `pred(reason, message)`; returns all of them.
+    /// (The operator writes an Event after the change it reports, so a test that has seen the
+    /// change may still be ahead of the Event.)
+    pub async fn wait_event(
+        &self,
+        lock: &str,
+        what: &str,
+        pred: impl Fn(&str, &str) -> bool,
+    ) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let evs = self.events(lock).await;
+            if evs.iter().any(|(r, m)| pred(r, m)) {
+                return evs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the Event {what} about {lock}; Events: {evs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Until `app` has exactly `n` pods and each carries a role (under OrderedReady the
+    /// StatefulSet controller creates them one after another, and a real one takes its time).
+    pub async fn wait_roles(&self, app: &str, n: usize) {
+        let pods = self.pods();
+        let app = app.to_string();
+        self.until(30, &format!("{n} pods of {app} with a role"), move || {
+            let (pods, app) = (pods.clone(), app.clone());
+            Box::pin(async move {
+                let l = call(
+                    "list pods",
+                    pods.list(&ListParams::default().labels(&format!("app={app}"))),
+                )
+                .await
+                .ok()?;
+                (l.items.len() == n && l.items.iter().all(|p| p.labels().contains_key(ROLE_LABEL)))
+                    .then_some(())
+            })
+        })
+        .await;
+    }
+
+    /// The invariant report (two writers at once, no Ready writer): kubesim's history, or on a
+    /// real cluster the harness's own pod watch, once it has seen every pod as it is now.
+    pub async fn report(&self) -> Report {
+        match &self.inner {
+            Inner::Sim(sim) => sim.report(),
+            Inner::Real(real) => {
+                let apis: Vec<Api<Pod>> = self
+                    .namespaces()
+                    .iter()
+                    .map(|ns| Api::namespaced(self.admin.clone(), ns))
+                    .collect();
+                let watch = real.watch.clone();
+                self.until(
+                    15,
+                    "the pod watch to catch up with a fresh list",
+                    move || {
+                        let (apis, watch) = (apis.clone(), watch.clone());
+                        Box::pin(async move {
+                            let mut want: HashMap<String, u64> = HashMap::new();
+                            for pods in &apis {
+                                let listed = call("list pods", pods.list(&ListParams::default()))
+                                    .await
+                                    .ok()?;
+                                want.extend(listed.items.iter().map(|p| (pod_key(p), rv(p))));
+                            }
+                            let w = watch.lock().unwrap();
+                            let caught_up = want.len() == w.pods.len()
+                                && want.iter().all(|(name, rv)| {
+                                    w.pods.get(name).is_some_and(|(seen, _)| seen >= rv)
+                                });
+                            caught_up.then_some(())
+                        })
+                    },
+                )
+                .await;
+                let w = real.watch.lock().unwrap();
+                if w.relists > 0 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "note: the pod watch of {} re-listed {} time(s); states between may be missing",
+                        self.ns,
+                        w.relists
+                    );
+                }
+                w.recorder.report(self.elapsed_ms())
+            }
+        }
+    }
+
+    pub async fn assert_never_two_writers(&self) {
+        let r = self.report().await;
+        assert_eq!(
+            r.dual_writer_intervals, 0,
+            "two writers at once: {:?}",
+            r.statefulsets
+        );
+    }
+
+    /// Whether [`Env::writes`] has a source (always on kubesim and on our control plane; on
+    /// another cluster only with `STSLOCK_TEST_AUDIT_LOG`).
+    pub fn has_write_log(&self) -> bool {
+        match &self.inner {
+            Inner::Sim(_) => true,
+            Inner::Real(real) => real.cluster.audit_log.is_some(),
+        }
+    }
+
+    /// Every write in the test namespace since the environment started, in [`Write::seq`]
+    /// order, failed ones included on a real cluster.
+    pub fn writes(&self) -> Vec<Write> {
+        match &self.inner {
+            Inner::Sim(sim) => sim
+                .commit_log()
+                .into_iter()
+                .map(|c| Write {
+                    seq: c.rv,
+                    at_ms: c.at_ms,
+                    actor: c.actor,
+                    user: None,
+                    verb: c.verb.to_string(),
+                    group: c.group,
+                    resource: c.resource,
+                    subresource: String::new(),
+                    namespace: c.namespace,
+                    name: c.name,
+                    code: 200,
+                    labels: c.labels,
+                })
+                .collect(),
+            Inner::Real(real) => {
+                let mut tail = real.audit.lock().unwrap();
+                tail.read(real.started_at);
+                tail.writes.clone()
+            }
+        }
+    }
+
+    /// The committed writes ([`Env::writes`] with a 2xx answer).
+    pub fn commit_log(&self) -> Vec<Write> {
+        self.writes().into_iter().filter(Write::committed).collect()
+    }
+
+    /// Polls the committed writes until `f` finds what it needs (a real apiserver writes an
+    /// audit event just after answering).
+    pub async fn commits_until<T>(
+        &self,
+        secs: u64,
+        what: &str,
+        mut f: impl FnMut(&[Write]) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = self.commit_log();
+            if let Some(v) = f(&log) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {secs}s waiting in the write log for: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // --- kubectl ---------------------------------------------------------------------------
+
+    /// `kubectl` against this environment, its current namespace the test's: kubectl 1.32
+    /// (`$KUBECTL`) against kubesim (needs [`Options::serve_http`]), `kubectl.1.33` against
+    /// the real apiserver (1.34 supports one minor older).
+    pub fn kubectl(&self) -> Kubectl {
+        let kubeconfig = self.home.join("kubeconfig");
+        let bin = match &self.inner {
+            Inner::Sim(sim) => {
+                sim.write_kubeconfig(&kubeconfig).unwrap();
+                PathBuf::from(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            }
+            Inner::Real(real) => {
+                let mut k =
+                    kube::config::Kubeconfig::read_from(&real.cluster.admin_kubeconfig).unwrap();
+                let current = k.current_context.clone().unwrap();
+                for c in &mut k.contexts {
+                    if c.name == current
+                        && let Some(ctx) = c.context.as_mut()
+                    {
+                        ctx.namespace = Some(self.ns.clone());
+                    }
+                }
+                std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&k).unwrap()).unwrap();
+                real.cluster.kubectl.clone()
+            }
+        };
+        Kubectl {
+            bin,
+            kubeconfig,
+            home: self.home.clone(),
+        }
+    }
+}
+
+fn pod_key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+async fn create_namespace(admin: &Client, ns: &str, labels: Value) {
+    let mut labels = labels;
+    labels["stslock.test/harness"] = json!("true");
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
+    call(
+        "create namespace",
+        Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &namespace),
+    )
+    .await
+    .unwrap();
+    // Pods are admitted only once the namespace's `default` ServiceAccount exists.
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    poll(30, "ServiceAccount default in a test namespace", || {
+        let accounts = accounts.clone();
+        Box::pin(async move {
+            call("get serviceaccount", accounts.get_opt("default"))
+                .await
+                .ok()
+                .flatten()
+        })
+    })
+    .await;
+}
+
+fn rv(p: &Pod) -> u64 {
+    p.resource_version()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls until `f` holds, failing after `secs`.
+pub async fn poll<T>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> BoxFuture<'static, Option<T>>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A merge patch of `pods/status` that sets readiness as kubesim's kubelet does.
+fn readiness_patch(pod: &Pod, ready: bool) -> Value {
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let value = serde_json::to_value(pod).unwrap();
+    let mut conds: Vec<Value> = value
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let was_ready = conds
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    let status = if ready { "True" } else { "False" };
+    for t in ["Ready", "ContainersReady"] {
+        match conds.iter_mut().find(|c| c["type"] == t) {
+            Some(c) => {
+                c["status"] = json!(status);
+                if was_ready != ready {
+                    c["lastTransitionTime"] = json!(now);
+                }
+                if ready {
+                    if let Value::Object(m) = c {
+                        m.remove("reason");
+                    }
+                } else {
+                    c["reason"] = json!("ContainersNotReady");
+                }
+            }
+            None => conds.push(json!({"type": t, "status": status, "lastTransitionTime": now})),
+        }
+    }
+    let mut patch = json!({
+        "metadata": {"resourceVersion": pod.resource_version()},
+        "status": {"conditions": conds},
+    });
+    if let Some(cs) = value
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+    {
+        let cs: Vec<Value> = cs
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c["ready"] = json!(ready);
+                c
+            })
+            .collect();
+        patch["status"]["containerStatuses"] = json!(cs);
+    }
+    patch
+}
+
+async fn release_finalizer(pods: &Api<Pod>, name: &str, uid: Option<&str>) {
+    for _ in 0..20 {
+        let Ok(Some(cur)) = call("get pod", pods.get_opt(name)).await else {
+            return;
+        };
+        if cur.uid().as_deref() != uid {
+            return;
+        }
+        let finalizers: Vec<String> = cur
+            .finalizers()
+            .iter()
+            .filter(|f| *f != TERMINATE_FINALIZER)
+            .cloned()
+            .collect();
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": cur.resource_version()}});
+        match call(
+            "remove finalizer",
+            pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) if status_code(&e) == Some(404) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A unique, readable namespace name from the test's name.
+fn namespace_name() -> String {
+    let name = test_name();
+    let mut s: String = name
+        .rsplit("::")
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(48);
+    let s = s.trim_matches('-').to_string();
+    format!("t-{s}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn install_crd_and_wait(admin: &Client) {
+    tokio::time::timeout(CALL, stslock::dev::install_crd(admin))
+        .await
+        .expect("installing the CRD in time")
+        .expect("crd");
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    poll(30, "CRD Established", || {
+        let crds = crds.clone();
+        Box::pin(async move {
+            let crd = call("get crd", crds.get("statefulsetlocks.app.anukkrit.me"))
+                .await
+                .ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+    })
+    .await;
+}
+
+// --- the real cluster, shared by the tests of one binary -------------------------------------
+
+struct Cluster {
+    admin_kubeconfig: PathBuf,
+    audit_log: Option<PathBuf>,
+    /// The operator's ServiceAccount identity (its User-Agent is set per replica).
+    operator: OperatorIdentity,
+    kubectl: PathBuf,
+    what: String,
+}
+
+async fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceCell<Cluster> = OnceCell::const_new();
+    CLUSTER
+        .get_or_try_init(|| async {
+            match std::env::var_os("STSLOCK_TEST_KUBECONFIG").filter(|v| !v.is_empty()) {
+                Some(path) => existing_cluster(PathBuf::from(path)).await,
+                None => start_control_plane().await,
+            }
+        })
+        .await
+        .map_err(|e: anyhow::Error| format!("{e:#}"))
+        .unwrap()
+}
+
+fn repo(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+async fn existing_cluster(kubeconfig: PathBuf) -> anyhow::Result<Cluster> {
+    let dir = std::env::temp_dir().join(format!("stslock-test-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let operator = controlplane::install_operator_identity_with_kubeconfig(
+        &kubeconfig,
+        &dir.join("operator.kubeconfig"),
+        &repo("deploy/rbac"),
+        "stslock/harness",
+        Duration::from_secs(4 * 3600),
+    )
+    .await?;
+    Ok(Cluster {
+        what: format!("the cluster of {}", kubeconfig.display()),
+        admin_kubeconfig: kubeconfig,
+        audit_log: std::env::var_os("STSLOCK_TEST_AUDIT_LOG").map(PathBuf::from),
+        operator,
+        kubectl: controlplane::kubectl()?,
+    })
+}
+
+/// Starts a control plane on a thread and runtime of its own (each test has its own runtime,
+/// which ends with the test), and keeps it until the test binary exits; the launcher's
+/// watchdogs stop its processes then. Its data dir is under the target's tmp dir; those of
+/// earlier runs whose process is gone are removed here.
+async fn start_control_plane() -> anyhow::Result<Cluster> {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stslock-controlplane");
+    std::fs::create_dir_all(&base)?;
+    for entry in std::fs::read_dir(&base)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.rsplit('-').next()
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let exe = std::env::current_exe()?
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let data_dir = base.join(format!("{exe}-{}", std::process::id()));
+    let (tx, rx) = oneshot::channel::<anyhow::Result<Cluster>>();
+    std::thread::Builder::new()
+        .name("controlplane".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let started = Instant::now();
+                let opts = controlplane::Options {
+                    data_dir: Some(data_dir),
+                    max_lifetime: Duration::from_secs(3 * 3600),
+                    pod_lifecycle: Some(PodLifecycleOptions {
+                        ready_after: REAL_POD_READY_DELAY,
+                        ..PodLifecycleOptions::default()
+                    }),
+                    ..controlplane::Options::default()
+                };
+                let up = async {
+                    let cp = ControlPlane::start(opts).await?;
+                    let operator = cp
+                        .install_operator_identity(
+                            &repo("deploy/rbac"),
+                            "stslock/harness",
+                            Duration::from_secs(4 * 3600),
+                        )
+                        .await?;
+                    let cluster = Cluster {
+                        admin_kubeconfig: cp.kubeconfig_path.clone(),
+                        audit_log: Some(cp.audit_log_path.clone()),
+                        operator,
+                        kubectl: controlplane::kubectl()?,
+                        what: format!(
+                            "kube-apiserver 1.34.4 at {} (started in {} ms, data in {})",
+                            cp.server,
+                            started.elapsed().as_millis(),
+                            cp.data_dir.display()
+                        ),
+                    };
+                    anyhow::Ok((cp, cluster))
+                };
+                match up.await {
+                    Ok((cp, cluster)) => {
+                        let _ = tx.send(Ok(cluster));
+                        std::future::pending::<()>().await;
+                        drop(cp);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .context("starting the control plane's thread")?;
+    rx.await.context("the control plane's thread ended")?
+}
+
+// --- the real backend's independent records ------------------------------------------------
+
+/// What the harness's own pod watch saw: kubesim's recorder fed with every pod state in
+/// resourceVersion order (one watch per namespace delivers them in that order).
+struct Watched {
+    recorder: Recorder,
+    /// name → (resourceVersion, last state).
+    pods: HashMap<String, (u64, Value)>,
+    /// Re-lists after the first list (a watch that could not resume): states may be missing.
+    relists: usize,
+    lists: usize,
+    init: HashSet<String>,
+}
+
+impl Watched {
+    fn new() -> Self {
+        Watched {
+            recorder: Recorder::new(ROLE_LABEL),
+            pods: HashMap::new(),
+            relists: 0,
+            lists: 0,
+            init: HashSet::new(),
+        }
+    }
+
+    fn apply(&mut self, at_ms: u64, pod: &Pod) {
+        let name = pod_key(pod);
+        let new = serde_json::to_value(pod).unwrap_or(Value::Null);
+        let old = self.pods.get(&name).map(|(_, v)| v.clone());
+        self.recorder.observe_pod(at_ms, old.as_ref(), Some(&new));
+        self.pods.insert(name, (rv(pod), new));
+    }
+
+    fn delete(&mut self, at_ms: u64, name: &str) {
+        if let Some((_, old)) = self.pods.remove(name) {
+            self.recorder.observe_pod(at_ms, Some(&old), None);
+        }
+    }
+}
+
+async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Instant) {
+    let ns = pods.namespace().unwrap_or_default().to_string();
+    let mut stream = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        let at = started.elapsed().as_millis() as u64;
+        let mut w = watched.lock().unwrap();
+        let prefix = format!("{ns}/");
+        match event {
+            Ok(watcher::Event::Init) => {
+                w.lists += 1;
+                if w.lists > 1 {
+                    w.relists += 1;
+                }
+                w.init.clear();
+            }
+            Ok(watcher::Event::InitApply(p)) => {
+                w.init.insert(pod_key(&p));
+                w.apply(at, &p);
+            }
+            Ok(watcher::Event::InitDone) => {
+                let gone: Vec<String> = w
+                    .pods
+                    .keys()
+                    .filter(|n| n.starts_with(&prefix) && !w.init.contains(*n))
+                    .cloned()
+                    .collect();
+                for n in gone {
+                    w.delete(at, &n);
+                }
+            }
+            Ok(watcher::Event::Apply(p)) => w.apply(at, &p),
+            Ok(watcher::Event::Delete(p)) => w.delete(at, &pod_key(&p)),
+            Err(e) => tracing::warn!("harness pod watch: {e}"),
+        }
+    }
+}
+
+/// Reads the apiserver's audit log from where it was when the environment started, keeping
+/// the test namespace's writes.
+struct AuditTail {
+    path: Option<PathBuf>,
+    namespaces: Vec<String>,
+    offset: Option<u64>,
+    writes: Vec<Write>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditEvent {
+    stage: String,
+    verb: String,
+    #[serde(default)]
+    user: AuditUser,
+    #[serde(default)]
+    user_agent: String,
+    object_ref: Option<AuditObjectRef>,
+    response_status: Option<AuditStatus>,
+    request_received_timestamp: String,
+    stage_timestamp: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct AuditUser {
+    #[serde(default)]
+    username: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditObjectRef {
+    #[serde(default)]
+    resource: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    api_group: String,
+    #[serde(default)]
+    subresource: String,
+}
+
+#[derive(serde::Deserialize)]
+struct AuditStatus {
+    code: Option<u16>,
+}
+
+impl AuditTail {
+    fn new(path: Option<PathBuf>, ns: String) -> Self {
+        let offset = path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len());
+        AuditTail {
+            path,
+            namespaces: vec![ns],
+            offset: Some(offset.unwrap_or(0)),
+            writes: vec![],
+        }
+    }
+
+    fn read(&mut self, started_at: jiff::Timestamp) {
+        let Some(path) = &self.path else {
+            panic!(
+                "no audit log for this cluster: set STSLOCK_TEST_AUDIT_LOG (or check has_write_log())"
+            );
+        };
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return;
+        };
+        let offset = self.offset.unwrap_or(0);
+        if file.seek(std::io::SeekFrom::Start(offset)).is_err() {
+            return;
+        }
+        let mut reader = std::io::BufReader::new(file);
+        let mut read = 0u64;
+        let mut new = vec![];
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n as u64,
+            }
+            if !line.ends_with('\n') {
+                // An event still being written: read it whole next time.
+                read -= line.len() as u64;
+                break;
+            }
+            let Ok(ev) = serde_json::from_str::<AuditEvent>(&line) else {
+                continue;
+            };
+            let Some(obj) = ev.object_ref else { continue };
+            if ev.stage != "ResponseComplete" || !self.namespaces.contains(&obj.namespace) {
+                continue;
+            }
+            let ms = |ts: &str| -> i64 {
+                ts.parse::<jiff::Timestamp>()
+                    .map(|t| t.as_millisecond() - started_at.as_millisecond())
+                    .unwrap_or(0)
+            };
+            new.push((
+                ev.request_received_timestamp.clone(),
+                Write {
+                    seq: 0,
+                    at_ms: ms(&ev.stage_timestamp).max(0) as u64,
+                    actor: ev.user_agent,
+                    user: Some(ev.user.username),
+                    verb: ev.verb,
+                    group: obj.api_group,
+                    resource: obj.resource,
+                    subresource: obj.subresource,
+                    namespace: obj.namespace,
+                    name: obj.name,
+                    code: ev.response_status.and_then(|s| s.code).unwrap_or(0),
+                    labels: BTreeMap::new(),
+                },
+            ));
+        }
+        self.offset = Some(offset + read);
+        // Events are written as requests complete; order them by arrival (microseconds).
+        new.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut seq = self.writes.last().map(|w| w.seq).unwrap_or(0);
+        for (_, mut w) in new {
+            seq += 1;
+            w.seq = seq;
+            self.writes.push(w);
+        }
+    }
+}
+
+/// `kubectl` with its own kubeconfig and HOME (no cache shared between tests).
+pub struct Kubectl {
+    pub bin: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub home: PathBuf,
+}
+
+impl Kubectl {
+    pub async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(&self.bin)
+                .args(args)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("KUBECONFIG", &self.kubeconfig)
+                .env("HOME", &self.home)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("kubectl in time")
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (install kubectl or set KUBECTL): {e}",
+                self.bin.display()
+            )
+        });
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn run(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.try_run(args).await;
+        assert!(ok, "kubectl {args:?}: {out}\n{err}");
+        out
+    }
+
+    pub async fn until(&self, args: &[&str], what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, out, _) = self.try_run(args).await;
+            if pred(&out) {
+                return out;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last output:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

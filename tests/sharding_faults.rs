@@ -1,0 +1,531 @@
+//! Issue P5, sharding under the failure modes of a real apiserver (kubesim's fault layer): a
+//! stalled membership watch, a membership Lease deleted by someone else, a handoff whose
+//! response is lost, a handoff racing a plan whose writes are answered late. Each test checks
+//! DESIGN §4 / rule 15 from kubesim's commit log, which records each lock's ownership label with
+//! every write to it: only the lock's owner at that commit writes for it, and live owners keep
+//! their locks.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kubesim::{CommitRecord, HoldResponse, LoseResponse, Sim, SimConfig, WatchFault};
+use serde_json::json;
+use stslock::api::{SHARD_LABEL, StatefulSetLock};
+use stslock::config::OperatorArgs;
+use tokio::sync::oneshot;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn sim() -> Sim {
+    let mut cfg = SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
+    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+    Sim::start(cfg)
+}
+
+struct Replica {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+fn start(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
+    let mut a = OperatorArgs::for_shard(id);
+    a.membership_lease_seconds = 3;
+    a.api_timeout_seconds = 2;
+    f(&mut a);
+    let client = sim.client_as(&format!("stslock/{id}"));
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        stslock::reconcile::run(client, a, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("operator");
+    });
+    Replica { stop, task }
+}
+
+/// StatefulSets `s{i}` of `replicas` pods and locks `l{i}` with Leases `lease{i}`.
+async fn statefulsets(client: &Client, range: std::ops::Range<usize>, replicas: i32) {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    for i in range {
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": format!("s{i}")},
+            "spec": {"serviceName": "s", "replicas": replicas, "selector": {"matchLabels": {"app": format!("s{i}")}},
+                     "template": {"metadata": {"labels": {"app": format!("s{i}")}}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}
+        }))
+        .unwrap();
+        sets.create(&PostParams::default(), &sts).await.unwrap();
+    }
+}
+
+async fn locks(client: &Client, range: std::ops::Range<usize>, lease_seconds: i32) {
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    for i in range {
+        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": lease_seconds}}))
+        .unwrap();
+        locks.create(&PostParams::default(), &l).await.unwrap();
+    }
+}
+
+async fn until<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Owner label of every lock.
+async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    locks
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|l| (l.name_any(), l.labels().get(SHARD_LABEL).cloned()))
+        .collect()
+}
+
+/// Every lock labelled with its owner on the ring of the `live` replicas (rebalancing done),
+/// unchanged for 1 s.
+async fn until_owned_by(
+    client: &Client,
+    live: &[&str],
+    secs: u64,
+) -> BTreeMap<String, Option<String>> {
+    let members: Vec<String> = live.iter().map(|s| s.to_string()).collect();
+    let ring = stslock_shard::Ring::new(&members);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut stable: Option<(BTreeMap<String, Option<String>>, Instant)> = None;
+    loop {
+        let now = owners(client).await;
+        let ok = now
+            .iter()
+            .all(|(k, v)| v.as_deref() == ring.owner(&format!("default/{k}")));
+        match &stable {
+            Some((o, since)) if ok && *o == now => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    return now;
+                }
+            }
+            _ => stable = ok.then(|| (now.clone(), Instant::now())),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "locks not all owned by their ring owner among {live:?} after {secs}s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The lock an operator write is for: its Lease `lease{i}`, its pods `s{i}-*`, its own status.
+fn lock_of(c: &CommitRecord) -> Option<String> {
+    match c.resource.as_str() {
+        "leases" => c.name.strip_prefix("lease").map(|i| format!("l{i}")),
+        "pods" => c
+            .name
+            .strip_prefix('s')
+            .and_then(|r| r.split_once('-'))
+            .map(|(i, _)| format!("l{i}")),
+        "statefulsetlocks" => Some(c.name.clone()),
+        _ => None,
+    }
+}
+
+/// What the commit log says about ownership.
+#[derive(Debug, Default)]
+struct OwnershipAudit {
+    /// Operator writes checked against the owner at their commit.
+    checked: usize,
+    /// Writes for a lock by a replica that did not own it at that commit (its Lease, its pods'
+    /// labels, its status or finalizers; a label change itself — a claim or a handoff — is not
+    /// one, see `moves`).
+    non_owner: Vec<String>,
+    /// Ownership label changes: (rv, lock, from, to, actor).
+    moves: Vec<(u64, String, Option<String>, String, String)>,
+}
+
+/// Replays the commit log: the owner of each lock is the label recorded by the latest commit of
+/// the lock before a write (kubesim records `app.anukkrit.me/shard` with every write).
+fn audit(log: &[CommitRecord]) -> OwnershipAudit {
+    let mut log: Vec<&CommitRecord> = log.iter().collect();
+    log.sort_by_key(|c| c.rv);
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = OwnershipAudit::default();
+    for c in log {
+        let actor = c.actor.strip_prefix("stslock/");
+        if c.resource == "statefulsetlocks" {
+            let before = owner.get(&c.name).cloned();
+            let after = c.labels.get(SHARD_LABEL).cloned();
+            if let Some(o) = &after {
+                owner.insert(c.name.clone(), o.clone());
+            }
+            if before != after {
+                if let Some(to) = after {
+                    out.moves
+                        .push((c.rv, c.name.clone(), before, to, c.actor.clone()));
+                }
+                continue;
+            }
+        }
+        let (Some(actor), Some(lock)) = (actor, lock_of(c)) else {
+            continue;
+        };
+        out.checked += 1;
+        if owner.get(&lock).map(String::as_str) != Some(actor) {
+            out.non_owner.push(format!(
+                "rv {} at {} ms: {actor} {} {} {} for lock {lock} owned by {:?}",
+                c.rv,
+                c.at_ms,
+                c.verb,
+                c.resource,
+                c.name,
+                owner.get(&lock)
+            ));
+        }
+    }
+    out
+}
+
+fn assert_never_two_writers(sim: &Sim) {
+    let r = sim.report();
+    assert_eq!(r.dual_writer_intervals, 0, "two writers at once");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A stalled membership watch must not make live peers look dead.
+
+/// Replica a's membership watch goes half-open while b keeps renewing its membership Lease. a
+/// must not take b's locks: b is alive, which a fresh read of b's Lease would show. (a's own
+/// membership Lease is 6 s and b's 3 s, so for ~3 s a's stale view shows b expired while a still
+/// sees itself alive — with equal durations that window is at most S/3 and depends on renewal
+/// phases.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_membership_watch_does_not_make_a_live_peer_look_dead() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    statefulsets(&client, 0..20, 1).await;
+    locks(&client, 0..20, 4).await;
+    let a = start(&sim, "a", |a| a.membership_lease_seconds = 6);
+    let b = start(&sim, "b", |_| {});
+    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    let stalled_at = sim.store().current_rv();
+    sim.faults().update(|c| {
+        c.watch_faults = vec![
+            WatchFault::stall("leases")
+                .agent("stslock/a")
+                .label_selector("app.anukkrit.me/shard-group"),
+        ]
+    });
+    // Deliberate wait (something must NOT happen): past b's membership duration + grace in a's
+    // stale view (3.4 s) and a's own (6.9 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sim.faults().update(|c| c.watch_faults.clear());
+    let after = until_owned_by(&client, &["a", "b"], 15).await;
+    // (Stopping the replicas below hands locks off: moves after this are the teardown's.)
+    let end = sim.store().current_rv();
+    a.stop().await;
+    b.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let taken: Vec<_> = audit
+        .moves
+        .iter()
+        .filter(|(rv, _, from, to, _)| {
+            *rv > stalled_at && *rv <= end && from.as_deref() == Some("b") && to == "a"
+        })
+        .collect();
+    println!(
+        "{} writes checked, {} moves after the stall, locks of b taken by a: {taken:?}",
+        audit.checked,
+        audit
+            .moves
+            .iter()
+            .filter(|m| m.0 > stalled_at && m.0 <= end)
+            .count()
+    );
+    assert!(taken.is_empty(), "a claimed live b's locks: {taken:#?}");
+    assert_eq!(
+        before, after,
+        "ownership moved although both replicas lived"
+    );
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A membership Lease deleted by a third party is not an instant death.
+
+/// Someone deletes replica b's membership Lease (not a graceful leave: b is running). b re-creates
+/// it at its next renewal (S/3), well within the grace; no lock may change owner and nobody but
+/// a lock's owner may write for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_membership_lease_is_not_an_instant_death() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    statefulsets(&client, 0..20, 1).await;
+    locks(&client, 0..20, 4).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    let deleted_at = sim.store().current_rv();
+    let third: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
+    third
+        .delete("stslock-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    until(5, "b re-created its membership Lease", || {
+        let third = third.clone();
+        async move { third.get_opt("stslock-b").await.ok()?.map(|_| ()) }
+    })
+    .await;
+    // Deliberate wait (something must NOT happen): membership duration + grace + 1 s.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let after = owners(&client).await;
+    // (Stopping the replicas below hands locks off: moves after this are the teardown's.)
+    let end = sim.store().current_rv();
+    a.stop().await;
+    b.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let moved: Vec<_> = audit
+        .moves
+        .iter()
+        .filter(|m| m.0 > deleted_at && m.0 <= end)
+        .collect();
+    println!(
+        "{} writes checked, moves after the delete: {moved:?}",
+        audit.checked
+    );
+    assert!(
+        moved.is_empty(),
+        "locks changed owner after b's membership Lease was deleted: {moved:#?}"
+    );
+    assert_eq!(before, after);
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A handoff whose PATCH committed but whose response was lost.
+
+/// Replica a owns 10 locks (2 s Leases: a renewal per lock per second); b joins, so a hands about
+/// half of them off. Every lock write of a commits but its answer is lost (500 ServerTimeout),
+/// and a's lock watch lags 3 s, so a's cache keeps showing the old label. a must not go on
+/// working (renewing, labelling, writing status) from that cached label: over the whole run,
+/// zero writes for a lock by a replica that was not its owner at that commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_with_a_lost_response_leaves_no_writes_by_the_old_owner() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    statefulsets(&client, 0..10, 2).await;
+    locks(&client, 0..10, 2).await;
+    let a = start(&sim, "a", |_| {});
+    until_owned_by(&client, &["a"], 30).await;
+    until(15, "every Lease created", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.list(&ListParams::default()).await.ok()?;
+            (l.items
+                .iter()
+                .filter(|l| l.name_any().starts_with("lease"))
+                .count()
+                == 10)
+                .then_some(())
+        }
+    })
+    .await;
+    sim.faults().update(|c| {
+        c.lose_responses = vec![
+            LoseResponse::server_timeout()
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ];
+        c.watch_faults = vec![WatchFault::lag("statefulsetlocks", 3000).agent("stslock/a")];
+    });
+    let faulted_at = sim.store().current_rv();
+    let b = start(&sim, "b", |_| {});
+    until_owned_by(&client, &["a", "b"], 20).await;
+    // Deliberate wait: a few more renewals per lock (1 s each) after the handoffs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim.faults().update(|c| {
+        c.lose_responses.clear();
+        c.watch_faults.clear();
+    });
+    until_owned_by(&client, &["a", "b"], 15).await;
+    let end = sim.store().current_rv();
+    a.stop().await;
+    b.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let handoffs = audit
+        .moves
+        .iter()
+        .filter(|m| m.0 > faulted_at && m.0 <= end && m.4 == "stslock/a" && m.3 == "b")
+        .count();
+    println!(
+        "{handoffs} handoffs a → b with lost responses; {} writes checked, {} by a non-owner",
+        audit.checked,
+        audit.non_owner.len()
+    );
+    assert!(handoffs > 0, "no handoff happened under the fault");
+    assert!(
+        audit.checked > 100,
+        "too few writes checked: {}",
+        audit.checked
+    );
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A handoff must not move the label while the old owner's plan can still write.
+
+/// Replica a elects six 5-pod StatefulSets while each of its pod-label writes is answered 1.5 s
+/// late (served at once, answered late: a plan of 5 labels takes ~7.5 s); b joins meanwhile, so
+/// a hands about half the locks off mid-plan, and the user asks every lock for a switchover to
+/// pod 4 (which the new owner carries out at once). The label may move only once a's plan can
+/// no longer write — a late write of that plan ("pod 4 is a reader") would demote the new
+/// owner's writer: zero writes for a lock by a replica that was not its owner at that commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_waits_until_the_old_owners_plan_can_no_longer_write() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let n = 6;
+    statefulsets(&client, 0..n, 5).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    until(20, "every pod Ready", || {
+        let pods = pods.clone();
+        async move {
+            let l = pods.list(&ListParams::default()).await.ok()?;
+            let ready = l
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .count();
+            (ready == n * 5).then_some(())
+        }
+    })
+    .await;
+    let a = start(&sim, "a", |_| {});
+    // a is alone long enough to see itself on the ring.
+    until(10, "a's membership Lease", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move { leases.get_opt("stslock-a").await.ok()?.map(|_| ()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim.faults().update(|c| {
+        c.hold_responses = vec![HoldResponse::new(1500).agent("stslock/a").resource("pods")]
+    });
+    locks(&client, 0..n, 30).await;
+    // a claims every lock and starts electing (its Leases are not held).
+    until(10, "a claimed and started every election", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        let client = client.clone();
+        async move {
+            let o = owners(&client).await;
+            let l = leases.list(&ListParams::default()).await.ok()?;
+            (o.values().all(|v| v.as_deref() == Some("a"))
+                && l.items
+                    .iter()
+                    .filter(|l| l.name_any().starts_with("lease"))
+                    .count()
+                    == n)
+                .then_some(())
+        }
+    })
+    .await;
+    let b = start(&sim, "b", |_| {});
+    let lock_api: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    for i in 0..n {
+        lock_api
+            .patch(
+                &format!("l{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"preferredWriter": format!("s{i}-4")}})),
+            )
+            .await
+            .unwrap();
+    }
+    until_owned_by(&client, &["a", "b"], 25).await;
+    sim.faults().update(|c| c.hold_responses.clear());
+    for i in 0..n {
+        until(15, &format!("s{i}-4 the writer, 4 readers"), || {
+            let pods = pods.clone();
+            async move {
+                let l = pods
+                    .list(&ListParams::default().labels(&format!("app=s{i}")))
+                    .await
+                    .ok()?;
+                let ok = l.items.len() == 5
+                    && l.items.iter().all(|p| {
+                        let role = p.labels().get("sts-role").map(String::as_str);
+                        role == Some(if p.name_any() == format!("s{i}-4") {
+                            "writer"
+                        } else {
+                            "reader"
+                        })
+                    });
+                ok.then_some(())
+            }
+        })
+        .await;
+    }
+    let end = sim.store().current_rv();
+    a.stop().await;
+    b.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let handoffs = audit
+        .moves
+        .iter()
+        .filter(|m| m.0 <= end && m.4 == "stslock/a" && m.3 == "b")
+        .count();
+    println!(
+        "{handoffs} handoffs a → b; {} writes checked, {} by a non-owner",
+        audit.checked,
+        audit.non_owner.len()
+    );
+    assert!(handoffs > 0, "no handoff happened");
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}

@@ -1,0 +1,730 @@
+//! Issue P5, shell level: the operator decides safely from stale views (DESIGN §2 rules 12–16)
+//! when kubesim behaves like a real apiserver under trouble — a write that commits while its
+//! response is lost, a half-open Lease watch, a namespace over its write budget, stale
+//! `resourceVersion=0` reads at restart. Each test checks what a user cares about (epochs, Lease
+//! lapses, who is writer) from every version of every object kubesim committed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use kubesim::{LoseResponse, Sim, SimConfig, StaleRead, WatchFault};
+use serde_json::{Value, json};
+use stslock::api::{EPOCH_ANNOTATION, SHARD_LABEL, StatefulSetLock, WRITER_UID_ANNOTATION};
+use stslock::config::OperatorArgs;
+use tokio::sync::oneshot;
+
+const ROLE: &str = "sts-role";
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn sim() -> Sim {
+    let mut cfg = SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
+    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
+    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+    Sim::start(cfg)
+}
+
+struct Replica {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    /// Graceful stop (the shutdown future resolves).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+/// One operator replica, its API calls attributed to `stslock/<id>` in kubesim's commit log.
+fn start(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
+    let mut a = OperatorArgs::for_shard(id);
+    a.membership_lease_seconds = 3;
+    a.api_timeout_seconds = 3;
+    f(&mut a);
+    let client = sim.client_as(&format!("stslock/{id}"));
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        stslock::reconcile::run(client, a, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("operator");
+    });
+    Replica { stop, task }
+}
+
+async fn statefulset(client: &Client, name: &str, replicas: i32) {
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+    }))
+    .unwrap();
+    Api::<StatefulSet>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &sts)
+        .await
+        .expect("create sts");
+}
+
+async fn lock(client: &Client, name: &str, sts: &str, lease: &str, duration: i32) {
+    let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+        "metadata": {"name": name}, "spec": {"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": duration}}))
+    .unwrap();
+    Api::<StatefulSetLock>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &l)
+        .await
+        .expect("create lock");
+}
+
+/// Poll `f` every 20 ms until it returns `Some`, failing after `secs`.
+async fn until<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `writer` is the only writer-labelled pod of `app` and every other pod is a reader.
+async fn wait_writer(client: &Client, app: &str, writer: &str, secs: u64) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    until(secs, &format!("{writer} sole writer of {app}"), || {
+        let pods = pods.clone();
+        async move {
+            let l = pods
+                .list(&ListParams::default().labels(&format!("app={app}")))
+                .await
+                .ok()?;
+            let ok = !l.items.is_empty()
+                && l.items.iter().all(|p| {
+                    let role = p.labels().get(ROLE).map(String::as_str);
+                    if p.name_any() == writer {
+                        role == Some("writer")
+                    } else {
+                        role == Some("reader")
+                    }
+                });
+            ok.then_some(())
+        }
+    })
+    .await
+}
+
+/// Every committed version of every object, in commit order, with its commit time on the
+/// wall clock (kubesim's store broadcasts each committed change to subscribers).
+#[derive(Debug, Clone)]
+struct Version {
+    rv: u64,
+    /// Unix ms of the commit.
+    at_ms: i64,
+    deleted: bool,
+    resource: String,
+    name: String,
+    obj: Arc<Value>,
+}
+
+struct Tap {
+    versions: Arc<Mutex<Vec<Version>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+impl Tap {
+    fn start(sim: &Sim) -> Tap {
+        let mut rx = sim.store().subscribe();
+        let (base_i, base_s) = (Instant::now(), SystemTime::now());
+        let versions = Arc::new(Mutex::new(Vec::new()));
+        let v = versions.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let at = if ev.at >= base_i {
+                            base_s + (ev.at - base_i)
+                        } else {
+                            base_s - (base_i - ev.at)
+                        };
+                        v.lock().unwrap().push(Version {
+                            rv: ev.rv,
+                            at_ms: unix_ms(at),
+                            deleted: ev.type_ == kubesim::store::EventType::Deleted,
+                            resource: ev.key.1.clone(),
+                            name: ev
+                                .object
+                                .pointer("/metadata/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                            obj: ev.object.clone(),
+                        });
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        panic!("tap lagged by {n} events")
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Tap { versions, task }
+    }
+
+    fn of(&self, resource: &str, name: Option<&str>) -> Vec<Version> {
+        let mut v: Vec<Version> = self
+            .versions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v.resource == resource && name.is_none_or(|n| v.name == n))
+            .cloned()
+            .collect();
+        v.sort_by_key(|v| v.rv);
+        v
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn str_at<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
+    v.pointer(ptr).and_then(Value::as_str)
+}
+
+fn micro_ms(s: &str) -> i64 {
+    s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+/// Intervals inside `[from, to]` (ms after `from`) during which `lease` was absent or expired
+/// (renewTime + leaseDurationSeconds in the past), from every committed version of it: between
+/// two commits the Lease is what the earlier one wrote.
+fn lapses(tap: &Tap, lease: &str, from: i64, to: i64) -> Vec<(i64, i64)> {
+    let versions = tap.of("leases", Some(lease));
+    let mut out = vec![];
+    // (committed at, valid until) of each version; a delete is valid until its own commit.
+    let spans: Vec<(i64, i64)> = versions
+        .iter()
+        .map(|v| {
+            let until = if v.deleted {
+                v.at_ms
+            } else {
+                let renew = str_at(&v.obj, "/spec/renewTime").map(micro_ms);
+                let dur = v
+                    .obj
+                    .pointer("/spec/leaseDurationSeconds")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
+                renew.map_or(v.at_ms, |r| r + dur * 1000)
+            };
+            (v.at_ms, until)
+        })
+        .collect();
+    if let Some(first) = spans.first()
+        && first.0 > from
+    {
+        out.push((0, first.0.min(to) - from));
+    }
+    for (i, (at, valid_until)) in spans.iter().enumerate() {
+        let next = spans.get(i + 1).map_or(to, |n| n.0);
+        let (gap_from, gap_to) = ((*valid_until).max(*at).max(from), next.min(to));
+        if gap_from < gap_to {
+            out.push((gap_from - from, gap_to - from));
+        }
+    }
+    out
+}
+
+/// Every epoch the operator issued, in commit order: each Lease version's leaseTransitions
+/// with the writer UID it names, and each pod version whose writer label or epoch annotation
+/// changed to (writer, epoch). Returns (epochs in commit order with where they were seen,
+/// violations).
+fn epoch_violations(tap: &Tap) -> (Vec<String>, Vec<String>) {
+    let mut issued: Vec<(u64, i64, String, String)> = vec![];
+    for v in tap.of("leases", None) {
+        if v.deleted || !v.name.ends_with("lease") {
+            continue;
+        }
+        let Some(t) = v
+            .obj
+            .pointer("/spec/leaseTransitions")
+            .and_then(Value::as_i64)
+        else {
+            continue;
+        };
+        let uid = str_at(
+            &v.obj,
+            &format!(
+                "/metadata/annotations/{}",
+                WRITER_UID_ANNOTATION.replace('/', "~1")
+            ),
+        )
+        .unwrap_or_default()
+        .to_string();
+        let holder = str_at(&v.obj, "/spec/holderIdentity").unwrap_or_default();
+        issued.push((v.rv, t, uid, format!("Lease {} holder {holder}", v.name)));
+    }
+    let mut last: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
+    let epoch_ptr = format!(
+        "/metadata/annotations/{}",
+        EPOCH_ANNOTATION.replace('/', "~1")
+    );
+    for v in tap.of("pods", None) {
+        if v.deleted {
+            continue;
+        }
+        let role = str_at(&v.obj, &format!("/metadata/labels/{ROLE}")).map(str::to_string);
+        let epoch = str_at(&v.obj, &epoch_ptr).map(str::to_string);
+        let before = last.insert(v.name.clone(), (role.clone(), epoch.clone()));
+        let changed = before.as_ref() != Some(&(role.clone(), epoch.clone()));
+        if changed
+            && role.as_deref() == Some("writer")
+            && let Some(e) = epoch.and_then(|e| e.parse::<i64>().ok())
+        {
+            let uid = str_at(&v.obj, "/metadata/uid")
+                .unwrap_or_default()
+                .to_string();
+            issued.push((v.rv, e, uid, format!("pod {} labelled writer", v.name)));
+        }
+    }
+    issued.sort_by_key(|i| i.0);
+    let mut violations = vec![];
+    let mut owner: BTreeMap<i64, String> = BTreeMap::new();
+    let mut highest: Option<(i64, String)> = None;
+    for (rv, e, uid, what) in &issued {
+        if let Some(o) = owner.get(e)
+            && o != uid
+            && !uid.is_empty()
+        {
+            violations.push(format!(
+                "epoch {e} issued to UID {uid} ({what}, rv {rv}) but already to UID {o}"
+            ));
+        }
+        if !uid.is_empty() {
+            owner.entry(*e).or_insert_with(|| uid.clone());
+        }
+        if let Some((h, hw)) = &highest
+            && e < h
+        {
+            violations.push(format!(
+                "epoch went back from {h} ({hw}) to {e} ({what}, rv {rv})"
+            ));
+        }
+        if highest.as_ref().is_none_or(|(h, _)| e > h) {
+            highest = Some((*e, what.clone()));
+        }
+    }
+    let seen = issued
+        .iter()
+        .map(|(rv, e, _, what)| format!("rv {rv}: epoch {e} ({what})"))
+        .collect();
+    (seen, violations)
+}
+
+fn assert_never_two_writers(sim: &Sim) {
+    let r = sim.report();
+    assert_eq!(
+        r.dual_writer_intervals, 0,
+        "two writers at once: {:?}",
+        r.statefulsets
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A lost Lease-write response, then a third party deletes the Lease.
+
+/// A switchover's Lease update commits but its response is lost (the operator's call hangs until
+/// its timeout); while it hangs a third party deletes the Lease and the switchover is called off.
+/// The epoch the lost write issued (to db-1) must not be issued again to anyone else, and no
+/// later epoch may be lower: every Lease version and every promotion, in commit order, carries
+/// an epoch ≥ all before it, and each epoch names one pod UID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_write_then_deleted_lease_never_reissues_or_lowers_the_epoch() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let op = start(&sim, "op", |a| a.api_timeout_seconds = 3);
+    statefulset(&client, "db", 3).await;
+    lock(&client, "lock", "db", "db-lease", 30).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+
+    // The operator's Lease writes commit, their answers never come.
+    sim.faults().update(|c| {
+        c.lose_responses = vec![LoseResponse::hang().agent("stslock/op").resource("leases")]
+    });
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    locks
+        .patch(
+            "lock",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"preferredWriter": "db-1"}})),
+        )
+        .await
+        .unwrap();
+    // The switchover's Lease update (holder db-1) is committed...
+    until(10, "Lease moved to db-1", || async {
+        tap.of("leases", Some("db-lease"))
+            .iter()
+            .any(|v| str_at(&v.obj, "/spec/holderIdentity") == Some("db-1"))
+            .then_some(())
+    })
+    .await;
+    // ...and while the operator still waits for its answer, someone deletes the Lease and the
+    // switchover is called off.
+    let third: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
+    third
+        .delete("db-lease", &DeleteParams::default())
+        .await
+        .unwrap();
+    locks
+        .patch(
+            "lock",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"preferredWriter": null}})),
+        )
+        .await
+        .unwrap();
+    sim.faults().update(|c| c.lose_responses.clear());
+
+    // Converged: a Lease again, its holder the one writer-labelled pod with the Lease's epoch.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let (holder, epoch) = until(
+        20,
+        "Lease re-created and the writer labelled with its epoch",
+        || {
+            let (leases, pods) = (leases.clone(), pods.clone());
+            async move {
+                let spec = leases.get_opt("db-lease").await.ok()??.spec?;
+                let holder = spec.holder_identity?;
+                let epoch = spec.lease_transitions?;
+                let l = pods
+                    .list(&ListParams::default().labels("app=db"))
+                    .await
+                    .ok()?;
+                let writers: Vec<_> = l
+                    .items
+                    .iter()
+                    .filter(|p| p.labels().get(ROLE).map(String::as_str) == Some("writer"))
+                    .collect();
+                (writers.len() == 1
+                    && writers[0].name_any() == holder
+                    && writers[0].annotations().get(EPOCH_ANNOTATION) == Some(&epoch.to_string()))
+                .then_some((holder, epoch))
+            }
+        },
+    )
+    .await;
+    println!("converged: writer {holder}, epoch {epoch}");
+    op.stop().await;
+    let (seen, violations) = epoch_violations(&tap);
+    println!("epochs issued:\n  {}", seen.join("\n  "));
+    assert!(
+        seen.iter()
+            .any(|s| s.contains("epoch 1") && s.contains("holder db-1")),
+        "the lost switchover write did not commit: {seen:#?}"
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A half-open Lease watch while a third party changes the Lease's resourceVersion.
+
+/// The operator's Lease watch goes half-open (stalled, no error, no end) and a third party keeps
+/// touching the Lease (an annotation, which changes its resourceVersion). Renewals fail their
+/// compare-and-swap on the stale cached version; they must recover (a 409 fetches the Lease
+/// afresh), so the Lease of the Ready writer never lapses: at every instant some committed
+/// version of it has renewTime + leaseDurationSeconds in the future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_lease_watch_and_third_party_edits_never_let_the_lease_lapse() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let op = start(&sim, "op", |a| a.api_timeout_seconds = 2);
+    statefulset(&client, "db", 2).await;
+    lock(&client, "lock", "db", "db-lease", 3).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+    // A couple of renewals first.
+    until(10, "two renewals", || async {
+        (tap.of("leases", Some("db-lease")).len() >= 3).then_some(())
+    })
+    .await;
+
+    let from = unix_ms(SystemTime::now());
+    sim.faults().update(|c| {
+        c.watch_faults = vec![
+            WatchFault::stall("leases")
+                .agent("stslock/op")
+                .label_selector("app.anukkrit.me/managed-by"),
+        ]
+    });
+    let third: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
+    // Three edits 2 s apart, then 3 s more: 9 s under the stall (three lease durations).
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        third
+            .patch(
+                "db-lease",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"example.com/touched": i.to_string()}}}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    let last_touch = unix_ms(SystemTime::now());
+    // Deliberate wait (nothing to poll for): renewals must go on for a full lease duration after
+    // the last edit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let to = unix_ms(SystemTime::now());
+    sim.faults().update(|c| c.watch_faults.clear());
+    op.stop().await;
+
+    let gaps = lapses(&tap, "db-lease", from, to);
+    let renewals_after = tap
+        .of("leases", Some("db-lease"))
+        .iter()
+        .filter(|v| v.at_ms > last_touch)
+        .count();
+    println!(
+        "under the stall: {} Lease versions, lapses {gaps:?}, {renewals_after} renewals after the last edit",
+        tap.of("leases", Some("db-lease"))
+            .iter()
+            .filter(|v| v.at_ms > from)
+            .count()
+    );
+    assert!(
+        gaps.is_empty(),
+        "the Ready writer's Lease lapsed (ms after the stall began): {gaps:?}"
+    );
+    assert!(
+        renewals_after >= 1,
+        "renewals did not recover after the last edit"
+    );
+    wait_writer(&client, "db", "db-0", 5).await;
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Claimed locks get a renewal entry at once even when the tenant budget defers them.
+
+/// Replica b elects 10 locks; replica a, whose namespace budget is tiny (`--tenant-qps 0.1`),
+/// joins (b hands it about half) and then b dies abruptly (a claims the rest). Every lock a takes
+/// needs a status write (status.shard), which the budget defers for many seconds; its Lease must
+/// still be renewed on time: no Ready writer's Lease lapses at any instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconciles() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let n = 10;
+    for i in 0..n {
+        statefulset(&client, &format!("s{i}"), 1).await;
+        lock(
+            &client,
+            &format!("l{i}"),
+            &format!("s{i}"),
+            &format!("lease{i}"),
+            10,
+        )
+        .await;
+    }
+    let b = start(&sim, "b", |_| {});
+    for i in 0..n {
+        wait_writer(&client, &format!("s{i}"), &format!("s{i}-0"), 15).await;
+    }
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+    let owners = || {
+        let locks = locks.clone();
+        async move {
+            locks
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|l| {
+                    (
+                        l.name_any(),
+                        l.labels().get(SHARD_LABEL).cloned(),
+                        l.status.as_ref().and_then(|s| s.shard.clone()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    until(15, "b's status written on every lock", || async {
+        owners()
+            .await
+            .iter()
+            .all(|(_, _, s)| s.as_deref() == Some("b"))
+            .then_some(())
+    })
+    .await;
+
+    let from = unix_ms(SystemTime::now());
+    let a = start(&sim, "a", |a| a.tenant_qps = 0.1);
+    until(15, "b handed a lock to a", || async {
+        owners()
+            .await
+            .iter()
+            .any(|(_, l, _)| l.as_deref() == Some("a"))
+            .then_some(())
+    })
+    .await;
+    b.task.abort();
+    let killed = Instant::now();
+    until(15, "a owns every lock", || async {
+        owners()
+            .await
+            .iter()
+            .all(|(_, l, _)| l.as_deref() == Some("a"))
+            .then_some(())
+    })
+    .await;
+    println!("a owns every lock {:?} after b died", killed.elapsed());
+    // Deliberate wait: a full lease duration (10 s) plus slack after the kill, so a Lease that
+    // nobody renews would be seen lapsing.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(killed.elapsed())).await;
+    let to = unix_ms(SystemTime::now());
+    let still_deferred = owners()
+        .await
+        .iter()
+        .filter(|(_, _, s)| s.as_deref() != Some("a"))
+        .count();
+    a.stop().await;
+    let _ = b.stop.send(());
+
+    let mut all = vec![];
+    for i in 0..n {
+        let gaps = lapses(&tap, &format!("lease{i}"), from, to);
+        if !gaps.is_empty() {
+            all.push(format!("lease{i}: {gaps:?}"));
+        }
+    }
+    println!(
+        "{still_deferred} of {n} locks still had b's status (reconcile deferred by the budget); lapses: {all:?}"
+    );
+    assert!(
+        still_deferred > 0,
+        "the tenant budget deferred nothing: the test does not exercise it"
+    );
+    assert!(
+        all.is_empty(),
+        "Leases of Ready writers lapsed (ms after a joined): {all:#?}"
+    );
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Stale reads at restart.
+
+/// After a failover (db-0 → db-1, epoch 1; db-0 back Ready as a reader) the single replica is
+/// restarted while every `resourceVersion=0` read of its agent — its watchers' initial lists —
+/// is served from a snapshot older than the failover, and its Lease watch, opened from that
+/// list, stays half-open. It must not make the old writer the writer again nor reuse an epoch.
+/// (stslock lists with quorum reads — kube-runtime's default `ListSemantic::MostRecent` — and
+/// re-reads a lock before deciding it after a restart, so the stale snapshot must not matter; a
+/// switch to `any_semantic()` without those re-reads would fail here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_from_stale_reads_does_not_relabel_the_old_writer_or_reuse_an_epoch() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let op = start(&sim, "op", |_| {});
+    statefulset(&client, "db", 3).await;
+    lock(&client, "lock", "db", "db-lease", 30).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+    let before_failover = Instant::now();
+    sim.pods().set_ready("default", "db-0", false).unwrap();
+    wait_writer(&client, "db", "db-1", 15).await;
+    let failover_rv = sim.store().current_rv();
+    sim.pods().set_ready("default", "db-0", true).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    until(10, "db-0 Ready again (a reader)", || async {
+        let p = pods.get("db-0").await.ok()?;
+        let ready = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && p.labels().get(ROLE).map(String::as_str) == Some("reader")).then_some(())
+    })
+    .await;
+    op.stop().await;
+
+    // The snapshot predates the failover (by 0.5 s or more), and stays well inside the Lease's
+    // half-duration (its renewTime is recent enough not to look due).
+    let lag = before_failover.elapsed() + Duration::from_millis(500);
+    sim.faults().update(|c| {
+        // Every resource (an empty resource list matches all).
+        c.stale_reads = vec![StaleRead {
+            resources: vec![],
+            agents: vec!["stslock/op".into()],
+            lag_ms: lag.as_millis() as u64,
+        }];
+        // And its Lease stream, once opened from that list, stays half-open: whatever the list
+        // said about the Lease is all the watch tells it.
+        c.watch_faults = vec![WatchFault::stall("leases").agent("stslock/op")];
+    });
+    let op = start(&sim, "op", |_| {});
+    // Deliberate wait (something must NOT happen): the restarted replica has its caches and has
+    // decided the lock a few times.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sim.faults().update(|c| {
+        c.stale_reads.clear();
+        c.watch_faults.clear();
+    });
+    wait_writer(&client, "db", "db-1", 10).await;
+    op.stop().await;
+
+    let relabelled: Vec<u64> = tap
+        .of("pods", Some("db-0"))
+        .iter()
+        .filter(|v| {
+            v.rv > failover_rv
+                && str_at(&v.obj, &format!("/metadata/labels/{ROLE}")) == Some("writer")
+        })
+        .map(|v| v.rv)
+        .collect();
+    let (seen, violations) = epoch_violations(&tap);
+    println!("epochs issued:\n  {}", seen.join("\n  "));
+    assert!(
+        relabelled.is_empty(),
+        "the old writer db-0 was labelled writer again after the failover (rv {relabelled:?})"
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_never_two_writers(&sim);
+}
