@@ -19,6 +19,12 @@
 //!   highest id first, each replaced by one with the same id after `--restart-delay-ms`), once
 //!   per shutdown strategy (`--leave handoff`, then `keep`), each on a fresh cluster in one
 //!   run. Reports ownership moves, renewal lateness and lapses during the update.
+//! - `faults`: the acceptance run of P5 (see `faults.rs`): random real-apiserver faults, writer
+//!   flaps and replica kills for `--seconds`, then convergence; fails on any invariant violation.
+//!   Its defaults differ: 500 locks, 3 pods, 10 s Leases, 600 s, api timeout 2 s, a fault every
+//!   ~1 s, a writer flap every ~500 ms, a replica kill every ~30 s.
+
+mod faults;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,7 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ListParams, PostParams};
@@ -43,6 +50,7 @@ enum Scenario {
     Noisy,
     Capacity,
     Rolling,
+    Faults,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -111,6 +119,55 @@ struct Args {
     /// `rolling`: time a replacement gets before the next replica is stopped.
     #[arg(long, default_value_t = 5000)]
     ready_wait_ms: u64,
+    /// The operators' API call timeout, seconds (default: the operator's; `faults`: 2).
+    #[arg(long)]
+    api_timeout_seconds: Option<u64>,
+    /// `faults`: mean time between two injected faults, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    fault_every_ms: u64,
+    /// `faults`: every lock must converge within this long after the faults are lifted.
+    #[arg(long, default_value_t = 30)]
+    converge_seconds: u64,
+    /// `faults`: seed of the fault schedule (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the report as JSON (`faults`; progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    /// Parse, then give `faults` its own defaults for what was not set explicitly.
+    fn parse_with_defaults() -> anyhow::Result<Args> {
+        let m = Args::command().get_matches();
+        let mut a = Args::from_arg_matches(&m)?;
+        if a.scenario == Scenario::Faults {
+            let default = |id: &str| m.value_source(id) == Some(ValueSource::DefaultValue);
+            if default("locks") {
+                a.locks = 500;
+            }
+            if default("pods") {
+                a.pods = 3;
+            }
+            if default("lease_seconds") {
+                a.lease_seconds = 10;
+            }
+            if default("seconds") {
+                a.seconds = 600;
+            }
+            if default("kill_every") {
+                a.kill_every = 30;
+            }
+            if default("flap_every_ms") {
+                a.flap_every_ms = 500;
+            }
+            a.api_timeout_seconds.get_or_insert(2);
+        }
+        Ok(a)
+    }
 }
 
 struct Replica {
@@ -217,6 +274,9 @@ impl Fleet {
         a.burst = self.args.burst;
         a.tenant_qps = self.args.tenant_qps;
         a.leave = self.leave;
+        if let Some(t) = self.args.api_timeout_seconds {
+            a.api_timeout_seconds = t;
+        }
         let client = self.sim.client_as(&format!("stslock/{id}"));
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -431,8 +491,9 @@ fn tenants(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_with_defaults()?;
     match args.scenario {
+        Scenario::Faults => faults::faults(&args).await,
         Scenario::Chaos => chaos(&args).await,
         Scenario::Noisy => noisy(&args).await,
         Scenario::Capacity => capacity(&args).await,
