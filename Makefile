@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps manifests install uninstall deploy undeploy run dev build-installer
+.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -14,7 +14,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes
 
-test: python-deps ## Run every test (unit, kubesim, kubectl and Python client compatibility).
+# The integration suites ported to tests/common: they run on kubesim (in `cargo test`) and on
+# the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
+REAL_SUITES := --test operator --test kubectl_story --test scope
+
+test: python-deps ## Run every test: on kubesim, plus the conformance suite and the RBAC test on the real control plane (the ported suites on it: make test-real).
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 
 fmt: ## Format the code.
@@ -31,6 +35,18 @@ kubesim: ## Run kubesim on a free loopback port, kubeconfig in ./kubesim.kubecon
 
 fleet: ## Fleet run: 1000 locks, 3 replicas, replica kills and writer failures, 60 s.
 	cargo run -p fleet --release -- --locks 1000 --replicas 3 --kill-every 10 --flap-every-ms 500 --seconds 60
+
+control-plane: ## Real kube-apiserver 1.34, controller manager, etcd on loopback; prints how to use kubectl.1.33 (Ctrl-C stops).
+	cargo run -q -p controlplane -- up --operator-rbac deploy/rbac
+
+test-real: ## Only the real-backend part: the launcher's tests, then the ported suites on the real control plane (first run builds kube-apiserver and etcd: long).
+	cargo test -p controlplane -- --nocapture
+	@$(MAKE) --no-print-directory test-real-suites
+
+test-real-suites: ## The ported integration suites on the real control plane (one per test binary), with their wall time.
+	@start=$$(date +%s); rc=0; \
+	STSLOCK_TEST_BACKEND=real cargo test -p stslock --no-fail-fast $(REAL_SUITES) || rc=$$?; \
+	echo "== real-backend suites ($(REAL_SUITES)): $$(( $$(date +%s) - start )) s wall"; exit $$rc
 
 load: ## Measure kubesim throughput (64 clients, 8 watches).
 	cargo run -p kubesim --release --bin kubesim-load -- --clients 64 --watches 8 --seconds 10
@@ -65,5 +81,5 @@ run: ## Run the operator locally against the current kubeconfig.
 dev: ## kubesim + the operator + the seed's samples, kubeconfig in ./stslock-dev.kubeconfig.
 	cargo run --release -- dev
 
-test-e2e: ## End-to-end: kubectl 1.32 drives CRD install, samples, failover and describe (against kubesim over loopback).
+test-e2e: ## End-to-end: kubectl 1.32 drives CRD install, samples, failover and describe (against kubesim over loopback; STSLOCK_TEST_BACKEND=real for the real control plane).
 	cargo test -p stslock --test kubectl_story --test operator
