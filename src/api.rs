@@ -18,6 +18,13 @@ pub const EPOCH_ANNOTATION: &str = "app.anukkrit.me/writer-epoch";
 pub const WRITER_UID_ANNOTATION: &str = "app.anukkrit.me/writer-uid";
 /// Lease annotation naming the lock (`namespace/name`) that created and owns the Lease.
 pub const LEASE_OWNER_ANNOTATION: &str = "app.anukkrit.me/lock";
+/// Lease annotation echoing the `renewTime` stslock last wrote: a Lease of ours whose
+/// `renewTime` differs from it was renewed by someone else (another operator still running,
+/// such as the Go operator during a migration), and is not fought over.
+pub const RENEWED_ANNOTATION: &str = "app.anukkrit.me/renewed";
+/// The Go `sts-leader-elect-operator`'s finalizer (DESIGN §10): replaced by [`FINALIZER`] in the
+/// same write when stslock takes a lock over, and removed on deletion.
+pub const GO_FINALIZER: &str = "statefulsetlock.app.anukkrit.me/finalizer";
 /// Label on a lock naming the shard that owns it.
 pub const SHARD_LABEL: &str = "app.anukkrit.me/shard";
 
@@ -25,7 +32,7 @@ const DNS1123_SUBDOMAIN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// Desired writer election for one StatefulSet.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "app.anukkrit.me",
     version = "v1",

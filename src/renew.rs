@@ -29,7 +29,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 
-use crate::api::{LEASE_OWNER_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION};
+use crate::api::{
+    LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
+};
 use crate::limits::Lane;
 use crate::reconcile::Context;
 use crate::reconcile::client::call;
@@ -243,6 +245,12 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     if lease.annotations().get(LEASE_OWNER_ANNOTATION) != Some(&key) {
         return Outcome::Reconcile("Lease not owned by this lock");
     }
+    let view = crate::reconcile::gather::lease_view(&lease);
+    if view.renewed_elsewhere() {
+        // Someone else renews it (another operator still running): decide() reports that and
+        // waits; renewing here would fight it.
+        return Outcome::Reconcile("Lease renewed by another writer");
+    }
     let Some(spec) = lease.spec.as_ref() else {
         return Outcome::Reconcile("Lease has no spec");
     };
@@ -288,16 +296,15 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         return Outcome::NotMine;
     };
     let now = MicroTime(jiff::Timestamp::now());
+    // The renewTime is echoed in an annotation: a renewal by anyone else shows as a mismatch.
+    let metadata = json!({
+        "resourceVersion": lease.resource_version(),
+        "annotations": {RENEWED_ANNOTATION: now},
+    });
     let patch = if expired {
-        json!({
-            "metadata": {"resourceVersion": lease.resource_version()},
-            "spec": {"renewTime": now, "acquireTime": now},
-        })
+        json!({"metadata": metadata, "spec": {"renewTime": now, "acquireTime": now}})
     } else {
-        json!({
-            "metadata": {"resourceVersion": lease.resource_version()},
-            "spec": {"renewTime": now},
-        })
+        json!({"metadata": metadata, "spec": {"renewTime": now}})
     };
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     match call(

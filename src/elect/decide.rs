@@ -17,7 +17,19 @@ pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
         b.delete();
         return b.finish();
     }
-    if !o.has_finalizer {
+    // Someone else renews our Lease (another operator still running — the Go operator during a
+    // migration, say): do not fight it. Nothing is written for the lock until that Lease expires
+    // unrenewed, except the condition that says so.
+    if let Some(l) = &o.lease
+        && l.owner.as_deref() == Some(o.key().as_str())
+        && l.renewed_elsewhere()
+        && !lease_expired(l, now)
+    {
+        b.concurrent_writer(l);
+        return b.finish();
+    }
+    // Our finalizer, replacing the Go operator's in the same write.
+    if !o.has_finalizer || o.go_finalizer {
         b.plan.steps.push(Step::AddFinalizer);
     }
     if let Some(winner) = conflict(o) {
@@ -43,6 +55,7 @@ pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
     }
     if let Some(l) = &o.lease
         && l.owner.as_deref() != Some(o.key().as_str())
+        && !adoptable(o, l)
     {
         b.error(
             "LeaseNotOwned",
@@ -78,6 +91,25 @@ pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
     }
     b.elect();
     b.finish()
+}
+
+/// A Lease the Go operator left for this lock (DESIGN §10): no stslock marks, nothing else's
+/// marks either (no label, annotation or owner reference), held by a pod of the lock's
+/// StatefulSet (one the cache shows, or one named like its pods: the holder may be gone). Such a
+/// Lease is adopted by compare-and-swap; any other Lease stays someone else's.
+pub fn adoptable(o: &Observed, l: &LeaseView) -> bool {
+    l.owner.is_none()
+        && l.unmarked
+        && l.holder.as_deref().is_some_and(|h| {
+            o.pods.iter().any(|p| p.name == h) || is_pod_name_of(h, &o.statefulset_name)
+        })
+}
+
+/// `<statefulset>-<ordinal>`, the name the StatefulSet controller gives its pods.
+fn is_pod_name_of(pod: &str, statefulset: &str) -> bool {
+    pod.strip_prefix(statefulset)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The rival that wins over this lock, if any: the oldest lock (then the smallest name) on the
@@ -594,6 +626,10 @@ impl<'a> Builder<'a> {
             self.elect_without_lease();
             return;
         };
+        if lease.owner.is_none() {
+            self.adopt(lease);
+            return;
+        }
         let epoch = lease.transitions;
         let writer = self.current_writer();
         if !self.lease_epoch_sound(lease) {
@@ -731,13 +767,26 @@ impl<'a> Builder<'a> {
                 && p.epoch.is_some()
                 && p.epoch == floor
         });
+        // A lock stslock never elected for (no epoch anywhere: the Go operator's, whose Lease
+        // is gone) whose one Ready writer-labelled pod is the writer the Go operator chose: it
+        // keeps the role under a first epoch, no needless failover. With two such pods nobody
+        // is trusted and a normal election (demote first) follows.
+        let go_writers: Vec<&Candidate> = o
+            .pods
+            .iter()
+            .filter(|p| p.role == Some(Role::Writer) && Self::eligible(p))
+            .collect();
+        let sitting = sitting.or(match go_writers.as_slice() {
+            [w] if floor.is_none() && o.status.writer_uid.is_none() => Some(*w),
+            _ => None,
+        });
         let keep = match (sitting, self.preferred()) {
             (Some(w), None) => Some(w),
             (Some(w), Some(p)) if p.uid == w.uid => Some(w),
             _ => None,
         };
         if let Some(w) = keep {
-            let epoch = w.epoch.unwrap_or(0);
+            let epoch = w.epoch.or(floor).unwrap_or(0);
             self.plan.steps.push(Step::CreateLease {
                 holder: w.name.clone(),
                 holder_uid: w.uid.clone(),
@@ -920,13 +969,161 @@ impl<'a> Builder<'a> {
         ));
     }
 
+    /// Take over a Lease the Go operator left ([`adoptable`]): by compare-and-swap, in one
+    /// write that adds stslock's marks. A Ready holder keeps the role and its epoch (no
+    /// failover); any other writer-labelled pod the Go operator left is demoted first, before
+    /// anything else is written for the lock (the finalizer swap included). A holder that is
+    /// not Ready is failed over as usual, the Lease write adopting it.
+    fn adopt(&mut self, lease: &LeaseView) {
+        let o = self.o;
+        let holder = lease.holder.clone().unwrap_or_default();
+        let w = o.pods.iter().find(|p| p.name == holder);
+        let problem = match w {
+            None => Some(format!("writer {holder} was deleted")),
+            Some(w) if w.terminating => Some(format!("writer {} is terminating", w.name)),
+            Some(w) if !w.ready => Some(format!("writer {} is not Ready", w.name)),
+            Some(_) => None,
+        };
+        let epoch = lease.transitions;
+        let sound = self.epoch_floor().is_none_or(|f| f <= epoch);
+        match (w, problem) {
+            (Some(w), None) if sound => {
+                let (demote, promote, readers) = self.label_steps(Some(w), epoch);
+                let n = self.plan.steps.len() + demote.len();
+                self.plan.steps.extend(demote);
+                self.plan.steps.push(Step::UpdateLease {
+                    expected_resource_version: lease.resource_version.clone(),
+                    holder: w.name.clone(),
+                    holder_uid: w.uid.clone(),
+                    transitions: epoch,
+                    acquire: lease_expired(lease, self.now),
+                });
+                self.plan.steps.extend(promote);
+                self.plan.steps.extend(readers);
+                self.finalizer_after_demotions(n);
+                self.set_writer_status(w, epoch, None);
+                self.schedule_renewal(true);
+                self.event(
+                    Severity::Normal,
+                    "Adopted",
+                    "Adopt",
+                    format!(
+                        "adopted Lease {} from the Go operator: {} stays the writer (epoch {epoch})",
+                        o.lease_name, w.name
+                    ),
+                );
+                self.plan.transition = Some(Transition {
+                    kind: "adoption",
+                    old_writer: Some(w.name.clone()),
+                    new_writer: w.name.clone(),
+                    reason: "Lease left by the Go operator adopted".into(),
+                    epoch,
+                });
+            }
+            (w, problem) => {
+                let why = problem.unwrap_or_else(|| {
+                    format!("the Lease's epoch {epoch} is below one stslock issued")
+                });
+                let candidate = self
+                    .preferred()
+                    .filter(|p| w.is_none_or(|w| w.uid != p.uid))
+                    .or_else(|| self.best_candidate(Some(holder.as_str())))
+                    .or_else(|| w.filter(|w| Self::eligible(w)));
+                let Some(c) = candidate else {
+                    // Nobody to hand over to: the Lease stays as the Go operator left it
+                    // (adopting it for a writer that cannot write gains nothing).
+                    self.unavailable(
+                        "NoReadyPod",
+                        format!("{why} and no other pod is Ready"),
+                        Severity::Warning,
+                    );
+                    self.requeue(Duration::from_secs(5));
+                    return;
+                };
+                let before = self.plan.steps.len();
+                self.handover(lease, w, c, "Failover", "failover", why);
+                let demotions = self.plan.steps[before..]
+                    .iter()
+                    .take_while(|s| {
+                        matches!(
+                            s,
+                            Step::Label {
+                                role: Some(Role::Reader),
+                                ..
+                            }
+                        )
+                    })
+                    .count();
+                self.finalizer_after_demotions(before + demotions);
+                self.event(
+                    Severity::Normal,
+                    "Adopted",
+                    "Adopt",
+                    format!(
+                        "adopted Lease {} from the Go operator; its holder {holder} could not stay the writer",
+                        o.lease_name
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Move a pending finalizer write from before step `end` to just before it (after the
+    /// demotions that end there).
+    fn finalizer_after_demotions(&mut self, end: usize) {
+        if let Some(i) = self
+            .plan
+            .steps
+            .iter()
+            .position(|s| *s == Step::AddFinalizer)
+            && i < end
+        {
+            let f = self.plan.steps.remove(i);
+            self.plan
+                .steps
+                .insert((end - 1).min(self.plan.steps.len()), f);
+        }
+    }
+
+    /// Our Lease is renewed by another writer: report it on the lock and wait (no step at all).
+    /// Only the Error condition is set — the other conditions and fields stay as found, so an
+    /// operator that rewrites them is not answered with a rewrite of ours.
+    fn concurrent_writer(&mut self, l: &LeaseView) {
+        self.status = self.o.status.clone();
+        let before = self
+            .o
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Error")
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        let message = format!(
+            "Lease {} was renewed by another writer than stslock (holder {}); is the Go sts-leader-elect-operator (or another stslock install) still running? stslock writes nothing for this lock until that Lease expires unrenewed",
+            self.o.lease_name,
+            l.holder.as_deref().unwrap_or("none")
+        );
+        self.condition("Error", true, "ConcurrentWriter", message.clone());
+        if before != Some(("True".into(), "ConcurrentWriter".into())) {
+            self.event(Severity::Warning, "ConcurrentWriter", "Validate", message);
+        }
+        let expiry = l
+            .renew_time
+            .and_then(|t| {
+                t.checked_add(SignedDuration::from_secs(l.duration_seconds))
+                    .ok()
+            })
+            .unwrap_or(self.now);
+        self.requeue(secs_until(self.now, expiry) + Duration::from_millis(500));
+    }
+
     fn delete(&mut self) {
         let o = self.o;
-        if !o.has_finalizer {
+        if !o.has_finalizer && !o.go_finalizer {
             return;
         }
+        let ours = |l: &LeaseView| l.owner.as_deref() == Some(o.key().as_str()) || adoptable(o, l);
         if let Some(l) = &o.lease
-            && l.owner.as_deref() == Some(o.key().as_str())
+            && ours(l)
         {
             self.plan.steps.push(Step::DeleteLease {
                 expected_resource_version: l.resource_version.clone(),
@@ -935,10 +1132,7 @@ impl<'a> Builder<'a> {
         // Only the lock that manages the StatefulSet may strip its labels: a lock that lost a
         // conflict, or whose Lease belongs to someone else, never touched them, and removing
         // them would take the winner's writer away.
-        let manages = conflict(o).is_none()
-            && o.lease
-                .as_ref()
-                .is_none_or(|l| l.owner.as_deref() == Some(o.key().as_str()));
+        let manages = conflict(o).is_none() && o.lease.as_ref().is_none_or(ours);
         if self.cfg.on_delete == OnDelete::RemoveLabels && manages {
             for p in o.pods.iter().filter(|p| p.role.is_some()) {
                 self.plan.steps.push(Step::Label {

@@ -58,6 +58,20 @@ pub struct LeaseView {
     pub resource_version: String,
     /// The lock (`namespace/name`) that created the Lease, from its annotation.
     pub owner: Option<String>,
+    /// The Lease carries no label, no annotation and no owner reference at all: the way the
+    /// Go operator leaves its Leases (DESIGN §10), so it may be adopted. A Lease anything else
+    /// has marked is someone's and is never written.
+    pub unmarked: bool,
+    /// The `renewTime` stslock last wrote, from [`crate::api::RENEWED_ANNOTATION`] (None when
+    /// absent: a Lease from before that annotation, or not ours).
+    pub renewed_mark: Option<Timestamp>,
+}
+
+impl LeaseView {
+    /// Renewed by someone other than stslock since stslock last wrote it.
+    pub fn renewed_elsewhere(&self) -> bool {
+        self.renewed_mark.is_some() && self.renewed_mark != self.renew_time
+    }
 }
 
 /// Another lock in the same namespace, for conflict detection.
@@ -78,6 +92,8 @@ pub struct Observed {
     pub generation: i64,
     pub deleting: bool,
     pub has_finalizer: bool,
+    /// The lock carries the Go operator's finalizer (it was managed by the Go operator).
+    pub go_finalizer: bool,
     pub statefulset_name: String,
     pub lease_name: String,
     pub lease_duration_seconds: i64,
@@ -192,8 +208,9 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
-    /// `election`, `failover`, `switchover`, or `epoch_repair` (the Lease's holder or epoch was
-    /// changed outside stslock: the holder is confirmed under a new epoch).
+    /// `election`, `failover`, `switchover`, `epoch_repair` (the Lease's holder or epoch was
+    /// changed outside stslock: the holder is confirmed under a new epoch), or `adoption` (a
+    /// Lease the Go operator left, taken over for the same holder and epoch).
     pub kind: &'static str,
     pub old_writer: Option<String>,
     pub new_writer: String,

@@ -86,6 +86,7 @@ pub struct Metrics {
     writerless_seconds: Counter<f64, AtomicU64>,
     writerless_locks: Gauge,
     dual_writer_detections: Counter,
+    undecodable_objects: Family<KindLabel, Counter>,
     owned_locks: Family<ShardLabel, Gauge>,
     ring_members: Gauge,
     shard_ready: Gauge,
@@ -130,6 +131,7 @@ impl Metrics {
             writerless_seconds: Counter::default(),
             writerless_locks: Gauge::default(),
             dual_writer_detections: Counter::default(),
+            undecodable_objects: Family::default(),
             owned_locks: Family::default(),
             ring_members: Gauge::default(),
             shard_ready: Gauge::default(),
@@ -204,6 +206,11 @@ impl Metrics {
             "dual_writer_detections",
             "Reconciles that observed two pods labelled writer in one StatefulSet (must stay 0)",
             m.dual_writer_detections.clone(),
+        );
+        r.register(
+            "undecodable_objects",
+            "Object versions (by kind) that could not be decoded and were skipped by the watches",
+            m.undecodable_objects.clone(),
         );
         r.register(
             "owned_locks",
@@ -297,6 +304,13 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// A watched object that could not be decoded was skipped.
+    pub fn undecodable(&self, kind: &str) {
+        self.undecodable_objects
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
     }
 
     /// What a reconcile saw, before it acted: two writers in one StatefulSet is the one

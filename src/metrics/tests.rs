@@ -32,6 +32,8 @@ fn lease(holder: &str, renewed_ms: i64) -> LeaseView {
         duration_seconds: 30,
         resource_version: "7".into(),
         owner: Some("ns/lock".into()),
+        unmarked: false,
+        renewed_mark: None,
     }
 }
 
@@ -43,6 +45,7 @@ fn observed(pods: Vec<Candidate>, lease: Option<LeaseView>) -> Observed {
         generation: 1,
         deleting: false,
         has_finalizer: true,
+        go_finalizer: false,
         statefulset_name: "db".into(),
         lease_name: "db-lease".into(),
         lease_duration_seconds: 30,

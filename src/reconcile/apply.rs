@@ -22,7 +22,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{
-    EPOCH_ANNOTATION, FINALIZER, LEASE_OWNER_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
+    EPOCH_ANNOTATION, FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION,
+    StatefulSetLock, WRITER_UID_ANNOTATION,
 };
 use crate::elect::{Observed, Plan, Severity, Step};
 use crate::error::Result;
@@ -36,6 +37,14 @@ const RESYNC: Duration = Duration::from_secs(300);
 
 fn micro(now: jiff::Timestamp) -> Value {
     serde_json::to_value(MicroTime(now)).unwrap_or(Value::Null)
+}
+
+/// [`micro`] as a string: the `renewTime` echoed in [`RENEWED_ANNOTATION`], byte for byte.
+pub fn micro_string(now: jiff::Timestamp) -> String {
+    match micro(now) {
+        Value::String(s) => s,
+        _ => String::new(),
+    }
 }
 
 /// A failed write: what it means for the caches, then the error.
@@ -200,9 +209,14 @@ impl Applier<'_> {
             match step {
                 Step::ConfirmLease { .. } => Ok(()),
                 Step::AddFinalizer | Step::RemoveFinalizer => {
+                    // The Go operator's finalizer goes in the same write: stslock takes its
+                    // place (adding ours) or finishes its job (removing both).
                     let mut f: Vec<String> = lock.finalizers().to_vec();
+                    f.retain(|x| x != GO_FINALIZER);
                     if matches!(step, Step::AddFinalizer) {
-                        f.push(FINALIZER.into());
+                        if !f.iter().any(|x| x == FINALIZER) {
+                            f.push(FINALIZER.into());
+                        }
                     } else {
                         f.retain(|x| x != FINALIZER);
                     }
@@ -263,11 +277,24 @@ impl Applier<'_> {
                     if *acquire {
                         spec["acquireTime"] = micro(now);
                     }
-                    // The resourceVersion in the patch makes it a compare-and-swap.
-                    let patch = json!({
-                        "metadata": {"resourceVersion": expected_resource_version, "annotations": {WRITER_UID_ANNOTATION: holder_uid}},
-                        "spec": spec,
+                    // The resourceVersion in the patch makes it a compare-and-swap. The marks
+                    // are written every time (a no-op for a Lease of ours); on a Lease left by
+                    // the Go operator they are the adoption, with the lock as its owner.
+                    let mut meta = json!({
+                        "resourceVersion": expected_resource_version,
+                        "labels": {LEASE_LABEL: "stslock"},
+                        "annotations": {
+                            WRITER_UID_ANNOTATION: holder_uid,
+                            LEASE_OWNER_ANNOTATION: o.key(),
+                            RENEWED_ANNOTATION: micro(now),
+                        },
                     });
+                    if o.lease.as_ref().is_some_and(|l| l.owner.is_none())
+                        && let Some(r) = lock.controller_owner_ref(&())
+                    {
+                        meta["ownerReferences"] = json!([r]);
+                    }
+                    let patch = json!({"metadata": meta, "spec": spec});
                     let updated = call(
                         &format!(
                             "updating Lease {ns}/{} (holder {holder}, epoch {transitions})",
@@ -499,6 +526,7 @@ fn new_lease(
                 [
                     (LEASE_OWNER_ANNOTATION.to_string(), o.key()),
                     (WRITER_UID_ANNOTATION.to_string(), holder_uid.to_string()),
+                    (RENEWED_ANNOTATION.to_string(), micro_string(now)),
                 ]
                 .into(),
             ),

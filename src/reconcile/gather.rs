@@ -10,7 +10,10 @@ use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{FINALIZER, LEASE_OWNER_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION};
+use crate::api::{
+    FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock,
+    WRITER_UID_ANNOTATION,
+};
 use crate::config::OperatorArgs;
 use crate::elect::{Candidate, Config, LeaseView, Observed, Rival, Role};
 use crate::error::Result;
@@ -36,6 +39,13 @@ pub fn lease_view(l: &Lease) -> LeaseView {
         duration_seconds: i64::from(spec.lease_duration_seconds.unwrap_or(0)),
         resource_version: l.resource_version().unwrap_or_default(),
         owner: l.annotations().get(LEASE_OWNER_ANNOTATION).cloned(),
+        unmarked: l.labels().is_empty()
+            && l.annotations().is_empty()
+            && l.owner_references().is_empty(),
+        renewed_mark: l
+            .annotations()
+            .get(RENEWED_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
     }
 }
 
@@ -173,6 +183,7 @@ pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> 
         generation: lock.meta().generation.unwrap_or(0),
         deleting: lock.meta().deletion_timestamp.is_some(),
         has_finalizer: lock.finalizers().iter().any(|f| f == FINALIZER),
+        go_finalizer: lock.finalizers().iter().any(|f| f == GO_FINALIZER),
         statefulset_name: lock.spec.stateful_set_name.clone(),
         lease_name: lock.spec.lease_name.clone(),
         lease_duration_seconds: i64::from(lock.spec.lease_duration_seconds),

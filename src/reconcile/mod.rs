@@ -10,6 +10,7 @@ pub mod apply;
 pub mod client;
 pub mod fresh;
 pub mod gather;
+pub mod lenient;
 pub mod pods;
 pub mod watch;
 
@@ -20,7 +21,7 @@ use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
 use crate::config::OperatorArgs;
@@ -58,6 +59,58 @@ pub struct Context {
 pub struct RunOptions {
     /// Receives the address `/metrics`, `/healthz` and `/readyz` are served on, once bound.
     pub metrics_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+}
+
+/// An Event on each StatefulSetLock the watch could not decode (it is skipped, not
+/// reconciled): `kubectl describe ssl` then says why it is ignored.
+async fn report_undecodable_locks(
+    ctx: Arc<Context>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<lenient::Undecodable>,
+) {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::runtime::events::{Event, EventType};
+    while let Some(u) = rx.recv().await {
+        if u.kind != "StatefulSetLock" || u.metadata.name.is_none() {
+            continue;
+        }
+        let reference = ObjectReference {
+            api_version: Some(format!("{}/v1", crate::api::GROUP)),
+            kind: Some(u.kind.clone()),
+            name: u.metadata.name.clone(),
+            namespace: u.metadata.namespace.clone(),
+            uid: u.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        // events.k8s.io limits a note to 1 kB.
+        let mut note = format!(
+            "this StatefulSetLock cannot be decoded and is ignored: {}",
+            u.error
+        );
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "Undecodable".into(),
+            note: Some(note),
+            action: "Decode".into(),
+            secondary: None,
+        };
+        ctx.limits.acquire(crate::limits::Lane::Reconcile).await;
+        if let Err(e) = client::call(
+            "recording Event Undecodable",
+            ctx.args.api_timeout(),
+            ctx.recorder.publish(&ev, &reference),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "event not recorded");
+        }
+    }
 }
 
 /// Run the operator until `shutdown` resolves.
@@ -109,31 +162,46 @@ pub async fn run_with(
     let caches = Arc::new(crate::metrics::server::CacheSync::default());
     // What Controller::new builds, with the lock watch's InitDone visible for readiness (a
     // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
-    let locks_api: Api<StatefulSetLock> = Api::all(client.clone());
+    // Objects that cannot be decoded are skipped by every watch, counted, logged, and — a lock —
+    // given an Event (by the task below, once the recorder exists).
+    let (undecodable_tx, undecodable_rx) = tokio::sync::mpsc::unbounded_channel();
+    let undecodable = lenient::Reporter::new({
+        let metrics = metrics.clone();
+        move |u: lenient::Undecodable| {
+            metrics.undecodable(&u.kind);
+            let _ = undecodable_tx.send(u);
+        }
+    });
     let (locks, locks_writer) = kube::runtime::reflector::store();
     let lock_index = watch::LockIndex::default();
-    let lock_events =
-        kube::runtime::reflector(locks_writer, watcher(locks_api, watch::watch_config()))
-            .inspect({
-                let caches = caches.clone();
-                let index = lock_index.clone();
-                move |ev| {
-                    if let Ok(e) = ev {
-                        index.apply(e);
-                    }
-                    if matches!(ev, Ok(watcher::Event::InitDone)) {
-                        caches
-                            .locks
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                }
-            })
-            .applied_objects();
+    let lock_events = kube::runtime::reflector(
+        locks_writer,
+        lenient::watcher::<StatefulSetLock>(
+            client.clone(),
+            watch::watch_config(),
+            undecodable.clone(),
+        ),
+    )
+    .inspect({
+        let caches = caches.clone();
+        let index = lock_index.clone();
+        move |ev| {
+            if let Ok(e) = ev {
+                index.apply(e);
+            }
+            if matches!(ev, Ok(watcher::Event::InitDone)) {
+                caches
+                    .locks
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .applied_objects();
     let controller = Controller::for_stream(lock_events, locks.clone());
     let (sets, sets_writer) = kube::runtime::reflector::store();
     let sets_stream = kube::runtime::reflector(
         sets_writer,
-        watcher(Api::all(client.clone()), watch::watch_config()),
+        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone()),
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
@@ -208,6 +276,7 @@ pub async fn run_with(
     let scoped = |f| crate::metrics::scoped(metrics.clone(), f);
     let background = AbortOnDrop(vec![
         tokio::spawn(crate::metrics::server::serve(listener, probe)),
+        tokio::spawn(report_undecodable_locks(ctx.clone(), undecodable_rx)),
         tokio::spawn(scoped(sharding.clone().membership_loop().boxed())),
         tokio::spawn(scoped(sharding.clone().watch_members().boxed())),
         tokio::spawn(cache_synced(sets.clone(), caches.clone(), |c| {
@@ -272,12 +341,14 @@ pub async fn run_with(
             client.clone(),
             pods,
             lock_index.clone(),
+            undecodable.clone(),
         ))
         .reconcile_on(set_triggers)
         .reconcile_on(watch::lease_triggers_synced(
             client.clone(),
             leases,
             caches.leases.clone(),
+            undecodable.clone(),
         ))
         .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
         .graceful_shutdown_on({

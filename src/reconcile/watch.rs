@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 
 use crate::api::{LEASE_OWNER_ANNOTATION, StatefulSetLock};
 use crate::reconcile::pods::PodIndex;
@@ -24,7 +24,7 @@ pub const STS_POD_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Label stslock puts on the Leases it creates, so it can watch only those.
 pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
 
-/// stslock's own Leases by (namespace, name), kept by [`lease_triggers`] and by the responses
+/// stslock's own Leases by (namespace, name), kept by [`lease_triggers_synced`] and by the responses
 /// of this replica's own Lease writes and reads ([`remember_lease`]).
 pub type LeaseCache =
     Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>;
@@ -176,10 +176,10 @@ pub fn pod_triggers(
     client: Client,
     index: PodIndex,
     locks: LockIndex,
+    undecodable: crate::reconcile::lenient::Reporter,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
-    let pods: Api<Pod> = Api::all(client);
     let cfg = watch_config().labels(STS_POD_LABEL);
-    watcher(pods, cfg)
+    crate::reconcile::lenient::watcher::<Pod>(client, cfg, undecodable)
         .default_backoff()
         .filter_map(move |ev| {
             let out = match ev {
@@ -206,65 +206,61 @@ pub fn pod_triggers(
         .flatten()
 }
 
-/// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted
-/// by someone else).
-pub fn lease_triggers(
-    client: Client,
-    leases: LeaseCache,
-) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
-    lease_triggers_synced(client, leases, Arc::default())
-}
-
-/// [`lease_triggers`], also setting `synced` once the initial list is in the cache (readiness).
+/// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted by
+/// someone else); sets `synced` once the initial list is in the cache (readiness).
 pub fn lease_triggers_synced(
     client: Client,
     leases: LeaseCache,
     synced: Arc<std::sync::atomic::AtomicBool>,
+    undecodable: crate::reconcile::lenient::Reporter,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
-    let api: Api<Lease> = Api::all(client);
     // A relist is buffered and swapped in at InitDone (merged with anything newer this replica
     // wrote meanwhile): the cache never goes through an empty state that would look like every
     // Lease was deleted.
     let mut relist: Option<Vec<Lease>> = None;
-    watcher(api, watch_config().labels(LEASE_LABEL))
-        .default_backoff()
-        .filter_map(move |ev| {
-            let mut refs = vec![];
-            match ev {
-                Ok(watcher::Event::Apply(l)) => {
-                    if let Some(r) = owner_ref(&l) {
-                        refs.push(r);
-                    }
-                    remember_lease(&leases, l);
+    crate::reconcile::lenient::watcher::<Lease>(
+        client,
+        watch_config().labels(LEASE_LABEL),
+        undecodable,
+    )
+    .default_backoff()
+    .filter_map(move |ev| {
+        let mut refs = vec![];
+        match ev {
+            Ok(watcher::Event::Apply(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
                 }
-                Ok(watcher::Event::InitApply(l)) => {
-                    if let Some(r) = owner_ref(&l) {
-                        refs.push(r);
-                    }
-                    relist.get_or_insert_with(Vec::new).push(l);
-                }
-                Ok(watcher::Event::Delete(l)) => {
-                    if let Some(r) = owner_ref(&l) {
-                        refs.push(r);
-                    }
-                    forget_lease(
-                        &leases,
-                        &l.namespace().unwrap_or_default(),
-                        &l.name_any(),
-                        l.resource_version().as_deref(),
-                    );
-                }
-                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
-                Ok(watcher::Event::InitDone) => {
-                    let listed = relist.take().unwrap_or_default();
-                    swap_in(&leases, listed, &mut refs);
-                    synced.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                Err(e) => tracing::warn!(error = %e, "lease watch"),
+                remember_lease(&leases, l);
             }
-            futures::future::ready(Some(futures::stream::iter(refs)))
-        })
-        .flatten()
+            Ok(watcher::Event::InitApply(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
+                }
+                relist.get_or_insert_with(Vec::new).push(l);
+            }
+            Ok(watcher::Event::Delete(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
+                }
+                forget_lease(
+                    &leases,
+                    &l.namespace().unwrap_or_default(),
+                    &l.name_any(),
+                    l.resource_version().as_deref(),
+                );
+            }
+            Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+            Ok(watcher::Event::InitDone) => {
+                let listed = relist.take().unwrap_or_default();
+                swap_in(&leases, listed, &mut refs);
+                synced.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(e) => tracing::warn!(error = %e, "lease watch"),
+        }
+        futures::future::ready(Some(futures::stream::iter(refs)))
+    })
+    .flatten()
 }
 
 /// Replace the cache with a relist, keeping entries newer than the list (written by this

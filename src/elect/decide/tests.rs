@@ -25,6 +25,7 @@ fn observed(pods: Vec<Candidate>) -> Observed {
         generation: 1,
         deleting: false,
         has_finalizer: true,
+        go_finalizer: false,
         statefulset_name: "db".into(),
         lease_name: "db-lease".into(),
         lease_duration_seconds: 30,
@@ -57,6 +58,8 @@ fn lease(holder: &str, uid: &str, transitions: i64, renewed: i64) -> LeaseView {
         duration_seconds: 30,
         resource_version: "7".into(),
         owner: Some("ns/lock".into()),
+        unmarked: false,
+        renewed_mark: None,
     }
 }
 
@@ -1007,4 +1010,295 @@ fn pausing_a_stable_lock_is_an_event_once() {
     o.status = plan.status.expect("status");
     let again = decide(&o, ts(12), &cfg());
     assert!(again.events.is_empty(), "{:?}", again.events);
+}
+
+// --- Taking over from the Go operator (DESIGN §10) ------------------------------------------
+
+/// The state the Go operator leaves: its finalizer on the lock, a Lease with a holder and no
+/// marks at all, role labels without epochs, no stslock status.
+fn go_state(pods: Vec<Candidate>, holder: &str, transitions: i64) -> Observed {
+    let mut o = observed(pods);
+    o.has_finalizer = false;
+    o.go_finalizer = true;
+    let mut l = lease(holder, "", transitions, 0);
+    l.holder_uid = None;
+    l.owner = None;
+    l.unmarked = true;
+    o.lease = Some(l);
+    o
+}
+
+fn role(mut p: Candidate, r: Role) -> Candidate {
+    p.role = Some(r);
+    p
+}
+
+fn demotes(s: &Step) -> bool {
+    matches!(
+        s,
+        Step::Label {
+            role: Some(Role::Reader),
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_go_lease_with_a_ready_holder_is_adopted_for_the_same_holder_and_epoch_demote_first() {
+    // db-1 holds the Go Lease (Ready); db-0 is the stale NotReady writer the Go operator left.
+    let o = go_state(
+        vec![
+            role(pod(0, false), Role::Writer),
+            role(pod(1, true), Role::Writer),
+            role(pod(2, true), Role::Reader),
+        ],
+        "db-1",
+        4,
+    );
+    let plan = decide(&o, ts(5), &cfg());
+    // The stale writer is demoted before anything else is written for the lock.
+    assert_eq!(
+        plan.steps[0],
+        Step::Label {
+            pod: "db-0".into(),
+            uid: "uid-0-0".into(),
+            role: Some(Role::Reader),
+            epoch: None
+        },
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(plan.steps[1], Step::AddFinalizer, "{:?}", plan.steps);
+    assert_eq!(
+        *lease_step(&plan),
+        Step::UpdateLease {
+            expected_resource_version: "7".into(),
+            holder: "db-1".into(),
+            holder_uid: "uid-1-0".into(),
+            transitions: 4,
+            acquire: false,
+        },
+        "same holder, same epoch, compare-and-swap on the Go Lease"
+    );
+    assert!(
+        !plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::ReserveEpoch { .. })),
+        "no new epoch"
+    );
+    assert!(plan.steps.contains(&Step::Label {
+        pod: "db-1".into(),
+        uid: "uid-1-0".into(),
+        role: Some(Role::Writer),
+        epoch: Some(4)
+    }));
+    let writers_promoted: Vec<_> = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Label { role: Some(Role::Writer), pod, .. } if pod != "db-1"))
+        .collect();
+    assert!(writers_promoted.is_empty(), "{writers_promoted:?}");
+    assert_eq!(plan.events[0].reason, "Adopted");
+    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("adoption"));
+    let st = plan.status.expect("status");
+    assert_eq!(st.writer_pod.as_deref(), Some("db-1"));
+    assert_eq!(st.writer_uid.as_deref(), Some("uid-1-0"));
+    assert_eq!(st.writer_epoch, Some(4));
+    assert!(
+        plan.renew_after.is_some(),
+        "the adopted Lease gets a renewal entry"
+    );
+}
+
+#[test]
+fn a_go_lease_whose_holder_is_not_ready_is_adopted_by_a_failover_demote_first() {
+    let o = go_state(
+        vec![
+            role(pod(0, false), Role::Writer),
+            role(pod(1, true), Role::Reader),
+        ],
+        "db-0",
+        2,
+    );
+    let plan = decide(&o, ts(5), &cfg());
+    let lease_at = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::UpdateLease { .. }))
+        .expect("a Lease write");
+    assert!(demotes(&plan.steps[0]), "{:?}", plan.steps);
+    assert!(
+        plan.steps[..lease_at].iter().any(
+            |s| matches!(s, Step::Label { pod, role: Some(Role::Reader), .. } if pod == "db-0")
+        ),
+        "the Go writer is demoted before the Lease moves: {:?}",
+        plan.steps
+    );
+    assert!(matches!(
+        &plan.steps[lease_at],
+        Step::UpdateLease { holder, transitions: 3, acquire: true, .. } if holder == "db-1"
+    ));
+    let finalizer_at = plan
+        .steps
+        .iter()
+        .position(|s| *s == Step::AddFinalizer)
+        .expect("finalizer swap");
+    assert!(
+        plan.steps[..finalizer_at].iter().all(demotes),
+        "{:?}",
+        plan.steps
+    );
+    assert!(plan.events.iter().any(|e| e.reason == "Adopted"));
+    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("failover"));
+}
+
+#[test]
+fn a_lease_that_only_looks_like_the_go_operators_is_never_written() {
+    let pods = vec![role(pod(0, true), Role::Writer), pod(1, true)];
+    // Held by something that is not a pod of this StatefulSet.
+    let mut other_holder = go_state(pods.clone(), "some-other-app-0", 1);
+    // Marked by another workload (a label, an annotation or an owner reference).
+    let mut marked = go_state(pods.clone(), "db-0", 1);
+    marked.lease.as_mut().expect("lease").unmarked = false;
+    for o in [&mut other_holder, &mut marked] {
+        let plan = decide(o, ts(5), &cfg());
+        assert!(
+            !plan.steps.iter().any(|s| matches!(
+                s,
+                Step::UpdateLease { .. } | Step::CreateLease { .. } | Step::DeleteLease { .. }
+            )),
+            "{:?}",
+            plan.steps
+        );
+        assert!(
+            !plan.steps.iter().any(|s| matches!(s, Step::Label { .. })),
+            "labels are not touched either: {:?}",
+            plan.steps
+        );
+        assert_eq!(plan.events[0].reason, "LeaseNotOwned");
+        // The Go finalizer is still replaced: a deleted lock must not hang on it.
+        assert_eq!(plan.steps, vec![Step::AddFinalizer]);
+        // Deleting it never deletes that Lease nor strips labels.
+        o.deleting = true;
+        let del = decide(
+            o,
+            ts(6),
+            &Config {
+                on_delete: OnDelete::RemoveLabels,
+                ..cfg()
+            },
+        );
+        assert_eq!(del.steps, vec![Step::RemoveFinalizer]);
+    }
+    assert!(is_pod_name_of("db-12", "db"));
+    assert!(!is_pod_name_of("db-", "db") && !is_pod_name_of("db-x1", "db"));
+    assert!(!is_pod_name_of("dbx-1", "db"));
+}
+
+#[test]
+fn a_lock_with_only_the_go_finalizer_is_deleted_and_its_go_lease_with_it() {
+    let mut o = go_state(vec![role(pod(0, true), Role::Writer)], "db-0", 0);
+    o.deleting = true;
+    let plan = decide(&o, ts(5), &cfg());
+    assert_eq!(
+        plan.steps,
+        vec![
+            Step::DeleteLease {
+                expected_resource_version: "7".into()
+            },
+            Step::RemoveFinalizer
+        ]
+    );
+}
+
+#[test]
+fn a_lease_renewed_by_another_writer_is_not_fought_until_it_expires() {
+    let pods = vec![
+        role(pod(0, true), Role::Writer),
+        role(pod(1, true), Role::Reader),
+    ];
+    let mut o = observed(pods);
+    let mut l = lease("db-0", "uid-0-0", 3, 10);
+    // stslock last wrote renewTime ts(0); someone else renewed at ts(10).
+    l.renewed_mark = Some(ts(0));
+    o.lease = Some(l.clone());
+    o.go_finalizer = true; // the Go operator re-added its finalizer too
+    let before = o.status.clone();
+    let plan = decide(&o, ts(20), &cfg());
+    assert!(plan.steps.is_empty(), "{:?}", plan.steps);
+    assert_eq!(plan.events[0].reason, "ConcurrentWriter");
+    let st = plan.status.clone().expect("the condition is reported");
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Error" && c.status == "True" && c.reason == "ConcurrentWriter")
+    );
+    assert_eq!(
+        st.shard, before.shard,
+        "nothing else of the status is rewritten"
+    );
+    assert_eq!(
+        plan.requeue_after,
+        Some(Duration::from_millis(20_500)),
+        "wait until that Lease expires"
+    );
+    // Reported once: the same state again writes nothing, sends no Event.
+    let mut again = o.clone();
+    again.status = st;
+    let plan2 = decide(&again, ts(25), &cfg());
+    assert!(plan2.steps.is_empty() && plan2.status.is_none() && plan2.events.is_empty());
+    // Once it expired unrenewed, stslock takes it back for the same Ready holder, no transition.
+    let plan3 = decide(&again, ts(41), &cfg());
+    assert!(matches!(
+        lease_step(&plan3),
+        Step::UpdateLease { holder, transitions: 3, acquire: true, .. } if holder == "db-0"
+    ));
+    assert!(plan3.transition.is_none());
+    // A Lease of ours renewed by us (mark == renewTime), or from before the mark: business as usual.
+    l.renewed_mark = l.renew_time;
+    o.lease = Some(l);
+    assert!(
+        decide(&o, ts(11), &cfg())
+            .events
+            .iter()
+            .all(|e| e.reason != "ConcurrentWriter")
+    );
+}
+
+#[test]
+fn without_a_lease_the_go_operators_single_ready_writer_keeps_the_role() {
+    let o = observed(vec![
+        pod(0, true),
+        role(pod(1, true), Role::Writer),
+        role(pod(2, false), Role::Writer),
+    ]);
+    let plan = decide(&o, ts(5), &cfg());
+    assert!(matches!(
+        lease_step(&plan),
+        Step::CreateLease { holder, transitions: 0, .. } if holder == "db-1"
+    ));
+    assert!(plan.steps.contains(&Step::Label {
+        pod: "db-2".into(),
+        uid: "uid-2-0".into(),
+        role: Some(Role::Reader),
+        epoch: None
+    }));
+    assert!(
+        !plan.steps.iter().any(
+            |s| matches!(s, Step::Label { pod, role: Some(Role::Writer), .. } if pod != "db-1")
+        )
+    );
+    // Two Ready writers: neither is trusted; a normal election, demote first.
+    let two = observed(vec![
+        role(pod(0, true), Role::Writer),
+        role(pod(1, true), Role::Writer),
+    ]);
+    let plan = decide(&two, ts(5), &cfg());
+    let create = plan
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::CreateLease { .. }))
+        .expect("create");
+    assert!(plan.steps[..create].iter().filter(|s| demotes(s)).count() >= 1);
 }
