@@ -1,0 +1,402 @@
+//! Issue P7: stslock takes a cluster over from the Go `sts-leader-elect-operator` (DESIGN §10),
+//! on either backend (tests/common). The fixture is the state the Go operator leaves: its CRD
+//! (`tests/fixtures/go-operator-crd.yaml`, the seed's as it ships), locks with its finalizer and
+//! its status, Leases with a holder and no labels, annotations or owner references, role labels
+//! on the pods — one StatefulSet with the stale NotReady `writer` the Go operator is known to
+//! leave beside the real one, one whose writer went NotReady before the Go operator was stopped —
+//! and one lock without `spec`, which the Go CRD allows. Then our CRD is applied over the Go one
+//! and stslock started.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are failures
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Env, Options, ROLE_LABEL, call};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use stslock::api::{FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, WRITER_UID_ANNOTATION};
+
+const LOCKS: usize = 20;
+const LEASE_SECONDS: i32 = 6;
+/// The StatefulSet whose old writer (NotReady) still carries `writer` beside the new one.
+const STALE: usize = 3;
+/// The StatefulSet whose writer went NotReady before the Go operator was stopped.
+const DOWN: usize = 5;
+
+fn go_crd() -> CustomResourceDefinition {
+    let yaml = include_str!("fixtures/go-operator-crd.yaml");
+    serde_saphyr::from_str(yaml).expect("the Go operator's CRD parses")
+}
+
+fn locks_api(env: &Env) -> Api<DynamicObject> {
+    let ar = ApiResource {
+        group: "app.anukkrit.me".into(),
+        version: "v1".into(),
+        api_version: "app.anukkrit.me/v1".into(),
+        kind: "StatefulSetLock".into(),
+        plural: "statefulsetlocks".into(),
+    };
+    Api::namespaced_with(env.admin.clone(), &env.ns, &ar)
+}
+
+/// The writer the Go operator chose for set `i` (not always the lowest ordinal: it failed over
+/// before, so an election from scratch would pick someone else).
+fn go_writer(i: usize) -> String {
+    format!("db-{i}-{}", i % 2)
+}
+
+/// Every lock has a "Ready" writer-labelled pod that holds its Lease (and for STALE a second,
+/// NotReady, writer-labelled pod).
+async fn go_operator_state(env: &Env) {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
+    call(
+        "apply the Go CRD",
+        crds.patch(
+            "statefulsetlocks.app.anukkrit.me",
+            &PatchParams::apply("go-operator").force(),
+            &Patch::Apply(go_crd()),
+        ),
+    )
+    .await
+    .expect("Go CRD");
+    for i in 0..LOCKS {
+        env.statefulset(&format!("db-{i}"), 3).await;
+    }
+    // Every pod Ready, as the Go operator needs them to label.
+    env.until(180, "every pod Ready", || {
+        let pods = env.pods();
+        Box::pin(async move {
+            let l = pods.list(&ListParams::default()).await.ok()?;
+            let ready = l
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .count();
+            (ready == LOCKS * 3).then_some(())
+        })
+    })
+    .await;
+    let locks = locks_api(env);
+    let leases = env.leases();
+    let pods = env.pods();
+    let now = jiff::Timestamp::now();
+    let micro = |t: jiff::Timestamp| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    for i in 0..LOCKS {
+        let writer = go_writer(i);
+        // Its Lease: a holder, renewed a moment ago, no marks at all.
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": format!("db-{i}-lease")},
+            "spec": {"holderIdentity": writer, "leaseDurationSeconds": LEASE_SECONDS,
+                     "acquireTime": micro(now), "renewTime": micro(now), "leaseTransitions": i % 4}
+        }))
+        .unwrap();
+        call("create Go lease", leases.create(&PostParams::default(), &lease))
+            .await
+            .expect("lease");
+        for o in 0..3 {
+            let pod = format!("db-{i}-{o}");
+            let role = if pod == writer || (i == STALE && o == 1 - i % 2) {
+                "writer"
+            } else {
+                "reader"
+            };
+            call(
+                "label pod",
+                pods.patch(
+                    &pod,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {ROLE_LABEL: role}}})),
+                ),
+            )
+            .await
+            .expect("label");
+        }
+        // The lock, with the Go finalizer and the Go operator's status.
+        let lock: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": format!("lock-{i}"), "finalizers": [GO_FINALIZER]},
+            "spec": {"statefulSetName": format!("db-{i}"), "leaseName": format!("db-{i}-lease"),
+                     "leaseDurationSeconds": LEASE_SECONDS}
+        }))
+        .unwrap();
+        call("create lock", locks.create(&PostParams::default(), &lock))
+            .await
+            .expect("lock");
+        let t = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        call(
+            "Go status",
+            locks.patch_status(
+                &format!("lock-{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"writerPod": writer, "conditions": [
+                    {"type": "Available", "status": "True", "reason": "Available", "message": format!("writer pod {writer} is available"), "lastTransitionTime": t},
+                    {"type": "Progressing", "status": "False", "reason": "Reconciling", "message": "reconciled", "lastTransitionTime": t},
+                ]}})),
+            ),
+        )
+        .await
+        .expect("status");
+    }
+    // The Go CRD lets a lock without spec be stored.
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+        "metadata": {"name": "bad-lock", "finalizers": [GO_FINALIZER]}
+    }))
+    .unwrap();
+    call("create lock without spec", locks.create(&PostParams::default(), &bad))
+        .await
+        .expect("a lock without spec is valid under the Go CRD");
+    // The known defect: STALE's old writer went NotReady and kept `writer`; DOWN's writer went
+    // NotReady just before the Go operator stopped.
+    env.set_ready(&format!("db-{STALE}-{}", 1 - STALE % 2), false)
+        .await;
+    env.set_ready(&go_writer(DOWN), false).await;
+}
+
+/// Our CRD over the Go one, served once its schema is ours (the printer columns say so).
+async fn install_our_crd(env: &Env) {
+    stslock::dev::install_crd(&env.admin).await.expect("our CRD over the Go one");
+    let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
+    env.until(60, "our CRD established", || {
+        let crds = crds.clone();
+        Box::pin(async move {
+            let c = crds.get("statefulsetlocks.app.anukkrit.me").await.ok()?;
+            let ours = c.spec.versions.iter().any(|v| {
+                v.additional_printer_columns
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|c| c.name == "Epoch"))
+            });
+            let established = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            (ours && established).then_some(())
+        })
+    })
+    .await;
+}
+
+fn lease_of(l: &Lease) -> (String, i32, Option<jiff::Timestamp>) {
+    let s = l.spec.clone().unwrap_or_default();
+    (
+        s.holder_identity.unwrap_or_default(),
+        s.lease_transitions.unwrap_or(0),
+        s.renew_time.map(|t| t.0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
+    let mut env = Env::start_with(Options {
+        replicas: 0,
+        install_crd: false,
+        ..Options::default()
+    })
+    .await;
+    go_operator_state(&env).await;
+    let before: BTreeMap<String, (String, i32, Option<jiff::Timestamp>)> = call(
+        "list leases",
+        env.leases().list(&ListParams::default()),
+    )
+    .await
+    .unwrap()
+    .items
+    .iter()
+    .map(|l| (l.name_any(), lease_of(l)))
+    .collect();
+    install_our_crd(&env).await;
+    for id in ["test-0", "test-1"] {
+        let args = env.operator_args(id);
+        env.start_operator_with(id, args).await;
+    }
+
+    // Every decodable lock is adopted: its Lease marked as ours, the Go finalizer replaced.
+    let leases = env.leases();
+    let adopted = env
+        .until(90, "every Lease adopted", || {
+            let leases = leases.clone();
+            Box::pin(async move {
+                let l = leases.list(&ListParams::default()).await.ok()?;
+                let ours: Vec<Lease> = l
+                    .items
+                    .into_iter()
+                    .filter(|l| l.annotations().contains_key(LEASE_OWNER_ANNOTATION))
+                    .collect();
+                (ours.len() == LOCKS).then_some(ours)
+            })
+        })
+        .await;
+    for l in &adopted {
+        let name = l.name_any();
+        let i: usize = name
+            .trim_start_matches("db-")
+            .trim_end_matches("-lease")
+            .parse()
+            .unwrap();
+        let (holder, transitions, _) = lease_of(l);
+        let (go_holder, go_transitions, _) = before[&name].clone();
+        assert_eq!(
+            l.annotations()[LEASE_OWNER_ANNOTATION],
+            format!("{}/lock-{i}", env.ns)
+        );
+        assert!(l.annotations().contains_key(WRITER_UID_ANNOTATION));
+        assert_eq!(
+            l.owner_references().first().map(|r| r.name.as_str()),
+            Some(format!("lock-{i}").as_str()),
+            "the adopted Lease is owned by its lock"
+        );
+        if i == DOWN {
+            assert_ne!(holder, go_holder, "a NotReady holder is failed over");
+            assert!(transitions > go_transitions, "under a new epoch");
+        } else {
+            assert_eq!(holder, go_holder, "{name}: a Ready holder keeps the role");
+            assert_eq!(
+                transitions, go_transitions,
+                "{name}: adoption of a Ready holder is no transition"
+            );
+        }
+    }
+    // Roles: the same writer for every Ready holder; STALE's old writer demoted.
+    for i in 0..LOCKS {
+        let writer = if i == DOWN {
+            adopted
+                .iter()
+                .find(|l| l.name_any() == format!("db-{i}-lease"))
+                .map(|l| lease_of(l).0)
+                .unwrap()
+        } else {
+            go_writer(i)
+        };
+        env.wait_writer(&format!("db-{i}"), &writer).await;
+    }
+    // (Listed untyped: the lock without spec does not decode as ours.)
+    let locks = locks_api(&env);
+    env.until(60, "Go finalizers replaced and WriterReady reported", || {
+        let locks = locks.clone();
+        Box::pin(async move {
+            let l = locks.list(&ListParams::default()).await.ok()?;
+            l.items
+                .iter()
+                .filter(|l| l.name_any() != "bad-lock")
+                .all(|l| {
+                    l.finalizers() == [FINALIZER.to_string()]
+                        && l.data["status"]["conditions"]
+                            .as_array()
+                            .is_some_and(|c| {
+                                c.iter().any(|c| {
+                                    c["type"] == "Available" && c["reason"] == "WriterReady"
+                                })
+                            })
+                })
+                .then_some(())
+        })
+    })
+    .await;
+    env.wait_event("lock-0", "an Adopted Event", |reason, _| reason == "Adopted").await;
+    // The undecodable lock is reported on itself, and nothing else waited for it.
+    env.wait_event("bad-lock", "an Undecodable Event", |reason, msg| {
+        reason == "Undecodable" && msg.contains("spec")
+    })
+    .await;
+
+    // Every Lease renewed within half its duration (plus scheduling slack) once adopted.
+    let first: BTreeMap<String, jiff::Timestamp> = adopted
+        .iter()
+        .map(|l| (l.name_any(), lease_of(l).2.unwrap()))
+        .collect();
+    let renewed = env
+        .until(30, "every adopted Lease renewed", || {
+            let (leases, first) = (leases.clone(), first.clone());
+            Box::pin(async move {
+                let l = leases.list(&ListParams::default()).await.ok()?;
+                let gaps: Vec<(String, f64)> = l
+                    .items
+                    .iter()
+                    .filter_map(|l| {
+                        let t = lease_of(l).2?;
+                        let f = first.get(&l.name_any())?;
+                        (t > *f).then(|| (l.name_any(), t.duration_since(*f).as_secs_f64()))
+                    })
+                    .collect();
+                (gaps.len() == LOCKS).then_some(gaps)
+            })
+        })
+        .await;
+    for (name, gap) in &renewed {
+        assert!(
+            *gap <= f64::from(LEASE_SECONDS) / 2.0 + 1.5,
+            "{name} renewed {gap:.2}s after adoption"
+        );
+    }
+
+    // STALE's old writer recovers: it stays a reader.
+    let stale = format!("db-{STALE}-{}", 1 - STALE % 2);
+    env.set_ready(&stale, true).await;
+    env.wait_writer(&format!("db-{STALE}"), &go_writer(STALE))
+        .await;
+
+    // Failover works on every adopted lock.
+    let mut writers = BTreeMap::new();
+    for i in 0..LOCKS {
+        let roles = env.roles(&format!("db-{i}")).await;
+        let w = roles
+            .iter()
+            .find(|(_, r)| r.as_deref() == Some("writer"))
+            .map(|(p, _)| p.clone())
+            .unwrap();
+        env.set_ready(&w, false).await;
+        writers.insert(i, w);
+    }
+    for (i, old) in &writers {
+        let app = format!("db-{i}");
+        let pods = env.pods();
+        let (app2, old2) = (app.clone(), old.clone());
+        env.until(60, &format!("{app} failed over"), move || {
+            let (pods, app, old) = (pods.clone(), app2.clone(), old2.clone());
+            Box::pin(async move {
+                let l = pods
+                    .list(&ListParams::default().labels(&format!("app={app},{ROLE_LABEL}=writer")))
+                    .await
+                    .ok()?;
+                (l.items.len() == 1 && l.items[0].name_any() != old).then_some(())
+            })
+        })
+        .await;
+    }
+
+    // Deleting an adopted lock completes: no finalizer left behind.
+    for name in ["lock-0", "lock-1"] {
+        call("delete lock", env.locks().delete(name, &DeleteParams::default()))
+            .await
+            .unwrap();
+    }
+    let locks = env.locks();
+    env.until(60, "adopted locks deleted", || {
+        let locks = locks.clone();
+        Box::pin(async move {
+            let a = locks.get_opt("lock-0").await.ok()?;
+            let b = locks.get_opt("lock-1").await.ok()?;
+            (a.is_none() && b.is_none()).then_some(())
+        })
+    })
+    .await;
+
+    // Zero dual-writer time, except the interval the Go operator left on STALE, which ends
+    // once stslock runs.
+    let report = env.report().await;
+    for (set, r) in &report.statefulsets {
+        if set.ends_with(&format!("/db-{STALE}")) {
+            assert_eq!(r.dual_writer.len(), 1, "{set}: {:?}", r.dual_writer);
+            assert!(r.dual_writer[0].end_ms.is_some(), "{set}: the stale writer was demoted");
+        } else {
+            assert!(r.dual_writer.is_empty(), "{set}: {:?}", r.dual_writer);
+        }
+    }
+    env.stop_operators().await;
+}
