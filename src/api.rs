@@ -42,9 +42,11 @@ const DNS1123_SUBDOMAIN: &str =
     namespaced,
     status = "StatefulSetLockStatus",
     doc = "StatefulSetLock elects one writer pod of a StatefulSet (label sts-role=writer, the others sts-role=reader) and backs the choice with a coordination.k8s.io/v1 Lease.",
+    printcolumn = r#"{"name":"StatefulSet","type":"string","jsonPath":".spec.statefulSetName","description":"The StatefulSet whose writer is elected (a column of the Go operator's CRD)"}"#,
     printcolumn = r#"{"name":"Writer","type":"string","jsonPath":".status.writerPod","description":"The pod currently labelled writer"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.writerEpoch","description":"Fencing epoch (the Lease's leaseTransitions)"}"#,
     printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].status"}"#,
+    printcolumn = r#"{"name":"Lease Duration","type":"integer","jsonPath":".spec.leaseDurationSeconds","description":"leaseDurationSeconds (a column of the Go operator's CRD)"}"#,
     printcolumn = r#"{"name":"Shard","type":"string","jsonPath":".status.shard","priority":1,"description":"Operator replica that owns this lock"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -89,5 +89,17 @@ fn crd_is_seed_compatible() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(cols, ["Writer", "Epoch", "Available", "Shard", "Age"]);
+    // Ours, and the Go operator's (StatefulSet, Writer Pod as our Writer, Lease Duration).
+    assert_eq!(
+        cols,
+        [
+            "StatefulSet",
+            "Writer",
+            "Epoch",
+            "Available",
+            "Lease Duration",
+            "Shard",
+            "Age"
+        ]
+    );
 }

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use common::{Env, Options, ROLE_LABEL, call};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use stslock::api::{FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, WRITER_UID_ANNOTATION};
@@ -99,9 +101,12 @@ async fn go_operator_state(env: &Env) {
                      "acquireTime": micro(now), "renewTime": micro(now), "leaseTransitions": i % 4}
         }))
         .unwrap();
-        call("create Go lease", leases.create(&PostParams::default(), &lease))
-            .await
-            .expect("lease");
+        call(
+            "create Go lease",
+            leases.create(&PostParams::default(), &lease),
+        )
+        .await
+        .expect("lease");
         for o in 0..3 {
             let pod = format!("db-{i}-{o}");
             let role = if pod == writer || (i == STALE && o == 1 - i % 2) {
@@ -152,9 +157,12 @@ async fn go_operator_state(env: &Env) {
         "metadata": {"name": "bad-lock", "finalizers": [GO_FINALIZER]}
     }))
     .unwrap();
-    call("create lock without spec", locks.create(&PostParams::default(), &bad))
-        .await
-        .expect("a lock without spec is valid under the Go CRD");
+    call(
+        "create lock without spec",
+        locks.create(&PostParams::default(), &bad),
+    )
+    .await
+    .expect("a lock without spec is valid under the Go CRD");
     // The known defect: STALE's old writer went NotReady and kept `writer`; DOWN's writer went
     // NotReady just before the Go operator stopped.
     env.set_ready(&format!("db-{STALE}-{}", 1 - STALE % 2), false)
@@ -164,7 +172,9 @@ async fn go_operator_state(env: &Env) {
 
 /// Our CRD over the Go one, served once its schema is ours (the printer columns say so).
 async fn install_our_crd(env: &Env) {
-    stslock::dev::install_crd(&env.admin).await.expect("our CRD over the Go one");
+    stslock::dev::install_crd(&env.admin)
+        .await
+        .expect("our CRD over the Go one");
     let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
     env.until(60, "our CRD established", || {
         let crds = crds.clone();
@@ -175,7 +185,11 @@ async fn install_our_crd(env: &Env) {
                     .as_ref()
                     .is_some_and(|p| p.iter().any(|c| c.name == "Epoch"))
             });
-            let established = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            let established = c
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
             (ours && established).then_some(())
         })
     })
@@ -200,16 +214,14 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
     })
     .await;
     go_operator_state(&env).await;
-    let before: BTreeMap<String, (String, i32, Option<jiff::Timestamp>)> = call(
-        "list leases",
-        env.leases().list(&ListParams::default()),
-    )
-    .await
-    .unwrap()
-    .items
-    .iter()
-    .map(|l| (l.name_any(), lease_of(l)))
-    .collect();
+    let before: BTreeMap<String, (String, i32, Option<jiff::Timestamp>)> =
+        call("list leases", env.leases().list(&ListParams::default()))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|l| (l.name_any(), lease_of(l)))
+            .collect();
     install_our_crd(&env).await;
     for id in ["test-0", "test-1"] {
         let args = env.operator_args(id);
@@ -277,28 +289,33 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
     }
     // (Listed untyped: the lock without spec does not decode as ours.)
     let locks = locks_api(&env);
-    env.until(60, "Go finalizers replaced and WriterReady reported", || {
-        let locks = locks.clone();
-        Box::pin(async move {
-            let l = locks.list(&ListParams::default()).await.ok()?;
-            l.items
-                .iter()
-                .filter(|l| l.name_any() != "bad-lock")
-                .all(|l| {
-                    l.finalizers() == [FINALIZER.to_string()]
-                        && l.data["status"]["conditions"]
-                            .as_array()
-                            .is_some_and(|c| {
+    env.until(
+        60,
+        "Go finalizers replaced and WriterReady reported",
+        || {
+            let locks = locks.clone();
+            Box::pin(async move {
+                let l = locks.list(&ListParams::default()).await.ok()?;
+                l.items
+                    .iter()
+                    .filter(|l| l.name_any() != "bad-lock")
+                    .all(|l| {
+                        l.finalizers() == [FINALIZER.to_string()]
+                            && l.data["status"]["conditions"].as_array().is_some_and(|c| {
                                 c.iter().any(|c| {
                                     c["type"] == "Available" && c["reason"] == "WriterReady"
                                 })
                             })
-                })
-                .then_some(())
-        })
+                    })
+                    .then_some(())
+            })
+        },
+    )
+    .await;
+    env.wait_event("lock-0", "an Adopted Event", |reason, _| {
+        reason == "Adopted"
     })
     .await;
-    env.wait_event("lock-0", "an Adopted Event", |reason, _| reason == "Adopted").await;
     // The undecodable lock is reported on itself, and nothing else waited for it.
     env.wait_event("bad-lock", "an Undecodable Event", |reason, msg| {
         reason == "Undecodable" && msg.contains("spec")
@@ -372,9 +389,12 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
 
     // Deleting an adopted lock completes: no finalizer left behind.
     for name in ["lock-0", "lock-1"] {
-        call("delete lock", env.locks().delete(name, &DeleteParams::default()))
-            .await
-            .unwrap();
+        call(
+            "delete lock",
+            env.locks().delete(name, &DeleteParams::default()),
+        )
+        .await
+        .unwrap();
     }
     let locks = env.locks();
     env.until(60, "adopted locks deleted", || {
@@ -393,7 +413,10 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
     for (set, r) in &report.statefulsets {
         if set.ends_with(&format!("/db-{STALE}")) {
             assert_eq!(r.dual_writer.len(), 1, "{set}: {:?}", r.dual_writer);
-            assert!(r.dual_writer[0].end_ms.is_some(), "{set}: the stale writer was demoted");
+            assert!(
+                r.dual_writer[0].end_ms.is_some(),
+                "{set}: the stale writer was demoted"
+            );
         } else {
             assert!(r.dual_writer.is_empty(), "{set}: {:?}", r.dual_writer);
         }
