@@ -16,10 +16,13 @@ $(PY):
 
 # The integration suites ported to tests/common: they run on kubesim (in `cargo test`) and on
 # the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
-REAL_SUITES := --test operator --test kubectl_story --test scope
+REAL_SUITES := --test operator --test kubectl_story --test scope --test takeover --test migration
+# The part of them `make test` runs on the real control plane too (the rest: make test-real).
+REAL_IN_TEST := --test kubectl_story --test takeover --test migration
 
-test: python-deps ## Run every test: on kubesim, plus the conformance suite and the RBAC test on the real control plane (the ported suites on it: make test-real).
+test: python-deps ## Run every test on kubesim, plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
+	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
 
 fmt: ## Format the code.
 	cargo fmt --all
@@ -72,8 +75,8 @@ uninstall: ## Remove the CRD (and with it every StatefulSetLock).
 deploy: ## Deploy the operator (IMG=...) to the cluster of the current kubeconfig.
 	$(KUBECTL) kustomize deploy/default | sed 's|image: ghcr.io/stslock/stslock:.*|image: $(IMG)|' | $(KUBECTL) apply -f -
 
-undeploy: ## Remove the operator.
-	$(KUBECTL) kustomize deploy/default | $(KUBECTL) delete --ignore-not-found -f -
+undeploy: ## Remove the operator (RBAC, StatefulSet); keeps the CRD and every lock (make uninstall removes those).
+	$(KUBECTL) kustomize deploy/operator | $(KUBECTL) delete --ignore-not-found -f -
 
 run: ## Run the operator locally against the current kubeconfig.
 	cargo run --release -- run
