@@ -228,16 +228,19 @@ impl<'a> Builder<'a> {
         });
     }
 
-    /// An error condition: Error=True, Available=False. The Event fires when the error first
-    /// appears or its reason changes, not on every reconcile.
-    fn error(&mut self, reason: &'static str, message: String) {
-        let before = self
-            .o
+    /// Does the observed status already report this error (so its Event was sent)?
+    fn error_reported(&self, reason: &str) -> bool {
+        self.o
             .status
             .conditions
             .iter()
-            .find(|c| c.type_ == "Error")
-            .map(|c| (c.status.clone(), c.reason.clone()));
+            .any(|c| c.type_ == "Error" && c.status == "True" && c.reason == reason)
+    }
+
+    /// An error condition: Error=True, Available=False. The Event fires when the error first
+    /// appears or its reason changes, not on every reconcile.
+    fn error(&mut self, reason: &'static str, message: String) {
+        let already = self.error_reported(reason);
         self.condition("Error", true, reason, message.clone());
         self.condition("Available", false, reason, message.clone());
         self.condition(
@@ -246,7 +249,7 @@ impl<'a> Builder<'a> {
             reason,
             "waiting for the error to be fixed".into(),
         );
-        if before != Some(("True".into(), reason.into())) {
+        if !already {
             self.event(Severity::Warning, reason, "Validate", message);
         }
         // Foreign Leases are not watched (only stslock's are), so their removal is noticed by
@@ -1090,20 +1093,14 @@ impl<'a> Builder<'a> {
     /// operator that rewrites them is not answered with a rewrite of ours.
     fn concurrent_writer(&mut self, l: &LeaseView) {
         self.status = self.o.status.clone();
-        let before = self
-            .o
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Error")
-            .map(|c| (c.status.clone(), c.reason.clone()));
+        let already = self.error_reported("ConcurrentWriter");
         let message = format!(
             "Lease {} was renewed by another writer than stslock (holder {}); is the Go sts-leader-elect-operator (or another stslock install) still running? stslock writes nothing for this lock until that Lease expires unrenewed",
             self.o.lease_name,
             l.holder.as_deref().unwrap_or("none")
         );
         self.condition("Error", true, "ConcurrentWriter", message.clone());
-        if before != Some(("True".into(), "ConcurrentWriter".into())) {
+        if !already {
             self.event(Severity::Warning, "ConcurrentWriter", "Validate", message);
         }
         let expiry = l

@@ -23,7 +23,10 @@ use serde::{Deserialize, Deserializer};
 #[derive(Clone, Debug)]
 pub enum Lenient<K> {
     Ok(K),
-    Bad { metadata: ObjectMeta, error: String },
+    Bad {
+        metadata: Box<ObjectMeta>,
+        error: String,
+    },
 }
 
 impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
@@ -32,10 +35,12 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
         match K::deserialize(&value) {
             Ok(k) => Ok(Lenient::Ok(k)),
             Err(e) => Ok(Lenient::Bad {
-                metadata: value
-                    .get("metadata")
-                    .and_then(|m| ObjectMeta::deserialize(m).ok())
-                    .unwrap_or_default(),
+                metadata: Box::new(
+                    value
+                        .get("metadata")
+                        .and_then(|m| ObjectMeta::deserialize(m).ok())
+                        .unwrap_or_default(),
+                ),
                 error: e.to_string(),
             }),
         }
@@ -198,10 +203,10 @@ fn convert<K: FromMeta>(
         E::Delete(Lenient::Ok(k)) => Some(E::Delete(k)),
         E::InitApply(Lenient::Bad { metadata, error })
         | E::Apply(Lenient::Bad { metadata, error }) => {
-            bad(metadata, error);
+            bad(*metadata, error);
             None
         }
-        E::Delete(Lenient::Bad { metadata, .. }) => Some(E::Delete(K::from_meta(metadata))),
+        E::Delete(Lenient::Bad { metadata, .. }) => Some(E::Delete(K::from_meta(*metadata))),
     }
 }
 
