@@ -45,6 +45,9 @@ pub enum Refused {
     Fenced,
 }
 
+/// Ownership moves (claims, handoffs) of different locks in flight at once.
+const MOVES_IN_PARALLEL: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub id: String,
@@ -545,8 +548,8 @@ impl Sharding {
         true
     }
 
-    /// Claim, hand off or leave each lock as the rules say. Runs periodically and on ring
-    /// changes.
+    /// Claim, hand off or leave each lock as the rules say (up to [`MOVES_IN_PARALLEL`] moves at
+    /// once). Runs periodically and on ring changes.
     pub async fn assign(&self, locks: &Store<StatefulSetLock>, scope: &crate::scope::Scope) {
         self.recompute();
         if !self.may_write() {
@@ -554,6 +557,7 @@ impl Sharding {
         }
         self.resolve_unknown_handoffs().await;
         let mut refreshed = false;
+        let mut work = vec![];
         for lock in locks.state() {
             if !scope.allows(&lock.namespace().unwrap_or_default()) {
                 continue;
@@ -572,13 +576,25 @@ impl Sharding {
                 decision = self.decide_for(&key, label);
             }
             match decision {
-                Some(Decision::Claim) => {
-                    self.set_owner(&lock, &self.cfg.id, "claim").await;
-                }
-                Some(Decision::Release { to }) => self.hand_off(&lock, &to).await,
+                Some(Decision::Claim) => work.push((lock, None)),
+                Some(Decision::Release { to }) => work.push((lock, Some(to))),
                 _ => {}
             }
         }
+        // Each move is one compare-and-swap of one lock's label (a handoff first waits for that
+        // lock's in-flight work): independent per lock, so they run side by side. One at a time,
+        // a dead peer's few hundred locks took one round trip each to be re-owned (about 11 s for
+        // 330 locks on a real apiserver).
+        futures::stream::iter(work)
+            .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
+                match to {
+                    None => {
+                        self.set_owner(&lock, &self.cfg.id, "claim").await;
+                    }
+                    Some(to) => self.hand_off(&lock, &to).await,
+                }
+            })
+            .await;
     }
 
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
@@ -759,13 +775,20 @@ impl Sharding {
         self.recompute();
         let ring = self.view.read().ok().and_then(|v| v.ring.clone());
         if let Some(ring) = ring {
-            for lock in locks.state() {
-                if lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id)
-                    && let Some(to) = ring.owner(&key_of(&lock)).map(str::to_string)
-                {
-                    self.hand_off(&lock, &to).await;
-                }
-            }
+            let moves: Vec<_> = locks
+                .state()
+                .into_iter()
+                .filter(|lock| lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id))
+                .filter_map(|lock| {
+                    let to = ring.owner(&key_of(&lock)).map(str::to_string)?;
+                    Some((lock, to))
+                })
+                .collect();
+            futures::stream::iter(moves)
+                .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
+                    self.hand_off(&lock, &to).await
+                })
+                .await;
         }
         // No write of this replica may follow the delete: peers claim what is left at once.
         self.left.store(true, std::sync::atomic::Ordering::SeqCst);
