@@ -1,9 +1,9 @@
-//! The metrics endpoints of running operator replicas against kubesim: what `/metrics` says
-//! after failovers, renewals, handoffs and a StatefulSet without a Ready pod; when `/readyz`
-//! turns ready (and unready when fenced); that `stslock dev` prints each shard's address; and
-//! that the alert rules, dashboard and manifests in deploy/observability/ refer only to
-//! metrics the operator exposes and to the port it serves them on. Assertions are on counts
-//! and states, never on durations.
+//! The metrics endpoints of running operator replicas, on kubesim or a real control plane
+//! (`tests/common`): what `/metrics` says after failovers, renewals, handoffs and a StatefulSet
+//! without a Ready pod; when `/readyz` turns ready (and unready when fenced); that `stslock
+//! dev` prints each shard's address; and that the alert rules, dashboard and manifests in
+//! deploy/observability/ refer only to metrics the operator exposes and to the port it serves
+//! them on. Assertions are on counts and states, never on durations.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::collections::{BTreeSet, HashMap};
@@ -11,17 +11,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client, ResourceExt};
-use kubesim::{Sim, SimConfig};
 use serde_json::json;
-use stslock::api::StatefulSetLock;
 use stslock::config::OperatorArgs;
-use stslock::reconcile::RunOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+
+mod common;
+use common::{Env, Options, call, poll};
 
 /// GET `path` from `addr`: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -87,126 +82,40 @@ fn exposed_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-struct Replica {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Start an operator replica and wait for the address its metrics server bound.
-async fn replica(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
-    let mut args = OperatorArgs::for_shard(id);
-    args.api_timeout_seconds = 5;
-    f(&mut args);
-    let client = sim.client_as(&format!("stslock/{id}"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        let options = RunOptions {
-            metrics_bound: Some(bound_tx),
-        };
-        stslock::reconcile::run_with(client, args, shutdown, options)
-            .await
-            .expect("operator");
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(10), bound_rx)
-        .await
-        .expect("metrics address in time")
-        .expect("metrics address");
-    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
-    Replica { addr, stop, task }
-}
-
-async fn stop(replicas: Vec<Replica>) {
-    for r in replicas {
-        let _ = r.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(15), r.task).await;
-    }
-}
-
-fn sim() -> Sim {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-    Sim::start(cfg)
-}
-
-/// Poll `f` every 20 ms until it returns Some, failing after `secs`.
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn statefulset(client: &Client, name: &str, replicas: i32) {
-    let sts: StatefulSet = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
-    }))
-    .unwrap();
-    Api::<StatefulSet>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &sts)
-        .await
-        .expect("create sts");
-}
-
-async fn lock(client: &Client, name: &str, sts: &str) {
-    let l: StatefulSetLock = serde_json::from_value(json!({
-        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name},
-        "spec": {"statefulSetName": sts, "leaseName": format!("{sts}-lease"), "leaseDurationSeconds": 30}
-    }))
-    .unwrap();
-    Api::<StatefulSetLock>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &l)
-        .await
-        .expect("create lock");
-}
-
-/// `writer` is the one pod labelled writer in `app`, every other pod a reader.
-async fn wait_writer(client: &Client, app: &str, writer: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    until(15, &format!("{writer} sole writer of {app}"), || {
-        let pods = pods.clone();
-        async move {
-            let l = pods
-                .list(&ListParams::default().labels(&format!("app={app}")))
-                .await
-                .ok()?;
-            let ok = !l.items.is_empty()
-                && l.items.iter().all(|p| {
-                    let role = p.labels().get("sts-role").map(String::as_str);
-                    role == Some(if p.name_any() == writer {
-                        "writer"
-                    } else {
-                        "reader"
-                    })
-                });
-            ok.then_some(())
-        }
+/// An environment without operators; the tests start their replicas with [`replica`].
+async fn env(partitionable: bool) -> Env {
+    Env::start_with(Options {
+        replicas: 0,
+        partitionable,
+        ..Options::default()
     })
     .await
 }
 
-async fn scrape_all(replicas: &[Replica]) -> Vec<HashMap<String, f64>> {
+/// Start an operator replica and wait for the address its metrics server bound.
+async fn replica(env: &mut Env, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> SocketAddr {
+    let args = env.operator_args_with(id, f);
+    env.start_operator_with(id, args).await;
+    let addr = env.metrics_addr(id).await;
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    addr
+}
+
+/// Lock `name` on StatefulSet `sts`, with Lease `{sts}-lease` of 30 s.
+async fn lock(env: &Env, name: &str, sts: &str) {
+    env.lock(name, sts, &format!("{sts}-lease"), 30, json!({}))
+        .await;
+}
+
+/// The replica's exposition.
+async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
+    samples(&get(addr, "/metrics").await.1)
+}
+
+async fn scrape_all(replicas: &[SocketAddr]) -> Vec<HashMap<String, f64>> {
     let mut out = vec![];
-    for r in replicas {
-        let (status, body) = get(r.addr, "/metrics").await;
+    for addr in replicas {
+        let (status, body) = get(*addr, "/metrics").await;
         assert_eq!(status, 200, "{body}");
         out.push(samples(&body));
     }
@@ -219,35 +128,32 @@ fn sum(scrapes: &[HashMap<String, f64>], name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_are_counted_once_and_locks_are_split_across_three_replicas() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
+    let mut env = env(false).await;
     let mut replicas = vec![];
     for i in 0..3 {
-        replicas.push(replica(&sim, &format!("m-{i}"), |_| {}).await);
+        replicas.push(replica(&mut env, &format!("m-{i}"), |_| {}).await);
     }
     let locks = 6;
     for i in 0..locks {
-        statefulset(&client, &format!("f{i}"), 2).await;
-        lock(&client, &format!("l{i}"), &format!("f{i}")).await;
+        env.statefulset(&format!("f{i}"), 2).await;
+        lock(&env, &format!("l{i}"), &format!("f{i}")).await;
     }
     for i in 0..locks {
-        wait_writer(&client, &format!("f{i}"), &format!("f{i}-0")).await;
+        env.wait_writer(&format!("f{i}"), &format!("f{i}-0")).await;
+        // Both pods are there to fail over between.
+        env.wait_roles(&format!("f{i}"), 2).await;
     }
     // Two rounds: every writer goes NotReady and the other pod takes over; the old writer
     // comes back (as a reader) before the next round.
     let mut failovers = 0;
     for (from, to) in [(0, 1), (1, 0)] {
         for i in 0..locks {
-            sim.pods()
-                .set_ready("default", &format!("f{i}-{to}"), true)
-                .unwrap();
-            sim.pods()
-                .set_ready("default", &format!("f{i}-{from}"), false)
-                .unwrap();
+            env.set_ready(&format!("f{i}-{to}"), true).await;
+            env.set_ready(&format!("f{i}-{from}"), false).await;
         }
         for i in 0..locks {
-            wait_writer(&client, &format!("f{i}"), &format!("f{i}-{to}")).await;
+            env.wait_writer(&format!("f{i}"), &format!("f{i}-{to}"))
+                .await;
             failovers += 1;
         }
     }
@@ -306,86 +212,87 @@ async fn failovers_are_counted_once_and_locks_are_split_across_three_replicas() 
         ) >= 2.0 * failovers as f64
     );
     assert!(sum(&scrapes, "stslock_reconciles_total") >= failovers as f64);
-    assert_eq!(sim.report().dual_writer_intervals, 0);
-    stop(replicas).await;
+    env.assert_never_two_writers().await;
+    env.stop_operators().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_synced_caches_and_the_membership_lease() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
+    let mut env = env(true).await;
     // The replica starts cut off from the API server: no list can complete, no membership
     // Lease can be written.
-    sim.faults()
-        .update(|f| f.partitioned = vec!["stslock/r-0".into()]);
-    let r = replica(&sim, "r-0", |a| a.membership_lease_seconds = 3).await;
-    let (status, body) = get(r.addr, "/healthz").await;
+    env.partition("r-0").await;
+    let addr = replica(&mut env, "r-0", |a| a.membership_lease_seconds = 3).await;
+    let (status, body) = get(addr, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // Time for a wrong answer to show, not a wait for a state.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, body) = get(r.addr, "/readyz").await;
+    let (status, body) = get(addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("caches not synced"), "{body}");
     for cache in ["statefulsetlocks", "statefulsets", "pods", "leases"] {
         assert!(body.contains(cache), "{body}");
     }
-    let (_, m) = get(r.addr, "/metrics").await;
-    assert_eq!(samples(&m)["stslock_shard_ready"], 0.0);
+    assert_eq!(metrics(addr).await["stslock_shard_ready"], 0.0);
     // The partition heals: caches sync, the membership Lease is written, the replica is ready.
-    sim.faults().update(|f| f.partitioned.clear());
-    until(20, "/readyz 200", || async {
-        let (status, _) = get(r.addr, "/readyz").await;
-        (status == 200).then_some(())
+    env.heal("r-0").await;
+    poll(20, "/readyz 200", move || {
+        Box::pin(async move {
+            let (status, _) = get(addr, "/readyz").await;
+            (status == 200).then_some(())
+        })
     })
     .await;
     // Cut off again: the caches stay synced, but the membership Lease cannot be renewed, the
     // fence closes, and the replica is not ready until it can renew again.
-    sim.faults()
-        .update(|f| f.partitioned = vec!["stslock/r-0".into()]);
-    let body = until(20, "/readyz 503 once fenced", || async {
-        let (status, body) = get(r.addr, "/readyz").await;
-        (status == 503).then_some(body)
+    env.partition("r-0").await;
+    let body = poll(20, "/readyz 503 once fenced", move || {
+        Box::pin(async move {
+            let (status, body) = get(addr, "/readyz").await;
+            (status == 503).then_some(body)
+        })
     })
     .await;
     assert!(body.contains("membership Lease not held"), "{body}");
-    sim.faults().update(|f| f.partitioned.clear());
-    until(20, "/readyz 200 again", || async {
-        let (status, _) = get(r.addr, "/readyz").await;
-        (status == 200).then_some(())
+    env.heal("r-0").await;
+    poll(20, "/readyz 200 again", move || {
+        Box::pin(async move {
+            let (status, _) = get(addr, "/readyz").await;
+            (status == 200).then_some(())
+        })
     })
     .await;
-    stop(vec![r]).await;
+    env.stop_operators().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
-    let first = replica(&sim, "h-0", |_| {}).await;
+    let mut env = env(false).await;
+    let first = replica(&mut env, "h-0", |_| {}).await;
     let locks = 12;
     for i in 0..locks {
-        lock(&client, &format!("h{i}"), &format!("hs{i}")).await;
+        lock(&env, &format!("h{i}"), &format!("hs{i}")).await;
     }
-    until(20, "the only replica owns every lock", || async {
-        let s = scrape_all(std::slice::from_ref(&first)).await;
-        (total(&s[0], "stslock_owned_locks") == locks as f64).then_some(())
+    poll(20, "the only replica owns every lock", move || {
+        Box::pin(async move {
+            (total(&metrics(first).await, "stslock_owned_locks") == locks as f64).then_some(())
+        })
     })
     .await;
     let mut replicas = vec![first];
     for i in 1..3 {
-        replicas.push(replica(&sim, &format!("h-{i}"), |_| {}).await);
+        replicas.push(replica(&mut env, &format!("h-{i}"), |_| {}).await);
     }
     // The ring grows to three; h-0 hands the locks it no longer owns to their new owners.
-    let s = until(20, "three ring members and every lock owned once", || {
-        let replicas = &replicas;
-        async move {
-            let s = scrape_all(replicas).await;
+    let s = poll(20, "three ring members and every lock owned once", || {
+        let replicas = replicas.clone();
+        Box::pin(async move {
+            let s = scrape_all(&replicas).await;
             let settled = s.iter().all(|m| m["stslock_ring_members"] == 3.0)
                 && sum(&s, "stslock_owned_locks") == locks as f64
                 && total(&s[0], "stslock_owned_locks") < locks as f64;
             settled.then_some(s)
-        }
+        })
     })
     .await;
     let moved = locks as f64 - total(&s[0], "stslock_owned_locks");
@@ -395,30 +302,22 @@ async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
         total(&s[0], "stslock_handoffs_total")
     );
     assert_eq!(sum(&s, "stslock_dual_writer_detections_total"), 0.0);
-    stop(replicas).await;
+    env.stop_operators().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_renewal_is_counted_with_its_lateness() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
-    let r = replica(&sim, "n-0", |_| {}).await;
-    statefulset(&client, "rn", 2).await;
-    let l: StatefulSetLock = serde_json::from_value(json!({
-        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": "rn"},
-        "spec": {"statefulSetName": "rn", "leaseName": "rn-lease", "leaseDurationSeconds": 2}
-    }))
-    .unwrap();
-    Api::<StatefulSetLock>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &l)
-        .await
-        .unwrap();
-    wait_writer(&client, "rn", "rn-0").await;
+    let mut env = env(false).await;
+    let r = replica(&mut env, "n-0", |_| {}).await;
+    env.statefulset("rn", 2).await;
+    env.lock("rn", "rn", "rn-lease", 2, json!({})).await;
+    env.wait_writer("rn", "rn-0").await;
     // A 2 s Lease is renewed every second by the same holder, with no new epoch.
-    let s = until(20, "three renewals", || async {
-        let s = samples(&get(r.addr, "/metrics").await.1);
-        (s["stslock_lease_renewals_total"] >= 3.0).then_some(s)
+    let s = poll(20, "three renewals", move || {
+        Box::pin(async move {
+            let s = metrics(r).await;
+            (s["stslock_lease_renewals_total"] >= 3.0).then_some(s)
+        })
     })
     .await;
     assert_eq!(
@@ -427,43 +326,43 @@ async fn every_renewal_is_counted_with_its_lateness() {
     );
     assert_eq!(s["stslock_writer_changes_total{kind=\"election\"}"], 1.0);
     assert_eq!(s["stslock_writer_changes_total{kind=\"failover\"}"], 0.0);
-    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client, "default")
-        .get("rn-lease")
+    let lease = call("get lease", env.leases().get("rn-lease"))
         .await
         .unwrap();
     assert_eq!(lease.spec.unwrap().lease_transitions, Some(0));
-    stop(vec![r]).await;
+    env.stop_operators().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_with_no_ready_pod_is_reported_writerless_until_one_returns() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
-    let r = replica(&sim, "w-0", |_| {}).await;
-    statefulset(&client, "wl", 2).await;
-    lock(&client, "wl", "wl").await;
-    wait_writer(&client, "wl", "wl-0").await;
-    let gauge = |text: String| samples(&text)["stslock_writerless_locks"];
-    assert_eq!(gauge(get(r.addr, "/metrics").await.1), 0.0);
+    let mut env = env(false).await;
+    let r = replica(&mut env, "w-0", |_| {}).await;
+    env.statefulset("wl", 2).await;
+    lock(&env, "wl", "wl").await;
+    env.wait_writer("wl", "wl-0").await;
+    env.wait_roles("wl", 2).await;
+    let gauge = |s: HashMap<String, f64>| s["stslock_writerless_locks"];
+    assert_eq!(gauge(metrics(r).await), 0.0);
     // No Ready pod at all: nobody to fail over to, the lock is writer-less.
-    sim.pods().set_ready("default", "wl-1", false).unwrap();
-    sim.pods().set_ready("default", "wl-0", false).unwrap();
-    until(15, "writerless_locks 1", || async {
-        (gauge(get(r.addr, "/metrics").await.1) == 1.0).then_some(())
+    env.set_ready("wl-1", false).await;
+    env.set_ready("wl-0", false).await;
+    poll(15, "writerless_locks 1", move || {
+        Box::pin(async move { (gauge(metrics(r).await) == 1.0).then_some(()) })
     })
     .await;
-    sim.pods().set_ready("default", "wl-1", true).unwrap();
-    wait_writer(&client, "wl", "wl-1").await;
-    let s = until(15, "writerless_locks 0", || async {
-        let s = samples(&get(r.addr, "/metrics").await.1);
-        (s["stslock_writerless_locks"] == 0.0).then_some(s)
+    env.set_ready("wl-1", true).await;
+    env.wait_writer("wl", "wl-1").await;
+    let s = poll(15, "writerless_locks 0", move || {
+        Box::pin(async move {
+            let s = metrics(r).await;
+            (s["stslock_writerless_locks"] == 0.0).then_some(s)
+        })
     })
     .await;
     assert!(s["stslock_writerless_seconds_total"] > 0.0);
     assert_eq!(s["stslock_failover_duration_seconds_count"], 1.0);
     assert_eq!(s["stslock_dual_writer_detections_total"], 0.0);
-    stop(vec![r]).await;
+    env.stop_operators().await;
 }
 
 fn root() -> &'static Path {
@@ -525,20 +424,20 @@ fn check_names(source: &str, expr: &str, exposed: &BTreeSet<String>, used: &mut 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_and_dashboard_use_only_exposed_metrics() {
     // The exposition of a running replica, not a list kept by hand.
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.expect("crd");
-    let r = replica(&sim, "x-0", |_| {}).await;
+    let mut env = env(false).await;
+    let r = replica(&mut env, "x-0", |_| {}).await;
     // Ready: it has made API calls, so every family has at least one series.
-    let text = until(20, "a ready replica's exposition", || async {
-        let (status, text) = get(r.addr, "/metrics").await;
-        assert_eq!(status, 200);
-        (samples(&text).get("stslock_shard_ready") == Some(&1.0)).then_some(text)
+    let text = poll(20, "a ready replica's exposition", move || {
+        Box::pin(async move {
+            let (status, text) = get(r, "/metrics").await;
+            assert_eq!(status, 200);
+            (samples(&text).get("stslock_shard_ready") == Some(&1.0)).then_some(text)
+        })
     })
     .await;
     let exposed = exposed_names(&text);
     assert!(exposed.contains("stslock_failover_duration_seconds_bucket"));
-    stop(vec![r]).await;
+    env.stop_operators().await;
 
     let dir = root().join("deploy/observability");
     let rules: serde_json::Value =
@@ -613,6 +512,11 @@ async fn alert_rules_and_dashboard_use_only_exposed_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stslock_dev_prints_where_each_shard_serves_its_metrics() {
     use tokio::io::AsyncBufReadExt;
+    if !common::kubesim_only(
+        "`stslock dev` embeds kubesim; nothing of it reaches the real control plane (it runs in the kubesim pass)",
+    ) {
+        return;
+    }
     let dir = std::env::temp_dir().join(format!("stslock-dev-metrics-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stslock"))
@@ -656,12 +560,15 @@ async fn stslock_dev_prints_where_each_shard_serves_its_metrics() {
     ids.sort();
     assert_eq!(ids, ["stslock-0", "stslock-1"]);
     for (id, addr) in &addrs {
-        until(30, &format!("{id} ready"), || async {
-            let (status, _) = get(*addr, "/readyz").await;
-            (status == 200).then_some(())
+        let addr = *addr;
+        poll(30, &format!("{id} ready"), move || {
+            Box::pin(async move {
+                let (status, _) = get(addr, "/readyz").await;
+                (status == 200).then_some(())
+            })
         })
         .await;
-        let (status, text) = get(*addr, "/metrics").await;
+        let (status, text) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
         assert!(
             text.contains(&format!("stslock_owned_locks{{shard=\"{id}\"}}")),

@@ -1,63 +1,87 @@
 //! Several operator replicas split the locks: every lock is owned by exactly one live replica,
 //! the load is balanced, a graceful leave or an abrupt death of a replica moves only its locks.
+//! On kubesim or a real control plane (`tests/common`). Every test ends by checking, from a
+//! record the operator did not write (kubesim's commit log, or the apiserver's audit log and
+//! the harness's own lock watch), that only a lock's owner at the time wrote for it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client, ResourceExt};
-use kubesim::{Sim, SimConfig};
+use kube::ResourceExt;
+use kube::api::ListParams;
 use serde_json::json;
-use stslock::api::{SHARD_LABEL, StatefulSetLock};
-use stslock::config::OperatorArgs;
-use tokio::sync::oneshot;
+use stslock::api::SHARD_LABEL;
 
-struct Replica {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+mod common;
+use common::{Env, Options, Write, call};
+
+/// An environment without operators that records each lock's owner over time.
+async fn env(partitionable: bool) -> Env {
+    Env::start_with(Options {
+        replicas: 0,
+        record_owners: true,
+        partitionable,
+        ..Options::default()
+    })
+    .await
 }
 
-fn start(sim: &Sim, id: &str, membership_secs: u64) -> Replica {
-    let mut a = OperatorArgs::for_shard(id);
-    a.membership_lease_seconds = membership_secs;
-    a.api_timeout_seconds = 5;
-    let client = sim.client_as(&format!("stslock/{id}"));
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        stslock::reconcile::run(client, a, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("operator");
-    });
-    Replica { stop, task }
+/// Starts replica `id` with a membership Lease of `membership_secs`.
+async fn start(env: &mut Env, id: &str, membership_secs: u64) {
+    let args = env.operator_args_with(id, |a| a.membership_lease_seconds = membership_secs);
+    env.start_operator_with(id, args).await;
 }
 
-async fn fleet(client: &Client, n: usize, lease_seconds: i32) {
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
-    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+/// StatefulSets `s{i}` of one pod, locks `l{i}` with Leases `lease{i}`.
+async fn fleet(env: &Env, n: usize, lease_seconds: i32) {
     for i in 0..n {
-        let sts: StatefulSet = serde_json::from_value(json!({
-            "metadata": {"name": format!("s{i}")},
-            "spec": {"serviceName": "s", "replicas": 1, "selector": {"matchLabels": {"app": format!("s{i}")}},
-                     "template": {"metadata": {"labels": {"app": format!("s{i}")}}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}
-        }))
-        .unwrap();
-        sets.create(&PostParams::default(), &sts).await.unwrap();
-        let l: StatefulSetLock = serde_json::from_value(json!({"apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-            "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": lease_seconds}}))
-        .unwrap();
-        locks.create(&PostParams::default(), &l).await.unwrap();
+        env.statefulset(&format!("s{i}"), 1).await;
+        env.lock(
+            &format!("l{i}"),
+            &format!("s{i}"),
+            &format!("lease{i}"),
+            lease_seconds,
+            json!({}),
+        )
+        .await;
     }
 }
 
+/// The lock a write to something other than a lock is for: lock `l{i}` has Lease `lease{i}`
+/// and pods `s{i}-*`.
+fn lock_of(w: &Write) -> Option<String> {
+    match w.resource.as_str() {
+        "leases" => w.name.strip_prefix("lease").map(|i| format!("l{i}")),
+        "pods" => w
+            .name
+            .strip_prefix('s')
+            .and_then(|r| r.split_once('-'))
+            .map(|(i, _)| format!("l{i}")),
+        _ => None,
+    }
+}
+
+/// No replica wrote for a lock it did not own at the time (`what` names the scenario).
+async fn assert_only_owners_wrote(env: &Env, what: &str, min_checked: usize) {
+    let c = env.owner_check(lock_of).await;
+    println!(
+        "{what}: {} operator writes checked against the lock's owner at the time ({:?} backend), {} by a non-owner, {} ambiguous by timestamps; attempts by a non-owner: {} refused, {} of unknown outcome {:?}",
+        c.checked,
+        env.backend(),
+        c.violations.len(),
+        c.ambiguous,
+        c.refused,
+        c.unknown_outcome.len(),
+        c.unknown_outcome
+    );
+    assert!(c.checked > min_checked, "too few writes checked: {c:?}");
+    assert!(c.violations.is_empty(), "{:#?}", c.violations);
+}
+
 /// Owner label of every lock (None when unlabelled).
-async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
-    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
-    locks
-        .list(&ListParams::default())
+async fn owners(env: &Env) -> BTreeMap<String, Option<String>> {
+    call("list locks", env.locks().list(&ListParams::default()))
         .await
         .unwrap()
         .items
@@ -67,13 +91,13 @@ async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
 }
 
 async fn until_owned_by(
-    client: &Client,
+    env: &Env,
     live: &HashSet<String>,
     secs: u64,
 ) -> (BTreeMap<String, Option<String>>, Duration) {
     let start = Instant::now();
     loop {
-        let o = owners(client).await;
+        let o = owners(env).await;
         // Every lock owned by a live replica, and every live replica owning at least half its
         // share (a replica that just joined is not yet seen by its peers: the locks are all
         // owned by live replicas before its handoffs have even started).
@@ -85,17 +109,78 @@ async fn until_owned_by(
         {
             // Stable for a moment: no more handoffs in flight.
             tokio::time::sleep(Duration::from_millis(700)).await;
-            let again = owners(client).await;
+            let again = owners(env).await;
             if again == o {
                 return (o, start.elapsed());
             }
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "locks not all owned by {live:?} after {secs}s"
-        );
+        if start.elapsed() >= Duration::from_secs(secs) {
+            panic!(
+                "locks not all owned by {live:?} after {secs}s: {:?}; membership Leases: {:#?}; writes in that time: {:#?}",
+                counts(&o),
+                membership(env).await,
+                write_summary(env, secs)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The membership Leases (name, holder, renewed, annotations), for failure messages.
+async fn membership(env: &Env) -> Vec<String> {
+    let leases = call("list leases", env.leases().list(&ListParams::default()))
+        .await
+        .unwrap();
+    leases
+        .items
+        .iter()
+        .filter(|l| !l.name_any().starts_with("lease"))
+        .map(|l| {
+            let spec = l.spec.clone().unwrap_or_default();
+            format!(
+                "{} held by {:?} renewed {:?} for {:?} s {:?}",
+                l.name_any(),
+                spec.holder_identity,
+                spec.renew_time.map(|t| t.0.to_string()),
+                spec.lease_duration_seconds,
+                l.annotations()
+            )
+        })
+        .collect()
+}
+
+/// Writes of the last `secs` seconds by actor, verb and resource: how many, and how long
+/// the API server took to answer them (median and 90th percentile, real cluster only).
+fn write_summary(env: &Env, secs: u64) -> Vec<String> {
+    let since = env.elapsed_ms().saturating_sub(secs * 1000);
+    // (actor, verb, resource, code) → (when, how long the answer took).
+    type Group = (String, String, String, u16);
+    let mut by: BTreeMap<Group, Vec<(u64, i64)>> = BTreeMap::new();
+    for w in env.writes().iter().filter(|w| w.at_ms >= since) {
+        let resource = if w.subresource.is_empty() {
+            w.resource.clone()
+        } else {
+            format!("{}/{}", w.resource, w.subresource)
+        };
+        by.entry((w.actor.clone(), w.verb.clone(), resource, w.code))
+            .or_default()
+            .push((w.at_ms, w.completed_us - w.received_us));
+    }
+    by.into_iter()
+        .map(|((actor, verb, resource, code), writes)| {
+            let mut took: Vec<i64> = writes.iter().map(|(_, t)| *t).collect();
+            took.sort_unstable();
+            let q = |p: usize| took[(took.len() - 1) * p / 100] / 1000;
+            let first = writes.iter().map(|(at, _)| *at).min().unwrap_or(0);
+            let last = writes.iter().map(|(at, _)| *at).max().unwrap_or(0);
+            format!(
+                "{actor} {verb} {resource} {code}: {} from {first} to {last} ms (answered in {} ms, p90 {} ms)",
+                took.len(),
+                q(50),
+                q(90)
+            )
+        })
+        .collect()
 }
 
 fn counts(o: &BTreeMap<String, Option<String>>) -> BTreeMap<String, usize> {
@@ -108,18 +193,14 @@ fn counts(o: &BTreeMap<String, Option<String>>) -> BTreeMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_split_1000_locks_and_rebalance() {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    let sim = Sim::start(cfg);
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let mut env = env(false).await;
     let n = 1000;
-    fleet(&client, n, 30).await;
-    let mut replicas: BTreeMap<String, Replica> = (0..3)
-        .map(|i| (format!("r{i}"), start(&sim, &format!("r{i}"), 3)))
-        .collect();
-    let live: HashSet<String> = replicas.keys().cloned().collect();
-    let (three, took) = until_owned_by(&client, &live, 60).await;
+    fleet(&env, n, 30).await;
+    for i in 0..3 {
+        start(&mut env, &format!("r{i}"), 3).await;
+    }
+    let live: HashSet<String> = env.operator_ids().into_iter().collect();
+    let (three, took) = until_owned_by(&env, &live, 60).await;
     let c = counts(&three);
     let max = *c.values().max().unwrap() as f64;
     let balance = max / (n as f64 / 3.0);
@@ -130,9 +211,9 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
     );
 
     // A 4th replica joins: it takes about its share, nothing else moves.
-    replicas.insert("r3".into(), start(&sim, "r3", 3));
-    let live4: HashSet<String> = replicas.keys().cloned().collect();
-    let (four, _) = until_owned_by(&client, &live4, 60).await;
+    start(&mut env, "r3", 3).await;
+    let live4: HashSet<String> = env.operator_ids().into_iter().collect();
+    let (four, _) = until_owned_by(&env, &live4, 60).await;
     let moved = three
         .iter()
         .filter(|(k, v)| four.get(*k) != Some(v))
@@ -147,12 +228,11 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
     );
 
     // r1 leaves gracefully: only its locks move, and quickly.
-    let r1 = replicas.remove("r1").unwrap();
     let left_at = Instant::now();
-    let _ = r1.stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), r1.task).await;
-    let live3: HashSet<String> = replicas.keys().cloned().collect();
-    let (after_leave, _) = until_owned_by(&client, &live3, 30).await;
+    env.stop_operator("r1").await;
+    println!("r1 stopped after {:?}", left_at.elapsed());
+    let live3: HashSet<String> = env.operator_ids().into_iter().collect();
+    let (after_leave, _) = until_owned_by(&env, &live3, 30).await;
     println!("graceful leave handed off in {:?}", left_at.elapsed());
     for (k, v) in &four {
         if v.as_deref() != Some("r1") {
@@ -166,35 +246,30 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
 
     // r2 dies abruptly (no handoff, its membership Lease just stops being renewed): its locks
     // are owned again within the membership duration + 5 s.
-    let r2 = replicas.remove("r2").unwrap();
-    r2.task.abort();
+    env.kill_operator("r2").await;
     let died = Instant::now();
-    let live2: HashSet<String> = replicas.keys().cloned().collect();
-    let (_, _) = until_owned_by(&client, &live2, 3 + 5 + 5).await;
+    println!("r2 killed at {} ms", env.elapsed_ms());
+    let live2: HashSet<String> = env.operator_ids().into_iter().collect();
+    let (_, _) = until_owned_by(&env, &live2, 3 + 5 + 5).await;
     let reowned = died.elapsed();
     println!("abrupt death: all locks owned again after {reowned:?} (membership Lease 3 s)");
     assert!(reowned <= Duration::from_secs(3 + 5 + 1), "{reowned:?}");
-    assert_eq!(sim.report().dual_writer_intervals, 0);
-    for (_, r) in replicas {
-        let _ = r.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
-    }
+    env.stop_operators().await;
+    env.assert_never_two_writers().await;
+    assert_only_owners_wrote(&env, "1000 locks, join, leave, death", n).await;
 }
 
-/// A replica cut off from the API (kubesim partition by User-Agent) stops writing; its peer
-/// takes its locks only after that, and it rejoins cleanly when the partition heals.
+/// A replica cut off from the API (kubesim: partition by User-Agent; real cluster: the
+/// harness's proxy in front of it drops its connections) stops writing; its peer takes its
+/// locks only after that, and it rejoins cleanly when the partition heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    let sim = Sim::start(cfg);
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
-    fleet(&client, 40, 30).await;
-    let r0 = start(&sim, "r0", 3);
-    let r1 = start(&sim, "r1", 3);
+    let mut env = env(true).await;
+    fleet(&env, 40, 30).await;
+    start(&mut env, "r0", 3).await;
+    start(&mut env, "r1", 3).await;
     let live: HashSet<String> = ["r0".to_string(), "r1".to_string()].into();
-    let (before, _) = until_owned_by(&client, &live, 60).await;
+    let (before, _) = until_owned_by(&env, &live, 60).await;
     let r1_locks: Vec<String> = before
         .iter()
         .filter(|(_, v)| v.as_deref() == Some("r1"))
@@ -202,13 +277,23 @@ async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
         .collect();
     assert!(!r1_locks.is_empty());
 
-    let cut_at = sim.commit_log().last().map(|c| c.at_ms).unwrap_or(0);
-    sim.faults()
-        .update(|f| f.partitioned = vec!["stslock/r1".into()]);
+    let cut_at = env.commit_log().last().map(|c| c.at_ms).unwrap_or(0);
+    env.partition("r1").await;
     let only_r0: HashSet<String> = ["r0".to_string()].into();
-    let (_, took) = until_owned_by(&client, &only_r0, 20).await;
+    let (_, took) = until_owned_by(&env, &only_r0, 20).await;
     println!("partition: r0 owns all locks {took:?} after r1 was cut off");
-    let log = sim.commit_log();
+    let log = env
+        .commits_until(10, "r0's takeover of r1's locks", |log| {
+            log.iter()
+                .any(|c| {
+                    c.actor == "stslock/r0"
+                        && c.at_ms > cut_at
+                        && c.resource == "statefulsetlocks"
+                        && r1_locks.contains(&c.name)
+                })
+                .then(|| log.to_vec())
+        })
+        .await;
     let last_r1 = log
         .iter()
         .filter(|c| c.actor == "stslock/r1")
@@ -235,121 +320,49 @@ async fn a_partitioned_replica_stops_writing_before_its_peer_takes_over() {
     );
 
     // Heal: r1 renews, rejoins the ring and gets its share back.
-    sim.faults().update(|f| f.partitioned.clear());
-    let (after, _) = until_owned_by(&client, &live, 30).await;
+    env.heal("r1").await;
+    let (after, _) = until_owned_by(&env, &live, 30).await;
     assert!(
         after.values().any(|v| v.as_deref() == Some("r1")),
         "r1 rejoined"
     );
-    assert_eq!(sim.report().dual_writer_intervals, 0);
-    for r in [r0, r1] {
-        let _ = r.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
-    }
+    env.stop_operators().await;
+    env.assert_never_two_writers().await;
+    assert_only_owners_wrote(&env, "partition and heal", 40).await;
 }
 
-/// 50 abrupt kill/restart cycles of random replicas while writers fail: kubesim's commit log,
-/// which records each lock's owner label with every write to it, shows that every operator
-/// write for a lock (its Lease, its pods' labels, its status) came from the replica that owned
-/// the lock at that moment.
+/// 50 abrupt kill/restart cycles of random replicas while writers fail: every operator write
+/// for a lock (its Lease, its pods' labels, its status) came from the replica that owned the
+/// lock at that moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_kill_restart_cycles_never_let_a_non_owner_write() {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
-    let sim = Sim::start(cfg);
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let mut env = env(false).await;
     let n = 60;
     // Short leases: renewals every second give many writes to check.
-    fleet(&client, n, 2).await;
+    fleet(&env, n, 2).await;
     let ids = ["r0", "r1", "r2"];
-    let mut replicas: BTreeMap<String, Replica> = ids
-        .iter()
-        .map(|id| (id.to_string(), start(&sim, id, 2)))
-        .collect();
+    for id in ids {
+        start(&mut env, id, 2).await;
+    }
     let live: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
-    until_owned_by(&client, &live, 60).await;
+    until_owned_by(&env, &live, 60).await;
+    // Every writer is there to be failed.
+    for i in 0..n {
+        env.wait_roles(&format!("s{i}"), 1).await;
+    }
     for cycle in 0..50usize {
         let id = ids[cycle % 3];
-        if let Some(r) = replicas.remove(id) {
-            r.task.abort();
-        }
+        env.kill_operator(id).await;
         // Fail some writer meanwhile (it comes back as a reader).
-        let pod = format!("s{}-0", cycle % n);
-        let _ = sim.pods().set_ready("default", &pod, cycle % 2 == 0);
+        env.set_ready(&format!("s{}-0", cycle % n), cycle % 2 == 0)
+            .await;
+        // The scenario's pace (how long a replica stays dead), not a wait for a state.
         tokio::time::sleep(Duration::from_millis(150 + 37 * (cycle as u64 % 5))).await;
-        replicas.insert(id.to_string(), start(&sim, id, 2));
+        start(&mut env, id, 2).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    until_owned_by(&client, &live, 60).await;
-    for (_, r) in std::mem::take(&mut replicas) {
-        let _ = r.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
-    }
-    // Owner of each lock over time, from the commit log (the label recorded on each write).
-    let log = sim.commit_log();
-    let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    let mut checked = 0;
-    let mut violations = vec![];
-    for c in &log {
-        if c.resource == "statefulsetlocks" {
-            let before = owner.get(&c.name).cloned();
-            if let Some(o) = c.labels.get(SHARD_LABEL) {
-                owner.insert(c.name.clone(), o.clone());
-            }
-            // A status or finalizer write must come from the owner before this commit (a label
-            // change itself may come from the previous owner handing off, or a claimer).
-            let label_change = before.as_deref() != c.labels.get(SHARD_LABEL).map(String::as_str);
-            if let Some(actor) = c.actor.strip_prefix("stslock/")
-                && !label_change
-            {
-                checked += 1;
-                if owner.get(&c.name).map(String::as_str) != Some(actor) {
-                    violations.push(format!(
-                        "{} wrote lock {} owned by {:?} (rv {})",
-                        actor,
-                        c.name,
-                        owner.get(&c.name),
-                        c.rv
-                    ));
-                }
-            }
-            continue;
-        }
-        let Some(actor) = c.actor.strip_prefix("stslock/") else {
-            continue;
-        };
-        // Writes for lock l{i}: its Lease lease{i}, the pods s{i}-*.
-        let lock = if c.resource == "leases" {
-            c.name.strip_prefix("lease").map(|i| format!("l{i}"))
-        } else if c.resource == "pods" {
-            c.name
-                .strip_prefix('s')
-                .and_then(|r| r.split_once('-'))
-                .map(|(i, _)| format!("l{i}"))
-        } else {
-            None
-        };
-        if let Some(lock) = lock {
-            checked += 1;
-            if owner.get(&lock).map(String::as_str) != Some(actor) {
-                violations.push(format!(
-                    "{} wrote {} {} for lock {lock} owned by {:?} (rv {})",
-                    actor,
-                    c.resource,
-                    c.name,
-                    owner.get(&lock),
-                    c.rv
-                ));
-            }
-        }
-    }
-    println!(
-        "50 kill/restart cycles: {checked} operator writes checked against the owner at the time, {} violations",
-        violations.len()
-    );
-    assert!(checked > 800, "too few writes checked: {checked}");
-    assert!(violations.is_empty(), "{violations:#?}");
-    assert_eq!(sim.report().dual_writer_intervals, 0);
+    until_owned_by(&env, &live, 60).await;
+    env.stop_operators().await;
+    assert_only_owners_wrote(&env, "50 kill/restart cycles", 800).await;
+    env.assert_never_two_writers().await;
 }

@@ -1,6 +1,7 @@
-//! Traces against kubesim and a real OTLP/gRPC receiver in this process: a failover is one
-//! span carrying the decision, its API calls are its children, and the Event names the trace;
-//! an unreachable collector changes nothing about failover.
+//! Traces on kubesim or a real control plane (`tests/common`) and a real OTLP/gRPC receiver
+//! in this process: a failover is one span carrying the decision, its API calls are its
+//! children, and the Event names the trace; an unreachable collector changes nothing about
+//! failover.
 //!
 //! Each test scopes its own subscriber to its thread (`current_thread` runtime, so every task
 //! of the operator runs there) instead of a process-wide one: the tests point at different
@@ -11,11 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client, ResourceExt};
-use kubesim::{Sim, SimConfig};
+use kube::ResourceExt;
+use kube::api::ListParams;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -25,10 +23,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use serde_json::json;
-use stslock::api::StatefulSetLock;
 use stslock::config::OperatorArgs;
 use stslock::telemetry::{Otlp, TelemetryConfig, TelemetryGuard};
-use tokio::sync::oneshot;
+
+mod common;
+use common::{Env, Options, call};
 
 // ---------------------------------------------------------------- the OTLP receiver
 
@@ -117,145 +116,33 @@ impl Receiver {
     }
 }
 
-// ---------------------------------------------------------------- kubesim and the operator
+// ---------------------------------------------------------------- the operator
 
-struct Env {
-    sim: Sim,
-    client: Client,
-    operators: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
-    /// No write budgets (`--qps 0 --tenant-qps 0`): measure the operator, not its limiter.
-    unlimited: bool,
-}
-
-impl Env {
-    async fn start(replicas: usize) -> Env {
-        Self::start_with(replicas, false).await
-    }
-
-    async fn start_with(replicas: usize, unlimited: bool) -> Env {
-        let mut cfg = SimConfig::default();
-        cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-        cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-        let sim = Sim::start(cfg);
-        let client = sim.client_as("test");
-        stslock::dev::install_crd(&client).await.expect("crd");
-        let mut env = Env {
-            sim,
-            client,
-            operators: vec![],
-            unlimited,
-        };
-        for _ in 0..replicas {
-            env.add_replica();
-        }
-        env
-    }
-
-    /// Start replica `otel-<n>` (n = replicas so far).
-    fn add_replica(&mut self) {
-        let id = format!("otel-{}", self.operators.len());
-        let mut a = OperatorArgs::for_shard(&id);
-        a.api_timeout_seconds = 5;
-        if self.unlimited {
+/// An environment with `replicas` replicas `otel-<n>`; `unlimited`: no write budgets
+/// (`--qps 0 --tenant-qps 0`), to measure the operator, not its limiter.
+async fn env(replicas: usize, unlimited: bool) -> Env {
+    let operator_args: fn(&mut OperatorArgs) = if unlimited {
+        |a| {
             a.qps = 0.0;
             a.tenant_qps = 0.0;
         }
-        let (tx, rx) = oneshot::channel::<()>();
-        let client = self.sim.client_as(&format!("stslock/{id}"));
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            stslock::reconcile::run(client, a, shutdown)
-                .await
-                .expect("operator");
-        });
-        self.operators.push((tx, task));
-    }
+    } else {
+        |_| {}
+    };
+    Env::start_with(Options {
+        replicas,
+        shard_id: |i| format!("otel-{i}"),
+        operator_args,
+        ..Options::default()
+    })
+    .await
+}
 
-    async fn stop(&mut self) {
-        for (tx, task) in self.operators.drain(..) {
-            let _ = tx.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-        }
-    }
-
-    async fn statefulset(&self, name: &str, replicas: i32) {
-        let sts: StatefulSet = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"serviceName": name, "replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
-        }))
-        .unwrap();
-        Api::<StatefulSet>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &sts)
-            .await
-            .expect("create sts");
-    }
-
-    async fn lock(&self, name: &str, sts: &str, lease: &str) {
-        self.lock_for(name, sts, lease, 30).await
-    }
-
-    async fn lock_for(&self, name: &str, sts: &str, lease: &str, seconds: i32) {
-        let l: StatefulSetLock = serde_json::from_value(json!({
-            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock", "metadata": {"name": name},
-            "spec": {"statefulSetName": sts, "leaseName": lease, "leaseDurationSeconds": seconds}
-        }))
-        .unwrap();
-        Api::<StatefulSetLock>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &l)
-            .await
-            .expect("create lock");
-    }
-
-    async fn holder(&self, lease: &str) -> Option<String> {
-        Api::<Lease>::namespaced(self.client.clone(), "default")
-            .get_opt(lease)
-            .await
-            .ok()??
-            .spec?
-            .holder_identity
-    }
-
-    /// Poll until `lease` is held by `writer` and the pod carries the writer label.
-    async fn wait_writer(&self, lease: &str, writer: &str) {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> =
-            Api::namespaced(self.client.clone(), "default");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let labelled =
-                pods.get_opt(writer).await.ok().flatten().is_some_and(|p| {
-                    p.labels().get("sts-role").map(String::as_str) == Some("writer")
-                });
-            if labelled && self.holder(lease).await.as_deref() == Some(writer) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {writer} to hold {lease}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// (reason, note) of the Events of `lock`.
-    async fn events(&self, lock: &str) -> Vec<(String, String)> {
-        let evs: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.client.clone(), "default");
-        evs.list(&ListParams::default().fields(&format!("involvedObject.name={lock}")))
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .map(|e| {
-                (
-                    e.reason.clone().unwrap_or_default(),
-                    e.message.clone().unwrap_or_default(),
-                )
-            })
-            .collect()
-    }
+/// Start replica `otel-<n>` (n = replicas so far).
+async fn add_replica(env: &mut Env) {
+    let id = format!("otel-{}", env.operator_ids().len());
+    let args = env.operator_args(&id);
+    env.start_operator_with(&id, args).await;
 }
 
 fn telemetry(otlp: Otlp, max_queue: usize) -> (tracing::Dispatch, TelemetryGuard) {
@@ -308,19 +195,23 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     let (endpoint, receiver) = Receiver::start().await;
     let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
     let _scoped = tracing::dispatcher::set_default(&dispatch);
-    let mut env = Env::start(1).await;
+    let mut env = env(1, false).await;
+    let ns = env.ns.clone();
     env.statefulset("db", 3).await;
-    env.lock("lock", "db", "db-lease").await;
-    env.wait_writer("db-lease", "db-0").await;
-    env.sim.pods().set_ready("default", "db-0", false).unwrap();
-    env.wait_writer("db-lease", "db-1").await;
+    env.lock("lock", "db", "db-lease", 30, json!({})).await;
+    env.wait_lease_holder("db-lease", "db-0").await;
+    // Every pod is there (a real StatefulSet controller creates them one after another).
+    env.wait_roles("db", 3).await;
+    env.set_ready("db-0", false).await;
+    env.wait_lease_holder("db-lease", "db-1").await;
 
     // The failover span is exported once closed; flush until it arrives.
     let deadline = Instant::now() + Duration::from_secs(15);
     let failover = loop {
         guard.flush().await;
         if let Some(s) = receiver.spans().into_iter().find(|g| {
-            g.span.name == "failover" && g.str("stslock.lock").as_deref() == Some("default/lock")
+            g.span.name == "failover"
+                && g.str("stslock.lock").as_deref() == Some(format!("{ns}/lock").as_str())
         }) {
             break s;
         }
@@ -336,7 +227,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let s = |k: &str| failover.str(k).unwrap_or_else(|| panic!("attribute {k}"));
-    assert_eq!(s("k8s.namespace.name"), "default");
+    assert_eq!(s("k8s.namespace.name"), ns);
     assert_eq!(s("stslock.shard"), "otel-0");
     assert_eq!(s("stslock.writer.old"), "db-0");
     assert_eq!(s("stslock.writer.new"), "db-1");
@@ -372,7 +263,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         .find(|g| g.span.span_id == failover.span.parent_span_id)
         .expect("the failover span's parent was exported");
     assert_eq!(parent.span.name, "reconcile");
-    assert_eq!(parent.str("stslock.lock").as_deref(), Some("default/lock"));
+    assert_eq!(parent.str("stslock.lock"), Some(format!("{ns}/lock")));
     // Children: the API calls of the plan, Lease first.
     let children: Vec<&&Got> = same_trace
         .iter()
@@ -380,7 +271,11 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         .collect();
     let lease_update = children
         .iter()
-        .find(|g| g.span.name.starts_with("updating Lease default/db-lease"))
+        .find(|g| {
+            g.span
+                .name
+                .starts_with(&format!("updating Lease {ns}/db-lease"))
+        })
         .unwrap_or_else(|| {
             panic!(
                 "no Lease update among the children: {:?}",
@@ -392,7 +287,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     assert!(
         children
             .iter()
-            .any(|g| g.span.name.starts_with("labelling pod default/db-1")),
+            .any(|g| g.span.name.starts_with(&format!("labelling pod {ns}/db-1"))),
         "promotion of db-1 is a child span"
     );
 
@@ -414,15 +309,17 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     assert!(!elected.contains(&trace_id), "{elected:?}");
 
     // A switchover to a preferred writer is a decision span too.
-    Api::<StatefulSetLock>::namespaced(env.client.clone(), "default")
-        .patch(
+    call(
+        "patch lock",
+        env.locks().patch(
             "lock",
             &kube::api::PatchParams::default(),
             &kube::api::Patch::Merge(json!({"spec": {"preferredWriter": "db-2"}})),
-        )
-        .await
-        .unwrap();
-    env.wait_writer("db-lease", "db-2").await;
+        ),
+    )
+    .await
+    .unwrap();
+    env.wait_lease_holder("db-lease", "db-2").await;
     let switchover = wait_span(&guard, &receiver, "switchover", |g| {
         g.span.name == "switchover"
     })
@@ -445,10 +342,12 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
 
     // A Lease deleted behind the operator's back is re-created for the same writer: a decision
     // span of its own, the epoch unchanged.
-    Api::<Lease>::namespaced(env.client.clone(), "default")
-        .delete("db-lease", &Default::default())
-        .await
-        .unwrap();
+    call(
+        "delete lease",
+        env.leases().delete("db-lease", &Default::default()),
+    )
+    .await
+    .unwrap();
     let recreated = wait_span(&guard, &receiver, "lease_recreated", |g| {
         g.span.name == "lease_recreated"
     })
@@ -461,7 +360,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         Some("Lease db-lease was missing")
     );
     assert_eq!(recreated.str("stslock.outcome").as_deref(), Some("ok"));
-    env.wait_writer("db-lease", "db-2").await;
+    env.wait_lease_holder("db-lease", "db-2").await;
 
     // Renewals add no decision spans: one of each.
     let decisions: HashMap<String, usize> = receiver
@@ -481,7 +380,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
             ("lease_recreated".to_string(), 1)
         ])
     );
-    env.stop().await;
+    env.stop_operators().await;
     guard.shutdown().await;
 }
 
@@ -490,30 +389,34 @@ async fn a_shard_handoff_is_a_span_with_its_ownership_write_as_child() {
     let (endpoint, receiver) = Receiver::start().await;
     let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
     let _scoped = tracing::dispatcher::set_default(&dispatch);
-    let mut env = Env::start(1).await;
+    let mut env = env(1, false).await;
+    let ns = env.ns.clone();
     for i in 0..8 {
         env.statefulset(&format!("h{i}"), 1).await;
-        env.lock(&format!("h{i}"), &format!("h{i}"), &format!("h{i}-lease"))
-            .await;
+        env.lock(
+            &format!("h{i}"),
+            &format!("h{i}"),
+            &format!("h{i}-lease"),
+            30,
+            json!({}),
+        )
+        .await;
     }
     for i in 0..8 {
-        env.wait_writer(&format!("h{i}-lease"), &format!("h{i}-0"))
+        env.wait_lease_holder(&format!("h{i}-lease"), &format!("h{i}-0"))
             .await;
     }
     // A second replica joins: the ring moves some locks from otel-0 to otel-1.
-    env.add_replica();
+    add_replica(&mut env).await;
     let handoff = wait_span(&guard, &receiver, "handoff", |g| {
         g.span.name == "handoff" && g.str("stslock.outcome").as_deref() == Some("ok")
     })
     .await;
     assert_eq!(handoff.str("stslock.shard").as_deref(), Some("otel-0"));
     assert_eq!(handoff.str("stslock.shard.to").as_deref(), Some("otel-1"));
-    assert_eq!(
-        handoff.str("k8s.namespace.name").as_deref(),
-        Some("default")
-    );
+    assert_eq!(handoff.str("k8s.namespace.name"), Some(ns.clone()));
     let lock = handoff.str("stslock.lock").unwrap();
-    assert!(lock.starts_with("default/h"), "{lock}");
+    assert!(lock.starts_with(&format!("{ns}/h")), "{lock}");
     let spans = receiver.spans();
     let write = spans
         .iter()
@@ -533,7 +436,7 @@ async fn a_shard_handoff_is_a_span_with_its_ownership_write_as_child() {
         write.str("k8s.resource").as_deref(),
         Some("statefulsetlocks")
     );
-    env.stop().await;
+    env.stop_operators().await;
     guard.shutdown().await;
 }
 
@@ -542,15 +445,16 @@ async fn a_failed_renewal_is_a_span_and_a_successful_one_is_not() {
     let (endpoint, receiver) = Receiver::start().await;
     let (dispatch, guard) = telemetry(Otlp::Endpoint(endpoint), 4096);
     let _scoped = tracing::dispatcher::set_default(&dispatch);
-    let mut env = Env::start(1).await;
+    let mut env = env(1, false).await;
+    let ns = env.ns.clone();
     env.statefulset("r", 2).await;
     // A 2 s Lease is renewed every second.
-    env.lock_for("r", "r", "r-lease", 2).await;
-    env.wait_writer("r-lease", "r-0").await;
+    env.lock("r", "r", "r-lease", 2, json!({})).await;
+    env.wait_lease_holder("r-lease", "r-0").await;
+    // The window the renewals are counted in, not a wait for a state.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     guard.flush().await;
     let renewed = env
-        .sim
         .commit_log()
         .iter()
         .filter(|c| {
@@ -572,19 +476,14 @@ async fn a_failed_renewal_is_a_span_and_a_successful_one_is_not() {
         "renewals that succeed get no span: {renewal_spans:?}"
     );
     // The operator's writes fail with 500 for a while.
-    env.sim.faults().update(|f| {
-        f.error_rate = 1.0;
-        f.error_code = 500;
-        f.writes_only = true;
-        f.agents = vec!["stslock/otel-0".into()];
-    });
+    env.fail_operator_writes().await;
     let failed = wait_span(&guard, &receiver, "renewal failed", |g| {
         g.span.name == "renewal failed"
     })
     .await;
-    env.sim.faults().update(|f| *f = Default::default());
-    assert_eq!(failed.str("stslock.lock").as_deref(), Some("default/r"));
-    assert_eq!(failed.str("k8s.namespace.name").as_deref(), Some("default"));
+    env.heal_operator_writes().await;
+    assert_eq!(failed.str("stslock.lock"), Some(format!("{ns}/r")));
+    assert_eq!(failed.str("k8s.namespace.name"), Some(ns.clone()));
     assert_eq!(failed.str("stslock.shard").as_deref(), Some("otel-0"));
     assert_eq!(failed.str("stslock.writer.old").as_deref(), Some("r-0"));
     assert_eq!(failed.attr("stslock.epoch"), Some(Value::IntValue(0)));
@@ -597,8 +496,8 @@ async fn a_failed_renewal_is_a_span_and_a_successful_one_is_not() {
         Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
     );
     // Healed: the same writer keeps the Lease.
-    env.wait_writer("r-lease", "r-0").await;
-    env.stop().await;
+    env.wait_lease_holder("r-lease", "r-0").await;
+    env.stop_operators().await;
     guard.shutdown().await;
 }
 
@@ -636,29 +535,29 @@ async fn failover_with_a_broken_collector(endpoint: String) {
             }
         }
     });
-    let mut env = Env::start(1).await;
+    let mut env = env(1, false).await;
     for i in 0..4 {
         env.statefulset(&format!("db{i}"), 3).await;
         env.lock(
             &format!("lock{i}"),
             &format!("db{i}"),
             &format!("db{i}-lease"),
+            30,
+            json!({}),
         )
         .await;
     }
     for i in 0..4 {
-        env.wait_writer(&format!("db{i}-lease"), &format!("db{i}-0"))
+        env.wait_lease_holder(&format!("db{i}-lease"), &format!("db{i}-0"))
             .await;
+        env.wait_roles(&format!("db{i}"), 3).await;
     }
     let started = Instant::now();
     for i in 0..4 {
-        env.sim
-            .pods()
-            .set_ready("default", &format!("db{i}-0"), false)
-            .unwrap();
+        env.set_ready(&format!("db{i}-0"), false).await;
     }
     for i in 0..4 {
-        env.wait_writer(&format!("db{i}-lease"), &format!("db{i}-1"))
+        env.wait_lease_holder(&format!("db{i}-lease"), &format!("db{i}-1"))
             .await;
     }
     let took = started.elapsed();
@@ -676,7 +575,7 @@ async fn failover_with_a_broken_collector(endpoint: String) {
     );
     flusher.abort();
     let _ = flusher.await;
-    env.stop().await;
+    env.stop_operators().await;
     // Shutdown is bounded even with a dead collector.
     let guard = Arc::into_inner(guard).expect("sole owner");
     let t = Instant::now();
@@ -713,16 +612,22 @@ async fn telemetry_cost() {
         let (dispatch, guard) = telemetry(otlp, 4096);
         let _scoped = tracing::dispatcher::set_default(&dispatch);
         let before = receiver.spans().len();
-        let mut env = Env::start_with(1, std::env::var_os("STSLOCK_BENCH_BUDGETS").is_none()).await;
+        let mut env = env(1, std::env::var_os("STSLOCK_BENCH_BUDGETS").is_none()).await;
         for i in 0..n {
             env.statefulset(&format!("s{i}"), 2).await;
         }
         let started = Instant::now();
         for i in 0..n {
-            env.lock(&format!("l{i}"), &format!("s{i}"), &format!("s{i}-lease"))
-                .await;
+            env.lock(
+                &format!("l{i}"),
+                &format!("s{i}"),
+                &format!("s{i}-lease"),
+                30,
+                json!({}),
+            )
+            .await;
         }
-        let leases: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+        let leases = env.leases();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let held = leases
@@ -732,10 +637,12 @@ async fn telemetry_cost() {
                 .items
                 .iter()
                 .filter(|l| {
-                    l.spec
-                        .as_ref()
-                        .and_then(|s| s.holder_identity.as_ref())
-                        .is_some()
+                    // The locks' Leases, not the replica's membership Lease.
+                    l.name_any().ends_with("-lease")
+                        && l.spec
+                            .as_ref()
+                            .and_then(|s| s.holder_identity.as_ref())
+                            .is_some()
                 })
                 .count();
             if held >= n {
@@ -745,7 +652,7 @@ async fn telemetry_cost() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let secs = started.elapsed().as_secs_f64();
-        env.stop().await;
+        env.stop_operators().await;
         guard.flush().await;
         let exported = receiver.spans().len() - before;
         let mode = if export { "otlp" } else { "off" };

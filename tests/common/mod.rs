@@ -16,15 +16,22 @@
 //!
 //! Invariants are checked from records the operator did not write: kubesim's history
 //! (`Sim::report`, `Sim::commit_log`); on a real cluster an independent pod watch per test
-//! namespace, fed to kubesim's recorder, and the apiserver's audit log.
+//! namespace, fed to kubesim's recorder, and the apiserver's audit log. Who owned each lock
+//! when it was written for ([`Env::owner_check`]): kubesim's commit log, or the audit log with
+//! an independent lock watch.
 //!
-//! Tests that need kubesim's fault API or internals call [`kubesim_only`], which prints why a
-//! test is skipped on the real backend (to stderr, past libtest's output capture).
+//! Faults on both backends: a replica cut off from the API server ([`Env::partition`]; on a
+//! real cluster a TCP proxy of the harness in front of it) and every operator write failing
+//! with 500 ([`Env::fail_operator_writes`]; on a real cluster a validating webhook that cannot
+//! be reached). Tests that need the rest of kubesim's fault API or its internals call
+//! [`kubesim_only`], which prints why a test is skipped on the real backend (to stderr, past
+//! libtest's output capture).
 #![allow(dead_code)] // each suite uses part of the harness
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{BufRead, Seek, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +40,7 @@ use anyhow::Context as _;
 use controlplane::{ControlPlane, OperatorIdentity, PodLifecycleOptions};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, ServiceAccount};
@@ -43,9 +51,10 @@ use kube::{Api, Client, ResourceExt};
 use kubesim::recorder::Recorder;
 use kubesim::{Report, Sim, SimConfig};
 use serde_json::{Value, json};
-use stslock::api::{StatefulSetLock, StatefulSetLockStatus};
+use stslock::api::{SHARD_LABEL, StatefulSetLock, StatefulSetLockStatus};
 use stslock::config::OperatorArgs;
-use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, oneshot};
+use stslock::reconcile::RunOptions;
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, oneshot, watch};
 
 /// The pod label the operator writes (the default `--role-label`).
 pub const ROLE_LABEL: &str = "sts-role";
@@ -132,6 +141,12 @@ pub struct Options {
     pub operator_args: fn(&mut OperatorArgs),
     /// Adjusts kubesim's configuration (ignored on the real backend).
     pub sim: fn(&mut SimConfig),
+    /// Real backend: each replica reaches the API server through a TCP proxy of the harness,
+    /// so that [`Env::partition`] can cut it off (kubesim partitions any client).
+    pub partitionable: bool,
+    /// Record each lock's owner (its shard label) over time, for [`Env::owner_check`]: kubesim
+    /// records the label with every commit; on a real cluster the harness watches the locks.
+    pub record_owners: bool,
 }
 
 impl Default for Options {
@@ -145,6 +160,8 @@ impl Default for Options {
             shard_id: |i| format!("test-{i}"),
             operator_args: |_| {},
             sim: |_| {},
+            partitionable: false,
+            record_owners: false,
         }
     }
 }
@@ -159,6 +176,12 @@ pub struct Write {
     /// Milliseconds since the environment started: kubesim's commit time; on a real cluster
     /// the audit event's stageTimestamp (response complete, just after the commit).
     pub at_ms: u64,
+    /// On a real cluster: when the API server received the request and when it had answered
+    /// it (the commit is in between), in microseconds since the Unix epoch, the clock of
+    /// [`Env::owner_check`]'s lock watch. On kubesim both are the commit time
+    /// (`at_ms` in microseconds).
+    pub received_us: i64,
+    pub completed_us: i64,
     /// The client's User-Agent.
     pub actor: String,
     /// Authenticated user (real clusters only).
@@ -180,6 +203,11 @@ impl Write {
     pub fn committed(&self) -> bool {
         (200..300).contains(&self.code)
     }
+    /// Committed, or of unknown outcome: a real apiserver may commit a write it answers with
+    /// a server error (504: the request's timeout ran out, the storage write did not stop).
+    pub fn maybe_committed(&self) -> bool {
+        !(400..500).contains(&self.code)
+    }
     pub fn by_operator(&self) -> bool {
         self.actor.starts_with("stslock/")
     }
@@ -190,6 +218,9 @@ struct Replica {
     id: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    /// Where its metrics server bound (`--metrics-addr` port 0), once asked for.
+    bound: Mutex<Option<oneshot::Receiver<SocketAddr>>>,
+    metrics: OnceCell<SocketAddr>,
 }
 
 pub struct Env {
@@ -217,6 +248,12 @@ struct Real {
     audit: Mutex<AuditTail>,
     namespaces: Mutex<Vec<String>>,
     started_at: jiff::Timestamp,
+    /// Each lock's owner over time ([`Options::record_owners`]).
+    owners: Option<Arc<Mutex<Owners>>>,
+    /// Replica id → its proxy ([`Options::partitionable`]).
+    proxies: Mutex<HashMap<String, Proxy>>,
+    /// The ValidatingWebhookConfiguration of [`Env::fail_operator_writes`], while it exists.
+    failing_writes: Mutex<Option<String>>,
     _turn: SemaphorePermit<'static>,
 }
 
@@ -224,6 +261,9 @@ impl Drop for Real {
     fn drop(&mut self) {
         for t in self.watch_tasks.lock().unwrap().drain(..) {
             t.abort();
+        }
+        for (_, p) in self.proxies.lock().unwrap().drain() {
+            p.task.abort();
         }
     }
 }
@@ -244,6 +284,13 @@ impl Env {
     }
 
     pub async fn start_with(opts: Options) -> Env {
+        // `STSLOCK_TEST_LOG=<filter>`: the operator's log (and the harness's) on stderr.
+        if let Ok(filter) = std::env::var("STSLOCK_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let started = Instant::now();
         let home = std::env::temp_dir().join(format!(
             "stslock-test-{}-{:08x}",
@@ -256,6 +303,9 @@ impl Env {
                 let mut cfg = SimConfig::default();
                 cfg.controllers.pod_ready_delay = opts.pod_ready_delay;
                 cfg.controllers.pod_terminate_delay = opts.pod_terminate_delay;
+                if opts.record_owners {
+                    cfg.store.recorded_labels.push(SHARD_LABEL.to_string());
+                }
                 (opts.sim)(&mut cfg);
                 let mut sim = Sim::start(cfg);
                 if opts.serve_http {
@@ -300,7 +350,17 @@ impl Env {
             watch.clone(),
             started,
         ));
-        let watch_tasks = Mutex::new(vec![watch_task]);
+        let mut watch_tasks = vec![watch_task];
+        let owners = opts
+            .record_owners
+            .then(|| Arc::new(Mutex::new(Owners::default())));
+        if let Some(owners) = &owners {
+            watch_tasks.push(tokio::spawn(record_owners(
+                Api::namespaced(admin.clone(), &ns),
+                owners.clone(),
+            )));
+        }
+        let watch_tasks = Mutex::new(watch_tasks);
         let audit = AuditTail::new(cluster.audit_log.clone(), ns.clone());
         let ns_for_list = ns.clone();
         let _ = writeln!(
@@ -321,6 +381,9 @@ impl Env {
                 audit: Mutex::new(audit),
                 namespaces: Mutex::new(vec![ns_for_list]),
                 started_at: jiff::Timestamp::now(),
+                owners,
+                proxies: Mutex::new(HashMap::new()),
+                failing_writes: Mutex::new(None),
                 _turn: turn,
             })),
             operators: vec![],
@@ -355,6 +418,13 @@ impl Env {
                     self.started,
                 ));
                 real.watch_tasks.lock().unwrap().push(task);
+                if let Some(owners) = &real.owners {
+                    let task = tokio::spawn(record_owners(
+                        Api::namespaced(self.admin.clone(), &unique),
+                        owners.clone(),
+                    ));
+                    real.watch_tasks.lock().unwrap().push(task);
+                }
                 real.namespaces.lock().unwrap().push(unique.clone());
                 unique
             }
@@ -416,11 +486,18 @@ impl Env {
         a
     }
 
-    /// A client for operator replica `id`, as that replica and nobody else.
+    /// A client for operator replica `id`, as that replica and nobody else (through its
+    /// proxy on a real cluster when [`Options::partitionable`]).
     pub async fn operator_client(&self, id: &str) -> Client {
         let agent = format!("stslock/{id}");
         match &self.inner {
             Inner::Sim(sim) => sim.client_as(&agent),
+            Inner::Real(real) if self.opts.partitionable => {
+                let kubeconfig = self.proxied_kubeconfig(real, id).await;
+                controlplane::client_from_kubeconfig(&kubeconfig, &agent)
+                    .await
+                    .unwrap()
+            }
             Inner::Real(real) => OperatorIdentity {
                 user_agent: agent,
                 ..real.cluster.operator.clone()
@@ -441,11 +518,15 @@ impl Env {
     pub async fn start_operator_with(&mut self, id: &str, args: OperatorArgs) {
         let client = self.operator_client(id).await;
         let (stop, rx) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
-            stslock::reconcile::run(client, args, shutdown)
+            let options = RunOptions {
+                metrics_bound: Some(bound_tx),
+            };
+            stslock::reconcile::run_with(client, args, shutdown, options)
                 .await
                 .expect("operator");
         });
@@ -453,6 +534,8 @@ impl Env {
             id: id.to_string(),
             stop,
             task,
+            bound: Mutex::new(Some(bound_rx)),
+            metrics: OnceCell::new(),
         });
     }
 
@@ -460,6 +543,207 @@ impl Env {
         for r in self.operators.drain(..) {
             let _ = r.stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(15), r.task).await;
+        }
+    }
+
+    fn take_operator(&mut self, id: &str) -> Replica {
+        let i = self
+            .operators
+            .iter()
+            .position(|r| r.id == id)
+            .unwrap_or_else(|| panic!("no operator replica {id}"));
+        self.operators.remove(i)
+    }
+
+    /// Stops replica `id` as SIGTERM would (it leaves per `--leave`), waiting up to 30 s.
+    pub async fn stop_operator(&mut self, id: &str) {
+        let r = self.take_operator(id);
+        let _ = r.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    }
+
+    /// Kills replica `id` abruptly: no handoff, no leave, its membership Lease just stops
+    /// being renewed (every task of the replica ends with it).
+    pub async fn kill_operator(&mut self, id: &str) {
+        let r = self.take_operator(id);
+        r.task.abort();
+        let _ = r.task.await;
+    }
+
+    /// Where replica `id` serves `/metrics`, `/healthz` and `/readyz`.
+    pub async fn metrics_addr(&self, id: &str) -> SocketAddr {
+        let r = self
+            .operators
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap_or_else(|| panic!("no operator replica {id}"));
+        *r.metrics
+            .get_or_init(|| async {
+                let bound = r.bound.lock().unwrap().take().expect("asked once");
+                tokio::time::timeout(Duration::from_secs(10), bound)
+                    .await
+                    .expect("metrics address in time")
+                    .expect("metrics address")
+            })
+            .await
+    }
+
+    // --- faults --------------------------------------------------------------------------
+
+    /// Cuts replica `id` off from the API server as a black-holed network does, also before
+    /// it starts: kubesim's partition by User-Agent (requests hang until healed, watches
+    /// end); on a real cluster (with [`Options::partitionable`]) its proxy drops every open
+    /// connection and holds new ones unanswered.
+    pub async fn partition(&self, id: &str) {
+        match &self.inner {
+            Inner::Sim(sim) => {
+                let agent = format!("stslock/{id}");
+                sim.faults().update(|f| f.partitioned.push(agent));
+            }
+            Inner::Real(real) => {
+                assert!(
+                    self.opts.partitionable,
+                    "partition on a real cluster needs Options::partitionable"
+                );
+                self.proxy(real, id).await.set_cut(true);
+            }
+        }
+    }
+
+    /// Ends [`Env::partition`] of `id`. On a real cluster the connections held during the
+    /// partition are closed, not forwarded: nothing sent while cut off arrives late.
+    pub async fn heal(&self, id: &str) {
+        match &self.inner {
+            Inner::Sim(sim) => {
+                let agent = format!("stslock/{id}");
+                sim.faults()
+                    .update(|f| f.partitioned.retain(|p| *p != agent));
+            }
+            Inner::Real(real) => {
+                self.proxy(real, id).await.set_cut(false);
+            }
+        }
+    }
+
+    /// Replica `id`'s proxy on a real cluster, started on first use.
+    async fn proxy(&self, real: &Real, id: &str) -> ProxyHandle {
+        if let Some(p) = real.proxies.lock().unwrap().get(id) {
+            return p.handle();
+        }
+        let upstream = server_of(&real.cluster.operator.kubeconfig_path).1;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = watch::channel(false);
+        let task = tokio::spawn(run_proxy(listener, upstream, cut_rx));
+        let mut proxies = real.proxies.lock().unwrap();
+        let p = proxies.entry(id.to_string()).or_insert(Proxy {
+            addr,
+            cut: Arc::new(cut),
+            task,
+        });
+        p.handle()
+    }
+
+    /// The operator's kubeconfig with replica `id`'s proxy as its server.
+    async fn proxied_kubeconfig(&self, real: &Real, id: &str) -> PathBuf {
+        let proxy = self.proxy(real, id).await;
+        let source = &real.cluster.operator.kubeconfig_path;
+        let (host, _) = server_of(source);
+        let mut k = kube::config::Kubeconfig::read_from(source).unwrap();
+        for c in &mut k.clusters {
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.server = Some(format!("https://{}", proxy.addr));
+                // The serving certificate names the server's host, not the proxy's address.
+                if host.parse::<std::net::IpAddr>().is_err() {
+                    cluster.tls_server_name = Some(host.clone());
+                }
+            }
+        }
+        let path = self.home.join(format!("operator-{id}.kubeconfig"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&k).unwrap()).unwrap();
+        path
+    }
+
+    /// Every write of the operator's replicas is answered with a server error (500) until
+    /// [`Env::heal_operator_writes`]: kubesim's error fault for User-Agents `stslock/`; on a
+    /// real cluster a validating webhook that cannot be reached (failurePolicy Fail) for the
+    /// operator's ServiceAccount in the test's namespaces, which kube-apiserver answers with
+    /// 500 InternalError "failed calling webhook". The API server loads webhook
+    /// configurations from a watch: wait for the failures, not for this call.
+    pub async fn fail_operator_writes(&self) {
+        match &self.inner {
+            Inner::Sim(sim) => sim.faults().update(|f| {
+                f.error_rate = 1.0;
+                f.error_code = 500;
+                f.writes_only = true;
+                f.agents = vec!["stslock/".into()];
+            }),
+            Inner::Real(real) => {
+                // A port that was just free: connections to it are refused.
+                let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap();
+                let name = format!("{}-fail-operator-writes", self.ns);
+                let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+                    "metadata": {"name": name, "labels": {"stslock.test/harness": "true"}},
+                    "webhooks": [{
+                        "name": "fail.stslock.test",
+                        "clientConfig": {"url": format!("https://{closed}/fail")},
+                        "rules": [{
+                            "apiGroups": ["*"], "apiVersions": ["*"],
+                            "operations": ["CREATE", "UPDATE", "DELETE"],
+                            "resources": ["*/*"], "scope": "Namespaced",
+                        }],
+                        "namespaceSelector": {"matchExpressions": [{
+                            "key": "kubernetes.io/metadata.name", "operator": "In",
+                            "values": self.namespaces(),
+                        }]},
+                        "matchConditions": [{
+                            "name": "operator",
+                            "expression": format!("request.userInfo.username == '{}'", real.cluster.operator.username),
+                        }],
+                        "failurePolicy": "Fail",
+                        "sideEffects": "None",
+                        "admissionReviewVersions": ["v1"],
+                        "timeoutSeconds": 1,
+                    }],
+                }))
+                .unwrap();
+                call(
+                    "create webhook configuration",
+                    Api::<ValidatingWebhookConfiguration>::all(self.admin.clone())
+                        .create(&PostParams::default(), &config),
+                )
+                .await
+                .unwrap();
+                *real.failing_writes.lock().unwrap() = Some(name);
+            }
+        }
+    }
+
+    /// Ends [`Env::fail_operator_writes`].
+    pub async fn heal_operator_writes(&self) {
+        match &self.inner {
+            Inner::Sim(sim) => sim.faults().update(|f| {
+                let none = kubesim::FaultConfig::default();
+                f.error_rate = none.error_rate;
+                f.error_code = none.error_code;
+                f.writes_only = none.writes_only;
+                f.agents = none.agents;
+            }),
+            Inner::Real(real) => {
+                let name = real.failing_writes.lock().unwrap().take();
+                if let Some(name) = name {
+                    call(
+                        "delete webhook configuration",
+                        Api::<ValidatingWebhookConfiguration>::all(self.admin.clone())
+                            .delete(&name, &DeleteParams::default()),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
         }
     }
 
@@ -667,6 +951,32 @@ impl Env {
         .await;
     }
 
+    /// Until Lease `lease` is held by `pod` and `pod` carries the writer label.
+    pub async fn wait_lease_holder(&self, lease: &str, pod: &str) {
+        let (leases, pods) = (self.leases(), self.pods());
+        let (lease, pod) = (lease.to_string(), pod.to_string());
+        self.until(15, &format!("{pod} holding {lease}"), move || {
+            let (leases, pods) = (leases.clone(), pods.clone());
+            let (lease, pod) = (lease.clone(), pod.clone());
+            Box::pin(async move {
+                let labelled = call("get pod", pods.get_opt(&pod))
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| {
+                        p.labels().get(ROLE_LABEL).map(String::as_str) == Some("writer")
+                    });
+                let holder = call("get lease", leases.get_opt(&lease))
+                    .await
+                    .ok()??
+                    .spec?
+                    .holder_identity;
+                (labelled && holder.as_deref() == Some(pod.as_str())).then_some(())
+            })
+        })
+        .await;
+    }
+
     pub async fn lock_status(&self, name: &str) -> StatefulSetLockStatus {
         call("get lock", self.locks().get(name))
             .await
@@ -845,6 +1155,8 @@ impl Env {
                 .map(|c| Write {
                     seq: c.rv,
                     at_ms: c.at_ms,
+                    received_us: c.at_ms as i64 * 1000,
+                    completed_us: c.at_ms as i64 * 1000,
                     actor: c.actor,
                     user: None,
                     verb: c.verb.to_string(),
@@ -889,6 +1201,87 @@ impl Env {
                 "timed out after {secs}s waiting in the write log for: {what}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether every committed operator write for a lock (the lock's status and finalizers,
+    /// its Lease, its pods' labels: `lock_of` names the lock of a write to anything but the
+    /// lock itself) came from the replica that owned the lock when it was committed. Call it
+    /// once the operators are stopped. Needs [`Options::record_owners`].
+    ///
+    /// kubesim: exact, from the commit log, which records the owner label with every write
+    /// to a lock; a write that changes the label (a claim, a handoff) is not checked.
+    ///
+    /// Real cluster: the audit log says who wrote what, with when the request arrived and
+    /// when it was answered (the commit is in between); the harness's lock watch delivers
+    /// every version of each lock, so it says each lock's owner after each change and when
+    /// it saw the change (after its commit). The n-th version of a lock was committed after
+    /// the n-th arrival of a committed write to it. A write counts as the owner's when the
+    /// owner may have held the lock at some instant of the write; as a violation when no
+    /// instant of it can fall in the writer's tenure (every violation reported is proven);
+    /// as ambiguous when the owner may have changed during the write. A write to the lock
+    /// that may be the ownership change itself is not checked.
+    pub async fn owner_check(&self, lock_of: impl Fn(&Write) -> Option<String>) -> OwnerCheck {
+        assert!(
+            self.opts.record_owners,
+            "owner_check needs Options::record_owners"
+        );
+        let lock_of = |w: &Write| -> Option<String> {
+            if w.resource == "statefulsetlocks" {
+                Some(w.name.clone())
+            } else {
+                lock_of(w)
+            }
+        };
+        match &self.inner {
+            Inner::Sim(_) => exact_owner_check(&self.writes(), lock_of),
+            Inner::Real(real) => {
+                let owners = real.owners.clone().expect("lock watch");
+                let apis: Vec<Api<StatefulSetLock>> = self
+                    .namespaces()
+                    .iter()
+                    .map(|ns| Api::namespaced(self.admin.clone(), ns))
+                    .collect();
+                let watched = owners.clone();
+                self.until(
+                    15,
+                    "the lock watch to catch up with a fresh list",
+                    move || {
+                        let (apis, watched) = (apis.clone(), watched.clone());
+                        Box::pin(async move {
+                            let mut want = vec![];
+                            for locks in &apis {
+                                let listed = call("list locks", locks.list(&ListParams::default()))
+                                    .await
+                                    .ok()?;
+                                want.extend(listed.items.iter().map(|l| {
+                                    let rv = l
+                                        .resource_version()
+                                        .and_then(|v| v.parse::<u64>().ok())
+                                        .unwrap_or(0);
+                                    ((l.namespace().unwrap_or_default(), l.name_any()), rv)
+                                }));
+                            }
+                            let o = watched.lock().unwrap();
+                            want.iter()
+                                .all(|(key, rv)| o.seen.get(key).is_some_and(|seen| seen >= rv))
+                                .then_some(())
+                        })
+                    },
+                )
+                .await;
+                let writes = self.writes();
+                let o = owners.lock().unwrap();
+                if o.relists > 0 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "note: the lock watch of {} re-listed {} time(s); ownership changes between may be missing",
+                        self.ns,
+                        o.relists
+                    );
+                }
+                timed_owner_check(&writes, &o, lock_of)
+            }
         }
     }
 
@@ -1421,16 +1814,20 @@ impl AuditTail {
             if ev.stage != "ResponseComplete" || !self.namespaces.contains(&obj.namespace) {
                 continue;
             }
-            let ms = |ts: &str| -> i64 {
+            let us = |ts: &str| -> i64 {
                 ts.parse::<jiff::Timestamp>()
-                    .map(|t| t.as_millisecond() - started_at.as_millisecond())
+                    .map(|t| t.as_microsecond())
                     .unwrap_or(0)
             };
+            let (received_us, completed_us) =
+                (us(&ev.request_received_timestamp), us(&ev.stage_timestamp));
             new.push((
                 ev.request_received_timestamp.clone(),
                 Write {
                     seq: 0,
-                    at_ms: ms(&ev.stage_timestamp).max(0) as u64,
+                    at_ms: ((completed_us - started_at.as_microsecond()) / 1000).max(0) as u64,
+                    received_us,
+                    completed_us,
                     actor: ev.user_agent,
                     user: Some(ev.user.username),
                     verb: ev.verb,
@@ -1453,6 +1850,394 @@ impl AuditTail {
             w.seq = seq;
             self.writes.push(w);
         }
+    }
+}
+
+// --- ownership of locks over time -----------------------------------------------------------
+
+/// What [`Env::owner_check`] found.
+#[derive(Debug, Default)]
+pub struct OwnerCheck {
+    /// Committed operator writes checked against the lock's owner.
+    pub checked: usize,
+    /// Committed writes by a replica that did not own the lock then (proven).
+    pub violations: Vec<String>,
+    /// Real cluster: checked writes during which the owner may have changed (timestamps
+    /// cannot order them; the commit order kubesim records can).
+    pub ambiguous: usize,
+    /// Real cluster: writes by a non-owner that the API server refused (nothing written).
+    pub refused: usize,
+    /// Real cluster: writes by a non-owner answered with a server error (5xx), which may or
+    /// may not have been committed.
+    pub unknown_outcome: Vec<String>,
+}
+
+/// Each lock's owner over time, from the harness's own lock watch.
+#[derive(Default)]
+struct Owners {
+    /// (namespace, lock) → every version of it the watch delivered, in resourceVersion order.
+    locks: HashMap<(String, String), Vec<OwnerVersion>>,
+    /// (namespace, lock) → the last resourceVersion seen.
+    seen: HashMap<(String, String), u64>,
+    /// Re-lists after a watch's first list: changes between may be missing.
+    relists: usize,
+}
+
+struct OwnerVersion {
+    rv: u64,
+    owner: Option<String>,
+    /// When the watch delivered it (after its commit), microseconds since the Unix epoch.
+    seen_us: i64,
+}
+
+impl Owners {
+    fn observe(&mut self, lock: &StatefulSetLock, deleted: bool) {
+        let key = (lock.namespace().unwrap_or_default(), lock.name_any());
+        let owner = if deleted {
+            None
+        } else {
+            lock.labels().get(SHARD_LABEL).cloned()
+        };
+        let rv = lock
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.seen.insert(key.clone(), rv);
+        let versions = self.locks.entry(key).or_default();
+        // A re-list delivers the current version again.
+        if deleted || versions.last().is_none_or(|v| v.rv < rv) {
+            versions.push(OwnerVersion {
+                rv,
+                owner,
+                seen_us: jiff::Timestamp::now().as_microsecond(),
+            });
+        }
+    }
+}
+
+async fn record_owners(locks: Api<StatefulSetLock>, owners: Arc<Mutex<Owners>>) {
+    let mut stream = watcher(locks, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut lists = 0;
+    while let Some(event) = stream.next().await {
+        let mut o = owners.lock().unwrap();
+        match event {
+            Ok(watcher::Event::Init) => {
+                lists += 1;
+                if lists > 1 {
+                    o.relists += 1;
+                }
+            }
+            Ok(watcher::Event::InitApply(l)) | Ok(watcher::Event::Apply(l)) => o.observe(&l, false),
+            Ok(watcher::Event::Delete(l)) => o.observe(&l, true),
+            Ok(watcher::Event::InitDone) => {}
+            Err(e) => tracing::warn!("harness lock watch: {e}"),
+        }
+    }
+}
+
+/// [`Env::owner_check`] from kubesim's commit log (owner label recorded with each commit).
+fn exact_owner_check(log: &[Write], lock_of: impl Fn(&Write) -> Option<String>) -> OwnerCheck {
+    let mut owner: HashMap<(String, String), String> = HashMap::new();
+    let mut out = OwnerCheck::default();
+    for c in log.iter().filter(|c| c.committed()) {
+        let Some(lock) = lock_of(c) else { continue };
+        let key = (c.namespace.clone(), lock.clone());
+        let mut label_change = false;
+        if c.resource == "statefulsetlocks" {
+            let before = owner.get(&key).cloned();
+            if let Some(o) = c.labels.get(SHARD_LABEL) {
+                owner.insert(key.clone(), o.clone());
+            }
+            // A status or finalizer write must come from the owner before this commit (a
+            // label change itself may come from the previous owner handing off, or a claimer).
+            label_change = before.as_deref() != c.labels.get(SHARD_LABEL).map(String::as_str);
+        }
+        let Some(actor) = c.actor.strip_prefix("stslock/") else {
+            continue;
+        };
+        if label_change {
+            continue;
+        }
+        out.checked += 1;
+        if owner.get(&key).map(String::as_str) != Some(actor) {
+            out.violations.push(format!(
+                "{actor} wrote {} {} for lock {lock} owned by {:?} (rv {})",
+                c.resource,
+                c.name,
+                owner.get(&key),
+                c.seq
+            ));
+        }
+    }
+    out
+}
+
+/// One owner's tenure of a lock, as far as timestamps bound it.
+struct Tenure {
+    owner: Option<String>,
+    /// The change that began it was committed in `[from_us, seen_us]`.
+    from_us: i64,
+    seen_us: i64,
+}
+
+/// [`Env::owner_check`] from the audit log and the lock watch (see there).
+fn timed_owner_check(
+    writes: &[Write],
+    owners: &Owners,
+    lock_of: impl Fn(&Write) -> Option<String>,
+) -> OwnerCheck {
+    // Arrival times of the writes to each lock (itself or its status) that may have been
+    // committed, in order.
+    let mut arrivals: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    for w in writes {
+        if w.resource == "statefulsetlocks" && w.maybe_committed() {
+            arrivals
+                .entry((w.namespace.clone(), w.name.clone()))
+                .or_default()
+                .push(w.received_us);
+        }
+    }
+    for a in arrivals.values_mut() {
+        a.sort_unstable();
+    }
+    let mut tenures: HashMap<&(String, String), Vec<Tenure>> = HashMap::new();
+    for (key, versions) in &owners.locks {
+        let arrived = arrivals.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        let mut list: Vec<Tenure> = vec![];
+        for (k, v) in versions.iter().enumerate() {
+            if list.last().is_some_and(|t| t.owner == v.owner) {
+                continue;
+            }
+            // The k+1 versions up to this one were committed, in this order, by k+1 distinct
+            // writes, each after its own arrival: this commit follows at least k+1 arrivals.
+            // (A write that changed nothing, or a version the watch missed, only makes this
+            // bound earlier.)
+            let from_us = match list.last() {
+                None => i64::MIN,
+                Some(previous) => arrived
+                    .get(k)
+                    .copied()
+                    .unwrap_or(previous.from_us)
+                    .max(previous.from_us),
+            };
+            assert!(
+                from_us <= v.seen_us,
+                "harness: {key:?} version {} (rv {}) was seen before the write that made it can \
+                 have arrived: the audit log misses writes to it",
+                k + 1,
+                v.rv
+            );
+            list.push(Tenure {
+                owner: v.owner.clone(),
+                from_us,
+                seen_us: v.seen_us,
+            });
+        }
+        tenures.insert(key, list);
+    }
+    let none = vec![];
+    let mut out = OwnerCheck::default();
+    for w in writes {
+        let Some(actor) = w.actor.strip_prefix("stslock/") else {
+            continue;
+        };
+        let Some(lock) = lock_of(w) else { continue };
+        let key = (w.namespace.clone(), lock.clone());
+        let tenures = tenures.get(&key).unwrap_or(&none);
+        let (from, to) = (w.received_us, w.completed_us);
+        if w.resource == "statefulsetlocks"
+            && w.subresource.is_empty()
+            && w.maybe_committed()
+            && tenures
+                .iter()
+                .skip(1)
+                .any(|t| from <= t.seen_us && to >= t.from_us)
+        {
+            continue; // may be an ownership change
+        }
+        // The owners whose tenure may overlap the write.
+        let mut possible: Vec<Option<&str>> = vec![];
+        for (k, t) in tenures.iter().enumerate() {
+            let ends_after_arrival = tenures.get(k + 1).is_none_or(|next| next.seen_us > from);
+            if t.from_us <= to && ends_after_arrival && !possible.contains(&t.owner.as_deref()) {
+                possible.push(t.owner.as_deref());
+            }
+        }
+        let owned = possible.contains(&Some(actor));
+        if !w.maybe_committed() {
+            if !owned {
+                out.refused += 1;
+            }
+            continue;
+        }
+        if !w.committed() {
+            if !owned {
+                out.unknown_outcome.push(format!(
+                    "{actor} {} {}{} {} for lock {lock}: {} while owned by {possible:?}",
+                    w.verb,
+                    w.resource,
+                    if w.subresource.is_empty() {
+                        String::new()
+                    } else {
+                        format!("/{}", w.subresource)
+                    },
+                    w.name,
+                    w.code
+                ));
+            }
+            continue;
+        }
+        out.checked += 1;
+        if !owned {
+            let at = jiff::Timestamp::from_microsecond(from)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            // What the verdict rests on: the lock's tenures and the writes to it around then.
+            let near = |t: i64| (t - from).abs() < 3_000_000;
+            let history: Vec<String> = tenures
+                .iter()
+                .filter(|t| near(t.seen_us))
+                .map(|t| {
+                    format!(
+                        "owner {:?} from {} µs, seen {} µs",
+                        t.owner,
+                        t.from_us.max(from - 9_999_999) - from,
+                        t.seen_us - from
+                    )
+                })
+                .chain(
+                    writes
+                        .iter()
+                        .filter(|x| {
+                            x.resource == "statefulsetlocks"
+                                && x.namespace == w.namespace
+                                && x.name == lock
+                                && near(x.received_us)
+                        })
+                        .map(|x| {
+                            format!(
+                                "{} {} {}/{} {}: {} .. {} µs",
+                                x.actor,
+                                x.verb,
+                                x.resource,
+                                x.subresource,
+                                x.code,
+                                x.received_us - from,
+                                x.completed_us - from
+                            )
+                        }),
+                )
+                .collect();
+            out.violations.push(format!(
+                "{actor} wrote {} {}{} {} for lock {lock} (arrived {at}, answered {} µs later, {}) while owned by {possible:?}; around it (µs from its arrival): {history:#?}",
+                w.verb,
+                w.resource,
+                if w.subresource.is_empty() { String::new() } else { format!("/{}", w.subresource) },
+                w.name,
+                to - from,
+                w.code
+            ));
+        } else if possible.len() > 1 {
+            out.ambiguous += 1;
+        }
+    }
+    out
+}
+
+// --- the proxy that partitions a replica on a real cluster ----------------------------------
+
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyHandle {
+    addr: SocketAddr,
+    cut: Arc<watch::Sender<bool>>,
+}
+
+impl Proxy {
+    fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            addr: self.addr,
+            cut: self.cut.clone(),
+        }
+    }
+}
+
+impl ProxyHandle {
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// The host of a kubeconfig's server, and its address.
+fn server_of(kubeconfig: &Path) -> (String, SocketAddr) {
+    use std::net::ToSocketAddrs;
+    let k = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let server = k
+        .clusters
+        .iter()
+        .find_map(|c| c.cluster.as_ref()?.server.clone())
+        .expect("a server in the kubeconfig");
+    let authority = server
+        .strip_prefix("https://")
+        .unwrap_or(&server)
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let host = match authority.rsplit_once(':') {
+        Some((host, _)) => host.trim_matches(['[', ']']).to_string(),
+        None => authority.clone(),
+    };
+    let with_port = if authority.contains(':') && !authority.ends_with(']') {
+        authority.clone()
+    } else {
+        format!("{authority}:443")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .expect("the server resolves");
+    (host, addr)
+}
+
+/// Forwards connections to `upstream` while not cut. Cutting drops every open connection;
+/// a connection made while cut gets no answer and is closed when the cut ends.
+async fn run_proxy(
+    listener: tokio::net::TcpListener,
+    upstream: SocketAddr,
+    cut: watch::Receiver<bool>,
+) {
+    loop {
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(_) => {
+                // Out of file descriptors or the like: try again shortly.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let mut cut = cut.clone();
+        tokio::spawn(async move {
+            let held = *cut.borrow_and_update();
+            if held {
+                let _ = cut.wait_for(|c| !*c).await;
+                return;
+            }
+            let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut conn, &mut up) => {}
+                _ = cut.wait_for(|c| *c) => {}
+            }
+        });
     }
 }
 
