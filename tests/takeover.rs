@@ -51,9 +51,9 @@ fn go_writer(i: usize) -> String {
     format!("db-{i}-{}", i % 2)
 }
 
-/// Every lock has a "Ready" writer-labelled pod that holds its Lease (and for STALE a second,
-/// NotReady, writer-labelled pod).
-async fn go_operator_state(env: &Env) {
+/// The Go operator's CRD, served: its locks can be created (a real apiserver serves a new CRD
+/// a moment after accepting it).
+async fn apply_go_crd(env: &Env) {
     let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
     call(
         "apply the Go CRD",
@@ -65,6 +65,40 @@ async fn go_operator_state(env: &Env) {
     )
     .await
     .expect("Go CRD");
+    let locks = locks_api(env);
+    env.until(60, "the Go CRD served", || {
+        let locks = locks.clone();
+        Box::pin(async move { locks.list(&ListParams::default()).await.ok().map(|_| ()) })
+    })
+    .await;
+}
+
+/// `bad-lock`, a lock without spec: valid under the Go CRD, undecodable as ours. Retried while
+/// the apiserver may still serve the previous schema of the CRD (which requires spec).
+async fn create_lock_without_spec(env: &Env, finalizers: serde_json::Value) {
+    let locks = locks_api(env);
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+        "metadata": {"name": "bad-lock", "finalizers": finalizers}
+    }))
+    .unwrap();
+    env.until(60, "a lock without spec created under the Go CRD", || {
+        let (locks, bad) = (locks.clone(), bad.clone());
+        Box::pin(async move {
+            locks
+                .create(&PostParams::default(), &bad)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+    })
+    .await;
+}
+
+/// Every lock has a "Ready" writer-labelled pod that holds its Lease (and for STALE a second,
+/// NotReady, writer-labelled pod).
+async fn go_operator_state(env: &Env) {
+    apply_go_crd(env).await;
     for i in 0..LOCKS {
         env.statefulset(&format!("db-{i}"), 3).await;
     }
@@ -152,17 +186,7 @@ async fn go_operator_state(env: &Env) {
         .expect("status");
     }
     // The Go CRD lets a lock without spec be stored.
-    let bad: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-        "metadata": {"name": "bad-lock", "finalizers": [GO_FINALIZER]}
-    }))
-    .unwrap();
-    call(
-        "create lock without spec",
-        locks.create(&PostParams::default(), &bad),
-    )
-    .await
-    .expect("a lock without spec is valid under the Go CRD");
+    create_lock_without_spec(env, json!([GO_FINALIZER])).await;
     // The known defect: STALE's old writer went NotReady and kept `writer`; DOWN's writer went
     // NotReady just before the Go operator stopped.
     env.set_ready(&format!("db-{STALE}-{}", 1 - STALE % 2), false)
@@ -421,5 +445,95 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
             assert!(r.dual_writer.is_empty(), "{set}: {:?}", r.dual_writer);
         }
     }
+    env.stop_operators().await;
+}
+
+/// Failover latency of healthy locks, in ms per failover: each writer is failed in turn and the
+/// time until another pod carries `writer` is taken from the test's own polling (10 ms).
+async fn failover_latencies(env: &Env, sets: &[String]) -> Vec<u128> {
+    let mut out = vec![];
+    for app in sets {
+        let roles = env.roles(app).await;
+        let old = roles
+            .iter()
+            .find(|(_, r)| r.as_deref() == Some("writer"))
+            .map(|(p, _)| p.clone())
+            .unwrap();
+        let start = std::time::Instant::now();
+        env.set_ready(&old, false).await;
+        let pods = env.pods();
+        let (app2, old2) = (app.clone(), old.clone());
+        env.until(30, &format!("{app} failed over"), move || {
+            let (pods, app, old) = (pods.clone(), app2.clone(), old2.clone());
+            Box::pin(async move {
+                let l = pods
+                    .list(&ListParams::default().labels(&format!("app={app},{ROLE_LABEL}=writer")))
+                    .await
+                    .ok()?;
+                (l.items.len() == 1 && l.items[0].name_any() != old).then_some(())
+            })
+        })
+        .await;
+        out.push(start.elapsed().as_millis());
+        // Back to Ready: the next round fails the new writer of another set.
+        env.set_ready(&old, true).await;
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_lock_does_not_delay_failover_of_the_others() {
+    let mut env = Env::start_with(Options {
+        replicas: 0,
+        install_crd: false,
+        ..Options::default()
+    })
+    .await;
+    apply_go_crd(&env).await;
+    let locks = locks_api(&env);
+    create_lock_without_spec(&env, json!([])).await;
+    install_our_crd(&env).await;
+    const SETS: usize = 6;
+    let sets: Vec<String> = (0..SETS).map(|i| format!("h-{i}")).collect();
+    for s in &sets {
+        env.statefulset(s, 2).await;
+        env.lock(
+            &format!("{s}-lock"),
+            s,
+            &format!("{s}-lease"),
+            10,
+            json!({}),
+        )
+        .await;
+    }
+    let args = env.operator_args("test-0");
+    env.start_operator_with("test-0", args).await;
+    for s in &sets {
+        env.wait_roles(s, 2).await;
+    }
+    env.wait_event("bad-lock", "an Undecodable Event", |reason, _| {
+        reason == "Undecodable"
+    })
+    .await;
+    let with = failover_latencies(&env, &sets).await;
+    // The bad lock removed (it has no finalizer here), the same failovers again.
+    call(
+        "delete the bad lock",
+        locks.delete("bad-lock", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    let without = failover_latencies(&env, &sets).await;
+    let p50 = |v: &[u128]| v[v.len() / 2];
+    let max = |v: &[u128]| v[v.len() - 1];
+    eprintln!(
+        "failover latency with the undecodable lock present: p50 {} ms, max {} ms; without: p50 {} ms, max {} ms ({:?} backend)",
+        p50(&with),
+        max(&with),
+        p50(&without),
+        max(&without),
+        env.backend()
+    );
     env.stop_operators().await;
 }
