@@ -107,6 +107,11 @@ pub struct OperatorArgs {
     #[arg(long, env = "STSLOCK_NAMESPACE_METRICS")]
     pub namespace_metrics: bool,
 
+    /// Also export the Go operator's `statefulsetlock_*` metrics, with its names and labels
+    /// (one series per lock: for dashboards and alerts written for it).
+    #[arg(long, env = "STSLOCK_GO_METRICS")]
+    pub go_metrics: bool,
+
     /// Log format on stderr. (Traces: set OTEL_EXPORTER_OTLP_ENDPOINT to export over OTLP/gRPC.)
     #[arg(long, env = "STSLOCK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
@@ -134,6 +139,7 @@ impl OperatorArgs {
             namespace_selector: None,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             namespace_metrics: false,
+            go_metrics: false,
             log_format: crate::telemetry::LogFormat::Text,
         }
     }

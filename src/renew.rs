@@ -307,6 +307,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         json!({"metadata": metadata, "spec": {"renewTime": now}})
     };
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let sent = std::time::Instant::now();
     match call(
         &format!("renewing Lease {ns}/{lease_name} for {holder}"),
         ctx.args.api_timeout().min(permit.window),
@@ -317,6 +318,13 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         Ok(renewed) => {
             crate::reconcile::watch::remember_lease(&ctx.leases, renewed);
             ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
+            if let Some(go) = ctx.metrics.go() {
+                go.renewal(
+                    &crate::metrics::go_compat::LockId::of(lock),
+                    sent.elapsed(),
+                    duration.as_secs_f64(),
+                );
+            }
             Outcome::Renewed(half)
         }
         Err(e) => {

@@ -10,6 +10,7 @@
 //! replica's `Metrics` reaches it through a task-local set around each reconcile and each
 //! background task ([`scoped`]), so no call site needs a new parameter.
 
+pub mod go_compat;
 pub mod server;
 
 use std::collections::HashMap;
@@ -98,6 +99,8 @@ pub struct Metrics {
     /// Ready transitions the failover duration is measured from).
     writerless: Mutex<HashMap<String, Timestamp>>,
     namespaces: Option<NamespaceMetrics>,
+    /// The Go operator's `statefulsetlock_*` series (`--go-metrics`).
+    go: Option<go_compat::GoMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,6 +147,7 @@ impl Metrics {
                 failovers: Family::default(),
                 writerless_locks: Family::default(),
             }),
+            go: None,
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -277,14 +281,30 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Also export the Go operator's per-lock `statefulsetlock_*` metrics (`--go-metrics`).
+    pub fn with_go_metrics(mut self, on: bool) -> Metrics {
+        self.go = on.then(go_compat::GoMetrics::new);
+        self
+    }
+
+    /// The Go operator's metrics, when exported.
+    pub fn go(&self) -> Option<&go_compat::GoMetrics> {
+        self.go.as_ref()
+    }
+
     pub fn shard(&self) -> &str {
         &self.shard
     }
 
     /// The Prometheus (OpenMetrics) text exposition.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        encode_registry(&mut out, &self.registry)?;
+        if let Some(go) = &self.go {
+            encode_registry(&mut out, go.registry())?;
+        }
+        encode_eof(&mut out)?;
         Ok(out)
     }
 
@@ -341,6 +361,43 @@ impl Metrics {
             if r.lapsed {
                 self.lease_lapses.inc();
             }
+        }
+        if let Some(go) = &self.go {
+            let id = go_id(o);
+            if renewal(o, plan, started).is_some() {
+                go.renewal(
+                    &id,
+                    Duration::try_from(applied.duration_since(started)).unwrap_or_default(),
+                    o.lease_duration_seconds as f64,
+                );
+            }
+            if let Some(t) = &plan.transition {
+                go.election(
+                    &id,
+                    t.kind,
+                    Duration::try_from(applied.duration_since(started)).unwrap_or_default(),
+                );
+            }
+            let status = plan.status.as_ref().unwrap_or(&o.status);
+            // A plan that wrote the Lease renewed it in full; else as observed.
+            let wrote_lease = plan
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::CreateLease { .. } | Step::UpdateLease { .. }));
+            let expires_in = if wrote_lease {
+                Some(o.lease_duration_seconds as f64)
+            } else {
+                o.lease.as_ref().and_then(|l| {
+                    let t = l.renew_time?;
+                    Some(t.duration_since(applied).as_secs_f64() + l.duration_seconds as f64)
+                })
+            };
+            go.state(
+                &id,
+                status.writer_pod.as_deref(),
+                o.pods.iter().filter(|p| p.ready).count() as i64,
+                expires_in,
+            );
         }
         let key = o.key();
         let mut failover_gap = None;
@@ -400,6 +457,9 @@ impl Metrics {
 
     /// The lock is no longer this replica's (handed off, deleted): stop tracking it.
     pub fn forget_lock(&self, key: &str) {
+        if let Some(go) = &self.go {
+            go.forget(key);
+        }
         if let Ok(mut wl) = self.writerless.lock()
             && wl.remove(key).is_some()
         {
@@ -464,6 +524,16 @@ fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
 }
 
 /// Pods labelled writer in the lock's StatefulSet.
+/// How the Go operator's metrics name `o`.
+pub fn go_id(o: &Observed) -> go_compat::LockId {
+    go_compat::LockId {
+        namespace: o.namespace.clone(),
+        name: o.name.clone(),
+        statefulset: o.statefulset_name.clone(),
+        lease_name: o.lease_name.clone(),
+    }
+}
+
 pub fn writers(o: &Observed) -> usize {
     o.pods
         .iter()

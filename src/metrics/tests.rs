@@ -453,3 +453,93 @@ fn per_namespace_series_exist_only_with_the_flag() {
     );
     assert_eq!(sample(&m, "stslock_failover_duration_seconds_count"), 1.0);
 }
+
+#[test]
+fn the_go_operators_metrics_are_exported_with_its_names_and_labels_only_when_asked() {
+    let mut writer = pod(0, false, Some(Role::Writer));
+    writer.ready_since = Some(ts(10_000));
+    let o = observed(
+        vec![writer, pod(1, true, Some(Role::Reader))],
+        Some(lease("db-0", 5_000)),
+    );
+    let plan = decide(&o, ts(12_000), &cfg());
+    let off = Metrics::new("shard-a");
+    off.applied(&o, &plan, ts(12_000), ts(12_250), None);
+    assert!(
+        !off.render().unwrap().contains("statefulsetlock_"),
+        "per-lock Go series are behind --go-metrics"
+    );
+
+    let m = Metrics::new("shard-a").with_go_metrics(true);
+    m.applied(&o, &plan, ts(12_000), ts(12_250), None);
+    let lock = r#"namespace="ns",statefulsetlock="lock""#;
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                r#"statefulsetlock_leader_elections_total{{{lock},statefulset="db",reason="failover"}}"#
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                r#"statefulsetlock_leader_election_duration_seconds_sum{{{lock},statefulset="db"}}"#
+            )
+        ),
+        0.25
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                r#"statefulsetlock_current_leader_info{{{lock},statefulset="db",leader_pod="db-1"}}"#
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"statefulsetlock_ready_pods{{{lock},statefulset="db"}}"#)
+        ),
+        1.0
+    );
+    // The stslock_ series are still there, and the exposition ends once.
+    assert_eq!(
+        sample(&m, "stslock_writer_changes_total{kind=\"failover\"}"),
+        1.0
+    );
+    let text = m.render().unwrap();
+    assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    assert!(text.trim_end().ends_with("# EOF"));
+    // A renewal by the renewal lane.
+    let id = go_id(&o);
+    m.go()
+        .unwrap()
+        .renewal(&id, Duration::from_millis(20), 30.0);
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"statefulsetlock_lease_renewals_total{{{lock},lease_name="db-lease"}}"#)
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"statefulsetlock_lease_expiration_seconds{{{lock},lease_name="db-lease"}}"#)
+        ),
+        30.0
+    );
+    // A lock this replica gives up: its gauges go, the new owner exports them.
+    m.forget_lock("ns/lock");
+    let text = m.render().unwrap();
+    assert!(
+        !text.contains("statefulsetlock_current_leader_info{"),
+        "{text}"
+    );
+    assert!(!text.contains("statefulsetlock_ready_pods{"), "{text}");
+}

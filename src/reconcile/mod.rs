@@ -130,10 +130,10 @@ pub async fn run_with(
     options: RunOptions,
 ) -> anyhow::Result<()> {
     let identity = args.identity();
-    let metrics = Arc::new(crate::metrics::Metrics::new_with(
-        &identity,
-        args.namespace_metrics,
-    ));
+    let metrics = Arc::new(
+        crate::metrics::Metrics::new_with(&identity, args.namespace_metrics)
+            .with_go_metrics(args.go_metrics),
+    );
     // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
     // while the replica is still connecting.
     let (listener, metrics_addr) = crate::metrics::server::bind(args.metrics_addr).await?;
@@ -564,6 +564,13 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     .await;
     ctx.metrics
         .reconcile_finished(started.elapsed(), result.as_ref().err());
+    if let Some(go) = ctx.metrics.go() {
+        go.reconciled(
+            &crate::metrics::go_compat::LockId::of(&lock),
+            started.elapsed(),
+            result.as_ref().err().map(|e| e.metric_label()),
+        );
+    }
     result
 }
 
