@@ -21,6 +21,8 @@ REAL_SUITES := --test operator --test kubectl_story --test scope --test takeover
 REAL_IN_TEST := --test kubectl_story --test takeover --test migration
 
 test: python-deps ## Run every test on kubesim, plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
+	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
+	loadtest/controlplane/build.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
 
@@ -43,6 +45,7 @@ control-plane: ## Real kube-apiserver 1.34, controller manager, etcd on loopback
 	cargo run -q -p controlplane -- up --operator-rbac deploy/rbac
 
 test-real: ## Only the real-backend part: the launcher's tests, then the ported suites on the real control plane (first run builds kube-apiserver and etcd: long).
+	loadtest/controlplane/build.sh
 	cargo test -p controlplane -- --nocapture
 	@$(MAKE) --no-print-directory test-real-suites
 
