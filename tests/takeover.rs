@@ -396,19 +396,7 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
     }
     for (i, old) in &writers {
         let app = format!("db-{i}");
-        let pods = env.pods();
-        let (app2, old2) = (app.clone(), old.clone());
-        env.until(60, &format!("{app} failed over"), move || {
-            let (pods, app, old) = (pods.clone(), app2.clone(), old2.clone());
-            Box::pin(async move {
-                let l = pods
-                    .list(&ListParams::default().labels(&format!("app={app},{ROLE_LABEL}=writer")))
-                    .await
-                    .ok()?;
-                (l.items.len() == 1 && l.items[0].name_any() != old).then_some(())
-            })
-        })
-        .await;
+        wait_failed_over(&env, &app, old).await;
     }
 
     // Deleting an adopted lock completes: no finalizer left behind.
@@ -448,6 +436,23 @@ async fn takes_over_the_go_operators_cluster_without_a_write_outage() {
     env.stop_operators().await;
 }
 
+/// Until exactly one pod of `app` other than `old` carries `writer`.
+async fn wait_failed_over(env: &Env, app: &str, old: &str) {
+    let pods = env.pods();
+    let (app, old) = (app.to_string(), old.to_string());
+    env.until(60, &format!("{app} failed over"), move || {
+        let (pods, app, old) = (pods.clone(), app.clone(), old.clone());
+        Box::pin(async move {
+            let l = pods
+                .list(&ListParams::default().labels(&format!("app={app},{ROLE_LABEL}=writer")))
+                .await
+                .ok()?;
+            (l.items.len() == 1 && l.items[0].name_any() != old).then_some(())
+        })
+    })
+    .await;
+}
+
 /// Failover latency of healthy locks, in ms per failover: each writer is failed in turn and the
 /// time until another pod carries `writer` is taken from the test's own polling (10 ms).
 async fn failover_latencies(env: &Env, sets: &[String]) -> Vec<u128> {
@@ -461,19 +466,7 @@ async fn failover_latencies(env: &Env, sets: &[String]) -> Vec<u128> {
             .unwrap();
         let start = std::time::Instant::now();
         env.set_ready(&old, false).await;
-        let pods = env.pods();
-        let (app2, old2) = (app.clone(), old.clone());
-        env.until(30, &format!("{app} failed over"), move || {
-            let (pods, app, old) = (pods.clone(), app2.clone(), old2.clone());
-            Box::pin(async move {
-                let l = pods
-                    .list(&ListParams::default().labels(&format!("app={app},{ROLE_LABEL}=writer")))
-                    .await
-                    .ok()?;
-                (l.items.len() == 1 && l.items[0].name_any() != old).then_some(())
-            })
-        })
-        .await;
+        wait_failed_over(env, app, &old).await;
         out.push(start.elapsed().as_millis());
         // Back to Ready: the next round fails the new writer of another set.
         env.set_ready(&old, true).await;
