@@ -50,6 +50,8 @@ pub type LockRef = ObjectRef<StatefulSetLock>;
 
 enum Cmd {
     Schedule(LockRef, Instant),
+    /// Schedule only if the lock has no entry (never moves an existing one).
+    Ensure(LockRef, Instant),
     Cancel(LockRef),
 }
 
@@ -98,6 +100,15 @@ impl Renewals {
             .send(Cmd::Schedule(lock, Instant::now() + jittered(due_in)));
     }
 
+    /// Make sure `lock` has a renewal entry: due in `due_in` if it has none, an existing entry
+    /// is left where it is. For a lock of this replica whose reconcile failed before it could
+    /// schedule its renewal (a restart, a re-read that failed), or whose plan is about to write
+    /// the Lease itself: the renewal lane re-reads and renews on its own schedule instead of
+    /// waiting out the reconcile lane's backoff (rule 16).
+    pub fn ensure(&self, lock: LockRef, due_in: Duration) {
+        let _ = self.tx.send(Cmd::Ensure(lock, Instant::now() + due_in));
+    }
+
     pub fn cancel(&self, lock: LockRef) {
         if let Ok(mut h) = self.handed.lock() {
             h.remove(&lock);
@@ -124,6 +135,12 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSend
                         entries.insert(lock, key);
                     }
                 },
+                Some(Cmd::Ensure(lock, at)) => {
+                    if let std::collections::hash_map::Entry::Vacant(e) = entries.entry(lock) {
+                        let key = wheel.insert_at(e.key().clone(), at);
+                        e.insert(key);
+                    }
+                }
                 Some(Cmd::Cancel(lock)) => {
                     if let Some(key) = entries.remove(&lock) {
                         wheel.remove(&key);
@@ -148,8 +165,12 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSend
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Renewed(Duration),
-    /// Not this replica's (any more), or fenced: nothing to do here.
+    /// Not this replica's (any more): nothing to do here.
     NotMine,
+    /// Still this replica's, but no write may go out right now (the fence is closed or
+    /// reopened, a handoff is being tried): look again soon, keep the entry. Dropping it would
+    /// leave the Lease to the reconcile lane's backoff.
+    Wait(&'static str),
     /// Someone renewed it already; next renewal due after this long.
     NotDue(Duration),
     /// Needs a decision: send to the reconcile lane.
@@ -168,6 +189,10 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
         Outcome::Renewed(next) => ctx.renewals.schedule(lock, next),
         Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
+        Outcome::Wait(why) => {
+            tracing::debug!(lock = %lock, why, "renewal waits");
+            ctx.renewals.reschedule(lock, RETRY);
+        }
         Outcome::Reconcile(why) | Outcome::Retry(why) => {
             let again = if matches!(outcome, Outcome::Retry(_)) {
                 RETRY
@@ -198,6 +223,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     let lock = lock.as_ref();
     let generation = ctx.sharding.generation();
     let Some(_inflight) = ctx.sharding.begin(lock) else {
+        if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) {
+            return Outcome::Wait("fenced or being handed off");
+        }
         return Outcome::NotMine;
     };
     let ns = lock.namespace().unwrap_or_default();
@@ -292,8 +320,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         return Outcome::Reconcile("holder not a Ready writer");
     }
     ctx.limits.acquire(Lane::Renewal).await;
-    let Ok(permit) = ctx.sharding.permit(lock, generation) else {
-        return Outcome::NotMine;
+    let permit = match ctx.sharding.permit(lock, generation) {
+        Ok(p) => p,
+        Err(crate::sharding::Refused::Fenced) => return Outcome::Wait("fenced"),
+        Err(crate::sharding::Refused::NotOwner) => return Outcome::NotMine,
     };
     let now = MicroTime(jiff::Timestamp::now());
     // The renewTime is echoed in an annotation: a renewal by anyone else shows as a mismatch.

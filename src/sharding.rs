@@ -412,10 +412,18 @@ impl Sharding {
         // A leaving replica keeps renewing while it hands its locks off (its fence must stay
         // open for those writes); it stops when the leave is done.
         while !self.left.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Err(e) = self.renew().await {
+            let result = self.renew().await;
+            // A failed renewal is tried again soon: waiting S/3 after a failure can close the
+            // fence (or keep it closed after a restart) for longer than a lock's Lease lasts.
+            let pause = if result.is_ok() {
+                every
+            } else {
+                every.min(Duration::from_secs(1))
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, shard = %self.cfg.id, "membership renewal failed");
             }
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(pause).await;
         }
     }
 

@@ -448,6 +448,15 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> A
         })
         .unwrap_or(1);
     let delay = backoff(failures, err.is_retry_soon());
+    // The plan may have failed before it scheduled the renewal (after a restart nothing has
+    // scheduled it yet): the renewal lane keeps a held Lease renewed meanwhile, with its own
+    // re-read and fast retries, whatever this lock's backoff (rule 16).
+    if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) {
+        ctx.renewals.ensure(
+            kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref()),
+            Duration::ZERO,
+        );
+    }
     tracing::warn!(
         lock = %key,
         failures,
@@ -524,8 +533,24 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         );
         // The renewal entry follows the plan before anything can defer the plan: a held
         // Lease is renewed on time even while its namespace is over its write budget.
+        // A plan that writes the Lease itself computes `renew_after` as if that write had
+        // succeeded: scheduling it now would push the lane's entry (and its fast retries) half a
+        // Lease out while the Lease is not renewed, and every failing reconcile would push it
+        // again. Such a plan only makes sure an entry exists; after it succeeds the entry is
+        // set below.
         let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
+        let writes_lease = plan.steps.iter().any(|s| {
+            matches!(
+                s,
+                crate::elect::Step::UpdateLease { .. } | crate::elect::Step::CreateLease { .. }
+            )
+        });
         match plan.renew_after {
+            // Not due at once: a plan that succeeds sets the entry within this anyway, and
+            // the lane would only find the Lease mid-write.
+            Some(_) if writes_lease => ctx
+                .renewals
+                .ensure(lock_ref.clone(), Duration::from_secs(1)),
             Some(after) => ctx.renewals.schedule(lock_ref.clone(), after),
             None => ctx.renewals.cancel(lock_ref.clone()),
         }
