@@ -49,13 +49,18 @@ mod tempdir {
         }
     }
 
+    /// Unique per process and call: tests run in parallel, and two that got the same directory
+    /// (same clock reading) removed each other's kubeconfig on drop.
     fn uuid_like() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
         use std::time::{SystemTime, UNIX_EPOCH};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        format!("{}-{n}", std::process::id())
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}-{seq}", std::process::id())
     }
 }
 
