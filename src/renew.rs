@@ -36,8 +36,12 @@ use crate::limits::Lane;
 use crate::reconcile::Context;
 use crate::reconcile::client::call;
 
-/// Renewals running at once (each is one API call).
-const PARALLEL: usize = 32;
+/// Renewals running at once (each is one API call). Sized for demand, not as a budget (the
+/// write budget, renewals first, is `crate::limits`): a renewal whose answer is lost holds its
+/// slot for the whole API timeout, and with 32 slots a replica of ~170 locks of 10 s fell
+/// seconds behind whenever its Lease answers were lost, so the back of a bunch of locks due
+/// together lapsed.
+const PARALLEL: usize = 512;
 /// A renewal handed to the reconcile lane is looked at again after this long.
 const RECHECK: Duration = Duration::from_secs(1);
 /// A renewal whose write or re-read failed is tried again after this long: the holder is
@@ -355,7 +359,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
                     duration.as_secs_f64(),
                 );
             }
-            Outcome::Renewed(half)
+            // Due half a Lease after the renewTime written (taken before the request was
+            // sent), not after the answer: a late answer must not eat the other half.
+            Outcome::Renewed(half.saturating_sub(sent.elapsed()))
         }
         Err(e) => {
             crate::telemetry::renewal_failed(
