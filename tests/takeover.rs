@@ -530,3 +530,126 @@ async fn an_undecodable_lock_does_not_delay_failover_of_the_others() {
     );
     env.stop_operators().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_only_looks_like_the_go_operators_is_never_written() {
+    let mut env = Env::start_with(Options {
+        replicas: 0,
+        ..Options::default()
+    })
+    .await;
+    // x: its Lease is held by something that is not a pod of x. y: held by a pod of y, but
+    // carrying another workload's label.
+    for (set, holder, labels) in [
+        ("x", "other-app-0", json!({})),
+        (
+            "y",
+            "y-0",
+            json!({"app.kubernetes.io/managed-by": "someone-else"}),
+        ),
+    ] {
+        env.statefulset(set, 2).await;
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": format!("{set}-lease"), "labels": labels},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 10, "leaseTransitions": 3}
+        }))
+        .unwrap();
+        call(
+            "create lease",
+            env.leases().create(&PostParams::default(), &lease),
+        )
+        .await
+        .unwrap();
+        let lock: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": format!("{set}-lock"), "finalizers": [GO_FINALIZER]},
+            "spec": {"statefulSetName": set, "leaseName": format!("{set}-lease"), "leaseDurationSeconds": 10}
+        }))
+        .unwrap();
+        call(
+            "create lock",
+            locks_api(&env).create(&PostParams::default(), &lock),
+        )
+        .await
+        .unwrap();
+    }
+    let before: BTreeMap<String, String> =
+        call("list leases", env.leases().list(&ListParams::default()))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|l| (l.name_any(), l.resource_version().unwrap_or_default()))
+            .collect();
+    let args = env.operator_args("test-0");
+    env.start_operator_with("test-0", args).await;
+    for set in ["x", "y"] {
+        env.wait_condition(&format!("{set}-lock"), "Error", "True", "LeaseNotOwned")
+            .await;
+    }
+    // The Go finalizer is replaced all the same (a deleted lock must not hang on it).
+    let locks = env.locks();
+    env.until(30, "the Go finalizer replaced", || {
+        let locks = locks.clone();
+        Box::pin(async move {
+            let l = locks.list(&ListParams::default()).await.ok()?;
+            l.items
+                .iter()
+                .all(|l| l.finalizers() == [FINALIZER.to_string()])
+                .then_some(())
+        })
+    })
+    .await;
+    for set in ["x", "y"] {
+        let name = format!("{set}-lease");
+        let now = call("get lease", env.leases().get(&name)).await.unwrap();
+        assert_eq!(
+            now.resource_version().unwrap_or_default(),
+            before[&name],
+            "{name} was written"
+        );
+    }
+    // Deleting the locks deletes neither Lease nor touches the pods.
+    for set in ["x", "y"] {
+        call(
+            "delete lock",
+            env.locks()
+                .delete(&format!("{set}-lock"), &DeleteParams::default()),
+        )
+        .await
+        .unwrap();
+    }
+    let locks = env.locks();
+    env.until(30, "locks deleted", || {
+        let locks = locks.clone();
+        Box::pin(async move {
+            locks
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+    })
+    .await;
+    for set in ["x", "y"] {
+        let name = format!("{set}-lease");
+        let now = call("get lease", env.leases().get(&name)).await.unwrap();
+        assert_eq!(now.resource_version().unwrap_or_default(), before[&name]);
+    }
+    if env.has_write_log() {
+        let touched: Vec<_> = env
+            .writes()
+            .into_iter()
+            .filter(|w| {
+                w.by_operator()
+                    && w.maybe_committed()
+                    && ((w.resource == "leases" && w.name.ends_with("-lease"))
+                        || w.resource == "pods")
+            })
+            .collect();
+        assert!(touched.is_empty(), "the operator wrote: {touched:?}");
+    }
+    env.stop_operators().await;
+}
