@@ -176,11 +176,14 @@ pub async fn run_with(
     let lock_index = watch::LockIndex::default();
     let lock_events = kube::runtime::reflector(
         locks_writer,
+        // Backoff on watch errors: without it a watch that fails at once (RBAC denied, API
+        // down, a client whose server is gone) is retried in a loop that never yields.
         lenient::watcher::<StatefulSetLock>(
             client.clone(),
             watch::watch_config(),
             undecodable.clone(),
-        ),
+        )
+        .default_backoff(),
     )
     .inspect({
         let caches = caches.clone();
@@ -201,7 +204,8 @@ pub async fn run_with(
     let (sets, sets_writer) = kube::runtime::reflector::store();
     let sets_stream = kube::runtime::reflector(
         sets_writer,
-        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone()),
+        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
+            .default_backoff(),
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();
