@@ -106,6 +106,10 @@ pub struct Sharding {
     /// reconcile started from a cache older than that (still showing this replica as owner)
     /// must not run.
     released: Mutex<HashMap<String, u64>>,
+    /// Locks labelled for this replica as of the last assignment pass. One that appears here —
+    /// after a restart, handed over by a peer, or claimed — is reported gained at once
+    /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
+    owned: Mutex<HashSet<String>>,
     leaving: std::sync::atomic::AtomicBool,
     /// The leave is done: no more membership renewals.
     left: std::sync::atomic::AtomicBool,
@@ -186,6 +190,7 @@ impl Sharding {
             generation: std::sync::atomic::AtomicU64::new(0),
             on_ownership: std::sync::OnceLock::new(),
             released: Mutex::default(),
+            owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
         })
@@ -566,12 +571,20 @@ impl Sharding {
         self.resolve_unknown_handoffs().await;
         let mut refreshed = false;
         let mut work = vec![];
+        let mut mine = HashSet::new();
+        let mut gained = vec![];
         for lock in locks.state() {
             if !scope.allows(&lock.namespace().unwrap_or_default()) {
                 continue;
             }
             let key = key_of(&lock);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
+            if label == Some(self.cfg.id.as_str()) {
+                if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
+                    gained.push(lock.clone());
+                }
+                mine.insert(key.clone());
+            }
             let mut decision = self.decide_for(&key, label);
             // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
             // read of the membership Leases (my watch may just have stalled).
@@ -587,6 +600,18 @@ impl Sharding {
                 Some(Decision::Claim) => work.push((lock, None)),
                 Some(Decision::Release { to }) => work.push((lock, Some(to))),
                 _ => {}
+            }
+        }
+        // Locks labelled mine that this incarnation has not reported yet: a restart's locks, or
+        // a peer's handoff. Their Leases may be near expiry, and the reconcile lane reaches
+        // them one by one (after a restart, its first pass over every lock): the renewal lane
+        // takes them now (rule 16).
+        if let Ok(mut o) = self.owned.lock() {
+            *o = mine;
+        }
+        if let Some(f) = self.on_ownership.get() {
+            for lock in &gained {
+                f(lock, true);
             }
         }
         // Each move is one compare-and-swap of one lock's label (a handoff first waits for that
@@ -732,6 +757,13 @@ impl Sharding {
             Ok(updated) => {
                 if owner != self.cfg.id {
                     self.record_released(&key_of(lock), &updated);
+                }
+                if let Ok(mut o) = self.owned.lock() {
+                    if owner == self.cfg.id {
+                        o.insert(key_of(lock));
+                    } else {
+                        o.remove(&key_of(lock));
+                    }
                 }
                 if let Some(f) = self.on_ownership.get() {
                     f(&updated, owner == self.cfg.id);

@@ -646,6 +646,70 @@ async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconcil
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. A restarted replica renews its Leases before its reconcile lane reaches them.
+
+/// Replica a elects 12 locks with 6 s Leases, is killed and restarted at once (same id) with
+/// one reconcile worker and 300 ms added to every API call it makes: its reconcile lane needs
+/// several seconds to look at all 12 locks again (a re-read and a write each, one at a time),
+/// longer than the Leases have left. The renewal lane must take every lock labelled for the
+/// replica the moment the replica may write again (rule 16: restarts too): no Ready writer's
+/// Lease lapses at any instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock() {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let n = 12;
+    for i in 0..n {
+        statefulset(&client, &format!("s{i}"), 1).await;
+        lock(
+            &client,
+            &format!("l{i}"),
+            &format!("s{i}"),
+            &format!("lease{i}"),
+            6,
+        )
+        .await;
+    }
+    let a = start(&sim, "a", |_| {});
+    for i in 0..n {
+        wait_writer(&client, &format!("s{i}"), &format!("s{i}-0"), 15).await;
+    }
+    // Past the first renewals, so the Leases' renewTimes are spread as in steady state.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let from = unix_ms(SystemTime::now());
+    a.task.abort();
+    sim.faults().update(|c| {
+        c.latency_ms = 300;
+        c.agents = vec!["stslock/a".into()];
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start(&sim, "a", |a| a.concurrency = 1);
+    // Deliberate wait: two Lease durations after the restart, so a Lease nobody renews in time
+    // is seen lapsing.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let to = unix_ms(SystemTime::now());
+    sim.faults().update(|c| {
+        c.latency_ms = 0;
+        c.agents.clear();
+    });
+    a.stop().await;
+    let mut all = vec![];
+    for i in 0..n {
+        let gaps = lapses(&tap, &format!("lease{i}"), from, to);
+        if !gaps.is_empty() {
+            all.push(format!("lease{i}: {gaps:?}"));
+        }
+    }
+    assert!(
+        all.is_empty(),
+        "Leases of Ready writers lapsed after the restart: {all:#?}"
+    );
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
 // 8. Stale reads at restart.
 
 /// After a failover (db-0 → db-1, epoch 1; db-0 back Ready as a reader) the single replica is
