@@ -83,6 +83,20 @@ impl Error {
         self.is_conflict() || matches!(self, Error::Stale(_))
     }
 
+    /// The API failed for now (throttled, a 5xx, no answer, a broken connection) or this
+    /// replica may not write for now (fenced): nothing about the lock is wrong, and retrying
+    /// soon after the API recovers is right.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Fenced => true,
+            Error::Kube { source, .. } => match source.as_ref() {
+                kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+                _ => true,
+            },
+            _ => false,
+        }
+    }
+
     /// The write may or may not have been applied: no answer in time, a transport error, or
     /// a 5xx (the apiserver's own timeouts answer 500/504 after the write may have
     /// committed). Whatever the write touched must be read again before it is trusted.

@@ -419,9 +419,11 @@ fn lock_key(lock: &StatefulSetLock) -> String {
 }
 
 /// Per-lock exponential backoff with jitter: conflicts (someone, or a previous step, moved the
-/// object) start at 100 ms and stay under 1 s, other errors start at 1 s; each consecutive
-/// failure doubles it, up to 60 s; a success resets it.
-fn backoff(failures: u32, conflict: bool) -> Duration {
+/// object) start at 100 ms and stay under 1 s; other errors start at 1 s and double with each
+/// consecutive failure, up to 16 s while the API fails for now (5xx, 429, timeouts, fenced) and
+/// 60 s otherwise (forbidden, invalid, …); a success resets it.
+fn backoff(failures: u32, err: &Error) -> Duration {
+    let conflict = err.is_retry_soon();
     let base = if conflict {
         Duration::from_millis(100)
     } else {
@@ -430,9 +432,15 @@ fn backoff(failures: u32, conflict: bool) -> Duration {
     let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
     // A conflict is not a fault: the write that caused it is on its way through the watch and
     // triggers a reconcile too. Backing off far would only delay a failover behind a slow
-    // watch, so conflicts back off to 1 s at most; errors up to 60 s.
+    // watch, so conflicts back off to 1 s at most. An API outage must not leave a lock that
+    // failed through it waiting a minute after the API is back (a writer-less lock is an
+    // outage of its own, and nothing else may trigger it): its errors back off to 16 s, so it
+    // is tried again within 20 s of the recovery. The write budget still bounds what a
+    // replica sends meanwhile.
     let capped = exp.min(if conflict {
         Duration::from_secs(1)
+    } else if err.is_transient() {
+        Duration::from_secs(16)
     } else {
         Duration::from_secs(60)
     });
@@ -451,7 +459,7 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> A
             *n
         })
         .unwrap_or(1);
-    let delay = backoff(failures, err.is_retry_soon());
+    let delay = backoff(failures, err);
     // The plan may have failed before it scheduled the renewal (after a restart nothing has
     // scheduled it yet): the renewal lane keeps a held Lease renewed meanwhile, with its own
     // re-read and fast retries, whatever this lock's backoff (rule 16).
@@ -543,12 +551,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         // again. Such a plan only makes sure an entry exists; after it succeeds the entry is
         // set below.
         let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref());
-        let writes_lease = plan.steps.iter().any(|s| {
-            matches!(
-                s,
-                crate::elect::Step::UpdateLease { .. } | crate::elect::Step::CreateLease { .. }
-            )
-        });
+        let writes_lease = plan.writes_lease();
         match plan.renew_after {
             // Not due at once: a plan that succeeds sets the entry within this anyway, and
             // the lane would only find the Lease mid-write.
@@ -560,9 +563,10 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         }
         // The namespace's budget is checked without waiting: over it, the lock goes back on
         // the queue and the worker moves on to other namespaces. A plain renewal is exempt.
-        let writes = plan.steps.len() + usize::from(plan.status.is_some()) + plan.events.len();
+        let writes = plan.budgeted_writes();
+        let holder = observed.lease.as_ref().and_then(|l| l.holder.as_deref());
         if writes > 0
-            && !apply::renewal_only(&observed, &plan)
+            && !plan.is_renewal_only(holder)
             && let Err(wait) = ctx.limits.tenant_admit(
                 &observed.namespace,
                 &observed.name,
@@ -606,19 +610,31 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
 #[cfg(test)]
 mod tests {
     use super::backoff;
+    use crate::error::Error;
     use std::time::Duration;
 
     #[test]
     fn backoff_doubles_with_jitter_and_conflicts_stay_short() {
+        let invalid = Error::Invalid("spec".into());
+        let timeout = Error::Timeout {
+            context: "patch".into(),
+            after: Duration::from_secs(2),
+        };
+        let stale = Error::Stale("lock moved".into());
         for _ in 0..200 {
-            let first = backoff(1, false);
+            let first = backoff(1, &invalid);
             assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
-            let third = backoff(3, false);
+            let third = backoff(3, &timeout);
             assert!(third >= Duration::from_millis(3200) && third <= Duration::from_millis(4800));
-            assert!(backoff(30, false) <= Duration::from_secs(72));
-            assert!(backoff(30, false) >= Duration::from_secs(48));
-            assert!(backoff(1, true) <= Duration::from_millis(120));
-            assert!(backoff(30, true) <= Duration::from_millis(1200));
+            assert!(backoff(30, &invalid) <= Duration::from_secs(72));
+            assert!(backoff(30, &invalid) >= Duration::from_secs(48));
+            // An API outage: back within 20 s of the recovery, whatever happened before.
+            assert!(backoff(30, &timeout) <= Duration::from_millis(19_200));
+            assert!(backoff(30, &timeout) >= Duration::from_millis(12_800));
+            assert!(backoff(30, &Error::Fenced) <= Duration::from_millis(19_200));
+            assert!(backoff(1, &stale) <= Duration::from_millis(120));
+            assert!(backoff(30, &stale) <= Duration::from_millis(1200));
         }
     }
 }
+
