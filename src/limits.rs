@@ -4,22 +4,28 @@
 //! - A global budget (`--qps`, `--burst`, GCRA via `governor`) caps what one replica sends.
 //! - Renewals are budgeted first: while a renewal waits for a token, reconciles do not take
 //!   one, so a reconcile storm can delay elections but never make a Lease lapse.
-//! - A keyed per-namespace budget (`--tenant-qps`) applies to reconciles only. It is checked
-//!   without waiting: a reconcile whose namespace is over budget is put back on the queue
-//!   with the budget's own wait time, so a noisy tenant cannot park the shared workers and
-//!   starve other namespaces (head-of-line blocking).
+//! - A per-namespace budget (`--tenant-qps`, burst twice that) applies to reconciles only. It
+//!   is checked without waiting: a reconcile whose namespace is over budget is put back on the
+//!   queue, so a noisy tenant cannot park the shared workers and starve other namespaces
+//!   (head-of-line blocking). Over budget, the plan's writes are reserved at once (as
+//!   `golang.org/x/time/rate`'s `Reserve`): the lock comes back exactly when its tokens are
+//!   there, in the order the namespace's locks asked, and is then admitted without paying
+//!   again — no retries bunched at the first free token, none pushed behind newcomers, no
+//!   time lost past the budget's own wait.
 //!
 //! Membership and ownership writes of the shard runtime are not budgeted: their number is
 //! bounded by the locks that move between replicas, never by what tenants do, and delaying
 //! them would delay a handoff.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Which lane a write belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,16 +38,79 @@ pub enum Lane {
 
 pub struct Limits {
     global: Option<DefaultDirectRateLimiter>,
-    tenant: Option<DefaultKeyedRateLimiter<String>>,
-    tenant_burst: u32,
-    tenant_qps: f64,
-    /// Locks waiting for their namespace's budget, by namespace: a deferred lock comes back at
-    /// a random point of the time the budget needs to serve all of them, not all at once.
-    deferred:
-        std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+    tenant: Option<TenantBudget>,
     renewals_waiting: AtomicUsize,
     renewal_done: Notify,
     clock: DefaultClock,
+}
+
+/// The per-namespace budget: GCRA (a token bucket kept as one "theoretical arrival time" per
+/// namespace) with reservations. On tokio's clock, so tests run it on paused time.
+struct TenantBudget {
+    /// Time one write's token takes to come back.
+    period: Duration,
+    burst: u32,
+    spaces: std::sync::Mutex<HashMap<String, Space>>,
+}
+
+#[derive(Default)]
+struct Space {
+    /// When the namespace's bucket is full again (at or before now: full).
+    tat: Option<Instant>,
+    /// Locks whose writes are paid for, and from when they may send them.
+    reserved: HashMap<String, Instant>,
+}
+
+/// A reservation not used this long after its time (the lock was deleted, or had nothing left
+/// to write) is dropped.
+const UNUSED_RESERVATION: Duration = Duration::from_secs(60);
+
+impl TenantBudget {
+    fn admit(&self, namespace: &str, lock: &str, writes: u32) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        let space = spaces.entry(namespace.to_string()).or_default();
+        if let Some(at) = space.reserved.get(lock).copied() {
+            if at <= now {
+                space.reserved.remove(lock);
+                return Ok(());
+            }
+            // Back early (another trigger): its place is kept, nothing is charged again.
+            return Err(at - now);
+        }
+        // A plan larger than the burst can never pass whole: charge it the burst.
+        let n = writes.clamp(1, self.burst);
+        let tat = space.tat.map_or(now, |t| t.max(now)) + self.period * n;
+        space.tat = Some(tat);
+        // Allowed once the bucket holds n tokens: when `tat` is at most a burst ahead.
+        let wait = tat
+            .saturating_duration_since(now)
+            .saturating_sub(self.period * self.burst);
+        if wait.is_zero() {
+            return Ok(());
+        }
+        space.reserved.insert(lock.to_string(), now + wait);
+        Err(wait)
+    }
+
+    fn deferred(&self) -> usize {
+        let now = Instant::now();
+        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces
+            .values()
+            .map(|s| s.reserved.values().filter(|at| **at > now).count())
+            .sum()
+    }
+
+    fn forget_idle(&self) {
+        let now = Instant::now();
+        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces.retain(|_, s| {
+            s.reserved.retain(|_, at| *at + UNUSED_RESERVATION > now);
+            !s.reserved.is_empty() || s.tat.is_some_and(|t| t > now)
+        });
+        spaces.shrink_to_fit();
+    }
 }
 
 fn quota(qps: f64, burst: u32) -> Option<Quota> {
@@ -58,12 +127,14 @@ impl Limits {
     /// (its burst is twice its rate, at least 1).
     pub fn new(qps: f64, burst: u32, tenant_qps: f64) -> Limits {
         let tenant_burst = (tenant_qps * 2.0).ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
+        let tenant = (tenant_qps.is_finite() && tenant_qps > 0.0).then(|| TenantBudget {
+            period: Duration::from_secs_f64(1.0 / tenant_qps).max(Duration::from_nanos(1)),
+            burst: tenant_burst,
+            spaces: Default::default(),
+        });
         Limits {
             global: quota(qps, burst).map(RateLimiter::direct),
-            tenant: quota(tenant_qps, tenant_burst).map(RateLimiter::keyed),
-            tenant_burst,
-            tenant_qps,
-            deferred: Default::default(),
+            tenant,
             renewals_waiting: AtomicUsize::new(0),
             renewal_done: Notify::new(),
             clock: DefaultClock::default(),
@@ -75,49 +146,20 @@ impl Limits {
         Limits::new(0.0, 1, 0.0)
     }
 
-    /// Reserve `writes` tokens of `namespace`'s budget for the reconcile of `lock`, without
-    /// waiting. `Err(wait)` means the namespace is over budget: requeue the lock after `wait`,
-    /// which spreads the namespace's deferred locks over the time its budget needs for them
-    /// (so they do not all wake together and spin the reconcile lane).
+    /// Admit the reconcile of `lock` and its `writes` writes against `namespace`'s budget,
+    /// without waiting. `Err(wait)` means the namespace is over budget: the writes are
+    /// reserved, and the lock is admitted when it comes back after `wait` (not before, and
+    /// without paying again). Its namespace's other locks queue behind it, not in front.
     pub fn tenant_admit(&self, namespace: &str, lock: &str, writes: u32) -> Result<(), Duration> {
-        let (Some(tenant), Some(n)) = (&self.tenant, NonZeroU32::new(writes)) else {
-            return Ok(());
-        };
-        // A plan larger than the burst can never pass whole: admit it against the burst.
-        let n = n.min(NonZeroU32::new(self.tenant_burst).unwrap_or(NonZeroU32::MIN));
-        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
-        match tenant.check_key_n(&namespace.to_string(), n) {
-            Ok(Ok(())) | Err(_) => {
-                if let Some(set) = deferred.get_mut(namespace) {
-                    set.remove(lock);
-                    if set.is_empty() {
-                        deferred.remove(namespace);
-                    }
-                }
-                Ok(())
-            }
-            Ok(Err(not_until)) => {
-                let waiting = {
-                    let set = deferred.entry(namespace.to_string()).or_default();
-                    set.insert(lock.to_string());
-                    set.len()
-                };
-                let base = not_until.wait_time_from(self.clock.now());
-                // Each deferred lock needs about `n` tokens.
-                let backlog = Duration::from_secs_f64(
-                    (waiting as f64 * f64::from(n.get()) / self.tenant_qps).min(300.0),
-                );
-                Err((base + backlog.mul_f64(rand::random::<f64>())).max(Duration::from_millis(10)))
-            }
+        match &self.tenant {
+            Some(t) if writes > 0 => t.admit(namespace, lock, writes),
+            _ => Ok(()),
         }
     }
 
     /// Locks currently deferred by their namespace's budget.
     pub fn deferred_locks(&self) -> usize {
-        self.deferred
-            .lock()
-            .map(|d| d.values().map(|s| s.len()).sum())
-            .unwrap_or(0)
+        self.tenant.as_ref().map_or(0, TenantBudget::deferred)
     }
 
     /// Wait for one token of the global budget; renewals go first. Returns the time waited.
@@ -161,12 +203,8 @@ impl Limits {
 
     /// Forget idle namespaces' budget state (call now and then).
     pub fn forget_idle(&self) {
-        if let Ok(mut d) = self.deferred.lock() {
-            d.retain(|_, s| !s.is_empty());
-        }
         if let Some(t) = &self.tenant {
-            t.retain_recent();
-            t.shrink_to_fit();
+            t.forget_idle();
         }
     }
 }
@@ -185,7 +223,7 @@ mod tests {
         assert!(l.tenant_admit("a", "x", 100).is_ok());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn tenant_budget_defers_only_the_noisy_namespace() {
         let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
         let mut admitted = 0;
@@ -198,28 +236,42 @@ mod tests {
         }
         assert_eq!(admitted, 10, "burst of a 5 qps tenant is 10");
         assert_eq!(l.deferred_locks(), 40);
-        // 40 deferred locks at 5/s need 8 s: the k-th deferred lock retries at a random point
-        // of the k/5 s its namespace's budget needs for the k locks deferred so far, so the
-        // retries are spread over the 8 s instead of bunched at the first free token.
-        for (k, w) in waits.iter().enumerate() {
-            let bound = Duration::from_millis(300) + Duration::from_secs_f64((k + 1) as f64 / 5.0);
-            assert!(*w <= bound, "retry {k} at {w:?}, beyond {bound:?}");
-        }
-        // Spread: (almost surely) several distinct seconds, some in the second half. The
-        // expected number beyond 4 s is about 6 (sum over k > 20 of 1 - 20/k); none at all has
-        // a probability near 1e-11.
-        let seconds: std::collections::BTreeSet<u64> = waits.iter().map(|w| w.as_secs()).collect();
-        assert!(seconds.len() >= 4, "retries bunched in {seconds:?}");
-        assert!(
-            waits.iter().any(|w| *w > Duration::from_secs(4)),
-            "no retry in the second half: {waits:?}"
-        );
+        // The k-th deferred lock comes back exactly when its token is there: 200 ms apart,
+        // in the order they asked, the last after the 8 s the budget needs for 40 writes.
+        let expected: Vec<Duration> = (1..=40).map(|k| Duration::from_millis(200 * k)).collect();
+        assert_eq!(waits, expected);
         assert!(
             l.tenant_admit("quiet", "q", 1).is_ok(),
             "another namespace is unaffected"
         );
         // A plan bigger than the burst is admitted against the burst, not refused forever.
         assert!(l.tenant_admit("big", "b", 1000).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_lock_keeps_its_place_and_pays_once() {
+        let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
+        assert!(l.tenant_admit("ns", "big", 10).is_ok(), "the whole burst");
+        assert_eq!(l.tenant_admit("ns", "a", 2), Err(Duration::from_millis(400)));
+        assert_eq!(l.tenant_admit("ns", "b", 1), Err(Duration::from_millis(600)));
+        // `a` triggered again early: same place, nothing charged again.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(l.tenant_admit("ns", "a", 2), Err(Duration::from_millis(300)));
+        // A newcomer queues behind both.
+        assert_eq!(l.tenant_admit("ns", "c", 1), Err(Duration::from_millis(700)));
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(l.tenant_admit("ns", "a", 2).is_ok(), "prepaid: admitted on time");
+        assert_eq!(l.deferred_locks(), 2);
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert!(l.tenant_admit("ns", "b", 1).is_ok());
+        assert!(l.tenant_admit("ns", "c", 1).is_ok());
+        assert_eq!(l.deferred_locks(), 0);
+        // Reservations never used are dropped; a full bucket is forgotten.
+        assert!(l.tenant_admit("ns", "gone", 1).is_err());
+        tokio::time::advance(Duration::from_secs(120)).await;
+        l.forget_idle();
+        assert!(l.tenant.as_ref().unwrap().spaces.lock().unwrap().is_empty());
+        assert!(l.tenant_admit("ns", "e", 10).is_ok(), "bucket full again");
     }
 
     #[tokio::test]

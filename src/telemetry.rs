@@ -407,11 +407,7 @@ pub fn writerless_seconds(o: &Observed, plan: &Plan, now: jiff::Timestamp) -> Op
 
 /// Whether `plan` only renews the sitting writer's Lease.
 pub fn is_renewal(o: &Observed, plan: &Plan) -> bool {
-    plan.transition.is_none()
-        && plan.steps.iter().any(|s| {
-            matches!(s, Step::UpdateLease { holder, .. }
-                if o.lease.as_ref().and_then(|l| l.holder.as_ref()) == Some(holder))
-        })
+    plan.renews(o.lease.as_ref().and_then(|l| l.holder.as_deref()))
 }
 
 /// A renewal that failed: one short span, in the trace of whatever tried it (a reconcile, or

@@ -206,6 +206,49 @@ pub struct Plan {
     pub transition: Option<Transition>,
 }
 
+impl Plan {
+    /// Does the plan write the Lease (create it, renew it, or move it)?
+    pub fn writes_lease(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, Step::UpdateLease { .. } | Step::CreateLease { .. }))
+    }
+
+    /// Does the plan write the sitting holder's Lease for the same holder (a renewal, or a
+    /// lapsed Lease re-acquired), with or without other writes, outside any transition?
+    pub fn renews(&self, holder: Option<&str>) -> bool {
+        self.transition.is_none()
+            && self.steps.iter().any(|s| {
+                matches!(s, Step::UpdateLease { holder: h, .. } if Some(h.as_str()) == holder)
+            })
+    }
+
+    /// Is the plan nothing but a renewal of the sitting holder (no new holder, no label, no
+    /// status, no Event)? Such a plan is exempt from the namespace's write budget, like the
+    /// renewal lane.
+    pub fn is_renewal_only(&self, holder: Option<&str>) -> bool {
+        self.status.is_none()
+            && self.events.is_empty()
+            && !self.steps.is_empty()
+            && self.steps.iter().all(|s| {
+                matches!(s, Step::UpdateLease { holder: h, acquire: false, .. }
+                    if Some(h.as_str()) == holder)
+            })
+    }
+
+    /// The writes its namespace's budget pays for: every step but the quorum read, and the
+    /// status. Events are notes about the election, not its state: like client-go's event
+    /// recorder, they are not charged to the tenant (each still takes a token of the replica's
+    /// budget, and a plan has at most one per transition).
+    pub fn budgeted_writes(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| !matches!(s, Step::ConfirmLease { .. }))
+            .count()
+            + usize::from(self.status.is_some())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
     /// `election`, `failover`, `switchover`, `epoch_repair` (the Lease's holder or epoch was

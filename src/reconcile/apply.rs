@@ -544,18 +544,6 @@ fn new_lease(
     })
 }
 
-/// Is this plan nothing but a renewal of the sitting holder (no new holder, no label, no status,
-/// no Event)? Such a plan is exempt from the namespace's write budget, like the renewal lane.
-pub fn renewal_only(o: &Observed, plan: &Plan) -> bool {
-    let holder = o.lease.as_ref().and_then(|l| l.holder.as_ref());
-    plan.status.is_none()
-        && plan.events.is_empty()
-        && !plan.steps.is_empty()
-        && plan.steps.iter().all(|s| {
-            matches!(s, Step::UpdateLease { holder: h, acquire: false, .. } if Some(h) == holder)
-        })
-}
-
 /// When to reconcile a lock again. While its writer holds the Lease the renewal lane renews it;
 /// the reconcile lane then only wakes as a safety net, past the renewal but well before expiry.
 pub fn next_action(plan: &Plan, lease_duration: Duration) -> Action {
