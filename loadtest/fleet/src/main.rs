@@ -492,6 +492,14 @@ fn tenants(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse_with_defaults()?;
+    // The operators' own logs, only when asked for (RUST_LOG=stslock=info …): they run in
+    // this process, so every line carries its replica's shard id.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match args.scenario {
         Scenario::Faults => faults::faults(&args).await,
         Scenario::Chaos => chaos(&args).await,
