@@ -14,50 +14,23 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use kubesim::{CommitRecord, HoldResponse, LoseResponse, Sim, SimConfig, WatchFault};
+use kubesim::{CommitRecord, HoldResponse, LoseResponse, Sim, WatchFault};
 use serde_json::json;
 use stslock::api::{SHARD_LABEL, StatefulSetLock};
 use stslock::config::OperatorArgs;
-use tokio::sync::oneshot;
+
+mod common;
+use common::sim::{Replica, assert_never_two_writers, sim, until};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-fn sim() -> Sim {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
-    Sim::start(cfg)
-}
-
-struct Replica {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Replica {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
-    }
-}
-
+/// A replica of these suites: API calls time out after 2 s.
 fn start(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
-    let mut a = OperatorArgs::for_shard(id);
-    a.membership_lease_seconds = 3;
-    a.api_timeout_seconds = 2;
-    f(&mut a);
-    let client = sim.client_as(&format!("stslock/{id}"));
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        stslock::reconcile::run(client, a, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("operator");
-    });
-    Replica { stop, task }
+    common::sim::start(sim, id, |a| {
+        a.api_timeout_seconds = 2;
+        f(a)
+    })
 }
 
 /// StatefulSets `s{i}` of `replicas` pods and locks `l{i}` with Leases `lease{i}`.
@@ -81,24 +54,6 @@ async fn locks(client: &Client, range: std::ops::Range<usize>, lease_seconds: i3
             "metadata": {"name": format!("l{i}")}, "spec": {"statefulSetName": format!("s{i}"), "leaseName": format!("lease{i}"), "leaseDurationSeconds": lease_seconds}}))
         .unwrap();
         locks.create(&PostParams::default(), &l).await.unwrap();
-    }
-}
-
-async fn until<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -214,11 +169,6 @@ fn audit(log: &[CommitRecord]) -> OwnershipAudit {
         }
     }
     out
-}
-
-fn assert_never_two_writers(sim: &Sim) {
-    let r = sim.report();
-    assert_eq!(r.dual_writer_intervals, 0, "two writers at once");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,55 +14,17 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use kubesim::{LoseResponse, Sim, SimConfig, StaleRead, WatchFault};
+use kubesim::{LoseResponse, Sim, StaleRead, WatchFault};
 use serde_json::{Value, json};
 use stslock::api::{EPOCH_ANNOTATION, SHARD_LABEL, StatefulSetLock, WRITER_UID_ANNOTATION};
-use stslock::config::OperatorArgs;
-use tokio::sync::oneshot;
+
+mod common;
+use common::sim::{assert_never_two_writers, sim, start, until};
 
 const ROLE: &str = "sts-role";
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn sim() -> Sim {
-    let mut cfg = SimConfig::default();
-    cfg.controllers.pod_ready_delay = Duration::from_millis(20);
-    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
-    Sim::start(cfg)
-}
-
-struct Replica {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Replica {
-    /// Graceful stop (the shutdown future resolves).
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
-    }
-}
-
-/// One operator replica, its API calls attributed to `stslock/<id>` in kubesim's commit log.
-fn start(sim: &Sim, id: &str, f: impl FnOnce(&mut OperatorArgs)) -> Replica {
-    let mut a = OperatorArgs::for_shard(id);
-    a.membership_lease_seconds = 3;
-    a.api_timeout_seconds = 3;
-    f(&mut a);
-    let client = sim.client_as(&format!("stslock/{id}"));
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        stslock::reconcile::run(client, a, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("operator");
-    });
-    Replica { stop, task }
-}
 
 async fn statefulset(client: &Client, name: &str, replicas: i32) {
     let sts: StatefulSet = serde_json::from_value(json!({
@@ -88,25 +50,6 @@ async fn lock(client: &Client, name: &str, sts: &str, lease: &str, duration: i32
 }
 
 /// Poll `f` every 20 ms until it returns `Some`, failing after `secs`.
-async fn until<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// `writer` is the only writer-labelled pod of `app` and every other pod is a reader.
 async fn wait_writer(client: &Client, app: &str, writer: &str, secs: u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     until(secs, &format!("{writer} sole writer of {app}"), || {
@@ -343,15 +286,6 @@ fn epoch_violations(tap: &Tap) -> (Vec<String>, Vec<String>) {
         .map(|(rv, e, _, what)| format!("rv {rv}: epoch {e} ({what})"))
         .collect();
     (seen, violations)
-}
-
-fn assert_never_two_writers(sim: &Sim) {
-    let r = sim.report();
-    assert_eq!(
-        r.dual_writer_intervals, 0,
-        "two writers at once: {:?}",
-        r.statefulsets
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

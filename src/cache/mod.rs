@@ -1,0 +1,149 @@
+//! What the replica knows of the cluster: the watches and their caches (pods indexed by
+//! StatefulSet, the Leases stslock owns, the locks by StatefulSet), the lenient decoding every
+//! watch uses, and the record of what this replica wrote or read fresh (`fresh`), which says when
+//! a cached view may be trusted. [`Caches`] bundles them for the lanes, with the quorum re-read
+//! that refreshes one lock's view.
+
+pub mod fresh;
+pub mod lenient;
+pub mod pods;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+
+use crate::api::{
+    LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
+};
+use crate::call::{call, call_opt};
+use crate::elect::LeaseView;
+use crate::error::Result;
+
+/// One replica's caches, shared by its lanes.
+pub struct Caches {
+    pub client: Client,
+    /// Timeout of the reads made here.
+    pub api_timeout: Duration,
+    pub pods: pods::PodIndex,
+    /// stslock's own Leases, from the labelled Lease watch.
+    pub leases: watch::LeaseCache,
+    pub locks: Store<StatefulSetLock>,
+    pub sets: Store<StatefulSet>,
+    /// Read-your-writes and trust per lock (see [`fresh`]).
+    pub fresh: Arc<fresh::Freshness>,
+}
+
+impl Caches {
+    /// The cached Lease `ns/name`, if stslock's Lease watch has it.
+    pub fn cached_lease(&self, ns: &str, name: &str) -> Option<Arc<Lease>> {
+        self.leases
+            .read()
+            .ok()
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())).cloned())
+    }
+
+    /// The Lease named by a lock: the watch cache first, then a direct GET (a Lease that is
+    /// not stslock's is not watched).
+    pub async fn lease(&self, ns: &str, name: &str) -> Result<Option<Lease>> {
+        if let Some(l) = self.cached_lease(ns, name) {
+            return Ok(Some((*l).clone()));
+        }
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
+        call_opt(
+            &format!("getting Lease {ns}/{name}"),
+            self.api_timeout,
+            api.get(name),
+        )
+        .await
+    }
+
+    /// Quorum reads of everything one lock's decision rests on — the lock, its Lease, its
+    /// StatefulSet's pods — into the caches (which keep whatever is newer). Returns the lock
+    /// as read (None: it is gone).
+    pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
+        let ns = lock.namespace().unwrap_or_default();
+        let name = lock.name_any();
+        let timeout = self.api_timeout;
+        let locks: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
+        let Some(read) = call_opt(
+            &format!("reading StatefulSetLock {ns}/{name}"),
+            timeout,
+            locks.get(&name),
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        self.fresh.remember_lock(read.clone());
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+        let lease_name = &read.spec.lease_name;
+        match call_opt(
+            &format!("reading Lease {ns}/{lease_name}"),
+            timeout,
+            leases.get(lease_name),
+        )
+        .await?
+        {
+            Some(l) if l.labels().get(watch::LEASE_LABEL).is_some() => {
+                watch::remember_lease(&self.leases, l)
+            }
+            // Not ours (not watched, never cached): gather reads it directly every time.
+            Some(_) => {}
+            None => watch::forget_lease(&self.leases, &ns, lease_name, None),
+        }
+        let set_name = &read.spec.stateful_set_name;
+        if let Some(set) = self.sets.get(&ObjectRef::new(set_name).within(&ns)) {
+            // The StatefulSet's own selector, narrowed to StatefulSet pods; the index keeps
+            // only pods this set controls.
+            let mut selector: Vec<String> = set
+                .spec
+                .selector
+                .match_labels
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            selector.push(watch::STS_POD_LABEL.to_string());
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let listed = call(
+                &format!("listing pods of StatefulSet {ns}/{set_name}"),
+                timeout,
+                pods.list(&kube::api::ListParams::default().labels(&selector.join(","))),
+            )
+            .await?;
+            let list_rv = fresh::rv_number(listed.metadata.resource_version.as_deref());
+            self.pods.replace_set(&ns, set_name, &listed.items, list_rv);
+        }
+        Ok(Some(read))
+    }
+}
+
+/// The core's view of a Lease.
+pub fn lease_view(l: &Lease) -> LeaseView {
+    let spec = l.spec.clone().unwrap_or_default();
+    LeaseView {
+        holder: spec.holder_identity,
+        holder_uid: l.annotations().get(WRITER_UID_ANNOTATION).cloned(),
+        transitions: i64::from(spec.lease_transitions.unwrap_or(0)),
+        renew_time: spec.renew_time.map(|t| t.0),
+        acquire_time: spec.acquire_time.map(|t| t.0),
+        duration_seconds: i64::from(spec.lease_duration_seconds.unwrap_or(0)),
+        resource_version: l.resource_version().unwrap_or_default(),
+        owner: l.annotations().get(LEASE_OWNER_ANNOTATION).cloned(),
+        unmarked: l.labels().is_empty()
+            && l.annotations().is_empty()
+            && l.owner_references().is_empty(),
+        renewed_mark: l
+            .annotations()
+            .get(RENEWED_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
+    }
+}

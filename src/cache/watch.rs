@@ -1,0 +1,355 @@
+//! Watches that keep the operator's caches and turn changes into lock keys to reconcile.
+//!
+//! Pods are watched once, cluster-wide, restricted to StatefulSet pods by the label every
+//! StatefulSet pod carries, and kept as projections ([`PodIndex`]). Leases are watched only when
+//! labelled as stslock's, so the node heartbeats in `kube-node-lease` never reach us. A change
+//! to a pod, a StatefulSet or one of our Leases maps to the locks in that namespace that
+//! target it.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::api::{LEASE_OWNER_ANNOTATION, StatefulSetLock};
+use crate::cache::pods::PodIndex;
+
+/// Label selecting StatefulSet pods (set by the StatefulSet controller on every pod).
+pub const STS_POD_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+/// Label stslock puts on the Leases it creates, so it can watch only those.
+pub const LEASE_LABEL: &str = "app.anukkrit.me/managed-by";
+
+/// stslock's own Leases by (namespace, name), kept by [`lease_triggers_synced`] and by the responses
+/// of this replica's own Lease writes and reads ([`remember_lease`]).
+pub type LeaseCache =
+    Arc<std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Lease>>>>;
+
+/// Server-side timeout of every watch: a stream that went half-open is replaced within this
+/// (plus the client's read timeout), not after the default five minutes.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 20;
+
+/// The watcher configuration every cache uses.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
+}
+
+/// Put `lease` into the cache unless the cache already has a newer version: watch events,
+/// write responses and quorum reads all go through here, so the cache only moves forward.
+pub fn remember_lease(cache: &LeaseCache, lease: Lease) {
+    use crate::cache::fresh::rv_number;
+    let key = (lease.namespace().unwrap_or_default(), lease.name_any());
+    if let Ok(mut m) = cache.write() {
+        let newer = m.get(&key).is_none_or(|known| {
+            rv_number(known.resource_version().as_deref())
+                <= rv_number(lease.resource_version().as_deref())
+        });
+        if newer {
+            m.insert(key, Arc::new(lease));
+        }
+    }
+}
+
+/// The Lease is gone as of resourceVersion `rv` (None: certainly gone, e.g. a 404 from a quorum
+/// read): drop it unless the cache holds a newer version (a re-created Lease).
+pub fn forget_lease(cache: &LeaseCache, namespace: &str, name: &str, rv: Option<&str>) {
+    use crate::cache::fresh::rv_number;
+    if let Ok(mut m) = cache.write() {
+        let key = (namespace.to_string(), name.to_string());
+        let older = m.get(&key).is_some_and(|known| {
+            rv.is_none_or(|rv| {
+                rv_number(known.resource_version().as_deref()) <= rv_number(Some(rv))
+            })
+        });
+        if older {
+            m.remove(&key);
+        }
+    }
+}
+
+type SetKey = (String, String);
+
+#[derive(Default)]
+struct LockIndexInner {
+    /// (namespace, StatefulSet) → names of the locks targeting it.
+    by_set: HashMap<SetKey, BTreeSet<String>>,
+    /// (namespace, lock) → its StatefulSet.
+    set_of: HashMap<SetKey, String>,
+    /// Listed since the last `Init`, swapped in at `InitDone`.
+    buffer: Option<Vec<(SetKey, String)>>,
+}
+
+/// Locks by the StatefulSet they target, kept from the lock watch: a pod or StatefulSet event
+/// finds its locks without scanning every lock (at thousands of locks and hundreds of pod
+/// events a second, the scan made the one pod-event stream a queue that quiet namespaces waited
+/// in behind noisy ones).
+#[derive(Clone, Default)]
+pub struct LockIndex(Arc<RwLock<LockIndexInner>>);
+
+impl LockIndexInner {
+    fn insert(&mut self, lock: SetKey, set: String) {
+        if let Some(old) = self.set_of.insert(lock.clone(), set.clone())
+            && old != set
+        {
+            self.remove_from_set(&lock, &old);
+        }
+        self.by_set
+            .entry((lock.0.clone(), set))
+            .or_default()
+            .insert(lock.1);
+    }
+
+    fn remove_from_set(&mut self, lock: &SetKey, set: &str) {
+        let key = (lock.0.clone(), set.to_string());
+        if let Some(names) = self.by_set.get_mut(&key) {
+            names.remove(&lock.1);
+            if names.is_empty() {
+                self.by_set.remove(&key);
+            }
+        }
+    }
+}
+
+fn lock_key(l: &StatefulSetLock) -> SetKey {
+    (l.namespace().unwrap_or_default(), l.name_any())
+}
+
+impl LockIndex {
+    /// Follow one event of the lock watch.
+    pub fn apply(&self, event: &watcher::Event<StatefulSetLock>) {
+        let Ok(mut inner) = self.0.write() else {
+            return;
+        };
+        match event {
+            watcher::Event::Init => inner.buffer = Some(Vec::new()),
+            watcher::Event::InitApply(l) => {
+                let entry = (lock_key(l), l.spec.stateful_set_name.clone());
+                inner.buffer.get_or_insert_with(Vec::new).push(entry);
+            }
+            watcher::Event::InitDone => {
+                let listed = inner.buffer.take().unwrap_or_default();
+                inner.by_set.clear();
+                inner.set_of.clear();
+                for (lock, set) in listed {
+                    inner.insert(lock, set);
+                }
+            }
+            watcher::Event::Apply(l) => inner.insert(lock_key(l), l.spec.stateful_set_name.clone()),
+            watcher::Event::Delete(l) => {
+                let lock = lock_key(l);
+                if let Some(set) = inner.set_of.remove(&lock) {
+                    inner.remove_from_set(&lock, &set);
+                }
+            }
+        }
+    }
+
+    /// Locks in `namespace` whose StatefulSet is `statefulset`.
+    pub fn locks_for_set(
+        &self,
+        namespace: &str,
+        statefulset: &str,
+    ) -> Vec<ObjectRef<StatefulSetLock>> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|i| {
+                i.by_set
+                    .get(&(namespace.to_string(), statefulset.to_string()))
+                    .map(|names| {
+                        names
+                            .iter()
+                            .map(|n| ObjectRef::new(n).within(namespace))
+                            .collect()
+                    })
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Lock keys to reconcile because pods changed; also keeps `index` current.
+pub fn pod_triggers(
+    client: Client,
+    index: PodIndex,
+    locks: LockIndex,
+    undecodable: crate::cache::lenient::Reporter,
+) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
+    let cfg = watch_config().labels(STS_POD_LABEL);
+    crate::cache::lenient::watcher::<Pod>(client, cfg, undecodable)
+        .default_backoff()
+        .filter_map(move |ev| {
+            let out = match ev {
+                Ok(ev) => {
+                    let touched = index.apply(&ev);
+                    let mut refs = Vec::new();
+                    let mut seen = HashSet::new();
+                    for (ns, set) in touched {
+                        for r in locks.locks_for_set(&ns, &set) {
+                            if seen.insert(r.clone()) {
+                                refs.push(r);
+                            }
+                        }
+                    }
+                    refs
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod watch");
+                    vec![]
+                }
+            };
+            futures::future::ready(Some(futures::stream::iter(out)))
+        })
+        .flatten()
+}
+
+/// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted by
+/// someone else); sets `synced` once the initial list is in the cache (readiness).
+pub fn lease_triggers_synced(
+    client: Client,
+    leases: LeaseCache,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    undecodable: crate::cache::lenient::Reporter,
+) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
+    // A relist is buffered and swapped in at InitDone (merged with anything newer this replica
+    // wrote meanwhile): the cache never goes through an empty state that would look like every
+    // Lease was deleted.
+    let mut relist: Option<Vec<Lease>> = None;
+    crate::cache::lenient::watcher::<Lease>(
+        client,
+        watch_config().labels(LEASE_LABEL),
+        undecodable,
+    )
+    .default_backoff()
+    .filter_map(move |ev| {
+        let mut refs = vec![];
+        match ev {
+            Ok(watcher::Event::Apply(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
+                }
+                remember_lease(&leases, l);
+            }
+            Ok(watcher::Event::InitApply(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
+                }
+                relist.get_or_insert_with(Vec::new).push(l);
+            }
+            Ok(watcher::Event::Delete(l)) => {
+                if let Some(r) = owner_ref(&l) {
+                    refs.push(r);
+                }
+                forget_lease(
+                    &leases,
+                    &l.namespace().unwrap_or_default(),
+                    &l.name_any(),
+                    l.resource_version().as_deref(),
+                );
+            }
+            Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+            Ok(watcher::Event::InitDone) => {
+                let listed = relist.take().unwrap_or_default();
+                swap_in(&leases, listed, &mut refs);
+                synced.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(e) => tracing::warn!(error = %e, "lease watch"),
+        }
+        futures::future::ready(Some(futures::stream::iter(refs)))
+    })
+    .flatten()
+}
+
+/// Replace the cache with a relist, keeping entries newer than the list (written by this
+/// replica after the list was served); Leases that disappeared trigger their locks.
+fn swap_in(cache: &LeaseCache, listed: Vec<Lease>, refs: &mut Vec<ObjectRef<StatefulSetLock>>) {
+    use crate::cache::fresh::rv_number;
+    let list_rv = listed
+        .iter()
+        .map(|l| rv_number(l.resource_version().as_deref()))
+        .max()
+        .unwrap_or(0);
+    let Ok(mut m) = cache.write() else { return };
+    let old = std::mem::take(&mut *m);
+    for l in listed {
+        m.insert(
+            (l.namespace().unwrap_or_default(), l.name_any()),
+            Arc::new(l),
+        );
+    }
+    for (key, known) in old {
+        let known_rv = rv_number(known.resource_version().as_deref());
+        match m.get(&key) {
+            Some(listed) if rv_number(listed.resource_version().as_deref()) >= known_rv => {}
+            // Written by this replica after the list was served: keep the newer version.
+            _ if known_rv > list_rv => {
+                m.insert(key, known);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(r) = owner_ref(&known) {
+                    refs.push(r);
+                }
+            }
+        }
+    }
+}
+
+/// The lock a Lease belongs to, from the annotation stslock writes on it.
+pub fn owner_ref(lease: &Lease) -> Option<ObjectRef<StatefulSetLock>> {
+    let owner = lease.annotations().get(LEASE_OWNER_ANNOTATION)?;
+    let (ns, name) = owner.split_once('/')?;
+    Some(ObjectRef::new(name).within(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(name: &str, set: &str) -> StatefulSetLock {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"statefulSetName": set, "leaseName": format!("{name}-lease"), "leaseDurationSeconds": 30}
+        }))
+        .unwrap()
+    }
+
+    fn names(idx: &LockIndex, set: &str) -> Vec<String> {
+        idx.locks_for_set("ns", set)
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
+    #[test]
+    fn lock_index_follows_the_watch_and_relists() {
+        let idx = LockIndex::default();
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(lock("a", "db")));
+        assert!(names(&idx, "db").is_empty(), "not before InitDone");
+        idx.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&idx, "db"), ["a"]);
+        idx.apply(&watcher::Event::Apply(lock("b", "db")));
+        idx.apply(&watcher::Event::Apply(lock("c", "other")));
+        assert_eq!(names(&idx, "db"), ["a", "b"]);
+        idx.apply(&watcher::Event::Apply(lock("b", "moved")));
+        assert_eq!(names(&idx, "db"), ["a"]);
+        assert_eq!(names(&idx, "moved"), ["b"]);
+        idx.apply(&watcher::Event::Delete(lock("a", "db")));
+        assert!(names(&idx, "db").is_empty());
+        assert!(idx.locks_for_set("elsewhere", "moved").is_empty());
+        // A relist replaces everything: c is gone, d is new.
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(lock("b", "moved")));
+        idx.apply(&watcher::Event::InitApply(lock("d", "db")));
+        assert_eq!(names(&idx, "other"), ["c"], "old view kept until InitDone");
+        idx.apply(&watcher::Event::InitDone);
+        assert!(names(&idx, "other").is_empty());
+        assert_eq!(names(&idx, "db"), ["d"]);
+        assert_eq!(names(&idx, "moved"), ["b"]);
+    }
+}
