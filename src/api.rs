@@ -153,3 +153,14 @@ pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
 pub fn format_time(t: jiff::Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
+
+/// A lock's key, `namespace/name`: how every per-lock map of a replica (trust, in-flight
+/// writes, failures, handoffs, metrics) and every log line names it.
+pub fn lock_key(lock: &StatefulSetLock) -> String {
+    use kube::ResourceExt;
+    format!(
+        "{}/{}",
+        lock.namespace().unwrap_or_default(),
+        lock.name_any()
+    )
+}

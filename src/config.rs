@@ -7,14 +7,33 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-/// What deleting a StatefulSetLock does to the role labels (the Lease is always deleted).
+pub use crate::elect::OnDelete;
+
+/// `--on-delete` values (the type is the core's: `crate::elect::OnDelete`).
+impl ValueEnum for OnDelete {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[OnDelete::KeepWriter, OnDelete::RemoveLabels]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            OnDelete::KeepWriter => clap::builder::PossibleValue::new("keep-writer").help(
+                "Leave the current writer labelled, so deleting the lock is not a write outage",
+            ),
+            OnDelete::RemoveLabels => clap::builder::PossibleValue::new("remove-labels")
+                .help("Remove the role label from every pod of the StatefulSet"),
+        })
+    }
+}
+
+/// How logs are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum OnDelete {
-    /// Leave the current writer labelled, so deleting the lock is not a write outage.
+pub enum LogFormat {
+    /// One human-readable line per event.
     #[default]
-    KeepWriter,
-    /// Remove the role label from every pod of the StatefulSet.
-    RemoveLabels,
+    Text,
+    /// One JSON object per event (for log collectors).
+    Json,
 }
 
 /// What a replica does with its locks when it shuts down.
@@ -113,8 +132,8 @@ pub struct OperatorArgs {
     pub go_metrics: bool,
 
     /// Log format on stderr. (Traces: set OTEL_EXPORTER_OTLP_ENDPOINT to export over OTLP/gRPC.)
-    #[arg(long, env = "STSLOCK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
-    pub log_format: crate::telemetry::LogFormat,
+    #[arg(long, env = "STSLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl OperatorArgs {
@@ -140,7 +159,7 @@ impl OperatorArgs {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             namespace_metrics: false,
             go_metrics: false,
-            log_format: crate::telemetry::LogFormat::Text,
+            log_format: LogFormat::Text,
         }
     }
 

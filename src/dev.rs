@@ -181,7 +181,7 @@ pub async fn run(
         let client = sim.client_as(&format!("stslock/{id}"));
         let mut stop = stop_rx.clone();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let options = crate::reconcile::RunOptions {
+        let options = crate::replica::RunOptions {
             metrics_bound: Some(bound_tx),
         };
         let shard = id.clone();
@@ -189,7 +189,7 @@ pub async fn run(
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::reconcile::run_with(client, args, shutdown, options).await {
+            if let Err(e) = crate::replica::run_with(client, args, shutdown, options).await {
                 tracing::error!(error = %e, shard = %shard, "operator replica stopped");
             }
         }));

@@ -26,38 +26,75 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl Error {
-    /// Every value [`Error::metric_label`] returns, so metrics can start each at zero.
-    pub const METRIC_LABELS: &[&str] = &[
-        "conflict",
-        "not_found",
-        "throttled",
-        "server_error",
-        "api_error",
-        "transport",
-        "timeout",
-        "invalid",
-        "fenced",
-        "serialize",
-        "stale",
+/// What kind of failure an [`Error`] is, for metrics labels (`kind`) and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    Conflict,
+    NotFound,
+    Throttled,
+    ServerError,
+    ApiError,
+    Transport,
+    Timeout,
+    Invalid,
+    Fenced,
+    Serialize,
+    Stale,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::Conflict,
+        ErrorKind::NotFound,
+        ErrorKind::Throttled,
+        ErrorKind::ServerError,
+        ErrorKind::ApiError,
+        ErrorKind::Transport,
+        ErrorKind::Timeout,
+        ErrorKind::Invalid,
+        ErrorKind::Fenced,
+        ErrorKind::Serialize,
+        ErrorKind::Stale,
     ];
 
-    pub fn metric_label(&self) -> &'static str {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::ApiError => "api_error",
+            ErrorKind::Transport => "transport",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::Serialize => "serialize",
+            ErrorKind::Stale => "stale",
+        }
+    }
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Kube { source, .. } => match source.as_ref() {
-                kube::Error::Api(s) if s.code == 409 => "conflict",
-                kube::Error::Api(s) if s.code == 404 => "not_found",
-                kube::Error::Api(s) if s.code == 429 => "throttled",
-                kube::Error::Api(s) if s.code >= 500 => "server_error",
-                kube::Error::Api(_) => "api_error",
-                _ => "transport",
+                kube::Error::Api(s) if s.code == 409 => ErrorKind::Conflict,
+                kube::Error::Api(s) if s.code == 404 => ErrorKind::NotFound,
+                kube::Error::Api(s) if s.code == 429 => ErrorKind::Throttled,
+                kube::Error::Api(s) if s.code >= 500 => ErrorKind::ServerError,
+                kube::Error::Api(_) => ErrorKind::ApiError,
+                _ => ErrorKind::Transport,
             },
-            Error::Timeout { .. } => "timeout",
-            Error::Invalid(_) => "invalid",
-            Error::Fenced => "fenced",
-            Error::Serialize(_) => "serialize",
-            Error::Stale(_) => "stale",
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Invalid(_) => ErrorKind::Invalid,
+            Error::Fenced => ErrorKind::Fenced,
+            Error::Serialize(_) => ErrorKind::Serialize,
+            Error::Stale(_) => ErrorKind::Stale,
         }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        self.kind().label()
     }
 
     fn api_code(&self) -> Option<u16> {

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cache;
+pub mod call;
 pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
@@ -9,8 +11,10 @@ pub mod elect;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod probe;
 pub mod reconcile;
 pub mod renew;
+pub mod replica;
 pub mod scope;
 pub mod sharding;
 pub mod telemetry;

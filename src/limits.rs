@@ -38,6 +38,8 @@ pub enum Lane {
 
 pub struct Limits {
     global: Option<DefaultDirectRateLimiter>,
+    /// Where time spent waiting for the global budget is counted.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     tenant: Option<TenantBudget>,
     renewals_waiting: AtomicUsize,
     renewal_done: Notify,
@@ -134,11 +136,18 @@ impl Limits {
         });
         Limits {
             global: quota(qps, burst).map(RateLimiter::direct),
+            metrics: None,
             tenant,
             renewals_waiting: AtomicUsize::new(0),
             renewal_done: Notify::new(),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Count the time writes wait for the budget in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Limits {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// No limits at all.
@@ -195,8 +204,10 @@ impl Limits {
             },
         }
         let waited = start.elapsed();
-        if !waited.is_zero() {
-            crate::metrics::with_current(|m| m.rate_limit_wait(waited));
+        if !waited.is_zero()
+            && let Some(m) = &self.metrics
+        {
+            m.rate_limit_wait(waited);
         }
         waited
     }
@@ -252,15 +263,30 @@ mod tests {
     async fn a_deferred_lock_keeps_its_place_and_pays_once() {
         let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
         assert!(l.tenant_admit("ns", "big", 10).is_ok(), "the whole burst");
-        assert_eq!(l.tenant_admit("ns", "a", 2), Err(Duration::from_millis(400)));
-        assert_eq!(l.tenant_admit("ns", "b", 1), Err(Duration::from_millis(600)));
+        assert_eq!(
+            l.tenant_admit("ns", "a", 2),
+            Err(Duration::from_millis(400))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "b", 1),
+            Err(Duration::from_millis(600))
+        );
         // `a` triggered again early: same place, nothing charged again.
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!(l.tenant_admit("ns", "a", 2), Err(Duration::from_millis(300)));
+        assert_eq!(
+            l.tenant_admit("ns", "a", 2),
+            Err(Duration::from_millis(300))
+        );
         // A newcomer queues behind both.
-        assert_eq!(l.tenant_admit("ns", "c", 1), Err(Duration::from_millis(700)));
+        assert_eq!(
+            l.tenant_admit("ns", "c", 1),
+            Err(Duration::from_millis(700))
+        );
         tokio::time::advance(Duration::from_millis(300)).await;
-        assert!(l.tenant_admit("ns", "a", 2).is_ok(), "prepaid: admitted on time");
+        assert!(
+            l.tenant_admit("ns", "a", 2).is_ok(),
+            "prepaid: admitted on time"
+        );
         assert_eq!(l.deferred_locks(), 2);
         tokio::time::advance(Duration::from_millis(400)).await;
         assert!(l.tenant_admit("ns", "b", 1).is_ok());

@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(args.identity()),
             )?;
             let client = client_for(&args).await?;
-            let result = stslock::reconcile::run(client, args, shutdown_signal()).await;
+            let result = stslock::replica::run(client, args, shutdown_signal()).await;
             telemetry.shutdown().await;
             result?;
         }

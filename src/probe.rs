@@ -18,8 +18,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 
 use crate::api::{SHARD_LABEL, StatefulSetLock};
+use crate::cache::pods::PodIndex;
 use crate::metrics::Metrics;
-use crate::reconcile::pods::PodIndex;
 use crate::sharding::Sharding;
 
 /// Which watch caches have delivered their initial list. Set once; a later relist does not

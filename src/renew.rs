@@ -7,7 +7,7 @@
 //! holder, budgeted before any reconcile write ([`crate::limits`]) and run outside the
 //! reconcile workers, so a reconcile storm cannot make a Lease lapse. It renews only what the
 //! reconcile lane would renew unchanged: the lock is this replica's (and its view of it is
-//! trusted, see `reconcile::fresh`), not deleting, the Lease is the lock's, unexpired and of the
+//! trusted, see `cache::fresh`), not deleting, the Lease is the lock's, unexpired and of the
 //! lock's duration, and its holder is the same Ready, non-terminating writer-labelled pod (same
 //! UID) — or, while the lock is `paused`, the same pod at all (roles are frozen, the sitting
 //! writer keeps its Lease). Anything else — a conflict, a not-Ready holder, an error — sends the
@@ -32,9 +32,8 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use crate::api::{
     LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
 };
+use crate::call::{ApiCall, Kind, call, call_opt};
 use crate::limits::Lane;
-use crate::reconcile::Context;
-use crate::reconcile::client::call;
 
 /// Renewals running at once (each is one API call). Sized for demand, not as a budget (the
 /// write budget, renewals first, is `crate::limits`): a renewal whose answer is lost holds its
@@ -59,7 +58,21 @@ enum Cmd {
     Cancel(LockRef),
 }
 
-/// Handle to the renewal lane, held in the reconcile [`Context`].
+/// What the renewal lane works with (a part of the replica; the reconcile lane has its own).
+pub struct Context {
+    pub cache: Arc<crate::cache::Caches>,
+    /// This replica's shard id.
+    pub identity: String,
+    pub sharding: Arc<crate::sharding::Sharding>,
+    pub limits: Arc<crate::limits::Limits>,
+    pub scope: Arc<crate::scope::Scope>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Its own handle: outcomes reschedule entries through it.
+    pub renewals: Renewals,
+    pub api_timeout: Duration,
+}
+
+/// Handle to the renewal lane, held by the reconcile lane's context.
 #[derive(Clone)]
 pub struct Renewals {
     tx: mpsc::UnboundedSender<Cmd>,
@@ -156,10 +169,10 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSend
                 entries.remove(&lock);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
-                tokio::spawn(crate::metrics::scoped(ctx.metrics.clone(), async move {
+                tokio::spawn(async move {
                     renew_one(&ctx, lock, &reconcile).await;
                     drop(permit);
-                }));
+                });
             }
         }
     }
@@ -185,7 +198,7 @@ enum Outcome {
 }
 
 async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSender<LockRef>) {
-    let outcome = match ctx.locks.get(&lock) {
+    let outcome = match ctx.cache.locks.get(&lock) {
         None => Outcome::NotMine,
         Some(l) => try_renew(ctx, &l).await,
     };
@@ -223,7 +236,7 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
 }
 
 async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
-    let lock = ctx.fresh.newest_lock(Arc::new(lock.clone()));
+    let lock = ctx.cache.fresh.newest_lock(Arc::new(lock.clone()));
     let lock = lock.as_ref();
     let generation = ctx.sharding.generation();
     let Some(_inflight) = ctx.sharding.begin(lock) else {
@@ -236,20 +249,20 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     if !ctx.scope.allows(&ns) {
         return Outcome::NotMine;
     }
-    let key = format!("{ns}/{}", lock.name_any());
+    let key = crate::api::lock_key(lock);
     // A renewal needs the lock's ownership verified in this fence generation (its other writes'
     // unknown outcomes do not matter to a compare-and-swap of renewTime). If it is not, the
     // lock is re-read here, not left to the reconcile lane: that lane backs off (up to a
     // minute) on a lock whose writes keep failing, and a Ready writer's Lease must not lapse
     // waiting for it (rule 16).
     let reread;
-    let lock = if ctx.fresh.owner_verified(&key, generation) {
+    let lock = if ctx.cache.fresh.owner_verified(&key, generation) {
         lock
     } else {
-        match crate::reconcile::gather::reread(lock, ctx).await {
+        match ctx.cache.reread(lock).await {
             Ok(Some(l)) => {
-                ctx.fresh.trust(&key, generation);
-                reread = ctx.fresh.newest_lock(Arc::new(l));
+                ctx.cache.fresh.trust(&key, generation);
+                reread = ctx.cache.fresh.newest_lock(Arc::new(l));
                 if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
                     return Outcome::NotMine;
                 }
@@ -267,6 +280,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     }
     let lease_name = lock.spec.lease_name.clone();
     let cached = ctx
+        .cache
         .leases
         .read()
         .ok()
@@ -277,7 +291,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     if lease.annotations().get(LEASE_OWNER_ANNOTATION) != Some(&key) {
         return Outcome::Reconcile("Lease not owned by this lock");
     }
-    let view = crate::reconcile::gather::lease_view(&lease);
+    let view = crate::cache::lease_view(&lease);
     if view.renewed_elsewhere() {
         // Someone else renews it (another operator still running): decide() reports that and
         // waits; renewing here would fight it.
@@ -311,6 +325,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     }
     let holder_uid = lease.annotations().get(WRITER_UID_ANNOTATION);
     let healthy = ctx
+        .cache
         .pods
         .pods_of(&ns, &lock.spec.stateful_set_name)
         .iter()
@@ -340,17 +355,19 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     } else {
         json!({"metadata": metadata, "spec": {"renewTime": now}})
     };
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Lease> = Api::namespaced(ctx.cache.client.clone(), &ns);
     let sent = std::time::Instant::now();
     match call(
-        &format!("renewing Lease {ns}/{lease_name} for {holder}"),
-        ctx.args.api_timeout().min(permit.window),
+        &ctx.metrics,
+        ApiCall::patch(Kind::Lease, format!("{ns}/{lease_name}"))
+            .note(format!("renewal for {holder}")),
+        ctx.api_timeout.min(permit.window),
         api.patch(&lease_name, &PatchParams::default(), &Patch::Merge(&patch)),
     )
     .await
     {
         Ok(renewed) => {
-            crate::reconcile::watch::remember_lease(&ctx.leases, renewed);
+            crate::cache::watch::remember_lease(&ctx.cache.leases, renewed);
             ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
             if let Some(go) = ctx.metrics.go() {
                 go.renewal(
@@ -379,16 +396,17 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
             if e.is_conflict() {
                 // The cache is behind the Lease: read it now, so the next attempt (here or in
                 // the reconcile lane) starts from the truth.
-                match crate::reconcile::client::call_opt(
-                    &format!("reading Lease {ns}/{lease_name}"),
-                    ctx.args.api_timeout(),
+                match call_opt(
+                    &ctx.metrics,
+                    ApiCall::get(Kind::Lease, format!("{ns}/{lease_name}")),
+                    ctx.api_timeout,
                     api.get(&lease_name),
                 )
                 .await
                 {
-                    Ok(Some(l)) => crate::reconcile::watch::remember_lease(&ctx.leases, l),
+                    Ok(Some(l)) => crate::cache::watch::remember_lease(&ctx.cache.leases, l),
                     Ok(None) => {
-                        crate::reconcile::watch::forget_lease(&ctx.leases, &ns, &lease_name, None)
+                        crate::cache::watch::forget_lease(&ctx.cache.leases, &ns, &lease_name, None)
                     }
                     Err(e) => tracing::debug!(lock = %key, error = %e, "Lease refresh"),
                 }

@@ -92,12 +92,9 @@ impl Scope {
         };
         let api: Api<Namespace> = Api::all(client);
         let mut buffer: HashSet<String> = HashSet::new();
-        let mut events = watcher(
-            api,
-            crate::reconcile::watch::watch_config().labels(&selector),
-        )
-        .default_backoff()
-        .boxed();
+        let mut events = watcher(api, crate::cache::watch::watch_config().labels(&selector))
+            .default_backoff()
+            .boxed();
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(watcher::Event::Init) => buffer.clear(),

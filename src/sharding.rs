@@ -20,8 +20,12 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use stslock_shard::{Decision, Fence, Member, Ring, alive_members, membership_lease_name};
 
-use crate::api::{SHARD_LABEL, StatefulSetLock};
-use crate::reconcile::client::{call, call_opt};
+use crate::api::{SHARD_LABEL, StatefulSetLock, lock_key};
+use crate::call::{ApiCall, Kind, call, call_opt};
+
+/// A membership renewal not answered within this long is read back (it may have committed
+/// behind a late answer).
+const HEDGE: Duration = Duration::from_millis(500);
 
 /// Label on membership Leases naming the shard group.
 pub const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
@@ -84,6 +88,8 @@ struct View {
 pub struct Sharding {
     pub cfg: ShardConfig,
     client: Client,
+    /// The replica's metrics (API calls, handoffs).
+    metrics: Arc<crate::metrics::Metrics>,
     origin: Instant,
     fence: Mutex<Fence>,
     view: RwLock<View>,
@@ -98,7 +104,7 @@ pub struct Sharding {
     /// a fresh read says where the label is.
     unresolved: Mutex<HashSet<String>>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
-    /// may have claimed locks meanwhile): trust in cached views (see `reconcile::fresh`) and
+    /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
     generation: std::sync::atomic::AtomicU64,
     on_ownership: std::sync::OnceLock<OnOwnership>,
@@ -113,14 +119,6 @@ pub struct Sharding {
     leaving: std::sync::atomic::AtomicBool,
     /// The leave is done: no more membership renewals.
     left: std::sync::atomic::AtomicBool,
-}
-
-fn key_of(lock: &StatefulSetLock) -> String {
-    format!(
-        "{}/{}",
-        lock.namespace().unwrap_or_default(),
-        lock.name_any()
-    )
 }
 
 /// Marks a reconcile in flight until dropped.
@@ -176,8 +174,13 @@ impl Drop for WritePermit<'_> {
 }
 
 impl Sharding {
-    pub fn new(client: Client, cfg: ShardConfig) -> Arc<Sharding> {
+    pub fn new(
+        client: Client,
+        cfg: ShardConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Sharding> {
         Arc::new(Sharding {
+            metrics,
             fence: Mutex::new(Fence::new(cfg.lease_duration, cfg.margin)),
             cfg,
             client,
@@ -200,6 +203,11 @@ impl Sharding {
         self.origin.elapsed()
     }
 
+    /// `namespace/name` of a membership Lease, for API calls.
+    fn member_target(&self, name: &str) -> String {
+        format!("{}/{name}", self.cfg.namespace)
+    }
+
     /// May this replica write at all right now (its membership Lease is surely live)?
     pub fn may_write(&self) -> bool {
         self.fence
@@ -219,7 +227,7 @@ impl Sharding {
     /// Start a reconcile of `lock` if this replica owns it and may write; the guard marks it in
     /// flight so a handoff waits for it.
     pub fn begin(&self, lock: &StatefulSetLock) -> Option<InFlight<'_>> {
-        let key = key_of(lock);
+        let key = lock_key(lock);
         if lock.labels().get(SHARD_LABEL) != Some(&self.cfg.id) || !self.may_write() {
             return None;
         }
@@ -282,7 +290,7 @@ impl Sharding {
         lock: &StatefulSetLock,
         generation: u64,
     ) -> Result<WritePermit<'_>, Refused> {
-        let key = key_of(lock);
+        let key = lock_key(lock);
         if lock.labels().get(SHARD_LABEL) != Some(&self.cfg.id)
             || self.is_draining(&key)
             || self.predates_own_handoff(&key, lock)
@@ -348,35 +356,51 @@ impl Sharding {
         let name = self.lease_name();
         let timeout = self.cfg.api_timeout;
         let patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
-        let renewed = match call_opt(
-            &format!("renewing membership Lease {name}"),
+        let is_mine = |l: &Lease| {
+            l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
+                && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                    == Some(self.cfg.id.as_str())
+        };
+        let api = self.leases();
+        let read_back = || {
+            call_opt(
+                &self.metrics,
+                ApiCall::get(Kind::Lease, self.member_target(&name)).note("read back"),
+                timeout,
+                api.get(&name),
+            )
+        };
+        let (pp, body) = (PatchParams::default(), Patch::Merge(&patch));
+        let write = call_opt(
+            &self.metrics,
+            ApiCall::patch(Kind::Lease, self.member_target(&name)).note("membership renewal"),
             timeout,
-            self.leases()
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await
-        {
+            api.patch(&name, &pp, &body),
+        );
+        tokio::pin!(write);
+        // An answer that is late (held, or lost) does not mean the renewal did not happen: if
+        // none came within HEDGE, a read shows whether it committed, and if it did the fence
+        // opens now instead of after the whole API timeout (after a restart every held Lease
+        // waits for it).
+        let answered = tokio::select! {
+            r = &mut write => Some(r),
+            _ = tokio::time::sleep(HEDGE.min(timeout / 2)) => None,
+        };
+        let answered = match answered {
+            Some(r) => r,
+            None => match read_back().await {
+                Ok(Some(l)) if is_mine(&l) => Ok(Some(l)),
+                _ => write.await,
+            },
+        };
+        let renewed = match answered {
             Ok(r) => r,
             // Maybe committed (the answer was lost or late): read it back (rule 14). If the
             // Lease carries exactly the renewTime sent, the renewal happened, and peers see it.
-            Err(e) if e.outcome_unknown() => {
-                let back = call_opt(
-                    &format!("reading membership Lease {name}"),
-                    timeout,
-                    self.leases().get(&name),
-                )
-                .await;
-                match back {
-                    Ok(Some(l))
-                        if l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
-                            && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                                == Some(self.cfg.id.as_str()) =>
-                    {
-                        Some(l)
-                    }
-                    _ => return Err(e),
-                }
-            }
+            Err(e) if e.outcome_unknown() => match read_back().await {
+                Ok(Some(l)) if is_mine(&l) => Some(l),
+                _ => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         if self.left.load(std::sync::atomic::Ordering::SeqCst) {
@@ -390,7 +414,8 @@ impl Sharding {
                 "spec": {"holderIdentity": self.cfg.id, "leaseDurationSeconds": self.cfg.lease_duration.as_secs(), "acquireTime": now, "renewTime": now}
             }))?;
             call(
-                &format!("creating membership Lease {name}"),
+                &self.metrics,
+                ApiCall::create(Kind::Lease, self.member_target(&name)),
                 timeout,
                 self.leases().create(&PostParams::default(), &lease),
             )
@@ -466,7 +491,7 @@ impl Sharding {
     /// Watch the group's membership Leases and keep the ring.
     pub async fn watch_members(self: Arc<Self>) {
         let api = self.leases();
-        let cfg = crate::reconcile::watch::watch_config()
+        let cfg = crate::cache::watch::watch_config()
             .labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
         let mut stream = watcher(api, cfg).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
@@ -500,7 +525,11 @@ impl Sharding {
         let lp =
             kube::api::ListParams::default().labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
         match call(
-            &format!("listing membership Leases of group {}", self.cfg.group),
+            &self.metrics,
+            ApiCall::list(
+                Kind::Lease,
+                format!("{}/{GROUP_LABEL}={}", self.cfg.namespace, self.cfg.group),
+            ),
             self.cfg.api_timeout,
             self.leases().list(&lp),
         )
@@ -577,7 +606,7 @@ impl Sharding {
             if !scope.allows(&lock.namespace().unwrap_or_default()) {
                 continue;
             }
-            let key = key_of(&lock);
+            let key = lock_key(&lock);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
             if label == Some(self.cfg.id.as_str()) {
                 if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
@@ -653,7 +682,8 @@ impl Sharding {
             };
             let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), ns);
             match call_opt(
-                &format!("reading StatefulSetLock {key} (handoff outcome)"),
+                &self.metrics,
+                ApiCall::get(Kind::StatefulSetLock, key.clone()).note("handoff outcome"),
                 self.cfg.api_timeout,
                 api.get(name),
             )
@@ -693,7 +723,7 @@ impl Sharding {
     /// after it can no longer land (api-timeout after it was sent). If that does not happen
     /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
-        let key = key_of(lock);
+        let key = lock_key(lock);
         if let Ok(mut d) = self.draining.lock() {
             d.insert(key.clone());
         }
@@ -734,17 +764,16 @@ impl Sharding {
         let ns = lock.namespace().unwrap_or_default();
         let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
         let patch = json!({"metadata": {"resourceVersion": lock.resource_version(), "labels": {SHARD_LABEL: owner}}});
-        let what = format!(
-            "{why}: StatefulSetLock {ns}/{} → shard {owner}",
-            lock.name_any()
-        );
+        let what = ApiCall::patch(Kind::StatefulSetLock, lock_key(lock))
+            .note(format!("{why} to shard {owner}"));
         // Bounded by the fence window like every write of this replica.
         let timeout = self.cfg.api_timeout.min(self.write_window());
         if timeout.is_zero() {
             return;
         }
         match call(
-            &what,
+            &self.metrics,
+            what,
             timeout,
             api.patch(
                 &lock.name_any(),
@@ -756,24 +785,24 @@ impl Sharding {
         {
             Ok(updated) => {
                 if owner != self.cfg.id {
-                    self.record_released(&key_of(lock), &updated);
+                    self.record_released(&lock_key(lock), &updated);
                 }
                 if let Ok(mut o) = self.owned.lock() {
                     if owner == self.cfg.id {
-                        o.insert(key_of(lock));
+                        o.insert(lock_key(lock));
                     } else {
-                        o.remove(&key_of(lock));
+                        o.remove(&lock_key(lock));
                     }
                 }
                 if let Some(f) = self.on_ownership.get() {
                     f(&updated, owner == self.cfg.id);
                 }
                 if why == "handoff" {
-                    crate::metrics::with_current(|m| m.handoff());
+                    self.metrics.handoff();
                 }
                 // The handoff span's outcome, when there is one.
                 tracing::Span::current().record("stslock.outcome", "ok");
-                tracing::info!(shard = %self.cfg.id, lock = %key_of(lock), to = owner, "{why}")
+                tracing::info!(shard = %self.cfg.id, lock = %lock_key(lock), to = owner, "{why}")
             }
             // Lost the race (someone changed the lock): the next pass sees the new state.
             Err(e) if e.is_conflict() || e.is_not_found() => {
@@ -789,7 +818,7 @@ impl Sharding {
                     && owner != self.cfg.id
                     && let Ok(mut u) = self.unresolved.lock()
                 {
-                    u.insert(key_of(lock));
+                    u.insert(lock_key(lock));
                 }
             }
         }
@@ -803,7 +832,8 @@ impl Sharding {
         let name = self.lease_name();
         let mark = json!({"metadata": {"annotations": {LEAVING_ANNOTATION: "true"}}});
         if let Err(e) = call(
-            &format!("updating membership Lease {name} (leaving)"),
+            &self.metrics,
+            ApiCall::patch(Kind::Lease, self.member_target(&name)).note("leaving"),
             self.cfg.api_timeout.min(self.write_window()),
             self.leases()
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&mark)),
@@ -820,7 +850,7 @@ impl Sharding {
                 .into_iter()
                 .filter(|lock| lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id))
                 .filter_map(|lock| {
-                    let to = ring.owner(&key_of(&lock)).map(str::to_string)?;
+                    let to = ring.owner(&lock_key(&lock)).map(str::to_string)?;
                     Some((lock, to))
                 })
                 .collect();
@@ -836,7 +866,8 @@ impl Sharding {
             *f = Fence::new(self.cfg.lease_duration, self.cfg.margin);
         }
         if let Err(e) = call_opt(
-            &format!("deleting membership Lease {name}"),
+            &self.metrics,
+            ApiCall::delete(Kind::Lease, self.member_target(&name)),
             self.cfg.api_timeout,
             self.leases().delete(&name, &DeleteParams::default()),
         )

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::ValueEnum;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
@@ -22,17 +21,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use crate::elect::{Observed, Plan, Step, Transition};
+use crate::elect::{Observed, Plan, Step};
 
-/// How logs are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum LogFormat {
-    /// One human-readable line per event.
-    #[default]
-    Text,
-    /// One JSON object per event (for log collectors).
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// Where traces go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -326,43 +317,44 @@ pub async fn traced_apply(
 /// a missing Lease for the sitting writer; a disabled span for any other plan, so that
 /// renewals and no-ops add nothing to the trace.
 pub fn decision_span(o: &Observed, plan: &Plan, shard: &str) -> Span {
-    let recreated;
-    let t = match &plan.transition {
-        Some(t) => t,
-        None => {
-            // No transition but a new Lease: the same writer keeps the role and the epoch.
-            let Some((holder, epoch)) = plan.steps.iter().find_map(|s| match s {
-                Step::CreateLease {
-                    holder,
-                    transitions,
-                    ..
-                } => Some((holder, *transitions)),
-                _ => None,
-            }) else {
-                return Span::none();
-            };
-            recreated = Transition {
-                kind: "lease_recreated",
-                old_writer: Some(holder.clone()),
-                new_writer: holder.clone(),
-                reason: format!("Lease {} was missing", o.lease_name),
-                epoch,
-            };
-            &recreated
-        }
+    // No transition but a new Lease: the same writer keeps the role and the epoch.
+    let recreated = plan.steps.iter().find_map(|s| match s {
+        Step::CreateLease {
+            holder,
+            transitions,
+            ..
+        } => Some((holder, *transitions)),
+        _ => None,
+    });
+    let (kind, old, new, reason, epoch) = match (&plan.transition, recreated) {
+        (Some(t), _) => (
+            t.kind.as_str(),
+            t.old_writer.clone(),
+            t.new_writer.clone(),
+            t.reason.clone(),
+            t.epoch,
+        ),
+        (None, Some((holder, epoch))) => (
+            "lease_recreated",
+            Some(holder.clone()),
+            holder.clone(),
+            format!("Lease {} was missing", o.lease_name),
+            epoch,
+        ),
+        (None, None) => return Span::none(),
     };
     tracing::info_span!(
         "election",
-        "otel.name" = t.kind,
+        "otel.name" = kind,
         "otel.status_code" = Empty,
         "stslock.lock" = %o.key(),
         "k8s.namespace.name" = o.namespace.as_str(),
         "stslock.shard" = shard,
-        "stslock.kind" = t.kind,
-        "stslock.writer.old" = t.old_writer.as_deref().unwrap_or(""),
-        "stslock.writer.new" = t.new_writer.as_str(),
-        "stslock.reason" = t.reason.as_str(),
-        "stslock.epoch" = t.epoch,
+        "stslock.kind" = kind,
+        "stslock.writer.old" = old.as_deref().unwrap_or(""),
+        "stslock.writer.new" = new.as_str(),
+        "stslock.reason" = reason.as_str(),
+        "stslock.epoch" = epoch,
         "stslock.outcome" = Empty,
         "stslock.writerless_seconds" = Empty,
         "error" = Empty,
@@ -449,18 +441,16 @@ pub fn handoff_span(namespace: &str, name: &str, from: &str, to: &str) -> Span {
 /// The target of API-call spans (debug level: exported, but not logged by default).
 pub const API_TARGET: &str = "stslock::api_call";
 
-/// The span of one API call, named after the call's description; verb and resource are
-/// read off it (descriptions are "<verb>ing <what> <Kind> ns/name ...").
+/// The span of one API call (see [`crate::call`]), named after what it does.
 ///
 /// Only inside another span (a reconcile, a decision, a handoff): calls made outside any —
 /// every Lease renewal of the renewal lane, membership renewals, claims — would each be a
 /// trace of their own, the per-renewal cost this module avoids. A failed renewal has its
 /// own span ([`renewal_failed`]).
-pub fn api_span(what: &str) -> Span {
+pub fn api_span(what: &str, verb: &str, resource: &str) -> Span {
     if Span::current().is_none() {
         return Span::none();
     }
-    let (verb, resource) = crate::reconcile::client::verb_and_resource(what);
     tracing::debug_span!(
         target: API_TARGET,
         "api",

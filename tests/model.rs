@@ -33,7 +33,7 @@ use jiff::{SignedDuration, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stslock::api::StatefulSetLockStatus;
-use stslock::config::OnDelete;
+use stslock::elect::OnDelete;
 use stslock::elect::{Candidate, Config, LeaseView, Observed, Plan, Role, Step, decide};
 
 const PODS: usize = 3;

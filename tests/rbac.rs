@@ -344,10 +344,10 @@ async fn every_verb_of_the_role_is_needed_on_a_real_apiserver() {
         args.metrics_addr = "127.0.0.1:0".parse().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let options = stslock::reconcile::RunOptions {
+        let options = stslock::replica::RunOptions {
             metrics_bound: Some(bound_tx),
         };
-        let operator = tokio::spawn(stslock::reconcile::run_with(
+        let operator = tokio::spawn(stslock::replica::run_with(
             client,
             args,
             async {

@@ -274,7 +274,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
         .find(|g| {
             g.span
                 .name
-                .starts_with(&format!("updating Lease {ns}/db-lease"))
+                .starts_with(&format!("patch Lease {ns}/db-lease (holder db-1"))
         })
         .unwrap_or_else(|| {
             panic!(
@@ -287,7 +287,7 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     assert!(
         children
             .iter()
-            .any(|g| g.span.name.starts_with(&format!("labelling pod {ns}/db-1"))),
+            .any(|g| g.span.name.starts_with(&format!("patch Pod {ns}/db-1 (sts-role=writer)"))),
         "promotion of db-1 is a child span"
     );
 
@@ -427,7 +427,7 @@ async fn a_shard_handoff_is_a_span_with_its_ownership_write_as_child() {
         write
             .span
             .name
-            .starts_with(&format!("handoff: StatefulSetLock {lock}")),
+            .starts_with(&format!("patch StatefulSetLock {lock} (handoff to shard otel-1)")),
         "{}",
         write.span.name
     );

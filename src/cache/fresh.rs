@@ -115,13 +115,7 @@ impl Freshness {
     }
 }
 
-pub fn lock_key(lock: &StatefulSetLock) -> String {
-    format!(
-        "{}/{}",
-        lock.namespace().unwrap_or_default(),
-        lock.name_any()
-    )
-}
+pub use crate::api::lock_key;
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,7 @@ use kube::{Client, ResourceExt};
 use crate::api::{
     LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
 };
-use crate::call::{call, call_opt};
+use crate::call::{ApiCall, Kind, call, call_opt};
 use crate::elect::LeaseView;
 use crate::error::Result;
 
@@ -38,6 +38,8 @@ pub struct Caches {
     pub sets: Store<StatefulSet>,
     /// Read-your-writes and trust per lock (see [`fresh`]).
     pub fresh: Arc<fresh::Freshness>,
+    /// The replica's metrics, where the reads made here are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Caches {
@@ -57,7 +59,8 @@ impl Caches {
         }
         let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
         call_opt(
-            &format!("getting Lease {ns}/{name}"),
+            &self.metrics,
+            ApiCall::get(Kind::Lease, format!("{ns}/{name}")),
             self.api_timeout,
             api.get(name),
         )
@@ -73,7 +76,8 @@ impl Caches {
         let timeout = self.api_timeout;
         let locks: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
         let Some(read) = call_opt(
-            &format!("reading StatefulSetLock {ns}/{name}"),
+            &self.metrics,
+            ApiCall::get(Kind::StatefulSetLock, format!("{ns}/{name}")),
             timeout,
             locks.get(&name),
         )
@@ -85,7 +89,8 @@ impl Caches {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let lease_name = &read.spec.lease_name;
         match call_opt(
-            &format!("reading Lease {ns}/{lease_name}"),
+            &self.metrics,
+            ApiCall::get(Kind::Lease, format!("{ns}/{lease_name}")),
             timeout,
             leases.get(lease_name),
         )
@@ -114,7 +119,9 @@ impl Caches {
             selector.push(watch::STS_POD_LABEL.to_string());
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let listed = call(
-                &format!("listing pods of StatefulSet {ns}/{set_name}"),
+                &self.metrics,
+                ApiCall::list(Kind::Pod, format!("{ns}/{}", selector.join(",")))
+                    .note(format!("pods of StatefulSet {set_name}")),
                 timeout,
                 pods.list(&kube::api::ListParams::default().labels(&selector.join(","))),
             )

@@ -218,49 +218,45 @@ pub fn lease_triggers_synced(
     // wrote meanwhile): the cache never goes through an empty state that would look like every
     // Lease was deleted.
     let mut relist: Option<Vec<Lease>> = None;
-    crate::cache::lenient::watcher::<Lease>(
-        client,
-        watch_config().labels(LEASE_LABEL),
-        undecodable,
-    )
-    .default_backoff()
-    .filter_map(move |ev| {
-        let mut refs = vec![];
-        match ev {
-            Ok(watcher::Event::Apply(l)) => {
-                if let Some(r) = owner_ref(&l) {
-                    refs.push(r);
+    crate::cache::lenient::watcher::<Lease>(client, watch_config().labels(LEASE_LABEL), undecodable)
+        .default_backoff()
+        .filter_map(move |ev| {
+            let mut refs = vec![];
+            match ev {
+                Ok(watcher::Event::Apply(l)) => {
+                    if let Some(r) = owner_ref(&l) {
+                        refs.push(r);
+                    }
+                    remember_lease(&leases, l);
                 }
-                remember_lease(&leases, l);
-            }
-            Ok(watcher::Event::InitApply(l)) => {
-                if let Some(r) = owner_ref(&l) {
-                    refs.push(r);
+                Ok(watcher::Event::InitApply(l)) => {
+                    if let Some(r) = owner_ref(&l) {
+                        refs.push(r);
+                    }
+                    relist.get_or_insert_with(Vec::new).push(l);
                 }
-                relist.get_or_insert_with(Vec::new).push(l);
-            }
-            Ok(watcher::Event::Delete(l)) => {
-                if let Some(r) = owner_ref(&l) {
-                    refs.push(r);
+                Ok(watcher::Event::Delete(l)) => {
+                    if let Some(r) = owner_ref(&l) {
+                        refs.push(r);
+                    }
+                    forget_lease(
+                        &leases,
+                        &l.namespace().unwrap_or_default(),
+                        &l.name_any(),
+                        l.resource_version().as_deref(),
+                    );
                 }
-                forget_lease(
-                    &leases,
-                    &l.namespace().unwrap_or_default(),
-                    &l.name_any(),
-                    l.resource_version().as_deref(),
-                );
+                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+                Ok(watcher::Event::InitDone) => {
+                    let listed = relist.take().unwrap_or_default();
+                    swap_in(&leases, listed, &mut refs);
+                    synced.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(e) => tracing::warn!(error = %e, "lease watch"),
             }
-            Ok(watcher::Event::Init) => relist = Some(Vec::new()),
-            Ok(watcher::Event::InitDone) => {
-                let listed = relist.take().unwrap_or_default();
-                swap_in(&leases, listed, &mut refs);
-                synced.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            Err(e) => tracing::warn!(error = %e, "lease watch"),
-        }
-        futures::future::ready(Some(futures::stream::iter(refs)))
-    })
-    .flatten()
+            futures::future::ready(Some(futures::stream::iter(refs)))
+        })
+        .flatten()
 }
 
 /// Replace the cache with a relist, keeping entries newer than the list (written by this

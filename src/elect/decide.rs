@@ -8,7 +8,6 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::types::*;
 use crate::api::{Condition, StatefulSetLockStatus};
-use crate::config::OnDelete;
 
 /// Decide what to do for one lock. Pure: same inputs, same plan.
 pub fn decide(o: &Observed, now: Timestamp, cfg: &Config) -> Plan {
@@ -648,7 +647,14 @@ impl<'a> Builder<'a> {
                 .or_else(|| self.preferred())
                 .or_else(|| self.best_candidate(None));
             match to {
-                Some(to) => self.handover(lease, writer, to, "EpochRepaired", "epoch_repair", why),
+                Some(to) => self.handover(
+                    lease,
+                    writer,
+                    to,
+                    "EpochRepaired",
+                    TransitionKind::EpochRepair,
+                    why,
+                ),
                 None => {
                     self.relabel(None, epoch);
                     self.unavailable(
@@ -684,7 +690,7 @@ impl<'a> Builder<'a> {
                         Some(w),
                         p,
                         "Switchover",
-                        "switchover",
+                        TransitionKind::Switchover,
                         format!("switchover from {} to preferred writer {}", w.name, p.name),
                     );
                     return;
@@ -737,7 +743,9 @@ impl<'a> Builder<'a> {
                     .filter(|p| w.is_none_or(|w| w.uid != p.uid))
                     .or_else(|| self.best_candidate(lease.holder.as_deref()));
                 match candidate {
-                    Some(c) => self.handover(lease, w, c, "Failover", "failover", why),
+                    Some(c) => {
+                        self.handover(lease, w, c, "Failover", TransitionKind::Failover, why)
+                    }
                     None => {
                         // No one to hand over to: keep the Lease and the label where they are
                         // (demoting would only create a writer-less gap with no gain), but make
@@ -846,7 +854,7 @@ impl<'a> Builder<'a> {
             format!("elected {} as writer (epoch {epoch})", w.name),
         );
         self.plan.transition = Some(Transition {
-            kind: "election",
+            kind: TransitionKind::Election,
             old_writer: None,
             new_writer: w.name.clone(),
             reason: "no Lease: election".into(),
@@ -919,13 +927,13 @@ impl<'a> Builder<'a> {
         from: Option<&Candidate>,
         to: &Candidate,
         reason: &'static str,
-        kind: &'static str,
+        kind: TransitionKind,
         why: String,
     ) {
         let epoch = self.next_epoch();
         // After an edit from outside, the Lease's holder is not a holder stslock made: only
         // the pod taking over may keep `writer` while the Lease moves.
-        let keep = if kind == "epoch_repair" {
+        let keep = if kind == TransitionKind::EpochRepair {
             Some(to.uid.as_str())
         } else {
             lease.holder_uid.as_deref()
@@ -954,8 +962,8 @@ impl<'a> Builder<'a> {
             Severity::Normal,
             reason,
             match kind {
-                "failover" => "Failover",
-                "switchover" => "Switchover",
+                TransitionKind::Failover => "Failover",
+                TransitionKind::Switchover => "Switchover",
                 _ => "RepairEpoch",
             },
             format!("{why}: {} is the writer now (epoch {epoch})", to.name),
@@ -1016,7 +1024,7 @@ impl<'a> Builder<'a> {
                     ),
                 );
                 self.plan.transition = Some(Transition {
-                    kind: "adoption",
+                    kind: TransitionKind::Adoption,
                     old_writer: Some(w.name.clone()),
                     new_writer: w.name.clone(),
                     reason: "Lease left by the Go operator adopted".into(),
@@ -1044,7 +1052,7 @@ impl<'a> Builder<'a> {
                     return;
                 };
                 let before = self.plan.steps.len();
-                self.handover(lease, w, c, "Failover", "failover", why);
+                self.handover(lease, w, c, "Failover", TransitionKind::Failover, why);
                 let demotions = self.plan.steps[before..]
                     .iter()
                     .take_while(|s| {

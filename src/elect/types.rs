@@ -5,7 +5,6 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::api::StatefulSetLockStatus;
-use crate::config::OnDelete;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -114,6 +113,16 @@ impl Observed {
     }
 }
 
+/// What deleting a StatefulSetLock does to the role labels (the Lease is always deleted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDelete {
+    /// Leave the current writer labelled, so deleting the lock is not a write outage.
+    #[default]
+    KeepWriter,
+    /// Remove the role label from every pod of the StatefulSet.
+    RemoveLabels,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub on_delete: OnDelete,
@@ -218,9 +227,9 @@ impl Plan {
     /// lapsed Lease re-acquired), with or without other writes, outside any transition?
     pub fn renews(&self, holder: Option<&str>) -> bool {
         self.transition.is_none()
-            && self.steps.iter().any(|s| {
-                matches!(s, Step::UpdateLease { holder: h, .. } if Some(h.as_str()) == holder)
-            })
+            && self.steps.iter().any(
+                |s| matches!(s, Step::UpdateLease { holder: h, .. } if Some(h.as_str()) == holder),
+            )
     }
 
     /// Is the plan nothing but a renewal of the sitting holder (no new holder, no label, no
@@ -249,12 +258,52 @@ impl Plan {
     }
 }
 
+/// What kind of change of writer (or of the writer's record) a plan makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransitionKind {
+    /// A first writer.
+    Election,
+    /// The writer was lost (not Ready, terminating, deleted): another pod takes over.
+    Failover,
+    /// A healthy writer hands over to the preferred one.
+    Switchover,
+    /// The Lease's holder or epoch was changed outside stslock: the holder is confirmed under
+    /// a new epoch.
+    EpochRepair,
+    /// A Lease the Go operator left, taken over for the same holder and epoch.
+    Adoption,
+}
+
+impl TransitionKind {
+    pub const ALL: [TransitionKind; 5] = [
+        TransitionKind::Election,
+        TransitionKind::Failover,
+        TransitionKind::Switchover,
+        TransitionKind::EpochRepair,
+        TransitionKind::Adoption,
+    ];
+
+    /// Its name in metrics labels, span names and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionKind::Election => "election",
+            TransitionKind::Failover => "failover",
+            TransitionKind::Switchover => "switchover",
+            TransitionKind::EpochRepair => "epoch_repair",
+            TransitionKind::Adoption => "adoption",
+        }
+    }
+}
+
+impl std::fmt::Display for TransitionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
-    /// `election`, `failover`, `switchover`, `epoch_repair` (the Lease's holder or epoch was
-    /// changed outside stslock: the holder is confirmed under a new epoch), or `adoption` (a
-    /// Lease the Go operator left, taken over for the same holder and epoch).
-    pub kind: &'static str,
+    pub kind: TransitionKind,
     pub old_writer: Option<String>,
     pub new_writer: String,
     pub reason: String,

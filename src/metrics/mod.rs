@@ -6,17 +6,13 @@
 //! facts come from the reconciler (the observed state and the plan it applied). It never
 //! makes API calls and never decides anything.
 //!
-//! API calls are counted in [`crate::reconcile::client::call`], which has no `Context`: the
-//! replica's `Metrics` reaches it through a task-local set around each reconcile and each
-//! background task ([`scoped`]), so no call site needs a new parameter.
+//! API calls are counted by [`crate::call::call`], with the handle each lane passes it.
 
 pub mod go_compat;
-pub mod server;
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -265,15 +261,15 @@ impl Metrics {
         }
         // Series that exist from the start read 0 rather than missing, so rates and alerts
         // see them before the first event.
-        for kind in Error::METRIC_LABELS {
+        for kind in crate::error::ErrorKind::ALL {
             let _ = m.reconcile_errors.get_or_create(&KindLabel {
-                kind: (*kind).into(),
+                kind: kind.label().into(),
             });
         }
-        for kind in ["election", "failover", "switchover"] {
-            let _ = m
-                .writer_changes
-                .get_or_create(&KindLabel { kind: kind.into() });
+        for kind in crate::elect::TransitionKind::ALL {
+            let _ = m.writer_changes.get_or_create(&KindLabel {
+                kind: kind.as_str().into(),
+            });
         }
         let _ = m.owned_locks.get_or_create(&ShardLabel {
             shard: m.shard.clone(),
@@ -374,7 +370,7 @@ impl Metrics {
             if let Some(t) = &plan.transition {
                 go.election(
                     &id,
-                    t.kind,
+                    t.kind.as_str(),
                     Duration::try_from(applied.duration_since(started)).unwrap_or_default(),
                 );
             }
@@ -404,7 +400,7 @@ impl Metrics {
         if let Some(t) = &plan.transition {
             self.writer_changes
                 .get_or_create(&KindLabel {
-                    kind: t.kind.into(),
+                    kind: t.kind.as_str().into(),
                 })
                 .inc();
             if let Some(lost) = failover_started_at(o, t, started, old_writer_lost) {
@@ -470,9 +466,8 @@ impl Metrics {
         }
     }
 
-    /// One API call finished; `what` is the call's description (see [`crate::reconcile::client::verb_and_resource`]).
-    pub fn api_request(&self, what: &str, code: &str) {
-        let (verb, resource) = crate::reconcile::client::verb_and_resource(what);
+    /// One API call finished (see [`crate::call`]).
+    pub fn api_request(&self, verb: &str, resource: &str, code: &str) {
         self.api_requests
             .get_or_create(&ApiLabels {
                 verb: verb.into(),
@@ -553,7 +548,7 @@ pub fn failover_started_at(
     decided: Timestamp,
     seen_not_ready: Option<Timestamp>,
 ) -> Option<Timestamp> {
-    if t.kind != "failover" {
+    if t.kind != crate::elect::TransitionKind::Failover {
         return None;
     }
     let old = t
@@ -634,25 +629,6 @@ pub fn writerless(o: &Observed, plan: &Plan) -> Option<bool> {
         .and_then(|w| o.pods.iter().find(|p| p.name == w))
         .is_some_and(|p| p.ready && !p.terminating);
     Some(!ready)
-}
-
-tokio::task_local! {
-    static CURRENT: Arc<Metrics>;
-}
-
-/// Run `f` with `metrics` as the replica whose API calls [`record_api_call`] counts.
-pub async fn scoped<F: Future>(metrics: Arc<Metrics>, f: F) -> F::Output {
-    CURRENT.scope(metrics, f).await
-}
-
-/// Count one API call for the replica whose task this is (nothing outside [`scoped`]).
-pub fn record_api_call(what: &str, code: &str) {
-    let _ = CURRENT.try_with(|m| m.api_request(what, code));
-}
-
-/// Run `f` on the current replica's metrics, if there is one.
-pub fn with_current(f: impl FnOnce(&Metrics)) {
-    let _ = CURRENT.try_with(|m| f(m));
 }
 
 #[cfg(test)]

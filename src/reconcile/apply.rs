@@ -25,12 +25,12 @@ use crate::api::{
     EPOCH_ANNOTATION, FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION,
     StatefulSetLock, WRITER_UID_ANNOTATION,
 };
+use crate::cache::watch::{LEASE_LABEL, forget_lease, remember_lease};
+use crate::call::{ApiCall, Kind, call, call_opt};
 use crate::elect::{Observed, Plan, Severity, Step};
 use crate::error::Result;
 use crate::limits::Lane;
 use crate::reconcile::Context;
-use crate::reconcile::client::{call, call_opt};
-use crate::reconcile::watch::{LEASE_LABEL, forget_lease, remember_lease};
 
 /// How long a quiet lock waits before a safety-net reconcile (watches drive everything else).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -56,7 +56,7 @@ fn after_failure(
 ) {
     if e.outcome_unknown() {
         permit.unknown_outcome();
-        ctx.fresh.distrust(key);
+        ctx.cache.fresh.distrust(key);
     }
 }
 
@@ -72,14 +72,15 @@ fn refused(r: crate::sharding::Refused, key: &str) -> crate::error::Error {
 /// Fetch the Lease afresh (after a 409 or a failed confirmation) into the cache.
 async fn refresh_lease(ctx: &Context, leases: &Api<Lease>, ns: &str, name: &str) {
     match call_opt(
-        &format!("reading Lease {ns}/{name}"),
+        &ctx.metrics,
+        ApiCall::get(Kind::Lease, format!("{ns}/{name}")),
         ctx.args.api_timeout(),
         leases.get(name),
     )
     .await
     {
-        Ok(Some(l)) => remember_lease(&ctx.leases, l),
-        Ok(None) => forget_lease(&ctx.leases, ns, name, None),
+        Ok(Some(l)) => remember_lease(&ctx.cache.leases, l),
+        Ok(None) => forget_lease(&ctx.cache.leases, ns, name, None),
         Err(e) => tracing::debug!(error = %e, "Lease refresh"),
     }
 }
@@ -130,12 +131,13 @@ impl Applier<'_> {
     /// ownership check of each write.
     fn current_lock(&self) -> std::sync::Arc<StatefulSetLock> {
         let ctx = self.ctx;
-        ctx.locks
+        ctx.cache
+            .locks
             .get(&kube::runtime::reflector::ObjectRef::from_obj(self.lock))
-            .map(|l| ctx.fresh.newest_lock(l))
+            .map(|l| ctx.cache.fresh.newest_lock(l))
             .filter(|l| {
-                crate::reconcile::fresh::rv_number(l.resource_version().as_deref())
-                    >= crate::reconcile::fresh::rv_number(self.lock.resource_version().as_deref())
+                crate::cache::fresh::rv_number(l.resource_version().as_deref())
+                    >= crate::cache::fresh::rv_number(self.lock.resource_version().as_deref())
             })
             .unwrap_or_else(|| std::sync::Arc::new(self.lock.clone()))
     }
@@ -144,20 +146,21 @@ impl Applier<'_> {
     async fn confirm(&self, holder: &str, holder_uid: &str, transitions: i64) -> Result<()> {
         let (ctx, o, ns) = (self.ctx, self.o, self.o.namespace.as_str());
         let fresh = call_opt(
-            &format!("reading Lease {ns}/{} (confirm)", o.lease_name),
+            &ctx.metrics,
+            ApiCall::get(Kind::Lease, format!("{ns}/{}", o.lease_name)).note("confirm"),
             ctx.args.api_timeout(),
             self.leases.get(&o.lease_name),
         )
         .await?;
         let agrees = fresh.as_ref().is_some_and(|l| {
-            let v = crate::reconcile::gather::lease_view(l);
+            let v = crate::cache::lease_view(l);
             v.holder.as_deref() == Some(holder)
                 && v.holder_uid.as_deref() == Some(holder_uid)
                 && v.transitions == transitions
         });
         match fresh {
-            Some(l) => remember_lease(&ctx.leases, l),
-            None => forget_lease(&ctx.leases, ns, &o.lease_name, None),
+            Some(l) => remember_lease(&ctx.cache.leases, l),
+            None => forget_lease(&ctx.cache.leases, ns, &o.lease_name, None),
         }
         if agrees {
             Ok(())
@@ -221,29 +224,32 @@ impl Applier<'_> {
                         f.retain(|x| x != FINALIZER);
                     }
                     let patch = json!({"metadata": {"finalizers": f, "resourceVersion": lock_rv}});
-                    let what = format!("updating finalizers of StatefulSetLock {ns}/{}", o.name);
                     let updated = call_opt(
-                        &what,
+                        &ctx.metrics,
+                        ApiCall::patch(Kind::StatefulSetLock, format!("{ns}/{}", o.name))
+                            .note("finalizers"),
                         timeout,
                         locks.patch(&o.name, &pp, &Patch::Merge(&patch)),
                     )
                     .await?;
                     if let Some(u) = updated {
                         lock_rv = u.resource_version();
-                        ctx.fresh.remember_lock(u);
+                        ctx.cache.fresh.remember_lock(u);
                     }
                     Ok(())
                 }
                 Step::ReserveEpoch { epoch, uid } => {
                     let patch = json!({"metadata": {"resourceVersion": lock_rv}, "status": {"highestEpoch": epoch, "highestEpochUID": uid}});
                     let u = call(
-                        &format!("writing status of StatefulSetLock {ns}/{} (reserve epoch {epoch})", o.name),
+                        &ctx.metrics,
+                        ApiCall::patch(Kind::StatefulSetLock, format!("{ns}/{}", o.name))
+                            .note(format!("status: reserve epoch {epoch}")),
                         timeout,
                         locks.patch_status(&o.name, &pp, &Patch::Merge(&patch)),
                     )
                     .await?;
                     lock_rv = u.resource_version();
-                    ctx.fresh.remember_lock(u);
+                    ctx.cache.fresh.remember_lock(u);
                     Ok(())
                 }
                 Step::CreateLease {
@@ -253,12 +259,13 @@ impl Applier<'_> {
                 } => {
                     let lease = new_lease(lock, o, holder, holder_uid, *transitions, now)?;
                     let created = call(
-                        &format!("creating Lease {ns}/{}", o.lease_name),
+                        &ctx.metrics,
+                        ApiCall::create(Kind::Lease, format!("{ns}/{}", o.lease_name)),
                         timeout,
                         leases.create(&PostParams::default(), &lease),
                     )
                     .await?;
-                    remember_lease(&ctx.leases, created);
+                    remember_lease(&ctx.cache.leases, created);
                     Ok(())
                 }
                 Step::UpdateLease {
@@ -296,15 +303,14 @@ impl Applier<'_> {
                     }
                     let patch = json!({"metadata": meta, "spec": spec});
                     let updated = call(
-                        &format!(
-                            "updating Lease {ns}/{} (holder {holder}, epoch {transitions})",
-                            o.lease_name
-                        ),
+                        &ctx.metrics,
+                        ApiCall::patch(Kind::Lease, format!("{ns}/{}", o.lease_name))
+                            .note(format!("holder {holder}, epoch {transitions}")),
                         timeout,
                         leases.patch(&o.lease_name, &pp, &Patch::Merge(&patch)),
                     )
                     .await?;
-                    remember_lease(&ctx.leases, updated);
+                    remember_lease(&ctx.cache.leases, updated);
                     Ok(())
                 }
                 Step::Label {
@@ -322,15 +328,15 @@ impl Applier<'_> {
                     if !uid.is_empty() {
                         meta["uid"] = json!(uid);
                     }
-                    let what = format!(
-                        "labelling pod {ns}/{pod} {}={}",
+                    let what = ApiCall::patch(Kind::Pod, format!("{ns}/{pod}")).note(format!(
+                        "{}={}",
                         ctx.args.role_label,
                         role.map(|r| r.as_str()).unwrap_or("(none)")
-                    );
+                    ));
                     let demote = *role != Some(crate::elect::Role::Writer);
-                    match call_opt(&what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
+                    match call_opt(&ctx.metrics, what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
                         Ok(Some(p)) => {
-                            ctx.pods.remember(&p);
+                            ctx.cache.pods.remember(&p);
                             Ok(())
                         }
                         // The pod is gone: nothing carries a role any more. A promotion cannot
@@ -353,12 +359,13 @@ impl Applier<'_> {
                         ..DeleteParams::default()
                     };
                     call_opt(
-                        &format!("deleting Lease {ns}/{}", o.lease_name),
+                        &ctx.metrics,
+                        ApiCall::delete(Kind::Lease, format!("{ns}/{}", o.lease_name)),
                         timeout,
                         leases.delete(&o.lease_name, &dp),
                     )
                     .await?;
-                    forget_lease(&ctx.leases, ns, &o.lease_name, None);
+                    forget_lease(&ctx.cache.leases, ns, &o.lease_name, None);
                     Ok(())
                 }
             }
@@ -426,7 +433,7 @@ pub async fn apply(
         .transition
         .as_ref()
         .and_then(|t| t.old_writer.as_deref())
-        .and_then(|w| ctx.pods.not_ready_seen_at(ns, w));
+        .and_then(|w| ctx.cache.pods.not_ready_seen_at(ns, w));
     ctx.metrics.applied(
         o,
         plan,
@@ -442,7 +449,8 @@ pub async fn apply(
             .map_err(|r| refused(r, key))?;
         let timeout = api_timeout.min(permit.window);
         match call(
-            &format!("writing status of StatefulSetLock {ns}/{}", o.name),
+            &ctx.metrics,
+            ApiCall::patch(Kind::StatefulSetLock, format!("{ns}/{}", o.name)).note("status"),
             timeout,
             locks.patch_status(
                 &o.name,
@@ -452,7 +460,7 @@ pub async fn apply(
         )
         .await
         {
-            Ok(u) => ctx.fresh.remember_lock(u),
+            Ok(u) => ctx.cache.fresh.remember_lock(u),
             Err(e) => {
                 after_failure(ctx, key, &permit, &e);
                 return Err(e);
@@ -482,7 +490,8 @@ pub async fn apply(
             break;
         };
         if let Err(e) = call(
-            &format!("recording Event {}", note.reason),
+            &ctx.metrics,
+            ApiCall::create(Kind::Event, format!("{ns}/{}", o.name)).note(note.reason),
             api_timeout.min(permit.window),
             ctx.recorder.publish(&ev, &reference),
         )
@@ -494,7 +503,7 @@ pub async fn apply(
     if let Some(t) = &plan.transition {
         tracing::info!(
             lock = %o.key(),
-            kind = t.kind,
+            kind = t.kind.as_str(),
             old_writer = t.old_writer.as_deref().unwrap_or(""),
             new_writer = %t.new_writer,
             epoch = t.epoch,

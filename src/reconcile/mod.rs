@@ -2,42 +2,33 @@
 //! [`crate::elect::decide`] for a plan, and apply the plan's steps in order.
 //!
 //! It owns all I/O of an election and none of its decisions. Order matters and is the plan's:
-//! the Lease (the intent record) moves first, then the old writer is demoted, then the new one
-//! promoted, then status is written. A crash between any two steps reconverges from the Lease
-//! on the next reconcile.
+//! demotions and the epoch's reservation on the lock first, then the Lease (the intent record)
+//! moves, then the new writer is promoted, then status is written. A crash between any two
+//! steps reconverges from the Lease and the lock's records on the next reconcile. The replica
+//! around it is wired in [`crate::replica`].
 
 pub mod apply;
-pub mod client;
-pub mod fresh;
 pub mod gather;
-pub mod lenient;
-pub mod pods;
-pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
 use kube::{Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
+use crate::cache::fresh;
 use crate::config::OperatorArgs;
 use crate::error::Error;
-use pods::PodIndex;
 
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
     pub client: Client,
     pub args: OperatorArgs,
     pub identity: String,
-    pub pods: PodIndex,
-    /// stslock's own Leases, from the labelled Lease watch.
-    pub leases: watch::LeaseCache,
-    pub locks: kube::runtime::reflector::Store<StatefulSetLock>,
-    pub sets: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::StatefulSet>,
+    /// The replica's caches (pods, Leases, locks, StatefulSets, what it wrote or read fresh).
+    pub cache: Arc<crate::cache::Caches>,
     pub recorder: Recorder,
     pub sharding: Arc<crate::sharding::Sharding>,
     /// The write budget (global, per namespace, renewals first).
@@ -50,372 +41,6 @@ pub struct Context {
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// This replica's metrics (one per replica: several share a process in tests and dev).
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Read-your-writes and trust per lock (see [`fresh`]).
-    pub fresh: Arc<fresh::Freshness>,
-}
-
-/// Hooks for whoever embeds the operator (tests, `stslock dev`).
-#[derive(Debug, Default)]
-pub struct RunOptions {
-    /// Receives the address `/metrics`, `/healthz` and `/readyz` are served on, once bound.
-    pub metrics_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
-}
-
-/// An Event on each StatefulSetLock the watch could not decode (it is skipped, not
-/// reconciled): `kubectl describe ssl` then says why it is ignored.
-async fn report_undecodable_locks(
-    ctx: Arc<Context>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<lenient::Undecodable>,
-) {
-    use k8s_openapi::api::core::v1::ObjectReference;
-    use kube::runtime::events::{Event, EventType};
-    while let Some(u) = rx.recv().await {
-        if u.kind != "StatefulSetLock" || u.metadata.name.is_none() {
-            continue;
-        }
-        let reference = ObjectReference {
-            api_version: Some(format!("{}/v1", crate::api::GROUP)),
-            kind: Some(u.kind.clone()),
-            name: u.metadata.name.clone(),
-            namespace: u.metadata.namespace.clone(),
-            uid: u.metadata.uid.clone(),
-            ..ObjectReference::default()
-        };
-        // events.k8s.io limits a note to 1 kB.
-        let mut note = format!(
-            "this StatefulSetLock cannot be decoded and is ignored: {}",
-            u.error
-        );
-        if note.len() > 1000 {
-            let mut end = 1000;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-        }
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "Undecodable".into(),
-            note: Some(note),
-            action: "Decode".into(),
-            secondary: None,
-        };
-        ctx.limits.acquire(crate::limits::Lane::Reconcile).await;
-        if let Err(e) = client::call(
-            "recording Event Undecodable",
-            ctx.args.api_timeout(),
-            ctx.recorder.publish(&ev, &reference),
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "event not recorded");
-        }
-    }
-}
-
-/// Run the operator until `shutdown` resolves.
-pub async fn run(
-    client: Client,
-    args: OperatorArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    run_with(client, args, shutdown, RunOptions::default()).await
-}
-
-/// [`run`], with hooks for embedding.
-pub async fn run_with(
-    client: Client,
-    args: OperatorArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    options: RunOptions,
-) -> anyhow::Result<()> {
-    let identity = args.identity();
-    let metrics = Arc::new(
-        crate::metrics::Metrics::new_with(&identity, args.namespace_metrics)
-            .with_go_metrics(args.go_metrics),
-    );
-    // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
-    // while the replica is still connecting.
-    let (listener, metrics_addr) = crate::metrics::server::bind(args.metrics_addr).await?;
-    tracing::info!(shard = %identity, addr = %metrics_addr, "serving /metrics, /healthz, /readyz");
-    if let Some(tx) = options.metrics_bound {
-        let _ = tx.send(metrics_addr);
-    }
-    let namespace = args
-        .namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .unwrap_or_else(|| client.default_namespace().to_string());
-    let membership = Duration::from_secs(args.membership_lease_seconds.max(3));
-    let sharding = crate::sharding::Sharding::new(
-        client.clone(),
-        crate::sharding::ShardConfig {
-            id: identity.clone(),
-            group: args.shard_group.clone(),
-            namespace,
-            lease_duration: membership,
-            margin: membership / 5,
-            grace: membership / 7,
-            api_timeout: args.api_timeout(),
-        },
-    );
-    let caches = Arc::new(crate::metrics::server::CacheSync::default());
-    // What Controller::new builds, with the lock watch's InitDone visible for readiness (a
-    // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
-    // Objects that cannot be decoded are skipped by every watch, counted, logged, and — a lock —
-    // given an Event (by the task below, once the recorder exists).
-    let (undecodable_tx, undecodable_rx) = tokio::sync::mpsc::unbounded_channel();
-    let undecodable = lenient::Reporter::new({
-        let metrics = metrics.clone();
-        move |u: lenient::Undecodable| {
-            metrics.undecodable(&u.kind);
-            let _ = undecodable_tx.send(u);
-        }
-    });
-    let (locks, locks_writer) = kube::runtime::reflector::store();
-    let lock_index = watch::LockIndex::default();
-    let lock_events = kube::runtime::reflector(
-        locks_writer,
-        // Backoff on watch errors: without it a watch that fails at once (RBAC denied, API
-        // down, a client whose server is gone) is retried in a loop that never yields.
-        lenient::watcher::<StatefulSetLock>(
-            client.clone(),
-            watch::watch_config(),
-            undecodable.clone(),
-        )
-        .default_backoff(),
-    )
-    .inspect({
-        let caches = caches.clone();
-        let index = lock_index.clone();
-        move |ev| {
-            if let Ok(e) = ev {
-                index.apply(e);
-            }
-            if matches!(ev, Ok(watcher::Event::InitDone)) {
-                caches
-                    .locks
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-    })
-    .applied_objects();
-    let controller = Controller::for_stream(lock_events, locks.clone());
-    let (sets, sets_writer) = kube::runtime::reflector::store();
-    let sets_stream = kube::runtime::reflector(
-        sets_writer,
-        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
-            .default_backoff(),
-    );
-    let pods = PodIndex::new(args.role_label.clone());
-    let leases = Arc::default();
-    let scope = Arc::new(crate::scope::Scope::new(
-        &args.namespaces,
-        args.namespace_selector.as_deref(),
-    ));
-    let probe = Arc::new(crate::metrics::server::Probe {
-        metrics: metrics.clone(),
-        caches: caches.clone(),
-        pods: pods.clone(),
-        locks: locks.clone(),
-        sharding: sharding.clone(),
-        scope: scope.clone(),
-    });
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "stslock".into(),
-            instance: Some(identity.clone()),
-        },
-    );
-    let limits = Arc::new(crate::limits::Limits::new(
-        args.qps,
-        args.burst,
-        args.tenant_qps,
-    ));
-
-    tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
-    let (renewals, renew_inbox) = crate::renew::channel();
-    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        args: args.clone(),
-        identity,
-        pods: pods.clone(),
-        leases: Arc::clone(&leases),
-        locks: locks.clone(),
-        sets: sets.clone(),
-        recorder,
-        sharding: sharding.clone(),
-        limits: limits.clone(),
-        renewals,
-        scope: scope.clone(),
-        failures: Default::default(),
-        metrics: metrics.clone(),
-        fresh: Arc::default(),
-    });
-    // A lock this replica gains or gives up is re-read before it is decided again (the
-    // previous owner's writes may not be in the caches yet). A gained lock gets its renewal
-    // entry at once (rule 16): the renewal lane renews it if due, or hands it to the
-    // reconcile lane.
-    sharding.on_ownership({
-        let (fresh, renewals) = (ctx.fresh.clone(), ctx.renewals.clone());
-        Box::new(move |lock: &StatefulSetLock, gained: bool| {
-            fresh.distrust(&fresh::lock_key(lock));
-            let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
-            if gained {
-                renewals.schedule(lock_ref, Duration::ZERO);
-            } else {
-                renewals.cancel(lock_ref);
-            }
-        })
-    });
-    // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_waiter = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    // The background tasks live exactly as long as this future: dropped (or aborted) with it.
-    let scoped = |f| crate::metrics::scoped(metrics.clone(), f);
-    let background = AbortOnDrop(vec![
-        tokio::spawn(crate::metrics::server::serve(listener, probe)),
-        tokio::spawn(report_undecodable_locks(ctx.clone(), undecodable_rx)),
-        tokio::spawn(scoped(sharding.clone().membership_loop().boxed())),
-        tokio::spawn(scoped(sharding.clone().watch_members().boxed())),
-        tokio::spawn(cache_synced(sets.clone(), caches.clone(), |c| {
-            &c.statefulsets
-        })),
-        tokio::spawn(scoped(
-            crate::renew::run(ctx.clone(), renew_inbox, to_reconcile_tx).boxed(),
-        )),
-        tokio::spawn({
-            let (scope, client) = (scope.clone(), client.clone());
-            async move { scope.follow(client).await }
-        }),
-        tokio::spawn({
-            let limits = limits.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    limits.forget_idle();
-                }
-            }
-        }),
-        tokio::spawn(scoped({
-            let sharding = sharding.clone();
-            let locks = locks.clone();
-            let scope = scope.clone();
-            let mut stop = stop_rx.clone();
-            async move {
-                loop {
-                    sharding.assign(&locks, &scope).await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-            }
-            .boxed()
-        })),
-        stop_waiter,
-    ]);
-    let set_triggers = {
-        let locks = lock_index.clone();
-        sets_stream
-            .filter_map(move |ev| {
-                use kube::runtime::watcher::Event;
-                let refs = match ev {
-                    Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
-                        locks.locks_for_set(&s.namespace().unwrap_or_default(), &s.name_any())
-                    }
-                    Ok(_) => vec![],
-                    Err(e) => {
-                        tracing::warn!(error = %e, "statefulset watch");
-                        vec![]
-                    }
-                };
-                futures::future::ready(Some(futures::stream::iter(refs)))
-            })
-            .flatten()
-    };
-    let controller = controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
-        .reconcile_on(watch::pod_triggers(
-            client.clone(),
-            pods,
-            lock_index.clone(),
-            undecodable.clone(),
-        ))
-        .reconcile_on(set_triggers)
-        .reconcile_on(watch::lease_triggers_synced(
-            client.clone(),
-            leases,
-            caches.leases.clone(),
-            undecodable.clone(),
-        ))
-        .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
-        .graceful_shutdown_on({
-            let mut stop = stop_rx.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        });
-    tracing::info!("stslock operator started");
-    controller
-        .run(traced_reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile"),
-            }
-        })
-        .await;
-    match args.leave {
-        crate::config::LeaveStrategy::Handoff => {
-            crate::metrics::scoped(metrics.clone(), sharding.leave(&locks)).await
-        }
-        crate::config::LeaveStrategy::Keep => {
-            tracing::info!("keeping this replica's locks for a replacement with the same id")
-        }
-    }
-    drop(background);
-    tracing::info!("stslock operator stopped");
-    Ok(())
-}
-
-/// Marks a reflector cache as synced once it has its initial list. Only for stores nothing
-/// else waits on: `wait_until_ready` wakes only its most recent waiter.
-async fn cache_synced<K>(
-    store: kube::runtime::reflector::Store<K>,
-    caches: Arc<crate::metrics::server::CacheSync>,
-    flag: fn(&crate::metrics::server::CacheSync) -> &std::sync::atomic::AtomicBool,
-) where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    if store.wait_until_ready().await.is_ok() {
-        flag(&caches).store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Aborts its tasks when dropped, so a replica's helpers never outlive it.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-fn lock_key(lock: &StatefulSetLock) -> String {
-    format!(
-        "{}/{}",
-        lock.namespace().unwrap_or_default(),
-        lock.name_any()
-    )
 }
 
 /// Per-lock exponential backoff with jitter: conflicts (someone, or a previous step, moved the
@@ -448,8 +73,8 @@ fn backoff(failures: u32, err: &Error) -> Duration {
     capped.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
 
-fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = lock_key(&lock);
+pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = fresh::lock_key(&lock);
     let failures = ctx
         .failures
         .lock()
@@ -480,7 +105,7 @@ fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> A
 }
 
 /// [`reconcile`] inside its span, the parent of its election span and API calls.
-fn traced_reconcile(
+pub(crate) fn traced_reconcile(
     lock: Arc<StatefulSetLock>,
     ctx: Arc<Context>,
 ) -> impl std::future::Future<Output = Result<Action, Error>> + Send {
@@ -489,7 +114,7 @@ fn traced_reconcile(
 }
 
 async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
-    crate::metrics::scoped(ctx.metrics.clone(), reconcile_lock(lock, ctx)).await
+    reconcile_lock(lock, ctx).await
 }
 
 async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -498,23 +123,23 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     }
     let key = fresh::lock_key(&lock);
     // What this replica wrote itself may be newer than the watch has delivered.
-    let mut lock = ctx.fresh.newest_lock(lock);
+    let mut lock = ctx.cache.fresh.newest_lock(lock);
     // The fence generation this plan belongs to: if the fence closes and reopens meanwhile,
     // every write of the plan is refused.
     let generation = ctx.sharding.generation();
     if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity)
         && ctx.sharding.may_write()
-        && !ctx.fresh.is_trusted(&key, generation)
+        && !ctx.cache.fresh.is_trusted(&key, generation)
     {
         // Untrusted (restart, claim, closed fence, a write with an unknown outcome): re-read
         // the lock, its Lease and its pods before deciding anything.
-        match gather::reread(&lock, &ctx).await? {
+        match ctx.cache.reread(&lock).await? {
             Some(l) => {
-                lock = ctx.fresh.newest_lock(Arc::new(l));
-                ctx.fresh.trust(&key, generation);
+                lock = ctx.cache.fresh.newest_lock(Arc::new(l));
+                ctx.cache.fresh.trust(&key, generation);
             }
             None => {
-                ctx.fresh.forget(&key);
+                ctx.cache.fresh.forget(&key);
                 return Ok(Action::await_change());
             }
         }
@@ -637,4 +262,3 @@ mod tests {
         }
     }
 }
-

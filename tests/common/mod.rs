@@ -28,6 +28,8 @@
 //! libtest's output capture).
 #![allow(dead_code)] // each suite uses part of the harness
 
+pub mod sim;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{BufRead, Seek, Write as _};
@@ -53,7 +55,7 @@ use kubesim::{Report, Sim, SimConfig};
 use serde_json::{Value, json};
 use stslock::api::{SHARD_LABEL, StatefulSetLock, StatefulSetLockStatus};
 use stslock::config::OperatorArgs;
-use stslock::reconcile::RunOptions;
+use stslock::replica::RunOptions;
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, oneshot, watch};
 
 /// The pod label the operator writes (the default `--role-label`).
@@ -526,7 +528,7 @@ impl Env {
             let options = RunOptions {
                 metrics_bound: Some(bound_tx),
             };
-            stslock::reconcile::run_with(client, args, shutdown, options)
+            stslock::replica::run_with(client, args, shutdown, options)
                 .await
                 .expect("operator");
         });

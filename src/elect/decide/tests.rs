@@ -698,7 +698,7 @@ fn a_healthy_writer_is_never_replaced() {
             assert!(
                 plan.transition
                     .as_ref()
-                    .is_none_or(|tr| tr.kind == "election"),
+                    .is_none_or(|tr| tr.kind == TransitionKind::Election),
                 "seed {seed}: {:?}",
                 plan.transition
             );
@@ -1100,7 +1100,10 @@ fn a_go_lease_with_a_ready_holder_is_adopted_for_the_same_holder_and_epoch_demot
         .collect();
     assert!(writers_promoted.is_empty(), "{writers_promoted:?}");
     assert_eq!(plan.events[0].reason, "Adopted");
-    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("adoption"));
+    assert_eq!(
+        plan.transition.as_ref().map(|t| t.kind),
+        Some(TransitionKind::Adoption)
+    );
     let st = plan.status.expect("status");
     assert_eq!(st.writer_pod.as_deref(), Some("db-1"));
     assert_eq!(st.writer_uid.as_deref(), Some("uid-1-0"));
@@ -1150,7 +1153,10 @@ fn a_go_lease_whose_holder_is_not_ready_is_adopted_by_a_failover_demote_first() 
         plan.steps
     );
     assert!(plan.events.iter().any(|e| e.reason == "Adopted"));
-    assert_eq!(plan.transition.as_ref().map(|t| t.kind), Some("failover"));
+    assert_eq!(
+        plan.transition.as_ref().map(|t| t.kind),
+        Some(TransitionKind::Failover)
+    );
 }
 
 #[test]

@@ -1,0 +1,387 @@
+//! One operator replica, wired: its caches and watches, the shard runtime, the renewal lane,
+//! the reconcile lane (kube-runtime's controller), the metrics server, and the background tasks
+//! that keep them going — all in [`run_with`], all stopped with it. Each lane gets its own small
+//! context ([`crate::reconcile::Context`], [`crate::renew::Lane`]); nothing below imports this
+//! module.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::api::StatefulSetLock;
+use crate::cache::pods::PodIndex;
+use crate::cache::{fresh, lenient, watch};
+use crate::config::OperatorArgs;
+use crate::reconcile::{Context, error_policy, traced_reconcile};
+
+/// Hooks for whoever embeds the operator (tests, `stslock dev`).
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives the address `/metrics`, `/healthz` and `/readyz` are served on, once bound.
+    pub metrics_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+}
+
+/// An Event on each StatefulSetLock the watch could not decode (it is skipped, not
+/// reconciled): `kubectl describe ssl` then says why it is ignored.
+async fn report_undecodable_locks(
+    ctx: Arc<Context>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<lenient::Undecodable>,
+) {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::runtime::events::{Event, EventType};
+    while let Some(u) = rx.recv().await {
+        if u.kind != "StatefulSetLock" || u.metadata.name.is_none() {
+            continue;
+        }
+        let reference = ObjectReference {
+            api_version: Some(format!("{}/v1", crate::api::GROUP)),
+            kind: Some(u.kind.clone()),
+            name: u.metadata.name.clone(),
+            namespace: u.metadata.namespace.clone(),
+            uid: u.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        // events.k8s.io limits a note to 1 kB.
+        let mut note = format!(
+            "this StatefulSetLock cannot be decoded and is ignored: {}",
+            u.error
+        );
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "Undecodable".into(),
+            note: Some(note),
+            action: "Decode".into(),
+            secondary: None,
+        };
+        ctx.limits.acquire(crate::limits::Lane::Reconcile).await;
+        if let Err(e) = crate::call::call(
+            &ctx.metrics,
+            crate::call::ApiCall::create(
+                crate::call::Kind::Event,
+                format!(
+                    "{}/{}",
+                    u.metadata.namespace.as_deref().unwrap_or_default(),
+                    u.metadata.name.as_deref().unwrap_or_default()
+                ),
+            )
+            .note("Undecodable"),
+            ctx.args.api_timeout(),
+            ctx.recorder.publish(&ev, &reference),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "event not recorded");
+        }
+    }
+}
+
+/// Run the operator until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    args: OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with(client, args, shutdown, RunOptions::default()).await
+}
+
+/// [`run`], with hooks for embedding.
+pub async fn run_with(
+    client: Client,
+    args: OperatorArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    let identity = args.identity();
+    let metrics = Arc::new(
+        crate::metrics::Metrics::new_with(&identity, args.namespace_metrics)
+            .with_go_metrics(args.go_metrics),
+    );
+    // Bound before anything talks to the API server, so /healthz and /readyz answer (503)
+    // while the replica is still connecting.
+    let (listener, metrics_addr) = crate::probe::bind(args.metrics_addr).await?;
+    tracing::info!(shard = %identity, addr = %metrics_addr, "serving /metrics, /healthz, /readyz");
+    if let Some(tx) = options.metrics_bound {
+        let _ = tx.send(metrics_addr);
+    }
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let membership = Duration::from_secs(args.membership_lease_seconds.max(3));
+    let sharding = crate::sharding::Sharding::new(
+        client.clone(),
+        crate::sharding::ShardConfig {
+            id: identity.clone(),
+            group: args.shard_group.clone(),
+            namespace,
+            lease_duration: membership,
+            margin: membership / 5,
+            grace: membership / 7,
+            api_timeout: args.api_timeout(),
+        },
+        metrics.clone(),
+    );
+    let synced = Arc::new(crate::probe::CacheSync::default());
+    // What Controller::new builds, with the lock watch's InitDone visible for readiness (a
+    // second waiter on the controller's Store::wait_until_ready could steal its wakeup).
+    // Objects that cannot be decoded are skipped by every watch, counted, logged, and — a lock —
+    // given an Event (by the task below, once the recorder exists).
+    let (undecodable_tx, undecodable_rx) = tokio::sync::mpsc::unbounded_channel();
+    let undecodable = lenient::Reporter::new({
+        let metrics = metrics.clone();
+        move |u: lenient::Undecodable| {
+            metrics.undecodable(&u.kind);
+            let _ = undecodable_tx.send(u);
+        }
+    });
+    let (locks, locks_writer) = kube::runtime::reflector::store();
+    let lock_index = watch::LockIndex::default();
+    let lock_events = kube::runtime::reflector(
+        locks_writer,
+        // Backoff on watch errors: without it a watch that fails at once (RBAC denied, API
+        // down, a client whose server is gone) is retried in a loop that never yields.
+        lenient::watcher::<StatefulSetLock>(
+            client.clone(),
+            watch::watch_config(),
+            undecodable.clone(),
+        )
+        .default_backoff(),
+    )
+    .inspect({
+        let synced = synced.clone();
+        let index = lock_index.clone();
+        move |ev| {
+            if let Ok(e) = ev {
+                index.apply(e);
+            }
+            if matches!(ev, Ok(watcher::Event::InitDone)) {
+                synced
+                    .locks
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(lock_events, locks.clone());
+    let (sets, sets_writer) = kube::runtime::reflector::store();
+    let sets_stream = kube::runtime::reflector(
+        sets_writer,
+        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
+            .default_backoff(),
+    );
+    let pods = PodIndex::new(args.role_label.clone());
+    let leases = Arc::default();
+    let scope = Arc::new(crate::scope::Scope::new(
+        &args.namespaces,
+        args.namespace_selector.as_deref(),
+    ));
+    let probe = Arc::new(crate::probe::Probe {
+        metrics: metrics.clone(),
+        caches: synced.clone(),
+        pods: pods.clone(),
+        locks: locks.clone(),
+        sharding: sharding.clone(),
+        scope: scope.clone(),
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stslock".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let limits = Arc::new(
+        crate::limits::Limits::new(args.qps, args.burst, args.tenant_qps)
+            .with_metrics(metrics.clone()),
+    );
+
+    tracing::info!(scope = %scope.describe(), qps = args.qps, burst = args.burst, tenant_qps = args.tenant_qps, "write budget and scope");
+    let (renewals, renew_inbox) = crate::renew::channel();
+    let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cache = Arc::new(crate::cache::Caches {
+        client: client.clone(),
+        api_timeout: args.api_timeout(),
+        pods: pods.clone(),
+        leases: Arc::clone(&leases),
+        locks: locks.clone(),
+        sets: sets.clone(),
+        fresh: Arc::default(),
+        metrics: metrics.clone(),
+    });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        args: args.clone(),
+        identity: identity.clone(),
+        cache: cache.clone(),
+        recorder,
+        sharding: sharding.clone(),
+        limits: limits.clone(),
+        renewals: renewals.clone(),
+        scope: scope.clone(),
+        failures: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let renewal_lane = Arc::new(crate::renew::Context {
+        cache: cache.clone(),
+        identity,
+        sharding: sharding.clone(),
+        limits: limits.clone(),
+        scope: scope.clone(),
+        metrics: metrics.clone(),
+        renewals,
+        api_timeout: args.api_timeout(),
+    });
+    // A lock this replica gains or gives up is re-read before it is decided again (the
+    // previous owner's writes may not be in the synced yet). A gained lock gets its renewal
+    // entry at once (rule 16): the renewal lane renews it if due, or hands it to the
+    // reconcile lane.
+    sharding.on_ownership({
+        let (fresh, renewals) = (ctx.cache.fresh.clone(), ctx.renewals.clone());
+        Box::new(move |lock: &StatefulSetLock, gained: bool| {
+            fresh.distrust(&fresh::lock_key(lock));
+            let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
+            if gained {
+                renewals.schedule(lock_ref, Duration::ZERO);
+            } else {
+                renewals.cancel(lock_ref);
+            }
+        })
+    });
+    // Shutdown: stop reconciling, then hand every owned lock to its next owner, then leave.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The background tasks live exactly as long as this future: a JoinSet aborts them when
+    // dropped (or aborted) with it.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    background.spawn(crate::probe::serve(listener, probe));
+    background.spawn(report_undecodable_locks(ctx.clone(), undecodable_rx));
+    background.spawn(sharding.clone().membership_loop());
+    background.spawn(sharding.clone().watch_members());
+    background.spawn(cache_synced(sets.clone(), synced.clone(), |c| {
+        &c.statefulsets
+    }));
+    background.spawn(crate::renew::run(
+        renewal_lane,
+        renew_inbox,
+        to_reconcile_tx,
+    ));
+    background.spawn({
+        let (scope, client) = (scope.clone(), client.clone());
+        async move { scope.follow(client).await }
+    });
+    background.spawn({
+        let limits = limits.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                limits.forget_idle();
+            }
+        }
+    });
+    background.spawn({
+        let sharding = sharding.clone();
+        let locks = locks.clone();
+        let scope = scope.clone();
+        let mut stop = stop_rx.clone();
+        async move {
+            loop {
+                sharding.assign(&locks, &scope).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    });
+    let set_triggers = {
+        let locks = lock_index.clone();
+        sets_stream
+            .filter_map(move |ev| {
+                use kube::runtime::watcher::Event;
+                let refs = match ev {
+                    Ok(Event::Apply(s)) | Ok(Event::Delete(s)) | Ok(Event::InitApply(s)) => {
+                        locks.locks_for_set(&s.namespace().unwrap_or_default(), &s.name_any())
+                    }
+                    Ok(_) => vec![],
+                    Err(e) => {
+                        tracing::warn!(error = %e, "statefulset watch");
+                        vec![]
+                    }
+                };
+                futures::future::ready(Some(futures::stream::iter(refs)))
+            })
+            .flatten()
+    };
+    let controller = controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
+        .reconcile_on(watch::pod_triggers(
+            client.clone(),
+            pods,
+            lock_index.clone(),
+            undecodable.clone(),
+        ))
+        .reconcile_on(set_triggers)
+        .reconcile_on(watch::lease_triggers_synced(
+            client.clone(),
+            leases,
+            synced.leases.clone(),
+            undecodable.clone(),
+        ))
+        .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
+        .graceful_shutdown_on({
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        });
+    tracing::info!("stslock operator started");
+    controller
+        .run(traced_reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile"),
+            }
+        })
+        .await;
+    match args.leave {
+        crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
+        crate::config::LeaveStrategy::Keep => {
+            tracing::info!("keeping this replica's locks for a replacement with the same id")
+        }
+    }
+    drop(background);
+    tracing::info!("stslock operator stopped");
+    Ok(())
+}
+
+/// Marks a reflector cache as synced once it has its initial list. Only for stores nothing
+/// else waits on: `wait_until_ready` wakes only its most recent waiter.
+async fn cache_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    synced: Arc<crate::probe::CacheSync>,
+    flag: fn(&crate::probe::CacheSync) -> &std::sync::atomic::AtomicBool,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    if store.wait_until_ready().await.is_ok() {
+        flag(&synced).store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
