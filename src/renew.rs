@@ -137,10 +137,25 @@ impl Renewals {
 /// Run the lane until the inbox closes (the operator stops). Locks that need a decision are
 /// sent to `reconcile`.
 pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSender<LockRef>) {
+    timer_wheel(inbox, PARALLEL, move |lock| {
+        let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
+        async move { renew_one(&ctx, lock, &reconcile).await }
+    })
+    .await
+}
+
+/// The lane's schedule: one timer-wheel entry per lock, moved by `Schedule`, created (never
+/// moved) by `Ensure`, dropped by `Cancel`; a due entry leaves the wheel and `due(lock)` runs on
+/// its own task, at most `parallel` at once.
+async fn timer_wheel<F, Fut>(inbox: Inbox, parallel: usize, due: F)
+where
+    F: Fn(LockRef) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let Inbox(mut rx) = inbox;
     let mut wheel: DelayQueue<LockRef> = DelayQueue::new();
     let mut entries: HashMap<LockRef, delay_queue::Key> = HashMap::new();
-    let permits = Arc::new(Semaphore::new(PARALLEL));
+    let permits = Arc::new(Semaphore::new(parallel));
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
@@ -168,9 +183,9 @@ pub async fn run(ctx: Arc<Context>, inbox: Inbox, reconcile: mpsc::UnboundedSend
                 let lock = expired.into_inner();
                 entries.remove(&lock);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                let (ctx, reconcile) = (ctx.clone(), reconcile.clone());
+                let work = due(lock);
                 tokio::spawn(async move {
-                    renew_one(&ctx, lock, &reconcile).await;
+                    work.await;
                     drop(permit);
                 });
             }
@@ -428,6 +443,84 @@ pub fn to_reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lock(name: &str) -> LockRef {
+        LockRef::new(name).within("ns")
+    }
+
+    /// The wheel on paused time: when each lock comes due, as (lock, seconds after start).
+    #[tokio::test(start_paused = true)]
+    async fn schedule_moves_ensure_never_moves_cancel_drops() {
+        let (renewals, inbox) = channel();
+        let fired: Arc<std::sync::Mutex<Vec<(String, u64)>>> = Arc::default();
+        let start = Instant::now();
+        let wheel = tokio::spawn({
+            let fired = fired.clone();
+            timer_wheel(inbox, 4, move |l: LockRef| {
+                let fired = fired.clone();
+                async move {
+                    let at = start.elapsed().as_secs();
+                    fired.lock().unwrap().push((l.name.clone(), at));
+                }
+            })
+        });
+        // No jitter through these: `ensure` takes the time as given, `reschedule` jitters by
+        // at most 5 % (early), which whole seconds below absorb.
+        renewals.ensure(lock("a"), Duration::from_secs(10));
+        renewals.ensure(lock("a"), Duration::from_secs(1)); // exists: stays at 10 s
+        renewals.ensure(lock("b"), Duration::from_secs(3));
+        renewals.schedule(lock("b"), Duration::from_secs(20)); // moved to ~20 s
+        renewals.ensure(lock("c"), Duration::from_secs(5));
+        renewals.cancel(lock("c"));
+        renewals.ensure(lock("d"), Duration::from_secs(7));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let got = fired.lock().unwrap().clone();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["d", "a", "b"], "{got:?}");
+        assert_eq!((got[0].1, got[1].1), (7, 10), "{got:?}");
+        assert!(
+            (19..=20).contains(&got[2].1),
+            "b is due at 20 s less up to 5 % jitter: {got:?}"
+        );
+        // Fired entries are gone: a lock is renewed again only when rescheduled.
+        renewals.ensure(lock("a"), Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(fired.lock().unwrap().last(), Some(&("a".to_string(), 32)));
+        drop(renewals);
+        wheel.await.unwrap();
+    }
+
+    /// At most `parallel` renewals run at once; the rest wait for a slot, none is lost.
+    #[tokio::test(start_paused = true)]
+    async fn due_renewals_run_at_most_parallel_at_once() {
+        let (renewals, inbox) = channel();
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let wheel = tokio::spawn({
+            let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
+            timer_wheel(inbox, 3, move |_| {
+                let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let now = running.fetch_add(1, SeqCst) + 1;
+                    peak.fetch_max(now, SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    running.fetch_sub(1, SeqCst);
+                    done.fetch_add(1, SeqCst);
+                }
+            })
+        });
+        for i in 0..10 {
+            renewals.ensure(lock(&format!("l{i}")), Duration::from_secs(1));
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        use std::sync::atomic::Ordering::SeqCst;
+        assert_eq!(done.load(SeqCst), 10);
+        assert_eq!(peak.load(SeqCst), 3);
+        drop(renewals);
+        wheel.await.unwrap();
+    }
 
     #[test]
     fn jitter_is_early_and_small() {

@@ -158,7 +158,7 @@ pub async fn run_with(
             watch::watch_config(),
             undecodable.clone(),
         )
-        .default_backoff(),
+        .backoff(watch::backoff()),
     )
     .inspect({
         let synced = synced.clone();
@@ -180,7 +180,7 @@ pub async fn run_with(
     let sets_stream = kube::runtime::reflector(
         sets_writer,
         lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
-            .default_backoff(),
+            .backoff(watch::backoff()),
     );
     let pods = PodIndex::new(args.role_label.clone());
     let leases = Arc::default();

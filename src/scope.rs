@@ -93,7 +93,7 @@ impl Scope {
         let api: Api<Namespace> = Api::all(client);
         let mut buffer: HashSet<String> = HashSet::new();
         let mut events = watcher(api, crate::cache::watch::watch_config().labels(&selector))
-            .default_backoff()
+            .backoff(crate::cache::watch::backoff())
             .boxed();
         while let Some(ev) = events.next().await {
             match ev {

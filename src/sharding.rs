@@ -409,10 +409,20 @@ impl Sharding {
             return Ok(());
         }
         if renewed.is_none() {
-            let lease: Lease = serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": {GROUP_LABEL: self.cfg.group}},
-                "spec": {"holderIdentity": self.cfg.id, "leaseDurationSeconds": self.cfg.lease_duration.as_secs(), "acquireTime": now, "renewTime": now}
-            }))?;
+            let lease = Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some([(GROUP_LABEL.to_string(), self.cfg.group.clone())].into()),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(self.cfg.id.clone()),
+                    lease_duration_seconds: i32::try_from(self.cfg.lease_duration.as_secs()).ok(),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now.clone()),
+                    ..Default::default()
+                }),
+            };
             call(
                 &self.metrics,
                 ApiCall::create(Kind::Lease, self.member_target(&name)),
@@ -493,7 +503,9 @@ impl Sharding {
         let api = self.leases();
         let cfg = crate::cache::watch::watch_config()
             .labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
-        let mut stream = watcher(api, cfg).default_backoff().boxed();
+        let mut stream = watcher(api, cfg)
+            .backoff(crate::cache::watch::backoff())
+            .boxed();
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Apply(l)) | Ok(watcher::Event::InitApply(l)) => {

@@ -285,9 +285,10 @@ async fn failover_is_one_span_with_api_call_children_and_its_event_names_the_tra
     assert_eq!(lease_update.str("k8s.verb").as_deref(), Some("patch"));
     assert_eq!(lease_update.str("k8s.resource").as_deref(), Some("leases"));
     assert!(
-        children
-            .iter()
-            .any(|g| g.span.name.starts_with(&format!("patch Pod {ns}/db-1 (sts-role=writer)"))),
+        children.iter().any(|g| g
+            .span
+            .name
+            .starts_with(&format!("patch Pod {ns}/db-1 (sts-role=writer)"))),
         "promotion of db-1 is a child span"
     );
 
@@ -424,10 +425,9 @@ async fn a_shard_handoff_is_a_span_with_its_ownership_write_as_child() {
         .expect("the ownership write is a child of the handoff span");
     assert_eq!(write.span.trace_id, handoff.span.trace_id);
     assert!(
-        write
-            .span
-            .name
-            .starts_with(&format!("patch StatefulSetLock {lock} (handoff to shard otel-1)")),
+        write.span.name.starts_with(&format!(
+            "patch StatefulSetLock {lock} (handoff to shard otel-1)"
+        )),
         "{}",
         write.span.name
     );

@@ -26,6 +26,35 @@ use crate::call::{ApiCall, Kind, call, call_opt};
 use crate::elect::LeaseView;
 use crate::error::Result;
 
+/// A watch's relist in progress (kube-runtime's `Init`, `InitApply`…, `InitDone`): the
+/// objects listed are gathered and handed over whole at `InitDone`, so a cache built from them
+/// is never seen half-replaced (a half-replaced cache looks as if the rest were deleted).
+#[derive(Debug)]
+pub struct Relist<T>(Option<Vec<T>>);
+
+impl<T> Default for Relist<T> {
+    fn default() -> Self {
+        Relist(None)
+    }
+}
+
+impl<T> Relist<T> {
+    /// `Init`: a new list begins (anything gathered before is dropped).
+    pub fn begin(&mut self) {
+        self.0 = Some(Vec::new());
+    }
+
+    /// `InitApply`: one listed object.
+    pub fn push(&mut self, t: T) {
+        self.0.get_or_insert_with(Vec::new).push(t);
+    }
+
+    /// `InitDone`: everything listed.
+    pub fn finish(&mut self) -> Vec<T> {
+        self.0.take().unwrap_or_default()
+    }
+}
+
 /// One replica's caches, shared by its lanes.
 pub struct Caches {
     pub client: Client,

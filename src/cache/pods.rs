@@ -90,7 +90,7 @@ struct Inner {
     /// Pod (namespace, name) → its set, to find it again on deletion.
     pods: HashMap<(String, String), SetKey>,
     /// Objects listed since the last `Init`, swapped in at `InitDone`.
-    buffer: Option<Vec<Arc<PodProjection>>>,
+    buffer: super::Relist<Arc<PodProjection>>,
     /// The initial list has been delivered (readiness).
     synced: bool,
     /// When this index saw a Ready pod turn NotReady, by (namespace, name): the condition's
@@ -132,20 +132,18 @@ impl PodIndex {
         let mut inner = self.write();
         match event {
             watcher::Event::Init => {
-                inner.buffer = Some(Vec::new());
+                inner.buffer.begin();
                 vec![]
             }
             watcher::Event::InitApply(p) => {
-                if let Some(proj) = PodProjection::from_pod(p, &self.role_label)
-                    && let Some(b) = inner.buffer.as_mut()
-                {
-                    b.push(Arc::new(proj));
+                if let Some(proj) = PodProjection::from_pod(p, &self.role_label) {
+                    inner.buffer.push(Arc::new(proj));
                 }
                 vec![]
             }
             watcher::Event::InitDone => {
                 inner.synced = true;
-                let listed = inner.buffer.take().unwrap_or_default();
+                let listed = inner.buffer.finish();
                 let list_rv = listed.iter().map(|p| p.resource_version).max().unwrap_or(0);
                 let mut touched: Vec<SetKey> = inner.sets.keys().cloned().collect();
                 // Versions this replica wrote (or read) after the list was served stay.

@@ -33,6 +33,21 @@ pub type LeaseCache =
 /// (plus the client's read timeout), not after the default five minutes.
 pub const WATCH_TIMEOUT_SECONDS: u32 = 20;
 
+/// The backoff of every watch of a replica after an error: 100 ms, doubling to at most 5 s,
+/// with jitter, reset by the first event that arrives. kube-runtime's default (client-go's:
+/// 800 ms to 30 s) costs a restarted replica a second or more per failed initial list, and
+/// its Leases are due meanwhile; an apiserver in trouble still sees each watch at most every
+/// few seconds.
+pub fn backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(100))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 /// The watcher configuration every cache uses.
 pub fn watch_config() -> watcher::Config {
     watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
@@ -80,7 +95,7 @@ struct LockIndexInner {
     /// (namespace, lock) → its StatefulSet.
     set_of: HashMap<SetKey, String>,
     /// Listed since the last `Init`, swapped in at `InitDone`.
-    buffer: Option<Vec<(SetKey, String)>>,
+    buffer: super::Relist<(SetKey, String)>,
 }
 
 /// Locks by the StatefulSet they target, kept from the lock watch: a pod or StatefulSet event
@@ -125,13 +140,13 @@ impl LockIndex {
             return;
         };
         match event {
-            watcher::Event::Init => inner.buffer = Some(Vec::new()),
+            watcher::Event::Init => inner.buffer.begin(),
             watcher::Event::InitApply(l) => {
                 let entry = (lock_key(l), l.spec.stateful_set_name.clone());
-                inner.buffer.get_or_insert_with(Vec::new).push(entry);
+                inner.buffer.push(entry);
             }
             watcher::Event::InitDone => {
-                let listed = inner.buffer.take().unwrap_or_default();
+                let listed = inner.buffer.finish();
                 inner.by_set.clear();
                 inner.set_of.clear();
                 for (lock, set) in listed {
@@ -180,7 +195,7 @@ pub fn pod_triggers(
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
     let cfg = watch_config().labels(STS_POD_LABEL);
     crate::cache::lenient::watcher::<Pod>(client, cfg, undecodable)
-        .default_backoff()
+        .backoff(backoff())
         .filter_map(move |ev| {
             let out = match ev {
                 Ok(ev) => {
@@ -217,9 +232,9 @@ pub fn lease_triggers_synced(
     // A relist is buffered and swapped in at InitDone (merged with anything newer this replica
     // wrote meanwhile): the cache never goes through an empty state that would look like every
     // Lease was deleted.
-    let mut relist: Option<Vec<Lease>> = None;
+    let mut relist = super::Relist::<Lease>::default();
     crate::cache::lenient::watcher::<Lease>(client, watch_config().labels(LEASE_LABEL), undecodable)
-        .default_backoff()
+        .backoff(backoff())
         .filter_map(move |ev| {
             let mut refs = vec![];
             match ev {
@@ -233,7 +248,7 @@ pub fn lease_triggers_synced(
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
-                    relist.get_or_insert_with(Vec::new).push(l);
+                    relist.push(l);
                 }
                 Ok(watcher::Event::Delete(l)) => {
                     if let Some(r) = owner_ref(&l) {
@@ -246,9 +261,9 @@ pub fn lease_triggers_synced(
                         l.resource_version().as_deref(),
                     );
                 }
-                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+                Ok(watcher::Event::Init) => relist.begin(),
                 Ok(watcher::Event::InitDone) => {
-                    let listed = relist.take().unwrap_or_default();
+                    let listed = relist.finish();
                     swap_in(&leases, listed, &mut refs);
                     synced.store(true, std::sync::atomic::Ordering::SeqCst);
                 }

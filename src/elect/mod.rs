@@ -15,6 +15,7 @@
 //! 4. status last, only when it differs.
 
 mod decide;
+mod fixtures;
 mod types;
 
 pub use decide::decide;

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::api::StatefulSetLockStatus;
+use crate::elect::TransitionKind;
 use crate::elect::{Candidate, Config, LeaseView, decide};
-use crate::elect::{OnDelete, TransitionKind};
 
 fn ts(ms: i64) -> Timestamp {
     Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap()
@@ -11,64 +11,30 @@ fn ts(ms: i64) -> Timestamp {
 
 fn pod(i: u32, ready: bool, role: Option<Role>) -> Candidate {
     Candidate {
-        name: format!("db-{i}"),
-        uid: format!("uid-{i}"),
-        ordinal: Some(i),
-        ready,
-        ready_since: Some(ts(0)),
-        terminating: false,
         role,
         epoch: role.map(|_| 3),
+        ..Candidate::example(i, format!("uid-{i}"), ready, ts(0))
     }
 }
 
 fn lease(holder: &str, renewed_ms: i64) -> LeaseView {
-    LeaseView {
-        holder: Some(holder.into()),
-        holder_uid: Some(format!("uid-{}", holder.trim_start_matches("db-"))),
-        transitions: 3,
-        renew_time: Some(ts(renewed_ms)),
-        acquire_time: Some(ts(0)),
-        duration_seconds: 30,
-        resource_version: "7".into(),
-        owner: Some("ns/lock".into()),
-        unmarked: false,
-        renewed_mark: None,
-    }
+    let uid = format!("uid-{}", holder.trim_start_matches("db-"));
+    LeaseView::example(holder, &uid, 3, ts(0), ts(renewed_ms))
 }
 
 fn observed(pods: Vec<Candidate>, lease: Option<LeaseView>) -> Observed {
     Observed {
-        namespace: "ns".into(),
-        name: "lock".into(),
-        created: ts(0),
-        generation: 1,
-        deleting: false,
-        has_finalizer: true,
-        go_finalizer: false,
-        statefulset_name: "db".into(),
-        lease_name: "db-lease".into(),
-        lease_duration_seconds: 30,
-        paused: false,
-        failover_delay_seconds: 0,
-        preferred_writer: None,
-        replicas: Some(pods.len() as i32),
-        pods,
         lease,
-        rivals: vec![],
         status: StatefulSetLockStatus {
             writer_pod: Some("db-0".into()),
             ..Default::default()
         },
+        ..Observed::example(pods, ts(0))
     }
 }
 
 fn cfg() -> Config {
-    Config {
-        on_delete: OnDelete::KeepWriter,
-        identity: "shard-a".into(),
-        max_locks_per_namespace: None,
-    }
+    Config::example()
 }
 
 /// The value of one sample line (`name{labels} value`) of the exposition.

@@ -5,62 +5,19 @@ fn ts(s: i64) -> Timestamp {
 }
 
 fn pod(i: u32, ready: bool) -> Candidate {
-    Candidate {
-        name: format!("db-{i}"),
-        uid: format!("uid-{i}-0"),
-        ordinal: Some(i),
-        ready,
-        ready_since: Some(ts(0)),
-        terminating: false,
-        role: None,
-        epoch: None,
-    }
+    Candidate::example(i, format!("uid-{i}-0"), ready, ts(0))
 }
 
 fn observed(pods: Vec<Candidate>) -> Observed {
-    Observed {
-        namespace: "ns".into(),
-        name: "lock".into(),
-        created: ts(0),
-        generation: 1,
-        deleting: false,
-        has_finalizer: true,
-        go_finalizer: false,
-        statefulset_name: "db".into(),
-        lease_name: "db-lease".into(),
-        lease_duration_seconds: 30,
-        paused: false,
-        failover_delay_seconds: 0,
-        preferred_writer: None,
-        replicas: Some(pods.len() as i32),
-        pods,
-        lease: None,
-        rivals: vec![],
-        status: StatefulSetLockStatus::default(),
-    }
+    Observed::example(pods, ts(0))
 }
 
 fn cfg() -> Config {
-    Config {
-        on_delete: OnDelete::KeepWriter,
-        identity: "shard-a".into(),
-        max_locks_per_namespace: None,
-    }
+    Config::example()
 }
 
 fn lease(holder: &str, uid: &str, transitions: i64, renewed: i64) -> LeaseView {
-    LeaseView {
-        holder: Some(holder.into()),
-        holder_uid: Some(uid.into()),
-        transitions,
-        renew_time: Some(ts(renewed)),
-        acquire_time: Some(ts(0)),
-        duration_seconds: 30,
-        resource_version: "7".into(),
-        owner: Some("ns/lock".into()),
-        unmarked: false,
-        renewed_mark: None,
-    }
+    LeaseView::example(holder, uid, transitions, ts(0), ts(renewed))
 }
 
 /// The plan's first Lease write (after the epoch reservation and any leftover demotions).
