@@ -40,7 +40,7 @@ fn init_telemetry(
     shard: Option<String>,
 ) -> anyhow::Result<stslock::telemetry::TelemetryGuard> {
     stslock::telemetry::init(&stslock::telemetry::TelemetryConfig {
-        log_format: args.log_format,
+        json_logs: args.log_format == stslock::config::LogFormat::Json,
         otlp,
         shard,
         ..Default::default()

@@ -23,8 +23,6 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 use crate::elect::{Observed, Plan, Step};
 
-pub use crate::config::LogFormat;
-
 /// Where traces go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Otlp {
@@ -40,7 +38,8 @@ pub enum Otlp {
 
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
-    pub log_format: LogFormat,
+    /// One JSON object per log event (for log collectors) instead of a human-readable line.
+    pub json_logs: bool,
     /// Log filter directives; None: `RUST_LOG`, else `info,kube=warn`.
     pub log_filter: Option<String>,
     pub otlp: Otlp,
@@ -57,7 +56,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
-            log_format: LogFormat::Text,
+            json_logs: false,
             log_filter: None,
             otlp: Otlp::FromEnv,
             shard: None,
@@ -198,9 +197,10 @@ pub fn build(cfg: &TelemetryConfig) -> anyhow::Result<(tracing::Dispatch, Teleme
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = match cfg.log_format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    let fmt = if cfg.json_logs {
+        fmt.json().flatten_event(true).boxed()
+    } else {
+        fmt.boxed()
     }
     .with_filter(filter);
     let provider = match export_target(&cfg.otlp, |k| std::env::var(k).ok()) {

@@ -363,6 +363,28 @@ impl<'a> Builder<'a> {
         !(status_claims || pod_claims)
     }
 
+    /// The epoch for a new holder `uid`: the one the lock already reserved for that very pod,
+    /// when no other record has reached it (an earlier plan reserved it, then stopped — its
+    /// answer lost, a conflict, a timeout — before the Lease moved); else the next one. A
+    /// reservation names its pod and is only ever written upwards (compare-and-swap), so an
+    /// epoch reserved for `uid` was never issued to another pod. Reusing it spares a lock write
+    /// per retry; without it, a replica whose lock writes keep losing their answers reserved a
+    /// new epoch on every attempt and never reached the Lease.
+    fn epoch_for(&self, uid: &str) -> i64 {
+        let o = self.o;
+        let issued = o
+            .pods
+            .iter()
+            .filter_map(|p| p.epoch)
+            .chain(o.status.writer_epoch)
+            .chain(o.lease.as_ref().map(|l| l.transitions))
+            .max();
+        match (o.status.highest_epoch, o.status.highest_epoch_uid.as_deref()) {
+            (Some(h), Some(u)) if u == uid && issued.is_none_or(|i| i < h) => h,
+            _ => self.next_epoch(),
+        }
+    }
+
     /// The next epoch to issue: above every record of any earlier one.
     fn next_epoch(&self) -> i64 {
         self.epoch_floor().map_or(0, |e| e + 1)
@@ -832,7 +854,7 @@ impl<'a> Builder<'a> {
             );
             return;
         };
-        let epoch = self.next_epoch();
+        let epoch = self.epoch_for(&w.uid);
         if let Some(last) = o.status.writer_uid.as_deref() {
             self.demote_leftovers(Some(last));
         }
@@ -930,7 +952,7 @@ impl<'a> Builder<'a> {
         kind: TransitionKind,
         why: String,
     ) {
-        let epoch = self.next_epoch();
+        let epoch = self.epoch_for(&to.uid);
         // After an edit from outside, the Lease's holder is not a holder stslock made: only
         // the pod taking over may keep `writer` while the Lease moves.
         let keep = if kind == TransitionKind::EpochRepair {

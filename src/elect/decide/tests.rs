@@ -1265,3 +1265,56 @@ fn without_a_lease_the_go_operators_single_ready_writer_keeps_the_role() {
         .expect("create");
     assert!(plan.steps[..create].iter().filter(|s| demotes(s)).count() >= 1);
 }
+
+/// A failover whose epoch reservation committed but whose answer was lost (the plan stopped
+/// there) is retried with the epoch reserved for the same pod, without another reservation;
+/// a reservation for another pod, or one the Lease or a pod already carries, is never reused.
+#[test]
+fn a_reservation_left_by_a_stopped_plan_is_reused_for_the_same_pod_only() {
+    let mut pods = vec![pod(0, false), pod(1, true), pod(2, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(3);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 3, 5));
+    o.status.writer_epoch = Some(3);
+    o.status.highest_epoch = Some(4);
+    o.status.highest_epoch_uid = Some("uid-1-0".into());
+    let plan = decide(&o, ts(10), &cfg());
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 4, .. } if holder == "db-1"),
+        "{:?}",
+        plan.steps
+    );
+    assert!(
+        !plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::ReserveEpoch { .. })),
+        "epoch 4 is already reserved for db-1: {:?}",
+        plan.steps
+    );
+    // Reserved for another pod (db-1 is not Ready now): db-2 gets a new epoch, reserved first.
+    let mut other = o.clone();
+    other.pods[1].ready = false;
+    let plan = decide(&other, ts(10), &cfg());
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 5, .. } if holder == "db-2"),
+        "{:?}",
+        plan.steps
+    );
+    assert!(plan.steps.contains(&Step::ReserveEpoch {
+        epoch: 5,
+        uid: "uid-2-0".into()
+    }));
+    // The reserved epoch is already on the Lease (for someone): never reused.
+    let mut carried = o.clone();
+    carried.lease = Some(lease("db-0", "uid-0-0", 4, 5));
+    let plan = decide(&carried, ts(10), &cfg());
+    assert!(
+        plan.steps
+            .iter()
+            .all(|s| !matches!(s, Step::UpdateLease { transitions: 4, holder, .. } if holder == "db-1")),
+        "{:?}",
+        plan.steps
+    );
+}
