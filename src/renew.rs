@@ -267,16 +267,17 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     let key = crate::api::lock_key(lock);
     // A renewal needs the lock's ownership verified in this fence generation (its other writes'
     // unknown outcomes do not matter to a compare-and-swap of renewTime). If it is not, the
-    // lock is re-read here, not left to the reconcile lane: that lane backs off (up to a
-    // minute) on a lock whose writes keep failing, and a Ready writer's Lease must not lapse
-    // waiting for it (rule 16).
+    // lock alone is re-read here (one read, not the three a decision needs: after a restart
+    // under API errors every extra read delays every renewal), not left to the reconcile lane:
+    // that lane backs off on a lock whose writes keep failing, and a Ready writer's Lease must
+    // not lapse waiting for it (rule 16). This does not make the lock trusted for a decision.
     let reread;
     let lock = if ctx.cache.fresh.owner_verified(&key, generation) {
         lock
     } else {
-        match ctx.cache.reread(lock).await {
+        match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
-                ctx.cache.fresh.trust(&key, generation);
+                ctx.cache.fresh.owner_seen(&key, generation);
                 reread = ctx.cache.fresh.newest_lock(Arc::new(l));
                 if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
                     return Outcome::NotMine;

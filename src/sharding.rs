@@ -454,11 +454,12 @@ impl Sharding {
         while !self.left.load(std::sync::atomic::Ordering::SeqCst) {
             let result = self.renew().await;
             // A failed renewal is tried again soon: waiting S/3 after a failure can close the
-            // fence (or keep it closed after a restart) for longer than a lock's Lease lasts.
+            // fence (or keep it closed after a restart) for longer than a lock's Lease lasts,
+            // and after a restart every Lease of the replica waits for the fence to open.
             let pause = if result.is_ok() {
                 every
             } else {
-                every.min(Duration::from_secs(1))
+                every.min(Duration::from_millis(250))
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, shard = %self.cfg.id, "membership renewal failed");

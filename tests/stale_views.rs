@@ -202,6 +202,31 @@ fn lapses(tap: &Tap, lease: &str, from: i64, to: i64) -> Vec<(i64, i64)> {
     out
 }
 
+/// Lapses of Leases `lease0..lease{n-1}` in `from..to`, one line per Lease that lapsed.
+fn lapses_of(tap: &Tap, n: usize, from: i64, to: i64) -> Vec<String> {
+    (0..n)
+        .filter_map(|i| {
+            let gaps = lapses(tap, &format!("lease{i}"), from, to);
+            (!gaps.is_empty()).then(|| format!("lease{i}: {gaps:?}"))
+        })
+        .collect()
+}
+
+/// StatefulSets `s{i}` of one pod, each with lock `l{i}` and Lease `lease{i}` of `seconds`.
+async fn sets_and_locks(client: &Client, n: usize, seconds: i32) {
+    for i in 0..n {
+        statefulset(client, &format!("s{i}"), 1).await;
+        lock(
+            client,
+            &format!("l{i}"),
+            &format!("s{i}"),
+            &format!("lease{i}"),
+            seconds,
+        )
+        .await;
+    }
+}
+
 /// Every epoch the operator issued, in commit order: each Lease version's leaseTransitions
 /// with the writer UID it names, and each pod version whose writer label or epoch annotation
 /// changed to (writer, epoch). Returns (epochs in commit order with where they were seen,
@@ -481,17 +506,7 @@ async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconcil
     stslock::dev::install_crd(&client).await.unwrap();
     let tap = Tap::start(&sim);
     let n = 10;
-    for i in 0..n {
-        statefulset(&client, &format!("s{i}"), 1).await;
-        lock(
-            &client,
-            &format!("l{i}"),
-            &format!("s{i}"),
-            &format!("lease{i}"),
-            10,
-        )
-        .await;
-    }
+    sets_and_locks(&client, n, 10).await;
     let b = start(&sim, "b", |_| {});
     for i in 0..n {
         wait_writer(&client, &format!("s{i}"), &format!("s{i}-0"), 15).await;
@@ -558,13 +573,7 @@ async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconcil
     a.stop().await;
     let _ = b.stop.send(());
 
-    let mut all = vec![];
-    for i in 0..n {
-        let gaps = lapses(&tap, &format!("lease{i}"), from, to);
-        if !gaps.is_empty() {
-            all.push(format!("lease{i}: {gaps:?}"));
-        }
-    }
+    let all = lapses_of(&tap, n, from, to);
     println!(
         "{still_deferred} of {n} locks still had b's status (reconcile deferred by the budget); lapses: {all:?}"
     );
@@ -595,17 +604,7 @@ async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock()
     stslock::dev::install_crd(&client).await.unwrap();
     let tap = Tap::start(&sim);
     let n = 12;
-    for i in 0..n {
-        statefulset(&client, &format!("s{i}"), 1).await;
-        lock(
-            &client,
-            &format!("l{i}"),
-            &format!("s{i}"),
-            &format!("lease{i}"),
-            6,
-        )
-        .await;
-    }
+    sets_and_locks(&client, n, 6).await;
     let a = start(&sim, "a", |_| {});
     for i in 0..n {
         wait_writer(&client, &format!("s{i}"), &format!("s{i}-0"), 15).await;
@@ -629,13 +628,7 @@ async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock()
         c.agents.clear();
     });
     a.stop().await;
-    let mut all = vec![];
-    for i in 0..n {
-        let gaps = lapses(&tap, &format!("lease{i}"), from, to);
-        if !gaps.is_empty() {
-            all.push(format!("lease{i}: {gaps:?}"));
-        }
-    }
+    let all = lapses_of(&tap, n, from, to);
     assert!(
         all.is_empty(),
         "Leases of Ready writers lapsed after the restart: {all:#?}"

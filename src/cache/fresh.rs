@@ -68,6 +68,20 @@ impl Freshness {
             .insert(key.to_string(), (generation, true));
     }
 
+    /// The lock's ownership was verified by a fresh read of the lock alone in this fence
+    /// generation: enough for a renewal (a compare-and-swap of renewTime), not for a decision
+    /// (the lock is not trusted by this unless it already was).
+    pub fn owner_seen(&self, key: &str, generation: u64) {
+        let mut inner = self.inner();
+        let t = inner
+            .trusted
+            .entry(key.to_string())
+            .or_insert((generation, false));
+        if t.0 != generation {
+            *t = (generation, false);
+        }
+    }
+
     /// Something about the lock may have happened that the caches do not show: decide again
     /// only after a re-read.
     pub fn distrust(&self, key: &str) {

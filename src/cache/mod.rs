@@ -96,25 +96,33 @@ impl Caches {
         .await
     }
 
+    /// A quorum read of the lock alone (remembered, newest wins); None: it is gone.
+    pub async fn reread_lock(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
+        let ns = lock.namespace().unwrap_or_default();
+        let name = lock.name_any();
+        let locks: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
+        let read = call_opt(
+            &self.metrics,
+            ApiCall::get(Kind::StatefulSetLock, format!("{ns}/{name}")),
+            self.api_timeout,
+            locks.get(&name),
+        )
+        .await?;
+        if let Some(l) = &read {
+            self.fresh.remember_lock(l.clone());
+        }
+        Ok(read)
+    }
+
     /// Quorum reads of everything one lock's decision rests on — the lock, its Lease, its
     /// StatefulSet's pods — into the caches (which keep whatever is newer). Returns the lock
     /// as read (None: it is gone).
     pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
         let ns = lock.namespace().unwrap_or_default();
-        let name = lock.name_any();
         let timeout = self.api_timeout;
-        let locks: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
-        let Some(read) = call_opt(
-            &self.metrics,
-            ApiCall::get(Kind::StatefulSetLock, format!("{ns}/{name}")),
-            timeout,
-            locks.get(&name),
-        )
-        .await?
-        else {
+        let Some(read) = self.reread_lock(lock).await? else {
             return Ok(None);
         };
-        self.fresh.remember_lock(read.clone());
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let lease_name = &read.spec.lease_name;
         match call_opt(

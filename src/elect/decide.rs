@@ -379,7 +379,10 @@ impl<'a> Builder<'a> {
             .chain(o.status.writer_epoch)
             .chain(o.lease.as_ref().map(|l| l.transitions))
             .max();
-        match (o.status.highest_epoch, o.status.highest_epoch_uid.as_deref()) {
+        match (
+            o.status.highest_epoch,
+            o.status.highest_epoch_uid.as_deref(),
+        ) {
             (Some(h), Some(u)) if u == uid && issued.is_none_or(|i| i < h) => h,
             _ => self.next_epoch(),
         }

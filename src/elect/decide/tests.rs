@@ -1311,9 +1311,9 @@ fn a_reservation_left_by_a_stopped_plan_is_reused_for_the_same_pod_only() {
     carried.lease = Some(lease("db-0", "uid-0-0", 4, 5));
     let plan = decide(&carried, ts(10), &cfg());
     assert!(
-        plan.steps
-            .iter()
-            .all(|s| !matches!(s, Step::UpdateLease { transitions: 4, holder, .. } if holder == "db-1")),
+        plan.steps.iter().all(
+            |s| !matches!(s, Step::UpdateLease { transitions: 4, holder, .. } if holder == "db-1")
+        ),
         "{:?}",
         plan.steps
     );
