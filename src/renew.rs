@@ -32,7 +32,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use crate::api::{
     LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
 };
-use crate::call::{ApiCall, Kind, call, call_opt};
+use crate::call::{ApiCall, Kind, call};
 use crate::limits::Lane;
 
 /// Renewals running at once (each is one API call). Sized for demand, not as a budget (the
@@ -295,13 +295,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         return Outcome::Reconcile("lock deleting");
     }
     let lease_name = lock.spec.lease_name.clone();
-    let cached = ctx
-        .cache
-        .leases
-        .read()
-        .ok()
-        .and_then(|m| m.get(&(ns.clone(), lease_name.clone())).cloned());
-    let Some(lease) = cached else {
+    let Some(lease) = ctx.cache.cached_lease(&ns, &lease_name) else {
         return Outcome::Reconcile("Lease not in cache");
     };
     if lease.annotations().get(LEASE_OWNER_ANNOTATION) != Some(&key) {
@@ -412,20 +406,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
             if e.is_conflict() {
                 // The cache is behind the Lease: read it now, so the next attempt (here or in
                 // the reconcile lane) starts from the truth.
-                match call_opt(
-                    &ctx.metrics,
-                    ApiCall::get(Kind::Lease, format!("{ns}/{lease_name}")),
-                    ctx.api_timeout,
-                    api.get(&lease_name),
-                )
-                .await
-                {
-                    Ok(Some(l)) => crate::cache::watch::remember_lease(&ctx.cache.leases, l),
-                    Ok(None) => {
-                        crate::cache::watch::forget_lease(&ctx.cache.leases, &ns, &lease_name, None)
-                    }
-                    Err(e) => tracing::debug!(lock = %key, error = %e, "Lease refresh"),
-                }
+                ctx.cache.refresh_lease(&ns, &lease_name).await;
             } else {
                 tracing::warn!(lock = %key, error = %e, "Lease renewal failed");
             }

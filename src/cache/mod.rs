@@ -96,6 +96,24 @@ impl Caches {
         .await
     }
 
+    /// Fetch the Lease `ns/name` afresh into the cache (after a conflict or a failed
+    /// confirmation: the cache is behind it, and the next attempt must start from the truth).
+    pub async fn refresh_lease(&self, ns: &str, name: &str) {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
+        match call_opt(
+            &self.metrics,
+            ApiCall::get(Kind::Lease, format!("{ns}/{name}")),
+            self.api_timeout,
+            api.get(name),
+        )
+        .await
+        {
+            Ok(Some(l)) => watch::remember_lease(&self.leases, l),
+            Ok(None) => watch::forget_lease(&self.leases, ns, name, None),
+            Err(e) => tracing::debug!(lease = %format!("{ns}/{name}"), error = %e, "Lease refresh"),
+        }
+    }
+
     /// A quorum read of the lock alone (remembered, newest wins); None: it is gone.
     pub async fn reread_lock(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
         let ns = lock.namespace().unwrap_or_default();

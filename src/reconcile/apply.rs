@@ -69,22 +69,6 @@ fn refused(r: crate::sharding::Refused, key: &str) -> crate::error::Error {
     }
 }
 
-/// Fetch the Lease afresh (after a 409 or a failed confirmation) into the cache.
-async fn refresh_lease(ctx: &Context, leases: &Api<Lease>, ns: &str, name: &str) {
-    match call_opt(
-        &ctx.metrics,
-        ApiCall::get(Kind::Lease, format!("{ns}/{name}")),
-        ctx.args.api_timeout(),
-        leases.get(name),
-    )
-    .await
-    {
-        Ok(Some(l)) => remember_lease(&ctx.cache.leases, l),
-        Ok(None) => forget_lease(&ctx.cache.leases, ns, name, None),
-        Err(e) => tracing::debug!(error = %e, "Lease refresh"),
-    }
-}
-
 /// One plan's API context: what every step needs to make its call.
 struct Applier<'a> {
     ctx: &'a Context,
@@ -381,7 +365,7 @@ impl Applier<'_> {
                     Step::UpdateLease { .. } | Step::CreateLease { .. } | Step::DeleteLease { .. }
                 )
             {
-                refresh_lease(ctx, leases, ns, &o.lease_name).await;
+                ctx.cache.refresh_lease(ns, &o.lease_name).await;
             }
         }
         result?;
