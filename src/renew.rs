@@ -6,8 +6,8 @@
 //! A renewal is a single compare-and-swap update of the Lease's `renewTime` for the same
 //! holder, budgeted before any reconcile write ([`crate::limits`]) and run outside the
 //! reconcile workers, so a reconcile storm cannot make a Lease lapse. It renews only what the
-//! reconcile lane would renew unchanged: the lock is this replica's (and its view of it is
-//! trusted, see `cache::fresh`), not deleting, the Lease is the lock's, unexpired and of the
+//! reconcile lane would renew unchanged: the lock is this replica's (its ownership read afresh
+//! in this fence generation, see `cache::fresh`), not deleting, the Lease is the lock's, unexpired and of the
 //! lock's duration, and its holder is the same Ready, non-terminating writer-labelled pod (same
 //! UID) — or, while the lock is `paused`, the same pod at all (roles are frozen, the sitting
 //! writer keeps its Lease). Anything else — a conflict, a not-Ready holder, an error — sends the
@@ -277,11 +277,11 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     } else {
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
-                ctx.cache.fresh.owner_seen(&key, generation);
                 reread = ctx.cache.fresh.newest_lock(Arc::new(l));
                 if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
                     return Outcome::NotMine;
                 }
+                ctx.cache.fresh.owner_seen(&key, generation);
                 reread.as_ref()
             }
             Ok(None) => return Outcome::NotMine,

@@ -1,7 +1,7 @@
 //! One operator replica, wired: its caches and watches, the shard runtime, the renewal lane,
 //! the reconcile lane (kube-runtime's controller), the metrics server, and the background tasks
 //! that keep them going — all in [`run_with`], all stopped with it. Each lane gets its own small
-//! context ([`crate::reconcile::Context`], [`crate::renew::Lane`]); nothing below imports this
+//! context ([`crate::reconcile::Context`], [`crate::renew::Context`]); nothing below imports this
 //! module.
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use kube::{Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
 use crate::cache::pods::PodIndex;
-use crate::cache::{fresh, lenient, watch};
+use crate::cache::{lenient, watch};
 use crate::config::OperatorArgs;
 use crate::reconcile::{Context, error_policy, traced_reconcile};
 
@@ -251,7 +251,7 @@ pub async fn run_with(
     sharding.on_ownership({
         let (fresh, renewals) = (ctx.cache.fresh.clone(), ctx.renewals.clone());
         Box::new(move |lock: &StatefulSetLock, gained: bool| {
-            fresh.distrust(&fresh::lock_key(lock));
+            fresh.distrust(&crate::api::lock_key(lock));
             let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
             if gained {
                 renewals.schedule(lock_ref, Duration::ZERO);

@@ -621,7 +621,12 @@ impl Sharding {
             }
             let key = lock_key(&lock);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
-            if label == Some(self.cfg.id.as_str()) {
+            // A lock this replica is handing off, or a cached view older than its own handoff,
+            // is not gained.
+            if label == Some(self.cfg.id.as_str())
+                && !self.is_draining(&key)
+                && !self.predates_own_handoff(&key, &lock)
+            {
                 if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
                     gained.push(lock.clone());
                 }

@@ -298,7 +298,7 @@ pub async fn traced_apply(
     let result = apply.instrument(span.clone()).await;
     record_outcome(&span, o, plan, &result);
     if let Err(e) = &result
-        && is_renewal(o, plan)
+        && plan.renews(o.lease.as_ref().and_then(|l| l.holder.as_deref()))
     {
         let lease = o.lease.as_ref();
         renewal_failed(
@@ -395,11 +395,6 @@ pub fn writerless_seconds(o: &Observed, plan: &Plan, now: jiff::Timestamp) -> Op
     let since = old.ready_since?;
     let secs = now.duration_since(since).as_secs_f64();
     (secs >= 0.0).then_some(secs)
-}
-
-/// Whether `plan` only renews the sitting writer's Lease.
-pub fn is_renewal(o: &Observed, plan: &Plan) -> bool {
-    plan.renews(o.lease.as_ref().and_then(|l| l.holder.as_deref()))
 }
 
 /// A renewal that failed: one short span, in the trace of whatever tried it (a reconcile, or

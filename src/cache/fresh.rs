@@ -13,14 +13,15 @@
 //!   is re-read with quorum reads (lock, Lease, its StatefulSet's pods) before it is decided
 //!   again, and its renewals wait for that.
 //!
-//! This module never talks to the API server; `gather` does the reads.
+//! This module never talks to the API server; `Caches::reread` and `Caches::reread_lock` do
+//! the reads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kube::ResourceExt;
 
-use crate::api::StatefulSetLock;
+use crate::api::{StatefulSetLock, lock_key};
 
 /// A resourceVersion as a number, for "is this newer". Kubernetes documents them as opaque,
 /// but etcd's (and kubesim's) are increasing integers; an unparsable one compares as 0 (never
@@ -128,8 +129,6 @@ impl Freshness {
         inner.locks.remove(key);
     }
 }
-
-pub use crate::api::lock_key;
 
 #[cfg(test)]
 mod tests {

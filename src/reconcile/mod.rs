@@ -18,7 +18,6 @@ use kube::runtime::events::Recorder;
 use kube::{Client, ResourceExt};
 
 use crate::api::StatefulSetLock;
-use crate::cache::fresh;
 use crate::config::OperatorArgs;
 use crate::error::Error;
 
@@ -74,7 +73,7 @@ fn backoff(failures: u32, err: &Error) -> Duration {
 }
 
 pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = fresh::lock_key(&lock);
+    let key = crate::api::lock_key(&lock);
     let failures = ctx
         .failures
         .lock()
@@ -110,18 +109,14 @@ pub(crate) fn traced_reconcile(
     ctx: Arc<Context>,
 ) -> impl std::future::Future<Output = Result<Action, Error>> + Send {
     let span = crate::telemetry::reconcile_span(&lock, &ctx.identity);
-    crate::telemetry::traced(span, reconcile(lock, ctx))
-}
-
-async fn reconcile(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
-    reconcile_lock(lock, ctx).await
+    crate::telemetry::traced(span, reconcile_lock(lock, ctx))
 }
 
 async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !ctx.scope.allows(&lock.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
     }
-    let key = fresh::lock_key(&lock);
+    let key = crate::api::lock_key(&lock);
     // What this replica wrote itself may be newer than the watch has delivered.
     let mut lock = ctx.cache.fresh.newest_lock(lock);
     // The fence generation this plan belongs to: if the fence closes and reopens meanwhile,
