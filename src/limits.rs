@@ -12,6 +12,12 @@
 //!   there, in the order the namespace's locks asked, and is then admitted without paying
 //!   again — no retries bunched at the first free token, none pushed behind newcomers, no
 //!   time lost past the budget's own wait.
+//! - A plan that restores a writer (a failover, a first election, the promotion completing
+//!   one) is urgent: the StatefulSet has no usable writer until it lands. It is charged like
+//!   any other plan and never borrows, but it is served before every plan of its namespace
+//!   that is not urgent and still waits (status updates, switchovers), which move back by its
+//!   writes: the namespace's rate holds, only the order changes. Urgent plans are served in
+//!   the order they asked.
 //!
 //! Membership and ownership writes of the shard runtime are not budgeted: their number is
 //! bounded by the locks that move between replicas, never by what tenants do, and delaying
@@ -60,7 +66,15 @@ struct Space {
     /// When the namespace's bucket is full again (at or before now: full).
     tat: Option<Instant>,
     /// Locks whose writes are paid for, and from when they may send them.
-    reserved: HashMap<String, Instant>,
+    reserved: HashMap<String, Reservation>,
+}
+
+#[derive(Clone, Copy)]
+struct Reservation {
+    at: Instant,
+    writes: u32,
+    /// It restores a writer: no plan that does not is ever put before it.
+    urgent: bool,
 }
 
 /// A reservation not used this long after its time (the lock was deleted, or had nothing left
@@ -68,31 +82,68 @@ struct Space {
 const UNUSED_RESERVATION: Duration = Duration::from_secs(60);
 
 impl TenantBudget {
-    fn admit(&self, namespace: &str, lock: &str, writes: u32) -> Result<(), Duration> {
+    fn admit(
+        &self,
+        namespace: &str,
+        lock: &str,
+        writes: u32,
+        urgent: bool,
+    ) -> Result<(), Duration> {
         let now = Instant::now();
         let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
         let space = spaces.entry(namespace.to_string()).or_default();
-        if let Some(at) = space.reserved.get(lock).copied() {
-            if at <= now {
+        let mut turned_urgent = None;
+        if let Some(r) = space.reserved.get(lock).copied() {
+            if r.at <= now {
                 space.reserved.remove(lock);
                 return Ok(());
             }
-            // Back early (another trigger): its place is kept, nothing is charged again.
-            return Err(at - now);
+            if !urgent || r.urgent {
+                // Back early (another trigger): its place is kept, nothing is charged again.
+                return Err(r.at - now);
+            }
+            // It lost its writer while it waited: it moves up below, paid for already.
+            space.reserved.remove(lock);
+            turned_urgent = Some(r);
         }
-        // A plan larger than the burst can never pass whole: charge it the burst.
-        let n = writes.clamp(1, self.burst);
-        let tat = space.tat.map_or(now, |t| t.max(now)) + self.period * n;
-        space.tat = Some(tat);
-        // Allowed once the bucket holds n tokens: when `tat` is at most a burst ahead.
-        let wait = tat
-            .saturating_duration_since(now)
-            .saturating_sub(self.period * self.burst);
-        if wait.is_zero() {
+        let (at, writes, behind) = match turned_urgent {
+            Some(r) => (r.at, r.writes, r.at),
+            None => {
+                // A plan larger than the burst can never pass whole: charge it the burst.
+                let n = writes.clamp(1, self.burst);
+                let tat = space.tat.map_or(now, |t| t.max(now)) + self.period * n;
+                space.tat = Some(tat);
+                // Allowed once the bucket holds n tokens: when `tat` is at most a burst ahead.
+                let wait = tat
+                    .saturating_duration_since(now)
+                    .saturating_sub(self.period * self.burst);
+                (now + wait, n, tat + self.period * self.burst)
+            }
+        };
+        let at = if urgent {
+            // Ahead of every plan that is not urgent and still waits (those reserved before
+            // `behind`): each moves back by this plan's writes, so the namespace's rate holds.
+            let mut overtaken = 0;
+            for r in space
+                .reserved
+                .values_mut()
+                .filter(|r| !r.urgent && r.at > now && r.at < behind)
+            {
+                overtaken += r.writes;
+                r.at += self.period * writes;
+            }
+            at.checked_sub(self.period * overtaken)
+                .map_or(now, |t| t.max(now))
+        } else {
+            at
+        };
+        if at <= now {
             return Ok(());
         }
-        space.reserved.insert(lock.to_string(), now + wait);
-        Err(wait)
+        space
+            .reserved
+            .insert(lock.to_string(), Reservation { at, writes, urgent });
+        Err(at - now)
     }
 
     fn deferred(&self) -> usize {
@@ -100,7 +151,7 @@ impl TenantBudget {
         let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
         spaces
             .values()
-            .map(|s| s.reserved.values().filter(|at| **at > now).count())
+            .map(|s| s.reserved.values().filter(|r| r.at > now).count())
             .sum()
     }
 
@@ -108,7 +159,7 @@ impl TenantBudget {
         let now = Instant::now();
         let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
         spaces.retain(|_, s| {
-            s.reserved.retain(|_, at| *at + UNUSED_RESERVATION > now);
+            s.reserved.retain(|_, r| r.at + UNUSED_RESERVATION > now);
             !s.reserved.is_empty() || s.tat.is_some_and(|t| t > now)
         });
         spaces.shrink_to_fit();
@@ -159,9 +210,16 @@ impl Limits {
     /// without waiting. `Err(wait)` means the namespace is over budget: the writes are
     /// reserved, and the lock is admitted when it comes back after `wait` (not before, and
     /// without paying again). Its namespace's other locks queue behind it, not in front.
-    pub fn tenant_admit(&self, namespace: &str, lock: &str, writes: u32) -> Result<(), Duration> {
+    /// An `urgent` plan (one that restores a writer) goes before waiting plans that are not.
+    pub fn tenant_admit(
+        &self,
+        namespace: &str,
+        lock: &str,
+        writes: u32,
+        urgent: bool,
+    ) -> Result<(), Duration> {
         match &self.tenant {
-            Some(t) if writes > 0 => t.admit(namespace, lock, writes),
+            Some(t) if writes > 0 => t.admit(namespace, lock, writes, urgent),
             _ => Ok(()),
         }
     }
@@ -231,7 +289,7 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(l.acquire(Lane::Reconcile).await, Duration::ZERO);
         }
-        assert!(l.tenant_admit("a", "x", 100).is_ok());
+        assert!(l.tenant_admit("a", "x", 100, false).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -240,7 +298,7 @@ mod tests {
         let mut admitted = 0;
         let mut waits = vec![];
         for i in 0..50 {
-            match l.tenant_admit("noisy", &format!("l{i}"), 1) {
+            match l.tenant_admit("noisy", &format!("l{i}"), 1, false) {
                 Ok(()) => admitted += 1,
                 Err(w) => waits.push(w),
             }
@@ -252,52 +310,106 @@ mod tests {
         let expected: Vec<Duration> = (1..=40).map(|k| Duration::from_millis(200 * k)).collect();
         assert_eq!(waits, expected);
         assert!(
-            l.tenant_admit("quiet", "q", 1).is_ok(),
+            l.tenant_admit("quiet", "q", 1, false).is_ok(),
             "another namespace is unaffected"
         );
         // A plan bigger than the burst is admitted against the burst, not refused forever.
-        assert!(l.tenant_admit("big", "b", 1000).is_ok());
+        assert!(l.tenant_admit("big", "b", 1000, false).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_deferred_lock_keeps_its_place_and_pays_once() {
         let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
-        assert!(l.tenant_admit("ns", "big", 10).is_ok(), "the whole burst");
+        assert!(
+            l.tenant_admit("ns", "big", 10, false).is_ok(),
+            "the whole burst"
+        );
         assert_eq!(
-            l.tenant_admit("ns", "a", 2),
+            l.tenant_admit("ns", "a", 2, false),
             Err(Duration::from_millis(400))
         );
         assert_eq!(
-            l.tenant_admit("ns", "b", 1),
+            l.tenant_admit("ns", "b", 1, false),
             Err(Duration::from_millis(600))
         );
         // `a` triggered again early: same place, nothing charged again.
         tokio::time::advance(Duration::from_millis(100)).await;
         assert_eq!(
-            l.tenant_admit("ns", "a", 2),
+            l.tenant_admit("ns", "a", 2, false),
             Err(Duration::from_millis(300))
         );
         // A newcomer queues behind both.
         assert_eq!(
-            l.tenant_admit("ns", "c", 1),
+            l.tenant_admit("ns", "c", 1, false),
             Err(Duration::from_millis(700))
         );
         tokio::time::advance(Duration::from_millis(300)).await;
         assert!(
-            l.tenant_admit("ns", "a", 2).is_ok(),
+            l.tenant_admit("ns", "a", 2, false).is_ok(),
             "prepaid: admitted on time"
         );
         assert_eq!(l.deferred_locks(), 2);
         tokio::time::advance(Duration::from_millis(400)).await;
-        assert!(l.tenant_admit("ns", "b", 1).is_ok());
-        assert!(l.tenant_admit("ns", "c", 1).is_ok());
+        assert!(l.tenant_admit("ns", "b", 1, false).is_ok());
+        assert!(l.tenant_admit("ns", "c", 1, false).is_ok());
         assert_eq!(l.deferred_locks(), 0);
         // Reservations never used are dropped; a full bucket is forgotten.
-        assert!(l.tenant_admit("ns", "gone", 1).is_err());
+        assert!(l.tenant_admit("ns", "gone", 1, false).is_err());
         tokio::time::advance(Duration::from_secs(120)).await;
         l.forget_idle();
         assert!(l.tenant.as_ref().unwrap().spaces.lock().unwrap().is_empty());
-        assert!(l.tenant_admit("ns", "e", 10).is_ok(), "bucket full again");
+        assert!(
+            l.tenant_admit("ns", "e", 10, false).is_ok(),
+            "bucket full again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_that_restores_a_writer_goes_first_and_pays_its_way() {
+        let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
+        assert!(l.tenant_admit("ns", "elections", 10, false).is_ok());
+        // The bucket is empty: a status update waits for its 2 writes...
+        assert_eq!(
+            l.tenant_admit("ns", "status", 2, false),
+            Err(Duration::from_millis(400))
+        );
+        // ...and a failover never borrows: it waits for tokens too, but takes the status
+        // update's place, which moves back by the failover's writes.
+        assert_eq!(
+            l.tenant_admit("ns", "f0", 2, true),
+            Err(Duration::from_millis(400))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "status", 2, false),
+            Err(Duration::from_millis(800))
+        );
+        // Urgent plans keep their order among themselves.
+        assert_eq!(
+            l.tenant_admit("ns", "f1", 3, true),
+            Err(Duration::from_millis(1000))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "status", 2, false),
+            Err(Duration::from_millis(1400))
+        );
+        // Nothing was given away: a newcomer waits for every write charged before it.
+        assert_eq!(
+            l.tenant_admit("ns", "late", 1, false),
+            Err(Duration::from_millis(1600))
+        );
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert!(l.tenant_admit("ns", "f0", 2, true).is_ok());
+        // A waiting plan that turns urgent moves ahead of the plans that are not, behind f1,
+        // without paying again.
+        assert_eq!(
+            l.tenant_admit("ns", "late", 1, true),
+            Err(Duration::from_millis(800))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "status", 2, false),
+            Err(Duration::from_millis(1200))
+        );
+        assert_eq!(l.deferred_locks(), 3);
     }
 
     #[tokio::test]

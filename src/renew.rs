@@ -7,11 +7,12 @@
 //! holder, budgeted before any reconcile write ([`crate::limits`]) and run outside the
 //! reconcile workers, so a reconcile storm cannot make a Lease lapse. It renews only what the
 //! reconcile lane would renew unchanged: the lock is this replica's (its ownership read afresh
-//! in this fence generation, see `cache::fresh`), not deleting, the Lease is the lock's, unexpired and of the
-//! lock's duration, and its holder is the same Ready, non-terminating writer-labelled pod (same
-//! UID) — or, while the lock is `paused`, the same pod at all (roles are frozen, the sitting
-//! writer keeps its Lease). Anything else — a conflict, a not-Ready holder, an error — sends the
-//! lock to the reconcile lane, which decides. A conflict also fetches the Lease afresh: a
+//! in this fence generation, see `cache::fresh`), not deleting, the Lease is the lock's and of
+//! the lock's duration, and its holder is the pod that carries the writer label (same UID),
+//! Ready or not: the Lease moves only when the label does, so a writer waiting out
+//! `failoverDelaySeconds`, one with no Ready pod to hand over to, one whose failover is held up
+//! by API errors, and the writer of a `paused` lock all keep their Lease. Anything else — a
+//! conflict, another holder, an error — sends the lock to the reconcile lane, which decides. A conflict also fetches the Lease afresh: a
 //! lagging Lease watch must not make every renewal fail until the Lease lapses.
 
 use std::collections::HashMap;
@@ -196,7 +197,9 @@ where
 /// What one renewal ended as.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
-    Renewed(Duration),
+    /// Renewed; next renewal due after this long. With a reason, the holder is not healthy
+    /// (it keeps its Lease while it keeps the label): the reconcile lane is told too.
+    Renewed(Duration, Option<&'static str>),
     /// Not this replica's (any more): nothing to do here.
     NotMine,
     /// Still this replica's, but no write may go out right now (the fence is closed or
@@ -218,7 +221,12 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
         Some(l) => try_renew(ctx, &l).await,
     };
     match outcome {
-        Outcome::Renewed(next) => ctx.renewals.schedule(lock, next),
+        Outcome::Renewed(next, unhealthy) => {
+            if let Some(why) = unhealthy {
+                hand_to_reconcile(ctx, &lock, reconcile, why);
+            }
+            ctx.renewals.schedule(lock, next);
+        }
         Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
         Outcome::Wait(why) => {
@@ -231,22 +239,32 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
             } else {
                 RECHECK
             };
-            tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
+            hand_to_reconcile(ctx, &lock, reconcile, why);
             // The reconcile lane reschedules the renewal when it settles the lock. Never wait
             // for it: a busy reconcile lane must not hold up other locks' renewals. Look again
             // soon in case it is slow and the holder recovers meanwhile (a Ready writer's Lease
             // must not lapse waiting for a reconcile).
-            let first = ctx
-                .renewals
-                .handed
-                .lock()
-                .map(|mut h| h.insert(lock.clone()))
-                .unwrap_or(true);
-            if first {
-                let _ = reconcile.send(lock.clone());
-            }
             ctx.renewals.reschedule(lock, again);
         }
+    }
+}
+
+/// Send `lock` to the reconcile lane, once until that lane reschedules its renewal.
+fn hand_to_reconcile(
+    ctx: &Context,
+    lock: &LockRef,
+    reconcile: &mpsc::UnboundedSender<LockRef>,
+    why: &'static str,
+) {
+    tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
+    let first = ctx
+        .renewals
+        .handed
+        .lock()
+        .map(|mut h| h.insert(lock.clone()))
+        .unwrap_or(true);
+    if first {
+        let _ = reconcile.send(lock.clone());
     }
 }
 
@@ -334,19 +352,21 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
         return Outcome::NotDue(half - since_renew);
     }
     let holder_uid = lease.annotations().get(WRITER_UID_ANNOTATION);
-    let healthy = ctx
-        .cache
-        .pods
-        .pods_of(&ns, &lock.spec.stateful_set_name)
-        .iter()
-        .any(|p| {
-            p.name == holder
-                && Some(&p.uid) == holder_uid
-                && (lock.spec.paused || (p.ready && !p.terminating))
-                && p.role.as_deref() == Some("writer")
-        });
-    if !healthy {
-        return Outcome::Reconcile("holder not a Ready writer");
+    // Ready or not: a writer that is failing over keeps its Lease until the Lease moves (the
+    // label and the Lease move together); the reconcile lane, woken by the pod's watch,
+    // decides the failover.
+    let pods = ctx.cache.pods.pods_of(&ns, &lock.spec.stateful_set_name);
+    let sitting = pods.iter().find(|p| {
+        p.name == holder && Some(&p.uid) == holder_uid && p.role.as_deref() == Some("writer")
+    });
+    let Some(sitting) = sitting else {
+        return Outcome::Reconcile("holder not the writer-labelled pod");
+    };
+    // A lapsed Lease is re-acquired here only for a healthy holder (rule 5); for any other the
+    // reconcile lane decides between re-acquiring and failing over.
+    let unhealthy = !lock.spec.paused && (!sitting.ready || sitting.terminating);
+    if expired && unhealthy {
+        return Outcome::Reconcile("Lease lapsed and its holder is not Ready");
     }
     ctx.limits.acquire(Lane::Renewal).await;
     let permit = match ctx.sharding.permit(lock, generation) {
@@ -388,7 +408,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
             }
             // Due half a Lease after the renewTime written (taken before the request was
             // sent), not after the answer: a late answer must not eat the other half.
-            Outcome::Renewed(half.saturating_sub(sent.elapsed()))
+            Outcome::Renewed(
+                half.saturating_sub(sent.elapsed()),
+                unhealthy.then_some("holder not Ready"),
+            )
         }
         Err(e) => {
             crate::telemetry::renewal_failed(

@@ -170,6 +170,60 @@ async fn notready_writer_fails_over_and_does_not_fail_back(replicas: usize) {
     env.assert_never_two_writers().await;
 }
 
+/// Asserts `lease` names `holder` at `epoch` and was renewed within its duration.
+async fn assert_lease_held(env: &Env, lease: &str, holder: &str, epoch: i32) {
+    let spec = env.leases().get(lease).await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some(holder));
+    assert_eq!(spec.lease_transitions, Some(epoch));
+    let renewed = spec.renew_time.expect("renewTime").0;
+    let age = jiff::Timestamp::now().duration_since(renewed);
+    let limit = jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap()));
+    assert!(
+        age < limit,
+        "Lease {lease} of {holder} lapsed: renewed {age:?} ago"
+    );
+}
+
+async fn a_writer_keeps_its_lease_while_it_keeps_the_label(replicas: usize) {
+    // The Lease moves only with the label: a NotReady writer waiting out failoverDelaySeconds,
+    // or one with no Ready pod to hand over to, keeps its Lease renewed (2 s Leases here, so
+    // an unrenewed one lapses within the waits below).
+    let env = Env::start(replicas).await;
+    env.statefulset("db", 2).await;
+    env.lock(
+        "lock",
+        "db",
+        "db-lease",
+        2,
+        json!({"failoverDelaySeconds": 6}),
+    )
+    .await;
+    env.wait_writer("db", "db-0").await;
+    env.wait_roles("db", 2).await;
+    env.set_ready("db-0", false).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        env.roles("db").await[0],
+        ("db-0".into(), Some("writer".into()))
+    );
+    assert_lease_held(&env, "db-lease", "db-0", 0).await;
+    env.wait_writer("db", "db-1").await;
+    // db-1 goes NotReady too, with nobody Ready to take over: after its delay it keeps both.
+    env.set_ready("db-1", false).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        env.roles("db").await,
+        vec![
+            ("db-0".into(), Some("reader".into())),
+            ("db-1".into(), Some("writer".into()))
+        ]
+    );
+    assert_lease_held(&env, "db-lease", "db-1", 1).await;
+    env.wait_condition("lock", "Progressing", "True", "NoReadyPod")
+        .await;
+    env.assert_never_two_writers().await;
+}
+
 async fn deleted_writer_fails_over_and_its_replacement_is_a_reader(replicas: usize) {
     let env = Env::start(replicas).await;
     env.statefulset("db", 3).await;
@@ -532,4 +586,5 @@ replicas_test!(preferred_writer_switches_over_and_paused_freezes);
 replicas_test!(bad_input_reports_and_recovers_without_damage);
 replicas_test!(deleting_the_lock_cleans_up_and_keeps_the_writer_label);
 replicas_test!(failover_latency_over_200_failovers);
+replicas_test!(a_writer_keeps_its_lease_while_it_keeps_the_label);
 replicas_test!(a_deleted_lease_is_recreated_without_failover_or_epoch_reset);

@@ -749,6 +749,8 @@ impl<'a> Builder<'a> {
                         .unwrap_or(self.now);
                     if deadline > self.now {
                         self.requeue(secs_until(self.now, deadline));
+                        // It keeps the label meanwhile, so it keeps the Lease too.
+                        self.renew_if_due(lease, w);
                         self.relabel(Some(w), epoch);
                         self.condition(
                             "Available",
@@ -772,9 +774,12 @@ impl<'a> Builder<'a> {
                         self.handover(lease, w, c, "Failover", TransitionKind::Failover, why)
                     }
                     None => {
-                        // No one to hand over to: keep the Lease and the label where they are
-                        // (demoting would only create a writer-less gap with no gain), but make
-                        // sure no other pod claims the role.
+                        // No one to hand over to: keep the Lease (renewed) and the label where
+                        // they are (demoting would only create a writer-less gap with no gain),
+                        // but make sure no other pod claims the role.
+                        if let Some(w) = w {
+                            self.renew_if_due(lease, w);
+                        }
                         self.relabel(w, epoch);
                         self.unavailable(
                             "NoReadyPod",
@@ -839,9 +844,7 @@ impl<'a> Builder<'a> {
                     o.lease_name, w.name
                 ),
             );
-            self.requeue(Duration::from_millis(
-                (o.lease_duration_seconds.max(1) * 500) as u64,
-            ));
+            self.schedule_renewal(true);
             return;
         }
         let Some(w) = self.preferred().or_else(|| self.best_candidate(None)) else {
@@ -885,9 +888,7 @@ impl<'a> Builder<'a> {
             reason: "no Lease: election".into(),
             epoch,
         });
-        self.requeue(Duration::from_millis(
-            (o.lease_duration_seconds.max(1) * 500) as u64,
-        ));
+        self.schedule_renewal(true);
     }
 
     /// The pod the highest reserved epoch was for (it may carry `writer` by now, whatever the
@@ -1000,9 +1001,8 @@ impl<'a> Builder<'a> {
             reason: why,
             epoch,
         });
-        self.requeue(Duration::from_millis(
-            (self.o.lease_duration_seconds.max(1) * 500) as u64,
-        ));
+        // The new holder's renewal is due from the Lease write on.
+        self.schedule_renewal(true);
     }
 
     /// Take over a Lease the Go operator left ([`adoptable`]): by compare-and-swap, in one

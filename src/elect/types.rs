@@ -245,6 +245,25 @@ impl Plan {
             })
     }
 
+    /// Does the plan give a StatefulSet that has no usable writer one: a failover, a first
+    /// election, or the promotion that completes an interrupted transition (the Lease moved,
+    /// the label not yet)? Such a plan may borrow from its namespace's budget
+    /// ([`crate::limits`]). A switchover's own plan does not (its writer is healthy).
+    pub fn restores_writer(&self) -> bool {
+        match &self.transition {
+            Some(t) => matches!(t.kind, TransitionKind::Failover | TransitionKind::Election),
+            None => self.steps.iter().any(|s| {
+                matches!(
+                    s,
+                    Step::Label {
+                        role: Some(Role::Writer),
+                        ..
+                    }
+                )
+            }),
+        }
+    }
+
     /// The writes its namespace's budget pays for: every step but the quorum read, and the
     /// status. Events are notes about the election, not its state: like client-go's event
     /// recorder, they are not charged to the tenant (each still takes a token of the replica's

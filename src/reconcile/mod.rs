@@ -191,6 +191,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
                 &observed.namespace,
                 &observed.name,
                 u32::try_from(writes).unwrap_or(u32::MAX),
+                plan.restores_writer(),
             )
         {
             tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");

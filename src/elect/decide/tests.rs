@@ -223,6 +223,78 @@ fn failover_delay_waits_then_fails_over() {
 }
 
 #[test]
+fn a_writer_keeps_its_lease_as_long_as_it_keeps_the_label() {
+    // A NotReady writer waiting out failoverDelaySeconds keeps the label, so its Lease is
+    // renewed when due (same holder, same epoch, no transition): the Lease moves only with
+    // the label.
+    let mut pods = vec![pod(0, false), pod(1, true)];
+    pods[0].role = Some(Role::Writer);
+    pods[0].epoch = Some(3);
+    pods[0].ready_since = Some(ts(100));
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.failover_delay_seconds = 60;
+    o.lease = Some(lease("db-0", "uid-0-0", 3, 100));
+    let renewal = Step::UpdateLease {
+        expected_resource_version: "7".into(),
+        holder: "db-0".into(),
+        holder_uid: "uid-0-0".into(),
+        transitions: 3,
+        acquire: false,
+    };
+    let waiting = decide(&o, ts(116), &cfg());
+    assert_eq!(waiting.steps, vec![renewal.clone()]);
+    assert!(waiting.transition.is_none());
+    assert_eq!(waiting.renew_after, Some(Duration::from_secs(15)));
+    // Not due yet: nothing written, the renewal stays scheduled.
+    let early = decide(&o, ts(104), &cfg());
+    assert!(early.steps.is_empty(), "{:?}", early.steps);
+    assert_eq!(early.renew_after, Some(Duration::from_secs(11)));
+    // No other pod Ready: the writer keeps label and Lease.
+    o.failover_delay_seconds = 0;
+    o.pods[1].ready = false;
+    let stuck = decide(&o, ts(116), &cfg());
+    assert_eq!(stuck.steps, vec![renewal]);
+    assert_eq!(stuck.renew_after, Some(Duration::from_secs(15)));
+    // A failover: the new holder's renewal is due half a duration after the Lease write.
+    o.pods[1].ready = true;
+    let failover = decide(&o, ts(116), &cfg());
+    assert!(
+        matches!(lease_step(&failover), Step::UpdateLease { holder, transitions: 4, .. } if holder == "db-1")
+    );
+    assert_eq!(failover.renew_after, Some(Duration::from_secs(15)));
+    assert!(failover.restores_writer());
+    // Interrupted after the Lease moved: the promotion that completes it restores the writer
+    // too (it may borrow from the namespace's budget), though it is no transition of its own.
+    o.pods[0].role = Some(Role::Reader);
+    o.pods[0].epoch = None;
+    o.lease = Some(lease("db-1", "uid-1-0", 4, 116));
+    o.status.highest_epoch = Some(4);
+    o.status.highest_epoch_uid = Some("uid-1-0".into());
+    let completion = decide(&o, ts(117), &cfg());
+    assert!(completion.transition.is_none());
+    assert!(
+        completion.steps.iter().any(
+            |s| matches!(s, Step::Label { pod, role: Some(Role::Writer), .. } if pod == "db-1")
+        ),
+        "{:?}",
+        completion.steps
+    );
+    assert!(completion.restores_writer());
+    // A switchover from a healthy writer does not borrow.
+    o.pods[1].role = Some(Role::Writer);
+    o.pods[1].epoch = Some(4);
+    o.pods[0].ready = true;
+    o.preferred_writer = Some("db-0".into());
+    let switchover = decide(&o, ts(117), &cfg());
+    assert_eq!(
+        switchover.transition.as_ref().map(|t| t.kind),
+        Some(TransitionKind::Switchover)
+    );
+    assert!(!switchover.restores_writer());
+}
+
+#[test]
 fn preferred_writer_switches_over_when_ready_and_waits_when_not() {
     let mut pods = vec![pod(0, true), pod(1, true), pod(2, false)];
     pods[0].role = Some(Role::Writer);
