@@ -58,7 +58,8 @@ struct TenantBudget {
     /// Time one write's token takes to come back.
     period: Duration,
     burst: u32,
-    spaces: std::sync::Mutex<HashMap<String, Space>>,
+    /// Per namespace, sharded: workers of different namespaces do not queue on one lock.
+    spaces: dashmap::DashMap<String, Space>,
 }
 
 #[derive(Default)]
@@ -90,8 +91,7 @@ impl TenantBudget {
         urgent: bool,
     ) -> Result<(), Duration> {
         let now = Instant::now();
-        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        let space = spaces.entry(namespace.to_string()).or_default();
+        let mut space = self.spaces.entry(namespace.to_string()).or_default();
         let mut turned_urgent = None;
         if let Some(r) = space.reserved.get(lock).copied() {
             if r.at <= now {
@@ -148,21 +148,19 @@ impl TenantBudget {
 
     fn deferred(&self) -> usize {
         let now = Instant::now();
-        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        spaces
-            .values()
+        self.spaces
+            .iter()
             .map(|s| s.reserved.values().filter(|r| r.at > now).count())
             .sum()
     }
 
     fn forget_idle(&self) {
         let now = Instant::now();
-        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        spaces.retain(|_, s| {
+        self.spaces.retain(|_, s| {
             s.reserved.retain(|_, r| r.at + UNUSED_RESERVATION > now);
             !s.reserved.is_empty() || s.tat.is_some_and(|t| t > now)
         });
-        spaces.shrink_to_fit();
+        self.spaces.shrink_to_fit();
     }
 }
 
@@ -357,7 +355,7 @@ mod tests {
         assert!(l.tenant_admit("ns", "gone", 1, false).is_err());
         tokio::time::advance(Duration::from_secs(120)).await;
         l.forget_idle();
-        assert!(l.tenant.as_ref().unwrap().spaces.lock().unwrap().is_empty());
+        assert!(l.tenant.as_ref().unwrap().spaces.is_empty());
         assert!(
             l.tenant_admit("ns", "e", 10, false).is_ok(),
             "bucket full again"

@@ -79,7 +79,7 @@ pub struct Renewals {
     tx: mpsc::UnboundedSender<Cmd>,
     /// Locks handed to the reconcile lane and not rescheduled by it since: handed once, not
     /// again on every re-check (a trigger would override the reconcile lane's own pacing).
-    handed: Arc<std::sync::Mutex<std::collections::HashSet<LockRef>>>,
+    handed: Arc<dashmap::DashSet<LockRef>>,
 }
 
 /// The lane's inbox; [`run`] consumes it.
@@ -106,9 +106,7 @@ impl Renewals {
     /// (Re)schedule the renewal of `lock` to `due_in` from now (jittered a little earlier);
     /// called by the reconcile lane when it has settled the lock.
     pub fn schedule(&self, lock: LockRef, due_in: Duration) {
-        if let Ok(mut h) = self.handed.lock() {
-            h.remove(&lock);
-        }
+        self.handed.remove(&lock);
         self.reschedule(lock, due_in);
     }
 
@@ -128,9 +126,7 @@ impl Renewals {
     }
 
     pub fn cancel(&self, lock: LockRef) {
-        if let Ok(mut h) = self.handed.lock() {
-            h.remove(&lock);
-        }
+        self.handed.remove(&lock);
         let _ = self.tx.send(Cmd::Cancel(lock));
     }
 }
@@ -257,13 +253,7 @@ fn hand_to_reconcile(
     why: &'static str,
 ) {
     tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
-    let first = ctx
-        .renewals
-        .handed
-        .lock()
-        .map(|mut h| h.insert(lock.clone()))
-        .unwrap_or(true);
-    if first {
+    if ctx.renewals.handed.insert(lock.clone()) {
         let _ = reconcile.send(lock.clone());
     }
 }
@@ -272,12 +262,12 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     let lock = ctx.cache.fresh.newest_lock(Arc::new(lock.clone()));
     let lock = lock.as_ref();
     let generation = ctx.sharding.generation();
-    let Some(_inflight) = ctx.sharding.begin(lock) else {
+    if !ctx.sharding.may_begin(lock) {
         if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) {
             return Outcome::Wait("fenced or being handed off");
         }
         return Outcome::NotMine;
-    };
+    }
     let ns = lock.namespace().unwrap_or_default();
     if !ctx.scope.allows(&ns) {
         return Outcome::NotMine;

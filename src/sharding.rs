@@ -6,6 +6,7 @@
 //! allows writes. Labels change only by compare-and-swap on the lock's resourceVersion, so two
 //! replicas with different ring views can never both own a lock.
 
+use dashmap::{DashMap, DashSet};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -93,16 +94,18 @@ pub struct Sharding {
     origin: Instant,
     fence: Mutex<Fence>,
     view: RwLock<View>,
-    /// Locks being reconciled right now (namespace/name → count).
-    inflight: Mutex<HashMap<String, usize>>,
+    // Per-lock state every write of every worker reads: sharded maps, so 16 workers do not
+    // queue on one lock. The handoff's handshake (it marks the lock draining, then waits for
+    // its writes; a write counts itself, then checks draining) needs only that each operation
+    // on a key is atomic, which each map's shard lock gives.
     /// Locks being handed off: no new reconciles start, no new write is sent.
-    draining: Mutex<HashSet<String>>,
+    draining: DashSet<String>,
     /// Writes in flight per lock (a handoff waits for them), and when a write for the lock
     /// last ended without a known outcome (it may still land: the handoff waits it out).
-    writes: Mutex<HashMap<String, (usize, Option<Instant>)>>,
+    writes: DashMap<String, (usize, Option<Instant>)>,
     /// Handoffs whose response was lost: the lock is neither worked on nor handed again until
     /// a fresh read says where the label is.
-    unresolved: Mutex<HashSet<String>>,
+    unresolved: DashSet<String>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
@@ -111,7 +114,7 @@ pub struct Sharding {
     /// Locks this replica handed off, with the resourceVersion of the handoff write: a
     /// reconcile started from a cache older than that (still showing this replica as owner)
     /// must not run.
-    released: Mutex<HashMap<String, u64>>,
+    released: DashMap<String, u64>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
@@ -119,25 +122,6 @@ pub struct Sharding {
     leaving: std::sync::atomic::AtomicBool,
     /// The leave is done: no more membership renewals.
     left: std::sync::atomic::AtomicBool,
-}
-
-/// Marks a reconcile in flight until dropped.
-pub struct InFlight<'a> {
-    sharding: &'a Sharding,
-    key: String,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.sharding.inflight.lock()
-            && let Some(n) = m.get_mut(&self.key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
 }
 
 /// One write's permission (see [`Sharding::permit`]).
@@ -151,25 +135,22 @@ pub struct WritePermit<'a> {
 impl WritePermit<'_> {
     /// The write ended without a known outcome: it may still be applied.
     pub fn unknown_outcome(&self) {
-        if let Ok(mut w) = self.sharding.writes.lock() {
-            w.entry(self.key.clone()).or_default().1 = Some(Instant::now());
-        }
+        self.sharding.writes.entry(self.key.clone()).or_default().1 = Some(Instant::now());
     }
 }
 
 impl Drop for WritePermit<'_> {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.sharding.writes.lock()
-            && let Some(e) = w.get_mut(&self.key)
-        {
+        if let Some(mut e) = self.sharding.writes.get_mut(&self.key) {
             e.0 = e.0.saturating_sub(1);
-            if e.0 == 0
-                && e.1
-                    .is_none_or(|t| t.elapsed() > self.sharding.cfg.api_timeout)
-            {
-                w.remove(&self.key);
-            }
         }
+        // Checked again under the shard's lock: a write counted meanwhile keeps the entry.
+        let timeout = self.sharding.cfg.api_timeout;
+        self.sharding
+            .writes
+            .remove_if(&self.key, |_, (n, unknown)| {
+                *n == 0 && unknown.is_none_or(|t| t.elapsed() > timeout)
+            });
     }
 }
 
@@ -186,13 +167,12 @@ impl Sharding {
             client,
             origin: Instant::now(),
             view: RwLock::default(),
-            inflight: Mutex::default(),
-            draining: Mutex::default(),
-            writes: Mutex::default(),
-            unresolved: Mutex::default(),
+            draining: DashSet::default(),
+            writes: DashMap::default(),
+            unresolved: DashSet::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             on_ownership: std::sync::OnceLock::new(),
-            released: Mutex::default(),
+            released: DashMap::default(),
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -224,35 +204,19 @@ impl Sharding {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Start a reconcile of `lock` if this replica owns it and may write; the guard marks it in
-    /// flight so a handoff waits for it.
-    pub fn begin(&self, lock: &StatefulSetLock) -> Option<InFlight<'_>> {
+    /// May a reconcile (or renewal) of `lock` start: this replica owns it, may write, and is
+    /// not handing it off? A handoff waits for the writes of one that started (each write asks
+    /// for its own [`permit`](Self::permit)), not for the plan.
+    pub fn may_begin(&self, lock: &StatefulSetLock) -> bool {
         let key = lock_key(lock);
-        if lock.labels().get(SHARD_LABEL) != Some(&self.cfg.id) || !self.may_write() {
-            return None;
-        }
-        if self.is_draining(&key) || self.predates_own_handoff(&key, lock) {
-            return None;
-        }
-        if let Ok(mut m) = self.inflight.lock() {
-            *m.entry(key.clone()).or_default() += 1;
-        }
-        Some(InFlight {
-            sharding: self,
-            key,
-        })
+        lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id)
+            && self.may_write()
+            && !self.is_draining(&key)
+            && !self.predates_own_handoff(&key, lock)
     }
 
     fn is_draining(&self, key: &str) -> bool {
-        self.draining
-            .lock()
-            .map(|d| d.contains(key))
-            .unwrap_or(true)
-            || self
-                .unresolved
-                .lock()
-                .map(|u| u.contains(key))
-                .unwrap_or(true)
+        self.draining.contains(key) || self.unresolved.contains(key)
     }
 
     /// Is this view of the lock older than this replica's own handoff of it? Such a view
@@ -263,9 +227,8 @@ impl Sharding {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         self.released
-            .lock()
-            .map(|r| r.get(key).is_some_and(|handed_off| seen < *handed_off))
-            .unwrap_or(true)
+            .get(key)
+            .is_some_and(|handed_off| seen < *handed_off)
     }
 
     /// The fence generation (see the field).
@@ -302,9 +265,7 @@ impl Sharding {
         }
         // Counted in flight before the window is read: a handoff that sets `draining` after
         // the check above waits for this write.
-        if let Ok(mut w) = self.writes.lock() {
-            w.entry(key.clone()).or_default().0 += 1;
-        }
+        self.writes.entry(key.clone()).or_default().0 += 1;
         let permit = WritePermit {
             sharding: self,
             key,
@@ -690,10 +651,7 @@ impl Sharding {
 
     /// Handoffs whose response was lost: read the lock to see where its label is.
     async fn resolve_unknown_handoffs(&self) {
-        let keys: Vec<String> = match self.unresolved.lock() {
-            Ok(u) => u.iter().cloned().collect(),
-            Err(_) => return,
-        };
+        let keys: Vec<String> = self.unresolved.iter().map(|k| k.key().clone()).collect();
         for key in keys {
             let Some((ns, name)) = key.split_once('/') else {
                 continue;
@@ -716,9 +674,7 @@ impl Sharding {
                             f(l, false);
                         }
                     }
-                    if let Ok(mut u) = self.unresolved.lock() {
-                        u.remove(&key);
-                    }
+                    self.unresolved.remove(&key);
                 }
                 Err(e) => tracing::warn!(error = %e, lock = %key, "handoff outcome unknown"),
             }
@@ -726,13 +682,11 @@ impl Sharding {
     }
 
     fn record_released(&self, key: &str, updated: &StatefulSetLock) {
-        if let Ok(mut r) = self.released.lock() {
-            let rv = updated
-                .resource_version()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX);
-            r.insert(key.to_string(), rv);
-        }
+        let rv = updated
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        self.released.insert(key.to_string(), rv);
     }
 
     /// Drain a lock, then move its label. Draining stops new reconciles and new writes for
@@ -742,15 +696,12 @@ impl Sharding {
     /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
         let key = lock_key(lock);
-        if let Ok(mut d) = self.draining.lock() {
-            d.insert(key.clone());
-        }
+        self.draining.insert(key.clone());
         let deadline = Instant::now() + self.cfg.api_timeout * 2 + Duration::from_secs(1);
         let quiet = loop {
-            let busy = self.writes.lock().map_or(true, |w| {
-                w.get(&key).is_some_and(|(n, unknown)| {
-                    *n > 0 || unknown.is_some_and(|t| t.elapsed() <= self.cfg.api_timeout)
-                })
+            let busy = self.writes.get(&key).is_some_and(|e| {
+                let (n, unknown) = *e;
+                n > 0 || unknown.is_some_and(|t| t.elapsed() <= self.cfg.api_timeout)
             });
             if !busy {
                 break true;
@@ -772,9 +723,7 @@ impl Sharding {
         } else {
             tracing::warn!(shard = %self.cfg.id, lock = %key, "handoff put off: a write is still in flight");
         }
-        if let Ok(mut d) = self.draining.lock() {
-            d.remove(&key);
-        }
+        self.draining.remove(&key);
     }
 
     /// Write the ownership label with compare-and-swap on the lock's resourceVersion.
@@ -832,11 +781,8 @@ impl Sharding {
                 // A handoff that may have committed: until a read says otherwise, the lock is
                 // not this replica's to work on. (A claim that may have committed shows up in
                 // the lock watch, and a claimed lock is re-read before it is decided.)
-                if e.outcome_unknown()
-                    && owner != self.cfg.id
-                    && let Ok(mut u) = self.unresolved.lock()
-                {
-                    u.insert(lock_key(lock));
+                if e.outcome_unknown() && owner != self.cfg.id {
+                    self.unresolved.insert(lock_key(lock));
                 }
             }
         }

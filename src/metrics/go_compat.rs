@@ -10,8 +10,6 @@
 //! - `lease_expiration_seconds`: seconds until expiry as of the last renewal or reconcile of
 //!   the lock (a renewal sets it to the full duration).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -133,7 +131,7 @@ pub struct GoMetrics {
     ready_pods: Family<SetLabels, Gauge>,
     lease_expiration: Family<LeaseLabels, Gauge<f64, AtomicU64>>,
     /// lock key → what its gauges are labelled with now (to remove them when it goes).
-    gauges: Mutex<HashMap<String, (LockId, Option<String>)>>,
+    gauges: dashmap::DashMap<String, (LockId, Option<String>)>,
 }
 
 impl std::fmt::Debug for GoMetrics {
@@ -156,7 +154,7 @@ impl GoMetrics {
             labeling_errors: Family::default(),
             ready_pods: Family::default(),
             lease_expiration: Family::default(),
-            gauges: Mutex::default(),
+            gauges: dashmap::DashMap::default(),
         };
         let mut r = Registry::with_prefix("statefulsetlock");
         r.register(
@@ -278,8 +276,9 @@ impl GoMetrics {
     /// Keep what `id`'s gauges are labelled with; with `leader_known`, move the leader series.
     fn remember(&self, id: &LockId, leader: Option<String>, leader_known: bool) {
         let key = format!("{}/{}", id.namespace, id.name);
-        let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = g.entry(key).or_insert_with(|| (id.clone(), None));
+        // The entry's shard stays locked while the leader series moves: two reconciles of
+        // one lock cannot interleave here.
+        let mut entry = self.gauges.entry(key).or_insert_with(|| (id.clone(), None));
         if leader_known && entry.1 != leader {
             if let Some(old) = entry.1.take() {
                 self.leader.remove(&leader_labels(&entry.0, &old));
@@ -294,8 +293,7 @@ impl GoMetrics {
 
     /// The lock is no longer this replica's: its gauges go (the new owner exports them).
     pub fn forget(&self, key: &str) {
-        let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, leader)) = g.remove(key) {
+        if let Some((_, (id, leader))) = self.gauges.remove(key) {
             if let Some(l) = leader {
                 self.leader.remove(&leader_labels(&id, &l));
             }

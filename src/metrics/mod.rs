@@ -10,8 +10,6 @@
 
 pub mod go_compat;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -93,7 +91,7 @@ pub struct Metrics {
     rate_limit_wait_seconds: Counter<f64, AtomicU64>,
     /// Locks of this replica without a Ready writer, since when (wall clock, like the pods'
     /// Ready transitions the failover duration is measured from).
-    writerless: Mutex<HashMap<String, Timestamp>>,
+    writerless: dashmap::DashMap<String, Timestamp>,
     namespaces: Option<NamespaceMetrics>,
     /// The Go operator's `statefulsetlock_*` series (`--go-metrics`).
     go: Option<go_compat::GoMetrics>,
@@ -138,7 +136,7 @@ impl Metrics {
             api_requests: Family::default(),
             rate_limit_waits: Counter::default(),
             rate_limit_wait_seconds: Counter::default(),
-            writerless: Mutex::default(),
+            writerless: dashmap::DashMap::default(),
             namespaces: per_namespace.then(|| NamespaceMetrics {
                 failovers: Family::default(),
                 writerless_locks: Family::default(),
@@ -416,14 +414,18 @@ impl Metrics {
                 }
             }
         }
-        // Every update below leaves the map consistent, so a poisoned lock is still usable.
-        let mut wl = self.writerless.lock().unwrap_or_else(|p| p.into_inner());
         match writerless(o, plan) {
             Some(true) => {
-                wl.entry(key).or_insert(started);
+                if let dashmap::Entry::Vacant(v) = self.writerless.entry(key) {
+                    v.insert(started);
+                    self.count_writerless(&o.namespace, 1);
+                }
             }
             Some(false) | None => {
-                let since = wl.remove(&key);
+                let since = self.writerless.remove(&key).map(|(_, t)| t);
+                if since.is_some() {
+                    self.count_writerless(&o.namespace, -1);
+                }
                 // A failover's gap already covers the time since the writer was lost (it
                 // starts no later than this lock entered the writer-less set).
                 match (failover_gap, since) {
@@ -435,19 +437,17 @@ impl Metrics {
                 };
             }
         }
-        self.writerless_locks.set(wl.len() as i64);
-        self.count_namespace_writerless(&wl, &o.namespace);
     }
 
-    fn count_namespace_writerless(&self, wl: &HashMap<String, Timestamp>, namespace: &str) {
+    /// A lock of `namespace` entered (+1) or left (-1) the writer-less set.
+    fn count_writerless(&self, namespace: &str, delta: i64) {
+        self.writerless_locks.inc_by(delta);
         if let Some(ns) = &self.namespaces {
-            let prefix = format!("{namespace}/");
-            let n = wl.keys().filter(|k| k.starts_with(&prefix)).count();
             ns.writerless_locks
                 .get_or_create(&NamespaceLabel {
                     namespace: namespace.to_string(),
                 })
-                .set(n as i64);
+                .inc_by(delta);
         }
     }
 
@@ -456,13 +456,8 @@ impl Metrics {
         if let Some(go) = &self.go {
             go.forget(key);
         }
-        if let Ok(mut wl) = self.writerless.lock()
-            && wl.remove(key).is_some()
-        {
-            self.writerless_locks.set(wl.len() as i64);
-            if let Some((namespace, _)) = key.split_once('/') {
-                self.count_namespace_writerless(&wl, namespace);
-            }
+        if self.writerless.remove(key).is_some() {
+            self.count_writerless(key.split_once('/').map_or("", |(ns, _)| ns), -1);
         }
     }
 

@@ -37,7 +37,7 @@ pub struct Context {
     /// Namespaces this install handles.
     pub scope: Arc<crate::scope::Scope>,
     /// Consecutive failed reconciles per lock, for exponential backoff.
-    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    pub failures: dashmap::DashMap<String, u32>,
     /// This replica's metrics (one per replica: several share a process in tests and dev).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -74,15 +74,11 @@ fn backoff(failures: u32, err: &Error) -> Duration {
 
 pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = crate::api::lock_key(&lock);
-    let failures = ctx
-        .failures
-        .lock()
-        .map(|mut m| {
-            let n = m.entry(key.clone()).or_default();
-            *n = n.saturating_add(1);
-            *n
-        })
-        .unwrap_or(1);
+    let failures = {
+        let mut n = ctx.failures.entry(key.clone()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
     let delay = backoff(failures, err);
     // The plan may have failed before it scheduled the renewal (after a restart nothing has
     // scheduled it yet): the renewal lane keeps a held Lease renewed meanwhile, with its own
@@ -141,7 +137,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     }
     // Only the replica named by the lock's shard label works on it, and only while its own
     // membership is surely live.
-    let Some(_inflight) = ctx.sharding.begin(&lock) else {
+    if !ctx.sharding.may_begin(&lock) {
         let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
         if !mine {
             ctx.metrics.forget_lock(&key);
@@ -151,7 +147,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         } else {
             Action::await_change()
         });
-    };
+    }
     let _busy = ctx.metrics.reconcile_started();
     let started = std::time::Instant::now();
     let result = async {
@@ -204,9 +200,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             apply::apply(&lock, &observed, &plan, &ctx, generation),
         )
         .await?;
-        if let Ok(mut m) = ctx.failures.lock() {
-            m.remove(&key);
-        }
+        ctx.failures.remove(&key);
         if let Some(after) = plan.renew_after {
             // Renewed (or not due) as of now: the lane's entry starts from here.
             ctx.renewals.schedule(lock_ref, after);
