@@ -22,19 +22,8 @@ async fn kubectl_story_with_the_seed_samples() {
     let k = env.kubectl();
 
     // make install, then the operator, then the samples exactly as a user applies them.
-    k.run(&[
-        "apply",
-        "-f",
-        "deploy/crd/app.anukkrit.me_statefulsetlocks.yaml",
-    ])
-    .await;
-    k.run(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/statefulsetlocks.app.anukkrit.me",
-        "--timeout=20s",
-    ])
-    .await;
+    k.install_crd("deploy/crd/app.anukkrit.me_statefulsetlocks.yaml")
+        .await;
     let mut args = env.operator_args("stslock-0");
     args.concurrency = 4;
     env.start_operator_with("stslock-0", args).await;

@@ -38,15 +38,7 @@ async fn the_readmes_migration_procedure_works() {
     // --- The cluster as the Go operator runs it: its CRD, its manager, the samples applied as
     // its README says (`kubectl apply -k`), and what it wrote: a finalizer, an unmarked Lease,
     // the role labels, its status.
-    k.run(&["apply", "-f", "tests/fixtures/go-operator-crd.yaml"])
-        .await;
-    k.run(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/statefulsetlocks.app.anukkrit.me",
-        "--timeout=30s",
-    ])
-    .await;
+    k.install_crd("tests/fixtures/go-operator-crd.yaml").await;
     let manager = file(
         "manager.yaml",
         &format!(
@@ -117,19 +109,8 @@ async fn the_readmes_migration_procedure_works() {
         .await;
     assert_eq!(replicas.trim(), "0");
     // 2. make install: our CRD over the Go one; every lock stays.
-    k.run(&[
-        "apply",
-        "-f",
-        "deploy/crd/app.anukkrit.me_statefulsetlocks.yaml",
-    ])
-    .await;
-    k.run(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/statefulsetlocks.app.anukkrit.me",
-        "--timeout=30s",
-    ])
-    .await;
+    k.install_crd("deploy/crd/app.anukkrit.me_statefulsetlocks.yaml")
+        .await;
     // 3. make deploy (here: the harness starts the operator).
     let args = env.operator_args("stslock-0");
     env.start_operator_with("stslock-0", args).await;

@@ -20,7 +20,7 @@ use stslock::api::{SHARD_LABEL, StatefulSetLock};
 use stslock::config::OperatorArgs;
 
 mod common;
-use common::sim::{Replica, assert_never_two_writers, sim, until};
+use common::sim::{Replica, assert_never_two_writers, sim_with_crd, until};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -181,9 +181,7 @@ fn audit(log: &[CommitRecord]) -> OwnershipAudit {
 /// phases.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_membership_watch_does_not_make_a_live_peer_look_dead() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     statefulsets(&client, 0..20, 1).await;
     locks(&client, 0..20, 4).await;
     let a = start(&sim, "a", |a| a.membership_lease_seconds = 6);
@@ -241,9 +239,7 @@ async fn stalled_membership_watch_does_not_make_a_live_peer_look_dead() {
 /// a lock's owner may write for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_membership_lease_is_not_an_instant_death() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     statefulsets(&client, 0..20, 1).await;
     locks(&client, 0..20, 4).await;
     let a = start(&sim, "a", |_| {});
@@ -297,9 +293,7 @@ async fn deleted_membership_lease_is_not_an_instant_death() {
 /// zero writes for a lock by a replica that was not its owner at that commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_with_a_lost_response_leaves_no_writes_by_the_old_owner() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     statefulsets(&client, 0..10, 2).await;
     locks(&client, 0..10, 2).await;
     let a = start(&sim, "a", |_| {});
@@ -371,9 +365,7 @@ async fn handoff_with_a_lost_response_leaves_no_writes_by_the_old_owner() {
 /// owner's writer: zero writes for a lock by a replica that was not its owner at that commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_waits_until_the_old_owners_plan_can_no_longer_write() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let n = 6;
     statefulsets(&client, 0..n, 5).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

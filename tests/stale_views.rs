@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use stslock::api::{EPOCH_ANNOTATION, SHARD_LABEL, StatefulSetLock, WRITER_UID_ANNOTATION};
 
 mod common;
-use common::sim::{assert_never_two_writers, sim, start, until};
+use common::sim::{assert_never_two_writers, sim_with_crd, start, until};
 
 const ROLE: &str = "sts-role";
 
@@ -323,9 +323,7 @@ fn epoch_violations(tap: &Tap) -> (Vec<String>, Vec<String>) {
 /// an epoch ≥ all before it, and each epoch names one pod UID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_lease_write_then_deleted_lease_never_reissues_or_lowers_the_epoch() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let tap = Tap::start(&sim);
     let op = start(&sim, "op", |a| a.api_timeout_seconds = 3);
     statefulset(&client, "db", 3).await;
@@ -422,9 +420,7 @@ async fn lost_lease_write_then_deleted_lease_never_reissues_or_lowers_the_epoch(
 /// version of it has renewTime + leaseDurationSeconds in the future.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_lease_watch_and_third_party_edits_never_let_the_lease_lapse() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let tap = Tap::start(&sim);
     let op = start(&sim, "op", |a| a.api_timeout_seconds = 2);
     statefulset(&client, "db", 2).await;
@@ -501,9 +497,7 @@ async fn half_open_lease_watch_and_third_party_edits_never_let_the_lease_lapse()
 /// still be renewed on time: no Ready writer's Lease lapses at any instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconciles() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let tap = Tap::start(&sim);
     let n = 10;
     sets_and_locks(&client, n, 10).await;
@@ -599,9 +593,7 @@ async fn claimed_locks_are_renewed_while_the_tenant_budget_defers_their_reconcil
 /// Lease lapses at any instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let tap = Tap::start(&sim);
     let n = 12;
     sets_and_locks(&client, n, 6).await;
@@ -648,9 +640,7 @@ async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock()
 /// switch to `any_semantic()` without those re-reads would fail here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_from_stale_reads_does_not_relabel_the_old_writer_or_reuse_an_epoch() {
-    let sim = sim();
-    let client = sim.client_as("test");
-    stslock::dev::install_crd(&client).await.unwrap();
+    let (sim, client) = sim_with_crd().await;
     let tap = Tap::start(&sim);
     let op = start(&sim, "op", |_| {});
     statefulset(&client, "db", 3).await;

@@ -2283,6 +2283,19 @@ impl Kubectl {
         out
     }
 
+    /// `kubectl apply -f crd`, then wait until the StatefulSetLock CRD is Established (as a user
+    /// does after `make install`).
+    pub async fn install_crd(&self, crd: &str) {
+        self.run(&["apply", "-f", crd]).await;
+        self.run(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/statefulsetlocks.app.anukkrit.me",
+            "--timeout=30s",
+        ])
+        .await;
+    }
+
     pub async fn until(&self, args: &[&str], what: &str, pred: impl Fn(&str) -> bool) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {

@@ -18,6 +18,16 @@ pub fn sim() -> Sim {
     Sim::start(cfg)
 }
 
+/// [`sim`] with the StatefulSetLock CRD installed, and a client acting as the test (`test`).
+pub async fn sim_with_crd() -> (Sim, kube::Client) {
+    let sim = sim();
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client)
+        .await
+        .expect("install the CRD");
+    (sim, client)
+}
+
 /// One operator replica started by [`start`].
 pub struct Replica {
     pub stop: oneshot::Sender<()>,
