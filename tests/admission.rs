@@ -1,0 +1,275 @@
+//! The role label guarded at admission (`deploy/admission`, a ValidatingAdmissionPolicy) on a
+//! real apiserver: with the policy applied as a user applies it, the operator — authenticated as
+//! its ServiceAccount from `deploy/rbac` — elects and labels as usual, while a user who may patch
+//! pods is refused setting, changing or removing the role label or the epoch annotation (and
+//! may still change other labels).
+//!
+//! Needs the real control plane (`loadtest/controlplane`, built from source on first use).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are failures
+
+use std::time::Duration;
+
+use controlplane::{ControlPlane, Options, repo_path};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use stslock::api::StatefulSetLock;
+use stslock::config::OperatorArgs;
+
+const NS: &str = "guarded";
+const CALL: Duration = Duration::from_secs(10);
+
+/// `what` within [`CALL`].
+async fn timed<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(CALL, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {CALL:?}"))
+}
+
+/// A Role that may read and patch pods in [`NS`], bound to user `user`.
+async fn pod_patcher(admin: &Client, user: &str) {
+    let roles: Api<Role> = Api::namespaced(admin.clone(), NS);
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), NS);
+    timed(
+        "create Role",
+        roles.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "pod-patcher"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch", "update"]}]
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    timed(
+        "create RoleBinding",
+        bindings.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": format!("{user}-patches-pods")},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-patcher"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// A client acting as user `name` (the admin impersonating it: RBAC and admission see `name`).
+async fn client_as(cp: &ControlPlane, name: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(&cp.kubeconfig_path).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.auth_info.impersonate = Some(name.to_string());
+    Client::try_from(config).unwrap()
+}
+
+async fn until<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The pods of `db` by role label.
+async fn roles(pods: &Api<Pod>) -> Vec<(String, Option<String>)> {
+    let list = timed(
+        "list pods",
+        pods.list(&ListParams::default().labels("app=db")),
+    )
+    .await
+    .unwrap();
+    let mut out: Vec<_> = list
+        .items
+        .iter()
+        .map(|p| (p.name_any(), p.labels().get("sts-role").cloned()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Patch pod `name`'s metadata as `client`; the refusal's message, if refused.
+async fn patch_meta(client: &Client, name: &str, meta: Value) -> Result<(), String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    match timed(
+        "patch a pod",
+        pods.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": meta})),
+        ),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) => Err(format!("{} {}", e.code, e.message)),
+        Err(e) => panic!("patch {name}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_may_write_the_role_label() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let admin = cp.admin_client().await.unwrap();
+    stslock::dev::install_crd(&admin).await.expect("crd");
+    // The policy, applied as the README says.
+    let out = tokio::process::Command::new(controlplane::kubectl().unwrap())
+        .args(["apply", "-k", "deploy/admission"])
+        .env("KUBECONFIG", &cp.kubeconfig_path)
+        .current_dir(repo_path("."))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("kubectl in time")
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl apply -k deploy/admission: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A user who may read and patch pods in the namespace, nothing else.
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    timed(
+        "create namespace",
+        namespaces.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    pod_patcher(&admin, "alice").await;
+    // The operator as its ServiceAccount, exactly deploy/rbac.
+    let identity = cp
+        .install_operator_identity(
+            &repo_path("deploy/rbac"),
+            "stslock/admission",
+            Duration::from_secs(3600),
+        )
+        .await
+        .expect("operator identity");
+    let operator_client = identity.client().await.unwrap();
+    // Policy and RBAC reach admission and the authorizer through informers: give them a moment.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut args = OperatorArgs::for_shard("admission");
+    args.namespace = Some("stslock-system".into());
+    args.api_timeout_seconds = 3;
+    args.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(stslock::replica::run_with(
+        operator_client,
+        args,
+        async {
+            let _ = stopped.await;
+        },
+        stslock::replica::RunOptions::default(),
+    ));
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(admin.clone(), NS);
+    timed(
+        "create StatefulSet",
+        sets.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "db"},
+                "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                    "template": {"metadata": {"labels": {"app": "db"}},
+                        "spec": {"containers": [{"name": "db", "image": "registry.invalid/db:1"}]}}}
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let locks: Api<StatefulSetLock> = Api::namespaced(admin.clone(), NS);
+    timed(
+        "create lock",
+        locks.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+                "metadata": {"name": "lock"},
+                "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 30}
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    // The operator's label writes pass the policy: it elects and labels both pods.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let elected = vec![
+        ("db-0".to_string(), Some("writer".to_string())),
+        ("db-1".to_string(), Some("reader".to_string())),
+    ];
+    until(
+        60,
+        "db-0 writer and db-1 reader, labelled by the operator",
+        async || (roles(&pods).await == elected).then_some(()),
+    )
+    .await;
+
+    let alice = client_as(&cp, "alice").await;
+    // She may patch pods...
+    patch_meta(&alice, "db-0", json!({"labels": {"team": "storage"}}))
+        .await
+        .expect("alice may change other labels");
+    // ...but not the role label: not a second writer, not a demotion, not a removal...
+    for (pod, meta) in [
+        ("db-1", json!({"labels": {"sts-role": "writer"}})),
+        ("db-0", json!({"labels": {"sts-role": "reader"}})),
+        ("db-0", json!({"labels": {"sts-role": null}})),
+        // ...nor the epoch annotation.
+        (
+            "db-0",
+            json!({"annotations": {"app.anukkrit.me/writer-epoch": "7"}}),
+        ),
+        (
+            "db-1",
+            json!({"annotations": {"app.anukkrit.me/writer-epoch": "0"}}),
+        ),
+    ] {
+        let refused = patch_meta(&alice, pod, meta.clone())
+            .await
+            .expect_err(&format!("alice may not patch {pod} with {meta}"));
+        assert!(
+            refused.contains("only the stslock operator may set, change or remove")
+                && refused.contains("stslock-role-label-guard"),
+            "refusal of {meta} on {pod}: {refused}"
+        );
+    }
+    assert_eq!(roles(&pods).await, elected, "the roles are untouched");
+    let db0 = timed("get db-0", pods.get("db-0")).await.unwrap();
+    assert_eq!(
+        db0.annotations()
+            .get("app.anukkrit.me/writer-epoch")
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        db0.labels().get("team").map(String::as_str),
+        Some("storage")
+    );
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    cp.stop().await.unwrap();
+}
