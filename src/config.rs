@@ -180,4 +180,167 @@ impl OperatorArgs {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "stslock".into())
     }
+
+    /// Check, before anything is written, every value the replica writes into a name, a label
+    /// or a selector: the shard id and group (label values on locks and membership Leases, and
+    /// the membership Lease's name `<group>-<id>`), the role label key, and the namespaces.
+    /// The error names the flag, the value and what is wrong with it.
+    pub fn validate(&self) -> Result<(), String> {
+        let id = self.identity();
+        let flag = |name: &str, value: &str, why: String| format!("{name} {value:?}: {why}");
+        label_value(&id).map_err(|w| flag("--shard-id", &id, w))?;
+        label_value(&self.shard_group).map_err(|w| flag("--shard-group", &self.shard_group, w))?;
+        if self.shard_group.is_empty() {
+            return Err(flag("--shard-group", "", "must not be empty".into()));
+        }
+        let lease = format!("{}-{id}", self.shard_group);
+        dns_subdomain(&lease).map_err(|w| {
+            format!(
+                "--shard-group {:?} and --shard-id {id:?} name the membership Lease {lease:?}, which {w}",
+                self.shard_group
+            )
+        })?;
+        qualified_name(&self.role_label).map_err(|w| flag("--role-label", &self.role_label, w))?;
+        let namespaces = self.namespace.iter().map(|n| ("--namespace", n));
+        for (name, ns) in namespaces.chain(self.namespaces.iter().map(|n| ("--namespaces", n))) {
+            dns_label(ns).map_err(|w| flag(name, ns, format!("not a namespace name: {w}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn alnum(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+}
+
+/// A label value: at most 63 characters, empty or alphanumerics at both ends with `-`, `_`, `.`
+/// and alphanumerics between (apimachinery's `IsValidLabelValue`).
+pub fn label_value(v: &str) -> Result<(), String> {
+    if v.len() > 63 {
+        return Err(format!(
+            "must be no more than 63 characters (is {})",
+            v.len()
+        ));
+    }
+    let ok = v.is_empty()
+        || (v.starts_with(alnum)
+            && v.ends_with(alnum)
+            && v.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.')));
+    if ok {
+        Ok(())
+    } else {
+        Err("a valid label value must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character".into())
+    }
+}
+
+/// A DNS-1123 label: at most 63 lower-case alphanumerics or `-`, alphanumeric at both ends.
+pub fn dns_label(v: &str) -> Result<(), String> {
+    let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if v.is_empty() || v.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if v.starts_with(lower) && v.ends_with(lower) && v.chars().all(|c| lower(c) || c == '-') {
+        Ok(())
+    } else {
+        Err("must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character".into())
+    }
+}
+
+/// A DNS-1123 subdomain: at most 253 characters, dot-separated DNS-1123 labels.
+pub fn dns_subdomain(v: &str) -> Result<(), String> {
+    if v.len() > 253 {
+        return Err(format!(
+            "must be no more than 253 characters (is {})",
+            v.len()
+        ));
+    }
+    v.split('.')
+        .try_for_each(dns_label)
+        .map_err(|_| "must be a lower case RFC 1123 subdomain (lower case alphanumerics, '-' and '.', alphanumeric at both ends)".into())
+}
+
+/// A label key: an optional DNS subdomain prefix and `/`, then a name of at most 63
+/// characters, alphanumeric at both ends with `-`, `_`, `.` between.
+pub fn qualified_name(v: &str) -> Result<(), String> {
+    let (prefix, name) = match v.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, v),
+    };
+    if let Some(p) = prefix {
+        dns_subdomain(p).map_err(|w| format!("prefix {p:?} {w}"))?;
+    }
+    if name.is_empty() {
+        return Err("name part must not be empty".into());
+    }
+    label_value(name).map_err(|w| format!("name part {w}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Edit = Box<dyn FnOnce(&mut OperatorArgs)>;
+
+    fn args(f: impl FnOnce(&mut OperatorArgs)) -> Result<(), String> {
+        let mut a = OperatorArgs::for_shard("stslock-0");
+        f(&mut a);
+        a.validate()
+    }
+
+    #[test]
+    fn the_defaults_and_usual_values_pass() {
+        assert_eq!(args(|_| {}), Ok(()));
+        assert_eq!(
+            args(|a| {
+                a.role_label = "example.com/role".into();
+                a.namespace = Some("stslock-system".into());
+                a.namespaces = vec!["team-a".into(), "b".into()];
+                a.shard_id = Some("stslock-7f9c-0".into());
+            }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn every_value_written_into_a_name_or_label_is_checked_with_the_flag_named() {
+        let cases: [(&str, Edit); 8] = [
+            (
+                "--shard-id \"bad id\"",
+                Box::new(|a| a.shard_id = Some("bad id".into())),
+            ),
+            (
+                "--shard-id",
+                Box::new(|a| a.shard_id = Some("x".repeat(64))),
+            ),
+            // A valid label value, but the membership Lease name must be lower case.
+            (
+                "membership Lease \"stslock-Node_1\"",
+                Box::new(|a| a.shard_id = Some("Node_1".into())),
+            ),
+            (
+                "--shard-group \"-g\"",
+                Box::new(|a| a.shard_group = "-g".into()),
+            ),
+            (
+                "--shard-group \"\": must not be empty",
+                Box::new(|a| a.shard_group = String::new()),
+            ),
+            (
+                "--role-label \"role!\"",
+                Box::new(|a| a.role_label = "role!".into()),
+            ),
+            (
+                "--namespace \"Team\"",
+                Box::new(|a| a.namespace = Some("Team".into())),
+            ),
+            (
+                "--namespaces \"a_b\"",
+                Box::new(|a| a.namespaces = vec!["ok".into(), "a_b".into()]),
+            ),
+        ];
+        for (expected, f) in cases {
+            let err = args(f).expect_err(expected);
+            assert!(err.contains(expected), "{err:?} should name {expected:?}");
+        }
+    }
 }

@@ -153,6 +153,16 @@ pub fn shard_metrics_addr(base: SocketAddr, i: usize) -> SocketAddr {
     SocketAddr::new(base.ip(), port)
 }
 
+/// `stslock dev` is a single-machine tool: an address on every interface (the `run` default)
+/// becomes the same port on loopback. A specific address is kept.
+pub fn loopback(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}
+
 /// Run kubesim, install the CRD, apply the samples, run the operator until `shutdown`.
 pub async fn run(
     dev: DevArgs,
@@ -177,7 +187,7 @@ pub async fn run(
         let mut args = operator.clone();
         let id = format!("stslock-{i}");
         args.shard_id = Some(id.clone());
-        args.metrics_addr = shard_metrics_addr(operator.metrics_addr, i);
+        args.metrics_addr = shard_metrics_addr(loopback(operator.metrics_addr), i);
         let client = sim.client_as(&format!("stslock/{id}"));
         let mut stop = stop_rx.clone();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
@@ -217,6 +227,12 @@ mod tests {
     fn each_shard_gets_its_own_metrics_port() {
         let base: SocketAddr = "127.0.0.1:8080".parse().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(shard_metrics_addr(base, 0), base);
+        let everywhere: SocketAddr = "0.0.0.0:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            loopback(everywhere),
+            "127.0.0.1:8080".parse().unwrap_or_else(|e| panic!("{e}"))
+        );
+        assert_eq!(loopback(base), base, "a chosen address is kept");
         assert_eq!(
             shard_metrics_addr(base, 2),
             "127.0.0.1:8082".parse().unwrap_or_else(|e| panic!("{e}"))

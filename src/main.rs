@@ -91,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", stslock::api::crd_yaml()?);
         }
         Command::Run(args) => {
+            args.validate()
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
             let telemetry = init_telemetry(
                 &args,
                 stslock::telemetry::Otlp::FromEnv,

@@ -103,6 +103,9 @@ pub async fn run_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     options: RunOptions,
 ) -> anyhow::Result<()> {
+    // Nothing is written with a value the API server would refuse halfway through.
+    args.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let identity = args.identity();
     let metrics = Arc::new(
         crate::metrics::Metrics::new_with(&identity, args.namespace_metrics)
