@@ -16,24 +16,18 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use stslock::api::StatefulSetLock;
 use stslock::config::OperatorArgs;
 
-const NS: &str = "guarded";
-const CALL: Duration = Duration::from_secs(10);
+mod common;
+use common::{call, db_and_lock, poll};
 
-/// `what` within [`CALL`].
-async fn timed<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(CALL, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no answer within {CALL:?}"))
-}
+const NS: &str = "guarded";
 
 /// A Role that may read and patch pods in [`NS`], bound to user `user`.
 async fn pod_patcher(admin: &Client, user: &str) {
     let roles: Api<Role> = Api::namespaced(admin.clone(), NS);
     let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), NS);
-    timed(
+    call(
         "create Role",
         roles.create(
             &PostParams::default(),
@@ -46,7 +40,7 @@ async fn pod_patcher(admin: &Client, user: &str) {
     )
     .await
     .unwrap();
-    timed(
+    call(
         "create RoleBinding",
         bindings.create(
             &PostParams::default(),
@@ -73,23 +67,9 @@ async fn client_as(cp: &ControlPlane, name: &str) -> Client {
     Client::try_from(config).unwrap()
 }
 
-async fn until<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The pods of `db` by role label.
 async fn roles(pods: &Api<Pod>) -> Vec<(String, Option<String>)> {
-    let list = timed(
+    let list = call(
         "list pods",
         pods.list(&ListParams::default().labels("app=db")),
     )
@@ -107,7 +87,7 @@ async fn roles(pods: &Api<Pod>) -> Vec<(String, Option<String>)> {
 /// Patch pod `name`'s metadata as `client`; the refusal's message, if refused.
 async fn patch_meta(client: &Client, name: &str, meta: Value) -> Result<(), String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    match timed(
+    match call(
         "patch a pod",
         pods.patch(
             name,
@@ -148,7 +128,7 @@ async fn only_the_operator_may_write_the_role_label() {
     );
     // A user who may read and patch pods in the namespace, nothing else.
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    timed(
+    call(
         "create namespace",
         namespaces.create(
             &PostParams::default(),
@@ -183,47 +163,20 @@ async fn only_the_operator_may_write_the_role_label() {
         },
         stslock::replica::RunOptions::default(),
     ));
-    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(admin.clone(), NS);
-    timed(
-        "create StatefulSet",
-        sets.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "db"},
-                "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
-                    "template": {"metadata": {"labels": {"app": "db"}},
-                        "spec": {"containers": [{"name": "db", "image": "registry.invalid/db:1"}]}}}
-            }))
-            .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
-    let locks: Api<StatefulSetLock> = Api::namespaced(admin.clone(), NS);
-    timed(
-        "create lock",
-        locks.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-                "metadata": {"name": "lock"},
-                "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 30}
-            }))
-            .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
+    db_and_lock(&admin, NS, 2).await;
     // The operator's label writes pass the policy: it elects and labels both pods.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
     let elected = vec![
         ("db-0".to_string(), Some("writer".to_string())),
         ("db-1".to_string(), Some("reader".to_string())),
     ];
-    until(
+    poll(
         60,
         "db-0 writer and db-1 reader, labelled by the operator",
-        async || (roles(&pods).await == elected).then_some(()),
+        || {
+            let (pods, elected) = (pods.clone(), elected.clone());
+            Box::pin(async move { (roles(&pods).await == elected).then_some(()) })
+        },
     )
     .await;
 
@@ -257,7 +210,7 @@ async fn only_the_operator_may_write_the_role_label() {
         );
     }
     assert_eq!(roles(&pods).await, elected, "the roles are untouched");
-    let db0 = timed("get db-0", pods.get("db-0")).await.unwrap();
+    let db0 = call("get db-0", pods.get("db-0")).await.unwrap();
     assert_eq!(
         db0.annotations()
             .get("app.anukkrit.me/writer-epoch")

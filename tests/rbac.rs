@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controlplane::{ControlPlane, Options, repo_path};
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
@@ -22,6 +21,9 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use stslock::api::StatefulSetLock;
 use stslock::config::OperatorArgs;
+
+mod common;
+use common::db_and_lock;
 
 /// How long a stage of the story may take before it counts as broken.
 const STAGE: Duration = Duration::from_secs(12);
@@ -156,32 +158,8 @@ async fn story(admin: &Client, ns: &str, metrics: std::net::SocketAddr) -> Resul
         )
         .await
         .unwrap();
-    let sets: Api<StatefulSet> = Api::namespaced(admin.clone(), ns);
-    sets.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "db"},
-            "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
-                "template": {"metadata": {"labels": {"app": "db"}},
-                    "spec": {"containers": [{"name": "db", "image": "registry.invalid/db:1"}]}}}
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
+    db_and_lock(admin, ns, 2).await;
     let locks: Api<StatefulSetLock> = Api::namespaced(admin.clone(), ns);
-    locks
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-                "metadata": {"name": "lock"},
-                "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 30}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
     let events: Api<Event> = Api::namespaced(admin.clone(), ns);

@@ -1357,6 +1357,43 @@ fn rv(p: &Pod) -> u64 {
         .unwrap_or(0)
 }
 
+/// StatefulSet `db` (`replicas` pods labelled `app=db`, an image nothing pulls) and
+/// StatefulSetLock `lock` for it (Lease `db-lease`, 30 s), created in `ns` as `client`: the
+/// smallest story, for suites that drive a control plane without an [`Env`].
+pub async fn db_and_lock(client: &kube::Client, ns: &str, replicas: i32) {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    call(
+    "create StatefulSet db",
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "db"},
+            "spec": {"replicas": replicas, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": {"app": "db"}},
+                    "spec": {"containers": [{"name": "db", "image": "registry.invalid/db:1"}]}}}
+        }))
+        .expect("StatefulSet"),
+    ),
+)
+.await
+.expect("create StatefulSet db");
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), ns);
+    call(
+    "create lock",
+    locks.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "lock"},
+            "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 30}
+        }))
+        .expect("lock"),
+    ),
+)
+.await
+.expect("create lock");
+}
+
 /// Polls until `f` holds, failing after `secs`.
 pub async fn poll<T>(
     secs: u64,
