@@ -3,22 +3,14 @@
 //! against kubesim over loopback, or kubectl 1.33 against the real apiserver (`tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::time::Duration;
 
 mod common;
 use common::{Backend, Env, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_story_with_the_seed_samples() {
-    let mut env = Env::start_with(Options {
-        // The operator starts after `make install`, below.
-        replicas: 0,
-        pod_ready_delay: Duration::from_millis(50),
-        install_crd: false,
-        serve_http: true,
-        ..Options::default()
-    })
-    .await;
+    // The operator starts after `make install`, below.
+    let mut env = Env::start_with(Options::user_story()).await;
     let k = env.kubectl();
 
     // make install, then the operator, then the samples exactly as a user applies them.

@@ -5,7 +5,6 @@
 //! backend) where the procedure deploys it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::time::Duration;
 
 mod common;
 use common::{Env, Options, ROLE_LABEL};
@@ -15,14 +14,7 @@ const GO_DEPLOYMENT: &str = "sts-leader-elect-operator-controller-manager";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_migration_procedure_works() {
-    let mut env = Env::start_with(Options {
-        replicas: 0,
-        pod_ready_delay: Duration::from_millis(50),
-        install_crd: false,
-        serve_http: true,
-        ..Options::default()
-    })
-    .await;
+    let mut env = Env::start_with(Options::user_story()).await;
     let go_ns = env
         .add_namespace("sts-leader-elect-operator-system", serde_json::json!({}))
         .await;

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use kube::api::ListParams;
 use serde_json::json;
-use stslock::api::SHARD_LABEL;
 
 mod common;
-use common::{Env, Options, Write, call};
+use common::{Env, Options, Write, call, lock_owners};
 
 /// An environment without operators that records each lock's owner over time.
 async fn env(partitionable: bool) -> Env {
@@ -81,13 +80,7 @@ async fn assert_only_owners_wrote(env: &Env, what: &str, min_checked: usize) {
 
 /// Owner label of every lock (None when unlabelled).
 async fn owners(env: &Env) -> BTreeMap<String, Option<String>> {
-    call("list locks", env.locks().list(&ListParams::default()))
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|l| (l.name_any(), l.labels().get(SHARD_LABEL).cloned()))
-        .collect()
+    lock_owners(&env.locks()).await
 }
 
 async fn until_owned_by(

@@ -21,6 +21,7 @@ use stslock::config::OperatorArgs;
 
 mod common;
 use common::sim::{Replica, assert_never_two_writers, sim_with_crd, until};
+use common::{lock_owners, pod_ready};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -59,15 +60,7 @@ async fn locks(client: &Client, range: std::ops::Range<usize>, lease_seconds: i3
 
 /// Owner label of every lock.
 async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
-    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
-    locks
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|l| (l.name_any(), l.labels().get(SHARD_LABEL).cloned()))
-        .collect()
+    lock_owners(&Api::namespaced(client.clone(), "default")).await
 }
 
 /// Every lock labelled with its owner on the ring of the `live` replicas (rebalancing done),
@@ -373,16 +366,7 @@ async fn handoff_waits_until_the_old_owners_plan_can_no_longer_write() {
         let pods = pods.clone();
         async move {
             let l = pods.list(&ListParams::default()).await.ok()?;
-            let ready = l
-                .items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-                })
-                .count();
+            let ready = l.items.iter().filter(|p| pod_ready(p)).count();
             (ready == n * 5).then_some(())
         }
     })

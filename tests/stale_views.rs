@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use stslock::api::{EPOCH_ANNOTATION, SHARD_LABEL, StatefulSetLock, WRITER_UID_ANNOTATION};
 
 mod common;
+use common::pod_ready;
 use common::sim::{assert_never_two_writers, sim_with_crd, start, until};
 
 const ROLE: &str = "sts-role";
@@ -654,14 +655,7 @@ async fn restart_from_stale_reads_does_not_relabel_the_old_writer_or_reuse_an_ep
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     until(10, "db-0 Ready again (a reader)", || async {
         let p = pods.get("db-0").await.ok()?;
-        let ready = p
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        (ready && p.labels().get(ROLE).map(String::as_str) == Some("reader")).then_some(())
+        (pod_ready(&p) && p.labels().get(ROLE).map(String::as_str) == Some("reader")).then_some(())
     })
     .await;
     op.stop().await;

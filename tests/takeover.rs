@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Env, Options, ROLE_LABEL, call};
+use common::{Env, Options, ROLE_LABEL, call, pod_ready};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
@@ -107,16 +107,7 @@ async fn go_operator_state(env: &Env) {
         let pods = env.pods();
         Box::pin(async move {
             let l = pods.list(&ListParams::default()).await.ok()?;
-            let ready = l
-                .items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-                })
-                .count();
+            let ready = l.items.iter().filter(|p| pod_ready(p)).count();
             (ready == LOCKS * 3).then_some(())
         })
     })

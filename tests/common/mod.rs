@@ -151,6 +151,21 @@ pub struct Options {
     pub record_owners: bool,
 }
 
+impl Options {
+    /// The cluster as a user meets it with `kubectl`: served over HTTP, no CRD yet (the test
+    /// installs it as `make install` does) and no operator (the test starts it when the story
+    /// gets there).
+    pub fn user_story() -> Options {
+        Options {
+            replicas: 0,
+            pod_ready_delay: Duration::from_millis(50),
+            install_crd: false,
+            serve_http: true,
+            ..Options::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -1392,6 +1407,25 @@ pub async fn db_and_lock(client: &kube::Client, ns: &str, replicas: i32) {
 )
 .await
 .expect("create lock");
+}
+
+/// Is the pod Ready (its `Ready` condition `True`)?
+pub fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The shard label of every lock `locks` lists (None when unlabelled), by lock name.
+pub async fn lock_owners(locks: &Api<StatefulSetLock>) -> BTreeMap<String, Option<String>> {
+    call("list locks", locks.list(&ListParams::default()))
+        .await
+        .expect("list locks")
+        .items
+        .iter()
+        .map(|l| (l.name_any(), l.labels().get(SHARD_LABEL).cloned()))
+        .collect()
 }
 
 /// Polls until `f` holds, failing after `secs`.
