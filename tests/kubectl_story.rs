@@ -3,7 +3,6 @@
 //! against kubesim over loopback, or kubectl 1.33 against the real apiserver (`tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-
 mod common;
 use common::{Backend, Env, Options};
 

@@ -5,7 +5,6 @@
 //! backend) where the procedure deploys it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-
 mod common;
 use common::{Env, Options, ROLE_LABEL};
 use stslock::api::GO_FINALIZER;

@@ -1390,3 +1390,236 @@ fn a_reservation_left_by_a_stopped_plan_is_reused_for_the_same_pod_only() {
         plan.steps
     );
 }
+
+/// Random, even inconsistent, views (pods, Lease, status and spec drawn independently, as
+/// stale caches, third parties and old operators can leave them) fed to `decide`: it never
+/// panics, never promotes while another pod keeps `writer`, promotes only the Lease's holder,
+/// never writes a Lease it does not own, and never issues an epoch at or below one that any
+/// record shows as issued. A fixed seed budget runs in the default test run.
+mod fuzz {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const UIDS: [&str; 6] = ["u0", "u1", "u2", "u3", "u4", "gone"];
+
+    fn pick<'a>(rng: &mut StdRng, from: &[&'a str]) -> &'a str {
+        from[rng.random_range(0..from.len())]
+    }
+
+    fn maybe<T>(rng: &mut StdRng, p: f64, f: impl FnOnce(&mut StdRng) -> T) -> Option<T> {
+        rng.random_bool(p).then(|| f(rng))
+    }
+
+    fn view(rng: &mut StdRng) -> Observed {
+        let n = rng.random_range(0..=4usize);
+        let pods: Vec<Candidate> = (0..n)
+            .map(|i| {
+                let mut p = Candidate::example(
+                    i as u32,
+                    // Unique per pod, as the API server makes them; records may hold others.
+                    UIDS[i].to_string(),
+                    rng.random_bool(0.7),
+                    ts(rng.random_range(0..100)),
+                );
+                p.terminating = rng.random_bool(0.1);
+                p.role = match rng.random_range(0..3) {
+                    0 => None,
+                    1 => Some(Role::Writer),
+                    _ => Some(Role::Reader),
+                };
+                p.epoch = maybe(rng, 0.5, |r| r.random_range(0..8));
+                p
+            })
+            .collect();
+        let names: Vec<String> = (0..5).map(|i| format!("db-{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut o = observed(pods);
+        o.replicas = maybe(rng, 0.95, |_| n as i32);
+        o.paused = rng.random_bool(0.1);
+        o.deleting = rng.random_bool(0.05);
+        o.has_finalizer = rng.random_bool(0.9);
+        o.go_finalizer = rng.random_bool(0.05);
+        o.failover_delay_seconds = if rng.random_bool(0.8) {
+            0
+        } else {
+            rng.random_range(1..30)
+        };
+        o.preferred_writer = maybe(rng, 0.15, |r| pick(r, &names).to_string());
+        o.lease = maybe(rng, 0.8, |r| {
+            let mut l = lease(
+                pick(r, &names),
+                pick(r, &UIDS),
+                r.random_range(0..8),
+                r.random_range(40..100),
+            );
+            if r.random_bool(0.1) {
+                l.holder_uid = None;
+            }
+            l.duration_seconds = r.random_range(1..60);
+            match r.random_range(0..10) {
+                0 => l.owner = Some("ns/other".into()),
+                1 => {
+                    // Left by the Go operator (no marks: no holder UID either), or marked
+                    // by someone else.
+                    l.owner = None;
+                    l.unmarked = r.random_bool(0.5);
+                    if l.unmarked {
+                        l.holder_uid = None;
+                    }
+                }
+                _ => {}
+            }
+            l.renewed_mark = match r.random_range(0..3) {
+                0 => None,
+                1 => l.renew_time,
+                _ => Some(ts(r.random_range(0..100))),
+            };
+            l
+        });
+        o.status.writer_uid = maybe(rng, 0.6, |r| pick(r, &UIDS).to_string());
+        o.status.writer_epoch = maybe(rng, 0.6, |r| r.random_range(0..8));
+        o.status.highest_epoch = maybe(rng, 0.6, |r| r.random_range(0..9));
+        o.status.highest_epoch_uid = maybe(rng, 0.6, |r| pick(r, &UIDS).to_string());
+        o
+    }
+
+    /// Every epoch a record shows as issued: the Lease's, the writer's in status, pods'.
+    fn issued(o: &Observed) -> Option<i64> {
+        o.pods
+            .iter()
+            .filter_map(|p| p.epoch)
+            .chain(o.lease.as_ref().map(|l| l.transitions))
+            .chain(o.status.writer_epoch)
+            .max()
+    }
+
+    fn check(o: &Observed, plan: &Plan) -> Result<(), String> {
+        let lease_writes: Vec<(&str, &str, i64)> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::CreateLease {
+                    holder,
+                    holder_uid,
+                    transitions,
+                }
+                | Step::UpdateLease {
+                    holder,
+                    holder_uid,
+                    transitions,
+                    ..
+                } => Some((holder.as_str(), holder_uid.as_str(), *transitions)),
+                _ => None,
+            })
+            .collect();
+        let foreign = o.lease.as_ref().is_some_and(|l| {
+            l.owner.as_deref().is_some_and(|w| w != "ns/lock") || (l.owner.is_none() && !l.unmarked)
+        });
+        let touches_lease = plan.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::UpdateLease { .. } | Step::DeleteLease { .. } | Step::CreateLease { .. }
+            )
+        });
+        if foreign && touches_lease {
+            return Err("wrote a Lease another owner marked".into());
+        }
+        // A new holder's epoch is above every record of an issued one (or exactly the epoch
+        // the lock reserved for that very pod and nothing carries yet).
+        let before = o.lease.as_ref().and_then(|l| l.holder_uid.as_deref());
+        for (name, uid, epoch) in &lease_writes {
+            // No Lease: re-created for the sitting writer with the epoch it carries is no new
+            // issue, if no record shows a later one.
+            // (A writer label without any epoch anywhere — the Go operator's — gets the first.)
+            let floor = issued(o);
+            let sitting = o.lease.is_none()
+                && o.pods.iter().any(|p| {
+                    p.uid == *uid
+                        && p.role == Some(Role::Writer)
+                        && (p.epoch == Some(*epoch)
+                            || (p.epoch.is_none() && floor.is_none() && *epoch == 0))
+                });
+            if sitting {
+                if floor.is_some_and(|f| f > *epoch) {
+                    return Err(format!(
+                        "re-created at epoch {epoch}, issued up to {floor:?}"
+                    ));
+                }
+                continue;
+            }
+            // The same holder: same name, and same UID where the Lease records one (the Go
+            // operator's Leases name the pod only).
+            let moved = o.lease.as_ref().is_none_or(|l| {
+                l.holder.as_deref() != Some(*name)
+                    || l.holder_uid.as_deref().is_some_and(|u| u != *uid)
+            });
+            if moved && floor.is_some_and(|f| *epoch <= f) {
+                return Err(format!(
+                    "new holder {uid} got epoch {epoch}, issued up to {floor:?}"
+                ));
+            }
+            if let Some(l) = &o.lease
+                && *epoch < l.transitions
+            {
+                return Err(format!("epoch {epoch} below the Lease's {}", l.transitions));
+            }
+            let reserved = plan.steps.iter().any(
+                |s| matches!(s, Step::ReserveEpoch { epoch: e, uid: u } if e >= epoch && u == uid),
+            ) || o.status.highest_epoch.is_some_and(|h| h >= *epoch);
+            if moved && !reserved {
+                return Err(format!(
+                    "epoch {epoch} for {uid} not recorded on the lock first"
+                ));
+            }
+        }
+        // Promotions: only with no other writer left, only the Lease's holder.
+        let mut roles: Vec<(String, String, Option<Role>)> = o
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.uid.clone(), p.role))
+            .collect();
+        let mut promoted = vec![];
+        for s in &plan.steps {
+            if let Step::Label { pod, role, .. } = s
+                && let Some(r) = roles.iter_mut().find(|r| &r.0 == pod)
+            {
+                r.2 = *role;
+                if *role == Some(Role::Writer) {
+                    promoted.push(r.1.clone());
+                }
+            }
+        }
+        if !promoted.is_empty() {
+            let writers: Vec<&str> = roles
+                .iter()
+                .filter(|r| r.2 == Some(Role::Writer))
+                .map(|r| r.0.as_str())
+                .collect();
+            if writers.len() > 1 {
+                return Err(format!("promoted while {writers:?} carry writer"));
+            }
+            let holder = lease_writes.last().map(|w| w.1).or(before);
+            if promoted.iter().any(|p| Some(p.as_str()) != holder) {
+                return Err(format!(
+                    "promoted {promoted:?}, the Lease holder is {holder:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn random_views_never_promote_a_second_writer_nor_reissue_an_epoch() {
+        let cfg = cfg();
+        for seed in 0..20_000u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let o = view(&mut rng);
+            let now = ts(rng.random_range(50..140));
+            let plan = decide(&o, now, &cfg);
+            if let Err(e) = check(&o, &plan) {
+                panic!("seed {seed}: {e}\nview: {o:#?}\nplan: {plan:#?}");
+            }
+        }
+    }
+}
