@@ -233,20 +233,27 @@ pub fn label_value(v: &str) -> Result<(), String> {
     }
 }
 
+/// Lower-case alphanumerics or `-`, alphanumeric at both ends (one part of a DNS-1123 name).
+fn dns_part(v: &str) -> bool {
+    let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    v.starts_with(lower) && v.ends_with(lower) && v.chars().all(|c| lower(c) || c == '-')
+}
+
 /// A DNS-1123 label: at most 63 lower-case alphanumerics or `-`, alphanumeric at both ends.
 pub fn dns_label(v: &str) -> Result<(), String> {
-    let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     if v.is_empty() || v.len() > 63 {
         return Err("must be 1 to 63 characters".into());
     }
-    if v.starts_with(lower) && v.ends_with(lower) && v.chars().all(|c| lower(c) || c == '-') {
+    if dns_part(v) {
         Ok(())
     } else {
         Err("must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character".into())
     }
 }
 
-/// A DNS-1123 subdomain: at most 253 characters, dot-separated DNS-1123 labels.
+/// A DNS-1123 subdomain as Kubernetes checks object names: at most 253 characters,
+/// dot-separated parts of lower-case alphanumerics or `-`, alphanumeric at both ends (no
+/// per-part length limit, as apimachinery's `IsDNS1123Subdomain`).
 pub fn dns_subdomain(v: &str) -> Result<(), String> {
     if v.len() > 253 {
         return Err(format!(
@@ -254,9 +261,11 @@ pub fn dns_subdomain(v: &str) -> Result<(), String> {
             v.len()
         ));
     }
-    v.split('.')
-        .try_for_each(dns_label)
-        .map_err(|_| "must be a lower case RFC 1123 subdomain (lower case alphanumerics, '-' and '.', alphanumeric at both ends)".into())
+    if v.split('.').all(dns_part) {
+        Ok(())
+    } else {
+        Err("must be a lower case RFC 1123 subdomain (lower case alphanumerics, '-' and '.', alphanumeric at both ends)".into())
+    }
 }
 
 /// A label key: an optional DNS subdomain prefix and `/`, then a name of at most 63
@@ -290,6 +299,11 @@ mod tests {
     #[test]
     fn the_defaults_and_usual_values_pass() {
         assert_eq!(args(|_| {}), Ok(()));
+        // A Lease name longer than a DNS label is fine (object names are subdomains).
+        assert_eq!(
+            args(|a| a.shard_group = format!("g{}", "x".repeat(60))),
+            Ok(())
+        );
         assert_eq!(
             args(|a| {
                 a.role_label = "example.com/role".into();
