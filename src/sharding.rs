@@ -573,6 +573,8 @@ impl Sharding {
         }
         self.resolve_unknown_handoffs().await;
         let mut refreshed = false;
+        // The membership re-read a claim needs failed: nothing moves this pass.
+        let mut unread = false;
         let mut work = vec![];
         let mut mine = HashSet::new();
         let mut gained = vec![];
@@ -598,11 +600,14 @@ impl Sharding {
             // read of the membership Leases (my watch may just have stalled).
             if decision == Some(Decision::Claim) && label.is_some() && !refreshed {
                 refreshed = true;
-                if !self.refresh_members().await {
-                    return;
+                if self.refresh_members().await {
+                    self.recompute();
+                    decision = self.decide_for(&key, label);
+                } else {
+                    // No move this pass; the pass still goes on, so that the locks this
+                    // replica holds are reported below (their Leases need renewal entries).
+                    unread = true;
                 }
-                self.recompute();
-                decision = self.decide_for(&key, label);
             }
             match decision {
                 Some(Decision::Claim) => work.push((lock, None)),
@@ -621,6 +626,9 @@ impl Sharding {
             for lock in &gained {
                 f(lock, true);
             }
+        }
+        if unread {
+            return;
         }
         // Each move is one compare-and-swap of one lock's label (a handoff first waits for that
         // lock's in-flight work): independent per lock, so they run side by side. One at a time,
