@@ -118,7 +118,8 @@ pub struct OperatorArgs {
     /// (e.g. `stslock=enabled`); combined with `--namespaces` when both are given.
     #[arg(long, env = "STSLOCK_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
-    /// Address of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port).
+    /// Address of `/metrics`, `/healthz` and `/readyz` (port 0 picks a free port). `stslock
+    /// dev` keeps the port but binds loopback unless a specific address is given.
     #[arg(long, env = "STSLOCK_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use stslock::config::OperatorArgs;
 
 mod common;
-use common::{call, db_and_lock, poll};
+use common::{Kubectl, call, db_and_lock, poll};
 
 const NS: &str = "guarded";
 
@@ -111,21 +111,9 @@ async fn only_the_operator_may_write_the_role_label() {
     let admin = cp.admin_client().await.unwrap();
     stslock::dev::install_crd(&admin).await.expect("crd");
     // The policy, applied as the README says.
-    let out = tokio::process::Command::new(controlplane::kubectl().unwrap())
-        .args(["apply", "-k", "deploy/admission"])
-        .env("KUBECONFIG", &cp.kubeconfig_path)
-        .current_dir(repo_path("."))
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("kubectl in time")
-        .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl apply -k deploy/admission: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Kubectl::admin_of(&cp)
+        .run(&["apply", "-k", "deploy/admission"])
+        .await;
     // A user who may read and patch pods in the namespace, nothing else.
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     call(
@@ -148,8 +136,39 @@ async fn only_the_operator_may_write_the_role_label() {
         .await
         .expect("operator identity");
     let operator_client = identity.client().await.unwrap();
-    // Policy and RBAC reach admission and the authorizer through informers: give them a moment.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Policy and RBAC reach admission and the authorizer through informers: wait until alice's
+    // dry-run attempt on a probe pod gets past RBAC and is refused by the policy.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    call(
+        "create the probe pod",
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "probe", "labels": {"app": "probe"}},
+                "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:1"}]}
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let alice = client_as(&cp, "alice").await;
+    let as_alice: Api<Pod> = Api::namespaced(alice.clone(), NS);
+    poll(30, "the policy in force for alice", || {
+        let as_alice = as_alice.clone();
+        Box::pin(async move {
+            let refused = as_alice
+                .patch(
+                    "probe",
+                    &PatchParams::default().dry_run(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"sts-role": "writer"}}})),
+                )
+                .await;
+            matches!(refused, Err(kube::Error::Api(e)) if e.message.contains("stslock-role-label-guard"))
+                .then_some(())
+        })
+    })
+    .await;
     let mut args = OperatorArgs::for_shard("admission");
     args.namespace = Some("stslock-system".into());
     args.api_timeout_seconds = 3;
@@ -165,7 +184,6 @@ async fn only_the_operator_may_write_the_role_label() {
     ));
     db_and_lock(&admin, NS, 2).await;
     // The operator's label writes pass the policy: it elects and labels both pods.
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
     let elected = vec![
         ("db-0".to_string(), Some("writer".to_string())),
         ("db-1".to_string(), Some("reader".to_string())),
@@ -180,7 +198,6 @@ async fn only_the_operator_may_write_the_role_label() {
     )
     .await;
 
-    let alice = client_as(&cp, "alice").await;
     // She may patch pods...
     patch_meta(&alice, "db-0", json!({"labels": {"team": "storage"}}))
         .await

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are failures
 
 use std::path::Path;
-use std::time::Duration;
 
 use controlplane::{ControlPlane, Options, repo_path};
 use k8s_openapi::api::core::v1::Pod;
@@ -17,26 +16,7 @@ use kube::api::PostParams;
 use serde_json::json;
 
 mod common;
-use common::{call, poll};
-
-/// `kubectl args` against the control plane; (success, stdout, stderr).
-async fn kubectl(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(controlplane::kubectl().unwrap())
-        .args(args)
-        .env("KUBECONFIG", &cp.kubeconfig_path)
-        .current_dir(repo_path("."))
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("kubectl in time")
-        .expect("kubectl runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{Kubectl, call, poll};
 
 /// The documents of `dist/install.yaml` of kind `kind`, as one YAML stream in a file.
 fn documents_of_kind(dir: &Path, kind: &str) -> String {
@@ -56,18 +36,17 @@ async fn the_installer_passes_the_restricted_pod_security_standard() {
     let cp = ControlPlane::start(Options::default())
         .await
         .expect("control plane");
+    let k = Kubectl::admin_of(&cp);
     let dir = std::env::temp_dir().join(format!("stslock-hardening-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     // The namespace first, as the installer declares it (with the enforce label): a dry run
     // cannot create it for the objects inside.
     let ns = documents_of_kind(&dir, "Namespace");
-    let (ok, _, err) = kubectl(&cp, &["apply", "-f", &ns]).await;
+    let (ok, _, err) = k.try_run(&["apply", "-f", &ns]).await;
     assert!(ok, "{err}");
-    let (ok, out, err) = kubectl(
-        &cp,
-        &["apply", "--dry-run=server", "-f", "dist/install.yaml"],
-    )
-    .await;
+    let (ok, out, err) = k
+        .try_run(&["apply", "--dry-run=server", "-f", "dist/install.yaml"])
+        .await;
     assert!(ok, "dry run of dist/install.yaml: {out}\n{err}");
     assert!(
         !err.contains("PodSecurity"),
@@ -104,7 +83,7 @@ async fn the_installer_passes_the_restricted_pod_security_standard() {
     }
 
     // For real: the StatefulSet controller creates the operator's pods under enforcement.
-    let (ok, _, err) = kubectl(&cp, &["apply", "-f", "dist/install.yaml"]).await;
+    let (ok, _, err) = k.try_run(&["apply", "-f", "dist/install.yaml"]).await;
     assert!(ok, "{err}");
     poll(
         60,

@@ -2322,6 +2322,17 @@ pub struct Kubectl {
 }
 
 impl Kubectl {
+    /// The skew-matched kubectl as the admin of `cp`, with a HOME of its own.
+    pub fn admin_of(cp: &ControlPlane) -> Kubectl {
+        let home = std::env::temp_dir().join(format!("stslock-kubectl-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&home).expect("kubectl HOME");
+        Kubectl {
+            bin: controlplane::kubectl().expect("kubectl for the control plane"),
+            kubeconfig: cp.kubeconfig_path.clone(),
+            home,
+        }
+    }
+
     pub async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
         let out = tokio::time::timeout(
             Duration::from_secs(60),
