@@ -29,18 +29,32 @@ pub enum Lenient<K> {
     },
 }
 
-impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+impl<'de, K: DeserializeOwned + Resource> Deserialize<'de> for Lenient<K> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(d)?;
-        match K::deserialize(&value) {
-            Ok(k) => Ok(Lenient::Ok(k)),
+        let mut value = serde_json::Value::deserialize(d)?;
+        // Both parts are decoded from the owned tree (its strings move into the object, none is
+        // copied; this runs for every object of every watch event): the metadata first, so an
+        // object that does not fit `K` is still named, then the rest with empty metadata.
+        let metadata = match value.get_mut("metadata") {
+            Some(m) => ObjectMeta::deserialize(std::mem::replace(m, serde_json::json!({}))),
+            None => Ok(ObjectMeta::default()),
+        };
+        let metadata = match metadata {
+            Ok(m) => m,
+            Err(e) => {
+                return Ok(Lenient::Bad {
+                    metadata: Box::default(),
+                    error: format!("metadata: {e}"),
+                });
+            }
+        };
+        match K::deserialize(value) {
+            Ok(mut k) => {
+                *k.meta_mut() = metadata;
+                Ok(Lenient::Ok(k))
+            }
             Err(e) => Ok(Lenient::Bad {
-                metadata: Box::new(
-                    value
-                        .get("metadata")
-                        .and_then(|m| ObjectMeta::deserialize(m).ok())
-                        .unwrap_or_default(),
-                ),
+                metadata: Box::new(metadata),
                 error: e.to_string(),
             }),
         }
