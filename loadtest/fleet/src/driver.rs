@@ -155,6 +155,14 @@ impl Fleet {
         }
     }
 
+    /// Graceful, without waiting: the replica is told to stop (what SIGTERM does) and hands
+    /// its locks off in the background; the handle says when it is gone.
+    pub(crate) fn begin_stop(&mut self, i: usize) -> Option<tokio::task::JoinHandle<()>> {
+        let r = self.replicas.get_mut(i).and_then(Option::take)?;
+        let _ = r.stop.send(());
+        Some(r.task)
+    }
+
     /// Graceful: what the replica does on SIGTERM.
     pub(crate) async fn stop_replica(&mut self, i: usize) {
         if let Some(r) = self.replicas.get_mut(i).and_then(Option::take) {

@@ -413,12 +413,15 @@ fn build(active: &[Active]) -> FaultConfig {
     c
 }
 
-/// Durations: a fault that blocks every request of a replica (partition) lasts at most
+/// Durations: a fault that blocks every request of a replica (a partition, or every Lease answer
+/// held for a second or more) lasts at most
 /// `BLOCKING_MS`, and a replica gets `lease/2 + 1 s` without blocking faults or kills after one,
 /// so that a correct operator can always renew (renewals are due at half the Lease duration).
 const SHORT_MS: (u64, u64) = (500, 8000);
 const BLOCKING_MS: (u64, u64) = (500, 3000);
 const KILL_DOWN_MS: (u64, u64) = (1000, 3000);
+/// Timeline kinds that are not API faults.
+const NOT_API_FAULTS: [&str; 4] = ["replica-kill", "replica-restart", "scale-down", "node-loss"];
 const FLAP_DOWN_MS: (u64, u64) = (1000, 10_000);
 
 struct Injector {
@@ -476,6 +479,19 @@ impl Injector {
             }
             Kind::Hold => {
                 let d = self.ms((100, 3000));
+                // Every answer to the Lease writes held a second or more (more with latency on
+                // top: past the API timeout) blocks renewals as a partition does: it is one, for
+                // how long it lasts and the quiet time after it.
+                if p >= 1.0 && d >= 1000 && (res == "leases" || res == "*") {
+                    let rs = self.replicas_of(target);
+                    if rs.iter().any(|&i| now < self.quiet_until[i]) {
+                        return false;
+                    }
+                    dur = self.ms(BLOCKING_MS);
+                    for i in rs {
+                        self.quiet_until[i] = now + Duration::from_millis(dur) + self.cooldown;
+                    }
+                }
                 let mut h = HoldResponse::new(d).probability(p);
                 h.agents = agents.clone();
                 h.resources = with_res(vec![]);
@@ -850,7 +866,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     say(
         args.json,
         format!(
-            "faults: {} replicas, {} locks ({} pods each) in {} namespaces, {} s Leases, {} s membership, api timeout {api_timeout} s, seed {seed}; {} s of faults (one every ~{} ms), writer flaps every ~{} ms, replica kills every ~{} s",
+            "faults: {} replicas, {} locks ({} pods each) in {} namespaces, {} s Leases, {} s membership, api timeout {api_timeout} s, seed {seed}; {} s of faults (one every ~{} ms), writer flaps every ~{} ms, replica stops every ~{} ms ({:.0} % graceful), scale events every ~{} ms, node losses every ~{} ms (0: none)",
             args.replicas,
             args.locks,
             args.pods,
@@ -860,7 +876,10 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             args.seconds,
             args.fault_every_ms,
             args.flap_every_ms,
-            args.kill_every
+            args.kill_every_ms.unwrap_or(args.kill_every * 1000),
+            args.graceful_share * 100.0,
+            args.scale_every_ms,
+            args.node_loss_every_ms
         ),
     );
     let settle_start = Instant::now();
@@ -900,7 +919,18 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     let end = now + Duration::from_secs(args.seconds);
     let mut next_fault = now;
     let mut next_flap = now;
-    let mut next_kill = now + Duration::from_secs(args.kill_every.max(1));
+    let kill_ms = args.kill_every_ms.unwrap_or(args.kill_every * 1000);
+    let mut next_kill = now + Duration::from_millis(kill_ms.max(1));
+    let mut next_scale = now + Duration::from_millis(args.scale_every_ms);
+    let mut next_node_loss = now + Duration::from_millis(args.node_loss_every_ms);
+    let mut next_sample = now;
+    // Replicas told to stop gracefully, until their task has finished.
+    let mut stopping: Vec<Option<tokio::task::JoinHandle<()>>> =
+        (0..args.replicas).map(|_| None).collect();
+    // StatefulSets scaled down by one pod, and when they are scaled back.
+    let mut scaled: Vec<(Instant, Key)> = vec![];
+    let mut lost_node: Option<(Instant, String)> = None;
+    let mut ev = Events::default();
     let mut next_progress = now + Duration::from_secs(30);
     let mut recoveries: Vec<(Instant, String, String)> = vec![];
     let mut flapped: HashSet<Key> = HashSet::new();
@@ -909,12 +939,76 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         let now = Instant::now();
         let now_ms = fleet.sim.store().elapsed_ms();
         let mut changed = inj.expire(now, now_ms, false);
-        for i in 0..args.replicas {
-            if inj.restart_at[i].is_some_and(|t| t <= now) {
+        for (i, stop) in stopping.iter_mut().enumerate() {
+            let stopped = stop.as_ref().is_none_or(|h| h.is_finished());
+            if stopped && inj.restart_at[i].is_some_and(|t| t <= now) {
+                *stop = None;
                 fleet.start_replica(i);
                 inj.up[i] = true;
                 inj.restart_at[i] = None;
             }
+        }
+        if now >= next_sample {
+            ev.rss.push((now_ms, rss_kib()));
+            next_sample = now + Duration::from_secs(1);
+        }
+        let mut k = 0;
+        while k < scaled.len() {
+            if scaled[k].0 <= now {
+                let (_, key) = scaled.swap_remove(k);
+                scale(&fleet.client, &key, args.pods).await;
+            } else {
+                k += 1;
+            }
+        }
+        if lost_node.as_ref().is_some_and(|(t, _)| *t <= now)
+            && let Some((_, node)) = lost_node.take()
+        {
+            let _ = fleet.sim.pods().node(&node, "restore");
+        }
+        if args.scale_every_ms > 0 && now >= next_scale {
+            let key = keys[inj.rng.random_range(0..keys.len())].clone();
+            if !scaled.iter().any(|(_, k)| *k == key) {
+                let last_pod = format!("{}-{}", key.1, args.pods - 1);
+                let writer = lock(&tracker)
+                    .locks
+                    .get(&key)
+                    .and_then(|t| t.ready_writer().map(str::to_string));
+                if scale(&fleet.client, &key, args.pods - 1).await {
+                    let back = inj.ms((2000, 8000));
+                    if writer.as_deref() == Some(last_pod.as_str()) {
+                        ev.writers_scaled_away += 1;
+                    }
+                    ev.scale_events += 1;
+                    inj.timeline.push(FaultRec {
+                        kind: "scale-down",
+                        target: format!("{}/{}", key.0, key.1),
+                        start_ms: now_ms,
+                        end_ms: Some(now_ms + back),
+                        detail: format!("to {} pods for {back} ms", args.pods - 1),
+                    });
+                    scaled.push((now + Duration::from_millis(back), key));
+                }
+            }
+            next_scale =
+                now + Duration::from_millis(inj.rng.random_range(0..=2 * args.scale_every_ms));
+        }
+        if args.node_loss_every_ms > 0 && now >= next_node_loss && lost_node.is_none() {
+            let node = format!("kubesim-node-{}", inj.rng.random_range(1..=3));
+            let down = inj.ms((2000, 15_000));
+            if let Ok(pods) = fleet.sim.pods().node(&node, "lose") {
+                ev.node_losses += 1;
+                inj.timeline.push(FaultRec {
+                    kind: "node-loss",
+                    target: node.clone(),
+                    start_ms: now_ms,
+                    end_ms: Some(now_ms + down),
+                    detail: format!("{pods} pods NotReady for {down} ms"),
+                });
+                lost_node = Some((now + Duration::from_millis(down), node));
+            }
+            next_node_loss =
+                now + Duration::from_millis(inj.rng.random_range(0..=2 * args.node_loss_every_ms));
         }
         recoveries.retain(|(t, ns, pod)| {
             if *t > now {
@@ -962,14 +1056,28 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 .collect();
             if up >= 2 && !candidates.is_empty() {
                 let i = candidates[inj.rng.random_range(0..candidates.len())];
-                if fleet.kill_replica(i) {
-                    kills += 1;
+                let graceful = inj.rng.random_bool(args.graceful_share.clamp(0.0, 1.0));
+                let stopped = if graceful {
+                    fleet.begin_stop(i).map(|h| stopping[i] = Some(h)).is_some()
+                } else {
+                    fleet.kill_replica(i)
+                };
+                if stopped {
+                    if graceful {
+                        ev.graceful_restarts += 1;
+                    } else {
+                        kills += 1;
+                    }
                     let down = inj.ms(KILL_DOWN_MS);
                     inj.up[i] = false;
                     inj.restart_at[i] = Some(now + Duration::from_millis(down));
                     inj.quiet_until[i] = now + Duration::from_millis(down) + inj.cooldown;
                     inj.timeline.push(FaultRec {
-                        kind: "replica-kill",
+                        kind: if graceful {
+                            "replica-restart"
+                        } else {
+                            "replica-kill"
+                        },
                         target: format!("r{i}"),
                         start_ms: now_ms,
                         end_ms: Some(now_ms + down),
@@ -977,7 +1085,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                     });
                 }
             }
-            let ms = args.kill_every * 1000;
+            let ms = kill_ms.max(2);
             next_kill = now + Duration::from_millis(inj.rng.random_range(ms / 2..=ms * 3 / 2));
         }
         if now >= next_progress {
@@ -1007,8 +1115,17 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     for (_, ns, pod) in recoveries.drain(..) {
         let _ = fleet.sim.pods().set_ready(&ns, &pod, true);
     }
-    for i in 0..args.replicas {
+    if let Some((_, node)) = lost_node.take() {
+        let _ = fleet.sim.pods().node(&node, "restore");
+    }
+    for (_, key) in scaled.drain(..) {
+        scale(&fleet.client, &key, args.pods).await;
+    }
+    for (i, stop) in stopping.iter_mut().enumerate() {
         if inj.restart_at[i].take().is_some() {
+            if let Some(h) = stop.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
+            }
             fleet.start_replica(i);
             inj.up[i] = true;
         }
@@ -1076,7 +1193,12 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     for f in &inj.timeline {
         *by_kind.entry(f.kind).or_default() += 1;
     }
-    let faults_injected = inj.timeline.len() as u64 - kills;
+    // API faults only: replica stops, scale events and node losses are counted on their own.
+    let faults_injected = inj
+        .timeline
+        .iter()
+        .filter(|f| !NOT_API_FAULTS.contains(&f.kind))
+        .count() as u64;
     let max_dual = report
         .statefulsets
         .values()
@@ -1173,6 +1295,14 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         })
         .collect();
     let secs = (lift_ms - from_ms) as f64 / 1000.0;
+    // Writer failures as kubesim saw them: every interval without a Ready writer that began in
+    // the fault period (a flap, a node loss, a scaled-away writer; several at once count once).
+    let writer_failures = report
+        .statefulsets
+        .values()
+        .flat_map(|s| s.no_ready_writer.iter())
+        .filter(|i| i.start_ms >= from_ms)
+        .count();
     let converged_in_time = confirmed
         && unconverged.is_empty()
         && converge
@@ -1216,6 +1346,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         "faultSeconds": secs,
         "faults": {"total": faults_injected, "byKind": by_kind, "maxOverlapping": inj.max_overlap},
         "replicaKills": kills, "writerFlaps": flaps,
+        "gracefulRestarts": ev.graceful_restarts, "scaleEvents": ev.scale_events,
+        "writersScaledAway": ev.writers_scaled_away, "nodeLosses": ev.node_losses,
+        "writerFailures": writer_failures,
         "invariants": {
             "dualWriterIntervals": report.dual_writer_intervals,
             "dualWriterMs": report.dual_writer_ms, "dualWriterMaxMs": max_dual,
@@ -1243,12 +1376,88 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     if let Some(p) = &args.json_out {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
     }
+    if let Some(p) = &args.html_out {
+        let summary = vec![
+            (
+                "fault period".to_string(),
+                format!("{secs:.1} s, seed {seed}"),
+            ),
+            (
+                "API faults".to_string(),
+                format!("{faults_injected} ({} at most at once)", inj.max_overlap),
+            ),
+            ("replica kills".to_string(), kills.to_string()),
+            (
+                "graceful restarts".to_string(),
+                ev.graceful_restarts.to_string(),
+            ),
+            ("writer flaps".to_string(), flaps.to_string()),
+            ("node losses".to_string(), ev.node_losses.to_string()),
+            (
+                "scale events".to_string(),
+                format!(
+                    "{} ({} took the writer away)",
+                    ev.scale_events, ev.writers_scaled_away
+                ),
+            ),
+            (
+                "writer failures (writer-less intervals)".to_string(),
+                writer_failures.to_string(),
+            ),
+            (
+                "dual-writer intervals".to_string(),
+                format!(
+                    "{} ({} ms)",
+                    report.dual_writer_intervals, report.dual_writer_ms
+                ),
+            ),
+            (
+                "writes for a lock by a non-owner".to_string(),
+                format!("{} of {}", w.non_owner_count, w.for_locks),
+            ),
+            (
+                "Lease lapses of a Ready writer".to_string(),
+                format!("{} ({lapse_ms} ms)", all_lapses.len()),
+            ),
+            (
+                "converged after the faults".to_string(),
+                format!(
+                    "{}/{} within {} s (max {} ms)",
+                    converge.len(),
+                    keys.len(),
+                    args.converge_seconds,
+                    converge.last().copied().unwrap_or(0)
+                ),
+            ),
+        ];
+        let t = lock(&tracker);
+        let html = html_report(&ReportInput {
+            seed,
+            args,
+            from_ms,
+            lift_ms,
+            to_ms,
+            report: &report,
+            log: &log,
+            tracker: &t,
+            at_of: &at_of,
+            timeline: &inj.timeline,
+            rss: &ev.rss,
+            summary,
+            violations: &violations,
+        });
+        std::fs::write(p, html)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "run: {secs:.1} s of faults: {faults_injected} faults ({} at most at once), {kills} replica kills, {flaps} writer flaps",
-            inj.max_overlap
+            "run: {secs:.1} s of faults: {faults_injected} faults ({} at most at once), {kills} replica kills, {} graceful restarts, {flaps} writer flaps, {} node losses, {} scale events ({} took the writer away); {writer_failures} writer failures (intervals without a Ready writer)",
+            inj.max_overlap,
+            ev.graceful_restarts,
+            ev.node_losses,
+            ev.scale_events,
+            ev.writers_scaled_away
         );
         println!(
             "faults by kind: {}",
@@ -1325,4 +1534,369 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         violations.join("; ")
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Soak events and the HTML report
+
+/// What the soak did besides API faults, flaps and kills, and what it sampled.
+#[derive(Default)]
+struct Events {
+    graceful_restarts: u64,
+    scale_events: u64,
+    /// Scale-downs that removed the pod carrying `writer`.
+    writers_scaled_away: u64,
+    node_losses: u64,
+    /// (store ms, RSS KiB) of this process: kubesim and every replica run in it.
+    rss: Vec<(u64, u64)>,
+}
+
+/// This process's resident set, KiB (0 where /proc is not there).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Set the StatefulSet of `key` to `replicas` pods (the driver's own client: no fault applies
+/// to it). False when the API refused.
+async fn scale(client: &kube::Client, (ns, name): &Key, replicas: i32) -> bool {
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), ns);
+    let patch = json!({"spec": {"replicas": replicas}});
+    match sets
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("scaling {ns}/{name} to {replicas}: {e}");
+            false
+        }
+    }
+}
+
+/// Everything the HTML report draws, in store milliseconds.
+struct ReportInput<'a> {
+    seed: u64,
+    args: &'a Args,
+    from_ms: u64,
+    lift_ms: u64,
+    to_ms: u64,
+    report: &'a kubesim::Report,
+    log: &'a [kubesim::CommitRecord],
+    tracker: &'a Tracker,
+    at_of: &'a dyn Fn(u64) -> u64,
+    timeline: &'a [FaultRec],
+    rss: &'a [(u64, u64)],
+    summary: Vec<(String, String)>,
+    violations: &'a [String],
+}
+
+fn html_report(r: &ReportInput<'_>) -> String {
+    use crate::report::{self, Fill, Row, Segment, Series};
+    let secs = |ms: u64| (ms as f64 - r.from_ms as f64) / 1000.0;
+    let span = (secs(r.from_ms), secs(r.to_ms));
+    // Writer-less intervals that began in the run: each is a writer failure (or a lost
+    // election) until a Ready writer was back.
+    let writerless: Vec<u64> = r
+        .report
+        .statefulsets
+        .values()
+        .flat_map(|s| s.no_ready_writer.iter())
+        .filter(|i| i.start_ms >= r.from_ms)
+        .map(|i| i.duration_ms(r.report.now_ms))
+        .collect();
+    let mut sections = vec![report::summary(
+        &if r.violations.is_empty() {
+            "PASS: every invariant held".to_string()
+        } else {
+            format!("FAIL: {}", r.violations.join("; "))
+        },
+        r.violations.is_empty(),
+        &r.summary,
+    )];
+    sections.push(report::histogram(
+        "failover-latency",
+        "Failover latency (time without a Ready writer)",
+        "Every interval in which a StatefulSet had no Ready pod labelled writer, from the commit that lost it to the commit that restored one (kubesim's invariant recorder); intervals that began before the fault period are left out.",
+        &writerless,
+    ));
+    // Writer timeline: the StatefulSets with a dual-writer interval first, then those whose
+    // writer changed most.
+    let mut sets: Vec<(&Key, usize)> = r
+        .tracker
+        .locks
+        .iter()
+        .map(|(k, t)| {
+            let changes = t
+                .pods
+                .values()
+                .flat_map(|h| h.windows(2))
+                .filter(|w| {
+                    w[0].1.as_ref().is_some_and(|p| p.writer)
+                        != w[1].1.as_ref().is_some_and(|p| p.writer)
+                })
+                .count();
+            (k, changes)
+        })
+        .collect();
+    let dual = |k: &Key| {
+        r.report
+            .statefulsets
+            .get(&format!("{}/{}", k.0, k.1))
+            .is_some_and(|s| !s.dual_writer.is_empty())
+    };
+    sets.sort_by_key(|(k, c)| (!dual(k), std::cmp::Reverse(*c), (*k).clone()));
+    let rows: Vec<Row> = sets
+        .iter()
+        .take(24)
+        .map(|(k, _)| {
+            let t = &r.tracker.locks[*k];
+            let mut segments = vec![];
+            for (pod, h) in &t.pods {
+                let ordinal = pod
+                    .rsplit_once('-')
+                    .and_then(|(_, o)| o.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut since: Option<u64> = None;
+                for (rv, rec) in h {
+                    let at = (r.at_of)(*rv);
+                    let writer = rec.as_ref().is_some_and(|p| p.writer);
+                    match (since, writer) {
+                        (None, true) => since = Some(at),
+                        (Some(s), false) => {
+                            segments.push(Segment {
+                                start: secs(s),
+                                end: secs(at),
+                                fill: Fill::Series(ordinal),
+                                title: format!("{pod} writer"),
+                            });
+                            since = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(s) = since {
+                    segments.push(Segment {
+                        start: secs(s),
+                        end: secs(r.to_ms),
+                        fill: Fill::Series(ordinal),
+                        title: format!("{pod} writer"),
+                    });
+                }
+            }
+            if let Some(s) = r.report.statefulsets.get(&format!("{}/{}", k.0, k.1)) {
+                for (list, fill, what) in [
+                    (&s.no_ready_writer, Fill::Writerless, "no Ready writer"),
+                    (&s.dual_writer, Fill::DualWriter, "TWO WRITERS"),
+                ] {
+                    for i in list.iter().filter(|i| i.start_ms >= r.from_ms) {
+                        let end = i.end_ms.unwrap_or(r.report.now_ms);
+                        segments.push(Segment {
+                            start: secs(i.start_ms),
+                            end: secs(end),
+                            fill,
+                            title: format!("{what} for {} ms", end - i.start_ms),
+                        });
+                    }
+                }
+            }
+            Row {
+                label: format!("{}/{}", k.0, k.1),
+                segments,
+            }
+        })
+        .collect();
+    let pods = usize::try_from(r.args.pods).unwrap_or(1);
+    let mut legend: Vec<(String, Fill)> = (0..pods)
+        .map(|o| (format!("pod -{o} is writer"), Fill::Series(o)))
+        .collect();
+    legend.push(("no Ready writer".into(), Fill::Writerless));
+    legend.push(("two writers".into(), Fill::DualWriter));
+    sections.push(report::timeline(
+        "writer-timeline",
+        "Writer per StatefulSet",
+        "Who carried the writer label, with writer-less intervals (dark) and dual-writer intervals (red) marked; the StatefulSets with a dual writer first, then those whose writer changed most (at most 24).",
+        span,
+        &rows,
+        &legend,
+    ));
+    // Ownership per replica: the shard label of every lock commit, sampled.
+    let mut owner: HashMap<(String, String), String> = HashMap::new();
+    let mut count: BTreeMap<String, i64> = BTreeMap::new();
+    let mut samples: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let every = ((r.to_ms.saturating_sub(r.from_ms)) / 300).max(200);
+    let mut next = r.from_ms;
+    let sample = |at: u64,
+                  count: &BTreeMap<String, i64>,
+                  samples: &mut BTreeMap<String, Vec<(f64, f64)>>| {
+        for (id, n) in count {
+            samples
+                .entry(id.clone())
+                .or_default()
+                .push((secs(at), *n as f64));
+        }
+    };
+    for c in r
+        .log
+        .iter()
+        .filter(|c| c.resource == "statefulsetlocks" && c.at_ms <= r.to_ms)
+    {
+        while c.at_ms >= next && next <= r.to_ms {
+            if next >= r.from_ms {
+                sample(next, &count, &mut samples);
+            }
+            next += every;
+        }
+        let now = c.labels.get(SHARD_LABEL).cloned().unwrap_or_default();
+        let prev = owner.insert((c.namespace.clone(), c.name.clone()), now.clone());
+        if prev.as_deref() != Some(now.as_str()) {
+            if let Some(p) = prev {
+                *count.entry(p).or_default() -= 1;
+            }
+            *count.entry(now).or_default() += 1;
+        }
+    }
+    while next <= r.to_ms {
+        sample(next, &count, &mut samples);
+        next += every;
+    }
+    let series: Vec<Series> = samples
+        .into_iter()
+        .map(|(id, points)| Series {
+            name: if id.is_empty() { "unowned".into() } else { id },
+            points,
+        })
+        .collect();
+    sections.push(report::line_chart(
+        "ownership",
+        "Locks owned per replica",
+        "The shard label of every lock as committed; a killed replica's locks stay labelled with it until a peer claims them or it comes back.",
+        ("seconds", "locks"),
+        &series,
+    ));
+    // Renewal lateness: consecutive renewals of the same holder, beyond half the duration.
+    let mut late: Vec<(f64, f64)> = vec![];
+    for t in r.tracker.locks.values() {
+        for w in t.lease.windows(2) {
+            if let ((_, Some(a)), (rv, Some(b))) = (&w[0], &w[1])
+                && a.holder == b.holder
+                && let (Some(ra), Some(rb)) = (a.renew_ms, b.renew_ms)
+                && rb > ra
+            {
+                let at = (r.at_of)(*rv);
+                if at >= r.from_ms {
+                    let lateness = (rb - ra - b.dur_ms / 2).max(0);
+                    late.push((secs(at), lateness as f64));
+                }
+            }
+        }
+    }
+    late.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let bucket = (span.1 - span.0).max(1.0) / 200.0;
+    let mut worst: Vec<(f64, f64)> = vec![];
+    for (x, y) in &late {
+        let b = ((x - span.0) / bucket).floor() * bucket + span.0;
+        match worst.last_mut() {
+            Some((bx, by)) if (*bx - b).abs() < 1e-9 => *by = by.max(*y),
+            _ => worst.push((b, *y)),
+        }
+    }
+    sections.push(report::line_chart(
+        "renewal-lateness",
+        "Renewal lateness (worst per interval)",
+        "How much later than half its duration each Lease was renewed by the same holder (renewTime as written), the worst one per interval.",
+        ("seconds", "ms late"),
+        &[Series {
+            name: "renewal lateness".into(),
+            points: worst,
+        }],
+    ));
+    // API writes per second per replica.
+    let mut per: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+    for c in r
+        .log
+        .iter()
+        .filter(|c| c.at_ms >= r.from_ms && c.at_ms <= r.to_ms)
+    {
+        if let Some(id) = c.actor.strip_prefix(AGENT_PREFIX) {
+            *per.entry(id.to_string())
+                .or_default()
+                .entry((c.at_ms - r.from_ms) / 1000)
+                .or_default() += 1;
+        }
+    }
+    let last_s = (r.to_ms - r.from_ms) / 1000;
+    let series: Vec<Series> = per
+        .into_iter()
+        .map(|(id, m)| Series {
+            name: id,
+            points: (0..=last_s)
+                .map(|s| (s as f64, m.get(&s).copied().unwrap_or(0) as f64))
+                .collect(),
+        })
+        .collect();
+    sections.push(report::line_chart(
+        "api-writes",
+        "API writes per second, per replica",
+        "Committed writes by each replica (its User-Agent), per second.",
+        ("seconds", "writes/s"),
+        &series,
+    ));
+    sections.push(report::line_chart(
+        "memory",
+        "Memory (resident set)",
+        "The fleet process's RSS: kubesim and every replica run in it, so this is their sum (per-replica figures need the replicas as separate processes).",
+        ("seconds", "MiB"),
+        &[Series {
+            name: "fleet process".into(),
+            points: r
+                .rss
+                .iter()
+                .map(|(ms, kib)| (secs(*ms), *kib as f64 / 1024.0))
+                .collect(),
+        }],
+    ));
+    // Faults over time, one row per kind.
+    let mut kinds: BTreeMap<&str, Vec<Segment>> = BTreeMap::new();
+    for (n, f) in r.timeline.iter().enumerate() {
+        let end = f.end_ms.unwrap_or(r.lift_ms).max(f.start_ms + 200);
+        kinds.entry(f.kind).or_default().push(Segment {
+            start: secs(f.start_ms),
+            end: secs(end),
+            fill: Fill::Series(n % 3),
+            title: format!("{} on {}: {}", f.kind, f.target, f.detail),
+        });
+    }
+    let rows: Vec<Row> = kinds
+        .into_iter()
+        .map(|(k, segments)| Row {
+            label: format!("{k} ({})", segments.len()),
+            segments,
+        })
+        .collect();
+    sections.push(report::timeline(
+        "faults",
+        "Faults injected",
+        "Each fault, replica stop, scale event and node loss as injected (hover for details).",
+        span,
+        &rows,
+        &[],
+    ));
+    report::page(
+        &format!(
+            "fleet faults: {} replicas, {} locks, seed {}",
+            r.args.replicas, r.args.locks, r.seed
+        ),
+        &sections,
+    )
 }

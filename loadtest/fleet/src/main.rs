@@ -22,10 +22,13 @@
 //! - `faults`: the acceptance run of P5 (see `faults.rs`): random real-apiserver faults, writer
 //!   flaps and replica kills for `--seconds`, then convergence; fails on any invariant violation.
 //!   Its defaults differ: 500 locks, 3 pods, 10 s Leases, 600 s, api timeout 2 s, a fault every
-//!   ~1 s, a writer flap every ~500 ms, a replica kill every ~30 s.
+//!   ~1 s, a writer flap every ~500 ms, a replica kill every ~30 s. The soak of P9 adds graceful
+//!   restarts, StatefulSet scale events and node loss (`--graceful-share`, `--scale-every-ms`,
+//!   `--node-loss-every-ms`) and writes an HTML report (`--html-out`).
 
 mod driver;
 mod faults;
+mod report;
 mod scenarios;
 
 use clap::parser::ValueSource;
@@ -120,6 +123,26 @@ struct Args {
     /// `faults`: seed of the fault schedule (default: random, printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// `faults`: stop a replica every this many milliseconds (on average) instead of
+    /// `--kill-every` seconds.
+    #[arg(long)]
+    kill_every_ms: Option<u64>,
+    /// `faults`: share of the replica stops that are graceful (what SIGTERM does: hand the
+    /// locks off, leave) instead of abrupt kills.
+    #[arg(long, default_value_t = 0.0)]
+    graceful_share: f64,
+    /// `faults`: scale a random StatefulSet down by one pod, and back after 2–8 s, every this
+    /// many milliseconds on average (0: never).
+    #[arg(long, default_value_t = 0)]
+    scale_every_ms: u64,
+    /// `faults`: lose a random node (the kubelet stops reporting: its pods turn NotReady) for
+    /// 2–15 s, every this many milliseconds on average (0: never).
+    #[arg(long, default_value_t = 0)]
+    node_loss_every_ms: u64,
+    /// `faults`: also write the report as one self-contained HTML page (inline SVG, no
+    /// scripts, nothing fetched).
+    #[arg(long)]
+    html_out: Option<std::path::PathBuf>,
     /// Print the report as JSON (`faults`; progress goes to stderr).
     #[arg(long)]
     json: bool,
