@@ -248,7 +248,7 @@ pub async fn run_with(
         api_timeout: args.api_timeout(),
     });
     // A lock this replica gains or gives up is re-read before it is decided again (the
-    // previous owner's writes may not be in the synced yet). A gained lock gets its renewal
+    // previous owner's writes may not be in the cache yet). A gained lock gets its renewal
     // entry at once (rule 16): the renewal lane renews it if due, or hands it to the
     // reconcile lane.
     sharding.on_ownership({
@@ -257,6 +257,9 @@ pub async fn run_with(
             fresh.distrust(&crate::api::lock_key(lock));
             let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
             if gained {
+                // The version that says so may be newer than the lock watch has delivered
+                // (an awaited handoff read from the API server): ownership checks see it.
+                fresh.remember_lock(lock.clone());
                 renewals.schedule(lock_ref, Duration::ZERO);
             } else {
                 renewals.cancel(lock_ref);

@@ -53,6 +53,17 @@ pub enum Refused {
 /// Ownership moves (claims, handoffs) of different locks in flight at once.
 const MOVES_IN_PARALLEL: usize = 16;
 
+/// A lock the ring gives this replica while a live peer still holds it waits for the peer's
+/// handoff, which normally arrives through the lock watch within milliseconds. Waiting longer
+/// than this, the lock is read from the API server (then at most once per
+/// [`HANDOFF_READ_EVERY`]): a stalled or lagging lock watch must not keep this replica from
+/// learning that it owns the lock, while the peer — which handed it over — has stopped
+/// renewing its Lease.
+const HANDOFF_READ_AFTER: Duration = Duration::from_millis(500);
+const HANDOFF_READ_EVERY: Duration = Duration::from_secs(1);
+/// Awaited handoffs read per assignment pass, at most.
+const HANDOFF_READS_PER_PASS: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub id: String,
@@ -115,6 +126,9 @@ pub struct Sharding {
     /// reconcile started from a cache older than that (still showing this replica as owner)
     /// must not run.
     released: DashMap<String, u64>,
+    /// Locks the ring gives this replica that a live peer still holds: since when, and when
+    /// each was last read from the API server (see [`HANDOFF_READ_AFTER`]).
+    awaited: DashMap<String, (Instant, Option<Instant>)>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
@@ -173,6 +187,7 @@ impl Sharding {
             generation: std::sync::atomic::AtomicU64::new(0),
             on_ownership: std::sync::OnceLock::new(),
             released: DashMap::default(),
+            awaited: DashMap::default(),
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -578,6 +593,9 @@ impl Sharding {
         let mut work = vec![];
         let mut mine = HashSet::new();
         let mut gained = vec![];
+        let mut awaited = HashSet::new();
+        let mut to_read = vec![];
+        let now = Instant::now();
         for lock in locks.state() {
             if !scope.allows(&lock.namespace().unwrap_or_default()) {
                 continue;
@@ -612,7 +630,33 @@ impl Sharding {
             match decision {
                 Some(Decision::Claim) => work.push((lock, None)),
                 Some(Decision::Release { to }) => work.push((lock, Some(to))),
+                Some(Decision::WaitForHandoff { .. }) => {
+                    let mut e = self.awaited.entry(key.clone()).or_insert((now, None));
+                    let (since, read) = *e;
+                    if now.duration_since(since) >= HANDOFF_READ_AFTER
+                        && read.is_none_or(|r| now.duration_since(r) >= HANDOFF_READ_EVERY)
+                        && to_read.len() < HANDOFF_READS_PER_PASS
+                    {
+                        e.1 = Some(now);
+                        to_read.push(lock.clone());
+                    }
+                    awaited.insert(key);
+                }
                 _ => {}
+            }
+        }
+        self.awaited.retain(|k, _| awaited.contains(k));
+        // Awaited handoffs that are late as the lock watch shows them: the API server's word.
+        for l in self.read_awaited(to_read).await {
+            let key = lock_key(&l);
+            if !self.is_draining(&key)
+                && !self.predates_own_handoff(&key, &l)
+                && mine.insert(key.clone())
+            {
+                self.awaited.remove(&key);
+                if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
+                    gained.push(Arc::new(l));
+                }
             }
         }
         // Locks labelled mine that this incarnation has not reported yet: a restart's locks, or
@@ -655,6 +699,37 @@ impl Sharding {
             &self.cfg.id,
             &v.alive,
         ))
+    }
+
+    /// Read `locks` (awaited handoffs) from the API server; the ones labelled for this replica
+    /// now. A read that fails is tried again on a later pass.
+    async fn read_awaited(&self, locks: Vec<Arc<StatefulSetLock>>) -> Vec<StatefulSetLock> {
+        futures::stream::iter(locks)
+            .map(|lock| async move {
+                let key = lock_key(&lock);
+                let api: Api<StatefulSetLock> =
+                    Api::namespaced(self.client.clone(), &lock.namespace().unwrap_or_default());
+                match call_opt(
+                    &self.metrics,
+                    ApiCall::get(Kind::StatefulSetLock, key.clone()).note("awaited handoff"),
+                    self.cfg.api_timeout,
+                    api.get(&lock.name_any()),
+                )
+                .await
+                {
+                    Ok(found) => {
+                        found.filter(|l| l.labels().get(SHARD_LABEL) == Some(&self.cfg.id))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, lock = %key, "awaited handoff not read");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(MOVES_IN_PARALLEL)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await
     }
 
     /// Handoffs whose response was lost: read the lock to see where its label is.

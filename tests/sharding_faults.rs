@@ -455,3 +455,86 @@ async fn handoff_waits_until_the_old_owners_plan_can_no_longer_write() {
     assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. A handoff must reach a replica whose lock watch is stalled.
+
+/// Replica b joins with a half-open lock watch: it never sees, through the watch, a's handoffs
+/// of the locks the ring now gives it, and a stops renewing a lock's Lease once it has handed
+/// the lock over. b must still renew every one of them in time (it reads a handoff it has
+/// awaited for 500 ms from the API server): no Lease of a lock b owns goes a Lease duration
+/// without a write while the watch stays stalled for 2.5 durations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_reaches_a_replica_whose_lock_watch_is_stalled() {
+    let (sim, client) = sim_with_crd().await;
+    let lease_ms = 6000;
+    statefulsets(&client, 0..10, 2).await;
+    locks(&client, 0..10, 6).await;
+    let a = start(&sim, "a", |_| {});
+    until_owned_by(&client, &["a"], 30).await;
+    until(15, "every Lease created", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.list(&ListParams::default()).await.ok()?;
+            (l.items
+                .iter()
+                .filter(|l| l.name_any().starts_with("lease"))
+                .count()
+                == 10)
+                .then_some(())
+        }
+    })
+    .await;
+    sim.faults().update(|c| {
+        c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/b")];
+    });
+    let b = start(&sim, "b", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 20).await;
+    let handed: Vec<String> = owned
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(l, _)| l.clone())
+        .collect();
+    assert!(!handed.is_empty(), "the ring gave b no lock: {owned:?}");
+    // Deliberate wait (the Leases must keep being renewed meanwhile): 2.5 Lease durations with
+    // b's lock watch still stalled.
+    tokio::time::sleep(Duration::from_millis(lease_ms * 5 / 2)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    sim.faults().update(|c| c.watch_faults.clear());
+    a.stop().await;
+    b.stop().await;
+
+    let handoff_ms = |lock: &str| {
+        log.iter()
+            .filter(|c| c.resource == "statefulsetlocks" && c.name == lock)
+            .find(|c| c.labels.get(SHARD_LABEL).map(String::as_str) == Some("b"))
+            .map(|c| c.at_ms)
+            .unwrap()
+    };
+    for lock in &handed {
+        let lease = format!("lease{}", &lock[1..]);
+        let from = handoff_ms(lock);
+        let mut last = log
+            .iter()
+            .filter(|c| c.resource == "leases" && c.name == lease && c.at_ms <= from)
+            .map(|c| c.at_ms)
+            .next_back()
+            .unwrap();
+        let mut worst = 0;
+        for c in log
+            .iter()
+            .filter(|c| c.resource == "leases" && c.name == lease && c.at_ms > from)
+        {
+            worst = worst.max(c.at_ms - last);
+            last = c.at_ms;
+        }
+        worst = worst.max(end_ms - last);
+        println!("{lock}: handed to b at {from} ms, longest time without a Lease write {worst} ms");
+        assert!(
+            worst < lease_ms,
+            "{lock}'s Lease went {worst} ms without a write after the handoff to b"
+        );
+    }
+    assert_never_two_writers(&sim);
+}
