@@ -285,7 +285,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     } else {
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
-                reread = ctx.cache.fresh.newest_lock(Arc::new(l));
+                reread = ctx.cache.fresh.newest_after_read(l);
                 if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
                     return Outcome::NotMine;
                 }

@@ -513,27 +513,100 @@ async fn a_handoff_reaches_a_replica_whose_lock_watch_is_stalled() {
             .unwrap()
     };
     for lock in &handed {
-        let lease = format!("lease{}", &lock[1..]);
         let from = handoff_ms(lock);
-        let mut last = log
-            .iter()
-            .filter(|c| c.resource == "leases" && c.name == lease && c.at_ms <= from)
-            .map(|c| c.at_ms)
-            .next_back()
-            .unwrap();
-        let mut worst = 0;
-        for c in log
-            .iter()
-            .filter(|c| c.resource == "leases" && c.name == lease && c.at_ms > from)
-        {
-            worst = worst.max(c.at_ms - last);
-            last = c.at_ms;
-        }
-        worst = worst.max(end_ms - last);
+        let worst = longest_without_lease_write(&log, lock, from, end_ms);
         println!("{lock}: handed to b at {from} ms, longest time without a Lease write {worst} ms");
         assert!(
             worst < lease_ms,
             "{lock}'s Lease went {worst} ms without a write after the handoff to b"
+        );
+    }
+    assert_never_two_writers(&sim);
+}
+
+/// The longest time lock `l{i}`'s Lease `lease{i}` went without a committed write between
+/// `from_ms` and `end_ms` (store milliseconds), counting from its last write before `from_ms`.
+fn longest_without_lease_write(log: &[CommitRecord], lock: &str, from_ms: u64, end_ms: u64) -> u64 {
+    let lease = format!("lease{}", &lock[1..]);
+    let writes = || {
+        log.iter()
+            .filter(|c| c.resource == "leases" && c.name == lease)
+    };
+    let mut last = writes()
+        .filter(|c| c.at_ms <= from_ms)
+        .map(|c| c.at_ms)
+        .next_back()
+        .unwrap_or(from_ms);
+    let mut worst = 0;
+    for c in writes().filter(|c| c.at_ms > from_ms && c.at_ms <= end_ms) {
+        worst = worst.max(c.at_ms - last);
+        last = c.at_ms;
+    }
+    worst.max(end_ms - last)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. A claim under a stalled lock watch keeps its Lease renewed.
+
+/// Replica b dies (no handoff) and a's lock watch goes half-open at the same moment: a claims
+/// b's locks once b's membership Lease has expired, but its watch keeps showing them labelled
+/// b. a must renew their Leases at every due time, not only once: a version of the lock read
+/// from the API server stays what ownership checks see until the watch delivers a newer one
+/// (before, the first look at it dropped it, the next renewal found the lock "not mine" in the
+/// stale cache, and nothing renewed the Lease until the watch recovered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_a_stalled_lock_watch_keeps_its_leases_renewed() {
+    let (sim, client) = sim_with_crd().await;
+    let lease_ms = 6000;
+    statefulsets(&client, 0..8, 2).await;
+    locks(&client, 0..8, 6).await;
+    let a = start(&sim, "a", |a| a.membership_lease_seconds = 3);
+    let b = start(&sim, "b", |a| a.membership_lease_seconds = 3);
+    let owned = until_owned_by(&client, &["a", "b"], 30).await;
+    until(15, "every Lease created", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.list(&ListParams::default()).await.ok()?;
+            (l.items
+                .iter()
+                .filter(|l| l.name_any().starts_with("lease"))
+                .count()
+                == 8)
+                .then_some(())
+        }
+    })
+    .await;
+    let of_b: Vec<String> = owned
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(l, _)| l.clone())
+        .collect();
+    assert!(!of_b.is_empty(), "the ring gave b no lock: {owned:?}");
+    b.task.abort();
+    sim.faults().update(|c| {
+        c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
+    });
+    let from_ms = sim.store().elapsed_ms();
+    // Deliberate wait (the Leases must keep being renewed meanwhile): b's membership expires
+    // (3 s), a claims, then several renewals (every 3 s) with a's lock watch still stalled.
+    tokio::time::sleep(Duration::from_millis(lease_ms * 8 / 3)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    let end = owners(&client).await;
+    sim.faults().update(|c| c.watch_faults.clear());
+    a.stop().await;
+
+    for lock in &of_b {
+        assert_eq!(
+            end[lock].as_deref(),
+            Some("a"),
+            "a did not claim {lock}: {end:?}"
+        );
+        let worst = longest_without_lease_write(&log, lock, from_ms, end_ms);
+        println!("{lock}: claimed by a, longest time without a Lease write {worst} ms");
+        assert!(
+            worst < lease_ms,
+            "{lock}'s Lease went {worst} ms without a write after b died"
         );
     }
     assert_never_two_writers(&sim);

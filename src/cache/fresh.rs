@@ -104,6 +104,26 @@ impl Freshness {
         }
     }
 
+    /// A lock just read from the API server (and remembered by [`Caches::reread_lock`]): the
+    /// newer of it and the version remembered here, which stays remembered. The read says
+    /// nothing about the watch cache, which may still be behind it (a stalled lock watch that
+    /// still shows the previous owner's label): only the cache reaching that version ends it
+    /// ([`Freshness::newest_lock`]). Through `newest_lock`, the read, equal to what it had
+    /// just remembered, dropped it, and the next look at the cache acted on the older view (a
+    /// lock just claimed was "not mine" to the renewal lane, and its Lease lapsed).
+    ///
+    /// [`Caches::reread_lock`]: crate::cache::Caches::reread_lock
+    pub fn newest_after_read(&self, read: StatefulSetLock) -> Arc<StatefulSetLock> {
+        let key = lock_key(&read);
+        let read_rv = rv_number(read.resource_version().as_deref());
+        match self.inner().locks.get(&key) {
+            Some(known) if rv_number(known.resource_version().as_deref()) > read_rv => {
+                known.clone()
+            }
+            _ => Arc::new(read),
+        }
+    }
+
     /// The newer of the cached lock and the one remembered here.
     pub fn newest_lock(&self, cached: Arc<StatefulSetLock>) -> Arc<StatefulSetLock> {
         let key = lock_key(&cached);
@@ -156,6 +176,35 @@ mod tests {
         // Caught up: the overlay is gone, an older cache view is what there is.
         let seen = f.newest_lock(Arc::new(lock("11", "c")));
         assert_eq!(seen.resource_version().as_deref(), Some("11"));
+    }
+
+    /// A read is remembered, then looked at: the stale watch cache must not win over it
+    /// afterwards, until the cache reaches that version.
+    #[test]
+    fn a_read_stays_remembered_while_the_cache_is_behind() {
+        let f = Freshness::default();
+        f.remember_lock(lock("20", "me"));
+        let seen = f.newest_after_read(lock("20", "me"));
+        assert_eq!(seen.labels()["app.anukkrit.me/shard"], "me");
+        let seen = f.newest_lock(Arc::new(lock("15", "dead-peer")));
+        assert_eq!(
+            seen.labels()["app.anukkrit.me/shard"],
+            "me",
+            "the stale cache must not win over the read"
+        );
+        // A read older than a remembered write gives the write.
+        f.remember_lock(lock("22", "me"));
+        assert_eq!(
+            f.newest_after_read(lock("21", "me"))
+                .resource_version()
+                .as_deref(),
+            Some("22")
+        );
+        // The cache reaches it: the cache is followed from then on.
+        let seen = f.newest_lock(Arc::new(lock("22", "me")));
+        assert_eq!(seen.resource_version().as_deref(), Some("22"));
+        let seen = f.newest_lock(Arc::new(lock("15", "dead-peer")));
+        assert_eq!(seen.resource_version().as_deref(), Some("15"));
     }
 
     #[test]

@@ -126,7 +126,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         // the lock, its Lease and its pods before deciding anything.
         match ctx.cache.reread(&lock).await? {
             Some(l) => {
-                lock = ctx.cache.fresh.newest_lock(Arc::new(l));
+                lock = ctx.cache.fresh.newest_after_read(l);
                 ctx.cache.fresh.trust(&key, generation);
             }
             None => {
