@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
+.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps browser-deps soak manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -14,13 +14,18 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes
 
+browser-deps: ## Headless Chromium for the report's screenshot test (Debian's chromium package).
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+		  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
+
 # The integration suites ported to tests/common: they run on kubesim (in `cargo test`) and on
 # the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
 REAL_SUITES := --test operator --test kubectl_story --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
 # The part of them `make test` runs on the real control plane too (the rest: make test-real).
 REAL_IN_TEST := --test kubectl_story --test takeover --test migration
 
-test: python-deps ## Run every test on kubesim, plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
+test: python-deps browser-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
 	loadtest/controlplane/build.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
@@ -40,6 +45,14 @@ kubesim: ## Run kubesim on a free loopback port, kubeconfig in ./kubesim.kubecon
 
 fleet: ## Fleet run: 1000 locks, 3 replicas, replica kills and writer failures, 60 s.
 	cargo run -p fleet --release -- --locks 1000 --replicas 3 --kill-every 10 --flap-every-ms 500 --seconds 60
+
+# The chaos soak (P9): every fault `fleet --scenario faults` has, replica kills and graceful
+# restarts, writer flaps, scale events and node loss; judged from kubesim's commits.
+SOAK_SECONDS ?= 1800
+soak: ## Chaos soak on kubesim (~35 min at the default length): ≥1,000 replica kills, ≥10,000 writer failures; report in soak-report.{json,html}.
+	cargo run -p fleet --release -- --scenario faults --replicas 6 --locks 500 --seconds $(SOAK_SECONDS) \
+		--kill-every-ms 1300 --graceful-share 0.15 --flap-every-ms 150 --scale-every-ms 2000 \
+		--node-loss-every-ms 60000 --json-out soak-report.json --html-out soak-report.html
 
 control-plane: ## Real kube-apiserver 1.34, controller manager, etcd on loopback; prints how to use kubectl.1.33 (Ctrl-C stops).
 	cargo run -q -p controlplane -- up --operator-rbac deploy/rbac

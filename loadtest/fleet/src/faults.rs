@@ -414,7 +414,7 @@ fn build(active: &[Active]) -> FaultConfig {
 }
 
 /// Durations: a fault that blocks every request of a replica (a partition, or every Lease answer
-/// held for a second or more) lasts at most
+/// lost or held for a second or more) lasts at most
 /// `BLOCKING_MS`, and a replica gets `lease/2 + 1 s` without blocking faults or kills after one,
 /// so that a correct operator can always renew (renewals are due at half the Lease duration).
 const SHORT_MS: (u64, u64) = (500, 8000);
@@ -442,6 +442,32 @@ impl Injector {
         self.rng.random_range(lo..=hi)
     }
 
+    /// A fault on every Lease write (`p` = 1, resource `leases` or all) blocks the renewals
+    /// of the replicas it targets: like a partition, it is allowed only outside their quiet
+    /// time, lasts at most [`BLOCKING_MS`] (set in `dur`) and starts their quiet time. Other
+    /// faults pass unchanged.
+    fn blocking_allowed(
+        &mut self,
+        p: f64,
+        res: &str,
+        target: Option<usize>,
+        now: Instant,
+        dur: &mut u64,
+    ) -> bool {
+        if p < 1.0 || !(res == "leases" || res == "*") {
+            return true;
+        }
+        let rs = self.replicas_of(target);
+        if rs.iter().any(|&i| now < self.quiet_until[i]) {
+            return false;
+        }
+        *dur = self.ms(BLOCKING_MS);
+        for i in rs {
+            self.quiet_until[i] = now + Duration::from_millis(*dur) + self.cooldown;
+        }
+        true
+    }
+
     fn replicas_of(&self, target: Option<usize>) -> Vec<usize> {
         target.map_or_else(|| (0..self.replicas).collect(), |i| vec![i])
     }
@@ -467,6 +493,12 @@ impl Injector {
         let p = [1.0, 1.0, 0.5, 0.2][self.rng.random_range(0..4)];
         let (payload, detail) = match kind {
             Kind::LoseHang | Kind::LoseServerTimeout | Kind::LoseTimeout => {
+                // Every answer to a Lease write lost: the write commits, but the replica can
+                // never confirm its own membership renewal, so its fence closes (as it must)
+                // and nothing of it writes — a partition as far as renewals go.
+                if !self.blocking_allowed(p, res, target, now, &mut dur) {
+                    return false;
+                }
                 let mut l = match kind {
                     Kind::LoseHang => LoseResponse::hang(),
                     Kind::LoseServerTimeout => LoseResponse::server_timeout(),
@@ -482,15 +514,8 @@ impl Injector {
                 // Every answer to the Lease writes held a second or more (more with latency on
                 // top: past the API timeout) blocks renewals as a partition does: it is one, for
                 // how long it lasts and the quiet time after it.
-                if p >= 1.0 && d >= 1000 && (res == "leases" || res == "*") {
-                    let rs = self.replicas_of(target);
-                    if rs.iter().any(|&i| now < self.quiet_until[i]) {
-                        return false;
-                    }
-                    dur = self.ms(BLOCKING_MS);
-                    for i in rs {
-                        self.quiet_until[i] = now + Duration::from_millis(dur) + self.cooldown;
-                    }
+                if d >= 1000 && !self.blocking_allowed(p, res, target, now, &mut dur) {
+                    return false;
                 }
                 let mut h = HoldResponse::new(d).probability(p);
                 h.agents = agents.clone();

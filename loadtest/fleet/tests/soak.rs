@@ -1,0 +1,223 @@
+//! The CI-sized soak (P9): `fleet --scenario faults` with every kind of fault it has — API
+//! error storms, latency, lost and held responses, per-watch lag and stalls, stale reads,
+//! watch drops and compactions, partitions, replica kills and graceful restarts, writer flaps,
+//! StatefulSet scale events and node loss — for 90 s on three replicas, judged from what
+//! kubesim committed: no dual writer, no write by a non-owner, no Lease lapse of a Ready
+//! writer, every lock converged within 30 s after the faults. Its HTML report is then rendered
+//! by headless Chromium, and the screenshot must show every figure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are its failures
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// A fixed fault schedule (the run's timing still varies).
+const SEED: &str = "20261204";
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stslock-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+fn run_soak(dir: &Path) -> (Value, String) {
+    let (json, html) = (dir.join("soak.json"), dir.join("soak.html"));
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "--scenario",
+            "faults",
+            "--replicas",
+            "3",
+            "--locks",
+            "60",
+            "--namespaces",
+            "4",
+            "--seconds",
+            "90",
+            "--fault-every-ms",
+            "400",
+            "--kill-every-ms",
+            "4000",
+            "--graceful-share",
+            "0.25",
+            "--flap-every-ms",
+            "100",
+            "--scale-every-ms",
+            "1500",
+            "--node-loss-every-ms",
+            "20000",
+            "--seed",
+            SEED,
+        ])
+        .arg("--json-out")
+        .arg(&json)
+        .arg("--html-out")
+        .arg(&html)
+        .output()
+        .expect("running fleet");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the soak failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report")).unwrap();
+    (report, std::fs::read_to_string(&html).expect("HTML report"))
+}
+
+/// Each figure's id and the colour of its marker square, as the page declares them.
+fn markers(html: &str) -> Vec<(String, [u8; 3])> {
+    html.split("<section class=\"figure\" id=\"")
+        .skip(1)
+        .map(|s| {
+            let id = s.split('"').next().unwrap().to_string();
+            let fill = s
+                .split("class=\"marker\"")
+                .nth(1)
+                .and_then(|m| m.split("fill=\"#").nth(1))
+                .map(|f| &f[..6])
+                .unwrap_or_else(|| panic!("figure {id} has no marker"));
+            let c = |i: usize| u8::from_str_radix(&fill[i..i + 2], 16).unwrap();
+            (id, [c(0), c(2), c(4)])
+        })
+        .collect()
+}
+
+fn chromium() -> String {
+    for b in ["chromium", "chromium-browser", "google-chrome"] {
+        if Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return b.to_string();
+        }
+    }
+    panic!(
+        "headless Chromium is needed to render the report: `make browser-deps` installs Debian's chromium"
+    );
+}
+
+#[test]
+fn ci_soak_keeps_every_invariant_and_its_report_renders() {
+    let dir = scratch();
+    let (report, html) = run_soak(&dir);
+
+    // The run did what it says: every kind of event happened.
+    assert_eq!(report["violations"], serde_json::json!([]), "{report:#}");
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    assert!(n("replicaKills") >= 5, "kills: {}", n("replicaKills"));
+    assert!(n("gracefulRestarts") >= 1, "graceful restarts");
+    assert!(n("writerFlaps") >= 300, "flaps: {}", n("writerFlaps"));
+    assert!(n("nodeLosses") >= 2, "node losses");
+    assert!(n("scaleEvents") >= 20, "scale events");
+    assert!(
+        n("writerFailures") >= n("writerFlaps") / 2,
+        "writer failures: {}",
+        n("writerFailures")
+    );
+    let kinds = &report["faults"]["byKind"];
+    for k in [
+        "errors-500",
+        "errors-503",
+        "errors-429",
+        "latency",
+        "lose-response-hang",
+        "hold-response",
+        "watch-lag",
+        "watch-stall",
+        "stale-read",
+        "partition",
+        "watch-drop",
+        "compaction",
+    ] {
+        assert!(kinds[k].as_u64().unwrap_or(0) > 0, "no {k} fault: {kinds}");
+    }
+    assert_eq!(report["invariants"]["dualWriterIntervals"], 0);
+    assert_eq!(report["writes"]["nonOwner"], 0);
+    assert_eq!(report["leaseLapses"]["count"], 0);
+
+    // The page states the run's own figures.
+    for (label, key) in [
+        ("replica kills", "replicaKills"),
+        ("writer flaps", "writerFlaps"),
+        ("node losses", "nodeLosses"),
+    ] {
+        assert!(
+            html.contains(&format!("<th>{label}</th><td>{}</td>", n(key))),
+            "the summary does not show {label} = {}",
+            n(key)
+        );
+    }
+    let figures = markers(&html);
+    let ids: Vec<&str> = figures.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "summary",
+            "failover-latency",
+            "writer-timeline",
+            "ownership",
+            "renewal-lateness",
+            "api-writes",
+            "memory",
+            "faults"
+        ]
+    );
+    // Self-contained: no scripts, nothing it would fetch.
+    for needle in ["<script", "<link", " src=", "href=", "url(", "@import"] {
+        assert!(!html.contains(needle), "the page contains {needle:?}");
+    }
+
+    // Chromium renders it: every figure's marker square is in the screenshot, and the charts
+    // drew their series (a page that failed to parse shows none of this).
+    let browser = chromium();
+    let png = dir.join("soak.png");
+    let url = format!("file://{}", dir.join("soak.html").display());
+    let shot = Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1060,4200",
+        ])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(&url)
+        .output()
+        .expect("running chromium");
+    assert!(
+        shot.status.success() && png.exists(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    assert!(channels >= 3, "colour screenshot: {:?}", info.color_type);
+    let pixels: Vec<[u8; 3]> = buf[..info.buffer_size()]
+        .chunks(channels)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    for (id, colour) in &figures {
+        let seen = pixels.iter().filter(|p| *p == colour).count();
+        assert!(
+            seen >= 100,
+            "figure {id}: its marker {colour:?} covers {seen} pixels of the screenshot ({}x{})",
+            info.width,
+            info.height
+        );
+    }
+    // The series colours of the charts (first two of the palette) are drawn too.
+    for colour in [[0x1f, 0x77, 0xb4], [0xff, 0x7f, 0x0e]] {
+        let seen = pixels.iter().filter(|p| **p == colour).count();
+        assert!(seen >= 500, "series colour {colour:?}: {seen} pixels");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
