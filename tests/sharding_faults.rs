@@ -58,6 +58,23 @@ async fn locks(client: &Client, range: std::ops::Range<usize>, lease_seconds: i3
     }
 }
 
+/// Until the Leases `lease{i}` of `n` locks exist.
+async fn until_leases(client: &Client, n: usize) {
+    until(15, "every Lease created", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.list(&ListParams::default()).await.ok()?;
+            (l.items
+                .iter()
+                .filter(|l| l.name_any().starts_with("lease"))
+                .count()
+                == n)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
 /// Owner label of every lock.
 async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
     lock_owners(&Api::namespaced(client.clone(), "default")).await
@@ -291,19 +308,7 @@ async fn handoff_with_a_lost_response_leaves_no_writes_by_the_old_owner() {
     locks(&client, 0..10, 2).await;
     let a = start(&sim, "a", |_| {});
     until_owned_by(&client, &["a"], 30).await;
-    until(15, "every Lease created", || {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-        async move {
-            let l = leases.list(&ListParams::default()).await.ok()?;
-            (l.items
-                .iter()
-                .filter(|l| l.name_any().starts_with("lease"))
-                .count()
-                == 10)
-                .then_some(())
-        }
-    })
-    .await;
+    until_leases(&client, 10).await;
     sim.faults().update(|c| {
         c.lose_responses = vec![
             LoseResponse::server_timeout()
@@ -472,19 +477,7 @@ async fn a_handoff_reaches_a_replica_whose_lock_watch_is_stalled() {
     locks(&client, 0..10, 6).await;
     let a = start(&sim, "a", |_| {});
     until_owned_by(&client, &["a"], 30).await;
-    until(15, "every Lease created", || {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-        async move {
-            let l = leases.list(&ListParams::default()).await.ok()?;
-            (l.items
-                .iter()
-                .filter(|l| l.name_any().starts_with("lease"))
-                .count()
-                == 10)
-                .then_some(())
-        }
-    })
-    .await;
+    until_leases(&client, 10).await;
     sim.faults().update(|c| {
         c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/b")];
     });
@@ -563,19 +556,7 @@ async fn a_claim_under_a_stalled_lock_watch_keeps_its_leases_renewed() {
     let a = start(&sim, "a", |a| a.membership_lease_seconds = 3);
     let b = start(&sim, "b", |a| a.membership_lease_seconds = 3);
     let owned = until_owned_by(&client, &["a", "b"], 30).await;
-    until(15, "every Lease created", || {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-        async move {
-            let l = leases.list(&ListParams::default()).await.ok()?;
-            (l.items
-                .iter()
-                .filter(|l| l.name_any().starts_with("lease"))
-                .count()
-                == 8)
-                .then_some(())
-        }
-    })
-    .await;
+    until_leases(&client, 8).await;
     let of_b: Vec<String> = owned
         .iter()
         .filter(|(_, o)| o.as_deref() == Some("b"))
