@@ -48,10 +48,10 @@ fleet: ## Fleet run: 1000 locks, 3 replicas, replica kills and writer failures, 
 
 # The chaos soak (P9): every fault `fleet --scenario faults` has, replica kills and graceful
 # restarts, writer flaps, scale events and node loss; judged from kubesim's commits.
-SOAK_SECONDS ?= 1800
-soak: ## Chaos soak on kubesim (~35 min at the default length): ≥1,000 replica kills, ≥10,000 writer failures; report in soak-report.{json,html}.
+SOAK_SECONDS ?= 2000
+soak: ## Chaos soak on kubesim (~35 min at the default length, 2,000 s of faults): ≥1,000 replica kills, ≥10,000 writer failures; report in soak-report.{json,html}.
 	cargo run -p fleet --release -- --scenario faults --replicas 6 --locks 500 --seconds $(SOAK_SECONDS) \
-		--kill-every-ms 1300 --graceful-share 0.15 --flap-every-ms 150 --scale-every-ms 2000 \
+		--kill-every-ms 1100 --graceful-share 0.15 --flap-every-ms 150 --scale-every-ms 2000 \
 		--node-loss-every-ms 60000 --json-out soak-report.json --html-out soak-report.html
 
 control-plane: ## Real kube-apiserver 1.34, controller manager, etcd on loopback; prints how to use kubectl.1.33 (Ctrl-C stops).
