@@ -129,6 +129,9 @@ pub struct Sharding {
     /// Locks the ring gives this replica that a live peer still holds: since when, and when
     /// each was last read from the API server (see [`HANDOFF_READ_AFTER`]).
     awaited: DashMap<String, (Instant, Option<Instant>)>,
+    /// Awaited handoffs read labelled for this replica, by the resourceVersion read: until
+    /// the lock watch delivers that version, this is the lock's label for assignment.
+    read_mine: DashMap<String, u64>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
@@ -188,6 +191,7 @@ impl Sharding {
             on_ownership: std::sync::OnceLock::new(),
             released: DashMap::default(),
             awaited: DashMap::default(),
+            read_mine: DashMap::default(),
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -601,12 +605,28 @@ impl Sharding {
                 continue;
             }
             let key = lock_key(&lock);
-            let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
+            let cached_rv = crate::cache::fresh::rv_number(lock.resource_version().as_deref());
+            // A handoff to this replica read from the API server that the watch has not
+            // delivered yet (see `read_awaited`).
+            let read = self.read_mine.get(&key).map(|rv| *rv);
+            let read_mine = match read {
+                Some(rv) if rv > cached_rv => true,
+                Some(_) => {
+                    self.read_mine.remove(&key);
+                    false
+                }
+                None => false,
+            };
+            let label = if read_mine {
+                Some(self.cfg.id.as_str())
+            } else {
+                lock.labels().get(SHARD_LABEL).map(String::as_str)
+            };
             // A lock this replica is handing off, or a cached view older than its own handoff,
             // is not gained.
             if label == Some(self.cfg.id.as_str())
                 && !self.is_draining(&key)
-                && !self.predates_own_handoff(&key, &lock)
+                && (read_mine || !self.predates_own_handoff(&key, &lock))
             {
                 if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
                     gained.push(lock.clone());
@@ -646,6 +666,10 @@ impl Sharding {
             }
         }
         self.awaited.retain(|k, _| awaited.contains(k));
+        if !self.read_mine.is_empty() {
+            let present: HashSet<String> = locks.state().iter().map(|l| lock_key(l)).collect();
+            self.read_mine.retain(|k, _| present.contains(k));
+        }
         // Awaited handoffs that are late as the lock watch shows them: the API server's word.
         for l in self.read_awaited(to_read).await {
             let key = lock_key(&l);
@@ -654,6 +678,10 @@ impl Sharding {
                 && mine.insert(key.clone())
             {
                 self.awaited.remove(&key);
+                self.read_mine.insert(
+                    key.clone(),
+                    crate::cache::fresh::rv_number(l.resource_version().as_deref()),
+                );
                 if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
                     gained.push(Arc::new(l));
                 }
