@@ -50,6 +50,10 @@ pub enum Refused {
     Fenced,
 }
 
+fn rv_of(lock: &StatefulSetLock) -> u64 {
+    crate::cache::fresh::rv_number(lock.resource_version().as_deref())
+}
+
 /// Ownership moves (claims, handoffs) of different locks in flight at once.
 const MOVES_IN_PARALLEL: usize = 16;
 
@@ -129,9 +133,11 @@ pub struct Sharding {
     /// Locks the ring gives this replica that a live peer still holds: since when, and when
     /// each was last read from the API server (see [`HANDOFF_READ_AFTER`]).
     awaited: DashMap<String, (Instant, Option<Instant>)>,
-    /// Awaited handoffs read labelled for this replica, by the resourceVersion read: until
-    /// the lock watch delivers that version, this is the lock's label for assignment.
-    read_mine: DashMap<String, u64>,
+    /// Awaited handoffs read labelled for this replica (the lock as read, and the fence
+    /// generation then): until the lock watch delivers a version as new, assignment works
+    /// from this one — its label, and its resourceVersion for the next move. Dropped when the
+    /// fence reopens (peers may have claimed the lock meanwhile).
+    read_mine: DashMap<String, (Arc<StatefulSetLock>, u64)>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
@@ -600,33 +606,29 @@ impl Sharding {
         let mut awaited = HashSet::new();
         let mut to_read = vec![];
         let now = Instant::now();
-        for lock in locks.state() {
-            if !scope.allows(&lock.namespace().unwrap_or_default()) {
+        let generation = self.generation();
+        for cached in locks.state() {
+            if !scope.allows(&cached.namespace().unwrap_or_default()) {
                 continue;
             }
-            let key = lock_key(&lock);
-            let cached_rv = crate::cache::fresh::rv_number(lock.resource_version().as_deref());
+            let key = lock_key(&cached);
             // A handoff to this replica read from the API server that the watch has not
-            // delivered yet (see `read_awaited`).
-            let read = self.read_mine.get(&key).map(|rv| *rv);
-            let read_mine = match read {
-                Some(rv) if rv > cached_rv => true,
+            // delivered yet (see `read_awaited`) stands for the cached view.
+            let read = self.read_mine.get(&key).map(|r| r.clone());
+            let lock = match read {
+                Some((l, g)) if g == generation && rv_of(&l) > rv_of(&cached) => l,
                 Some(_) => {
                     self.read_mine.remove(&key);
-                    false
+                    cached
                 }
-                None => false,
+                None => cached,
             };
-            let label = if read_mine {
-                Some(self.cfg.id.as_str())
-            } else {
-                lock.labels().get(SHARD_LABEL).map(String::as_str)
-            };
+            let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
             // A lock this replica is handing off, or a cached view older than its own handoff,
             // is not gained.
             if label == Some(self.cfg.id.as_str())
                 && !self.is_draining(&key)
-                && (read_mine || !self.predates_own_handoff(&key, &lock))
+                && !self.predates_own_handoff(&key, &lock)
             {
                 if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
                     gained.push(lock.clone());
@@ -670,23 +672,6 @@ impl Sharding {
             let present: HashSet<String> = locks.state().iter().map(|l| lock_key(l)).collect();
             self.read_mine.retain(|k, _| present.contains(k));
         }
-        // Awaited handoffs that are late as the lock watch shows them: the API server's word.
-        for l in self.read_awaited(to_read).await {
-            let key = lock_key(&l);
-            if !self.is_draining(&key)
-                && !self.predates_own_handoff(&key, &l)
-                && mine.insert(key.clone())
-            {
-                self.awaited.remove(&key);
-                self.read_mine.insert(
-                    key.clone(),
-                    crate::cache::fresh::rv_number(l.resource_version().as_deref()),
-                );
-                if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
-                    gained.push(Arc::new(l));
-                }
-            }
-        }
         // Locks labelled mine that this incarnation has not reported yet: a restart's locks, or
         // a peer's handoff. Their Leases may be near expiry, and the reconcile lane reaches
         // them one by one (after a restart, its first pass over every lock): the renewal lane
@@ -699,23 +684,45 @@ impl Sharding {
                 f(lock, true);
             }
         }
-        if unread {
-            return;
-        }
-        // Each move is one compare-and-swap of one lock's label (a handoff first waits for that
-        // lock's in-flight work): independent per lock, so they run side by side. One at a time,
-        // a dead peer's few hundred locks took one round trip each to be re-owned (about 11 s for
-        // 330 locks on a real apiserver).
-        futures::stream::iter(work)
-            .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
-                match to {
-                    None => {
-                        self.set_owner(&lock, &self.cfg.id, "claim").await;
+        if !unread {
+            // Each move is one compare-and-swap of one lock's label (a handoff first waits for
+            // that lock's in-flight work): independent per lock, so they run side by side. One
+            // at a time, a dead peer's few hundred locks took one round trip each to be re-owned
+            // (about 11 s for 330 locks on a real apiserver). They go first: a claim is decided
+            // on a fresh read of the membership, which must not age behind slow reads.
+            futures::stream::iter(work)
+                .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
+                    match to {
+                        None => {
+                            self.set_owner(&lock, &self.cfg.id, "claim").await;
+                        }
+                        Some(to) => self.hand_off(&lock, &to).await,
                     }
-                    Some(to) => self.hand_off(&lock, &to).await,
-                }
-            })
-            .await;
+                })
+                .await;
+        }
+        // Awaited handoffs that are late as the lock watch shows them: the API server's word.
+        let mut gained = vec![];
+        for l in self.read_awaited(to_read).await {
+            let key = lock_key(&l);
+            if self.generation() != generation
+                || self.is_draining(&key)
+                || self.predates_own_handoff(&key, &l)
+            {
+                continue;
+            }
+            self.awaited.remove(&key);
+            let l = Arc::new(l);
+            self.read_mine.insert(key.clone(), (l.clone(), generation));
+            if self.owned.lock().is_ok_and(|mut o| o.insert(key)) {
+                gained.push(l);
+            }
+        }
+        if let Some(f) = self.on_ownership.get() {
+            for lock in &gained {
+                f(lock, true);
+            }
+        }
     }
 
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {

@@ -592,3 +592,47 @@ async fn a_claim_under_a_stalled_lock_watch_keeps_its_leases_renewed() {
     }
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. A replica that learned of a handoff by reading it hands the lock on from what it read.
+
+/// b's lock watch is stalled from its start: it learns of a's handoffs only by reading them.
+/// Then c joins and the ring gives c some of b's locks: b must hand them on — from the version
+/// it read (the stale cache's resourceVersion would make every handoff a conflict for as long as
+/// the watch stays stalled) — and only the owner of a lock may write for it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_read_through_a_stalled_watch_is_handed_on() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..12, 2).await;
+    locks(&client, 0..12, 6).await;
+    let a = start(&sim, "a", |_| {});
+    until_owned_by(&client, &["a"], 30).await;
+    until_leases(&client, 12).await;
+    sim.faults().update(|c| {
+        c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/b")];
+    });
+    let b = start(&sim, "b", |_| {});
+    until_owned_by(&client, &["a", "b"], 20).await;
+    let joined = sim.store().current_rv();
+    let c = start(&sim, "c", |_| {});
+    until_owned_by(&client, &["a", "b", "c"], 20).await;
+    let end = sim.store().current_rv();
+    sim.faults().update(|c| c.watch_faults.clear());
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let b_to_c = audit
+        .moves
+        .iter()
+        .filter(|m| m.0 > joined && m.0 <= end && m.2.as_deref() == Some("b") && m.3 == "c")
+        .count();
+    println!(
+        "{b_to_c} locks handed on from b to c with b's lock watch stalled; {} writes checked",
+        audit.checked
+    );
+    assert!(b_to_c > 0, "the ring moved none of b's locks to c");
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
