@@ -133,10 +133,11 @@ pub struct Sharding {
     /// Locks the ring gives this replica that a live peer still holds: since when, and when
     /// each was last read from the API server (see [`HANDOFF_READ_AFTER`]).
     awaited: DashMap<String, (Instant, Option<Instant>)>,
-    /// Awaited handoffs read labelled for this replica (the lock as read, and the fence
-    /// generation then): until the lock watch delivers a version as new, assignment works
-    /// from this one — its label, and its resourceVersion for the next move. Dropped when the
-    /// fence reopens (peers may have claimed the lock meanwhile).
+    /// Locks read (awaited handoffs) or claimed labelled for this replica: the lock as read or
+    /// as the claim's answer, and the fence generation then. Until the lock watch delivers a
+    /// version as new, assignment works from this one — its label, and its resourceVersion for
+    /// the next move. Dropped when the fence reopens (peers may have claimed the lock
+    /// meanwhile).
     read_mine: DashMap<String, (Arc<StatefulSetLock>, u64)>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
@@ -871,6 +872,14 @@ impl Sharding {
             Ok(updated) => {
                 if owner != self.cfg.id {
                     self.record_released(&lock_key(lock), &updated);
+                } else {
+                    // Until the lock watch delivers the claim, assignment works from its answer
+                    // (not from a cached view that still names the previous owner: that would
+                    // claim again, and conflict, every pass).
+                    self.read_mine.insert(
+                        lock_key(lock),
+                        (Arc::new(updated.clone()), self.generation()),
+                    );
                 }
                 if let Ok(mut o) = self.owned.lock() {
                     if owner == self.cfg.id {
