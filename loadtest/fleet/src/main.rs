@@ -139,6 +139,12 @@ struct Args {
     /// 2–15 s, every this many milliseconds on average (0: never).
     #[arg(long, default_value_t = 0)]
     node_loss_every_ms: u64,
+    /// `faults`: Lease lapses of Ready writers are reported (text, JSON, HTML) but do not fail
+    /// the run. For the CI-sized soak only: lapses after replica restarts and under some
+    /// combinations of faults are an open problem (issue P9), dual writers, writes by a
+    /// non-owner and convergence are not, and still fail it.
+    #[arg(long)]
+    lapses_reported_only: bool,
     /// `faults`: also write the report as one self-contained HTML page (inline SVG, no
     /// scripts, nothing fetched).
     #[arg(long)]
