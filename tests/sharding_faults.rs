@@ -58,6 +58,17 @@ async fn locks(client: &Client, range: std::ops::Range<usize>, lease_seconds: i3
     }
 }
 
+/// `n` two-pod StatefulSets with locks of `lease_seconds` Leases, and replica a alone owning
+/// them all, every Lease created.
+async fn alone_with_locks(sim: &Sim, client: &Client, n: usize, lease_seconds: i32) -> Replica {
+    statefulsets(client, 0..n, 2).await;
+    locks(client, 0..n, lease_seconds).await;
+    let a = start(sim, "a", |_| {});
+    until_owned_by(client, &["a"], 30).await;
+    until_leases(client, n).await;
+    a
+}
+
 /// Until the Leases `lease{i}` of `n` locks exist.
 async fn until_leases(client: &Client, n: usize) {
     until(15, "every Lease created", || {
@@ -304,11 +315,7 @@ async fn deleted_membership_lease_is_not_an_instant_death() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_with_a_lost_response_leaves_no_writes_by_the_old_owner() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..10, 2).await;
-    locks(&client, 0..10, 2).await;
-    let a = start(&sim, "a", |_| {});
-    until_owned_by(&client, &["a"], 30).await;
-    until_leases(&client, 10).await;
+    let a = alone_with_locks(&sim, &client, 10, 2).await;
     sim.faults().update(|c| {
         c.lose_responses = vec![
             LoseResponse::server_timeout()
@@ -473,11 +480,7 @@ async fn handoff_waits_until_the_old_owners_plan_can_no_longer_write() {
 async fn a_handoff_reaches_a_replica_whose_lock_watch_is_stalled() {
     let (sim, client) = sim_with_crd().await;
     let lease_ms = 6000;
-    statefulsets(&client, 0..10, 2).await;
-    locks(&client, 0..10, 6).await;
-    let a = start(&sim, "a", |_| {});
-    until_owned_by(&client, &["a"], 30).await;
-    until_leases(&client, 10).await;
+    let a = alone_with_locks(&sim, &client, 10, 6).await;
     sim.faults().update(|c| {
         c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/b")];
     });
@@ -603,11 +606,7 @@ async fn a_claim_under_a_stalled_lock_watch_keeps_its_leases_renewed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_read_through_a_stalled_watch_is_handed_on() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..12, 2).await;
-    locks(&client, 0..12, 6).await;
-    let a = start(&sim, "a", |_| {});
-    until_owned_by(&client, &["a"], 30).await;
-    until_leases(&client, 12).await;
+    let a = alone_with_locks(&sim, &client, 12, 6).await;
     sim.faults().update(|c| {
         c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/b")];
     });
