@@ -71,6 +71,8 @@ pub struct Context {
     /// Its own handle: outcomes reschedule entries through it.
     pub renewals: Renewals,
     pub api_timeout: Duration,
+    /// Has the Lease watch delivered its initial list (see [`crate::probe::CacheSync`])?
+    pub leases_synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Handle to the renewal lane, held by the reconcile lane's context.
@@ -214,7 +216,7 @@ enum Outcome {
 async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSender<LockRef>) {
     let outcome = match ctx.cache.locks.get(&lock) {
         None => Outcome::NotMine,
-        Some(l) => try_renew(ctx, &l).await,
+        Some(l) => try_renew(ctx, &l, Due::Half).await,
     };
     match outcome {
         Outcome::Renewed(next, unhealthy) => {
@@ -258,7 +260,34 @@ fn hand_to_reconcile(
     }
 }
 
-async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
+/// Renew `lock`'s Lease before this replica hands the lock off (the hook of
+/// [`crate::sharding::Sharding::before_handoff`]) if a quarter of its duration has passed since
+/// its last renewal, with the checks of any renewal: the next owner then starts with at least
+/// three quarters of a Lease to learn of the lock, re-read it and renew it. Whatever else the
+/// lane would do (hand the lock to the reconcile lane, retry) is left to the next owner.
+pub async fn before_handoff(ctx: &Context, lock: &StatefulSetLock) {
+    let lock_ref = ObjectRef::from_obj(lock);
+    match try_renew(ctx, lock, Due::Handoff).await {
+        // Kept due on this replica's schedule in case the handoff does not happen (a
+        // conflict): the label moving cancels it.
+        Outcome::Renewed(next, _) => ctx.renewals.schedule(lock_ref, next),
+        Outcome::NotDue(_) | Outcome::NotMine => {}
+        Outcome::Wait(why) | Outcome::Reconcile(why) | Outcome::Retry(why) => {
+            tracing::debug!(lock = %lock_ref, why, "no renewal before the handoff");
+        }
+    }
+}
+
+/// When a renewal is due.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// The lane's schedule: half the Lease duration after the last renewal.
+    Half,
+    /// Before a handoff: a quarter of it.
+    Handoff,
+}
+
+async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     let lock = ctx.cache.fresh.newest_lock(Arc::new(lock.clone()));
     let lock = lock.as_ref();
     let generation = ctx.sharding.generation();
@@ -302,6 +331,13 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     if lock.meta().deletion_timestamp.is_some() {
         return Outcome::Reconcile("lock deleting");
     }
+    // Until the Lease and pod watches have their initial lists (a restart), "not in the cache"
+    // means "not listed yet": look again soon rather than hand the lock to the reconcile lane
+    // and look again only after RECHECK — with a Lease renewed just before the restart, half a
+    // Lease was not always enough for that (the chaos soak's lapses after replica kills).
+    if !ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) || !ctx.cache.pods.is_synced() {
+        return Outcome::Wait("caches not synced yet");
+    }
     let lease_name = lock.spec.lease_name.clone();
     let Some(lease) = ctx.cache.cached_lease(&ns, &lease_name) else {
         return Outcome::Reconcile("Lease not in cache");
@@ -338,8 +374,12 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock) -> Outcome {
     let expired = since_renew >= duration;
     // Renewed since this entry was scheduled (by the reconcile lane): not due yet. The slack
     // covers the jitter, so an early-jittered entry renews instead of rescheduling itself.
-    if since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half {
-        return Outcome::NotDue(half - since_renew);
+    let not_due = match due {
+        Due::Half => since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half,
+        Due::Handoff => since_renew < duration / 4,
+    };
+    if not_due {
+        return Outcome::NotDue(half.saturating_sub(since_renew));
     }
     let holder_uid = lease.annotations().get(WRITER_UID_ANNOTATION);
     // Ready or not: a writer that is failing over keeps its Lease until the Lease moves (the

@@ -246,6 +246,7 @@ pub async fn run_with(
         metrics: metrics.clone(),
         renewals,
         api_timeout: args.api_timeout(),
+        leases_synced: synced.leases.clone(),
     });
     // A lock this replica gains or gives up is re-read before it is decided again (the
     // previous owner's writes may not be in the cache yet). A gained lock gets its renewal
@@ -282,6 +283,19 @@ pub async fn run_with(
     background.spawn(cache_synced(sets.clone(), synced.clone(), |c| {
         &c.statefulsets
     }));
+    // A lock about to be handed off has its Lease renewed first (if a quarter of it has
+    // passed). Weak: the hook lives in `sharding`, which the lane's context holds.
+    sharding.before_handoff({
+        let lane = Arc::downgrade(&renewal_lane);
+        Box::new(move |lock| {
+            let lane = lane.clone();
+            Box::pin(async move {
+                if let Some(lane) = lane.upgrade() {
+                    crate::renew::before_handoff(&lane, &lock).await;
+                }
+            })
+        })
+    });
     background.spawn(crate::renew::run(
         renewal_lane,
         renew_inbox,

@@ -38,6 +38,10 @@ pub const LEAVING_ANNOTATION: &str = "app.anukkrit.me/leaving";
 /// What the rest of the replica does when this replica's ownership of a lock changes by its
 /// own write: `true` when it gained the lock (a claim), `false` when it handed it off.
 pub type OnOwnership = Box<dyn Fn(&StatefulSetLock, bool) + Send + Sync>;
+/// Run before a lock is handed off, while this replica may still write for it (see
+/// [`Sharding::before_handoff`]).
+pub type BeforeHandoff =
+    Box<dyn Fn(Arc<StatefulSetLock>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Why a write was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +130,7 @@ pub struct Sharding {
     /// plans started before do not survive it.
     generation: std::sync::atomic::AtomicU64,
     on_ownership: std::sync::OnceLock<OnOwnership>,
+    before_handoff: std::sync::OnceLock<BeforeHandoff>,
     /// Locks this replica handed off, with the resourceVersion of the handoff write: a
     /// reconcile started from a cache older than that (still showing this replica as owner)
     /// must not run.
@@ -196,6 +201,7 @@ impl Sharding {
             unresolved: DashSet::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             on_ownership: std::sync::OnceLock::new(),
+            before_handoff: std::sync::OnceLock::new(),
             released: DashMap::default(),
             awaited: DashMap::default(),
             read_mine: DashMap::default(),
@@ -266,6 +272,18 @@ impl Sharding {
     /// wired.
     pub fn on_ownership(&self, f: OnOwnership) {
         let _ = self.on_ownership.set(f);
+    }
+
+    /// What to do with a lock just before it is handed off (drained and relabelled), while
+    /// this replica may still write for it: renew its Lease, so the next owner starts with most
+    /// of a Lease duration whatever the phase of this replica's renewals. Without it a lock
+    /// handed over just before its renewal was due left the next owner half a Lease minus the
+    /// handoff to learn of it, re-read it and renew — under slow answers, or a next owner that
+    /// had just restarted, not enough (Leases of healthy writers lapsed in the chaos soak after
+    /// graceful restarts). Set once, when the replica is wired. The hook's writes ask for
+    /// permits like any other and end before draining begins; it must bound its own calls.
+    pub fn before_handoff(&self, f: BeforeHandoff) {
+        let _ = self.before_handoff.set(f);
     }
 
     /// Permission to send one write for `lock` (as this replica sees it now, freshest view
@@ -815,6 +833,11 @@ impl Sharding {
     /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
         let key = lock_key(lock);
+        if let Some(renew) = self.before_handoff.get() {
+            // Not under a timeout of its own: cutting a write short would leave it in flight
+            // with no record that it may still land. Its calls are bounded by api-timeout.
+            renew(Arc::new(lock.clone())).await;
+        }
         self.draining.insert(key.clone());
         let deadline = Instant::now() + self.cfg.api_timeout * 2 + Duration::from_secs(1);
         let quiet = loop {

@@ -635,3 +635,128 @@ async fn a_handoff_read_through_a_stalled_watch_is_handed_on() {
     assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. A lock is handed off with its Lease freshly renewed.
+
+/// a owns every lock alone, its Leases of 12 s renewed every 6 s; b joins when every Lease was
+/// last renewed 3.5 s ago or more (a quarter and a bit). The ring moves some locks to b: each
+/// must reach b with its Lease renewed at most a quarter of its duration (plus the handoff's own
+/// writes) before the label moved, so that b has three quarters of a Lease to take it over —
+/// not what is left of a's half, which after a slow restart or under slow answers was not
+/// enough (the chaos soak's lapses after graceful restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_is_handed_off_with_its_lease_freshly_renewed() {
+    let (sim, client) = sim_with_crd().await;
+    let (n, lease_ms) = (12, 12_000u64);
+    let a = alone_with_locks(&sim, &client, n, 12).await;
+    until_leases_aged(&sim, n, 3500..4000).await;
+    let joined_ms = sim.store().elapsed_ms();
+    let b = start(&sim, "b", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 20).await;
+    let log = sim.commit_log();
+    a.stop().await;
+    b.stop().await;
+
+    let handed: Vec<&String> = owned
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(l, _)| l)
+        .collect();
+    assert!(!handed.is_empty(), "the ring gave b no lock: {owned:?}");
+    for lock in handed {
+        let handoff = log
+            .iter()
+            .filter(|c| c.resource == "statefulsetlocks" && c.name == *lock && c.at_ms > joined_ms)
+            .find(|c| c.labels.get(SHARD_LABEL).map(String::as_str) == Some("b"))
+            .map(|c| c.at_ms)
+            .unwrap();
+        let lease = format!("lease{}", &lock[1..]);
+        let renewed = log
+            .iter()
+            .filter(|c| c.resource == "leases" && c.name == lease && c.at_ms <= handoff)
+            .map(|c| c.at_ms)
+            .max()
+            .unwrap();
+        let age = handoff - renewed;
+        println!(
+            "{lock}: handed to b {} ms after b started, its Lease renewed {age} ms before",
+            handoff - joined_ms
+        );
+        assert!(
+            age <= lease_ms / 4 + 400,
+            "{lock} was handed to b with a Lease last renewed {age} ms before (of {lease_ms} ms)"
+        );
+    }
+    assert_never_two_writers(&sim);
+}
+
+/// Until the youngest of the Leases `lease{i}` of `n` locks was last written `ages` ago (store
+/// milliseconds).
+async fn until_leases_aged(sim: &Sim, n: usize, ages: std::ops::Range<u64>) {
+    until(
+        20,
+        &format!("every Lease last written {ages:?} ms ago"),
+        || {
+            let log = sim.commit_log();
+            let now = sim.store().elapsed_ms();
+            let youngest = (0..n)
+                .map(|i| {
+                    let lease = format!("lease{i}");
+                    let last = log
+                        .iter()
+                        .filter(|c| c.resource == "leases" && c.name == lease)
+                        .map(|c| c.at_ms)
+                        .max()
+                        .unwrap_or(0);
+                    now - last
+                })
+                .min()
+                .unwrap_or(0);
+            let ok = ages.contains(&youngest);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. A replica killed and restarted renews its Leases before they lapse.
+
+/// a owns every lock alone (Leases of 6 s, renewed every 3 s) and is killed when its Leases
+/// are 2 s old; it comes back 1 s later with the same id, every answer to it 400 ms late. Its
+/// caches fill, it finds itself still the owner, and it must renew each Lease before it lapses
+/// (at 6 s): about 3 s for lists, a membership renewal, a re-read and the renewal, each one
+/// slow. Before, a renewal tried before the pod and Lease watches had their lists ("not in the
+/// cache") was left to the reconcile lane and looked at again only a second later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_renews_its_leases_before_they_lapse() {
+    let (sim, client) = sim_with_crd().await;
+    let (n, lease_ms) = (8, 6000u64);
+    let a = alone_with_locks(&sim, &client, n, 6).await;
+    until_leases_aged(&sim, n, 2000..2300).await;
+    a.task.abort();
+    let killed_ms = sim.store().elapsed_ms();
+    sim.faults().update(|c| {
+        c.latency_ms = 400;
+        c.agents = vec!["stslock/a".into()];
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = start(&sim, "a", |_| {});
+    // Deliberate wait: past the time the Leases would lapse, and one more renewal.
+    tokio::time::sleep(Duration::from_millis(lease_ms + 2000)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    sim.faults().update(|c| *c = Default::default());
+    a.stop().await;
+    for i in 0..n {
+        let lock = format!("l{i}");
+        let worst = longest_without_lease_write(&log, &lock, killed_ms, end_ms);
+        println!("{lock}: longest time without a Lease write across the restart {worst} ms");
+        assert!(
+            worst < lease_ms,
+            "{lock}'s Lease went {worst} ms without a write across a's restart"
+        );
+    }
+    assert_never_two_writers(&sim);
+}
