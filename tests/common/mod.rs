@@ -627,6 +627,35 @@ impl Env {
         }
     }
 
+    /// The API goes away for `down`, then comes back. On our real control plane
+    /// `component` (`kube-apiserver` or `etcd`) is killed with SIGKILL and restarted with the
+    /// same data once `down` has passed (the call returns when it serves again); on kubesim,
+    /// which has no process to kill, every request fails with 503 and open watches end for
+    /// `down`. Panics on a real cluster this harness did not start.
+    pub async fn api_outage(&self, component: &'static str, down: Duration) -> Duration {
+        match &self.inner {
+            Inner::Sim(sim) => {
+                let started = Instant::now();
+                sim.faults().update(|f| f.down = true);
+                tokio::time::sleep(down).await;
+                sim.faults().update(|f| f.down = false);
+                started.elapsed().saturating_sub(down)
+            }
+            Inner::Real(real) => {
+                let crashes = real
+                    .cluster
+                    .crashes
+                    .as_ref()
+                    .expect("API outages need the control plane this harness starts");
+                let (tx, rx) = oneshot::channel();
+                crashes.send((component, down, tx)).unwrap();
+                rx.await
+                    .expect("the control plane's thread answers")
+                    .unwrap_or_else(|e| panic!("restarting {component}: {e}"))
+            }
+        }
+    }
+
     /// Ends [`Env::partition`] of `id`. On a real cluster the connections held during the
     /// partition are closed, not forwarded: nothing sent while cut off arrives late.
     pub async fn heal(&self, id: &str) {
@@ -1585,7 +1614,18 @@ struct Cluster {
     operator: OperatorIdentity,
     kubectl: PathBuf,
     what: String,
+    /// Crashes of our own control plane's components ([`Env::api_outage`]); none on a cluster
+    /// we did not start.
+    crashes: Option<tokio::sync::mpsc::UnboundedSender<Crash>>,
 }
+
+/// Kill -9 `component`, leave it down for `down`, restart it: the answer is how long it took to
+/// serve again, or why it did not.
+type Crash = (
+    &'static str,
+    Duration,
+    oneshot::Sender<Result<Duration, String>>,
+);
 
 async fn cluster() -> &'static Cluster {
     static CLUSTER: OnceCell<Cluster> = OnceCell::const_new();
@@ -1622,6 +1662,7 @@ async fn existing_cluster(kubeconfig: PathBuf) -> anyhow::Result<Cluster> {
         audit_log: std::env::var_os("STSLOCK_TEST_AUDIT_LOG").map(PathBuf::from),
         operator,
         kubectl: controlplane::kubectl()?,
+        crashes: None,
     })
 }
 
@@ -1671,6 +1712,7 @@ async fn start_control_plane() -> anyhow::Result<Cluster> {
                     }),
                     ..controlplane::Options::default()
                 };
+                let (crashes, mut crash_rx) = tokio::sync::mpsc::unbounded_channel::<Crash>();
                 let up = async {
                     let cp = ControlPlane::start(opts).await?;
                     let operator = cp
@@ -1691,12 +1733,17 @@ async fn start_control_plane() -> anyhow::Result<Cluster> {
                             started.elapsed().as_millis(),
                             cp.data_dir.display()
                         ),
+                        crashes: Some(crashes),
                     };
                     anyhow::Ok((cp, cluster))
                 };
                 match up.await {
-                    Ok((cp, cluster)) => {
+                    Ok((mut cp, cluster)) => {
                         let _ = tx.send(Ok(cluster));
+                        while let Some((component, down, answer)) = crash_rx.recv().await {
+                            let result = cp.kill_and_restart(component, down).await;
+                            let _ = answer.send(result.map_err(|e| format!("{e:#}")));
+                        }
                         std::future::pending::<()>().await;
                         drop(cp);
                     }

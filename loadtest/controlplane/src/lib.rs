@@ -376,6 +376,46 @@ impl ControlPlane {
             .try_for_each(Component::check_running)
     }
 
+    /// A crash and restart of one component (`etcd` or `kube-apiserver`): SIGKILL, `down`
+    /// with it gone, then started again with the same arguments and data (etcd's data dir
+    /// survives a kill of the process), and waited for until the apiserver is ready again.
+    /// Returns how long that took after the restart. Everything else — the controller
+    /// manager, the stand-in kubelet, clients such as the operator — reconnects on its own.
+    pub async fn kill_and_restart(&mut self, component: &str, down: Duration) -> Result<Duration> {
+        anyhow::ensure!(
+            component == "etcd" || component == "kube-apiserver",
+            "only etcd and kube-apiserver are restarted, not {component}"
+        );
+        let index = self
+            .components
+            .iter()
+            .position(|c| c.name == component)
+            .with_context(|| format!("no component {component}"))?;
+        self.components[index].kill();
+        tracing::info!(component, ?down, "killed (SIGKILL)");
+        tokio::time::sleep(down).await;
+        self.components[index].respawn()?;
+        let restarted = Instant::now();
+        let deadline = restarted + Duration::from_secs(120);
+        if component == "etcd" {
+            let port = self.components[index]
+                .args
+                .iter()
+                .find_map(|a| a.strip_prefix("--listen-client-urls=https://127.0.0.1:"))
+                .and_then(|p| p.parse().ok())
+                .context("etcd's client port")?;
+            self.wait_for_port("etcd", port, deadline).await?;
+        }
+        let admin = self.admin_client().await?;
+        self.wait_for_readyz(&admin, deadline).await?;
+        tracing::info!(
+            component,
+            elapsed_ms = restarted.elapsed().as_millis() as u64,
+            "serving again"
+        );
+        Ok(restarted.elapsed())
+    }
+
     /// Stops the stand-in, then the controller manager, the apiserver and etcd (SIGTERM, up to
     /// 10 s each). Also what dropping does.
     pub async fn stop(mut self) -> Result<()> {

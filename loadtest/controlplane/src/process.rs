@@ -4,7 +4,6 @@
 //! Signals only ever go to processes this module spawned, by their pid, and only while they have
 //! not been reaped (so the pid cannot belong to anyone else yet).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +28,54 @@ pub(crate) struct Component {
     watchdog: Option<Child>,
     pub(crate) log_path: PathBuf,
     exit: Option<ExitStatus>,
+    /// How it was started, for [`Component::kill_and_respawn`].
+    program: PathBuf,
+    pub(crate) args: Vec<String>,
+    deadline_unix: u64,
+}
+
+/// The process and its watchdog, output appended to `log_path` (created when `fresh`).
+fn start(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    log_path: &Path,
+    fresh: bool,
+    deadline_unix: u64,
+) -> Result<(Child, Child)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(!fresh)
+        .truncate(fresh)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_err = log.try_clone().context("duplicating the log file handle")?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .with_context(|| format!("starting {name} ({})", program.display()))?;
+    let watchdog = Command::new("sh")
+        .args(["-c", WATCHDOG, "controlplane-watchdog"])
+        .arg(std::process::id().to_string())
+        .arg(child.id().to_string())
+        .arg(deadline_unix.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match watchdog.context("starting the watchdog (sh)") {
+        Ok(w) => Ok((child, w)),
+        Err(e) => {
+            // Without its watchdog a component could outlive an aborted test: refuse to run it.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
 impl Component {
@@ -39,35 +86,52 @@ impl Component {
         log_path: PathBuf,
         deadline_unix: u64,
     ) -> Result<Self> {
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let log_err = log.try_clone().context("duplicating the log file handle")?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", program.display()))?;
-        let watchdog = Command::new("sh")
-            .args(["-c", WATCHDOG, "controlplane-watchdog"])
-            .arg(std::process::id().to_string())
-            .arg(child.id().to_string())
-            .arg(deadline_unix.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut component = Component {
+        let (child, watchdog) = start(name, program, args, &log_path, true, deadline_unix)?;
+        Ok(Component {
             name,
             child,
-            watchdog: None,
+            watchdog: Some(watchdog),
             log_path,
             exit: None,
-        };
-        // Without its watchdog a component could outlive an aborted test: refuse to run it.
-        component.watchdog = Some(watchdog.context("starting the watchdog (sh)")?);
-        Ok(component)
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            deadline_unix,
+        })
+    }
+
+    /// SIGKILL (no chance to clean up, as a crashed or OOM-killed process), reaped here.
+    pub(crate) fn kill(&mut self) {
+        if self.exited().is_none() {
+            // Still ours and unreaped, so the pid is this process.
+            let _ = self.child.kill();
+            self.exit = self.child.wait().ok();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+
+    /// Start it again as it was started (same program, arguments and data), its output
+    /// appended to the same log. It must have exited (see [`Component::kill`]).
+    pub(crate) fn respawn(&mut self) -> Result<()> {
+        anyhow::ensure!(
+            self.exited().is_some(),
+            "{} is still running: it is not started twice",
+            self.name
+        );
+        let (child, watchdog) = start(
+            self.name,
+            &self.program,
+            &self.args,
+            &self.log_path,
+            false,
+            self.deadline_unix,
+        )?;
+        self.child = child;
+        self.watchdog = Some(watchdog);
+        self.exit = None;
+        Ok(())
     }
 
     pub(crate) fn pid(&self) -> u32 {
