@@ -21,7 +21,7 @@ browser-deps: ## Headless Chromium for the report's screenshot test (Debian's ch
 
 # The integration suites ported to tests/common: they run on kubesim (in `cargo test`) and on
 # the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
-REAL_SUITES := --test operator --test api_outages --test kubectl_story --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
+REAL_SUITES := --test operator --test api_faults --test kubectl_story --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
 # The part of them `make test` runs on the real control plane too (the rest: make test-real).
 REAL_IN_TEST := --test kubectl_story --test takeover --test migration
 

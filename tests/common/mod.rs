@@ -149,6 +149,9 @@ pub struct Options {
     /// Record each lock's owner (its shard label) over time, for [`Env::owner_check`]: kubesim
     /// records the label with every commit; on a real cluster the harness watches the locks.
     pub record_owners: bool,
+    /// Real backend: every replica reaches the API server through one kubesim fault proxy
+    /// (`kubesim::proxy`), so that [`Env::faults`] injects the same faults on both backends.
+    pub fault_proxy: bool,
 }
 
 impl Options {
@@ -179,6 +182,7 @@ impl Default for Options {
             sim: |_| {},
             partitionable: false,
             record_owners: false,
+            fault_proxy: false,
         }
     }
 }
@@ -271,6 +275,8 @@ struct Real {
     proxies: Mutex<HashMap<String, Proxy>>,
     /// The ValidatingWebhookConfiguration of [`Env::fail_operator_writes`], while it exists.
     failing_writes: Mutex<Option<String>>,
+    /// The replicas' fault proxy ([`Options::fault_proxy`]).
+    fault_proxy: Option<kubesim::proxy::Proxy>,
     _turn: SemaphorePermit<'static>,
 }
 
@@ -342,16 +348,21 @@ impl Env {
                     home,
                 }
             }
-            Backend::Real => Self::start_real(opts, started, home).await,
+            Backend::Real => Self::start_real(opts, home).await,
         };
         env.start_operators().await;
         env
     }
 
-    async fn start_real(opts: Options, started: Instant, home: PathBuf) -> Env {
+    async fn start_real(opts: Options, home: PathBuf) -> Env {
         static TURN: Semaphore = Semaphore::const_new(1);
         let turn = TURN.acquire().await.unwrap();
         let cluster = cluster().await;
+        // The time base of `elapsed_ms`, of the audit log's `Write::at_ms` and of the pod
+        // recorder: one instant, taken once this test has the cluster (the wait for the turn
+        // and for the control plane to start is not part of the test). Taken apart, writes were
+        // dated up to a previous test's length too early.
+        let (started, started_at) = (Instant::now(), jiff::Timestamp::now());
         let admin =
             controlplane::client_from_kubeconfig(&cluster.admin_kubeconfig, "stslock-test/admin")
                 .await
@@ -378,6 +389,16 @@ impl Env {
             )));
         }
         let watch_tasks = Mutex::new(watch_tasks);
+        let fault_proxy = if opts.fault_proxy {
+            let upstream = &cluster.operator.kubeconfig_path;
+            Some(
+                kubesim::proxy::Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
         let audit = AuditTail::new(cluster.audit_log.clone(), ns.clone());
         let ns_for_list = ns.clone();
         let _ = writeln!(
@@ -397,10 +418,11 @@ impl Env {
                 watch_tasks,
                 audit: Mutex::new(audit),
                 namespaces: Mutex::new(vec![ns_for_list]),
-                started_at: jiff::Timestamp::now(),
+                started_at,
                 owners,
                 proxies: Mutex::new(HashMap::new()),
                 failing_writes: Mutex::new(None),
+                fault_proxy,
                 _turn: turn,
             })),
             operators: vec![],
@@ -509,6 +531,12 @@ impl Env {
         let agent = format!("stslock/{id}");
         match &self.inner {
             Inner::Sim(sim) => sim.client_as(&agent),
+            Inner::Real(real) if real.fault_proxy.is_some() => {
+                let kubeconfig = self.fault_proxy_kubeconfig(real, id);
+                controlplane::client_from_kubeconfig(&kubeconfig, &agent)
+                    .await
+                    .unwrap()
+            }
             Inner::Real(real) if self.opts.partitionable => {
                 let kubeconfig = self.proxied_kubeconfig(real, id).await;
                 controlplane::client_from_kubeconfig(&kubeconfig, &agent)
@@ -688,6 +716,39 @@ impl Env {
             task,
         });
         p.handle()
+    }
+
+    /// The operator's kubeconfig with the fault proxy (plain HTTP on loopback) as its server;
+    /// the ServiceAccount token goes through it to the API server.
+    fn fault_proxy_kubeconfig(&self, real: &Real, id: &str) -> PathBuf {
+        let proxy = real.fault_proxy.as_ref().expect("a fault proxy");
+        let source = &real.cluster.operator.kubeconfig_path;
+        let mut k = kube::config::Kubeconfig::read_from(source).unwrap();
+        for c in &mut k.clusters {
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.server = Some(proxy.url());
+                cluster.certificate_authority = None;
+                cluster.certificate_authority_data = None;
+                cluster.tls_server_name = None;
+            }
+        }
+        let path = self.home.join(format!("operator-{id}-faults.kubeconfig"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&k).unwrap()).unwrap();
+        path
+    }
+
+    /// The fault layer between the operator's replicas and the API server: kubesim's own, or
+    /// on a real cluster the kubesim proxy in front of it ([`Options::fault_proxy`]). Faults
+    /// select clients by User-Agent (`stslock/<id>` for replica `id`).
+    pub fn faults(&self) -> &kubesim::Faults {
+        match &self.inner {
+            Inner::Sim(sim) => sim.faults(),
+            Inner::Real(real) => real
+                .fault_proxy
+                .as_ref()
+                .expect("faults on a real cluster need Options::fault_proxy")
+                .faults(),
+        }
     }
 
     /// The operator's kubeconfig with replica `id`'s proxy as its server.

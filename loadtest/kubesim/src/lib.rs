@@ -22,6 +22,7 @@ pub mod faults;
 pub mod meta;
 pub mod openapi;
 pub mod patch;
+pub mod proxy;
 pub mod recorder;
 pub mod registry;
 pub mod schema;

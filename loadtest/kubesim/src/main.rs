@@ -33,6 +33,35 @@ struct Args {
     /// The pod label the invariant recorder watches for `writer`.
     #[arg(long, env = "KUBESIM_ROLE_LABEL", default_value = "sts-role")]
     role_label: String,
+    /// Serve as a fault-injecting proxy in front of the API server of this kubeconfig instead
+    /// of the embedded API (faults set with `PUT /sim/faults` as on the embedded server;
+    /// clients' own bearer tokens are forwarded). `--kubeconfig` then gets a copy of this one
+    /// pointing at the proxy.
+    #[arg(long, env = "KUBESIM_UPSTREAM")]
+    upstream: Option<PathBuf>,
+}
+
+/// `kubesim --upstream`: the proxy until SIGINT or SIGTERM.
+async fn proxy(args: &Args, upstream: &std::path::Path) -> anyhow::Result<()> {
+    let proxy = kubesim::proxy::Proxy::start(args.addr, upstream).await?;
+    if let Some(path) = &args.kubeconfig {
+        let mut k = kube::config::Kubeconfig::read_from(upstream)
+            .with_context(|| format!("reading {}", upstream.display()))?;
+        for c in &mut k.clusters {
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.server = Some(proxy.url());
+                cluster.certificate_authority = None;
+                cluster.certificate_authority_data = None;
+                cluster.tls_server_name = None;
+            }
+        }
+        let yaml = serde_json::to_vec_pretty(&k).context("encoding the kubeconfig")?;
+        std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("kubesim proxying {} on {}", upstream.display(), proxy.url());
+    shutdown_signal().await?;
+    eprintln!("kubesim: shutting down");
+    Ok(())
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
@@ -55,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(upstream) = &args.upstream {
+        return proxy(&args, upstream).await;
+    }
     let mut cfg = kubesim::SimConfig::default();
     cfg.controllers.pod_ready_delay = Duration::from_millis(args.pod_ready_ms);
     cfg.controllers.pod_terminate_delay = Duration::from_millis(args.pod_terminate_ms);
