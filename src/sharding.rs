@@ -670,7 +670,15 @@ impl Sharding {
             }
             match decision {
                 Some(Decision::Claim) => work.push((lock, None)),
-                Some(Decision::Release { to }) => work.push((lock, Some(to))),
+                // Not from a view older than this replica's own handoff of it (a lock watch
+                // behind the handoff still shows the label): that would hand it off again,
+                // with a stale resourceVersion, and conflict every pass until the watch
+                // catches up — each time renewing its Lease first. Nor while one is running.
+                Some(Decision::Release { to })
+                    if !self.is_draining(&key) && !self.predates_own_handoff(&key, &lock) =>
+                {
+                    work.push((lock, Some(to)))
+                }
                 Some(Decision::WaitForHandoff { .. }) => {
                     let mut e = self.awaited.entry(key.clone()).or_insert((now, None));
                     let (since, read) = *e;

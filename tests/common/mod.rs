@@ -1830,6 +1830,8 @@ struct Watched {
     relists: usize,
     lists: usize,
     init: HashSet<String>,
+    /// The pods of the list in progress, applied when it is complete.
+    listed: Vec<Pod>,
 }
 
 impl Watched {
@@ -1840,6 +1842,7 @@ impl Watched {
             relists: 0,
             lists: 0,
             init: HashSet::new(),
+            listed: Vec::new(),
         }
     }
 
@@ -1869,6 +1872,7 @@ async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Inst
         let prefix = format!("{ns}/");
         match event {
             Ok(watcher::Event::Init) => {
+                w.listed.clear();
                 w.lists += 1;
                 if w.lists > 1 {
                     w.relists += 1;
@@ -1877,9 +1881,18 @@ async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Inst
             }
             Ok(watcher::Event::InitApply(p)) => {
                 w.init.insert(pod_key(&p));
-                w.apply(at, &p);
+                w.listed.push(p);
             }
             Ok(watcher::Event::InitDone) => {
+                // A list gives each pod's latest state, in name order: applied in that order
+                // after a re-list, a demotion listed after a promotion showed two writers for a
+                // moment that never had them. In resourceVersion order the listed states follow
+                // each other as they were committed.
+                let mut listed = std::mem::take(&mut w.listed);
+                listed.sort_by_key(rv);
+                for p in &listed {
+                    w.apply(at, p);
+                }
                 let gone: Vec<String> = w
                     .pods
                     .keys()

@@ -23,6 +23,11 @@
 //! is constant; the part of that stretch after `renewTime + leaseDurationSeconds` (renewTime as
 //! written by the operator, wall clock mapped onto the store's clock) during which the Lease's
 //! holder pod is Ready and labelled writer is lapsed. Adjacent lapsed stretches are one lapse.
+//! A lapse is the fault injector's, not the operator's, when the lock's owner was down (killed,
+//! or stopped for a graceful restart, and not back yet) at some moment between the renewal's due
+//! time (half a Lease after the lapsed renewal) and the expiry, and came back less than half a
+//! Lease before the expiry: a dead replica renews nothing, and half a Lease is what every
+//! renewal gets after it is due. Every other lapse is the operator's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -737,6 +742,19 @@ fn writes(
     w
 }
 
+/// The ownership label of lock `k` as of its last commit at or before `at_ms`.
+fn lock_owner_at(log: &[kubesim::CommitRecord], k: &Key, at_ms: u64) -> Option<String> {
+    log.iter()
+        .rev()
+        .find(|c| {
+            c.resource == "statefulsetlocks"
+                && c.namespace == k.0
+                && c.name == k.1
+                && c.at_ms <= at_ms
+        })
+        .and_then(|c| c.labels.get(SHARD_LABEL).cloned())
+}
+
 #[derive(Debug, Clone)]
 struct Lapse {
     lock: Key,
@@ -1247,18 +1265,39 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         .map(|l| l.end_ms - l.start_ms)
         .max()
         .unwrap_or(0);
-    // The faults on the lock's owner around each lapse (evidence for whoever fixes it).
-    let owner_at = |k: &Key, at_ms: u64| -> Option<String> {
-        log.iter()
-            .rev()
-            .find(|c| {
-                c.resource == "statefulsetlocks"
-                    && c.namespace == k.0
-                    && c.name == k.1
-                    && c.at_ms <= at_ms
+    // Whose lapse (see the module doc): the owner's down times as the injector recorded them.
+    let down_of = |owner: &str| -> Vec<(u64, u64)> {
+        inj.timeline
+            .iter()
+            .filter(|f| {
+                (f.kind == "replica-kill" || f.kind == "replica-restart") && f.target == owner
             })
-            .and_then(|c| c.labels.get(SHARD_LABEL).cloned())
+            .map(|f| (f.start_ms, f.end_ms.unwrap_or(u64::MAX)))
+            .collect()
     };
+    let owner_down_at_due = |l: &Lapse| -> bool {
+        let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
+            return false;
+        };
+        let renewed = log
+            .iter()
+            .find(|c| c.rv == l.lease_rv)
+            .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
+        let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
+        down_of(&owner)
+            .iter()
+            .any(|&(down, back)| down < expiry && back > due && back + lease_ms / 2 > expiry)
+    };
+    let excused: Vec<bool> = all_lapses.iter().map(owner_down_at_due).collect();
+    let operator_lapses = excused.iter().filter(|e| !**e).count();
+    let operator_lapse_ms: u64 = all_lapses
+        .iter()
+        .zip(&excused)
+        .filter(|(_, e)| !**e)
+        .map(|(l, _)| l.end_ms - l.start_ms)
+        .sum();
+    // The faults on the lock's owner around each lapse (evidence for whoever fixes it).
+    let owner_at = |k: &Key, at_ms: u64| lock_owner_at(&log, k, at_ms);
     let faults_near = |owner: Option<&str>, from: u64, to: u64| -> Vec<String> {
         inj.timeline
             .iter()
@@ -1309,6 +1348,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 vec![]
             };
             json!({
+                "cause": if excused[n] { "owner down when the renewal was due" } else { "operator" },
                 "ownerWritesInWindow": owner_writes,
                 "commits": commits,
                 "lock": format!("{}/{}", l.lock.0, l.lock.1), "holder": l.holder,
@@ -1345,10 +1385,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     }
     // Found, but not failed on (`--lapses-reported-only`).
     let mut reported = vec![];
-    if !all_lapses.is_empty() {
+    if operator_lapses > 0 {
         let what = format!(
-            "{} Lease lapses of a Ready writer ({lapse_ms} ms)",
-            all_lapses.len()
+            "{operator_lapses} Lease lapses of a Ready writer caused by the operator ({operator_lapse_ms} ms)"
         );
         if args.lapses_reported_only {
             reported.push(what);
@@ -1394,7 +1433,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             "nonOwner": w.non_owner_count, "nonOwnerWrites": w.non_owner,
             "claims": w.claims, "claimsWhilePreviousOwnerLive": w.claims_from_live,
         },
-        "leaseLapses": {"count": all_lapses.len(), "totalMs": lapse_ms, "maxMs": lapse_max, "lapses": lapse_details},
+        "leaseLapses": {"count": all_lapses.len(), "totalMs": lapse_ms, "maxMs": lapse_max,
+            "operatorCaused": operator_lapses, "operatorCausedMs": operator_lapse_ms,
+            "ownerDownAtDue": all_lapses.len() - operator_lapses, "lapses": lapse_details},
         "convergence": {
             "limitSeconds": args.converge_seconds, "converged": converge.len(),
             "confirmed": confirmed, "apiCrossCheckConverged": api_ok,
@@ -1450,7 +1491,11 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             ),
             (
                 "Lease lapses of a Ready writer".to_string(),
-                format!("{} ({lapse_ms} ms)", all_lapses.len()),
+                format!(
+                    "{} ({lapse_ms} ms): {operator_lapses} caused by the operator, {} with the owner down when the renewal was due",
+                    all_lapses.len(),
+                    all_lapses.len() - operator_lapses
+                ),
             ),
             (
                 "converged after the faults".to_string(),
@@ -1532,8 +1577,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             println!("  claim from a live owner: {x}");
         }
         println!(
-            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms)",
-            all_lapses.len()
+            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms): {operator_lapses} caused by the operator ({operator_lapse_ms} ms), {} with the owner down when the renewal was due and back less than half a Lease before the expiry",
+            all_lapses.len(),
+            all_lapses.len() - operator_lapses
         );
         for x in lapse_details.iter().take(DETAILS_TEXT) {
             println!("  lapse: {x}");
