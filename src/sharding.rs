@@ -119,6 +119,11 @@ pub struct Sharding {
     // on a key is atomic, which each map's shard lock gives.
     /// Locks being handed off: no new reconciles start, no new write is sent.
     draining: DashSet<String>,
+    /// Locks a handoff is under way for (from its renewal to its label write): one at a time
+    /// per lock. Two at once (an assignment pass and a graceful leave) shared one `draining`
+    /// mark, and the first to finish cleared it while the other's label write was still in
+    /// flight: a write of this replica got through and landed after its own handoff.
+    handing: DashSet<String>,
     /// Writes in flight per lock (a handoff waits for them), and when a write for the lock
     /// last ended without a known outcome (it may still land: the handoff waits it out).
     writes: DashMap<String, (usize, Option<Instant>)>,
@@ -197,6 +202,7 @@ impl Sharding {
             origin: Instant::now(),
             view: RwLock::default(),
             draining: DashSet::default(),
+            handing: DashSet::default(),
             writes: DashMap::default(),
             unresolved: DashSet::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -841,6 +847,16 @@ impl Sharding {
     /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
         let key = lock_key(lock);
+        if !self.handing.insert(key.clone()) {
+            // Another handoff of it is under way; it decides.
+            return;
+        }
+        self.hand_off_alone(lock, to, &key).await;
+        self.handing.remove(&key);
+    }
+
+    async fn hand_off_alone(&self, lock: &StatefulSetLock, to: &str, key: &str) {
+        let key = key.to_string();
         if let Some(renew) = self.before_handoff.get() {
             // Not under a timeout of its own: cutting a write short would leave it in flight
             // with no record that it may still land. Its calls are bounded by api-timeout.
@@ -981,6 +997,14 @@ impl Sharding {
                     self.hand_off(&lock, &to).await
                 })
                 .await;
+        }
+        // A handoff the last assignment pass started (skipped above) must end before the
+        // membership Lease goes: peers claim what is left at once. Each is bounded (its
+        // renewal and label write by api-timeout, its wait for in-flight writes by 2 ×
+        // api-timeout + 1 s).
+        let deadline = Instant::now() + self.cfg.api_timeout * 5 + Duration::from_secs(1);
+        while !self.handing.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // No write of this replica may follow the delete: peers claim what is left at once.
         self.left.store(true, std::sync::atomic::Ordering::SeqCst);
