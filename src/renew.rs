@@ -332,11 +332,16 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         return Outcome::Reconcile("lock deleting");
     }
     // Until the Lease and pod watches have their initial lists (a restart), "not in the cache"
-    // means "not listed yet": look again soon rather than hand the lock to the reconcile lane
-    // and look again only after RECHECK — with a Lease renewed just before the restart, half a
-    // Lease was not always enough for that (the chaos soak's lapses after replica kills).
-    if !ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) || !ctx.cache.pods.is_synced() {
-        return Outcome::Wait("caches not synced yet");
+    // means "not listed yet": this lock's Lease and pods are read directly (and go into the
+    // caches) rather than the lock handed to the reconcile lane and looked at again only after
+    // RECHECK — with a Lease renewed just before the restart, half a Lease was not always
+    // enough for that. Never a wait for the lists themselves: a watch that cannot list must not
+    // stop every renewal.
+    let synced =
+        ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) && ctx.cache.pods.is_synced();
+    if !synced && let Err(e) = ctx.cache.reread(lock).await {
+        tracing::debug!(lock = %key, error = %e, "direct read before renewal");
+        return Outcome::Retry("Lease and pods could not be read");
     }
     let lease_name = lock.spec.lease_name.clone();
     let Some(lease) = ctx.cache.cached_lease(&ns, &lease_name) else {

@@ -129,7 +129,9 @@ pub struct Sharding {
     writes: DashMap<String, (usize, Option<Instant>)>,
     /// Handoffs whose response was lost: the lock is neither worked on nor handed again until
     /// a fresh read says where the label is.
-    unresolved: DashSet<String>,
+    /// When each was found unresolved: it is read only once that write can no longer land
+    /// (api-timeout later), or a read showing the label unmoved could be overtaken by it.
+    unresolved: DashMap<String, Instant>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
@@ -204,7 +206,7 @@ impl Sharding {
             draining: DashSet::default(),
             handing: DashSet::default(),
             writes: DashMap::default(),
-            unresolved: DashSet::default(),
+            unresolved: DashMap::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             on_ownership: std::sync::OnceLock::new(),
             before_handoff: std::sync::OnceLock::new(),
@@ -254,7 +256,7 @@ impl Sharding {
     }
 
     fn is_draining(&self, key: &str) -> bool {
-        self.draining.contains(key) || self.unresolved.contains(key)
+        self.draining.contains(key) || self.unresolved.contains_key(key)
     }
 
     /// Is this view of the lock older than this replica's own handoff of it? Such a view
@@ -802,7 +804,12 @@ impl Sharding {
 
     /// Handoffs whose response was lost: read the lock to see where its label is.
     async fn resolve_unknown_handoffs(&self) {
-        let keys: Vec<String> = self.unresolved.iter().map(|k| k.key().clone()).collect();
+        let keys: Vec<String> = self
+            .unresolved
+            .iter()
+            .filter(|e| e.value().elapsed() > self.cfg.api_timeout)
+            .map(|e| e.key().clone())
+            .collect();
         for key in keys {
             let Some((ns, name)) = key.split_once('/') else {
                 continue;
@@ -956,7 +963,7 @@ impl Sharding {
                 // not this replica's to work on. (A claim that may have committed shows up in
                 // the lock watch, and a claimed lock is re-read before it is decided.)
                 if e.outcome_unknown() && owner != self.cfg.id {
-                    self.unresolved.insert(lock_key(lock));
+                    self.unresolved.insert(lock_key(lock), Instant::now());
                 }
             }
         }
@@ -1000,9 +1007,10 @@ impl Sharding {
         }
         // A handoff the last assignment pass started (skipped above) must end before the
         // membership Lease goes: peers claim what is left at once. Each is bounded (its
-        // renewal and label write by api-timeout, its wait for in-flight writes by 2 ×
-        // api-timeout + 1 s).
-        let deadline = Instant::now() + self.cfg.api_timeout * 5 + Duration::from_secs(1);
+        // renewal's re-read, write and conflict re-read, and its label write by api-timeout
+        // each, its wait for in-flight writes by 2 × api-timeout + 1 s; the rate limiter is
+        // what is not). Past the deadline the fence below still stops new writes.
+        let deadline = Instant::now() + self.cfg.api_timeout * 8 + Duration::from_secs(1);
         while !self.handing.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1010,6 +1018,17 @@ impl Sharding {
         self.left.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut f) = self.fence.lock() {
             *f = Fence::new(self.cfg.lease_duration, self.cfg.margin);
+        }
+        // The fence is closed: no new write starts. One already sent (a renewal of a lock whose
+        // handoff failed or is still under way) must end, or be unable to land, first.
+        let deadline = Instant::now() + self.cfg.api_timeout * 2 + Duration::from_secs(1);
+        while Instant::now() < deadline
+            && self.writes.iter().any(|e| {
+                let (n, unknown) = *e.value();
+                n > 0 || unknown.is_some_and(|t| t.elapsed() <= self.cfg.api_timeout)
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Err(e) = call_opt(
             &self.metrics,
@@ -1021,5 +1040,78 @@ impl Sharding {
         {
             tracing::warn!(error = %e, "leaving the shard group");
         }
+    }
+}
+
+#[cfg(all(test, feature = "dev"))]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are its failures
+
+    use super::*;
+    use kubesim::{HoldResponse, Sim, SimConfig};
+
+    /// A second handoff of a lock while one is under way (an assignment pass and a graceful
+    /// leave) returns at once and leaves the first in charge: the lock stays drained until the
+    /// first one's label write has its answer. Before, the second shared the draining mark,
+    /// failed its own label write at once (a conflict) and cleared the mark while the first's
+    /// write was still in flight, so a write of this replica for the lock could go out and land
+    /// after the handoff.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_handoff_of_a_lock_leaves_it_drained_until_the_first_ends() {
+        let sim = Sim::start(SimConfig::default());
+        let client = sim.client_as("stslock/a");
+        crate::dev::install_crd(&client).await.unwrap();
+        let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+        let lock: StatefulSetLock = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "l0", "labels": {SHARD_LABEL: "a"}},
+            "spec": {"statefulSetName": "s0", "leaseName": "lease0", "leaseDurationSeconds": 10}
+        }))
+        .unwrap();
+        let lock = locks.create(&PostParams::default(), &lock).await.unwrap();
+        let s = Sharding::new(
+            client,
+            ShardConfig {
+                id: "a".into(),
+                group: "stslock".into(),
+                namespace: "default".into(),
+                lease_duration: Duration::from_secs(15),
+                margin: Duration::from_secs(3),
+                grace: Duration::from_secs(2),
+                api_timeout: Duration::from_secs(2),
+            },
+            Arc::new(crate::metrics::Metrics::new("a")),
+        );
+        s.renew().await.unwrap();
+        assert!(
+            s.may_write(),
+            "the fence is open after the membership renewal"
+        );
+        let key = lock_key(&lock);
+
+        // The first handoff's label write is committed at once and answered 800 ms later.
+        sim.faults().update(|c| {
+            c.hold_responses = vec![HoldResponse::new(800).resource("statefulsetlocks")];
+        });
+        let first = tokio::spawn({
+            let (s, lock) = (s.clone(), lock.clone());
+            async move { s.hand_off(&lock, "b").await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sim.faults().set(Default::default());
+        assert!(s.is_draining(&key), "the first handoff drains the lock");
+        let second = Instant::now();
+        s.hand_off(&lock, "c").await;
+        println!("second handoff returned after {:?}", second.elapsed());
+        assert!(
+            s.is_draining(&key),
+            "the lock was undrained while the first handoff's label write was in flight"
+        );
+        first.await.unwrap();
+        assert!(!s.is_draining(&key));
+        let now = locks.get("l0").await.unwrap();
+        assert_eq!(now.labels().get(SHARD_LABEL).map(String::as_str), Some("b"));
+        // Its own handoff is on record: views from before it are refused.
+        assert!(s.permit(&lock, s.generation()).is_err());
     }
 }

@@ -13,7 +13,7 @@ use kube::api::ListParams;
 use serde_json::json;
 
 mod common;
-use common::{Env, Options, Write, call, lock_owners};
+use common::{Env, Options, assert_only_owners_wrote, call, lock_owners};
 
 /// An environment without operators that records each lock's owner over time.
 async fn env(partitionable: bool) -> Env {
@@ -45,37 +45,6 @@ async fn fleet(env: &Env, n: usize, lease_seconds: i32) {
         )
         .await;
     }
-}
-
-/// The lock a write to something other than a lock is for: lock `l{i}` has Lease `lease{i}`
-/// and pods `s{i}-*`.
-fn lock_of(w: &Write) -> Option<String> {
-    match w.resource.as_str() {
-        "leases" => w.name.strip_prefix("lease").map(|i| format!("l{i}")),
-        "pods" => w
-            .name
-            .strip_prefix('s')
-            .and_then(|r| r.split_once('-'))
-            .map(|(i, _)| format!("l{i}")),
-        _ => None,
-    }
-}
-
-/// No replica wrote for a lock it did not own at the time (`what` names the scenario).
-async fn assert_only_owners_wrote(env: &Env, what: &str, min_checked: usize) {
-    let c = env.owner_check(lock_of).await;
-    println!(
-        "{what}: {} operator writes checked against the lock's owner at the time ({:?} backend), {} by a non-owner, {} ambiguous by timestamps; attempts by a non-owner: {} refused, {} of unknown outcome {:?}",
-        c.checked,
-        env.backend(),
-        c.violations.len(),
-        c.ambiguous,
-        c.refused,
-        c.unknown_outcome.len(),
-        c.unknown_outcome
-    );
-    assert!(c.checked > min_checked, "too few writes checked: {c:?}");
-    assert!(c.violations.is_empty(), "{:#?}", c.violations);
 }
 
 /// Owner label of every lock (None when unlabelled).

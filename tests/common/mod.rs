@@ -108,6 +108,39 @@ pub fn kubesim_only(reason: &str) -> bool {
     false
 }
 
+/// The lock a write to something other than a lock is for, in suites whose lock `l{i}` has
+/// Lease `lease{i}` and StatefulSet `s{i}` (pods `s{i}-*`).
+pub fn lock_of(w: &Write) -> Option<String> {
+    match w.resource.as_str() {
+        "leases" => w.name.strip_prefix("lease").map(|i| format!("l{i}")),
+        "pods" => w
+            .name
+            .strip_prefix('s')
+            .and_then(|r| r.split_once('-'))
+            .map(|(i, _)| format!("l{i}")),
+        _ => None,
+    }
+}
+
+/// No replica wrote for a lock it did not own at the time ([`Env::owner_check`] with
+/// [`lock_of`]; `what` names the scenario), and more than `min_checked` writes were checked.
+/// Call it once the operators are stopped.
+pub async fn assert_only_owners_wrote(env: &Env, what: &str, min_checked: usize) {
+    let c = env.owner_check(lock_of).await;
+    println!(
+        "{what}: {} operator writes checked against the lock's owner at the time ({:?} backend), {} by a non-owner, {} ambiguous by timestamps; attempts by a non-owner: {} refused, {} of unknown outcome {:?}",
+        c.checked,
+        env.backend(),
+        c.violations.len(),
+        c.ambiguous,
+        c.refused,
+        c.unknown_outcome.len(),
+        c.unknown_outcome
+    );
+    assert!(c.checked > min_checked, "too few writes checked: {c:?}");
+    assert!(c.violations.is_empty(), "{:#?}", c.violations);
+}
+
 /// Runs a call with the harness's timeout; panics with what failed.
 pub async fn call<T, E: std::fmt::Debug>(
     what: &str,
@@ -722,16 +755,9 @@ impl Env {
     /// the ServiceAccount token goes through it to the API server.
     fn fault_proxy_kubeconfig(&self, real: &Real, id: &str) -> PathBuf {
         let proxy = real.fault_proxy.as_ref().expect("a fault proxy");
-        let source = &real.cluster.operator.kubeconfig_path;
-        let mut k = kube::config::Kubeconfig::read_from(source).unwrap();
-        for c in &mut k.clusters {
-            if let Some(cluster) = c.cluster.as_mut() {
-                cluster.server = Some(proxy.url());
-                cluster.certificate_authority = None;
-                cluster.certificate_authority_data = None;
-                cluster.tls_server_name = None;
-            }
-        }
+        let k = proxy
+            .kubeconfig(&real.cluster.operator.kubeconfig_path)
+            .unwrap();
         let path = self.home.join(format!("operator-{id}-faults.kubeconfig"));
         std::fs::write(&path, serde_json::to_vec_pretty(&k).unwrap()).unwrap();
         path

@@ -45,16 +45,7 @@ struct Args {
 async fn proxy(args: &Args, upstream: &std::path::Path) -> anyhow::Result<()> {
     let proxy = kubesim::proxy::Proxy::start(args.addr, upstream).await?;
     if let Some(path) = &args.kubeconfig {
-        let mut k = kube::config::Kubeconfig::read_from(upstream)
-            .with_context(|| format!("reading {}", upstream.display()))?;
-        for c in &mut k.clusters {
-            if let Some(cluster) = c.cluster.as_mut() {
-                cluster.server = Some(proxy.url());
-                cluster.certificate_authority = None;
-                cluster.certificate_authority_data = None;
-                cluster.tls_server_name = None;
-            }
-        }
+        let k = proxy.kubeconfig(upstream)?;
         let yaml = serde_json::to_vec_pretty(&k).context("encoding the kubeconfig")?;
         std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
 use crate::faults::{FaultConfig, Faults, LostAs, MAX_HANG, Verdict};
+use crate::server::{error_response, json_response};
 
 /// A request that is not a watch gets its answer from upstream within this.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -123,6 +124,22 @@ impl Proxy {
     pub fn faults(&self) -> &Faults {
         &self.inner.faults
     }
+
+    /// The kubeconfig at `upstream` pointing at this proxy instead (plain HTTP on loopback: no
+    /// CA, no TLS server name); its credentials stay, and go through to the API server.
+    pub fn kubeconfig(&self, upstream: &Path) -> anyhow::Result<kube::config::Kubeconfig> {
+        let mut k = kube::config::Kubeconfig::read_from(upstream)
+            .with_context(|| format!("reading {}", upstream.display()))?;
+        for c in &mut k.clusters {
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.server = Some(self.url());
+                cluster.certificate_authority = None;
+                cluster.certificate_authority_data = None;
+                cluster.tls_server_name = None;
+            }
+        }
+        Ok(k)
+    }
 }
 
 impl Drop for Proxy {
@@ -134,27 +151,6 @@ impl Drop for Proxy {
         }
         self.task.abort();
     }
-}
-
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Body::from(serde_json::to_vec(v).unwrap_or_default()));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn error_response(e: &ApiError) -> Response<Body> {
-    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = json_response(code, &e.status_json());
-    if let Some(s) = e.retry_after
-        && let Ok(v) = HeaderValue::from_str(&s.to_string())
-    {
-        r.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    r
 }
 
 /// The API group and plural of a resource path (`/api/v1/namespaces/ns/pods/p` →

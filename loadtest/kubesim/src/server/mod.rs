@@ -58,7 +58,7 @@ fn parse_query(q: Option<&str>) -> Query {
         .unwrap_or_default()
 }
 
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+pub(crate) fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = code;
@@ -69,7 +69,7 @@ fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
     let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_response(code, &e.status_json());
     if let Some(s) = e.retry_after
