@@ -349,6 +349,32 @@ pub struct WriteFate {
     pub lost: Option<LostAs>,
 }
 
+impl WriteFate {
+    /// Hold the answer to a served write of `group`/`plural` (`method`), then say what replaces
+    /// it: `None`, the answer itself; or the error a lost answer gets — after waiting until the
+    /// client gives up for [`LostAs::Hang`] (dropping the request drops this future).
+    pub async fn apply(self, method: &http::Method, group: &str, plural: &str) -> Option<ApiError> {
+        if !self.hold.is_zero() {
+            tokio::time::sleep(self.hold).await;
+        }
+        let operation = match *method {
+            http::Method::POST => "create",
+            http::Method::PUT => "update",
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "write",
+        };
+        match self.lost? {
+            LostAs::Hang => {
+                tokio::time::sleep(MAX_HANG).await;
+                Some(ApiError::request_timeout())
+            }
+            LostAs::ServerTimeout => Some(ApiError::server_timeout(group, plural, operation)),
+            LostAs::Timeout => Some(ApiError::request_timeout()),
+        }
+    }
+}
+
 /// How one watch stream is shaped right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchShape {

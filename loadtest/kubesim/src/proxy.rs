@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
-use crate::faults::{FaultConfig, Faults, LostAs, MAX_HANG, Verdict};
+use crate::faults::{FaultConfig, Faults, Verdict};
 use crate::server::{error_response, json_response};
 
 /// A request that is not a watch gets its answer from upstream within this.
@@ -265,27 +265,8 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         let dry_run = query.as_deref().is_some_and(|q| q.contains("dryRun"));
         let succeeded = !dry_run && head.status.is_success();
         let fate = p.faults.write_fate(&agent, &group, &plural, succeeded);
-        if !fate.hold.is_zero() {
-            tokio::time::sleep(fate.hold).await;
-        }
-        let operation = match parts.method {
-            Method::POST => "create",
-            Method::PUT => "update",
-            Method::PATCH => "patch",
-            Method::DELETE => "delete",
-            _ => "write",
-        };
-        match fate.lost {
-            None => {}
-            Some(LostAs::Hang) => {
-                // Until the client gives up (dropping the request drops this future).
-                tokio::time::sleep(MAX_HANG).await;
-                return error_response(&ApiError::request_timeout());
-            }
-            Some(LostAs::ServerTimeout) => {
-                return error_response(&ApiError::server_timeout(&group, &plural, operation));
-            }
-            Some(LostAs::Timeout) => return error_response(&ApiError::request_timeout()),
+        if let Some(lost) = fate.apply(&parts.method, &group, &plural).await {
+            return error_response(&lost);
         }
     }
     let mut r = Response::from_parts(head, Body::from(bytes));

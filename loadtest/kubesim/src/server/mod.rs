@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::controllers::PodFaults;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
-use crate::faults::{FaultConfig, Faults, LostAs, MAX_HANG, Verdict, WatchShape};
+use crate::faults::{FaultConfig, Faults, Verdict, WatchShape};
 use crate::meta;
 use crate::patch;
 use crate::registry::ResourceType;
@@ -352,28 +352,9 @@ impl Ctx {
         let res = self.serve_verb(method, name, sub, body).await;
         let succeeded = !dry_run && res.as_ref().is_ok_and(|r| r.status().is_success());
         let fate = app.faults.write_fate(&ua, &rt.group, &rt.plural, succeeded);
-        if !fate.hold.is_zero() {
-            tokio::time::sleep(fate.hold).await;
-        }
-        let operation = match *method {
-            Method::POST => "create",
-            Method::PUT => "update",
-            Method::PATCH => "patch",
-            Method::DELETE => "delete",
-            _ => "write",
-        };
-        match fate.lost {
+        match fate.apply(method, &rt.group, &rt.plural).await {
             None => res,
-            Some(LostAs::Hang) => {
-                // Until the client gives up: dropping the request (a timeout, a closed
-                // connection) drops this future.
-                tokio::time::sleep(MAX_HANG).await;
-                Err(ApiError::request_timeout())
-            }
-            Some(LostAs::ServerTimeout) => {
-                Err(ApiError::server_timeout(&rt.group, &rt.plural, operation))
-            }
-            Some(LostAs::Timeout) => Err(ApiError::request_timeout()),
+            Some(lost) => Err(lost),
         }
     }
 
