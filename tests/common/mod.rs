@@ -678,6 +678,11 @@ impl Env {
                 let agent = format!("stslock/{id}");
                 sim.faults().update(|f| f.partitioned.push(agent));
             }
+            // The replicas talk to the fault proxy: it partitions them as kubesim does.
+            Inner::Real(real) if real.fault_proxy.is_some() => {
+                let agent = format!("stslock/{id}");
+                self.faults().update(|f| f.partitioned.push(agent));
+            }
             Inner::Real(real) => {
                 assert!(
                     self.opts.partitionable,
@@ -724,6 +729,11 @@ impl Env {
             Inner::Sim(sim) => {
                 let agent = format!("stslock/{id}");
                 sim.faults()
+                    .update(|f| f.partitioned.retain(|p| *p != agent));
+            }
+            Inner::Real(real) if real.fault_proxy.is_some() => {
+                let agent = format!("stslock/{id}");
+                self.faults()
                     .update(|f| f.partitioned.retain(|p| *p != agent));
             }
             Inner::Real(real) => {

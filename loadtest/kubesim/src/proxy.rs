@@ -39,8 +39,9 @@ use crate::error::ApiError;
 use crate::faults::{FaultConfig, Faults, Verdict};
 use crate::server::{error_response, json_response};
 
-/// A request that is not a watch gets its answer from upstream within this.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request that is not a watch gets its answer from upstream within this: longer than the
+/// API server's own request timeout (60 s), so that its 504 is what the client sees.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(70);
 /// Headers not forwarded (hop-by-hop, or set by the connection to upstream).
 const HOP_BY_HOP: [&str; 6] = [
     "host",
@@ -78,6 +79,10 @@ impl Proxy {
         .await
         .with_context(|| format!("the kubeconfig {}", upstream.display()))?;
         config.auth_info = kube::config::AuthInfo::default();
+        // Every answer as the API server gave it: kube retries 429, 503 and 504 by default,
+        // which would hide the server's throttling and outages, and resend a write whose 504
+        // may have been a commit.
+        config.default_retry = false;
         // A watch stays open as long as its client asks for (timeoutSeconds).
         config.read_timeout = None;
         let client = kube::Client::try_from(config).context("a client for the upstream")?;
@@ -262,7 +267,9 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
     };
     let (head, bytes) = answer;
     if is_write {
-        let dry_run = query.as_deref().is_some_and(|q| q.contains("dryRun"));
+        let dry_run = query.as_deref().is_some_and(|q| {
+            form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "dryRun" && v == "All")
+        });
         let succeeded = !dry_run && head.status.is_success();
         let fate = p.faults.write_fate(&agent, &group, &plural, succeeded);
         if let Some(lost) = fate.apply(&parts.method, &group, &plural).await {
@@ -276,10 +283,13 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
     r
 }
 
+/// The upstream failed the request (a reset connection, a crashed API server, no answer in
+/// time): 502, which clients do not retry on their own and count as an unknown outcome — the
+/// request may have been served (a write committed) before the connection broke.
 fn upstream_error(what: &str) -> Response<Body> {
     error_response(&ApiError::new(
-        503,
-        "ServiceUnavailable",
+        502,
+        "BadGateway",
         format!("the upstream API server did not answer: {what}"),
     ))
 }
@@ -377,7 +387,9 @@ fn shaped_watch(answer: Response<kube::client::Body>, mut s: Shaping) -> Respons
             } else {
                 held.front().map(|(at, _)| *at + shape.lag)
             };
-            if upstream_done && held.is_empty() {
+            // The upstream ended (its timeoutSeconds, an error): a stalled stream stays open,
+            // half-open, until the stall is lifted; otherwise it ends once what it holds is out.
+            if upstream_done && held.is_empty() && !shape.stall {
                 return;
             }
             tokio::select! {
@@ -400,6 +412,12 @@ fn shaped_watch(answer: Response<kube::client::Body>, mut s: Shaping) -> Respons
                 }
                 chunk = upstream.next(), if !upstream_done => match chunk {
                     Some(Ok(c)) => {
+                        // A fault set since the last look shapes this event (the select may
+                        // see the event before it sees the change).
+                        if s.changes.has_changed().unwrap_or(false) {
+                            s.changes.mark_unchanged();
+                            shape = s.shape();
+                        }
                         partial.extend_from_slice(&c);
                         while let Some(i) = partial.iter().position(|b| *b == b'\n') {
                             let line = Bytes::from(partial.drain(..=i).collect::<Vec<u8>>());

@@ -174,7 +174,7 @@ async fn a_stalled_watch_delivers_nothing_until_lifted_and_a_dropped_one_ends() 
         c.watch_faults = vec![WatchFault::stall("configmaps").agent("stslock/r1")];
     });
     let mut events = maps
-        .watch(&WatchParams::default().timeout(30), &rv)
+        .watch(&WatchParams::default().timeout(30).disable_bookmarks(), &rv)
         .await
         .unwrap()
         .boxed();
@@ -231,5 +231,44 @@ async fn a_stalled_watch_delivers_nothing_until_lifted_and_a_dropped_one_ends() 
     let end = tokio::time::timeout(Duration::from_secs(5), events.next())
         .await
         .expect("the stream ends");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+}
+
+/// A stall outlasts the watch's own timeout: the upstream ends the stream at `timeoutSeconds`,
+/// the client's stream stays open, half-open, until the stall is lifted — with nothing held as
+/// well (here nothing happens meanwhile), as a real stream whose peer went silent; then it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_keeps_the_stream_open_past_its_timeout() {
+    let (sim, proxy, client, _dir) = proxied("stslock/r1").await;
+    let maps: Api<ConfigMap> = Api::default_namespaced(client);
+    let upstream: Api<ConfigMap> = Api::default_namespaced(sim.client());
+    upstream
+        .create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .unwrap();
+    let rv = upstream
+        .get("a")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    proxy.faults().update(|c| {
+        c.watch_faults = vec![WatchFault::stall("configmaps")];
+    });
+    let mut events = maps
+        .watch(&WatchParams::default().timeout(1).disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), events.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a stalled stream ended or delivered past its timeout: {quiet:?}"
+    );
+    proxy.faults().set(Default::default());
+    let end = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("the stream ends once the stall is lifted");
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
 }
