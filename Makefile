@@ -23,9 +23,9 @@ browser-deps: ## Headless Chromium for the report's screenshot test (Debian's ch
 # the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
 REAL_SUITES := --test operator --test api_faults --test kubectl_story --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
 # The part of them `make test` runs on the real control plane too (the rest: make test-real).
-REAL_IN_TEST := --test kubectl_story --test takeover --test migration --test api_faults
+REAL_IN_TEST := --test kubectl_story --test takeover --test migration
 
-test: python-deps browser-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover, migration and API-fault suites on the real control plane (all ported suites on it: make test-real).
+test: python-deps browser-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
 	loadtest/controlplane/build.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace

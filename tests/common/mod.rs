@@ -1492,6 +1492,10 @@ async fn create_namespace(admin: &Client, ns: &str, labels: Value) {
     .await;
 }
 
+fn is_writer(p: &Pod) -> bool {
+    p.labels().get(ROLE_LABEL).map(String::as_str) == Some("writer")
+}
+
 fn rv(p: &Pod) -> u64 {
     p.resource_version()
         .and_then(|v| v.parse().ok())
@@ -1924,8 +1928,13 @@ async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Inst
                 // after a re-list, a demotion listed after a promotion showed two writers for a
                 // moment that never had them. In resourceVersion order the listed states follow
                 // each other as they were committed.
+                // What happened between the last event seen and the list is unknown: the
+                // listed states are applied demotions first (in resourceVersion order within
+                // each group), so a writer the watch missed being demoted never shows beside
+                // its successor for an instant that the list itself does not show. Two writers
+                // in the list still show.
                 let mut listed = std::mem::take(&mut w.listed);
-                listed.sort_by_key(rv);
+                listed.sort_by_key(|p| (is_writer(p), rv(p)));
                 for p in &listed {
                     w.apply(at, p);
                 }
