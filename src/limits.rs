@@ -235,10 +235,10 @@ impl Limits {
         let start = tokio::time::Instant::now();
         match lane {
             Lane::Renewal => {
-                self.renewals_waiting.fetch_add(1, Ordering::SeqCst);
+                // Counted down on drop: a renewal whose wait is cancelled (its task aborted, a
+                // timeout around it) must not hold the reconcile lane back for ever.
+                let _waiting = RenewalWaiting::new(self);
                 global.until_ready().await;
-                self.renewals_waiting.fetch_sub(1, Ordering::SeqCst);
-                self.renewal_done.notify_waiters();
             }
             Lane::Reconcile => loop {
                 if self.renewals_waiting.load(Ordering::SeqCst) > 0 {
@@ -273,6 +273,23 @@ impl Limits {
         if let Some(t) = &self.tenant {
             t.forget_idle();
         }
+    }
+}
+
+/// A renewal waiting for the global budget, from `new` until dropped.
+struct RenewalWaiting<'a>(&'a Limits);
+
+impl<'a> RenewalWaiting<'a> {
+    fn new(limits: &'a Limits) -> Self {
+        limits.renewals_waiting.fetch_add(1, Ordering::SeqCst);
+        RenewalWaiting(limits)
+    }
+}
+
+impl Drop for RenewalWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.renewals_waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.renewal_done.notify_waiters();
     }
 }
 
@@ -408,6 +425,23 @@ mod tests {
             Err(Duration::from_millis(1200))
         );
         assert_eq!(l.deferred_locks(), 3);
+    }
+
+    /// A renewal whose wait for the budget is cancelled stops counting as waiting: before, the
+    /// counter stayed up and every later reconcile write waited for ever (and with it the
+    /// replica's graceful stop, which waits for running reconciles).
+    #[tokio::test]
+    async fn a_cancelled_renewal_wait_does_not_hold_reconciles_back() {
+        // 1 qps, burst 1: the first token goes at once, the next in a second.
+        let l = Limits::new(1.0, 1, 0.0);
+        l.acquire(Lane::Reconcile).await;
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(50), l.acquire(Lane::Renewal)).await;
+        assert!(cancelled.is_err(), "the renewal had to wait for a token");
+        let reconcile = tokio::time::timeout(Duration::from_secs(5), l.acquire(Lane::Reconcile))
+            .await
+            .expect("a reconcile write gets the next token");
+        assert!(reconcile <= Duration::from_secs(2), "waited {reconcile:?}");
     }
 
     #[tokio::test]

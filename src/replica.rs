@@ -272,8 +272,10 @@ pub async fn run_with(
     // The background tasks live exactly as long as this future: a JoinSet aborts them when
     // dropped (or aborted) with it.
     let mut background = tokio::task::JoinSet::new();
+    let stopping = args.identity();
     background.spawn(async move {
         shutdown.await;
+        tracing::info!(shard = %stopping, "stopping: no new reconciles; waiting for the running ones");
         let _ = stop_tx.send(true);
     });
     background.spawn(crate::probe::serve(listener, probe));
@@ -380,6 +382,7 @@ pub async fn run_with(
             }
         })
         .await;
+    tracing::info!(shard = %args.identity(), "reconciles stopped");
     match args.leave {
         crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
         crate::config::LeaveStrategy::Keep => {

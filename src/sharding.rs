@@ -999,12 +999,14 @@ impl Sharding {
                     Some((lock, to))
                 })
                 .collect();
+            tracing::info!(shard = %self.cfg.id, locks = moves.len(), "leaving: handing locks off");
             futures::stream::iter(moves)
                 .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
                     self.hand_off(&lock, &to).await
                 })
                 .await;
         }
+        tracing::info!(shard = %self.cfg.id, "leaving: handoffs done");
         // A handoff the last assignment pass started (skipped above) must end before the
         // membership Lease goes: peers claim what is left at once. Each is bounded (its
         // renewal's re-read, write and conflict re-read, and its label write by api-timeout
@@ -1030,6 +1032,7 @@ impl Sharding {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tracing::info!(shard = %self.cfg.id, "leaving: deleting the membership Lease");
         if let Err(e) = call_opt(
             &self.metrics,
             ApiCall::delete(Kind::Lease, self.member_target(&name)),
