@@ -27,6 +27,11 @@ pub const RENEWED_ANNOTATION: &str = "app.anukkrit.me/renewed";
 pub const GO_FINALIZER: &str = "statefulsetlock.app.anukkrit.me/finalizer";
 /// Label on a lock naming the shard that owns it.
 pub const SHARD_LABEL: &str = "app.anukkrit.me/shard";
+/// Lock annotation a shard writes (compare-and-swap, with its own label unchanged) to confirm
+/// its ownership after its membership Lease was gone or may have expired: a peer's claim decided
+/// before the shard came back then conflicts instead of landing unseen. Its value names the
+/// shard, its incarnation and its fence generation (`shard.incarnation.generation`).
+pub const SHARD_TERM_ANNOTATION: &str = "app.anukkrit.me/shard-term";
 
 const DNS1123_SUBDOMAIN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";

@@ -314,9 +314,23 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     } else {
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
-                reread = ctx.cache.fresh.newest_after_read(l);
-                if reread.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
-                    return Outcome::NotMine;
+                let read = ctx.cache.fresh.newest_after_read(l);
+                // After this replica's membership Lease was gone or may have expired, a read
+                // is not enough: a peer's claim decided meanwhile may still land.
+                match ctx
+                    .sharding
+                    .confirm_owner(&read, generation, &ctx.limits)
+                    .await
+                {
+                    Ok(Some(confirmed)) => {
+                        ctx.cache.fresh.remember_lock(confirmed.clone());
+                        reread = ctx.cache.fresh.newest_after_read(confirmed);
+                    }
+                    Ok(None) => return Outcome::NotMine,
+                    Err(e) => {
+                        tracing::debug!(lock = %key, error = %e, "ownership not confirmed");
+                        return Outcome::Retry("ownership of the lock could not be confirmed");
+                    }
                 }
                 ctx.cache.fresh.owner_seen(&key, generation);
                 reread.as_ref()

@@ -21,7 +21,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use stslock_shard::{Decision, Fence, Member, Ring, alive_members, membership_lease_name};
 
-use crate::api::{SHARD_LABEL, StatefulSetLock, lock_key};
+use crate::api::{SHARD_LABEL, SHARD_TERM_ANNOTATION, StatefulSetLock, lock_key};
 use crate::call::{ApiCall, Kind, call, call_opt};
 
 /// A membership renewal not answered within this long is read back (it may have committed
@@ -136,6 +136,14 @@ pub struct Sharding {
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
     generation: std::sync::atomic::AtomicU64,
+    /// The generation, if any, that began with this replica's membership Lease gone, held by
+    /// another identity or possibly expired (a start after a graceful leave or a long outage,
+    /// an outage longer than half a Lease): a peer may have decided to claim a lock of this
+    /// replica before the renewal and its claim land later in the generation. In it a lock's
+    /// ownership is confirmed by a write, not by a read (see [`Sharding::confirm_owner`]).
+    contested: std::sync::atomic::AtomicU64,
+    /// Tells this process's terms from an earlier one's with the same shard id.
+    incarnation: u64,
     on_ownership: std::sync::OnceLock<OnOwnership>,
     before_handoff: std::sync::OnceLock<BeforeHandoff>,
     /// Locks this replica handed off, with the resourceVersion of the handoff write: a
@@ -208,6 +216,8 @@ impl Sharding {
             writes: DashMap::default(),
             unresolved: DashMap::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
+            contested: std::sync::atomic::AtomicU64::new(0),
+            incarnation: u64::try_from(jiff::Timestamp::now().as_microsecond()).unwrap_or(0),
             on_ownership: std::sync::OnceLock::new(),
             before_handoff: std::sync::OnceLock::new(),
             released: DashMap::default(),
@@ -368,7 +378,18 @@ impl Sharding {
         let now = MicroTime(jiff::Timestamp::from_microsecond(micros).unwrap_or_default());
         let name = self.lease_name();
         let timeout = self.cfg.api_timeout;
-        let patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
+        // Reopening the fence: could a peer have decided to claim this replica's locks?
+        let contested = was_closed && self.membership_contested(&name).await;
+        // A Lease marked `leaving` by an earlier incarnation whose leave never finished (killed
+        // during its handoffs) is unmarked, or this one would stay off every ring.
+        let leaving = self
+            .leaving
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some("true");
+        let patch = json!({
+            "metadata": {"annotations": {LEAVING_ANNOTATION: leaving}},
+            "spec": {"renewTime": now, "holderIdentity": self.cfg.id},
+        });
         let is_mine = |l: &Lease| {
             l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
                 && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
@@ -451,12 +472,124 @@ impl Sharding {
             if was_closed {
                 // Reopening after the Lease may have expired: peers may have claimed locks, and
                 // the caches need not show it yet.
-                self.generation
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let generation = self
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    + 1;
+                if contested {
+                    self.contested
+                        .store(generation, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             f.renewed(started);
         }
         Ok(())
+    }
+
+    /// Before the fence reopens: is this replica's membership Lease gone, another identity's,
+    /// or old enough that a peer may have seen it expire (renewed more than half its duration
+    /// ago, by this clock: peers measure from when they saw it change, on theirs)? A read that
+    /// fails counts as yes.
+    async fn membership_contested(&self, name: &str) -> bool {
+        let found = call_opt(
+            &self.metrics,
+            ApiCall::get(Kind::Lease, self.member_target(name)).note("before reopening"),
+            self.cfg.api_timeout,
+            self.leases().get(name),
+        )
+        .await;
+        let spec = match found {
+            Ok(Some(l)) => l.spec.unwrap_or_default(),
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::debug!(error = %e, "membership Lease not read before reopening");
+                return true;
+            }
+        };
+        if spec.holder_identity.as_deref() != Some(self.cfg.id.as_str()) {
+            return true;
+        }
+        let Some(renewed) = spec.renew_time else {
+            return true;
+        };
+        let age = jiff::Timestamp::now().duration_since(renewed.0);
+        let half = self.cfg.lease_duration / 2;
+        age.is_negative() || age.unsigned_abs() > half
+    }
+
+    /// Must ownership of a lock be confirmed by a write in `generation` (see `contested`)?
+    pub fn must_confirm(&self, generation: u64) -> bool {
+        generation != 0 && self.contested.load(std::sync::atomic::Ordering::SeqCst) == generation
+    }
+
+    /// This replica's term in `generation`: the value of [`SHARD_TERM_ANNOTATION`] it writes.
+    fn term(&self, generation: u64) -> String {
+        format!("{}.{:x}.{generation}", self.cfg.id, self.incarnation)
+    }
+
+    /// Confirm that `read` (a lock just read from the API server, labelled for this replica) is
+    /// this replica's in `generation`. In a contested generation (see `contested`) a read does
+    /// not show it: a peer's claim decided on this replica's absence may land after it. Then
+    /// this replica's term is written into the lock, compare-and-swap on the resourceVersion
+    /// read: once that write lands no earlier claim can (it conflicts), and a later one is
+    /// decided on a fresh read of the membership, which shows this replica alive. Returns the
+    /// lock as confirmed (the write's answer), `None` when it is not this replica's; an error
+    /// (a conflict, a lost answer) means "not confirmed yet": read again and retry.
+    pub async fn confirm_owner(
+        &self,
+        read: &StatefulSetLock,
+        generation: u64,
+        limits: &crate::limits::Limits,
+    ) -> crate::error::Result<Option<StatefulSetLock>> {
+        if read.labels().get(SHARD_LABEL) != Some(&self.cfg.id) {
+            return Ok(None);
+        }
+        let term = self.term(generation);
+        if !self.must_confirm(generation)
+            || read.annotations().get(SHARD_TERM_ANNOTATION) == Some(&term)
+        {
+            return Ok(Some(read.clone()));
+        }
+        limits.acquire(crate::limits::Lane::Renewal).await;
+        let permit = match self.permit(read, generation) {
+            Ok(p) => p,
+            Err(Refused::Fenced) => return Err(crate::error::Error::Fenced),
+            Err(Refused::NotOwner) => return Ok(None),
+        };
+        let ns = read.namespace().unwrap_or_default();
+        let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
+        let patch = json!({"metadata": {
+            "resourceVersion": read.resource_version(),
+            "annotations": {SHARD_TERM_ANNOTATION: term},
+        }});
+        let result = call(
+            &self.metrics,
+            ApiCall::patch(Kind::StatefulSetLock, lock_key(read)).note("confirming ownership"),
+            self.cfg.api_timeout.min(permit.window),
+            api.patch(
+                &read.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await;
+        match result {
+            Ok(updated) => {
+                let key = lock_key(read);
+                tracing::debug!(shard = %self.cfg.id, lock = %key, "ownership confirmed");
+                // Assignment works from this version until the lock watch delivers one as new
+                // (a handoff from an older one would conflict).
+                self.read_mine
+                    .insert(key, (Arc::new(updated.clone()), generation));
+                Ok((updated.labels().get(SHARD_LABEL) == Some(&self.cfg.id)).then_some(updated))
+            }
+            Err(e) => {
+                if e.outcome_unknown() {
+                    permit.unknown_outcome();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Renew the membership Lease every S/3 until leaving.
@@ -903,7 +1036,13 @@ impl Sharding {
     async fn set_owner(&self, lock: &StatefulSetLock, owner: &str, why: &str) {
         let ns = lock.namespace().unwrap_or_default();
         let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
-        let patch = json!({"metadata": {"resourceVersion": lock.resource_version(), "labels": {SHARD_LABEL: owner}}});
+        // A claim is this replica's confirmation of ownership too (see `confirm_owner`).
+        let term = (owner == self.cfg.id).then(|| self.term(self.generation()));
+        let patch = json!({"metadata": {
+            "resourceVersion": lock.resource_version(),
+            "labels": {SHARD_LABEL: owner},
+            "annotations": {SHARD_TERM_ANNOTATION: term},
+        }});
         let what = ApiCall::patch(Kind::StatefulSetLock, lock_key(lock))
             .note(format!("{why} to shard {owner}"));
         // Bounded by the fence window like every write of this replica.

@@ -760,3 +760,132 @@ async fn a_restarted_replica_renews_its_leases_before_they_lapse() {
     }
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. A replica back after its membership Lease was gone confirms its locks by a write.
+
+/// a and b share 12 locks (4 s Leases, renewed every 2 s). a is killed and its membership Lease
+/// is left as a graceful leave whose handoffs failed leaves it: marked leaving, then deleted,
+/// with a's locks still labelled a. b may claim them at once, and does, each claim served 1.5 s
+/// late (every write of b is); a comes back 400 ms after the delete, before any claim lands, its
+/// lock watch stalled so that it never sees them land. Before, a re-read each lock (still
+/// labelled a), took it for its own for the whole fence generation and went on renewing its
+/// Lease after b's claim had landed: writes by a non-owner. Now a confirms each lock with a
+/// compare-and-swap write first: either that lands first and b's claim conflicts, or the claim
+/// does and a's write conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_back_after_its_membership_was_gone_confirms_its_locks_by_a_write() {
+    let (sim, client) = sim_with_crd().await;
+    let n = 12;
+    statefulsets(&client, 0..n, 2).await;
+    locks(&client, 0..n, 4).await;
+    let slow_membership = |a: &mut OperatorArgs| a.membership_lease_seconds = 6;
+    let a = start(&sim, "a", slow_membership);
+    let b = start(&sim, "b", slow_membership);
+    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    until_leases(&client, n).await;
+    a.task.abort();
+    sim.faults().update(|c| {
+        c.latency_ms = 1500;
+        c.writes_only = true;
+        c.agents = vec!["stslock/b".into()];
+        c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
+    });
+    let admin: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let leaving =
+        json!({"metadata": {"annotations": {stslock::sharding::LEAVING_ANNOTATION: "true"}}});
+    admin
+        .patch(
+            "stslock-a",
+            &PatchParams::default(),
+            &Patch::Merge(&leaving),
+        )
+        .await
+        .unwrap();
+    admin
+        .delete("stslock-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deleted_at = sim.store().current_rv();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let a = start(&sim, "a", slow_membership);
+    // Deliberate wait: b's claims land, and a's renewals (every 2 s) would follow them.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let end = sim.store().current_rv();
+    let log = sim.commit_log();
+    sim.faults().update(|c| *c = Default::default());
+    a.stop().await;
+    b.stop().await;
+
+    let audit = audit(&log);
+    let had_a = before
+        .values()
+        .filter(|o| o.as_deref() == Some("a"))
+        .count();
+    let claimed: Vec<_> = audit
+        .moves
+        .iter()
+        .filter(|m| m.0 > deleted_at && m.0 <= end && m.2.as_deref() == Some("a") && m.3 == "b")
+        .collect();
+    let confirmed = log
+        .iter()
+        .filter(|c| {
+            c.rv > deleted_at
+                && c.resource == "statefulsetlocks"
+                && c.actor == "stslock/a"
+                && c.labels.get(SHARD_LABEL).map(String::as_str) == Some("a")
+        })
+        .count();
+    println!(
+        "a owned {had_a} locks; after its membership Lease was deleted b claimed {} of them, a confirmed {confirmed}; {} writes checked",
+        claimed.len(),
+        audit.checked
+    );
+    assert!(had_a > 0, "the ring gave a no lock: {before:?}");
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. A replica killed during its graceful leave rejoins the ring when it comes back.
+
+/// a is killed in the middle of a graceful leave: its membership Lease stays marked leaving. a
+/// comes back with the same id and must unmark it: before, its renewals left the mark, so every
+/// peer — and a itself — kept it off the ring for good, and it was handed no lock again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_leaving_rejoins_the_ring_when_back() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..8, 1).await;
+    locks(&client, 0..8, 4).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    until_owned_by(&client, &["a", "b"], 30).await;
+    a.task.abort();
+    let admin: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let leaving =
+        json!({"metadata": {"annotations": {stslock::sharding::LEAVING_ANNOTATION: "true"}}});
+    admin
+        .patch(
+            "stslock-a",
+            &PatchParams::default(),
+            &Patch::Merge(&leaving),
+        )
+        .await
+        .unwrap();
+    let a = start(&sim, "a", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 20).await;
+    let lease = admin.get("stslock-a").await.unwrap();
+    a.stop().await;
+    b.stop().await;
+
+    println!("owners after a came back: {owned:?}");
+    assert!(
+        !lease
+            .annotations()
+            .contains_key(stslock::sharding::LEAVING_ANNOTATION),
+        "a's membership Lease is still marked leaving: {:?}",
+        lease.annotations()
+    );
+    assert!(audit(&sim.commit_log()).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}

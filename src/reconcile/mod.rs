@@ -127,7 +127,17 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         match ctx.cache.reread(&lock).await? {
             Some(l) => {
                 lock = ctx.cache.fresh.newest_after_read(l);
-                ctx.cache.fresh.trust(&key, generation);
+                // Confirmed by a write when the read alone does not show it (a contested
+                // generation, see `Sharding::confirm_owner`).
+                if let Some(confirmed) = ctx
+                    .sharding
+                    .confirm_owner(&lock, generation, &ctx.limits)
+                    .await?
+                {
+                    ctx.cache.fresh.remember_lock(confirmed.clone());
+                    lock = ctx.cache.fresh.newest_after_read(confirmed);
+                    ctx.cache.fresh.trust(&key, generation);
+                }
             }
             None => {
                 ctx.cache.fresh.forget(&key);
