@@ -87,6 +87,10 @@ async fn report_undecodable_locks(
     }
 }
 
+/// How many API timeouts the reconciles running at a stop get to end before the replica leaves
+/// anyway (a reconcile's writes are each bounded by one; waits for the write budget are not).
+const STOP_GRACE_API_TIMEOUTS: u32 = 3;
+
 /// Run the operator until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -373,15 +377,36 @@ pub async fn run_with(
             }
         });
     tracing::info!("stslock operator started");
-    controller
-        .run(traced_reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile"),
+    let mut reconciling = tokio::spawn(
+        controller
+            .run(traced_reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                match res {
+                    Ok((obj, _)) => tracing::trace!(lock = %obj, "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile"),
+                }
+            }),
+    );
+    // After the stop, the reconciles running get a bounded time to end: a stop must finish
+    // (a pod has a termination grace period, a rolling update waits for it). One still running
+    // after that is left to run while the locks are handed off — each handoff waits for the
+    // lock's writes in flight, and no write is sent once the fence closes — and ended after.
+    let mut stop = stop_rx.clone();
+    tokio::select! {
+        _ = &mut reconciling => {}
+        stopped = async { stop.wait_for(|s| *s).await.is_ok() } => {
+            let grace = args.api_timeout() * STOP_GRACE_API_TIMEOUTS;
+            if !stopped {
+                let _ = (&mut reconciling).await;
+            } else if tokio::time::timeout(grace, &mut reconciling).await.is_err() {
+                tracing::warn!(
+                    shard = %args.identity(),
+                    ?grace,
+                    "reconciles still running after the stop; leaving anyway (each lock's writes in flight are waited for)"
+                );
             }
-        })
-        .await;
+        }
+    }
     tracing::info!(shard = %args.identity(), "reconciles stopped");
     match args.leave {
         crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
@@ -389,6 +414,7 @@ pub async fn run_with(
             tracing::info!("keeping this replica's locks for a replacement with the same id")
         }
     }
+    reconciling.abort();
     drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())

@@ -889,3 +889,51 @@ async fn a_replica_killed_while_leaving_rejoins_the_ring_when_back() {
     assert!(audit(&sim.commit_log()).non_owner.is_empty());
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 15. A graceful stop ends while reconciles wait for the write budget.
+
+/// a runs with a write budget of one write every 5 s (burst 1) and 16 locks to elect, so its
+/// reconciles queue for the budget, the last of them for minutes. Stopped, it must still finish
+/// — hand its locks off and leave — in bounded time: before, the stop waited for every running
+/// reconcile to end, however long the budget kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_ends_while_reconciles_wait_for_the_write_budget() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..16, 2).await;
+    locks(&client, 0..16, 10).await;
+    let a = start(&sim, "a", |a| {
+        a.qps = 0.2;
+        a.burst = 1;
+    });
+    until(15, "a owns the locks", || {
+        let client = client.clone();
+        async move {
+            let o = owners(&client).await;
+            o.values().all(|o| o.as_deref() == Some("a")).then_some(())
+        }
+    })
+    .await;
+    // Deliberate wait: the reconciles are waiting for the budget.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = Instant::now();
+    let _ = a.stop.send(());
+    let finished = tokio::time::timeout(Duration::from_secs(30), a.task).await;
+    println!(
+        "a's graceful stop took {:?}",
+        finished.is_ok().then(|| stopped.elapsed())
+    );
+    assert!(
+        finished.is_ok(),
+        "a's graceful stop did not finish within 30 s"
+    );
+    let lease: Option<Lease> = Api::namespaced(client.clone(), "default")
+        .get_opt("stslock-a")
+        .await
+        .unwrap();
+    assert!(
+        lease.is_none(),
+        "a left without deleting its membership Lease"
+    );
+    assert_never_two_writers(&sim);
+}
