@@ -86,6 +86,16 @@ async fn until_leases(client: &Client, n: usize) {
     .await;
 }
 
+/// Mark a membership Lease as a graceful leaver marks its own.
+async fn mark_leaving(leases: &Api<Lease>, name: &str) {
+    let leaving =
+        json!({"metadata": {"annotations": {stslock::sharding::LEAVING_ANNOTATION: "true"}}});
+    leases
+        .patch(name, &PatchParams::default(), &Patch::Merge(&leaving))
+        .await
+        .unwrap();
+}
+
 /// Owner label of every lock.
 async fn owners(client: &Client) -> BTreeMap<String, Option<String>> {
     lock_owners(&Api::namespaced(client.clone(), "default")).await
@@ -792,16 +802,7 @@ async fn a_replica_back_after_its_membership_was_gone_confirms_its_locks_by_a_wr
         c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
     });
     let admin: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
-    let leaving =
-        json!({"metadata": {"annotations": {stslock::sharding::LEAVING_ANNOTATION: "true"}}});
-    admin
-        .patch(
-            "stslock-a",
-            &PatchParams::default(),
-            &Patch::Merge(&leaving),
-        )
-        .await
-        .unwrap();
+    mark_leaving(&admin, "stslock-a").await;
     admin
         .delete("stslock-a", &DeleteParams::default())
         .await
@@ -862,16 +863,7 @@ async fn a_replica_killed_while_leaving_rejoins_the_ring_when_back() {
     until_owned_by(&client, &["a", "b"], 30).await;
     a.task.abort();
     let admin: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
-    let leaving =
-        json!({"metadata": {"annotations": {stslock::sharding::LEAVING_ANNOTATION: "true"}}});
-    admin
-        .patch(
-            "stslock-a",
-            &PatchParams::default(),
-            &Patch::Merge(&leaving),
-        )
-        .await
-        .unwrap();
+    mark_leaving(&admin, "stslock-a").await;
     let a = start(&sim, "a", |_| {});
     let owned = until_owned_by(&client, &["a", "b"], 20).await;
     let lease = admin.get("stslock-a").await.unwrap();
