@@ -312,6 +312,8 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     let lock = if ctx.cache.fresh.owner_verified(&key, generation) {
         lock
     } else {
+        // Asked before the read (see `Sharding::must_confirm`).
+        let must = ctx.sharding.must_confirm(generation);
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
                 let read = ctx.cache.fresh.newest_after_read(l);
@@ -319,7 +321,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 // is not enough: a peer's claim decided meanwhile may still land.
                 match ctx
                     .sharding
-                    .confirm_owner(&read, generation, &ctx.limits)
+                    .confirm_owner(&read, generation, must, &ctx.limits)
                     .await
                 {
                     Ok(Some(confirmed)) => {

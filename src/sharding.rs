@@ -30,6 +30,10 @@ const HEDGE: Duration = Duration::from_millis(500);
 
 /// Label on membership Leases naming the shard group.
 pub const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
+/// A claim decided on a membership read lands within this many api-timeouts of it (sent within
+/// one, bounded by one), or never.
+const CLAIM_LANDS_WITHIN: u32 = 2;
+
 /// Annotation a replica puts on its membership Lease when it starts a graceful leave: peers
 /// take it off the ring at once (no new locks go to it), but its locks stay its own until it
 /// hands them off or its Lease is gone.
@@ -138,10 +142,13 @@ pub struct Sharding {
     generation: std::sync::atomic::AtomicU64,
     /// The generation, if any, that began with this replica's membership Lease gone, held by
     /// another identity or possibly expired (a start after a graceful leave or a long outage,
-    /// an outage longer than half a Lease): a peer may have decided to claim a lock of this
-    /// replica before the renewal and its claim land later in the generation. In it a lock's
-    /// ownership is confirmed by a write, not by a read (see [`Sharding::confirm_owner`]).
-    contested: std::sync::atomic::AtomicU64,
+    /// an outage longer than half a Lease), and until when: a peer may have decided to claim a
+    /// lock of this replica before the renewal, and its claim may land after it — for at most
+    /// [`CLAIM_LANDS_WITHIN`] api-timeouts (a claim is sent within one of the membership read
+    /// it is decided on, and lands within one of being sent) plus a second. Until then a
+    /// lock's ownership is confirmed by a write, not by a read (see
+    /// [`Sharding::confirm_owner`]).
+    contested: Mutex<Option<(u64, Instant)>>,
     /// Tells this process's terms from an earlier one's with the same shard id.
     incarnation: u64,
     on_ownership: std::sync::OnceLock<OnOwnership>,
@@ -216,7 +223,7 @@ impl Sharding {
             writes: DashMap::default(),
             unresolved: DashMap::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
-            contested: std::sync::atomic::AtomicU64::new(0),
+            contested: Mutex::new(None),
             incarnation: u64::try_from(jiff::Timestamp::now().as_microsecond()).unwrap_or(0),
             on_ownership: std::sync::OnceLock::new(),
             before_handoff: std::sync::OnceLock::new(),
@@ -476,9 +483,11 @@ impl Sharding {
                     .generation
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                     + 1;
-                if contested {
-                    self.contested
-                        .store(generation, std::sync::atomic::Ordering::SeqCst);
+                if contested && let Ok(mut c) = self.contested.lock() {
+                    let until = Instant::now()
+                        + self.cfg.api_timeout * CLAIM_LANDS_WITHIN
+                        + Duration::from_secs(1);
+                    *c = Some((generation, until));
                 }
             }
             f.renewed(started);
@@ -517,9 +526,12 @@ impl Sharding {
         age.is_negative() || age.unsigned_abs() > half
     }
 
-    /// Must ownership of a lock be confirmed by a write in `generation` (see `contested`)?
+    /// Must ownership of a lock read from now on be confirmed by a write in `generation` (see
+    /// `contested`)? Asked before the read: a read started after the window is enough.
     pub fn must_confirm(&self, generation: u64) -> bool {
-        generation != 0 && self.contested.load(std::sync::atomic::Ordering::SeqCst) == generation
+        self.contested
+            .lock()
+            .is_ok_and(|c| c.is_some_and(|(g, until)| g == generation && Instant::now() < until))
     }
 
     /// This replica's term in `generation`: the value of [`SHARD_TERM_ANNOTATION`] it writes.
@@ -528,26 +540,26 @@ impl Sharding {
     }
 
     /// Confirm that `read` (a lock just read from the API server, labelled for this replica) is
-    /// this replica's in `generation`. In a contested generation (see `contested`) a read does
-    /// not show it: a peer's claim decided on this replica's absence may land after it. Then
-    /// this replica's term is written into the lock, compare-and-swap on the resourceVersion
-    /// read: once that write lands no earlier claim can (it conflicts), and a later one is
-    /// decided on a fresh read of the membership, which shows this replica alive. Returns the
-    /// lock as confirmed (the write's answer), `None` when it is not this replica's; an error
-    /// (a conflict, a lost answer) means "not confirmed yet": read again and retry.
+    /// this replica's in `generation`. Early in a contested generation (`must`: what
+    /// [`must_confirm`](Self::must_confirm) said before the read) a read does not show it: a
+    /// peer's claim decided on this replica's absence may land after it. Then this replica's
+    /// term is written into the lock, compare-and-swap on the resourceVersion read: once that
+    /// write lands no earlier claim can (it conflicts), and a later one is decided on a fresh
+    /// read of the membership, which shows this replica alive. Returns the lock as confirmed
+    /// (the write's answer), `None` when it is not this replica's; an error (a conflict, a lost
+    /// answer) means "not confirmed yet": read again and retry.
     pub async fn confirm_owner(
         &self,
         read: &StatefulSetLock,
         generation: u64,
+        must: bool,
         limits: &crate::limits::Limits,
     ) -> crate::error::Result<Option<StatefulSetLock>> {
         if read.labels().get(SHARD_LABEL) != Some(&self.cfg.id) {
             return Ok(None);
         }
         let term = self.term(generation);
-        if !self.must_confirm(generation)
-            || read.annotations().get(SHARD_TERM_ANNOTATION) == Some(&term)
-        {
+        if !must || read.annotations().get(SHARD_TERM_ANNOTATION) == Some(&term) {
             return Ok(Some(read.clone()));
         }
         limits.acquire(crate::limits::Lane::Renewal).await;
@@ -663,10 +675,16 @@ impl Sharding {
                     // writes no more: it is gone at once. Any other delete (a person, another
                     // controller) says nothing about whether the replica still runs: it gets
                     // the same grace as an expiry, measured from its last renewal seen.
+                    // Only the version last seen: a delete delivered late by a lagging watch,
+                    // after a fresh read showed the replica's next process renewing a new Lease,
+                    // says nothing about that process.
                     let leaving = l.annotations().contains_key(LEAVING_ANNOTATION);
-                    if let (Some(id), Ok(mut v)) =
-                        (l.spec.and_then(|s| s.holder_identity), self.view.write())
+                    let spec = l.spec.unwrap_or_default();
+                    if let (Some(id), Ok(mut v)) = (spec.holder_identity, self.view.write())
                         && leaving
+                        && v.members
+                            .get(&id)
+                            .is_none_or(|seen| seen.renew_time == spec.renew_time)
                     {
                         v.members.remove(&id);
                     }
@@ -757,7 +775,8 @@ impl Sharding {
             return;
         }
         self.resolve_unknown_handoffs().await;
-        let mut refreshed = false;
+        // When the membership re-read this pass's claims from dead owners rest on started.
+        let mut refreshed: Option<Instant> = None;
         // The membership re-read a claim needs failed: nothing moves this pass.
         let mut unread = false;
         let mut work = vec![];
@@ -798,8 +817,8 @@ impl Sharding {
             let mut decision = self.decide_for(&key, label);
             // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
             // read of the membership Leases (my watch may just have stalled).
-            if decision == Some(Decision::Claim) && label.is_some() && !refreshed {
-                refreshed = true;
+            if decision == Some(Decision::Claim) && label.is_some() && refreshed.is_none() {
+                refreshed = Some(Instant::now());
                 if self.refresh_members().await {
                     self.recompute();
                     decision = self.decide_for(&key, label);
@@ -810,7 +829,10 @@ impl Sharding {
                 }
             }
             match decision {
-                Some(Decision::Claim) => work.push((lock, None)),
+                Some(Decision::Claim) => {
+                    let from_dead = label.is_some();
+                    work.push((lock, None, from_dead))
+                }
                 // Not from a view older than this replica's own handoff of it (a lock watch
                 // behind the handoff still shows the label): that would hand it off again,
                 // with a stale resourceVersion, and conflict every pass until the watch
@@ -818,7 +840,7 @@ impl Sharding {
                 Some(Decision::Release { to })
                     if !self.is_draining(&key) && !self.predates_own_handoff(&key, &lock) =>
                 {
-                    work.push((lock, Some(to)))
+                    work.push((lock, Some(to), false))
                 }
                 Some(Decision::WaitForHandoff { .. }) => {
                     let mut e = self.awaited.entry(key.clone()).or_insert((now, None));
@@ -859,8 +881,14 @@ impl Sharding {
             // (about 11 s for 330 locks on a real apiserver). They go first: a claim is decided
             // on a fresh read of the membership, which must not age behind slow reads.
             futures::stream::iter(work)
-                .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
+                .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to, from_dead)| async move {
                     match to {
+                        // A claim from a dead owner goes out within an api-timeout of the
+                        // membership read that found it dead, or not at all (the next pass
+                        // decides again): a replica that came back meanwhile bounds by this how
+                        // long such a claim can still land (see `contested`).
+                        None if from_dead
+                            && refreshed.is_none_or(|r| r.elapsed() > self.cfg.api_timeout) => {}
                         None => {
                             self.set_owner(&lock, &self.cfg.id, "claim").await;
                         }

@@ -124,6 +124,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     {
         // Untrusted (restart, claim, closed fence, a write with an unknown outcome): re-read
         // the lock, its Lease and its pods before deciding anything.
+        let must = ctx.sharding.must_confirm(generation);
         match ctx.cache.reread(&lock).await? {
             Some(l) => {
                 lock = ctx.cache.fresh.newest_after_read(l);
@@ -131,7 +132,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
                 // generation, see `Sharding::confirm_owner`).
                 if let Some(confirmed) = ctx
                     .sharding
-                    .confirm_owner(&lock, generation, &ctx.limits)
+                    .confirm_owner(&lock, generation, must, &ctx.limits)
                     .await?
                 {
                     ctx.cache.fresh.remember_lock(confirmed.clone());
