@@ -880,6 +880,9 @@ impl Sharding {
             // at a time, a dead peer's few hundred locks took one round trip each to be re-owned
             // (about 11 s for 330 locks on a real apiserver). They go first: a claim is decided
             // on a fresh read of the membership, which must not age behind slow reads.
+            // Claims first: they must go out soon after the membership read (below), and a
+            // handoff can take seconds (it waits for the lock's writes in flight).
+            work.sort_by_key(|(_, to, _)| to.is_some());
             futures::stream::iter(work)
                 .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to, from_dead)| async move {
                     match to {
