@@ -313,7 +313,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         lock
     } else {
         // Asked before the read (see `Sharding::must_confirm`).
-        let must = ctx.sharding.must_confirm(generation);
+        let must = ctx.sharding.must_confirm();
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
                 let read = ctx.cache.fresh.newest_after_read(l);
@@ -329,6 +329,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                         reread = ctx.cache.fresh.newest_after_read(confirmed);
                     }
                     Ok(None) => return Outcome::NotMine,
+                    Err(crate::error::Error::Fenced) => return Outcome::Wait("fenced"),
                     Err(e) => {
                         tracing::debug!(lock = %key, error = %e, "ownership not confirmed");
                         return Outcome::Retry("ownership of the lock could not be confirmed");

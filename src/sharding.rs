@@ -30,9 +30,9 @@ const HEDGE: Duration = Duration::from_millis(500);
 
 /// Label on membership Leases naming the shard group.
 pub const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
-/// A claim decided on a membership read lands within this many api-timeouts of it (sent within
-/// one, bounded by one), or never.
-const CLAIM_LANDS_WITHIN: u32 = 2;
+/// A claim from a dead owner is sent within this of the membership read it rests on (or
+/// api-timeout, if shorter), or not at all; it lands within api-timeout of being sent, or never.
+const CLAIM_SENT_WITHIN: Duration = Duration::from_secs(1);
 
 /// Annotation a replica puts on its membership Lease when it starts a graceful leave: peers
 /// take it off the ring at once (no new locks go to it), but its locks stay its own until it
@@ -140,15 +140,14 @@ pub struct Sharding {
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
     generation: std::sync::atomic::AtomicU64,
-    /// The generation, if any, that began with this replica's membership Lease gone, held by
-    /// another identity or possibly expired (a start after a graceful leave or a long outage,
-    /// an outage longer than half a Lease), and until when: a peer may have decided to claim a
-    /// lock of this replica before the renewal, and its claim may land after it — for at most
-    /// [`CLAIM_LANDS_WITHIN`] api-timeouts (a claim is sent within one of the membership read
-    /// it is decided on, and lands within one of being sent) plus a second. Until then a
-    /// lock's ownership is confirmed by a write, not by a read (see
+    /// Until when the last reopening of the fence (this process's first renewal, or one after
+    /// the membership Lease may have expired) is contested: a peer may have decided to claim a
+    /// lock of this replica before the renewal (a previous process's last write may be in
+    /// flight too), and its claim may land after it — within [`CLAIM_SENT_WITHIN`] of the
+    /// membership read it was decided on plus api-timeout, to which a second is added. Until
+    /// then a lock's ownership is confirmed by a write, not by a read (see
     /// [`Sharding::confirm_owner`]).
-    contested: Mutex<Option<(u64, Instant)>>,
+    contested: Mutex<Option<Instant>>,
     /// Tells this process's terms from an earlier one's with the same shard id.
     incarnation: u64,
     on_ownership: std::sync::OnceLock<OnOwnership>,
@@ -385,18 +384,16 @@ impl Sharding {
         let now = MicroTime(jiff::Timestamp::from_microsecond(micros).unwrap_or_default());
         let name = self.lease_name();
         let timeout = self.cfg.api_timeout;
-        // Reopening the fence: could a peer have decided to claim this replica's locks?
-        let contested = was_closed && self.membership_contested(&name).await;
-        // A Lease marked `leaving` by an earlier incarnation whose leave never finished (killed
-        // during its handoffs) is unmarked, or this one would stay off every ring.
-        let leaving = self
-            .leaving
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some("true");
-        let patch = json!({
-            "metadata": {"annotations": {LEAVING_ANNOTATION: leaving}},
-            "spec": {"renewTime": now, "holderIdentity": self.cfg.id},
-        });
+        let mut patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
+        if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            patch["metadata"] = json!({"annotations": {LEAVING_ANNOTATION: "true"}});
+        } else if self.generation() == 0 {
+            // Until this process's first renewal: a Lease marked `leaving` by an earlier one
+            // whose leave never finished (killed during its handoffs) is unmarked, or this one
+            // would stay off every ring. Only then: a later renewal sent just before this
+            // process's own leave began could land after the mark and undo it.
+            patch["metadata"] = json!({"annotations": {LEAVING_ANNOTATION: null}});
+        }
         let is_mine = |l: &Lease| {
             l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
                 && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
@@ -476,18 +473,19 @@ impl Sharding {
             if self.left.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            if was_closed {
-                // Reopening after the Lease may have expired: peers may have claimed locks, and
-                // the caches need not show it yet.
-                let generation = self
-                    .generation
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    + 1;
-                if contested && let Ok(mut c) = self.contested.lock() {
-                    let until = Instant::now()
-                        + self.cfg.api_timeout * CLAIM_LANDS_WITHIN
-                        + Duration::from_secs(1);
-                    *c = Some((generation, until));
+            // Reopening after the Lease may have expired — before this renewal was sent, or
+            // while it was in flight (sent in time, answered after the expiry) — or for the
+            // first time in this process: peers may have claimed locks (or a previous process's
+            // last write may still land), and the caches need not show it yet.
+            if was_closed || f.may_have_expired(self.now()) {
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let until = Instant::now()
+                    + self.claim_sent_within()
+                    + self.cfg.api_timeout
+                    + Duration::from_secs(1);
+                if let Ok(mut c) = self.contested.lock() {
+                    *c = Some(c.map_or(until, |earlier| earlier.max(until)));
                 }
             }
             f.renewed(started);
@@ -495,43 +493,17 @@ impl Sharding {
         Ok(())
     }
 
-    /// Before the fence reopens: is this replica's membership Lease gone, another identity's,
-    /// or old enough that a peer may have seen it expire (renewed more than half its duration
-    /// ago, by this clock: peers measure from when they saw it change, on theirs)? A read that
-    /// fails counts as yes.
-    async fn membership_contested(&self, name: &str) -> bool {
-        let found = call_opt(
-            &self.metrics,
-            ApiCall::get(Kind::Lease, self.member_target(name)).note("before reopening"),
-            self.cfg.api_timeout,
-            self.leases().get(name),
-        )
-        .await;
-        let spec = match found {
-            Ok(Some(l)) => l.spec.unwrap_or_default(),
-            Ok(None) => return true,
-            Err(e) => {
-                tracing::debug!(error = %e, "membership Lease not read before reopening");
-                return true;
-            }
-        };
-        if spec.holder_identity.as_deref() != Some(self.cfg.id.as_str()) {
-            return true;
-        }
-        let Some(renewed) = spec.renew_time else {
-            return true;
-        };
-        let age = jiff::Timestamp::now().duration_since(renewed.0);
-        let half = self.cfg.lease_duration / 2;
-        age.is_negative() || age.unsigned_abs() > half
+    /// See [`CLAIM_SENT_WITHIN`].
+    fn claim_sent_within(&self) -> Duration {
+        CLAIM_SENT_WITHIN.min(self.cfg.api_timeout)
     }
 
-    /// Must ownership of a lock read from now on be confirmed by a write in `generation` (see
-    /// `contested`)? Asked before the read: a read started after the window is enough.
-    pub fn must_confirm(&self, generation: u64) -> bool {
+    /// Must ownership of a lock read from now on be confirmed by a write (see `contested`)?
+    /// Asked before the read: a read started after the window is enough.
+    pub fn must_confirm(&self) -> bool {
         self.contested
             .lock()
-            .is_ok_and(|c| c.is_some_and(|(g, until)| g == generation && Instant::now() < until))
+            .is_ok_and(|c| c.is_some_and(|until| Instant::now() < until))
     }
 
     /// This replica's term in `generation`: the value of [`SHARD_TERM_ANNOTATION`] it writes.
@@ -886,12 +858,13 @@ impl Sharding {
             futures::stream::iter(work)
                 .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to, from_dead)| async move {
                     match to {
-                        // A claim from a dead owner goes out within an api-timeout of the
-                        // membership read that found it dead, or not at all (the next pass
-                        // decides again): a replica that came back meanwhile bounds by this how
-                        // long such a claim can still land (see `contested`).
+                        // A claim from a dead owner goes out soon after the membership read that
+                        // found it dead, or not at all (the next pass decides again): a replica
+                        // that came back meanwhile bounds by this how long such a claim can
+                        // still land (see `contested`).
                         None if from_dead
-                            && refreshed.is_none_or(|r| r.elapsed() > self.cfg.api_timeout) => {}
+                            && refreshed.is_none_or(|r| r.elapsed() > self.claim_sent_within()) => {
+                        }
                         None => {
                             self.set_owner(&lock, &self.cfg.id, "claim").await;
                         }
@@ -1033,6 +1006,14 @@ impl Sharding {
             // with no record that it may still land. Its calls are bounded by api-timeout.
             renew(Arc::new(lock.clone())).await;
         }
+        // The renewal may have confirmed ownership (a write to the lock): the label moves from
+        // that version, or it would conflict.
+        let newer = self
+            .read_mine
+            .get(&key)
+            .map(|e| e.0.clone())
+            .filter(|l| rv_of(l) > rv_of(lock));
+        let lock = newer.as_deref().unwrap_or(lock);
         self.draining.insert(key.clone());
         let deadline = Instant::now() + self.cfg.api_timeout * 2 + Duration::from_secs(1);
         let quiet = loop {

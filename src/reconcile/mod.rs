@@ -124,7 +124,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     {
         // Untrusted (restart, claim, closed fence, a write with an unknown outcome): re-read
         // the lock, its Lease and its pods before deciding anything.
-        let must = ctx.sharding.must_confirm(generation);
+        let must = ctx.sharding.must_confirm();
         match ctx.cache.reread(&lock).await? {
             Some(l) => {
                 lock = ctx.cache.fresh.newest_after_read(l);
