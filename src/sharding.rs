@@ -1204,6 +1204,55 @@ mod tests {
     use super::*;
     use kubesim::{HoldResponse, Sim, SimConfig};
 
+    fn alone(client: Client, lease_duration: Duration) -> Arc<Sharding> {
+        Sharding::new(
+            client,
+            ShardConfig {
+                id: "a".into(),
+                group: "stslock".into(),
+                namespace: "default".into(),
+                lease_duration,
+                margin: lease_duration / 5,
+                grace: Duration::from_secs(2),
+                api_timeout: Duration::from_secs(2),
+            },
+            Arc::new(crate::metrics::Metrics::new("a")),
+        )
+    }
+
+    /// A membership renewal sent while the Lease was surely live but answered after it may
+    /// have expired reopens the fence in a new, contested generation: peers may have claimed
+    /// locks meanwhile just as after a renewal sent late. Before, only the state when the
+    /// renewal was sent counted, and the fence reopened in the same generation, every lock
+    /// still trusted from reads made before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_answered_after_the_lease_may_have_expired_opens_a_new_generation() {
+        let sim = Sim::start(SimConfig::default());
+        let s = alone(sim.client_as("stslock/a"), Duration::from_secs(2));
+        s.renew().await.unwrap();
+        assert_eq!(s.generation(), 1);
+        assert!(s.must_confirm(), "a process's first reopening is contested");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        s.renew().await.unwrap();
+        assert_eq!(s.generation(), 1, "a renewal in time keeps the generation");
+        // The next renewal is sent in time (0.8 s after the last) and committed 1.5 s later:
+        // answered 2.3 s after the last renewal was sent, past the 2 s Lease.
+        sim.faults().update(|c| {
+            c.latency_ms = 1500;
+            c.writes_only = true;
+            c.agents = vec!["stslock/a".into()];
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        s.renew().await.unwrap();
+        sim.faults().set(Default::default());
+        assert_eq!(
+            s.generation(),
+            2,
+            "the fence reopened after the Lease may have expired, in the same generation"
+        );
+        assert!(s.must_confirm());
+    }
+
     /// A second handoff of a lock while one is under way (an assignment pass and a graceful
     /// leave) returns at once and leaves the first in charge: the lock stays drained until the
     /// first one's label write has its answer. Before, the second shared the draining mark,
@@ -1223,19 +1272,7 @@ mod tests {
         }))
         .unwrap();
         let lock = locks.create(&PostParams::default(), &lock).await.unwrap();
-        let s = Sharding::new(
-            client,
-            ShardConfig {
-                id: "a".into(),
-                group: "stslock".into(),
-                namespace: "default".into(),
-                lease_duration: Duration::from_secs(15),
-                margin: Duration::from_secs(3),
-                grace: Duration::from_secs(2),
-                api_timeout: Duration::from_secs(2),
-            },
-            Arc::new(crate::metrics::Metrics::new("a")),
-        );
+        let s = alone(client, Duration::from_secs(15));
         s.renew().await.unwrap();
         assert!(
             s.may_write(),
