@@ -682,7 +682,9 @@ fn writes(
 ) -> Writes {
     let mut w = Writes::default();
     // Owner and the commit that set it, per lock.
-    let mut owner: HashMap<Key, (Option<String>, u64, String)> = HashMap::new();
+    // Per lock: its label as of its last write, that write's rv and actor, and the rv and actor
+    // of the write that last changed the label.
+    let mut owner: HashMap<Key, (Option<String>, u64, String, u64, String)> = HashMap::new();
     for c in log {
         let replica = c.actor.strip_prefix(AGENT_PREFIX);
         if replica.is_some() {
@@ -726,17 +728,21 @@ fn writes(
                         "resource": c.resource, "object": format!("{}/{}", c.namespace, c.name),
                         "lock": format!("{}/{}", key.0, key.1),
                         "owner": prev_owner,
-                        "ownerSetAtRv": prev.as_ref().map(|p| p.1),
-                        "ownerSetBy": prev.as_ref().map(|p| p.2.clone()),
+                        "lastLockWriteRv": prev.as_ref().map(|p| p.1),
+                        "lastLockWriteBy": prev.as_ref().map(|p| p.2.clone()),
+                        "ownerSetAtRv": prev.as_ref().map(|p| p.3),
+                        "ownerSetBy": prev.as_ref().map(|p| p.4.clone()),
                     }));
                 }
             }
         }
         if c.resource == "statefulsetlocks" {
-            owner.insert(
-                key,
-                (c.labels.get(SHARD_LABEL).cloned(), c.rv, c.actor.clone()),
-            );
+            let label = c.labels.get(SHARD_LABEL).cloned();
+            let (moved_rv, moved_by) = match prev {
+                Some((l, _, _, rv, by)) if l == label => (rv, by),
+                _ => (c.rv, c.actor.clone()),
+            };
+            owner.insert(key, (label, c.rv, c.actor.clone(), moved_rv, moved_by));
         }
     }
     w
