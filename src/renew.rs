@@ -317,8 +317,8 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
                 let read = ctx.cache.fresh.newest_after_read(l);
-                // After this replica's membership Lease was gone or may have expired, a read
-                // is not enough: a peer's claim decided meanwhile may still land.
+                // Just after the fence reopened a read is not enough: a peer's claim decided
+                // while this replica was away may still land (see `Sharding::confirm_owner`).
                 match ctx
                     .sharding
                     .confirm_owner(&read, generation, must, &ctx.limits)

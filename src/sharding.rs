@@ -512,7 +512,7 @@ impl Sharding {
     }
 
     /// Confirm that `read` (a lock just read from the API server, labelled for this replica) is
-    /// this replica's in `generation`. Early in a contested generation (`must`: what
+    /// this replica's in `generation`. Just after the fence reopened (`must`: what
     /// [`must_confirm`](Self::must_confirm) said before the read) a read does not show it: a
     /// peer's claim decided on this replica's absence may land after it. Then this replica's
     /// term is written into the lock, compare-and-swap on the resourceVersion read: once that

@@ -128,8 +128,8 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         match ctx.cache.reread(&lock).await? {
             Some(l) => {
                 lock = ctx.cache.fresh.newest_after_read(l);
-                // Confirmed by a write when the read alone does not show it (a contested
-                // generation, see `Sharding::confirm_owner`).
+                // Confirmed by a write when the read alone does not show it (just after the
+                // fence reopened, see `Sharding::confirm_owner`).
                 if let Some(confirmed) = ctx
                     .sharding
                     .confirm_owner(&lock, generation, must, &ctx.limits)
