@@ -242,12 +242,12 @@ mod tests {
                  "metadata": {"name": "no-spec", "namespace": "a", "uid": "u2"}},
             ]
         });
-        // What kube decodes a list page into.
-        let typed: Result<kube::core::ObjectList<StatefulSetLock>, _> =
-            serde_json::from_value(list.clone());
+        // What kube decodes a list page into, from the response's text.
+        let text = list.to_string();
+        let typed: Result<kube::core::ObjectList<StatefulSetLock>, _> = serde_json::from_str(&text);
         assert!(typed.is_err(), "the strict decode fails the whole page");
         let lenient: kube::core::ObjectList<Lenient<StatefulSetLock>> =
-            serde_json::from_value(list).expect("a lenient page decodes");
+            serde_json::from_str(&text).expect("a lenient page decodes");
         let reported = Arc::new(Mutex::new(vec![]));
         let r = Reporter::new({
             let reported = reported.clone();
@@ -266,5 +266,56 @@ mod tests {
         assert_eq!(reported.len(), 1);
         assert_eq!(reported[0].metadata.name.as_deref(), Some("no-spec"));
         assert!(reported[0].error.contains("spec"), "{}", reported[0].error);
+    }
+
+    #[test]
+    fn watch_events_decode_good_objects_and_name_bad_ones() {
+        // One watch line as kube reads it (`type` first, as every API server sends it).
+        let line = |object: serde_json::Value| {
+            serde_json::json!({"type": "MODIFIED", "object": object}).to_string()
+        };
+        let good = line(serde_json::json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "good", "namespace": "a", "resourceVersion": "7",
+                         "labels": {"x": "\"quoted\" é \\ end"}},
+            "spec": {"statefulSetName": "db", "leaseName": "db-lease", "leaseDurationSeconds": 30},
+            "status": {"writerPod": "db-0"}
+        }));
+        let ev: kube::core::WatchEvent<Lenient<StatefulSetLock>> =
+            serde_json::from_str(&good).expect("decodes");
+        let kube::core::WatchEvent::Modified(Lenient::Ok(lock)) = ev else {
+            panic!("not a decoded lock: {good}");
+        };
+        // The same object as the strict decode gives.
+        let strict: kube::core::WatchEvent<StatefulSetLock> =
+            serde_json::from_str(&good).expect("strict decode");
+        let kube::core::WatchEvent::Modified(strict) = strict else {
+            panic!("strict");
+        };
+        assert_eq!(
+            serde_json::to_value(&lock).expect("json"),
+            serde_json::to_value(&strict).expect("json")
+        );
+        let bad = line(serde_json::json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "bad", "namespace": "a", "resourceVersion": "8"},
+            "spec": {"statefulSetName": 5, "leaseName": "db-lease", "leaseDurationSeconds": 30}
+        }));
+        let ev: kube::core::WatchEvent<Lenient<StatefulSetLock>> =
+            serde_json::from_str(&bad).expect("a bad object still decodes as an event");
+        let kube::core::WatchEvent::Modified(Lenient::Bad { metadata, error }) = ev else {
+            panic!("not reported as undecodable: {bad}");
+        };
+        assert_eq!(metadata.name.as_deref(), Some("bad"));
+        assert_eq!(metadata.resource_version.as_deref(), Some("8"));
+        assert!(error.contains("invalid type"), "{error}");
+        // A key given twice (the tree keeps the last one) is still a lock, as before.
+        let twice = r#"{"type":"ADDED","object":{"apiVersion":"app.anukkrit.me/v1","kind":"StatefulSetLock","metadata":{"name":"t","namespace":"a"},"spec":{"statefulSetName":"a","statefulSetName":"db","leaseName":"l","leaseDurationSeconds":30}}}"#;
+        let ev: kube::core::WatchEvent<Lenient<StatefulSetLock>> =
+            serde_json::from_str(twice).expect("decodes");
+        assert!(
+            matches!(&ev, kube::core::WatchEvent::Added(Lenient::Ok(l)) if l.spec.stateful_set_name == "db"),
+            "{ev:?}"
+        );
     }
 }
