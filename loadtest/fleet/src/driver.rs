@@ -68,18 +68,7 @@ impl Fleet {
     }
 
     pub(crate) async fn install(&self, namespaces: &[String]) -> anyhow::Result<()> {
-        stslock::dev::install_crd(&self.client).await?;
-        let ns_api: Api<Namespace> = Api::all(self.client.clone());
-        for ns in namespaces {
-            ns_api
-                .create(
-                    &PostParams::default(),
-                    &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
-                )
-                .await
-                .with_context(|| format!("creating namespace {ns}"))?;
-        }
-        Ok(())
+        install(&self.client, namespaces).await
     }
 
     /// Create `n` locks (each with its StatefulSet), round-robin over `namespaces`.
@@ -88,31 +77,11 @@ impl Fleet {
         namespaces: &[String],
         n: usize,
     ) -> anyhow::Result<()> {
+        let (pods, lease) = (self.args.pods, self.args.lease_seconds);
         for _ in 0..n {
             let i = self.locks.len();
-            let ns = &namespaces[i % namespaces.len()];
-            let name = format!("db{i}");
-            let sets: Api<StatefulSet> = Api::namespaced(self.client.clone(), ns);
-            let locks: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), ns);
-            let sts: StatefulSet = serde_json::from_value(json!({
-                "metadata": {"name": name},
-                "spec": {"serviceName": "db", "replicas": self.args.pods, "podManagementPolicy": "Parallel",
-                         "selector": {"matchLabels": {"app": name}},
-                         "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
-            }))?;
-            sets.create(&PostParams::default(), &sts)
-                .await
-                .with_context(|| format!("creating StatefulSet {ns}/{name}"))?;
-            let lock: StatefulSetLock = serde_json::from_value(json!({
-                "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-                "metadata": {"name": name},
-                "spec": {"statefulSetName": name, "leaseName": format!("{name}-lease"), "leaseDurationSeconds": self.args.lease_seconds}
-            }))?;
-            locks
-                .create(&PostParams::default(), &lock)
-                .await
-                .with_context(|| format!("creating StatefulSetLock {ns}/{name}"))?;
-            self.locks.push((ns.clone(), name));
+            let lock = create_lock(&self.client, namespaces, i, pods, lease).await?;
+            self.locks.push(lock);
         }
         Ok(())
     }
@@ -199,25 +168,7 @@ impl Fleet {
 
     /// Wait until every lock created has a writer; returns how many have one.
     pub(crate) async fn wait_settled(&self, limit: Duration) -> anyhow::Result<usize> {
-        let start = Instant::now();
-        let all: Api<StatefulSetLock> = Api::all(self.client.clone());
-        loop {
-            let l = all.list(&ListParams::default()).await?;
-            let settled = l
-                .items
-                .iter()
-                .filter(|x| {
-                    x.status
-                        .as_ref()
-                        .and_then(|s| s.writer_pod.as_ref())
-                        .is_some()
-                })
-                .count();
-            if settled >= self.locks.len() || start.elapsed() >= limit {
-                return Ok(settled);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        wait_elected(&self.client, self.locks.len(), limit).await
     }
 
     /// Fail the writer of `locks[i]`; it comes back Ready (as a reader) 2 s later.
@@ -324,19 +275,101 @@ impl Fleet {
     }
 
     pub(crate) async fn ownership(&self) -> anyhow::Result<BTreeMap<String, usize>> {
-        let all: Api<StatefulSetLock> = Api::all(self.client.clone());
-        let mut per: BTreeMap<String, usize> = BTreeMap::new();
-        for l in all.list(&ListParams::default()).await?.items {
-            *per.entry(
-                l.labels()
-                    .get(SHARD_LABEL)
-                    .cloned()
-                    .unwrap_or_else(|| "(none)".into()),
-            )
-            .or_default() += 1;
-        }
-        Ok(per)
+        ownership(&self.client).await
     }
+}
+
+/// The CRD and `namespaces`.
+pub(crate) async fn install(client: &kube::Client, namespaces: &[String]) -> anyhow::Result<()> {
+    stslock::dev::install_crd(client).await?;
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    for ns in namespaces {
+        ns_api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+            )
+            .await
+            .with_context(|| format!("creating namespace {ns}"))?;
+    }
+    Ok(())
+}
+
+/// Lock number `i` (`db<i>`) and its StatefulSet of `pods` pods, in namespace `i` modulo
+/// `namespaces`.
+pub(crate) async fn create_lock(
+    client: &kube::Client,
+    namespaces: &[String],
+    i: usize,
+    pods: i32,
+    lease_seconds: i32,
+) -> anyhow::Result<(String, String)> {
+    let ns = &namespaces[i % namespaces.len()];
+    let name = format!("db{i}");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), ns);
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"serviceName": "db", "replicas": pods, "podManagementPolicy": "Parallel",
+                 "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+    }))?;
+    sets.create(&PostParams::default(), &sts)
+        .await
+        .with_context(|| format!("creating StatefulSet {ns}/{name}"))?;
+    let lock: StatefulSetLock = serde_json::from_value(json!({
+        "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+        "metadata": {"name": name},
+        "spec": {"statefulSetName": name, "leaseName": format!("{name}-lease"), "leaseDurationSeconds": lease_seconds}
+    }))?;
+    locks
+        .create(&PostParams::default(), &lock)
+        .await
+        .with_context(|| format!("creating StatefulSetLock {ns}/{name}"))?;
+    Ok((ns.clone(), name))
+}
+
+/// Wait until `n` locks have a writer (or `limit` passed); returns how many have one.
+pub(crate) async fn wait_elected(
+    client: &kube::Client,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<usize> {
+    let start = Instant::now();
+    let all: Api<StatefulSetLock> = Api::all(client.clone());
+    loop {
+        let l = all.list(&ListParams::default()).await?;
+        let settled = l
+            .items
+            .iter()
+            .filter(|x| {
+                x.status
+                    .as_ref()
+                    .and_then(|s| s.writer_pod.as_ref())
+                    .is_some()
+            })
+            .count();
+        if settled >= n || start.elapsed() >= limit {
+            return Ok(settled);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Locks per owner (shard label), `(none)` for unowned ones.
+pub(crate) async fn ownership(client: &kube::Client) -> anyhow::Result<BTreeMap<String, usize>> {
+    let all: Api<StatefulSetLock> = Api::all(client.clone());
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for l in all.list(&ListParams::default()).await?.items {
+        *per.entry(
+            l.labels()
+                .get(SHARD_LABEL)
+                .cloned()
+                .unwrap_or_else(|| "(none)".into()),
+        )
+        .or_default() += 1;
+    }
+    Ok(per)
 }
 
 pub(crate) fn line_latency(what: &str, v: &[u64]) -> String {

@@ -25,9 +25,13 @@
 //!   ~1 s, a writer flap every ~500 ms, a replica kill every ~30 s. The soak of P9 adds graceful
 //!   restarts, StatefulSet scale events and node loss (`--graceful-share`, `--scale-every-ms`,
 //!   `--node-loss-every-ms`) and writes an HTML report (`--html-out`).
+//! - `memory`: the operator's memory with kubesim and every replica as separate processes
+//!   (see `memory.rs`): a replica with no locks, one with every lock, then `--replicas` sharing
+//!   them; reports each replica's RSS and the sharded total against the singleton.
 
 mod driver;
 mod faults;
+mod memory;
 mod report;
 mod scenarios;
 
@@ -43,6 +47,7 @@ enum Scenario {
     Capacity,
     Rolling,
     Faults,
+    Memory,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -205,5 +210,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Noisy => scenarios::noisy(&args).await,
         Scenario::Capacity => scenarios::capacity(&args).await,
         Scenario::Rolling => scenarios::rolling(&args).await,
+        Scenario::Memory => memory::memory(&args).await,
     }
 }

@@ -1,0 +1,361 @@
+//! `memory` (P10): the operator's own memory. kubesim runs as a process of its own (the
+//! `kubesim` binary) and every operator replica as a separate `stslock run` process, so each
+//! figure is one process's resident set (`VmRSS` from `/proc`) with nothing of the driver or
+//! the API server in it. In one run, on one cluster: a replica with no locks (the fixed cost),
+//! one replica holding every lock, then `--replicas` replicas sharing them. Reports the RSS of
+//! each replica, the sharded replicas' total against the singleton's, and the singleton's RSS
+//! per cached pod.
+//!
+//! The binaries are looked up beside `fleet` (`cargo build --release -p fleet -p stslock
+//! -p kubesim` puts them there).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::Args;
+use crate::driver::{create_lock, install, ownership, tenants, wait_elected};
+
+/// Child processes, killed when dropped (an error anywhere leaves nothing running).
+struct Procs {
+    dir: PathBuf,
+    kids: Vec<(String, Child)>,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.kids {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn spawn(&mut self, name: &str, mut cmd: Command) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let pid = child.id();
+        self.kids.push((name.to_string(), child));
+        Ok(pid)
+    }
+
+    /// SIGTERM (what Kubernetes sends), then SIGKILL after 30 s.
+    async fn stop(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(i) = self.kids.iter().position(|(n, _)| n == name) else {
+            return Ok(());
+        };
+        let (_, mut child) = self.kids.remove(i);
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                eprintln!("{name} did not stop within 30 s of SIGTERM: killed");
+                child.kill()?;
+                child.wait()?;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    fn pid(&self, name: &str) -> Option<u32> {
+        self.kids
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
+    /// Fails when a process has exited on its own (its log says why).
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, c) in &mut self.kids {
+            if let Some(status) = c.try_wait()? {
+                anyhow::bail!(
+                    "{name} exited ({status}); its log: {}",
+                    self.dir.join(format!("{name}.log")).display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resident set of a process, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating fleet")?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .context("fleet has no directory")?;
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it beside fleet (cargo build --release -p fleet -p stslock -p kubesim)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// RSS of each named process, sampled every second for `seconds`: (last, peak) in KiB.
+async fn sample(
+    procs: &mut Procs,
+    names: &[String],
+    seconds: u64,
+) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for _ in 0..seconds.max(1) {
+        procs.check_alive()?;
+        for n in names {
+            let pid = procs
+                .pid(n)
+                .with_context(|| format!("{n} is not running"))?;
+            let kib = rss_kib(pid)?;
+            let e = out.entry(n.clone()).or_default();
+            *e = (kib, e.1.max(kib));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(out)
+}
+
+/// Wait until the `n` locks are elected and owned by exactly `ids`, each holding some, and
+/// the split has not changed for 5 s.
+async fn wait_owned(
+    client: &kube::Client,
+    procs: &mut Procs,
+    n: usize,
+    ids: &[String],
+    limit: Duration,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let start = Instant::now();
+    let mut stable_since: Option<(Instant, BTreeMap<String, usize>)> = None;
+    loop {
+        procs.check_alive()?;
+        let per = ownership(client).await?;
+        let elected = wait_elected(client, n, Duration::ZERO).await?;
+        let done = elected >= n
+            && per.len() == ids.len()
+            && ids.iter().all(|id| per.get(id).is_some_and(|c| *c > 0));
+        stable_since = match stable_since {
+            Some((t, prev)) if done && prev == per => {
+                if t.elapsed() >= Duration::from_secs(5) {
+                    return Ok(per);
+                }
+                Some((t, prev))
+            }
+            _ if done => Some((Instant::now(), per.clone())),
+            _ => None,
+        };
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "after {:?}: {elected} of {n} locks elected, owners {per:?} (expected {ids:?})",
+            limit
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `stslock run` for replica `id`; with `FLEET_OPERATOR_WRAPPER` set (e.g. `heaptrack`), run
+/// under that program (a heap profile of the same run).
+fn operator(args: &Args, kubeconfig: &Path, id: &str) -> anyhow::Result<Command> {
+    let stslock = binary("stslock")?;
+    let mut cmd = match std::env::var_os("FLEET_OPERATOR_WRAPPER") {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.arg(stslock);
+            c
+        }
+        None => Command::new(stslock),
+    };
+    cmd.arg("run")
+        .args(["--kubeconfig", &kubeconfig.display().to_string()])
+        .args(["--shard-id", id])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--leave", "keep"])
+        .args([
+            "--membership-lease-seconds",
+            &args.membership_seconds.to_string(),
+        ])
+        .args(["--qps", &args.qps.to_string()])
+        .args(["--burst", &args.burst.to_string()])
+        .args(["--tenant-qps", &args.tenant_qps.to_string()])
+        .env("RUST_LOG", "warn");
+    Ok(cmd)
+}
+
+pub(crate) async fn memory(args: &Args) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("stslock-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(args, &dir).await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("logs kept in {}", dir.display());
+    }
+    result
+}
+
+async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
+    let mut procs = Procs {
+        dir: dir.to_path_buf(),
+        kids: vec![],
+    };
+    let kubeconfig = dir.join("kubeconfig");
+    let mut sim = Command::new(binary("kubesim")?);
+    sim.args(["--addr", "127.0.0.1:0", "--pod-ready-ms", "50"])
+        .args(["--kubeconfig", &kubeconfig.display().to_string()]);
+    procs.spawn("kubesim", sim)?;
+    let client = {
+        let start = Instant::now();
+        loop {
+            procs.check_alive()?;
+            let read = kube::config::Kubeconfig::read_from(&kubeconfig);
+            if let Ok(k) = read {
+                let cfg = kube::Config::from_custom_kubeconfig(k, &Default::default()).await?;
+                break kube::Client::try_from(cfg)?;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "kubesim wrote no kubeconfig in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let namespaces = tenants("tenant", args.namespaces);
+    install(&client, &namespaces).await?;
+    let window = args.seconds;
+    let limit = Duration::from_secs(900);
+
+    // The fixed cost: a replica with nothing to hold.
+    procs.spawn("empty", operator(args, &kubeconfig, "empty")?)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let empty = sample(&mut procs, &["empty".to_string()], window.min(10)).await?;
+    procs.stop("empty").await?;
+    let empty_kib = empty.get("empty").map_or(0, |v| v.0);
+    println!("no locks: one replica {} MiB", mib(empty_kib));
+
+    let n = args.locks;
+    let started = Instant::now();
+    for i in 0..n {
+        create_lock(&client, &namespaces, i, args.pods, args.lease_seconds).await?;
+    }
+    println!(
+        "created {n} locks ({} pods each) in {} namespaces in {:.1} s",
+        args.pods,
+        namespaces.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // One replica holding every lock.
+    let single = vec!["single".to_string()];
+    procs.spawn("single", operator(args, &kubeconfig, "single")?)?;
+    let started = Instant::now();
+    wait_owned(&client, &mut procs, n, &single, limit).await?;
+    println!(
+        "one replica: {n} locks elected and owned in {:.1} s; sampling {window} s",
+        started.elapsed().as_secs_f64()
+    );
+    let one = sample(&mut procs, &single, window).await?;
+    let sim_one = rss_kib(procs.pid("kubesim").context("kubesim")?)?;
+    procs.stop("single").await?;
+    let single_kib = one.get("single").map_or(0, |v| v.0);
+    let pods = n as u64 * u64::try_from(args.pods.max(0)).unwrap_or(0);
+    println!(
+        "one replica: {} MiB (peak {} MiB); {:.2} KiB per cached pod above the empty replica",
+        mib(single_kib),
+        mib(one.get("single").map_or(0, |v| v.1)),
+        per_pod(single_kib, empty_kib, pods)
+    );
+
+    // The same locks shared by `--replicas` replicas.
+    let ids: Vec<String> = (0..args.replicas.max(1))
+        .map(|i| format!("shard-{i}"))
+        .collect();
+    for id in &ids {
+        procs.spawn(id, operator(args, &kubeconfig, id)?)?;
+    }
+    let started = Instant::now();
+    let split = wait_owned(&client, &mut procs, n, &ids, limit).await?;
+    println!(
+        "{} replicas: locks split {split:?} in {:.1} s; sampling {window} s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let many = sample(&mut procs, &ids, window).await?;
+    let sim_many = rss_kib(procs.pid("kubesim").context("kubesim")?)?;
+    for id in &ids {
+        procs.stop(id).await?;
+    }
+    let total: u64 = many.values().map(|v| v.0).sum();
+    let ratio = total as f64 / single_kib.max(1) as f64;
+    for (id, (last, peak)) in &many {
+        println!(
+            "  {id}: {} locks, {} MiB (peak {} MiB)",
+            split.get(id).copied().unwrap_or(0),
+            mib(*last),
+            mib(*peak)
+        );
+    }
+    println!(
+        "{} replicas: total {} MiB = {ratio:.2}x the singleton's {} MiB (kubesim: {} MiB with one replica, {} MiB with {})",
+        ids.len(),
+        mib(total),
+        mib(single_kib),
+        mib(sim_one),
+        mib(sim_many),
+        ids.len()
+    );
+    let report = json!({
+        "scenario": "memory",
+        "locks": n, "podsPerSet": args.pods, "pods": pods, "namespaces": namespaces.len(),
+        "sampleSeconds": window,
+        "emptyReplicaKiB": empty_kib,
+        "singleReplicaKiB": single_kib,
+        "singleReplicaPeakKiB": one.get("single").map(|v| v.1),
+        "singleKiBPerCachedPod": per_pod(single_kib, empty_kib, pods),
+        "replicas": ids.len(),
+        "perReplica": many.iter().map(|(id, (last, peak))| (id.clone(), json!({
+            "locks": split.get(id), "rssKiB": last, "peakKiB": peak,
+        }))).collect::<serde_json::Map<String, Value>>(),
+        "totalKiB": total,
+        "totalOverSingle": ratio,
+        "kubesimKiB": {"singleReplica": sim_one, "replicas": sim_many},
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn per_pod(kib: u64, empty_kib: u64, pods: u64) -> f64 {
+    kib.saturating_sub(empty_kib) as f64 / pods.max(1) as f64
+}
