@@ -165,6 +165,7 @@ pub async fn run_with(
             watch::watch_config(),
             undecodable.clone(),
         )
+        .modify(watch::slim_lock)
         .backoff(watch::backoff()),
     )
     .inspect({
@@ -187,6 +188,7 @@ pub async fn run_with(
     let sets_stream = kube::runtime::reflector(
         sets_writer,
         lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
+            .modify(watch::slim_statefulset)
             .backoff(watch::backoff()),
     );
     let pods = PodIndex::new(args.role_label.clone());

@@ -49,14 +49,39 @@ pub fn backoff() -> kube::runtime::watcher::ExponentialBackoff {
 }
 
 /// The watcher configuration every cache uses.
+/// What the caches keep of a StatefulSet: its identity, `spec.replicas` and `spec.selector`
+/// (what a decision and a re-read of its pods need). The pod template, volume claim
+/// templates, status, annotations and managed fields are dropped before the object is stored:
+/// each replica caches every StatefulSet of its scope, and the template was most of each.
+pub fn slim_statefulset(s: &mut k8s_openapi::api::apps::v1::StatefulSet) {
+    let m = &mut s.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    let spec = &mut s.spec;
+    spec.template = Default::default();
+    spec.volume_claim_templates = None;
+    spec.persistent_volume_claim_retention_policy = None;
+    spec.update_strategy = None;
+    spec.ordinals = None;
+    s.status = None;
+}
+
+/// Managed fields are never read here, and on a real API server they are often most of an
+/// object's metadata: dropped before a lock is cached.
+pub fn slim_lock(l: &mut StatefulSetLock) {
+    l.metadata.managed_fields = None;
+}
+
 pub fn watch_config() -> watcher::Config {
     watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
 }
 
 /// Put `lease` into the cache unless the cache already has a newer version: watch events,
 /// write responses and quorum reads all go through here, so the cache only moves forward.
-pub fn remember_lease(cache: &LeaseCache, lease: Lease) {
+pub fn remember_lease(cache: &LeaseCache, mut lease: Lease) {
     use crate::cache::fresh::rv_number;
+    lease.metadata.managed_fields = None;
     let key = (lease.namespace().unwrap_or_default(), lease.name_any());
     if let Ok(mut m) = cache.write() {
         let newer = m.get(&key).is_none_or(|known| {
@@ -234,6 +259,7 @@ pub fn lease_triggers_synced(
     // Lease was deleted.
     let mut relist = super::Relist::<Lease>::default();
     crate::cache::lenient::watcher::<Lease>(client, watch_config().labels(LEASE_LABEL), undecodable)
+        .modify(|l| l.metadata.managed_fields = None)
         .backoff(backoff())
         .filter_map(move |ev| {
             let mut refs = vec![];
@@ -362,5 +388,35 @@ mod tests {
         assert!(names(&idx, "other").is_empty());
         assert_eq!(names(&idx, "db"), ["d"]);
         assert_eq!(names(&idx, "moved"), ["b"]);
+    }
+
+    #[test]
+    fn a_cached_statefulset_keeps_what_decisions_read_and_nothing_else() {
+        let mut s: k8s_openapi::api::apps::v1::StatefulSet =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "db", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                             "labels": {"app": "db"}, "annotations": {"big": "x".repeat(4096)},
+                             "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+                "spec": {"replicas": 3, "serviceName": "db",
+                         "selector": {"matchLabels": {"app": "db"}},
+                         "template": {"metadata": {"labels": {"app": "db"}},
+                                      "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}},
+                         "volumeClaimTemplates": [{"metadata": {"name": "data"}}]},
+                "status": {"replicas": 3, "readyReplicas": 2}
+            }))
+            .unwrap();
+        slim_statefulset(&mut s);
+        assert_eq!(s.spec.replicas, Some(3));
+        assert_eq!(
+            s.spec.selector.match_labels,
+            Some([("app".to_string(), "db".to_string())].into())
+        );
+        assert_eq!((s.name_any(), s.namespace()), ("db".into(), Some("ns".into())));
+        assert_eq!(s.resource_version().as_deref(), Some("7"));
+        assert_eq!(s.metadata.labels.as_ref().map(|l| l.len()), Some(1));
+        assert!(s.spec.template.spec.is_none());
+        assert!(s.spec.volume_claim_templates.is_none());
+        assert!(s.status.is_none());
+        assert!(s.metadata.annotations.is_none() && s.metadata.managed_fields.is_none());
     }
 }
