@@ -411,7 +411,10 @@ mod tests {
             s.spec.selector.match_labels,
             Some([("app".to_string(), "db".to_string())].into())
         );
-        assert_eq!((s.name_any(), s.namespace()), ("db".into(), Some("ns".into())));
+        assert_eq!(
+            (s.name_any(), s.namespace()),
+            ("db".into(), Some("ns".into()))
+        );
         assert_eq!(s.resource_version().as_deref(), Some("7"));
         assert_eq!(s.metadata.labels.as_ref().map(|l| l.len()), Some(1));
         assert!(s.spec.template.spec.is_none());

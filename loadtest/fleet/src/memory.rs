@@ -10,6 +10,7 @@
 //! -p kubesim` puts them there).
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,16 +30,25 @@ struct Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in &mut self.kids {
-            let _ = c.kill();
+            signal_group(c, "-KILL");
             let _ = c.wait();
         }
     }
+}
+
+/// Signal a child's whole process group (each child leads its own): a wrapper such as
+/// `heaptrack` and the operator it runs get it alike.
+fn signal_group(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{}", child.id())])
+        .status();
 }
 
 impl Procs {
     fn spawn(&mut self, name: &str, mut cmd: Command) -> anyhow::Result<u32> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -55,14 +65,12 @@ impl Procs {
             return Ok(());
         };
         let (_, mut child) = self.kids.remove(i);
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        signal_group(&child, "-TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait()?.is_none() {
             if Instant::now() > deadline {
                 eprintln!("{name} did not stop within 30 s of SIGTERM: killed");
-                child.kill()?;
+                signal_group(&child, "-KILL");
                 child.wait()?;
                 break;
             }
