@@ -288,15 +288,15 @@ pub async fn traced<T>(
 
 /// Apply a plan inside its decision span (when it has one, see [`decision_span`]), recording
 /// the outcome; a failed renewal gets a span of its own.
-pub async fn traced_apply<T>(
+pub async fn traced_apply(
     o: &Observed,
     plan: &Plan,
     shard: &str,
-    apply: impl Future<Output = crate::error::Result<T>>,
-) -> crate::error::Result<T> {
+    apply: impl Future<Output = crate::error::Result<()>>,
+) -> crate::error::Result<()> {
     let span = decision_span(o, plan, shard);
     let result = apply.instrument(span.clone()).await;
-    record_outcome(&span, o, plan, result.as_ref().err());
+    record_outcome(&span, o, plan, &result);
     if let Err(e) = &result
         && plan.renews(o.lease.as_ref().and_then(|l| l.holder.as_deref()))
     {
@@ -362,18 +362,18 @@ pub fn decision_span(o: &Observed, plan: &Plan, shard: &str) -> Span {
 }
 
 /// Record how a plan ended on its decision span (a no-op on a disabled span).
-pub fn record_outcome(span: &Span, o: &Observed, plan: &Plan, error: Option<&crate::error::Error>) {
+pub fn record_outcome(span: &Span, o: &Observed, plan: &Plan, result: &crate::error::Result<()>) {
     if span.is_disabled() {
         return;
     }
-    match error {
-        None => {
+    match result {
+        Ok(()) => {
             span.record("stslock.outcome", "ok");
             if let Some(s) = writerless_seconds(o, plan, jiff::Timestamp::now()) {
                 span.record("stslock.writerless_seconds", s);
             }
         }
-        Some(e) => {
+        Err(e) => {
             span.record("stslock.outcome", e.metric_label());
             span.record("otel.status_code", "ERROR");
             span.record("error", tracing::field::display(e));

@@ -77,10 +77,6 @@ struct Applier<'a> {
     key: String,
     generation: u64,
     held_by: Option<&'a str>,
-    /// A write's answer showed a pod in another state than the plan saw it (e.g. Ready by
-    /// now): the plan was made from a stale view, and the index now holds the newer state,
-    /// so the watch event that carries it triggers nothing. The lock is decided again at once.
-    stale_pods: std::sync::atomic::AtomicBool,
     locks: Api<StatefulSetLock>,
     leases: Api<Lease>,
     pods: Api<Pod>,
@@ -128,24 +124,6 @@ impl Applier<'_> {
                     >= crate::cache::fresh::rv_number(self.lock.resource_version().as_deref())
             })
             .unwrap_or_else(|| std::sync::Arc::new(self.lock.clone()))
-    }
-
-    /// Compare a pod a write returned with the plan's view of it (see `stale_pods`).
-    fn check_observed(&self, pod: &Pod) {
-        let Some(now) = crate::cache::pods::PodProjection::from_pod(pod, &self.ctx.args.role_label)
-        else {
-            return;
-        };
-        let same = self.o.pods.iter().any(|c| {
-            c.name == now.name
-                && c.uid == now.uid
-                && c.ready == now.ready
-                && c.terminating == now.terminating
-        });
-        if !same {
-            self.stale_pods
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
     }
 
     /// Confirm the Lease by a quorum read (not a write: no budget, no permit).
@@ -342,7 +320,6 @@ impl Applier<'_> {
                     let demote = *role != Some(crate::elect::Role::Writer);
                     match call_opt(&ctx.metrics, what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
                         Ok(Some(p)) => {
-                            self.check_observed(&p);
                             ctx.cache.pods.remember(&p);
                             Ok(())
                         }
@@ -396,15 +373,13 @@ impl Applier<'_> {
     }
 }
 
-/// Returns whether a write's answer showed the plan's view of the pods stale (decide again
-/// now: nothing else will trigger it).
 pub async fn apply(
     lock: &StatefulSetLock,
     o: &Observed,
     plan: &Plan,
     ctx: &Context,
     generation: u64,
-) -> Result<bool> {
+) -> Result<()> {
     let api_timeout = ctx.args.api_timeout();
     let ns = o.namespace.as_str();
     let pp = PatchParams::default();
@@ -415,7 +390,6 @@ pub async fn apply(
         key: o.key(),
         generation,
         held_by: o.lease.as_ref().and_then(|l| l.holder.as_deref()),
-        stale_pods: Default::default(),
         locks: Api::namespaced(ctx.client.clone(), ns),
         leases: Api::namespaced(ctx.client.clone(), ns),
         pods: Api::namespaced(ctx.client.clone(), ns),
@@ -521,7 +495,7 @@ pub async fn apply(
             "writer changed"
         );
     }
-    Ok(a.stale_pods.load(std::sync::atomic::Ordering::SeqCst))
+    Ok(())
 }
 
 /// The Lease a new election creates: labelled as stslock's (so it is watched), annotated with

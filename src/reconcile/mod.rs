@@ -204,7 +204,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
             return Ok(Action::requeue(wait));
         }
-        let stale_pods = crate::telemetry::traced_apply(
+        crate::telemetry::traced_apply(
             &observed,
             &plan,
             &ctx.identity,
@@ -215,10 +215,6 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         if let Some(after) = plan.renew_after {
             // Renewed (or not due) as of now: the lane's entry starts from here.
             ctx.renewals.schedule(lock_ref, after);
-        }
-        if stale_pods {
-            tracing::debug!(lock = %key, "a write showed pods changed since they were observed; deciding again");
-            return Ok(Action::requeue(Duration::ZERO));
         }
         let duration =
             Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
