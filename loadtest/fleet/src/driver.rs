@@ -358,8 +358,16 @@ pub(crate) async fn wait_elected(
 
 /// Locks per owner (shard label), `(none)` for unowned ones.
 pub(crate) async fn ownership(client: &kube::Client) -> anyhow::Result<BTreeMap<String, usize>> {
+    Ok(ownership_and_elected(client).await?.0)
+}
+
+/// [`ownership`] and how many locks have a writer, from one LIST.
+pub(crate) async fn ownership_and_elected(
+    client: &kube::Client,
+) -> anyhow::Result<(BTreeMap<String, usize>, usize)> {
     let all: Api<StatefulSetLock> = Api::all(client.clone());
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    let mut elected = 0;
     for l in all.list(&ListParams::default()).await?.items {
         *per.entry(
             l.labels()
@@ -368,8 +376,11 @@ pub(crate) async fn ownership(client: &kube::Client) -> anyhow::Result<BTreeMap<
                 .unwrap_or_else(|| "(none)".into()),
         )
         .or_default() += 1;
+        if l.status.as_ref().is_some_and(|s| s.writer_pod.is_some()) {
+            elected += 1;
+        }
     }
-    Ok(per)
+    Ok((per, elected))
 }
 
 pub(crate) fn line_latency(what: &str, v: &[u64]) -> String {

@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::Args;
-use crate::driver::{create_lock, install, ownership, tenants, wait_elected};
+use crate::driver::{create_lock, install, ownership_and_elected, tenants};
 
 /// Child processes, killed when dropped (an error anywhere leaves nothing running).
 struct Procs {
@@ -160,8 +160,7 @@ async fn wait_owned(
     let mut stable_since: Option<(Instant, BTreeMap<String, usize>)> = None;
     loop {
         procs.check_alive()?;
-        let per = ownership(client).await?;
-        let elected = wait_elected(client, n, Duration::ZERO).await?;
+        let (per, elected) = ownership_and_elected(client).await?;
         let done = elected >= n
             && per.len() == ids.len()
             && ids.iter().all(|id| per.get(id).is_some_and(|c| *c > 0));
