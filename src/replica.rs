@@ -356,6 +356,7 @@ pub async fn run_with(
             })
             .flatten()
     };
+    let learned = pods.learned();
     let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
         .reconcile_on(watch::pod_triggers(
@@ -365,6 +366,7 @@ pub async fn run_with(
             undecodable.clone(),
         ))
         .reconcile_on(set_triggers)
+        .reconcile_on(watch::learned_triggers(learned, lock_index.clone()))
         .reconcile_on(watch::lease_triggers_synced(
             client.clone(),
             leases,

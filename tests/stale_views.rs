@@ -703,3 +703,97 @@ async fn restart_from_stale_reads_does_not_relabel_the_old_writer_or_reuse_an_ep
     assert!(violations.is_empty(), "{violations:#?}");
     assert_never_two_writers(&sim);
 }
+
+/// A write's answer shows a pod newer than the plan's view of it — the pod turned Ready
+/// between the decision and the write — and the pod watch delivers that change only after the
+/// answer. The index already holds the newer state from the answer, so the late watch event
+/// changes nothing and triggers nothing: the lock must be decided again from the answer. It
+/// waited for the 5-minute resync instead (found at 5,000 locks: a StatefulSet whose pods
+/// turned Ready while the operator labelled them readers had no writer for 300 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_seen_ready_first_in_a_write_answer_gets_the_writer_at_once() {
+    // Pods turn Ready only when the test says so.
+    let mut cfg = kubesim::SimConfig::default();
+    cfg.controllers.pod_ready_delay = Duration::from_secs(3600);
+    cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
+    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+    let sim = Sim::start(cfg);
+    let client = sim.client_as("test");
+    stslock::dev::install_crd(&client).await.unwrap();
+    let tap = Tap::start(&sim);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    // Pods are created without waiting for the previous one to be Ready.
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "db"},
+        "spec": {"serviceName": "db", "replicas": 1, "podManagementPolicy": "Parallel",
+                 "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+    }))
+    .unwrap();
+    sets.create(&PostParams::default(), &sts).await.unwrap();
+    lock(&client, "lock", "db", "db-lease", 30).await;
+    let op = start(&sim, "op", |_| {});
+    until(15, "db-0 labelled reader (no Ready pod yet)", || async {
+        let p = pods.get("db-0").await.ok()?;
+        (p.labels().get(ROLE).map(String::as_str) == Some("reader")).then_some(())
+    })
+    .await;
+    // The replica's pod watch runs 3 s late (its StatefulSet watch does not).
+    sim.faults().update(|c| {
+        c.watch_faults = vec![WatchFault::lag("pods", 3000).agent("stslock/op")];
+    });
+    // A new pod turns Ready 1 s after it is created. The replica sees it 3 s after its
+    // creation, still NotReady, and labels it reader: that write's answer shows it Ready. The
+    // watch event saying so comes 1 s later, older than what the index already holds. (The
+    // StatefulSet's status change at the readiness triggered a reconcile too early to help: the
+    // pod was not in the index yet.) Timing on a loaded machine can miss the window: then
+    // another pod is tried.
+    let mut raced = None;
+    for n in 2..=4 {
+        let pod = format!("db-{}", n - 1);
+        sets.patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": n}})),
+        )
+        .await
+        .unwrap();
+        until(10, &format!("{pod} created"), || async {
+            pods.get(&pod).await.ok()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sim.pods().set_ready("default", &pod, true).unwrap();
+        let first_label = until(15, &format!("{pod} labelled"), || async {
+            tap.of("pods", Some(&pod))
+                .into_iter()
+                .find(|v| str_at(&v.obj, &format!("/metadata/labels/{ROLE}")).is_some())
+        })
+        .await;
+        let labelled_ready = str_at(&first_label.obj, &format!("/metadata/labels/{ROLE}"))
+            == Some("reader")
+            && Some(&first_label).is_some_and(|v| {
+                v.obj
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            str_at(c, "/type") == Some("Ready")
+                                && str_at(c, "/status") == Some("True")
+                        })
+                    })
+            });
+        if labelled_ready {
+            raced = Some(pod);
+            break;
+        }
+        println!("{pod} was labelled before it turned Ready: trying another pod");
+        sim.pods().set_ready("default", &pod, false).unwrap();
+    }
+    let pod = raced.expect("the race this test is about never happened in three tries");
+    // The watch has caught up (its events changed nothing); the pod is the only Ready one.
+    wait_writer(&client, "db", &pod, 10).await;
+    op.stop().await;
+    assert_never_two_writers(&sim);
+}

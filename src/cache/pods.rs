@@ -40,6 +40,18 @@ impl PodProjection {
             ..self.clone()
         } == *other
     }
+
+    /// Does `other` differ in anything but what the operator itself writes on a pod (its role
+    /// label and epoch annotation)?
+    fn differs_beyond_role(&self, other: &PodProjection) -> bool {
+        !PodProjection {
+            resource_version: other.resource_version,
+            role: other.role.clone(),
+            epoch: other.epoch,
+            ..self.clone()
+        }
+        .eq(other)
+    }
 }
 
 impl PodProjection {
@@ -103,6 +115,9 @@ struct Inner {
 pub struct PodIndex {
     role_label: String,
     inner: Arc<RwLock<Inner>>,
+    /// Where [`PodIndex::remember`] reports StatefulSets whose pods a write's answer showed in
+    /// a new state (see [`PodIndex::learned`]).
+    learned: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<SetKey>>>>,
 }
 
 impl PodIndex {
@@ -110,7 +125,19 @@ impl PodIndex {
         PodIndex {
             role_label: role_label.into(),
             inner: Arc::default(),
+            learned: Arc::default(),
         }
+    }
+
+    /// The StatefulSets whose pods a write's answer showed changed by someone else since the
+    /// index last saw them (a pod Ready by now, restarted, terminating): the index takes that
+    /// newer state from the answer, so the watch event that carries it later is no change
+    /// and triggers nothing — these must be decided again from here. One subscriber; a new
+    /// one replaces the last.
+    pub fn learned(&self) -> tokio::sync::mpsc::UnboundedReceiver<SetKey> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.learned.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
@@ -184,11 +211,35 @@ impl PodIndex {
         }
     }
 
-    /// A pod as a write response or a quorum read returned it: into the index unless the
-    /// index already has a newer version.
-    pub fn remember(&self, pod: &Pod) -> Vec<SetKey> {
-        let mut inner = self.write();
-        self.upsert_locked(&mut inner, pod)
+    /// A pod as a write's answer returned it: into the index unless the index already has a
+    /// newer version. When it shows the pod changed in more than the role and epoch the
+    /// operator writes, its StatefulSet is reported to [`PodIndex::learned`].
+    pub fn remember(&self, pod: &Pod) {
+        let news = {
+            let mut inner = self.write();
+            let before = PodProjection::from_pod(pod, &self.role_label).map(|p| {
+                let id = (p.namespace.clone(), p.name.clone());
+                let old = inner
+                    .pods
+                    .get(&id)
+                    .and_then(|k| inner.sets.get(k))
+                    .and_then(|s| s.get(&p.name))
+                    .cloned();
+                (p, old)
+            });
+            let touched = self.upsert_locked(&mut inner, pod);
+            match before {
+                Some((now, old)) if !touched.is_empty() => old
+                    .is_none_or(|old| old.differs_beyond_role(&now))
+                    .then_some((now.namespace, now.statefulset)),
+                _ => None,
+            }
+        };
+        if let Some(set) = news
+            && let Some(tx) = &*self.learned.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            let _ = tx.send(set);
+        }
     }
 
     /// A quorum read found the pod gone.
@@ -400,5 +451,38 @@ mod tests {
         idx.apply(&watcher::Event::Apply(pod("db-0", false, None)));
         idx.apply(&watcher::Event::Delete(pod("db-0", false, None)));
         assert_eq!(idx.not_ready_seen_at("ns", "db-0"), None);
+    }
+
+    #[tokio::test]
+    async fn a_write_answer_with_news_beyond_the_role_is_reported_once() {
+        let at = |rv: u64, ready: bool, role: Option<&str>| {
+            let mut p = pod("db-1", ready, role);
+            p.metadata.resource_version = Some(rv.to_string());
+            p
+        };
+        let idx = PodIndex::new("sts-role");
+        let mut learned = idx.learned();
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(at(10, false, None)));
+        idx.apply(&watcher::Event::InitDone);
+        // The answer shows only what the operator wrote: nothing to report.
+        idx.remember(&at(11, false, Some("reader")));
+        assert!(learned.try_recv().is_err());
+        // Ready meanwhile (someone else's change, seen first in the answer): reported once,
+        // and the watch event that carries it later is no change.
+        idx.remember(&at(13, true, Some("reader")));
+        assert_eq!(
+            learned.try_recv().ok(),
+            Some(("ns".to_string(), "db".to_string()))
+        );
+        assert!(learned.try_recv().is_err());
+        assert!(
+            idx.apply(&watcher::Event::Apply(at(13, true, Some("reader"))))
+                .is_empty()
+        );
+        // An answer older than what the index has changes nothing and reports nothing.
+        idx.remember(&at(12, false, Some("reader")));
+        assert!(learned.try_recv().is_err());
+        assert!(idx.pods_of("ns", "db")[0].ready);
     }
 }

@@ -246,6 +246,21 @@ pub fn pod_triggers(
         .flatten()
 }
 
+/// Lock keys to reconcile because a write's answer showed their pods changed by someone else
+/// (see [`PodIndex::learned`]): the watch event that carries the change will not trigger them.
+pub fn learned_triggers(
+    learned: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    locks: LockIndex,
+) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
+    futures::stream::unfold(learned, |mut rx| async move {
+        rx.recv().await.map(|set| (set, rx))
+    })
+    .flat_map(move |(ns, set)| {
+        tracing::debug!(namespace = %ns, statefulset = %set, "a write's answer showed its pods changed; deciding again");
+        futures::stream::iter(locks.locks_for_set(&ns, &set))
+    })
+}
+
 /// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted by
 /// someone else); sets `synced` once the initial list is in the cache (readiness).
 pub fn lease_triggers_synced(
