@@ -21,9 +21,9 @@ browser-deps: ## Headless Chromium for the report's screenshot test (Debian's ch
 
 # The integration suites ported to tests/common: they run on kubesim (in `cargo test`) and on
 # the real control plane (STSLOCK_TEST_BACKEND=real; STSLOCK_TEST_KUBECONFIG=<path> for any cluster).
-REAL_SUITES := --test operator --test api_faults --test kubectl_story --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
+REAL_SUITES := --test operator --test api_faults --test kubectl_story --test kubectl_plugin --test scope --test takeover --test migration --test sharding --test metrics --test telemetry
 # The part of them `make test` runs on the real control plane too (the rest: make test-real).
-REAL_IN_TEST := --test kubectl_story --test takeover --test migration
+REAL_IN_TEST := --test kubectl_story --test kubectl_plugin --test takeover --test migration
 
 test: python-deps browser-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.

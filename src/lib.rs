@@ -11,6 +11,7 @@ pub mod elect;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod plugin;
 pub mod probe;
 pub mod reconcile;
 pub mod renew;

@@ -31,6 +31,12 @@ enum Command {
     },
     /// Print the StatefulSetLock CRD as YAML.
     Crd,
+    /// The kubectl plugin (`kubectl stslock …`: link this binary as `kubectl-stslock` on
+    /// PATH); `stslock kubectl --help` lists its commands.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Logs (and traces, when OTLP is configured); the guard flushes traces on the way out.
@@ -85,8 +91,24 @@ async fn client_for(args: &OperatorArgs) -> anyhow::Result<kube::Client> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Installed (or linked) as `kubectl-stslock`, kubectl runs it as `kubectl stslock …`.
+    let invoked_as = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    if invoked_as.starts_with("kubectl-stslock") {
+        return plugin(stslock::plugin::PluginCli::parse()).await;
+    }
     let cli = Cli::parse();
     match cli.command {
+        Command::Kubectl { args } => {
+            let argv = std::iter::once("kubectl-stslock".to_string()).chain(args);
+            return plugin(stslock::plugin::PluginCli::parse_from(argv)).await;
+        }
         Command::Crd => {
             print!("{}", stslock::api::crd_yaml()?);
         }
@@ -119,6 +141,10 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn plugin(cli: stslock::plugin::PluginCli) -> anyhow::Result<()> {
+    stslock::plugin::run(cli, &mut std::io::stdout().lock()).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +153,6 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        stslock::plugin::PluginCli::command().debug_assert();
     }
 }

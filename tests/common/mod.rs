@@ -1459,6 +1459,7 @@ impl Env {
             bin,
             kubeconfig,
             home: self.home.clone(),
+            plugins: None,
         }
     }
 }
@@ -2485,9 +2486,25 @@ pub struct Kubectl {
     pub bin: PathBuf,
     pub kubeconfig: PathBuf,
     pub home: PathBuf,
+    /// A directory put first on kubectl's PATH (its plugins).
+    pub plugins: Option<PathBuf>,
 }
 
 impl Kubectl {
+    /// With the `stslock` binary of this build installed as the `kubectl-stslock` plugin (a
+    /// link on kubectl's PATH), as a user installs it.
+    pub fn with_plugin(mut self) -> Kubectl {
+        let dir = self.home.join("plugins");
+        std::fs::create_dir_all(&dir).expect("plugin directory");
+        let link = dir.join("kubectl-stslock");
+        if !link.exists() {
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_stslock"), &link)
+                .expect("link kubectl-stslock");
+        }
+        self.plugins = Some(dir);
+        self
+    }
+
     /// The skew-matched kubectl as the admin of `cp`, with a HOME of its own.
     pub fn admin_of(cp: &ControlPlane) -> Kubectl {
         let home = std::env::temp_dir().join(format!("stslock-kubectl-{}", uuid::Uuid::new_v4()));
@@ -2496,20 +2513,26 @@ impl Kubectl {
             bin: controlplane::kubectl().expect("kubectl for the control plane"),
             kubeconfig: cp.kubeconfig_path.clone(),
             home,
+            plugins: None,
         }
     }
 
     pub async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = tokio::time::timeout(
-            Duration::from_secs(60),
-            tokio::process::Command::new(&self.bin)
-                .args(args)
+        let out = tokio::time::timeout(Duration::from_secs(60), {
+            let mut cmd = tokio::process::Command::new(&self.bin);
+            cmd.args(args)
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .env("KUBECONFIG", &self.kubeconfig)
                 .env("HOME", &self.home)
-                .kill_on_drop(true)
-                .output(),
-        )
+                .kill_on_drop(true);
+            if let Some(dir) = &self.plugins {
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let mut dirs = vec![dir.clone()];
+                dirs.extend(std::env::split_paths(&path));
+                cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+            }
+            cmd.output()
+        })
         .await
         .expect("kubectl in time")
         .unwrap_or_else(|e| {
