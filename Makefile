@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test test-e2e fmt lint ci kubesim fleet load python-deps browser-deps soak manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
+.PHONY: help test promtool-test docker-build docker-push image-deps test-e2e fmt lint ci kubesim fleet load python-deps browser-deps soak manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -25,11 +25,15 @@ REAL_SUITES := --test operator --test api_faults --test kubectl_story --test kub
 # The part of them `make test` runs on the real control plane too (the rest: make test-real).
 REAL_IN_TEST := --test kubectl_story --test kubectl_plugin --test takeover --test migration
 
-test: python-deps browser-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
+test: python-deps browser-deps image-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
 	loadtest/controlplane/build.sh
+	loadtest/tools/promtool.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
+
+promtool-test: ## Check the alert rules and run their unit tests (deploy/observability/rules.test.yaml) with Prometheus's promtool (built from the Go module proxy, cached).
+	PROMTOOL=$$(loadtest/tools/promtool.sh) cargo test -p stslock --test promtool
 
 fmt: ## Format the code.
 	cargo fmt --all
@@ -73,6 +77,18 @@ load: ## Measure kubesim throughput (64 clients, 8 watches).
 # --- The Go operator's targets, same meaning -------------------------------------------
 IMG ?= ghcr.io/stslock/stslock:0.1.0
 KUBECTL ?= kubectl
+
+docker-build: ## Build the operator image IMG (docker if a daemon answers, else buildah); OCI_ARCHIVE=path also saves it as an OCI archive.
+	deploy/image/build.sh "$(IMG)" $(if $(OCI_ARCHIVE),--oci-archive $(OCI_ARCHIVE))
+
+docker-push: ## Push the image IMG (docker, else buildah).
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then docker push $(IMG); \
+	else STORAGE_DRIVER=vfs buildah push $(IMG) docker://$(IMG); fi
+
+image-deps: ## buildah, to build images without a Docker daemon (Debian's package).
+	@command -v docker >/dev/null || command -v buildah >/dev/null || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah >/dev/null || \
+		  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah >/dev/null; }; }
 
 manifests: ## Regenerate the CRD from the Rust types and dist/install.yaml.
 	cargo run -q -- crd > deploy/crd/app.anukkrit.me_statefulsetlocks.yaml
