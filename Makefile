@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help test promtool-test docker-build docker-push image-deps test-e2e fmt lint ci kubesim fleet load python-deps browser-deps soak manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
+.PHONY: help test promtool-test helm-lint docker-build docker-push image-deps test-e2e fmt lint ci kubesim fleet load python-deps browser-deps soak manifests install uninstall deploy undeploy run dev build-installer control-plane test-real test-real-suites
 
 help: ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,7 @@ test: python-deps browser-deps image-deps ## Run every test on kubesim (with the
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
 	loadtest/controlplane/build.sh
 	loadtest/tools/promtool.sh
+	loadtest/tools/helm.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
 
@@ -78,6 +79,9 @@ load: ## Measure kubesim throughput (64 clients, 8 watches).
 IMG ?= ghcr.io/stslock/stslock:0.1.0
 KUBECTL ?= kubectl
 
+helm-lint: ## Lint and render the Helm chart (deploy/helm/stslock) with helm (built from the Go module proxy, cached).
+	HELM=$$(loadtest/tools/helm.sh) && $$HELM lint deploy/helm/stslock && $$HELM template stslock deploy/helm/stslock --include-crds > /dev/null
+
 docker-build: ## Build the operator image IMG (docker if a daemon answers, else buildah); OCI_ARCHIVE=path also saves it as an OCI archive.
 	deploy/image/build.sh "$(IMG)" $(if $(OCI_ARCHIVE),--oci-archive $(OCI_ARCHIVE))
 
@@ -92,6 +96,8 @@ image-deps: ## buildah, to build images without a Docker daemon (Debian's packag
 
 manifests: ## Regenerate the CRD from the Rust types and dist/install.yaml.
 	cargo run -q -- crd > deploy/crd/app.anukkrit.me_statefulsetlocks.yaml
+	cp deploy/crd/app.anukkrit.me_statefulsetlocks.yaml deploy/helm/stslock/crds/
+	cp deploy/observability/prometheusrule.yaml deploy/observability/grafana-dashboard.json deploy/helm/stslock/files/
 	$(MAKE) build-installer
 
 build-installer: ## Build dist/install.yaml (CRD, RBAC, operator) with kustomize.
