@@ -177,3 +177,90 @@ async fn every_plugin_command_works_through_kubectl() {
     env.wait_writer("db", "db-1").await;
     env.assert_never_two_writers().await;
 }
+
+/// The plugin against `stslock dev` itself (kubesim, three shards, the seed's samples), as the
+/// README's first command leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_drives_stslock_dev() {
+    let home = std::env::temp_dir().join(format!("stslock-plugin-dev-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&home).unwrap();
+    let kubeconfig = home.join("stslock-dev.kubeconfig");
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_stslock"))
+        .args(["dev", "--metrics-addr", "127.0.0.1:0", "--kubeconfig-out"])
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("stslock dev");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !kubeconfig.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no kubeconfig from stslock dev"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let k = common::Kubectl {
+        bin: std::path::PathBuf::from(
+            std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()),
+        ),
+        kubeconfig,
+        home: home.clone(),
+        plugins: None,
+    }
+    .with_plugin();
+    let status = k
+        .until(&["stslock", "status", "-A"], "the sample elected", |o| {
+            o.contains("Available    1") && o.contains("WITHOUT A WRITER: 0")
+        })
+        .await;
+    assert!(
+        status.starts_with("1 StatefulSetLocks in all namespaces"),
+        "{status}"
+    );
+    for shard in ["stslock-0", "stslock-1", "stslock-2"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(shard) && l.contains("(live)")),
+            "{shard} in:\n{status}"
+        );
+    }
+    let out = k
+        .run(&[
+            "stslock",
+            "switchover",
+            "postgres-cluster-lock",
+            "-n",
+            "default",
+        ])
+        .await;
+    assert!(
+        out.contains("writer postgres-cluster-0 -> postgres-cluster-1"),
+        "{out}"
+    );
+    let out = k
+        .run(&["stslock", "pause", "postgres-cluster-lock", "-n", "default"])
+        .await;
+    assert!(out.contains("paused (writer postgres-cluster-1"), "{out}");
+    let why = k
+        .run(&["stslock", "why", "postgres-cluster-lock", "-n", "default"])
+        .await;
+    assert!(
+        why.contains("PAUSED") && why.contains("Switchover"),
+        "{why}"
+    );
+    let out = k
+        .run(&[
+            "stslock",
+            "resume",
+            "postgres-cluster-lock",
+            "-n",
+            "default",
+        ])
+        .await;
+    assert!(out.contains("resumed"), "{out}");
+    dev.start_kill().ok();
+    let _ = dev.wait().await;
+    std::fs::remove_dir_all(home).ok();
+}
