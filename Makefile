@@ -30,6 +30,7 @@ test: python-deps browser-deps image-deps ## Run every test on kubesim (with the
 	loadtest/controlplane/build.sh
 	loadtest/tools/promtool.sh
 	loadtest/tools/helm.sh
+	loadtest/otelcol/build.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
 
