@@ -28,14 +28,14 @@ REAL_IN_TEST := --test kubectl_story --test kubectl_plugin --test takeover --tes
 test: python-deps browser-deps image-deps ## Run every test on kubesim (with the CI-sized chaos soak), plus the conformance suite, the RBAC test and the kubectl, takeover and migration suites on the real control plane (all ported suites on it: make test-real).
 	@# The real control plane is built (or found in the cache) once, before tests that need it run side by side.
 	loadtest/controlplane/build.sh
-	loadtest/tools/promtool.sh
-	loadtest/tools/helm.sh
+	loadtest/tools/tool.sh promtool
+	loadtest/tools/tool.sh helm
 	loadtest/otelcol/build.sh
 	KUBESIM_PYTHON=$(abspath $(PY)) cargo test --workspace
 	STSLOCK_TEST_BACKEND=real cargo test -p stslock $(REAL_IN_TEST)
 
 promtool-test: ## Check the alert rules and run their unit tests (deploy/observability/rules.test.yaml) with Prometheus's promtool (built from the Go module proxy, cached).
-	PROMTOOL=$$(loadtest/tools/promtool.sh) cargo test -p stslock --test promtool
+	PROMTOOL=$$(loadtest/tools/tool.sh promtool) cargo test -p stslock --test promtool
 
 fmt: ## Format the code.
 	cargo fmt --all
@@ -81,7 +81,7 @@ IMG ?= ghcr.io/stslock/stslock:0.1.0
 KUBECTL ?= kubectl
 
 helm-lint: ## Lint and render the Helm chart (deploy/helm/stslock) with helm (built from the Go module proxy, cached).
-	HELM=$$(loadtest/tools/helm.sh) && $$HELM lint deploy/helm/stslock && $$HELM template stslock deploy/helm/stslock --include-crds > /dev/null
+	HELM=$$(loadtest/tools/tool.sh helm) && $$HELM lint deploy/helm/stslock && $$HELM template stslock deploy/helm/stslock --include-crds > /dev/null
 
 docker-build: ## Build the operator image IMG (docker if a daemon answers, else buildah); OCI_ARCHIVE=path also saves it as an OCI archive.
 	deploy/image/build.sh "$(IMG)" $(if $(OCI_ARCHIVE),--oci-archive $(OCI_ARCHIVE))

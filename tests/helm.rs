@@ -1,5 +1,5 @@
 //! The Helm chart (`deploy/helm/stslock`) with Helm itself (built from the Go module proxy by
-//! `loadtest/tools/helm.sh`, cached, or `$HELM`): it lints; with default values it renders exactly
+//! `loadtest/tools/tool.sh helm`, cached, or `$HELM`): it lints; with default values it renders exactly
 //! the objects of `kubectl kustomize deploy/default` (and, with `observability.enabled`, those of
 //! `deploy/observability` too); values reach the objects; the rendering passes a server-side dry
 //! run on the real control plane with the restricted Pod Security Standard enforced.
@@ -18,19 +18,7 @@ use common::Kubectl;
 const CHART: &str = "deploy/helm/stslock";
 
 fn helm() -> PathBuf {
-    if let Some(p) = std::env::var_os("HELM") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new(repo_path("loadtest/tools/helm.sh"))
-        .output()
-        .expect("run loadtest/tools/helm.sh");
-    assert!(
-        out.status.success(),
-        "building helm failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    PathBuf::from(path.lines().last().expect("helm.sh prints the path"))
+    common::built_tool("HELM", "loadtest/tools/tool.sh", &["helm"])
 }
 
 /// Run `bin args…` in the repository; its stdout, or a failure with both streams.

@@ -9,6 +9,24 @@ use std::time::Duration;
 use common::{Env, Options};
 use serde_json::json;
 
+/// Set a pod's readiness and wait until kubectl (what the plugin reads) shows it.
+async fn set_ready(env: &Env, k: &common::Kubectl, pod: &str, ready: bool) {
+    env.set_ready(pod, ready).await;
+    let want = if ready { "True" } else { "False" };
+    k.until(
+        &[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ],
+        &format!("{pod} Ready={want}"),
+        |o| o == want,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_plugin_command_works_through_kubectl() {
     let env = Env::start_with(Options {
@@ -70,19 +88,7 @@ async fn every_plugin_command_works_through_kubectl() {
     );
 
     // A pod that is not Ready is refused, with the reason, and nothing is written.
-    env.set_ready("db-1", false).await;
-    k.until(
-        &[
-            "get",
-            "pod",
-            "db-1",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ],
-        "db-1 NotReady",
-        |o| o == "False",
-    )
-    .await;
+    set_ready(&env, &k, "db-1", false).await;
     let (ok, _, err) = k
         .try_run(&["stslock", "switchover", "lock", "--to", "db-1"])
         .await;
@@ -159,19 +165,7 @@ async fn every_plugin_command_works_through_kubectl() {
     assert!(why.contains("Failover"), "{why}");
 
     // Without a preferred pod, switchover picks the Ready reader with the lowest ordinal.
-    env.set_ready("db-1", true).await;
-    k.until(
-        &[
-            "get",
-            "pod",
-            "db-1",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ],
-        "db-1 Ready",
-        |o| o == "True",
-    )
-    .await;
+    set_ready(&env, &k, "db-1", true).await;
     let out = k.run(&["stslock", "switchover", "lock"]).await;
     assert!(out.contains("writer db-0 -> db-1"), "{out}");
     env.wait_writer("db", "db-1").await;
@@ -226,6 +220,12 @@ async fn the_plugin_drives_stslock_dev() {
             "{shard} in:\n{status}"
         );
     }
+    k.until(
+        &["stslock", "why", "postgres-cluster-lock", "-n", "default"],
+        "every sample pod Ready",
+        |o| o.contains(", 3 Ready pods,"),
+    )
+    .await;
     let out = k
         .run(&[
             "stslock",

@@ -7,26 +7,13 @@
 
 mod common;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Env, Options};
 use serde_json::{Value, json};
 
 fn collector() -> PathBuf {
-    if let Some(p) = std::env::var_os("STSLOCK_OTELCOL") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new(controlplane::repo_path("loadtest/otelcol/build.sh"))
-        .output()
-        .expect("run loadtest/otelcol/build.sh");
-    assert!(
-        out.status.success(),
-        "building the collector failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    PathBuf::from(path.lines().last().expect("build.sh prints the path"))
+    common::built_tool("STSLOCK_OTELCOL", "loadtest/otelcol/build.sh", &[])
 }
 
 fn free_port() -> u16 {

@@ -1,8 +1,10 @@
 //! The alert rules of `deploy/observability/prometheusrule.yaml`, checked by Prometheus's own
 //! `promtool` (`check rules`) and unit-tested by it (`test rules` with
 //! `deploy/observability/rules.test.yaml`). promtool is built from the Go module proxy by
-//! `loadtest/tools/promtool.sh` (cached), or taken from `$PROMTOOL`.
+//! `loadtest/tools/tool.sh promtool` (cached), or taken from `$PROMTOOL`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,19 +14,7 @@ fn root() -> PathBuf {
 }
 
 fn promtool() -> PathBuf {
-    if let Some(p) = std::env::var_os("PROMTOOL") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new(root().join("loadtest/tools/promtool.sh"))
-        .output()
-        .expect("run loadtest/tools/promtool.sh");
-    assert!(
-        out.status.success(),
-        "building promtool failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    PathBuf::from(path.lines().last().expect("promtool.sh prints the path"))
+    common::built_tool("PROMTOOL", "loadtest/tools/tool.sh", &["promtool"])
 }
 
 /// `promtool args…` in `dir`: (success, stdout + stderr).

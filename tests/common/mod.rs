@@ -2481,6 +2481,33 @@ async fn run_proxy(
     }
 }
 
+/// A tool the tests run, built (or found in the cache) by one of the repository's build scripts:
+/// `$var` when set, else the path the script prints last (`script args…`, run from the
+/// repository root), e.g. `built_tool("HELM", "loadtest/tools/tool.sh", &["helm"])`.
+pub fn built_tool(var: &str, script: &str, args: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    let out = std::process::Command::new(controlplane::repo_path(script))
+        .args(args)
+        .current_dir(controlplane::repo_path("."))
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed (set {var} to use a build of your own):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        printed
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("{script} printed no path"))
+            .trim(),
+    )
+}
+
 /// `kubectl` with its own kubeconfig and HOME (no cache shared between tests).
 pub struct Kubectl {
     pub bin: PathBuf,
