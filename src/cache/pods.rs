@@ -218,13 +218,7 @@ impl PodIndex {
         let news = {
             let mut inner = self.write();
             let before = PodProjection::from_pod(pod, &self.role_label).map(|p| {
-                let id = (p.namespace.clone(), p.name.clone());
-                let old = inner
-                    .pods
-                    .get(&id)
-                    .and_then(|k| inner.sets.get(k))
-                    .and_then(|s| s.get(&p.name))
-                    .cloned();
+                let old = indexed(&inner, &p.namespace, &p.name);
                 (p, old)
             });
             let touched = self.upsert_locked(&mut inner, pod);
@@ -279,12 +273,7 @@ impl PodIndex {
         };
         let key = (proj.namespace.clone(), proj.statefulset.clone());
         let id = (proj.namespace.clone(), proj.name.clone());
-        let old = inner
-            .pods
-            .get(&id)
-            .and_then(|k| inner.sets.get(k))
-            .and_then(|s| s.get(&proj.name))
-            .cloned();
+        let old = indexed(inner, &proj.namespace, &proj.name);
         // A watch that lags behind what a write response or a fresh read already showed
         // must not take the index back.
         if old
@@ -337,6 +326,16 @@ impl PodIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The pod `namespace/name` as the index has it.
+fn indexed(inner: &Inner, namespace: &str, name: &str) -> Option<Arc<PodProjection>> {
+    inner
+        .pods
+        .get(&(namespace.to_string(), name.to_string()))
+        .and_then(|k| inner.sets.get(k))
+        .and_then(|s| s.get(name))
+        .cloned()
 }
 
 fn upsert(inner: &mut Inner, key: SetKey, p: Arc<PodProjection>) {
