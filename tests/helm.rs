@@ -177,6 +177,8 @@ async fn the_chart_lints_matches_kustomize_and_dry_runs_on_the_api_server() {
             "operator.namespaces={a,b}",
             "operator.goMetrics=true",
             "operator.concurrency=32",
+            "operator.membershipNamespace=ops",
+            "operator.roleLabel=db-role",
             "operator.otlpEndpoint=http://collector:4317",
             "podDisruptionBudget.enabled=false",
             "networkPolicy.enabled=false",
@@ -195,6 +197,8 @@ async fn the_chart_lints_matches_kustomize_and_dry_runs_on_the_api_server() {
     assert_eq!(env["STSLOCK_NAMESPACES"], json!("a,b"));
     assert_eq!(env["STSLOCK_GO_METRICS"], json!("true"));
     assert_eq!(env["STSLOCK_CONCURRENCY"], json!("32"));
+    assert_eq!(env["STSLOCK_NAMESPACE"], json!("ops"));
+    assert_eq!(env["STSLOCK_ROLE_LABEL"], json!("db-role"));
     assert_eq!(
         env["OTEL_EXPORTER_OTLP_ENDPOINT"],
         json!("http://collector:4317")
