@@ -33,6 +33,7 @@ enum Command {
     Crd,
     /// The kubectl plugin (`kubectl stslock …`: link this binary as `kubectl-stslock` on
     /// PATH); `stslock kubectl --help` lists its commands.
+    #[command(disable_help_flag = true)]
     Kubectl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -154,5 +155,22 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
         stslock::plugin::PluginCli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_plugin_gets_its_own_help_and_flags() {
+        let cli = Cli::try_parse_from(["stslock", "kubectl", "--help"]).expect("passed through");
+        assert!(
+            matches!(&cli.command, Command::Kubectl { args } if args == &["--help"]),
+            "{cli:?}"
+        );
+        let err = stslock::plugin::PluginCli::try_parse_from([
+            "kubectl-stslock",
+            "--request-timeout",
+            "0",
+            "status",
+        ])
+        .expect_err("a zero request timeout");
+        assert!(err.to_string().contains("must be above zero"), "{err}");
     }
 }

@@ -49,7 +49,7 @@ pub struct PluginCli {
     #[arg(long, global = true, default_value = "sts-role")]
     pub role_label: String,
     /// Timeout of each API call (e.g. `10s`, `1m`).
-    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_request_timeout)]
     pub request_timeout: Duration,
     #[command(subcommand)]
     pub command: PluginCommand,
@@ -117,6 +117,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A request timeout: a duration above zero (every API call has one).
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| {
+        if d.is_zero() {
+            Err("must be above zero: every API call has a timeout".into())
+        } else {
+            Ok(d)
+        }
+    })
 }
 
 /// Run the plugin; what it prints goes to `out`.
@@ -254,13 +265,32 @@ impl Plugin {
         found.with_context(|| format!("StatefulSetLock {}/{name} not found", self.ns))
     }
 
+    /// The pods of the lock's StatefulSet (by its selector, then by owner), by ordinal.
     async fn pods_of(&self, lock: &StatefulSetLock) -> anyhow::Result<Vec<Pod>> {
         let set = &lock.spec.stateful_set_name;
+        let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let selector = call(
+            self.timeout,
+            format_args!("reading StatefulSet {}/{set}", self.ns),
+            sets.get_opt(set),
+        )
+        .await?
+        .and_then(|s| s.spec.selector.match_labels)
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "statefulset.kubernetes.io/pod-name".into());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
         let list = call(
             self.timeout,
             format_args!("listing the pods of StatefulSet {}/{set}", self.ns),
-            pods.list(&ListParams::default()),
+            pods.list(&ListParams::default().labels(&selector)),
         )
         .await?;
         let mut mine: Vec<Pod> = list
@@ -332,7 +362,7 @@ impl Plugin {
             .iter()
             .filter(|l| writer_of(l).is_none() || !is_true(l, "Available"))
             .collect();
-        let _ = writeln!(out, "\nWITHOUT A WRITER: {}", writerless.len());
+        let _ = writeln!(out, "\nWITHOUT AN AVAILABLE WRITER: {}", writerless.len());
         if !writerless.is_empty() {
             let mut rows = vec![vec![
                 "NAMESPACE".to_string(),
@@ -350,7 +380,16 @@ impl Plugin {
                     l.spec.stateful_set_name.clone(),
                     age(c.and_then(|c| parse_time(Some(&c.last_transition_time)))),
                     c.map_or("-".into(), |c| c.reason.clone()),
-                    c.map_or("no status yet".into(), |c| c.message.clone()),
+                    c.map_or_else(
+                        || {
+                            if l.status.is_none() {
+                                "no status yet".into()
+                            } else {
+                                "no Available condition".into()
+                            }
+                        },
+                        |c| c.message.clone(),
+                    ),
                 ]);
             }
             table(&mut out, &rows);
@@ -473,8 +512,17 @@ impl Plugin {
         timeout: Duration,
     ) -> anyhow::Result<String> {
         let lock = self.get_lock(name).await?;
+        if lock.spec.paused {
+            bail!(
+                "lock {}/{name} is paused: `kubectl stslock resume {name}` first",
+                self.ns
+            );
+        }
         let pods = self.pods_of(&lock).await?;
+        let labelled = self.labelled_writers(&pods);
         let from = writer_of(&lock).map(str::to_string);
+        let current = |p: &str| Some(p) == from.as_deref() || labelled.iter().any(|w| w == p);
+        let eligible = |p: &Pod| pod_ready(p) && p.metadata.deletion_timestamp.is_none();
         let target = match to {
             Some(t) => {
                 let pod = pods.iter().find(|p| p.name_any() == t).with_context(|| {
@@ -483,29 +531,25 @@ impl Plugin {
                         self.ns, lock.spec.stateful_set_name
                     )
                 })?;
-                if !pod_ready(pod) {
+                if !eligible(pod) {
                     bail!(
-                        "pod {t} is not Ready: the operator only hands the writer role to a Ready pod"
+                        "pod {t} is not Ready (or is terminating): the operator only hands the writer role to a Ready pod"
                     );
+                }
+                if from.as_deref() == Some(t) && labelled == [t.to_string()] {
+                    return Ok(format!(
+                        "{}/{name}: {t} is the writer already; nothing changed\n",
+                        self.ns
+                    ));
                 }
                 t.to_string()
             }
             None => pods
                 .iter()
-                .find(|p| {
-                    pod_ready(p)
-                        && Some(p.name_any()) != from
-                        && p.metadata.deletion_timestamp.is_none()
-                })
+                .find(|p| eligible(p) && !current(&p.name_any()))
                 .map(ResourceExt::name_any)
                 .context("no other Ready pod to hand the writer role to")?,
         };
-        if lock.spec.paused {
-            bail!(
-                "lock {}/{name} is paused: `kubectl stslock resume {name}` first",
-                self.ns
-            );
-        }
         call(
             self.timeout,
             format_args!("setting spec.preferredWriter of {}/{name}", self.ns),
@@ -516,44 +560,66 @@ impl Plugin {
             ),
         )
         .await?;
+        let clear = format!(
+            "kubectl patch ssl {name} -n {} --type merge -p '{{\"spec\":{{\"preferredWriter\":null}}}}'",
+            self.ns
+        );
         let started = std::time::Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
+        // Reads that fail while the writer moves are retried until the deadline: the switchover
+        // is under way whatever this command sees.
         loop {
-            let lock = self.get_lock(name).await?;
-            let labelled = self
-                .pods_of(&lock)
-                .await?
-                .into_iter()
-                .filter(|p| p.labels().get(&self.role_label).map(String::as_str) == Some("writer"))
-                .map(|p| p.name_any())
-                .collect::<Vec<_>>();
-            if writer_of(&lock) == Some(target.as_str()) && labelled == [target.clone()] {
-                let epoch = lock
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.writer_epoch)
-                    .map_or("-".into(), |e| e.to_string());
-                return Ok(format!(
-                    "{}/{name}: writer {} -> {target} (epoch {epoch}) in {:.1}s\nspec.preferredWriter stays {target}: the role goes back to it whenever it is Ready again; clear it with\n  kubectl patch ssl {name} -n {} --type merge -p '{{\"spec\":{{\"preferredWriter\":null}}}}'\n",
-                    self.ns,
-                    from.as_deref().unwrap_or("(none)"),
-                    started.elapsed().as_secs_f64(),
-                    self.ns,
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let available = condition(&lock, "Available")
-                    .map(|c| format!("{} {}: {}", c.status, c.reason, c.message))
-                    .unwrap_or_else(|| "no Available condition".into());
+            let last = match self.writer_now(name).await {
+                Ok((lock, labelled))
+                    if writer_of(&lock) == Some(target.as_str())
+                        && labelled == [target.clone()] =>
+                {
+                    let epoch = lock
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.writer_epoch)
+                        .map_or("-".into(), |e| e.to_string());
+                    return Ok(format!(
+                        "{}/{name}: writer {} -> {target} (epoch {epoch}) in {:.1}s\nspec.preferredWriter stays {target}: the role goes back to it whenever it is Ready again; clear it with\n  {clear}\n",
+                        self.ns,
+                        from.as_deref().unwrap_or("(none)"),
+                        started.elapsed().as_secs_f64(),
+                    ));
+                }
+                Ok((lock, labelled)) => {
+                    let available = condition(&lock, "Available")
+                        .map(|c| format!("{} {}: {}", c.status, c.reason, c.message))
+                        .unwrap_or_else(|| "no Available condition".into());
+                    format!(
+                        "status writer {}, labelled writers {labelled:?}; Available {available}",
+                        writer_of(&lock).unwrap_or("none")
+                    )
+                }
+                Err(e) => format!("last read failed: {e:#}"),
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
                 bail!(
-                    "{}/{name}: {target} is not the writer after {timeout:?} (status writer {}, labelled writers {:?}; Available {available}); see `kubectl stslock why {name}`",
+                    "{}/{name}: {target} is not the writer after {timeout:?} ({last}); see `kubectl stslock why {name}`.\nspec.preferredWriter is still {target}: the operator hands it the role once it can; to cancel,\n  {clear}",
                     self.ns,
-                    writer_of(&lock).unwrap_or("none"),
-                    labelled,
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// The pods labelled writer, by name.
+    fn labelled_writers(&self, pods: &[Pod]) -> Vec<String> {
+        pods.iter()
+            .filter(|p| p.labels().get(&self.role_label).map(String::as_str) == Some("writer"))
+            .map(ResourceExt::name_any)
+            .collect()
+    }
+
+    /// The lock and the pods labelled writer, as of now.
+    async fn writer_now(&self, name: &str) -> anyhow::Result<(StatefulSetLock, Vec<String>)> {
+        let lock = self.get_lock(name).await?;
+        let labelled = self.labelled_writers(&self.pods_of(&lock).await?);
+        Ok((lock, labelled))
     }
 
     async fn set_paused(
@@ -574,24 +640,29 @@ impl Plugin {
         .await?;
         let generation = patched.metadata.generation.unwrap_or(0);
         let word = if paused { "paused" } else { "resumed" };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
-            let lock = self.get_lock(name).await?;
-            let seen = lock
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_generation)
-                .unwrap_or(0);
-            if seen >= generation {
-                return Ok(format!(
-                    "{}/{name} {word} (writer {}; seen by the operator at generation {seen})\n",
-                    self.ns,
-                    writer_of(&lock).unwrap_or("none"),
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
+            let last = match self.get_lock(name).await {
+                Ok(lock) => {
+                    let seen = lock
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.observed_generation)
+                        .unwrap_or(0);
+                    if seen >= generation {
+                        return Ok(format!(
+                            "{}/{name} {word} (writer {}; seen by the operator at generation {seen})\n",
+                            self.ns,
+                            writer_of(&lock).unwrap_or("none"),
+                        ));
+                    }
+                    format!("it reports generation {seen}")
+                }
+                Err(e) => format!("last read failed: {e:#}"),
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
                 bail!(
-                    "{}/{name}: spec.paused is {paused}, but the operator has not reported generation {generation} within {timeout:?} (it reports {seen}): is it running and does it own this namespace?",
+                    "{}/{name}: spec.paused is {paused}, but the operator has not reported generation {generation} within {timeout:?} ({last}): is it running and does it own this namespace?",
                     self.ns
                 );
             }
@@ -666,9 +737,12 @@ impl Plugin {
             format_args!("reading Lease {}/{}", self.ns, lock.spec.lease_name),
             leases.get_opt(&lock.spec.lease_name),
         )
-        .await?
+        .await
         {
-            Some(l) => {
+            Err(e) => {
+                let _ = writeln!(out, "not readable: {e:#}");
+            }
+            Ok(Some(l)) => {
                 let spec = l.spec.unwrap_or_default();
                 let renewed = spec.renew_time.as_ref().map(|t| t.0);
                 let _ = writeln!(
@@ -681,7 +755,7 @@ impl Plugin {
                         .map_or("-".into(), |d| d.to_string()),
                 );
             }
-            None => out.push_str("not found (the operator creates it at the first election)\n"),
+            Ok(None) => out.push_str("not found (the operator creates it at the first election)\n"),
         }
 
         out.push_str("\nPODS\n");
@@ -691,7 +765,14 @@ impl Plugin {
             "ROLE".into(),
             "EPOCH".into(),
         ]];
-        for p in self.pods_of(&lock).await? {
+        let pods = match self.pods_of(&lock).await {
+            Ok(pods) => pods,
+            Err(e) => {
+                let _ = writeln!(out, "not readable: {e:#}");
+                vec![]
+            }
+        };
+        for p in pods {
             let mut ready = if pod_ready(&p) { "True" } else { "False" }.to_string();
             if p.metadata.deletion_timestamp.is_some() {
                 ready.push_str(" (terminating)");
@@ -709,18 +790,26 @@ impl Plugin {
                     .unwrap_or_else(|| "-".into()),
             ]);
         }
-        table(&mut out, &rows);
+        if rows.len() > 1 {
+            table(&mut out, &rows);
+        }
 
         out.push_str("\nRECENT EVENTS (newest first)\n");
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let list = call(
+        let list = match call(
             self.timeout,
             format_args!("listing Events in {}", self.ns),
             events.list(&ListParams::default()),
         )
-        .await?;
+        .await
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                let _ = writeln!(out, "not readable: {e:#}");
+                return Ok(out);
+            }
+        };
         let mut mine: Vec<(Option<jiff::Timestamp>, Event)> = list
-            .items
             .into_iter()
             .filter(|e| {
                 e.regarding.as_ref().is_some_and(|r| {
@@ -761,6 +850,13 @@ impl Plugin {
         }
         Ok(out)
     }
+}
+
+/// Now + `timeout`, or a day from now when that is out of range.
+fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400))
 }
 
 fn event_time(e: &Event) -> Option<jiff::Timestamp> {

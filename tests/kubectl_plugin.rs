@@ -57,7 +57,10 @@ async fn every_plugin_command_works_through_kubectl() {
         status.starts_with(&format!("1 StatefulSetLocks in namespace {ns}\n")),
         "{status}"
     );
-    assert!(status.contains("WITHOUT A WRITER: 0"), "{status}");
+    assert!(
+        status.contains("WITHOUT AN AVAILABLE WRITER: 0"),
+        "{status}"
+    );
     let shard_lines: Vec<&str> = status
         .lines()
         .filter(|l| l.starts_with("test-0") || l.starts_with("test-1"))
@@ -85,6 +88,13 @@ async fn every_plugin_command_works_through_kubectl() {
     assert_eq!(
         env.lock_status("lock").await.writer_pod.as_deref(),
         Some("db-2")
+    );
+    let out = k
+        .run(&["stslock", "switchover", "lock", "--to", "db-2"])
+        .await;
+    assert!(
+        out.contains("db-2 is the writer already; nothing changed"),
+        "{out}"
     );
 
     // A pod that is not Ready is refused, with the reason, and nothing is written.
@@ -205,7 +215,7 @@ async fn the_plugin_drives_stslock_dev() {
     .with_plugin();
     let status = k
         .until(&["stslock", "status", "-A"], "the sample elected", |o| {
-            o.contains("Available    1") && o.contains("WITHOUT A WRITER: 0")
+            o.contains("Available    1") && o.contains("WITHOUT AN AVAILABLE WRITER: 0")
         })
         .await;
     assert!(
