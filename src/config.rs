@@ -285,6 +285,35 @@ pub fn qualified_name(v: &str) -> Result<(), String> {
     label_value(name).map_err(|w| format!("name part {w}"))
 }
 
+/// The client configuration from the kubeconfig at `path` (else `$KUBECONFIG`, then
+/// `~/.kube/config`, then the in-cluster config), with `context` when given: what `stslock run`
+/// and `kubectl stslock` both connect with.
+pub async fn kube_config(
+    path: Option<&std::path::Path>,
+    context: Option<String>,
+) -> anyhow::Result<kube::Config> {
+    use anyhow::Context as _;
+    let options = kube::config::KubeConfigOptions {
+        context,
+        ..Default::default()
+    };
+    match path {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))
+        }
+        None if options.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .context("loading the kubeconfig ($KUBECONFIG, ~/.kube/config)"),
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig ($KUBECONFIG, ~/.kube/config) and not running in a cluster"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,18 +75,7 @@ async fn shutdown_signal() {
 }
 
 async fn client_for(args: &OperatorArgs) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig ($KUBECONFIG, ~/.kube/config) and not running in a cluster")?,
-    };
+    let config = stslock::config::kube_config(args.kubeconfig.as_deref(), None).await?;
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 

@@ -158,19 +158,7 @@ pub async fn run(cli: PluginCli, out: &mut impl std::io::Write) -> anyhow::Resul
 }
 
 async fn connect(cli: &PluginCli) -> anyhow::Result<(Client, String)> {
-    let options = kube::config::KubeConfigOptions {
-        context: cli.context.clone(),
-        ..Default::default()
-    };
-    let config = match &cli.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &options).await
-        }
-        None => kube::Config::from_kubeconfig(&options).await,
-    }
-    .context("loading the kubeconfig ($KUBECONFIG, ~/.kube/config, or --kubeconfig)")?;
+    let config = crate::config::kube_config(cli.kubeconfig.as_deref(), cli.context.clone()).await?;
     let ns = config.default_namespace.clone();
     let client = Client::try_from(config).context("building the Kubernetes client")?;
     Ok((client, ns))

@@ -48,7 +48,6 @@ pub fn backoff() -> kube::runtime::watcher::ExponentialBackoff {
         .into()
 }
 
-/// The watcher configuration every cache uses.
 /// What the caches keep of a StatefulSet: its identity, `spec.replicas` and `spec.selector`
 /// (what a decision and a re-read of its pods need). The pod template, volume claim
 /// templates, status, annotations and managed fields are dropped before the object is stored:
@@ -73,6 +72,7 @@ pub fn slim_lock(l: &mut StatefulSetLock) {
     l.metadata.managed_fields = None;
 }
 
+/// The watcher configuration every cache uses.
 pub fn watch_config() -> watcher::Config {
     watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
 }
