@@ -120,11 +120,23 @@ async fn every_plugin_command_works_through_kubectl() {
         "{out}"
     );
     env.set_ready("db-2", false).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the operator has seen it (one Ready pod left in the status), the writer is still db-2.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.lock_status("lock").await.ready_replicas != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the operator did not report db-2 NotReady"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         env.lock_status("lock").await.writer_pod.as_deref(),
         Some("db-2")
     );
+    let labelled = k
+        .run(&["get", "pods", "-l", "sts-role=writer", "-o", "name"])
+        .await;
+    assert_eq!(labelled.trim(), "pod/db-2");
     let status = k.run(&["stslock", "status"]).await;
     assert!(status.contains("Paused       1"), "{status}");
 
