@@ -389,3 +389,49 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
     env.stop_operators().await;
     assert_only_owners_wrote(&env, "after the chaos", 0).await;
 }
+
+/// The owner check has teeth on both backends: writes for a lock by a replica that does not
+/// own it are reported — one to the lock (exact: kubesim's commit log, or the committed lock
+/// the real apiserver's audit log keeps) and one to its Lease (on a real cluster bounded by
+/// timestamps against the harness's lock watch) — while the owner's own writes are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_check_reports_writes_by_a_replica_that_does_not_own_the_lock() {
+    use kube::api::{Patch, PatchParams};
+    let mut env = Env::start_with(Options {
+        replicas: 1,
+        record_owners: true,
+        ..Options::default()
+    })
+    .await;
+    env.statefulset("s0", 2).await;
+    env.lock("l0", "s0", "lease0", LEASE_SECONDS, json!({}))
+        .await;
+    env.wait_writer("s0", "s0-0").await;
+    env.stop_operators().await;
+    let intruder = env.operator_client("intruder").await;
+    let pp = PatchParams::default();
+    let mark = Patch::Merge(json!({"metadata": {"annotations": {"stslock.test/intruder": "1"}}}));
+    kube::Api::<stslock::api::StatefulSetLock>::namespaced(intruder.clone(), &env.ns)
+        .patch("l0", &pp, &mark)
+        .await
+        .unwrap();
+    kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(intruder, &env.ns)
+        .patch("lease0", &pp, &mark)
+        .await
+        .unwrap();
+    let c = env.owner_check(common::lock_of).await;
+    println!("{:?} backend: {c:#?}", env.backend());
+    assert_eq!(c.violations.len(), 2, "{c:#?}");
+    assert!(
+        c.violations.iter().all(|v| v.starts_with("intruder wrote")),
+        "{c:#?}"
+    );
+    assert!(
+        c.violations.iter().any(|v| v.contains("statefulsetlocks"))
+            && c.violations.iter().any(|v| v.contains("leases")),
+        "{c:#?}"
+    );
+    // The owner's writes (finalizer, Lease, labels, status) were checked and passed.
+    assert!(c.checked > 2, "{c:#?}");
+    assert!(c.exact >= 1, "{c:#?}");
+}

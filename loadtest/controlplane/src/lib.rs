@@ -108,7 +108,8 @@ impl Default for Options {
 pub struct ControlPlane {
     /// Admin kubeconfig (client certificate in group `system:masters`).
     pub kubeconfig_path: PathBuf,
-    /// The apiserver's audit log (JSON lines; every write at level Metadata).
+    /// The apiserver's audit log (JSON lines; every write at level Metadata, StatefulSetLock
+    /// writes with their bodies).
     pub audit_log_path: PathBuf,
     /// `https://127.0.0.1:<port>`.
     pub server: String,
@@ -124,11 +125,18 @@ pub struct ControlPlane {
 }
 
 /// Every write (and nothing else) at level Metadata: who (user, groups, user agent, source
-/// IP), what (verb, resource, name) and the response code, never bodies.
+/// IP), what (verb, resource, name) and the response code. Writes to StatefulSetLocks also
+/// with their bodies (RequestResponse): the answer is the lock as committed, so its owner
+/// label at that commit is known exactly, whatever a watch missed or a crash left unlogged.
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
+- level: RequestResponse
+  verbs: ["create", "update", "patch"]
+  resources:
+  - group: "app.anukkrit.me"
+    resources: ["statefulsetlocks", "statefulsetlocks/status"]
 - level: Metadata
   verbs: ["create", "update", "patch", "delete", "deletecollection"]
 - level: None
