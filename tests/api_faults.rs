@@ -20,6 +20,7 @@ use kubesim::{HoldResponse, LoseResponse, WatchFault};
 use serde_json::json;
 
 mod common;
+use common::report::Fault;
 use common::{Env, Options, Write, assert_only_owners_wrote};
 
 const SETS: usize = 4;
@@ -230,7 +231,12 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
     // Writers made NotReady, and when each recovers.
     let mut failed: Vec<(String, std::time::Instant)> = vec![];
     let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+    // For the report: what was injected when, and this process's memory.
+    let from_ms = env.elapsed_ms();
+    let mut faults: Vec<Fault> = vec![];
+    let mut rss: Vec<(u64, u64)> = vec![];
     while std::time::Instant::now() < deadline {
+        rss.extend(kubesim::html::rss_kib("self").map(|k| (env.elapsed_ms(), k)));
         // Recoveries due, then a new writer failure now and then.
         let now = std::time::Instant::now();
         for (pod, _) in failed.iter().filter(|(_, at)| *at <= now) {
@@ -249,11 +255,19 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 let back = Duration::from_millis(rng.random_range(1000..6000));
                 failed.push((writer.clone(), std::time::Instant::now() + back));
                 *counts.entry("writer failure").or_default() += 1;
+                let start_ms = env.elapsed_ms();
+                faults.push(Fault {
+                    start_ms,
+                    end_ms: start_ms + back.as_millis() as u64,
+                    kind: "writer failure",
+                    detail: format!("{writer} NotReady for {back:?}"),
+                });
             }
         }
         let hold = Duration::from_millis(rng.random_range(500..3000));
         let resource = resources[rng.random_range(0..resources.len())];
         let kind = rng.random_range(0..11);
+        let start_ms = env.elapsed_ms();
         let name = match kind {
             0 => {
                 let code = [500, 503, 429][rng.random_range(0..3)];
@@ -341,7 +355,18 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
             tokio::time::sleep(hold).await;
             env.faults().set(Default::default());
         }
+        faults.push(Fault {
+            start_ms,
+            end_ms: env.elapsed_ms(),
+            kind: name,
+            detail: if kind <= 7 {
+                format!("{resource}, {hold:?}")
+            } else {
+                format!("{hold:?}")
+            },
+        });
     }
+    let lift_ms = env.elapsed_ms();
     for (pod, _) in &failed {
         env.set_ready(pod, true).await;
     }
@@ -385,8 +410,84 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
         println!("{set}: writer {writer} (roles {roles:?})");
         env.wait_lease_holder(&format!("lease{i}"), &writer).await;
     }
-    env.assert_never_two_writers().await;
+    let report = env.report().await;
     env.stop_operators().await;
+    let owners = env.owner_check(common::lock_of).await;
+    // The report, whatever the verdict: into $STSLOCK_REPORT_DIR, else the target's tmp dir.
+    let dir = std::env::var_os("STSLOCK_REPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reports"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join(format!("chaos-{:?}.html", env.backend()).to_lowercase());
+    let mut violations = vec![];
+    if report.dual_writer_intervals > 0 {
+        violations.push(format!(
+            "{} dual-writer intervals ({} ms)",
+            report.dual_writer_intervals, report.dual_writer_ms
+        ));
+    }
+    violations.extend(owners.violations.iter().cloned());
+    let (judged, api) = match env.backend() {
+        common::Backend::Real => (
+            "Judged from the harness's pod and lock watches and the apiserver's audit log (lock writes with their committed bodies).",
+            "kube-apiserver 1.34 and etcd (killed and restarted)",
+        ),
+        common::Backend::Kubesim => ("Judged from what kubesim committed.", "kubesim"),
+    };
+    let writes = env.writes();
+    let html = common::report::page(&common::report::ChaosRun {
+        title: format!("chaos on {api}: 3 replicas, {SETS} locks, seed {seed}, {seconds} s"),
+        judged: judged.into(),
+        from_ms,
+        lift_ms,
+        to_ms: env.elapsed_ms(),
+        report: &report,
+        writes: &writes,
+        faults: &faults,
+        rss: &rss,
+        lease_seconds: LEASE_SECONDS as u64,
+        summary: vec![
+            ("backend".into(), api.into()),
+            (
+                "fault period".into(),
+                format!("{:.1} s, seed {seed}", (lift_ms - from_ms) as f64 / 1000.0),
+            ),
+            ("faults by kind".into(), format!("{counts:?}")),
+            (
+                "dual-writer intervals".into(),
+                format!(
+                    "{} ({} ms)",
+                    report.dual_writer_intervals, report.dual_writer_ms
+                ),
+            ),
+            (
+                "writes for a lock by a non-owner".into(),
+                format!(
+                    "{} of {} checked ({} exactly from the committed lock)",
+                    owners.violations.len(),
+                    owners.checked,
+                    owners.exact
+                ),
+            ),
+            (
+                "converged after the faults".into(),
+                format!("{SETS}/{SETS}: one Ready writer holding its Lease"),
+            ),
+        ],
+        violations,
+    });
+    std::fs::write(&page, &html).unwrap();
+    println!("report: {}", page.display());
+    // Chromium renders it: every figure's marker is in the screenshot.
+    let figures = kubesim::html::markers(&html);
+    assert_eq!(figures.len(), 8, "{figures:?}");
+    let pixels = kubesim::html::screenshot(&page, &page.with_extension("png"), (1060, 4200))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (id, colour) in &figures {
+        let seen = pixels.iter().filter(|p| *p == colour).count();
+        assert!(seen >= 100, "figure {id}: its marker covers {seen} pixels");
+    }
+    assert_eq!(report.dual_writer_intervals, 0, "{:?}", report.statefulsets);
     assert_only_owners_wrote(&env, "after the chaos", 0).await;
 }
 

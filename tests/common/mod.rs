@@ -28,6 +28,7 @@
 //! libtest's output capture).
 #![allow(dead_code)] // each suite uses part of the harness
 
+pub mod report;
 pub mod sim;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

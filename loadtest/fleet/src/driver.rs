@@ -22,12 +22,7 @@ pub(crate) struct Replica {
     pub(crate) task: tokio::task::JoinHandle<()>,
 }
 
-pub(crate) fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
+pub(crate) use kubesim::html::pct;
 
 /// A writer failed by the driver: (when, namespace, lock/StatefulSet, pod).
 pub(crate) type Flap = (u64, String, String, String);

@@ -998,7 +998,8 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             }
         }
         if now >= next_sample {
-            ev.rss.push((now_ms, rss_kib()));
+            ev.rss
+                .push((now_ms, kubesim::html::rss_kib("self").unwrap_or(0)));
             next_sample = now + Duration::from_secs(1);
         }
         let mut k = 0;
@@ -1642,18 +1643,6 @@ struct Events {
     rss: Vec<(u64, u64)>,
 }
 
-/// This process's resident set, KiB (0 where /proc is not there).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// Set the StatefulSet of `key` to `replicas` pods (the driver's own client: no fault applies
 /// to it). False when the API refused.
 async fn scale(client: &kube::Client, (ns, name): &Key, replicas: i32) -> bool {
@@ -1695,7 +1684,7 @@ struct ReportInput<'a> {
 }
 
 fn html_report(r: &ReportInput<'_>) -> String {
-    use crate::report::{self, Fill, Row, Segment, Series};
+    use kubesim::html::{self as report, Fill, Row, Segment, Series};
     let secs = |ms: u64| (ms as f64 - r.from_ms as f64) / 1000.0;
     let span = (secs(r.from_ms), secs(r.to_ms));
     // Writer-less intervals that began in the run: each is a writer failure (or a lost
@@ -1721,6 +1710,7 @@ fn html_report(r: &ReportInput<'_>) -> String {
         },
         r.violations.is_empty(),
         &r.summary,
+        "Judged from what kubesim committed.",
     )];
     sections.push(report::histogram(
         "failover-latency",

@@ -32,7 +32,6 @@
 mod driver;
 mod faults;
 mod memory;
-mod report;
 mod scenarios;
 
 use clap::parser::ValueSource;

@@ -102,12 +102,7 @@ impl Procs {
 
 /// Resident set of a process, KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    kubesim::html::rss_kib(&pid.to_string())
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 

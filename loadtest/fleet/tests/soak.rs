@@ -77,39 +77,6 @@ fn run_soak(dir: &Path) -> (Value, String) {
     (report, std::fs::read_to_string(&html).expect("HTML report"))
 }
 
-/// Each figure's id and the colour of its marker square, as the page declares them.
-fn markers(html: &str) -> Vec<(String, [u8; 3])> {
-    html.split("<section class=\"figure\" id=\"")
-        .skip(1)
-        .map(|s| {
-            let id = s.split('"').next().unwrap().to_string();
-            let fill = s
-                .split("class=\"marker\"")
-                .nth(1)
-                .and_then(|m| m.split("fill=\"#").nth(1))
-                .map(|f| &f[..6])
-                .unwrap_or_else(|| panic!("figure {id} has no marker"));
-            let c = |i: usize| u8::from_str_radix(&fill[i..i + 2], 16).unwrap();
-            (id, [c(0), c(2), c(4)])
-        })
-        .collect()
-}
-
-fn chromium() -> String {
-    for b in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new(b)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return b.to_string();
-        }
-    }
-    panic!(
-        "headless Chromium is needed to render the report: `make browser-deps` installs Debian's chromium"
-    );
-}
-
 #[test]
 fn ci_soak_keeps_every_invariant_and_its_report_renders() {
     let dir = scratch();
@@ -169,7 +136,7 @@ fn ci_soak_keeps_every_invariant_and_its_report_renders() {
             n(key)
         );
     }
-    let figures = markers(&html);
+    let figures = kubesim::html::markers(&html);
     let ids: Vec<&str> = figures.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         ids,
@@ -191,43 +158,14 @@ fn ci_soak_keeps_every_invariant_and_its_report_renders() {
 
     // Chromium renders it: every figure's marker square is in the screenshot, and the charts
     // drew their series (a page that failed to parse shows none of this).
-    let browser = chromium();
-    let png = dir.join("soak.png");
-    let url = format!("file://{}", dir.join("soak.html").display());
-    let shot = Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1060,4200",
-        ])
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(&url)
-        .output()
-        .expect("running chromium");
-    assert!(
-        shot.status.success() && png.exists(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&shot.stderr)
-    );
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let channels = info.color_type.samples();
-    assert!(channels >= 3, "colour screenshot: {:?}", info.color_type);
-    let pixels: Vec<[u8; 3]> = buf[..info.buffer_size()]
-        .chunks(channels)
-        .map(|p| [p[0], p[1], p[2]])
-        .collect();
+    let pixels =
+        kubesim::html::screenshot(&dir.join("soak.html"), &dir.join("soak.png"), (1060, 4200))
+            .unwrap_or_else(|e| panic!("{e}"));
     for (id, colour) in &figures {
         let seen = pixels.iter().filter(|p| *p == colour).count();
         assert!(
             seen >= 100,
-            "figure {id}: its marker {colour:?} covers {seen} pixels of the screenshot ({}x{})",
-            info.width,
-            info.height
+            "figure {id}: its marker {colour:?} covers {seen} pixels of the screenshot"
         );
     }
     // The series colours of the charts (first two of the palette) are drawn too.

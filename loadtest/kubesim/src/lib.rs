@@ -19,6 +19,7 @@ pub mod convert;
 pub mod discovery;
 pub mod error;
 pub mod faults;
+pub mod html;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

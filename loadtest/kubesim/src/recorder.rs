@@ -41,6 +41,8 @@ struct Track {
     /// election there is nothing to fail over from.
     seen_writer: bool,
     first_writer_ms: Option<u64>,
+    /// Who carried the writer label when: (pod, interval), in the order they began.
+    held: Vec<(String, Interval)>,
 }
 
 impl Track {
@@ -93,6 +95,9 @@ pub struct SetReport {
     pub no_ready_writer: Vec<Interval>,
     pub dual_writer_ms: u64,
     pub no_ready_writer_ms: u64,
+    /// Who carried the writer label when (pod, interval), in the order they began.
+    #[serde(skip)]
+    pub writer_periods: Vec<(String, Interval)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,17 +141,37 @@ impl Recorder {
         let Some(set) = owner_set(pod) else { return };
         let name = meta::name(pod).to_string();
         let track = self.sets.entry(set).or_default();
+        let was_writer = track.pods.get(&name).is_some_and(|p| p.writer);
         match new {
             Some(p) => {
                 let state = PodState {
                     writer: meta::label(p, &self.label_key) == Some("writer"),
                     ready: meta::pod_ready(p),
                 };
-                track.pods.insert(name, state);
+                track.pods.insert(name.clone(), state);
             }
             None => {
                 track.pods.remove(&name);
             }
+        }
+        let is_writer = track.pods.get(&name).is_some_and(|p| p.writer);
+        if is_writer && !was_writer {
+            track.held.push((
+                name,
+                Interval {
+                    start_ms: at_ms,
+                    end_ms: None,
+                },
+            ));
+        } else if was_writer
+            && !is_writer
+            && let Some((_, i)) = track
+                .held
+                .iter_mut()
+                .rev()
+                .find(|(p, i)| *p == name && i.end_ms.is_none())
+        {
+            i.end_ms = Some(at_ms);
         }
         track.update(at_ms);
     }
@@ -181,6 +206,7 @@ impl Recorder {
                     no_ready_writer: t.gap.clone(),
                     dual_writer_ms: d,
                     no_ready_writer_ms: g,
+                    writer_periods: t.held.clone(),
                 },
             );
         }
@@ -250,6 +276,15 @@ mod tests {
         assert_eq!(rep.dual_writer_ms, 5);
         assert_eq!(rep.max_no_ready_writer_ms, 10);
         assert_eq!(s.writers, vec!["db-1".to_string()]);
+        // Who carried the label: db-0 10..35 (Ready or not), db-1 from 30, still.
+        let held = |start_ms, end_ms| Interval { start_ms, end_ms };
+        assert_eq!(
+            s.writer_periods,
+            vec![
+                ("db-0".to_string(), held(10, Some(35))),
+                ("db-1".to_string(), held(30, None)),
+            ]
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The HTML report of a `fleet` run: one self-contained page (inline SVG and CSS, no scripts,
-//! nothing fetched) that a user can open from disk or attach to a ticket.
+//! The HTML report of a chaos run (`fleet` on kubesim, or the chaos test on the real control
+//! plane): one self-contained page (inline SVG and CSS, no scripts, nothing fetched) that a
+//! user can open from disk or attach to a ticket.
 //!
 //! Each figure is a `<section class="figure" id="…">` whose heading starts with a small square
 //! in the figure's own marker colour ([`MARKERS`]); no chart uses those colours, so a screenshot
@@ -8,7 +9,7 @@
 use std::fmt::Write as _;
 
 /// One colour per figure, used only for its marker square, in figure order.
-pub(crate) const MARKERS: [(&str, [u8; 3]); 8] = [
+pub const MARKERS: [(&str, [u8; 3]); 8] = [
     ("failover-latency", [0xd6, 0x27, 0x28]),
     ("writer-timeline", [0x17, 0xbe, 0xcf]),
     ("ownership", [0xbc, 0xbd, 0x22]),
@@ -18,6 +19,14 @@ pub(crate) const MARKERS: [(&str, [u8; 3]); 8] = [
     ("faults", [0x7f, 0x7f, 0x7f]),
     ("summary", [0x2c, 0xa0, 0x2c]),
 ];
+
+/// The `p` quantile of sorted values (nearest rank); 0 for none.
+pub fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
 
 /// Series colours (never a marker colour).
 const PALETTE: [&str; 10] = [
@@ -34,27 +43,27 @@ const RIGHT: f64 = 16.0;
 const TOP: f64 = 16.0;
 const BOTTOM: f64 = 40.0;
 
-pub(crate) struct Series {
-    pub(crate) name: String,
-    pub(crate) points: Vec<(f64, f64)>,
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
 }
 
 /// One row of a timeline: labelled segments [start, end) in seconds, each with a colour index
 /// into the palette (`None`: drawn as `special`).
-pub(crate) struct Row {
-    pub(crate) label: String,
-    pub(crate) segments: Vec<Segment>,
+pub struct Row {
+    pub label: String,
+    pub segments: Vec<Segment>,
 }
 
-pub(crate) struct Segment {
-    pub(crate) start: f64,
-    pub(crate) end: f64,
-    pub(crate) fill: Fill,
-    pub(crate) title: String,
+pub struct Segment {
+    pub start: f64,
+    pub end: f64,
+    pub fill: Fill,
+    pub title: String,
 }
 
 #[derive(Clone, Copy)]
-pub(crate) enum Fill {
+pub enum Fill {
     Series(usize),
     DualWriter,
     Writerless,
@@ -216,7 +225,7 @@ fn svg_open(out: &mut String, height: f64, label: &str) {
 }
 
 /// A line chart of one or more series (x in seconds).
-pub(crate) fn line_chart(
+pub fn line_chart(
     id: &str,
     title: &str,
     caption: &str,
@@ -269,11 +278,11 @@ pub(crate) fn line_chart(
 
 /// A histogram of millisecond values: 30 bins up to the 99th percentile, the rest in an
 /// overflow bin at the right.
-pub(crate) fn histogram(id: &str, title: &str, caption: &str, values: &[u64]) -> String {
+pub fn histogram(id: &str, title: &str, caption: &str, values: &[u64]) -> String {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
     let bins = 30usize;
-    let top = crate::pct(&sorted, 0.99).max(1) as f64;
+    let top = pct(&sorted, 0.99).max(1) as f64;
     let width = (top / bins as f64).max(1.0);
     let mut counts = vec![0u64; bins + 1];
     for &v in &sorted {
@@ -322,9 +331,9 @@ pub(crate) fn histogram(id: &str, title: &str, caption: &str, values: &[u64]) ->
         format!(
             "n={}, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
             sorted.len(),
-            crate::pct(&sorted, 0.5),
-            crate::pct(&sorted, 0.9),
-            crate::pct(&sorted, 0.99),
+            pct(&sorted, 0.5),
+            pct(&sorted, 0.9),
+            pct(&sorted, 0.99),
             sorted[sorted.len() - 1]
         )
     };
@@ -333,7 +342,7 @@ pub(crate) fn histogram(id: &str, title: &str, caption: &str, values: &[u64]) ->
 }
 
 /// Rows of coloured segments over time (x in seconds).
-pub(crate) fn timeline(
+pub fn timeline(
     id: &str,
     title: &str,
     caption: &str,
@@ -391,8 +400,8 @@ pub(crate) fn timeline(
     section(id, title, caption, &out)
 }
 
-/// The key figures as a table.
-pub(crate) fn summary(verdict: &str, pass: bool, rows: &[(String, String)]) -> String {
+/// The key figures as a table; `judged` says what the verdict rests on.
+pub fn summary(verdict: &str, pass: bool, rows: &[(String, String)], judged: &str) -> String {
     let mut out = format!(
         "<p class=\"verdict {}\">{}</p><table>",
         if pass { "pass" } else { "fail" },
@@ -402,16 +411,11 @@ pub(crate) fn summary(verdict: &str, pass: bool, rows: &[(String, String)]) -> S
         let _ = write!(out, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
     }
     out.push_str("</table>");
-    section(
-        "summary",
-        "Summary",
-        "Judged from what kubesim committed.",
-        &out,
-    )
+    section("summary", "Summary", judged, &out)
 }
 
 /// The whole page.
-pub(crate) fn page(title: &str, sections: &[String]) -> String {
+pub fn page(title: &str, sections: &[String]) -> String {
     format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{t}</title>
@@ -432,6 +436,89 @@ th, td {{ text-align: left; padding: 2px 10px 2px 0; border-bottom: 1px solid #e
         t = esc(title),
         body = sections.join("")
     )
+}
+
+/// A process's resident set in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
+/// for the memory figure; `None` where /proc does not say.
+pub fn rss_kib(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Each figure's id and the colour of its marker square, as a page declares them.
+pub fn markers(page: &str) -> Vec<(String, [u8; 3])> {
+    page.split("<section class=\"figure\" id=\"")
+        .skip(1)
+        .filter_map(|s| {
+            let id = s.split('"').next()?.to_string();
+            let fill = s
+                .split("class=\"marker\"")
+                .nth(1)?
+                .split("fill=\"#")
+                .nth(1)?
+                .get(..6)?;
+            let c = |i: usize| u8::from_str_radix(fill.get(i..i + 2)?, 16).ok();
+            Some((id, [c(0)?, c(2)?, c(4)?]))
+        })
+        .collect()
+}
+
+/// Render a page with headless Chromium (Debian's `chromium`; `make browser-deps` installs it)
+/// into `png` at `width`×`height` and return the screenshot's pixels (RGB).
+#[cfg(feature = "screenshot")]
+pub fn screenshot(
+    page: &std::path::Path,
+    png_path: &std::path::Path,
+    (width, height): (u32, u32),
+) -> Result<Vec<[u8; 3]>, String> {
+    use std::process::Command;
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .ok_or("headless Chromium is needed to render the report: `make browser-deps` installs Debian's chromium")?;
+    let shot = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            &format!("--window-size={width},{height}"),
+        ])
+        .arg(format!("--screenshot={}", png_path.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .map_err(|e| format!("running {browser}: {e}"))?;
+    if !shot.status.success() || !png_path.exists() {
+        return Err(format!(
+            "{browser} failed: {}",
+            String::from_utf8_lossy(&shot.stderr)
+        ));
+    }
+    let file = std::fs::File::open(png_path).map_err(|e| format!("{}: {e}", png_path.display()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| format!("decoding the screenshot: {e}"))?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| format!("decoding the screenshot: {e}"))?;
+    let channels = info.color_type.samples();
+    if channels < 3 {
+        return Err(format!("not a colour screenshot: {:?}", info.color_type));
+    }
+    Ok(buf[..info.buffer_size()]
+        .chunks(channels)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect())
 }
 
 #[cfg(test)]
@@ -470,7 +557,7 @@ mod tests {
 
     #[test]
     fn text_is_escaped() {
-        let s = summary("<b>", true, &[("a&b".into(), "\"x\"".into())]);
+        let s = summary("<b>", true, &[("a&b".into(), "\"x\"".into())], "judged");
         assert!(s.contains("&lt;b&gt;") && s.contains("a&amp;b") && s.contains("&quot;x&quot;"));
     }
 }
