@@ -120,13 +120,23 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// RSS of each named process, sampled every second for `seconds`: (last, peak) in KiB.
+/// One process's memory as sampled, KiB: resident set (last and peak) and its private part
+/// (`RssAnon`, last; the rest is mapped files, mostly the binary, shared by every process that
+/// runs it).
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    last: u64,
+    peak: u64,
+    anon: u64,
+}
+
+/// RSS of each named process, sampled every second for `seconds`.
 async fn sample(
     procs: &mut Procs,
     names: &[String],
     seconds: u64,
-) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+) -> anyhow::Result<BTreeMap<String, Rss>> {
+    let mut out: BTreeMap<String, Rss> = BTreeMap::new();
     for _ in 0..seconds.max(1) {
         procs.check_alive()?;
         for n in names {
@@ -134,8 +144,13 @@ async fn sample(
                 .pid(n)
                 .with_context(|| format!("{n} is not running"))?;
             let kib = rss_kib(pid)?;
+            let anon = kubesim::html::status_kib(&pid.to_string(), "RssAnon").unwrap_or(0);
             let e = out.entry(n.clone()).or_default();
-            *e = (kib, e.1.max(kib));
+            *e = Rss {
+                last: kib,
+                peak: e.peak.max(kib),
+                anon,
+            };
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -254,8 +269,13 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let empty = sample(&mut procs, &["empty".to_string()], window.min(10)).await?;
     procs.stop("empty").await?;
-    let empty_kib = empty.get("empty").map_or(0, |v| v.0);
-    println!("no locks: one replica {} MiB", mib(empty_kib));
+    let empty_kib = empty.get("empty").map_or(0, |v| v.last);
+    let empty_anon = empty.get("empty").map_or(0, |v| v.anon);
+    println!(
+        "no locks: one replica {} MiB ({} MiB private)",
+        mib(empty_kib),
+        mib(empty_anon)
+    );
 
     let n = args.locks;
     let started = Instant::now();
@@ -281,12 +301,14 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     let one = sample(&mut procs, &single, window).await?;
     let sim_one = rss_kib(procs.pid("kubesim").context("kubesim")?)?;
     procs.stop("single").await?;
-    let single_kib = one.get("single").map_or(0, |v| v.0);
+    let single_kib = one.get("single").map_or(0, |v| v.last);
+    let single_anon = one.get("single").map_or(0, |v| v.anon);
     let pods = n as u64 * u64::try_from(args.pods.max(0)).unwrap_or(0);
     println!(
-        "one replica: {} MiB (peak {} MiB); {:.2} KiB per cached pod above the empty replica",
+        "one replica: {} MiB (peak {} MiB, {} MiB private); {:.2} KiB per cached pod above the empty replica",
         mib(single_kib),
-        mib(one.get("single").map_or(0, |v| v.1)),
+        mib(one.get("single").map_or(0, |v| v.peak)),
+        mib(single_anon),
         per_pod(single_kib, empty_kib, pods)
     );
 
@@ -309,16 +331,25 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     for id in &ids {
         procs.stop(id).await?;
     }
-    let total: u64 = many.values().map(|v| v.0).sum();
+    let total: u64 = many.values().map(|v| v.last).sum();
     let ratio = total as f64 / single_kib.max(1) as f64;
-    for (id, (last, peak)) in &many {
+    let total_anon: u64 = many.values().map(|v| v.anon).sum();
+    let ratio_anon = total_anon as f64 / single_anon.max(1) as f64;
+    for (id, r) in &many {
         println!(
-            "  {id}: {} locks, {} MiB (peak {} MiB)",
+            "  {id}: {} locks, {} MiB (peak {} MiB, {} MiB private)",
             split.get(id).copied().unwrap_or(0),
-            mib(*last),
-            mib(*peak)
+            mib(r.last),
+            mib(r.peak),
+            mib(r.anon)
         );
     }
+    println!(
+        "{} replicas, private memory (RssAnon): total {} MiB = {ratio_anon:.2}x the singleton's {} MiB",
+        ids.len(),
+        mib(total_anon),
+        mib(single_anon)
+    );
     println!(
         "{} replicas: total {} MiB = {ratio:.2}x the singleton's {} MiB (kubesim: {} MiB with one replica, {} MiB with {})",
         ids.len(),
@@ -333,15 +364,19 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         "locks": n, "podsPerSet": args.pods, "pods": pods, "namespaces": namespaces.len(),
         "sampleSeconds": window,
         "emptyReplicaKiB": empty_kib,
+        "emptyReplicaAnonKiB": empty_anon,
         "singleReplicaKiB": single_kib,
-        "singleReplicaPeakKiB": one.get("single").map(|v| v.1),
+        "singleReplicaAnonKiB": single_anon,
+        "singleReplicaPeakKiB": one.get("single").map(|v| v.peak),
         "singleKiBPerCachedPod": per_pod(single_kib, empty_kib, pods),
         "replicas": ids.len(),
-        "perReplica": many.iter().map(|(id, (last, peak))| (id.clone(), json!({
-            "locks": split.get(id), "rssKiB": last, "peakKiB": peak,
+        "perReplica": many.iter().map(|(id, r)| (id.clone(), json!({
+            "locks": split.get(id), "rssKiB": r.last, "peakKiB": r.peak, "anonKiB": r.anon,
         }))).collect::<serde_json::Map<String, Value>>(),
         "totalKiB": total,
         "totalOverSingle": ratio,
+        "totalAnonKiB": total_anon,
+        "totalAnonOverSingle": ratio_anon,
         "kubesimKiB": {"singleReplica": sim_one, "replicas": sim_many},
     });
     if args.json {

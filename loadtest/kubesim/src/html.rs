@@ -441,10 +441,16 @@ th, td {{ text-align: left; padding: 2px 10px 2px 0; border-bottom: 1px solid #e
 /// A process's resident set in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
 /// for the memory figure; `None` where /proc does not say.
 pub fn rss_kib(pid: &str) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One KiB figure of `/proc/<pid>/status` (`VmRSS`, `RssAnon`: the private part, `RssFile`:
+/// mapped files such as the binary, shared by every process that maps them).
+pub fn status_kib(pid: &str, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
