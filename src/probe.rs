@@ -36,6 +36,8 @@ pub struct Probe {
     pub metrics: Arc<Metrics>,
     pub caches: Arc<CacheSync>,
     pub pods: PodIndex,
+    pub leases: crate::cache::watch::LeaseCache,
+    pub sets: Store<crate::cache::watch::CachedStatefulSet>,
     pub locks: Store<StatefulSetLock>,
     pub sharding: Arc<Sharding>,
     /// The namespaces in scope (listed, with --namespace-selector).
@@ -82,6 +84,11 @@ impl Probe {
             self.sharding.ring_members().len(),
             self.readiness().is_ok(),
         );
+        self.metrics.cached("locks", self.locks.state().len());
+        self.metrics.cached("statefulsets", self.sets.state().len());
+        self.metrics.cached("pods", self.pods.len());
+        self.metrics
+            .cached("leases", self.leases.read().map(|m| m.len()).unwrap_or(0));
     }
 }
 

@@ -354,9 +354,13 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // RECHECK — with a Lease renewed just before the restart, half a Lease was not always
     // enough for that. Never a wait for the lists themselves: a watch that cannot list must not
     // stop every renewal.
+    // The same for a lock the caches do not keep yet (just gained: they keep the Leases and
+    // pods of this replica's own locks only, from its first read on).
     let synced =
         ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) && ctx.cache.pods.is_synced();
-    if !synced && let Err(e) = ctx.cache.reread(lock).await {
+    if (!synced || !ctx.cache.holds(lock))
+        && let Err(e) = ctx.cache.reread(lock).await
+    {
         tracing::debug!(lock = %key, error = %e, "direct read before renewal");
         return Outcome::Retry("Lease and pods could not be read");
     }

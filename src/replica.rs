@@ -154,6 +154,8 @@ pub async fn run_with(
             let _ = undecodable_tx.send(u);
         }
     });
+    // Locks the lock watch saw deleted, for the caches to give up (once they exist).
+    let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (locks, locks_writer) = kube::runtime::reflector::store();
     let lock_index = watch::LockIndex::default();
     let lock_events = kube::runtime::reflector(
@@ -171,9 +173,14 @@ pub async fn run_with(
     .inspect({
         let synced = synced.clone();
         let index = lock_index.clone();
+        let gone = gone_tx;
         move |ev| {
             if let Ok(e) = ev {
                 index.apply(e);
+                // A deleted lock's Lease and pods leave the caches (see `Caches::give_up`).
+                if let watcher::Event::Delete(l) = e {
+                    let _ = gone.send(crate::api::lock_key(l));
+                }
             }
             if matches!(ev, Ok(watcher::Event::InitDone)) {
                 synced
@@ -191,8 +198,13 @@ pub async fn run_with(
             .modify(watch::slim_statefulset)
             .backoff(watch::backoff()),
     );
-    let pods = PodIndex::new(args.role_label.clone());
-    let leases = Arc::default();
+    // Leases and pods are kept only for this replica's own locks (DESIGN §4).
+    let interest = Arc::new(crate::cache::interest::Interest::default());
+    let pods = PodIndex::new(args.role_label.clone()).keeping({
+        let interest = interest.clone();
+        move |ns, set| interest.wants_set(ns, set)
+    });
+    let leases: crate::cache::watch::LeaseCache = Arc::default();
     let scope = Arc::new(crate::scope::Scope::new(
         &args.namespaces,
         args.namespace_selector.as_deref(),
@@ -201,6 +213,8 @@ pub async fn run_with(
         metrics: metrics.clone(),
         caches: synced.clone(),
         pods: pods.clone(),
+        leases: Arc::clone(&leases),
+        sets: sets.clone(),
         locks: locks.clone(),
         sharding: sharding.clone(),
         scope: scope.clone(),
@@ -228,6 +242,7 @@ pub async fn run_with(
         locks: locks.clone(),
         sets: sets.clone(),
         fresh: Arc::default(),
+        interest: interest.clone(),
         metrics: metrics.clone(),
     });
     let ctx = Arc::new(Context {
@@ -259,17 +274,19 @@ pub async fn run_with(
     // entry at once (rule 16): the renewal lane renews it if due, or hands it to the
     // reconcile lane.
     sharding.on_ownership({
-        let (fresh, renewals) = (ctx.cache.fresh.clone(), ctx.renewals.clone());
+        let (cache, renewals) = (ctx.cache.clone(), ctx.renewals.clone());
         Box::new(move |lock: &StatefulSetLock, gained: bool| {
-            fresh.distrust(&crate::api::lock_key(lock));
+            let key = crate::api::lock_key(lock);
+            cache.fresh.distrust(&key);
             let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
             if gained {
                 // The version that says so may be newer than the lock watch has delivered
                 // (an awaited handoff read from the API server): ownership checks see it.
-                fresh.remember_lock(lock.clone());
+                cache.fresh.remember_lock(lock.clone());
                 renewals.schedule(lock_ref, Duration::ZERO);
             } else {
                 renewals.cancel(lock_ref);
+                cache.give_up(&key);
             }
         })
     });
@@ -285,6 +302,14 @@ pub async fn run_with(
         let _ = stop_tx.send(true);
     });
     background.spawn(crate::probe::serve(listener, probe));
+    background.spawn({
+        let cache = ctx.cache.clone();
+        async move {
+            while let Some(key) = gone_rx.recv().await {
+                cache.give_up(&key);
+            }
+        }
+    });
     background.spawn(report_undecodable_locks(ctx.clone(), undecodable_rx));
     background.spawn(sharding.clone().membership_loop());
     background.spawn(sharding.clone().watch_members());
@@ -327,9 +352,32 @@ pub async fn run_with(
         let locks = locks.clone();
         let scope = scope.clone();
         let mut stop = stop_rx.clone();
+        let (cache, synced) = (ctx.cache.clone(), synced.clone());
         async move {
             loop {
+                // Settled (see cache::interest) after the first pass that started with the
+                // caches synced and the fence open: from then on the caches keep only the
+                // Leases and pods of this replica's own locks.
+                let ready = !cache.interest.is_settled()
+                    && synced.locks.load(std::sync::atomic::Ordering::SeqCst)
+                    && synced.leases.load(std::sync::atomic::Ordering::SeqCst)
+                    && cache.pods.is_synced()
+                    && sharding.may_write();
                 sharding.assign(&locks, &scope).await;
+                if ready {
+                    let owned = sharding.owned_keys();
+                    let state = locks.state();
+                    cache.settle(
+                        state
+                            .iter()
+                            .filter(|l| owned.contains(&crate::api::lock_key(l)))
+                            .map(|l| l.as_ref()),
+                    );
+                    tracing::info!(
+                        owned = owned.len(),
+                        "caches settled: keeping the Leases and pods of this replica's own locks"
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                     _ = stop.changed() => return,
@@ -370,6 +418,7 @@ pub async fn run_with(
         .reconcile_on(watch::lease_triggers_synced(
             client.clone(),
             leases,
+            interest,
             synced.leases.clone(),
             undecodable.clone(),
         ))

@@ -349,6 +349,11 @@ impl Sharding {
         Ok(permit)
     }
 
+    /// The locks (`namespace/name`) this replica owns as of its last assignment pass.
+    pub fn owned_keys(&self) -> HashSet<String> {
+        self.owned.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
     pub fn ring_members(&self) -> Vec<String> {
         self.view
             .read()
@@ -754,6 +759,7 @@ impl Sharding {
         let mut work = vec![];
         let mut mine = HashSet::new();
         let mut gained = vec![];
+        let mut lost = vec![];
         let mut awaited = HashSet::new();
         let mut to_read = vec![];
         let now = Instant::now();
@@ -785,6 +791,13 @@ impl Sharding {
                     gained.push(lock.clone());
                 }
                 mine.insert(key.clone());
+            } else if label != Some(self.cfg.id.as_str())
+                && !self.handing.contains(&key)
+                && self.owned.lock().is_ok_and(|o| o.contains(&key))
+            {
+                // Labelled for another replica by someone else (a peer's claim): given up.
+                // (A handoff of this replica's reports itself when its label write answers.)
+                lost.push(lock.clone());
             }
             let mut decision = self.decide_for(&key, label);
             // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
@@ -844,6 +857,9 @@ impl Sharding {
         if let Some(f) = self.on_ownership.get() {
             for lock in &gained {
                 f(lock, true);
+            }
+            for lock in &lost {
+                f(lock, false);
             }
         }
         if !unread {

@@ -266,12 +266,17 @@ async fn readyz_waits_for_synced_caches_and_the_membership_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
+async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
     let mut env = env(false).await;
     let first = replica(&mut env, "h-0", |_| {}).await;
     let locks = 12;
     for i in 0..locks {
+        env.statefulset(&format!("hs{i}"), 2).await;
         lock(&env, &format!("h{i}"), &format!("hs{i}")).await;
+    }
+    for i in 0..locks {
+        env.wait_writer(&format!("hs{i}"), &format!("hs{i}-0"))
+            .await;
     }
     poll(20, "the only replica owns every lock", move || {
         Box::pin(async move {
@@ -283,14 +288,43 @@ async fn joining_replicas_take_locks_by_handoff_and_the_gauges_follow() {
     for i in 1..3 {
         replicas.push(replica(&mut env, &format!("h-{i}"), |_| {}).await);
     }
-    // The ring grows to three; h-0 hands the locks it no longer owns to their new owners.
+    // Alone, h-0 keeps every pod and Lease.
+    poll(
+        20,
+        "h-0 caches the pods and Leases of every lock",
+        move || {
+            Box::pin(async move {
+                let m = metrics(first).await;
+                (m.get("stslock_cached_objects{kind=\"pods\"}") == Some(&(2.0 * locks as f64))
+                    && m.get("stslock_cached_objects{kind=\"leases\"}") == Some(&(locks as f64)))
+                .then_some(())
+            })
+        },
+    )
+    .await;
+    // The ring grows to three; h-0 hands the locks it no longer owns to their new owners,
+    // and their pods and Leases leave its caches.
     let s = poll(20, "three ring members and every lock owned once", || {
         let replicas = replicas.clone();
         Box::pin(async move {
             let s = scrape_all(&replicas).await;
+            // Each replica keeps the pods (two per StatefulSet) and the Leases of its own
+            // locks only; every lock and StatefulSet of the scope.
+            let cached = |m: &HashMap<String, f64>, kind: &str| {
+                m.get(&format!("stslock_cached_objects{{kind=\"{kind}\"}}"))
+                    .copied()
+            };
+            let own_state_only = s.iter().all(|m| {
+                let owned = total(m, "stslock_owned_locks");
+                cached(m, "pods") == Some(2.0 * owned)
+                    && cached(m, "leases") == Some(owned)
+                    && cached(m, "locks") == Some(locks as f64)
+                    && cached(m, "statefulsets") == Some(locks as f64)
+            });
             let settled = s.iter().all(|m| m["stslock_ring_members"] == 3.0)
                 && sum(&s, "stslock_owned_locks") == locks as f64
-                && total(&s[0], "stslock_owned_locks") < locks as f64;
+                && total(&s[0], "stslock_owned_locks") < locks as f64
+                && own_state_only;
             settled.then_some(s)
         })
     })

@@ -109,7 +109,8 @@ macro_rules! from_meta_default {
 from_meta_default!(
     k8s_openapi::api::core::v1::Pod,
     k8s_openapi::api::apps::v1::StatefulSet,
-    k8s_openapi::api::coordination::v1::Lease
+    k8s_openapi::api::coordination::v1::Lease,
+    crate::cache::watch::CachedStatefulSet
 );
 
 impl FromMeta for crate::api::StatefulSetLock {

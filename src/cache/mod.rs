@@ -5,6 +5,7 @@
 //! that refreshes one lock's view.
 
 pub mod fresh;
+pub mod interest;
 pub mod lenient;
 pub mod pods;
 pub mod watch;
@@ -12,7 +13,6 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -64,9 +64,11 @@ pub struct Caches {
     /// stslock's own Leases, from the labelled Lease watch.
     pub leases: watch::LeaseCache,
     pub locks: Store<StatefulSetLock>,
-    pub sets: Store<StatefulSet>,
+    pub sets: Store<watch::CachedStatefulSet>,
     /// Read-your-writes and trust per lock (see [`fresh`]).
     pub fresh: Arc<fresh::Freshness>,
+    /// The locks whose Leases and pods the caches keep: this replica's own (see [`interest`]).
+    pub interest: Arc<interest::Interest>,
     /// The replica's metrics, where the reads made here are counted.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -132,12 +134,42 @@ impl Caches {
         Ok(read)
     }
 
+    /// This replica gave lock `key` up (or it is gone): its Lease and its StatefulSet's pods
+    /// leave the caches, unless another owned lock needs them.
+    pub fn give_up(&self, key: &str) {
+        let evict = self.interest.lose(key);
+        if let Some((ns, set)) = evict.set {
+            self.pods.drop_set(&ns, &set);
+        }
+        if let Some((ns, name)) = evict.lease {
+            watch::forget_lease(&self.leases, &ns, &name, None);
+        }
+    }
+
+    /// Do the caches hold this lock's Lease and pods (see [`interest::Interest::holds`])?
+    pub fn holds(&self, lock: &StatefulSetLock) -> bool {
+        self.interest.holds(lock)
+    }
+
+    /// The replica has settled (see [`interest`]): keep only the Leases and pods of `owned`
+    /// (and of locks gained later) and drop the rest.
+    pub fn settle<'a>(&self, owned: impl IntoIterator<Item = &'a StatefulSetLock>) {
+        self.interest.settle(owned);
+        let interest = &self.interest;
+        self.pods.retain_sets(|ns, set| interest.wants_set(ns, set));
+        if let Ok(mut m) = self.leases.write() {
+            m.retain(|(ns, name), _| interest.wants_lease(ns, name));
+        }
+    }
+
     /// Quorum reads of everything one lock's decision rests on — the lock, its Lease, its
     /// StatefulSet's pods — into the caches (which keep whatever is newer). Returns the lock
-    /// as read (None: it is gone).
+    /// as read (None: it is gone). The lock enters the caches' interest first (it is read
+    /// because it is this replica's), so no watch event newer than these reads is dropped.
     pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
         let ns = lock.namespace().unwrap_or_default();
         let timeout = self.api_timeout;
+        self.interest.gain(lock);
         let Some(read) = self.reread_lock(lock).await? else {
             return Ok(None);
         };
@@ -184,6 +216,7 @@ impl Caches {
             let list_rv = fresh::rv_number(listed.metadata.resource_version.as_deref());
             self.pods.replace_set(&ns, set_name, &listed.items, list_rv);
         }
+        self.interest.populated(&read);
         Ok(Some(read))
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! Pods are the largest objects the operator watches and there are many of them, so only the
 //! fields election needs are kept — never the full Pod. The index is fed by one cluster-wide
-//! watch restricted to StatefulSet pods (label `statefulset.kubernetes.io/pod-name`).
+//! watch restricted to StatefulSet pods (label `statefulset.kubernetes.io/pod-name`), and
+//! keeps from it only the pods of the StatefulSets its replica's own locks target
+//! ([`PodIndex::keeping`], see `cache::interest`); write answers and quorum reads, which are
+//! made for owned locks, always go in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -103,6 +106,8 @@ struct Inner {
     pods: HashMap<(String, String), SetKey>,
     /// Objects listed since the last `Init`, swapped in at `InitDone`.
     buffer: super::Relist<Arc<PodProjection>>,
+    /// The newest resourceVersion of that list, kept pods or not: what the list shows.
+    buffer_rv: u64,
     /// The initial list has been delivered (readiness).
     synced: bool,
     /// When this index saw a Ready pod turn NotReady, by (namespace, name): the condition's
@@ -110,11 +115,16 @@ struct Inner {
     not_ready_seen: HashMap<(String, String), jiff::Timestamp>,
 }
 
+/// Which watched pods the index keeps, by (namespace, StatefulSet).
+type Keep = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 /// Cluster-wide index of StatefulSet pods.
 #[derive(Clone)]
 pub struct PodIndex {
     role_label: String,
     inner: Arc<RwLock<Inner>>,
+    /// None: every watched pod.
+    keep: Option<Keep>,
     /// Where [`PodIndex::remember`] reports StatefulSets whose pods a write's answer showed in
     /// a new state (see [`PodIndex::learned`]).
     learned: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<SetKey>>>>,
@@ -125,7 +135,54 @@ impl PodIndex {
         PodIndex {
             role_label: role_label.into(),
             inner: Arc::default(),
+            keep: None,
             learned: Arc::default(),
+        }
+    }
+
+    /// Keep only the watched pods of StatefulSets for which `keep(namespace, statefulset)`
+    /// holds when their event arrives (the others are dropped at once).
+    pub fn keeping(mut self, keep: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> Self {
+        self.keep = Some(Arc::new(keep));
+        self
+    }
+
+    fn keeps(&self, p: &PodProjection) -> bool {
+        self.keep
+            .as_ref()
+            .is_none_or(|k| k(&p.namespace, &p.statefulset))
+    }
+
+    /// Keep only the pods of the StatefulSets for which `keep(namespace, statefulset)` holds.
+    pub fn retain_sets(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut inner = self.write();
+        let gone: Vec<SetKey> = inner
+            .sets
+            .keys()
+            .filter(|(ns, set)| !keep(ns, set))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(pods) = inner.sets.remove(&key) {
+                for name in pods.into_keys() {
+                    let id = (key.0.clone(), name);
+                    inner.pods.remove(&id);
+                    inner.not_ready_seen.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Drop every pod of one StatefulSet (its lock was given up).
+    pub fn drop_set(&self, namespace: &str, statefulset: &str) {
+        let mut inner = self.write();
+        let names: Vec<String> = inner
+            .sets
+            .get(&(namespace.to_string(), statefulset.to_string()))
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            remove_locked(&mut inner, namespace, &name, None);
         }
     }
 
@@ -160,10 +217,15 @@ impl PodIndex {
         match event {
             watcher::Event::Init => {
                 inner.buffer.begin();
+                inner.buffer_rv = 0;
                 vec![]
             }
             watcher::Event::InitApply(p) => {
-                if let Some(proj) = PodProjection::from_pod(p, &self.role_label) {
+                let rv = crate::cache::fresh::rv_number(p.metadata.resource_version.as_deref());
+                inner.buffer_rv = inner.buffer_rv.max(rv);
+                if let Some(proj) = PodProjection::from_pod(p, &self.role_label)
+                    && self.keeps(&proj)
+                {
                     inner.buffer.push(Arc::new(proj));
                 }
                 vec![]
@@ -171,14 +233,16 @@ impl PodIndex {
             watcher::Event::InitDone => {
                 inner.synced = true;
                 let listed = inner.buffer.finish();
-                let list_rv = listed.iter().map(|p| p.resource_version).max().unwrap_or(0);
+                // Of everything listed, not only the pods kept: a pod kept at a version
+                // older than the list and absent from it is gone.
+                let list_rv = std::mem::take(&mut inner.buffer_rv);
                 let mut touched: Vec<SetKey> = inner.sets.keys().cloned().collect();
                 // Versions this replica wrote (or read) after the list was served stay.
                 let newer: Vec<Arc<PodProjection>> = inner
                     .sets
                     .values()
                     .flat_map(|s| s.values())
-                    .filter(|p| p.resource_version > list_rv)
+                    .filter(|p| p.resource_version > list_rv && self.keeps(p))
                     .cloned()
                     .collect();
                 inner.sets.clear();
@@ -198,7 +262,14 @@ impl PodIndex {
                 touched.dedup();
                 touched
             }
-            watcher::Event::Apply(p) => self.upsert_locked(&mut inner, p),
+            watcher::Event::Apply(p) => {
+                if PodProjection::from_pod(p, &self.role_label)
+                    .is_some_and(|proj| !self.keeps(&proj))
+                {
+                    return vec![];
+                }
+                self.upsert_locked(&mut inner, p)
+            }
             watcher::Event::Delete(p) => {
                 let rv = crate::cache::fresh::rv_number(p.metadata.resource_version.as_deref());
                 remove_locked(
@@ -390,6 +461,74 @@ mod tests {
             "status": {"conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
         }))
         .expect("pod")
+    }
+
+    fn with_rv(mut p: Pod, rv: u64) -> Pod {
+        p.metadata.resource_version = Some(rv.to_string());
+        p
+    }
+
+    #[test]
+    fn keeps_only_the_pods_of_wanted_statefulsets_and_drops_a_set_given_up() {
+        let wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let idx = PodIndex::new("sts-role").keeping({
+            let wanted = wanted.clone();
+            move |ns, set| {
+                ns == "ns" && set == "db" && wanted.load(std::sync::atomic::Ordering::SeqCst)
+            }
+        });
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(with_rv(
+            pod("db-0", true, None),
+            5,
+        )));
+        idx.apply(&watcher::Event::InitDone);
+        assert!(idx.is_empty(), "not wanted: dropped at the list");
+        assert!(
+            idx.apply(&watcher::Event::Apply(with_rv(pod("db-0", false, None), 6)))
+                .is_empty()
+        );
+        assert!(idx.is_empty(), "not wanted: dropped at an event");
+        // Wanted from now on (the lock was gained and is about to be re-read).
+        wanted.store(true, std::sync::atomic::Ordering::SeqCst);
+        idx.apply(&watcher::Event::Apply(with_rv(
+            pod("db-0", true, Some("writer")),
+            7,
+        )));
+        // A quorum LIST of the set goes in whatever the filter says.
+        idx.replace_set("ns", "db", &[with_rv(pod("db-1", true, None), 8)], 8);
+        assert_eq!(
+            idx.len(),
+            1,
+            "db-0 at 7 is older than the list that lacks it"
+        );
+        idx.apply(&watcher::Event::Apply(with_rv(pod("db-0", true, None), 9)));
+        assert_eq!(idx.len(), 2);
+        // A relist keeps only wanted pods; one kept at a version older than the list and
+        // absent from it is gone, even when the newest listed object is one not kept.
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(with_rv(
+            pod("db-1", true, None),
+            8,
+        )));
+        let mut other = with_rv(pod("web-0", true, None), 20);
+        if let Some(o) = other.metadata.owner_references.as_mut() {
+            o[0].name = "web".into();
+        }
+        idx.apply(&watcher::Event::InitApply(other));
+        idx.apply(&watcher::Event::InitDone);
+        assert_eq!(
+            idx.pods_of("ns", "db")
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["db-1"]
+        );
+        assert!(idx.pods_of("ns", "web").is_empty());
+        // Given up: the set leaves the index.
+        wanted.store(false, std::sync::atomic::Ordering::SeqCst);
+        idx.drop_set("ns", "db");
+        assert!(idx.is_empty());
     }
 
     #[test]

@@ -49,21 +49,54 @@ pub fn backoff() -> kube::runtime::watcher::ExponentialBackoff {
 }
 
 /// What the caches keep of a StatefulSet: its identity, `spec.replicas` and `spec.selector`
-/// (what a decision and a re-read of its pods need). The pod template, volume claim
-/// templates, status, annotations and managed fields are dropped before the object is stored:
-/// each replica caches every StatefulSet of its scope, and the template was most of each.
-pub fn slim_statefulset(s: &mut k8s_openapi::api::apps::v1::StatefulSet) {
+/// (what a decision and a re-read of its pods need). It is decoded as this type, so the pod
+/// template, volume claim templates and status are never allocated — each replica caches every
+/// StatefulSet of its scope, and a full `StatefulSet` is about 2.6 KB even with its template
+/// emptied; annotations, owner references and managed fields are dropped before it is stored.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct CachedStatefulSet {
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default)]
+    pub spec: CachedStatefulSetSpec,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct CachedStatefulSetSpec {
+    pub replicas: Option<i32>,
+    #[serde(default)]
+    pub selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+}
+
+impl kube::Resource for CachedStatefulSet {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "StatefulSet".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "apps".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "statefulsets".into()
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Drop what no decision reads from a cached StatefulSet's metadata.
+pub fn slim_statefulset(s: &mut CachedStatefulSet) {
     let m = &mut s.metadata;
     m.managed_fields = None;
     m.annotations = None;
     m.owner_references = None;
-    let spec = &mut s.spec;
-    spec.template = Default::default();
-    spec.volume_claim_templates = None;
-    spec.persistent_volume_claim_retention_policy = None;
-    spec.update_strategy = None;
-    spec.ordinals = None;
-    s.status = None;
 }
 
 /// Managed fields are never read here, and on a real API server they are often most of an
@@ -262,10 +295,12 @@ pub fn learned_triggers(
 }
 
 /// Lock keys to reconcile because one of stslock's Leases changed (e.g. edited or deleted by
-/// someone else); sets `synced` once the initial list is in the cache (readiness).
+/// someone else); sets `synced` once the initial list is in the cache (readiness). Only the
+/// Leases of this replica's own locks (`interest`) are kept and trigger anything.
 pub fn lease_triggers_synced(
     client: Client,
     leases: LeaseCache,
+    interest: Arc<crate::cache::interest::Interest>,
     synced: Arc<std::sync::atomic::AtomicBool>,
     undecodable: crate::cache::lenient::Reporter,
 ) -> impl Stream<Item = ObjectRef<StatefulSetLock>> + Send + 'static {
@@ -273,24 +308,35 @@ pub fn lease_triggers_synced(
     // wrote meanwhile): the cache never goes through an empty state that would look like every
     // Lease was deleted.
     let mut relist = super::Relist::<Lease>::default();
+    // The newest resourceVersion of the list in progress, Leases kept or not.
+    let mut list_rv = 0;
     crate::cache::lenient::watcher::<Lease>(client, watch_config().labels(LEASE_LABEL), undecodable)
         .modify(|l| l.metadata.managed_fields = None)
         .backoff(backoff())
         .filter_map(move |ev| {
             let mut refs = vec![];
+            let wanted =
+                |l: &Lease| interest.wants_lease(&l.namespace().unwrap_or_default(), &l.name_any());
             match ev {
-                Ok(watcher::Event::Apply(l)) => {
+                Ok(watcher::Event::Apply(l)) if wanted(&l) => {
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
                     remember_lease(&leases, l);
                 }
                 Ok(watcher::Event::InitApply(l)) => {
-                    if let Some(r) = owner_ref(&l) {
-                        refs.push(r);
+                    list_rv = list_rv.max(crate::cache::fresh::rv_number(
+                        l.resource_version().as_deref(),
+                    ));
+                    if wanted(&l) {
+                        if let Some(r) = owner_ref(&l) {
+                            refs.push(r);
+                        }
+                        relist.push(l);
                     }
-                    relist.push(l);
                 }
+                // Another replica's lock: not kept.
+                Ok(watcher::Event::Apply(_)) => {}
                 Ok(watcher::Event::Delete(l)) => {
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
@@ -302,10 +348,19 @@ pub fn lease_triggers_synced(
                         l.resource_version().as_deref(),
                     );
                 }
-                Ok(watcher::Event::Init) => relist.begin(),
+                Ok(watcher::Event::Init) => {
+                    relist.begin();
+                    list_rv = 0;
+                }
                 Ok(watcher::Event::InitDone) => {
                     let listed = relist.finish();
-                    swap_in(&leases, listed, &mut refs);
+                    swap_in(
+                        &leases,
+                        listed,
+                        std::mem::take(&mut list_rv),
+                        &interest,
+                        &mut refs,
+                    );
                     synced.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(e) => tracing::warn!(error = %e, "lease watch"),
@@ -315,15 +370,17 @@ pub fn lease_triggers_synced(
         .flatten()
 }
 
-/// Replace the cache with a relist, keeping entries newer than the list (written by this
-/// replica after the list was served); Leases that disappeared trigger their locks.
-fn swap_in(cache: &LeaseCache, listed: Vec<Lease>, refs: &mut Vec<ObjectRef<StatefulSetLock>>) {
+/// Replace the cache with a relist (of the Leases `interest` keeps; `list_rv`: the newest
+/// version of everything listed), keeping entries newer than the list (written by this replica
+/// after the list was served); kept Leases that disappeared trigger their locks.
+fn swap_in(
+    cache: &LeaseCache,
+    listed: Vec<Lease>,
+    list_rv: u64,
+    interest: &crate::cache::interest::Interest,
+    refs: &mut Vec<ObjectRef<StatefulSetLock>>,
+) {
     use crate::cache::fresh::rv_number;
-    let list_rv = listed
-        .iter()
-        .map(|l| rv_number(l.resource_version().as_deref()))
-        .max()
-        .unwrap_or(0);
     let Ok(mut m) = cache.write() else { return };
     let old = std::mem::take(&mut *m);
     for l in listed {
@@ -341,6 +398,8 @@ fn swap_in(cache: &LeaseCache, listed: Vec<Lease>, refs: &mut Vec<ObjectRef<Stat
                 m.insert(key, known);
             }
             Some(_) => {}
+            // A Lease of a lock given up: not a disappearance.
+            None if !interest.wants_lease(&key.0, &key.1) => {}
             None => {
                 if let Some(r) = owner_ref(&known) {
                     refs.push(r);
@@ -407,19 +466,19 @@ mod tests {
 
     #[test]
     fn a_cached_statefulset_keeps_what_decisions_read_and_nothing_else() {
-        let mut s: k8s_openapi::api::apps::v1::StatefulSet =
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "db", "namespace": "ns", "uid": "u", "resourceVersion": "7",
-                             "labels": {"app": "db"}, "annotations": {"big": "x".repeat(4096)},
-                             "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
-                "spec": {"replicas": 3, "serviceName": "db",
-                         "selector": {"matchLabels": {"app": "db"}},
-                         "template": {"metadata": {"labels": {"app": "db"}},
-                                      "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}},
-                         "volumeClaimTemplates": [{"metadata": {"name": "data"}}]},
-                "status": {"replicas": 3, "readyReplicas": 2}
-            }))
-            .unwrap();
+        let mut s: CachedStatefulSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                         "labels": {"app": "db"}, "annotations": {"big": "x".repeat(4096)},
+                         "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+            "spec": {"replicas": 3, "serviceName": "db",
+                     "selector": {"matchLabels": {"app": "db"}},
+                     "template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}},
+                     "volumeClaimTemplates": [{"metadata": {"name": "data"}}]},
+            "status": {"replicas": 3, "readyReplicas": 2}
+        }))
+        .unwrap();
         slim_statefulset(&mut s);
         assert_eq!(s.spec.replicas, Some(3));
         assert_eq!(
@@ -432,9 +491,19 @@ mod tests {
         );
         assert_eq!(s.resource_version().as_deref(), Some("7"));
         assert_eq!(s.metadata.labels.as_ref().map(|l| l.len()), Some(1));
-        assert!(s.spec.template.spec.is_none());
-        assert!(s.spec.volume_claim_templates.is_none());
-        assert!(s.status.is_none());
         assert!(s.metadata.annotations.is_none() && s.metadata.managed_fields.is_none());
+        // Nothing else was decoded: a fraction of the full type's inline size.
+        assert!(
+            std::mem::size_of::<CachedStatefulSet>()
+                < std::mem::size_of::<k8s_openapi::api::apps::v1::StatefulSet>() / 2,
+            "{} vs {}",
+            std::mem::size_of::<CachedStatefulSet>(),
+            std::mem::size_of::<k8s_openapi::api::apps::v1::StatefulSet>()
+        );
+        // The API's path for it is the StatefulSet's.
+        assert_eq!(
+            <CachedStatefulSet as kube::Resource>::url_path(&(), Some("ns")),
+            "/apis/apps/v1/namespaces/ns/statefulsets"
+        );
     }
 }

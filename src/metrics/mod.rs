@@ -83,6 +83,7 @@ pub struct Metrics {
     dual_writer_detections: Counter,
     undecodable_objects: Family<KindLabel, Counter>,
     owned_locks: Family<ShardLabel, Gauge>,
+    cached_objects: Family<KindLabel, Gauge>,
     ring_members: Gauge,
     shard_ready: Gauge,
     handoffs: Counter,
@@ -130,6 +131,7 @@ impl Metrics {
             dual_writer_detections: Counter::default(),
             undecodable_objects: Family::default(),
             owned_locks: Family::default(),
+            cached_objects: Family::default(),
             ring_members: Gauge::default(),
             shard_ready: Gauge::default(),
             handoffs: Counter::default(),
@@ -214,6 +216,11 @@ impl Metrics {
             "owned_locks",
             "Locks whose shard label names this replica",
             m.owned_locks.clone(),
+        );
+        r.register(
+            "cached_objects",
+            "Objects in this replica's caches by kind: locks and StatefulSets of its scope, pods and Leases of its own locks only",
+            m.cached_objects.clone(),
         );
         r.register(
             "ring_members",
@@ -497,6 +504,13 @@ impl Metrics {
             .set(owned_locks as i64);
         self.ring_members.set(ring_members as i64);
         self.shard_ready.set(i64::from(ready));
+    }
+
+    /// How many objects of `kind` the caches hold, refreshed before each scrape.
+    pub fn cached(&self, kind: &str, n: usize) {
+        self.cached_objects
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .set(n as i64);
     }
 }
 

@@ -24,6 +24,15 @@ pub fn election_config(args: &OperatorArgs, identity: &str) -> Config {
 pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> {
     let ns = lock.namespace().unwrap_or_default();
     let name = lock.name_any();
+    // The caches keep the Leases and pods of this replica's own locks only, from the first
+    // re-read of each on: a decision without that would see no pods. (A gained lock is
+    // untrusted, so it is re-read before it is decided; this is the guard.)
+    if !ctx.cache.holds(lock) {
+        ctx.cache.fresh.distrust(&crate::api::lock_key(lock));
+        return Err(crate::error::Error::Stale(format!(
+            "{ns}/{name}: its Lease and pods are not cached yet (re-reading)"
+        )));
+    }
     let set = ctx
         .cache
         .sets
