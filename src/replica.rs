@@ -236,6 +236,7 @@ pub async fn run_with(
     let (to_reconcile_tx, to_reconcile_rx) = tokio::sync::mpsc::unbounded_channel();
     let cache = Arc::new(crate::cache::Caches {
         client: client.clone(),
+        identity: identity.clone(),
         api_timeout: args.api_timeout(),
         pods: pods.clone(),
         leases: Arc::clone(&leases),
@@ -277,6 +278,18 @@ pub async fn run_with(
         let (cache, renewals) = (ctx.cache.clone(), ctx.renewals.clone());
         Box::new(move |lock: &StatefulSetLock, gained: bool| {
             let key = crate::api::lock_key(lock);
+            // A loss seen in a view older than what this replica wrote itself (a claim the
+            // lock watch has not delivered yet) is no loss.
+            if !gained
+                && cache
+                    .fresh
+                    .newest_lock(Arc::new(lock.clone()))
+                    .labels()
+                    .get(crate::api::SHARD_LABEL)
+                    == Some(&cache.identity)
+            {
+                return;
+            }
             cache.fresh.distrust(&key);
             let lock_ref = kube::runtime::reflector::ObjectRef::from_obj(lock);
             if gained {
@@ -352,32 +365,9 @@ pub async fn run_with(
         let locks = locks.clone();
         let scope = scope.clone();
         let mut stop = stop_rx.clone();
-        let (cache, synced) = (ctx.cache.clone(), synced.clone());
         async move {
             loop {
-                // Settled (see cache::interest) after the first pass that started with the
-                // caches synced and the fence open: from then on the caches keep only the
-                // Leases and pods of this replica's own locks.
-                let ready = !cache.interest.is_settled()
-                    && synced.locks.load(std::sync::atomic::Ordering::SeqCst)
-                    && synced.leases.load(std::sync::atomic::Ordering::SeqCst)
-                    && cache.pods.is_synced()
-                    && sharding.may_write();
                 sharding.assign(&locks, &scope).await;
-                if ready {
-                    let owned = sharding.owned_keys();
-                    let state = locks.state();
-                    cache.settle(
-                        state
-                            .iter()
-                            .filter(|l| owned.contains(&crate::api::lock_key(l)))
-                            .map(|l| l.as_ref()),
-                    );
-                    tracing::info!(
-                        owned = owned.len(),
-                        "caches settled: keeping the Leases and pods of this replica's own locks"
-                    );
-                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                     _ = stop.changed() => return,
@@ -405,22 +395,53 @@ pub async fn run_with(
             .flatten()
     };
     let learned = pods.learned();
+    // The pod and Lease watches start once the lock watch has listed: the locks labelled for
+    // this replica then are its own, and from their first list on the caches keep only their
+    // Leases and pods (see cache::interest; locks gained later are read when gained).
+    let (settled_tx, settled) = tokio::sync::watch::channel(false);
+    background.spawn({
+        let (cache, synced, locks) = (ctx.cache.clone(), synced.clone(), locks.clone());
+        let id = ctx.identity.clone();
+        async move {
+            while !synced.locks.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let state = locks.state();
+            let own: Vec<&StatefulSetLock> = state
+                .iter()
+                .filter(|l| l.labels().get(crate::api::SHARD_LABEL) == Some(&id))
+                .map(|l| l.as_ref())
+                .collect();
+            tracing::info!(
+                owned = own.len(),
+                "lock watch listed: keeping the Leases and pods of this replica's own locks"
+            );
+            cache.settle(own);
+            let _ = settled_tx.send(true);
+        }
+    });
     let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
-        .reconcile_on(watch::pod_triggers(
-            client.clone(),
-            pods,
-            lock_index.clone(),
-            undecodable.clone(),
+        .reconcile_on(after_settling(
+            settled.clone(),
+            watch::pod_triggers(
+                client.clone(),
+                pods,
+                lock_index.clone(),
+                undecodable.clone(),
+            ),
         ))
         .reconcile_on(set_triggers)
         .reconcile_on(watch::learned_triggers(learned, lock_index.clone()))
-        .reconcile_on(watch::lease_triggers_synced(
-            client.clone(),
-            leases,
-            interest,
-            synced.leases.clone(),
-            undecodable.clone(),
+        .reconcile_on(after_settling(
+            settled,
+            watch::lease_triggers_synced(
+                client.clone(),
+                leases,
+                interest,
+                synced.leases.clone(),
+                undecodable.clone(),
+            ),
         ))
         .reconcile_on(crate::renew::to_reconcile(to_reconcile_rx))
         .graceful_shutdown_on({
@@ -486,4 +507,17 @@ async fn cache_synced<K>(
     if store.wait_until_ready().await.is_ok() {
         flag(&synced).store(true, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// `stream`, started once the caches have settled (`settled` says true).
+fn after_settling<S: futures::Stream + Send + 'static>(
+    mut settled: tokio::sync::watch::Receiver<bool>,
+    stream: S,
+) -> impl futures::Stream<Item = S::Item> + Send + 'static {
+    futures::stream::once(async move {
+        // A closed sender (the replica stopping) starts it anyway; nothing consumes it then.
+        let _ = settled.wait_for(|s| *s).await;
+        stream
+    })
+    .flatten()
 }

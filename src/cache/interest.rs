@@ -2,11 +2,11 @@
 //! keeps full state only for its own locks, so its memory shrinks as replicas are added).
 //!
 //! Every replica still watches every StatefulSet pod and every stslock Lease (one watch each,
-//! for the whole scope). Until it has settled — its caches synced and its first assignment
-//! pass done — it keeps everything, as a replica without shards would: its own locks are not
-//! known yet, and the initial lists are what its first decisions rest on. Then it keeps only
-//! the Leases and pods of the locks it owns ([`Interest::settle`]), and an event for any other
-//! is dropped at once. A lock gained later enters the interest before its Lease and pods are
+//! for the whole scope), but those two watches start only once the lock watch has listed: the
+//! locks labelled for the replica then are its own ([`Interest::settle`]), and from their
+//! first list on the caches keep only the Leases and pods of its own locks — an event for any
+//! other is dropped at once. (Before settling everything would be kept; nothing is watched
+//! then.) A relist keeps what is wanted when it completes. A lock gained later enters the interest before its Lease and pods are
 //! first read for it — [`super::Caches::reread`], which every gained lock goes through before
 //! it is decided or renewed (a claim or a handoff makes it untrusted) — so no event newer than
 //! that read is dropped, and the caches hold it ([`Interest::holds`]) once that read

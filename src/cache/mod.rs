@@ -58,6 +58,8 @@ impl<T> Relist<T> {
 /// One replica's caches, shared by its lanes.
 pub struct Caches {
     pub client: Client,
+    /// This replica's shard id (the shard label of the locks it owns).
+    pub identity: String,
     /// Timeout of the reads made here.
     pub api_timeout: Duration,
     pub pods: pods::PodIndex,
@@ -169,36 +171,46 @@ impl Caches {
     pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
         let ns = lock.namespace().unwrap_or_default();
         let timeout = self.api_timeout;
-        self.interest.gain(lock);
         let Some(read) = self.reread_lock(lock).await? else {
+            self.give_up(&crate::api::lock_key(lock));
             return Ok(None);
         };
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
-        let lease_name = &read.spec.lease_name;
-        match call_opt(
-            &self.metrics,
-            ApiCall::get(Kind::Lease, format!("{ns}/{lease_name}")),
-            timeout,
-            leases.get(lease_name),
-        )
-        .await?
-        {
-            Some(l) if l.labels().get(watch::LEASE_LABEL).is_some() => {
-                watch::remember_lease(&self.leases, l)
-            }
-            // Not ours (not watched, never cached): gather reads it directly every time.
-            Some(_) => {}
-            None => watch::forget_lease(&self.leases, &ns, lease_name, None),
+        // No longer this replica's: nothing of it is kept (the caller sees the label).
+        if read.labels().get(crate::api::SHARD_LABEL) != Some(&self.identity) {
+            self.give_up(&crate::api::lock_key(&read));
+            return Ok(Some(read));
         }
-        let set_name = &read.spec.stateful_set_name;
-        if let Some(set) = self.sets.get(&ObjectRef::new(set_name).within(&ns)) {
-            // The StatefulSet's own selector, narrowed to StatefulSet pods; the index keeps
-            // only pods this set controls.
+        // Into the interest before its Lease and pods are read: no watch event newer than
+        // these reads is dropped. (From the lock as read: it names the Lease and set.)
+        self.interest.gain(&read);
+        let lease_read = async {
+            let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+            let lease_name = &read.spec.lease_name;
+            match call_opt(
+                &self.metrics,
+                ApiCall::get(Kind::Lease, format!("{ns}/{lease_name}")),
+                timeout,
+                leases.get(lease_name),
+            )
+            .await?
+            {
+                Some(l) if l.labels().get(watch::LEASE_LABEL).is_some() => {
+                    watch::remember_lease(&self.leases, l)
+                }
+                // Not ours (not watched, never cached): gather reads it directly every time.
+                Some(_) => {}
+                None => watch::forget_lease(&self.leases, &ns, lease_name, None),
+            }
+            Ok::<(), crate::error::Error>(())
+        };
+        let pods_read = async {
+            let set_name = &read.spec.stateful_set_name;
+            // The StatefulSet's own selector, narrowed to StatefulSet pods, when the set is
+            // cached; else every StatefulSet pod of the namespace. Either way only the pods
+            // this set controls go in.
+            let set = self.sets.get(&ObjectRef::new(set_name).within(&ns));
             let mut selector: Vec<String> = set
-                .spec
-                .selector
-                .match_labels
-                .clone()
+                .and_then(|s| s.spec.selector.match_labels.clone())
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -214,8 +226,21 @@ impl Caches {
             )
             .await?;
             let list_rv = fresh::rv_number(listed.metadata.resource_version.as_deref());
-            self.pods.replace_set(&ns, set_name, &listed.items, list_rv);
-        }
+            let mine: Vec<Pod> = listed
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.owner_references().iter().any(|o| {
+                        o.controller == Some(true) && o.kind == "StatefulSet" && o.name == *set_name
+                    })
+                })
+                .collect();
+            self.pods.replace_set(&ns, set_name, &mine, list_rv);
+            Ok::<(), crate::error::Error>(())
+        };
+        let (lease_read, pods_read) = futures::join!(lease_read, pods_read);
+        lease_read?;
+        pods_read?;
         self.interest.populated(&read);
         Ok(Some(read))
     }

@@ -223,16 +223,21 @@ impl PodIndex {
             watcher::Event::InitApply(p) => {
                 let rv = crate::cache::fresh::rv_number(p.metadata.resource_version.as_deref());
                 inner.buffer_rv = inner.buffer_rv.max(rv);
-                if let Some(proj) = PodProjection::from_pod(p, &self.role_label)
-                    && self.keeps(&proj)
-                {
+                // Filtered when the list is complete, by what is kept then: a lock gained
+                // while the list comes in keeps its pods from it.
+                if let Some(proj) = PodProjection::from_pod(p, &self.role_label) {
                     inner.buffer.push(Arc::new(proj));
                 }
                 vec![]
             }
             watcher::Event::InitDone => {
                 inner.synced = true;
-                let listed = inner.buffer.finish();
+                let listed: Vec<Arc<PodProjection>> = inner
+                    .buffer
+                    .finish()
+                    .into_iter()
+                    .filter(|p| self.keeps(p))
+                    .collect();
                 // Of everything listed, not only the pods kept: a pod kept at a version
                 // older than the list and absent from it is gone.
                 let list_rv = std::mem::take(&mut inner.buffer_rv);

@@ -308,8 +308,10 @@ pub fn lease_triggers_synced(
     // wrote meanwhile): the cache never goes through an empty state that would look like every
     // Lease was deleted.
     let mut relist = super::Relist::<Lease>::default();
-    // The newest resourceVersion of the list in progress, Leases kept or not.
+    // The newest resourceVersion of the list in progress, Leases kept or not, and the Leases
+    // it had that were not kept then (a lock gained before it completes keeps its own).
     let mut list_rv = 0;
+    let mut skipped: Vec<(String, String)> = vec![];
     crate::cache::lenient::watcher::<Lease>(client, watch_config().labels(LEASE_LABEL), undecodable)
         .modify(|l| l.metadata.managed_fields = None)
         .backoff(backoff())
@@ -329,10 +331,9 @@ pub fn lease_triggers_synced(
                         l.resource_version().as_deref(),
                     ));
                     if wanted(&l) {
-                        if let Some(r) = owner_ref(&l) {
-                            refs.push(r);
-                        }
                         relist.push(l);
+                    } else {
+                        skipped.push((l.namespace().unwrap_or_default(), l.name_any()));
                     }
                 }
                 // Another replica's lock: not kept.
@@ -351,14 +352,25 @@ pub fn lease_triggers_synced(
                 Ok(watcher::Event::Init) => {
                     relist.begin();
                     list_rv = 0;
+                    skipped.clear();
                 }
                 Ok(watcher::Event::InitDone) => {
-                    let listed = relist.finish();
+                    // Given up while the list came in: not kept.
+                    let listed: Vec<Lease> =
+                        relist.finish().into_iter().filter(|l| wanted(l)).collect();
+                    refs.extend(listed.iter().filter_map(owner_ref));
+                    // Gained meanwhile: the list's version was dropped, the re-read that came
+                    // with the gain stays.
+                    let gained: HashSet<(String, String)> = std::mem::take(&mut skipped)
+                        .into_iter()
+                        .filter(|(ns, name)| interest.wants_lease(ns, name))
+                        .collect();
                     swap_in(
                         &leases,
                         listed,
                         std::mem::take(&mut list_rv),
                         &interest,
+                        &gained,
                         &mut refs,
                     );
                     synced.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -378,6 +390,7 @@ fn swap_in(
     listed: Vec<Lease>,
     list_rv: u64,
     interest: &crate::cache::interest::Interest,
+    gained: &HashSet<(String, String)>,
     refs: &mut Vec<ObjectRef<StatefulSetLock>>,
 ) {
     use crate::cache::fresh::rv_number;
@@ -393,7 +406,14 @@ fn swap_in(
         let known_rv = rv_number(known.resource_version().as_deref());
         match m.get(&key) {
             Some(listed) if rv_number(listed.resource_version().as_deref()) >= known_rv => {}
-            // Written by this replica after the list was served: keep the newer version.
+            // Read when its lock was gained while the list came in (the list's version was
+            // not kept), or written by this replica after the list was served: keep it.
+            None if gained.contains(&key) => {
+                if let Some(r) = owner_ref(&known) {
+                    refs.push(r);
+                }
+                m.insert(key, known);
+            }
             _ if known_rv > list_rv => {
                 m.insert(key, known);
             }
