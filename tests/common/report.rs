@@ -126,31 +126,14 @@ fn writer_timeline(r: &ChaosRun<'_>, secs: &dyn Fn(u64) -> f64, span: (f64, f64)
                     });
                 }
             }
-            for (list, fill, what) in [
-                (&s.no_ready_writer, Fill::Writerless, "no Ready writer"),
-                (&s.dual_writer, Fill::DualWriter, "TWO WRITERS"),
-            ] {
-                for i in list.iter().filter(|i| i.start_ms >= r.from_ms) {
-                    let end = i.end_ms.unwrap_or(now);
-                    segments.push(Segment {
-                        start: secs(i.start_ms),
-                        end: secs(end),
-                        fill,
-                        title: format!("{what} for {} ms", end - i.start_ms),
-                    });
-                }
-            }
+            segments.extend(html::invariant_segments(s, r.from_ms, now, secs));
             Row {
                 label: name(set),
                 segments,
             }
         })
         .collect();
-    let mut legend: Vec<(String, Fill)> = (0..ordinals)
-        .map(|o| (format!("pod -{o} is writer"), Fill::Series(o)))
-        .collect();
-    legend.push(("no Ready writer".into(), Fill::Writerless));
-    legend.push(("two writers".into(), Fill::DualWriter));
+    let legend = html::writer_legend(ordinals);
     html::timeline(
         "writer-timeline",
         "Writer per StatefulSet",

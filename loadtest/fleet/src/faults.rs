@@ -1783,20 +1783,12 @@ fn html_report(r: &ReportInput<'_>) -> String {
                 }
             }
             if let Some(s) = r.report.statefulsets.get(&format!("{}/{}", k.0, k.1)) {
-                for (list, fill, what) in [
-                    (&s.no_ready_writer, Fill::Writerless, "no Ready writer"),
-                    (&s.dual_writer, Fill::DualWriter, "TWO WRITERS"),
-                ] {
-                    for i in list.iter().filter(|i| i.start_ms >= r.from_ms) {
-                        let end = i.end_ms.unwrap_or(r.report.now_ms);
-                        segments.push(Segment {
-                            start: secs(i.start_ms),
-                            end: secs(end),
-                            fill,
-                            title: format!("{what} for {} ms", end - i.start_ms),
-                        });
-                    }
-                }
+                segments.extend(report::invariant_segments(
+                    s,
+                    r.from_ms,
+                    r.report.now_ms,
+                    &secs,
+                ));
             }
             Row {
                 label: format!("{}/{}", k.0, k.1),
@@ -1804,12 +1796,7 @@ fn html_report(r: &ReportInput<'_>) -> String {
             }
         })
         .collect();
-    let pods = usize::try_from(r.args.pods).unwrap_or(1);
-    let mut legend: Vec<(String, Fill)> = (0..pods)
-        .map(|o| (format!("pod -{o} is writer"), Fill::Series(o)))
-        .collect();
-    legend.push(("no Ready writer".into(), Fill::Writerless));
-    legend.push(("two writers".into(), Fill::DualWriter));
+    let legend = report::writer_legend(usize::try_from(r.args.pods).unwrap_or(1));
     sections.push(report::timeline(
         "writer-timeline",
         "Writer per StatefulSet",

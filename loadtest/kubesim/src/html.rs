@@ -438,6 +438,43 @@ th, td {{ text-align: left; padding: 2px 10px 2px 0; border-bottom: 1px solid #e
     )
 }
 
+/// The writer-timeline segments of one StatefulSet's invariant intervals that began at or
+/// after `from_ms`: without a Ready writer (dark) and with two writers (red); `secs` maps a
+/// time to the chart's seconds.
+pub fn invariant_segments(
+    s: &crate::recorder::SetReport,
+    from_ms: u64,
+    now_ms: u64,
+    secs: &dyn Fn(u64) -> f64,
+) -> Vec<Segment> {
+    let mut segments = vec![];
+    for (list, fill, what) in [
+        (&s.no_ready_writer, Fill::Writerless, "no Ready writer"),
+        (&s.dual_writer, Fill::DualWriter, "TWO WRITERS"),
+    ] {
+        for i in list.iter().filter(|i| i.start_ms >= from_ms) {
+            let end = i.end_ms.unwrap_or(now_ms);
+            segments.push(Segment {
+                start: secs(i.start_ms),
+                end: secs(end),
+                fill,
+                title: format!("{what} for {} ms", end - i.start_ms),
+            });
+        }
+    }
+    segments
+}
+
+/// The writer timeline's legend: pods of ordinals `0..pods`, then the two invariant fills.
+pub fn writer_legend(pods: usize) -> Vec<(String, Fill)> {
+    let mut legend: Vec<(String, Fill)> = (0..pods)
+        .map(|o| (format!("pod -{o} is writer"), Fill::Series(o)))
+        .collect();
+    legend.push(("no Ready writer".into(), Fill::Writerless));
+    legend.push(("two writers".into(), Fill::DualWriter));
+    legend
+}
+
 /// A process's resident set in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
 /// for the memory figure; `None` where /proc does not say.
 pub fn rss_kib(pid: &str) -> Option<u64> {
