@@ -484,6 +484,56 @@ mod tests {
         assert_eq!(names(&idx, "moved"), ["b"]);
     }
 
+    fn lease(name: &str, rv: u64, owner: &str) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv.to_string(),
+                         "annotations": {LEASE_OWNER_ANNOTATION: format!("ns/{owner}")}},
+            "spec": {"holderIdentity": "db-0"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lease_relist_keeps_the_leases_of_own_locks_and_what_a_gain_read_meanwhile() {
+        let interest = crate::cache::interest::Interest::default();
+        interest.settle([]);
+        let cache: LeaseCache = Arc::default();
+        // Own locks a, b, c (Leases la, lb, lc); d is another replica's.
+        for (l, le) in [("a", "la"), ("b", "lb"), ("c", "lc")] {
+            let mut lk = lock(l, "db");
+            lk.spec.lease_name = le.into();
+            interest.gain(&lk);
+        }
+        remember_lease(&cache, lease("la", 10, "a")); // listed again, newer: replaced
+        remember_lease(&cache, lease("lb", 20, "b")); // gone from the list: deleted
+        remember_lease(&cache, lease("lc", 30, "c")); // gained while the list came in
+        let gained: HashSet<(String, String)> = [("ns".to_string(), "lc".to_string())].into();
+        let mut refs = vec![];
+        swap_in(
+            &cache,
+            vec![lease("la", 40, "a")],
+            100,
+            &interest,
+            &gained,
+            &mut refs,
+        );
+        let m = cache.read().unwrap();
+        let rv = |n: &str| {
+            m.get(&("ns".to_string(), n.to_string()))
+                .and_then(|l| l.resource_version())
+        };
+        assert_eq!(rv("la").as_deref(), Some("40"));
+        assert_eq!(rv("lb"), None, "absent from a newer list: deleted");
+        assert_eq!(rv("lc").as_deref(), Some("30"), "read by the gain: kept");
+        let mut names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["b", "c"],
+            "the deleted one and the gained one are decided again"
+        );
+    }
+
     #[test]
     fn a_cached_statefulset_keeps_what_decisions_read_and_nothing_else() {
         let mut s: CachedStatefulSet = serde_json::from_value(serde_json::json!({
