@@ -284,10 +284,6 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
         })
     })
     .await;
-    let mut replicas = vec![first];
-    for i in 1..3 {
-        replicas.push(replica(&mut env, &format!("h-{i}"), |_| {}).await);
-    }
     // Alone, h-0 keeps every pod and Lease.
     poll(
         20,
@@ -302,6 +298,10 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
         },
     )
     .await;
+    let mut replicas = vec![first];
+    for i in 1..3 {
+        replicas.push(replica(&mut env, &format!("h-{i}"), |_| {}).await);
+    }
     // The ring grows to three; h-0 hands the locks it no longer owns to their new owners,
     // and their pods and Leases leave its caches.
     let s = poll(20, "three ring members and every lock owned once", || {
