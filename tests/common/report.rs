@@ -54,14 +54,7 @@ pub fn page(r: &ChaosRun<'_>) -> String {
         &r.summary,
         &r.judged,
     )];
-    let writerless: Vec<u64> = r
-        .report
-        .statefulsets
-        .values()
-        .flat_map(|s| s.no_ready_writer.iter())
-        .filter(|i| i.start_ms >= r.from_ms)
-        .map(|i| i.duration_ms(r.report.now_ms))
-        .collect();
+    let writerless = r.report.writerless_ms(r.from_ms);
     sections.push(html::histogram(
         "failover-latency",
         "Failover latency (time without a Ready writer)",
@@ -233,29 +226,18 @@ fn renewal_lateness(r: &ChaosRun<'_>, secs: &dyn Fn(u64) -> f64) -> String {
 }
 
 fn api_writes(r: &ChaosRun<'_>) -> String {
-    let mut per: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
-    for w in r
-        .writes
-        .iter()
-        .filter(|w| w.at_ms >= r.from_ms && w.at_ms <= r.to_ms && w.maybe_committed())
-    {
-        if let Some(id) = w.actor.strip_prefix("stslock/") {
-            *per.entry(id.to_string())
-                .or_default()
-                .entry((w.at_ms - r.from_ms) / 1000)
-                .or_default() += 1;
-        }
-    }
-    let last_s = (r.to_ms.saturating_sub(r.from_ms)) / 1000;
-    let series: Vec<Series> = per
-        .into_iter()
-        .map(|(id, m)| Series {
-            name: id,
-            points: (0..=last_s)
-                .map(|s| (s as f64, m.get(&s).copied().unwrap_or(0) as f64))
-                .collect(),
-        })
-        .collect();
+    let series = html::per_second(
+        r.writes
+            .iter()
+            .filter(|w| w.maybe_committed())
+            .filter_map(|w| {
+                w.actor
+                    .strip_prefix("stslock/")
+                    .map(|id| (id.to_string(), w.at_ms))
+            }),
+        r.from_ms,
+        r.to_ms,
+    );
     html::line_chart(
         "api-writes",
         "API writes per second, per replica",

@@ -1689,14 +1689,7 @@ fn html_report(r: &ReportInput<'_>) -> String {
     let span = (secs(r.from_ms), secs(r.to_ms));
     // Writer-less intervals that began in the run: each is a writer failure (or a lost
     // election) until a Ready writer was back.
-    let writerless: Vec<u64> = r
-        .report
-        .statefulsets
-        .values()
-        .flat_map(|s| s.no_ready_writer.iter())
-        .filter(|i| i.start_ms >= r.from_ms)
-        .map(|i| i.duration_ms(r.report.now_ms))
-        .collect();
+    let writerless = r.report.writerless_ms(r.from_ms);
     let mut sections = vec![report::summary(
         &if r.violations.is_empty() && r.reported.is_empty() {
             "PASS: every invariant held".to_string()
@@ -1897,29 +1890,15 @@ fn html_report(r: &ReportInput<'_>) -> String {
         }],
     ));
     // API writes per second per replica.
-    let mut per: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
-    for c in r
-        .log
-        .iter()
-        .filter(|c| c.at_ms >= r.from_ms && c.at_ms <= r.to_ms)
-    {
-        if let Some(id) = c.actor.strip_prefix(AGENT_PREFIX) {
-            *per.entry(id.to_string())
-                .or_default()
-                .entry((c.at_ms - r.from_ms) / 1000)
-                .or_default() += 1;
-        }
-    }
-    let last_s = (r.to_ms - r.from_ms) / 1000;
-    let series: Vec<Series> = per
-        .into_iter()
-        .map(|(id, m)| Series {
-            name: id,
-            points: (0..=last_s)
-                .map(|s| (s as f64, m.get(&s).copied().unwrap_or(0) as f64))
-                .collect(),
-        })
-        .collect();
+    let series = report::per_second(
+        r.log.iter().filter_map(|c| {
+            c.actor
+                .strip_prefix(AGENT_PREFIX)
+                .map(|id| (id.to_string(), c.at_ms))
+        }),
+        r.from_ms,
+        r.to_ms,
+    );
     sections.push(report::line_chart(
         "api-writes",
         "API writes per second, per replica",

@@ -438,6 +438,34 @@ th, td {{ text-align: left; padding: 2px 10px 2px 0; border-bottom: 1px solid #e
     )
 }
 
+/// Events (name, ms) in `[from_ms, to_ms]` counted per second and per name: one series per
+/// name, every second of the span present (0 where none), x in seconds from `from_ms`.
+pub fn per_second(
+    events: impl IntoIterator<Item = (String, u64)>,
+    from_ms: u64,
+    to_ms: u64,
+) -> Vec<Series> {
+    let mut per: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>> =
+        Default::default();
+    for (name, at) in events {
+        if (from_ms..=to_ms).contains(&at) {
+            *per.entry(name)
+                .or_default()
+                .entry((at - from_ms) / 1000)
+                .or_default() += 1;
+        }
+    }
+    let last_s = to_ms.saturating_sub(from_ms) / 1000;
+    per.into_iter()
+        .map(|(name, m)| Series {
+            name,
+            points: (0..=last_s)
+                .map(|s| (s as f64, m.get(&s).copied().unwrap_or(0) as f64))
+                .collect(),
+        })
+        .collect()
+}
+
 /// The writer-timeline segments of one StatefulSet's invariant intervals that began at or
 /// after `from_ms`: without a Ready writer (dark) and with two writers (red); `secs` maps a
 /// time to the chart's seconds.

@@ -122,6 +122,19 @@ fn owner_set(pod: &Value) -> Option<String> {
     Some(format!("{}/{}", meta::namespace(pod), name))
 }
 
+impl Report {
+    /// The length of every interval without a Ready writer that began at or after `from_ms`
+    /// (a failover's latency, or a writer failure's), across the StatefulSets.
+    pub fn writerless_ms(&self, from_ms: u64) -> Vec<u64> {
+        self.statefulsets
+            .values()
+            .flat_map(|s| s.no_ready_writer.iter())
+            .filter(|i| i.start_ms >= from_ms)
+            .map(|i| i.duration_ms(self.now_ms))
+            .collect()
+    }
+}
+
 impl Recorder {
     pub fn new(label_key: impl Into<String>) -> Self {
         Recorder {
