@@ -154,8 +154,10 @@ pub async fn run_with(
             let _ = undecodable_tx.send(u);
         }
     });
-    // Locks the lock watch saw deleted, for the caches to give up (once they exist).
-    let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Locks the lock watch saw deleted (Some), or a list of it complete (None: any lock the
+    // list lacks is gone too — a deletion while the watch was down has no event), for the
+    // caches to give up (once they exist).
+    let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
     let (locks, locks_writer) = kube::runtime::reflector::store();
     let lock_index = watch::LockIndex::default();
     let lock_events = kube::runtime::reflector(
@@ -178,8 +180,14 @@ pub async fn run_with(
             if let Ok(e) = ev {
                 index.apply(e);
                 // A deleted lock's Lease and pods leave the caches (see `Caches::give_up`).
-                if let watcher::Event::Delete(l) = e {
-                    let _ = gone.send(crate::api::lock_key(l));
+                match e {
+                    watcher::Event::Delete(l) => {
+                        let _ = gone.send(Some(crate::api::lock_key(l)));
+                    }
+                    watcher::Event::InitDone => {
+                        let _ = gone.send(None);
+                    }
+                    _ => {}
                 }
             }
             if matches!(ev, Ok(watcher::Event::InitDone)) {
@@ -316,10 +324,26 @@ pub async fn run_with(
     });
     background.spawn(crate::probe::serve(listener, probe));
     background.spawn({
-        let cache = ctx.cache.clone();
+        let (cache, locks) = (ctx.cache.clone(), locks.clone());
         async move {
-            while let Some(key) = gone_rx.recv().await {
-                cache.give_up(&key);
+            while let Some(gone) = gone_rx.recv().await {
+                match gone {
+                    Some(key) => cache.give_up(&key),
+                    // The store holds the list by now (the reflector applies an event before
+                    // passing it on).
+                    None => {
+                        let present: std::collections::HashSet<String> = locks
+                            .state()
+                            .iter()
+                            .map(|l| crate::api::lock_key(l))
+                            .collect();
+                        for key in cache.interest.keys() {
+                            if !present.contains(&key) {
+                                cache.give_up(&key);
+                            }
+                        }
+                    }
+                }
             }
         }
     });

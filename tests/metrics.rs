@@ -691,3 +691,59 @@ fn observability_kustomization_wires_the_metrics_port_of_the_manager() {
             .unwrap();
     assert_eq!(cm["data"]["grafana-dashboard.json"], dashboard.as_str());
 }
+
+/// A lock deleted while the replica's lock watch was down has no Delete event (the watch
+/// re-lists): the list's completion gives up every lock the list lacks, so its pods and Lease
+/// leave the caches too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    if !common::kubesim_only("stalls, compacts and drops kubesim's watches") {
+        return;
+    }
+    let mut env = env(false).await;
+    let m = replica(&mut env, "d-0", |_| {}).await;
+    for i in 0..2 {
+        env.statefulset(&format!("ds{i}"), 2).await;
+        lock(&env, &format!("d{i}"), &format!("ds{i}")).await;
+    }
+    for i in 0..2 {
+        env.wait_writer(&format!("ds{i}"), &format!("ds{i}-0"))
+            .await;
+    }
+    let cached = move |pods: f64, leases: f64, locks: f64| async move {
+        let s = metrics(m).await;
+        (s.get("stslock_cached_objects{kind=\"pods\"}") == Some(&pods)
+            && s.get("stslock_cached_objects{kind=\"leases\"}") == Some(&leases)
+            && s.get("stslock_cached_objects{kind=\"locks\"}") == Some(&locks))
+        .then_some(())
+    };
+    poll(20, "both locks' pods and Leases cached", move || {
+        Box::pin(cached(4.0, 2.0, 2.0))
+    })
+    .await;
+    // The lock watch stalls; d1 goes (its finalizer removed first: the operator cannot see the
+    // deletion to finish it); the history is compacted and the watches dropped, so the lock
+    // watch re-lists and never sees a Delete of d1.
+    env.faults().update(|c| {
+        c.watch_faults = vec![kubesim::WatchFault::stall("statefulsetlocks")];
+    });
+    let locks = env.locks();
+    locks
+        .patch(
+            "d1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    locks.delete("d1", &DeleteParams::default()).await.unwrap();
+    env.sim().expect("kubesim").compact();
+    env.faults().drop_watches();
+    env.faults().set(Default::default());
+    poll(20, "d1's pods and Lease gone from the caches", move || {
+        Box::pin(cached(2.0, 1.0, 1.0))
+    })
+    .await;
+    env.stop_operators().await;
+}

@@ -124,6 +124,11 @@ impl Interest {
                 .contains_key(&(namespace.to_string(), name.to_string()))
     }
 
+    /// The owned locks (`namespace/name`) whose Leases and pods are kept.
+    pub fn keys(&self) -> Vec<String> {
+        self.read().locks.keys().cloned().collect()
+    }
+
     /// Owned locks whose Leases and pods are kept.
     pub fn len(&self) -> usize {
         self.read().locks.len()
