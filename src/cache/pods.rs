@@ -267,14 +267,10 @@ impl PodIndex {
                 touched.dedup();
                 touched
             }
-            watcher::Event::Apply(p) => {
-                if PodProjection::from_pod(p, &self.role_label)
-                    .is_some_and(|proj| !self.keeps(&proj))
-                {
-                    return vec![];
-                }
-                self.upsert_locked(&mut inner, p)
-            }
+            watcher::Event::Apply(p) => match PodProjection::from_pod(p, &self.role_label) {
+                Some(proj) if self.keeps(&proj) => Self::upsert_projection(&mut inner, proj),
+                _ => vec![],
+            },
             watcher::Event::Delete(p) => {
                 let rv = crate::cache::fresh::rv_number(p.metadata.resource_version.as_deref());
                 remove_locked(
@@ -293,17 +289,13 @@ impl PodIndex {
     pub fn remember(&self, pod: &Pod) {
         let news = {
             let mut inner = self.write();
-            let before = PodProjection::from_pod(pod, &self.role_label).map(|p| {
-                let old = indexed(&inner, &p.namespace, &p.name);
-                (p, old)
-            });
-            let touched = self.upsert_locked(&mut inner, pod);
-            match before {
-                Some((now, old)) if !touched.is_empty() => old
-                    .is_none_or(|old| old.differs_beyond_role(&now))
-                    .then_some((now.namespace, now.statefulset)),
-                _ => None,
-            }
+            let Some(now) = PodProjection::from_pod(pod, &self.role_label) else {
+                return;
+            };
+            let old = indexed(&inner, &now.namespace, &now.name);
+            let touched = Self::upsert_projection(&mut inner, now.clone());
+            (!touched.is_empty() && old.is_none_or(|old| old.differs_beyond_role(&now)))
+                .then_some((now.namespace, now.statefulset))
         };
         if let Some(set) = news
             && let Some(tx) = &*self.learned.lock().unwrap_or_else(|p| p.into_inner())
@@ -344,9 +336,14 @@ impl PodIndex {
     }
 
     fn upsert_locked(&self, inner: &mut Inner, p: &Pod) -> Vec<SetKey> {
-        let Some(proj) = PodProjection::from_pod(p, &self.role_label) else {
-            return vec![];
-        };
+        match PodProjection::from_pod(p, &self.role_label) {
+            Some(proj) => Self::upsert_projection(inner, proj),
+            None => vec![],
+        }
+    }
+
+    /// Put one projection into the index; returns the sets touched.
+    fn upsert_projection(inner: &mut Inner, proj: PodProjection) -> Vec<SetKey> {
         let key = (proj.namespace.clone(), proj.statefulset.clone());
         let id = (proj.namespace.clone(), proj.name.clone());
         let old = indexed(inner, &proj.namespace, &proj.name);
