@@ -52,8 +52,13 @@ pub fn to_served(rt: &ResourceType, stored: &Value) -> Value {
 
 /// Served form of `rt` → stored form.
 pub fn to_stored(rt: &ResourceType, served: &Value) -> Value {
+    into_stored(rt, served.clone())
+}
+
+/// [`to_stored`] of an object the caller owns: no copy unless the kind is renamed.
+pub fn into_stored(rt: &ResourceType, served: Value) -> Value {
     if rt.is_event_view() {
-        let mut v = rename(served, true);
+        let mut v = rename(&served, true);
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Event");
         // Core Events need a source and timestamps for kubectl's describe/get printers.
@@ -77,7 +82,7 @@ pub fn to_stored(rt: &ResourceType, served: &Value) -> Value {
         }
         v
     } else {
-        served.clone()
+        served
     }
 }
 

@@ -139,9 +139,13 @@ fn list_kind(field: &str, lists: &[&[Value]]) -> ListKind {
 
 /// RFC 6902 JSON Patch (`application/json-patch+json`).
 pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
+    json_patch_owned(target.clone(), patch)
+}
+
+/// [`json_patch`] of a document the caller already owns (the write path's copy of the object).
+pub fn json_patch_owned(mut doc: Value, patch: &Value) -> Result<Value, PatchError> {
     let ops: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| PatchError::InvalidJsonPatch(e.to_string()))?;
-    let mut doc = target.clone();
     json_patch::patch(&mut doc, &ops).map_err(|e| {
         let operation = e.operation;
         let path = e.path.to_string();
@@ -163,9 +167,13 @@ pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
 /// RFC 7386 JSON merge patch (`application/merge-patch+json`). A patch that is not an object
 /// replaces the whole document, as the RFC says.
 pub fn merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
-    let mut doc = target.clone();
+    Ok(merge_patch_owned(target.clone(), patch))
+}
+
+/// [`merge_patch`] of a document the caller already owns.
+pub fn merge_patch_owned(mut doc: Value, patch: &Value) -> Value {
     json_patch::merge(&mut doc, patch);
-    Ok(doc)
+    doc
 }
 
 /// Kubernetes strategic merge patch (`application/strategic-merge-patch+json`) for built-in
@@ -179,11 +187,16 @@ pub fn merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
 /// leaves `{}`), and directives nested in a value that has no live counterpart are processed
 /// rather than copied verbatim. Unrecognised `$`-prefixed keys are ordinary fields, as there.
 pub fn strategic_merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
+    strategic_merge_patch_owned(target.clone(), patch)
+}
+
+/// [`strategic_merge_patch`] of a document the caller already owns.
+pub fn strategic_merge_patch_owned(target: Value, patch: &Value) -> Result<Value, PatchError> {
     let Value::Object(patch) = patch else {
         return Err(PatchError::NotAnObject);
     };
     let original = match target {
-        Value::Object(map) => map.clone(),
+        Value::Object(map) => map,
         _ => Object::new(),
     };
     // A top-level `$patch: delete` empties the object, as in strategicpatch; there is no parent

@@ -93,9 +93,9 @@ impl Ctx {
                     None => Value::Null,
                 };
                 let mut patched = match kind {
-                    PatchKind::Json => patch::json_patch(&served, &patch_doc),
-                    PatchKind::Merge => patch::merge_patch(&served, &patch_doc),
-                    PatchKind::Strategic => patch::strategic_merge_patch(&served, &patch_doc),
+                    PatchKind::Json => patch::json_patch_owned(served, &patch_doc),
+                    PatchKind::Merge => Ok(patch::merge_patch_owned(served, &patch_doc)),
+                    PatchKind::Strategic => patch::strategic_merge_patch_owned(served, &patch_doc),
                     PatchKind::Apply => patch::server_side_apply(cur.map(|_| &served), &patch_doc),
                 }
                 .map_err(|e| {
@@ -139,7 +139,7 @@ impl Ctx {
                 if patch_rv.is_none() && kind != PatchKind::Json {
                     meta::meta_mut(&mut patched).remove("resourceVersion");
                 }
-                Ok(convert::to_stored(&rt, &patched))
+                Ok(convert::into_stored(&rt, patched))
             },
             create_if_missing,
         )?;
