@@ -53,6 +53,50 @@ pub struct Event {
     pub encoded: std::sync::OnceLock<bytes::Bytes>,
 }
 
+/// One committed change as the watch history keeps it: the objects serialized, since a JSON
+/// tree takes several times the memory of its text and the history holds every version of the
+/// last minutes. Decoded again only when a watch resumes from it or a read asks for an older
+/// state.
+struct Past {
+    rv: u64,
+    type_: EventType,
+    key: StoreKey,
+    obj: ObjKey,
+    at: Instant,
+    object: bytes::Bytes,
+    old: Option<bytes::Bytes>,
+}
+
+fn decode(b: &bytes::Bytes) -> Arc<Value> {
+    // The bytes are this store's own serialization of a Value: they always parse.
+    Arc::new(serde_json::from_slice(b).unwrap_or(Value::Null))
+}
+
+impl Past {
+    /// The event as it was published.
+    fn event(&self) -> Arc<Event> {
+        Arc::new(Event {
+            rv: self.rv,
+            type_: self.type_,
+            key: self.key.clone(),
+            object: decode(&self.object),
+            old: self.old.as_ref().map(decode),
+            at: self.at,
+            encoded: std::sync::OnceLock::from(self.object.clone()),
+        })
+    }
+
+    /// The object as it was before this change (None: it did not exist).
+    fn before(&self) -> Option<Arc<Value>> {
+        match self.type_ {
+            EventType::Added => None,
+            EventType::Modified | EventType::Deleted => {
+                Some(decode(self.old.as_ref().unwrap_or(&self.object)))
+            }
+        }
+    }
+}
+
 impl Event {
     pub fn encoded(&self) -> &bytes::Bytes {
         self.encoded.get_or_init(|| {
@@ -153,7 +197,11 @@ pub struct State {
     pub rv: u64,
     pub registry: Registry,
     objects: HashMap<StoreKey, BTreeMap<ObjKey, Arc<Value>>>,
-    history: VecDeque<Arc<Event>>,
+    history: VecDeque<Past>,
+    /// The serialized form of each object's latest version in the history (its resourceVersion
+    /// and bytes, shared with that entry): the next change of the object keeps it as its old
+    /// version without serializing it again.
+    latest: HashMap<(StoreKey, ObjKey), (u64, bytes::Bytes)>,
     /// Events with rv <= compacted are gone.
     compacted: u64,
     commit_log: VecDeque<CommitRecord>,
@@ -193,6 +241,7 @@ impl Store {
                 registry: Registry::with_builtins(),
                 objects: HashMap::new(),
                 history: VecDeque::new(),
+                latest: HashMap::new(),
                 compacted: 0,
                 commit_log: VecDeque::new(),
                 recorder,
@@ -413,7 +462,7 @@ impl Store {
                     .history
                     .iter()
                     .filter(|e| e.rv > rv && e.key == key)
-                    .cloned()
+                    .map(Past::event)
                     .collect();
                 Ok(WatchStart {
                     backlog,
@@ -430,6 +479,7 @@ impl Store {
     pub fn compact(&self) -> u64 {
         let mut st = self.lock();
         st.history.clear();
+        st.latest.clear();
         st.compacted = st.rv;
         st.rv
     }
@@ -489,10 +539,33 @@ impl Store {
         st.delete_locked(self, rt, ns, name, opts)
     }
 
-    fn publish(&self, st: &mut State, ev: Event) {
+    fn publish(&self, st: &mut State, ev: Event, obj: ObjKey) {
         let ev = Arc::new(ev);
         let cutoff = ev.at.checked_sub(self.config.history_window);
-        st.history.push_back(ev.clone());
+        let object = ev.encoded().clone();
+        let latest_key = (ev.key.clone(), obj);
+        let old = ev.old.as_ref().map(|old| {
+            let old_rv = meta::meta_str(old, "resourceVersion").and_then(|v| v.parse().ok());
+            match st.latest.get(&latest_key) {
+                Some((rv, bytes)) if Some(*rv) == old_rv => bytes.clone(),
+                _ => bytes::Bytes::from(serde_json::to_vec(&**old).unwrap_or_default()),
+            }
+        });
+        if ev.type_ == EventType::Deleted {
+            st.latest.remove(&latest_key);
+        } else {
+            st.latest
+                .insert(latest_key.clone(), (ev.rv, object.clone()));
+        }
+        st.history.push_back(Past {
+            rv: ev.rv,
+            type_: ev.type_,
+            key: latest_key.0,
+            obj: latest_key.1,
+            at: ev.at,
+            object,
+            old,
+        });
         while st.history.len() > self.config.history_max
             || st
                 .history
@@ -500,8 +573,12 @@ impl Store {
                 .zip(cutoff)
                 .is_some_and(|(e, c)| e.at < c)
         {
-            if let Some(old) = st.history.pop_front() {
-                st.compacted = st.compacted.max(old.rv);
+            if let Some(gone) = st.history.pop_front() {
+                st.compacted = st.compacted.max(gone.rv);
+                let k = (gone.key, gone.obj);
+                if st.latest.get(&k).is_some_and(|(rv, _)| *rv == gone.rv) {
+                    st.latest.remove(&k);
+                }
             }
         }
         // No receivers is fine: nobody is watching.
@@ -639,16 +716,7 @@ impl State {
             if ev.key != *key {
                 continue;
             }
-            let k = (
-                meta::namespace(&ev.object).to_string(),
-                meta::name(&ev.object).to_string(),
-            );
-            let before = match ev.type_ {
-                EventType::Added => None,
-                EventType::Modified => ev.old.clone().or_else(|| Some(ev.object.clone())),
-                EventType::Deleted => Some(ev.old.clone().unwrap_or_else(|| ev.object.clone())),
-            };
-            undo(k, before);
+            undo(ev.obj.clone(), ev.before());
         }
         rv
     }
@@ -715,7 +783,7 @@ impl State {
                 map.remove(&k);
             }
             _ => {
-                map.insert(k, obj.clone());
+                map.insert(k.clone(), obj.clone());
             }
         }
         if key.0.is_empty() && key.1 == "pods" {
@@ -738,7 +806,7 @@ impl State {
             at: Instant::now(),
             encoded: std::sync::OnceLock::new(),
         };
-        store.publish(self, ev);
+        store.publish(self, ev, k);
         obj
     }
 
@@ -1226,5 +1294,86 @@ impl State {
             return Ok(updated);
         }
         Ok(self.remove(store, rt, &key, obj, Some(current), &opts.write.actor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn write(store: &Store, rt: &ResourceType, name: &str, data: &str) -> Arc<Value> {
+        let opts = WriteOpts::default();
+        store
+            .update_with(
+                rt,
+                Some("default"),
+                name,
+                Subresource::Main,
+                &opts,
+                &mut |_| Ok(json!({"metadata": {"name": name}, "data": {"v": data}})),
+                true,
+            )
+            .expect("write")
+    }
+
+    /// The packed history gives back what was published: a watch resuming from an old version
+    /// replays every change with its object and old object, and reads at an age see the
+    /// versions of then, deleted objects included.
+    #[test]
+    fn the_packed_history_replays_and_undoes_exactly() {
+        let store = Store::new(StoreConfig::default());
+        let rt = store
+            .registry()
+            .get("", "v1", "configmaps")
+            .expect("configmaps");
+        let first = write(&store, &rt, "a", "1");
+        let start: u64 = meta::meta_str(&first, "resourceVersion")
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let second = write(&store, &rt, "a", "2");
+        let third = write(&store, &rt, "a", "3");
+        write(&store, &rt, "b", "x");
+        store
+            .delete(&rt, Some("default"), "b", &DeleteOpts::default())
+            .expect("delete");
+        let replay = store.watch(&rt, Some(start)).expect("watch").backlog;
+        let seen: Vec<_> = replay
+            .iter()
+            .map(|e| {
+                (
+                    e.type_,
+                    e.object["data"]["v"].clone(),
+                    e.old.as_ref().map(|o| o["data"]["v"].clone()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (EventType::Modified, json!("2"), Some(json!("1"))),
+                (EventType::Modified, json!("3"), Some(json!("2"))),
+                (EventType::Added, json!("x"), None),
+                (EventType::Deleted, json!("x"), Some(json!("x"))),
+            ]
+        );
+        assert_eq!(*replay[0].object, *second);
+        assert_eq!(*replay[1].object, *third);
+        assert_eq!(replay[1].encoded(), &serde_json::to_vec(&*third).unwrap());
+        // 20 ms ago: after the first write, before the rest.
+        let then = store
+            .get_as_of(&rt, Some("default"), "a", Duration::from_millis(20))
+            .expect("a as of then");
+        assert_eq!(*then, *first);
+        let listed = store
+            .list_as_of(&rt, Some("default"), &|_| true, Duration::from_millis(20))
+            .expect("list as of then");
+        assert_eq!(listed.items.len(), 1, "b did not exist then");
+        assert_eq!(listed.rv, start);
+        // A compaction drops the history: resuming from before it is 410 Gone.
+        store.compact();
+        assert!(store.watch(&rt, Some(start)).is_err());
     }
 }
