@@ -24,7 +24,8 @@ pub(crate) struct Replica {
 
 pub(crate) use kubesim::html::pct;
 
-/// A writer failed by the driver: (when, namespace, lock/StatefulSet, pod).
+/// A writer failed by the driver: (when, in µs of the store's clock, namespace,
+/// lock/StatefulSet, pod).
 pub(crate) type Flap = (u64, String, String, String);
 
 /// Renewal statistics of one window.
@@ -174,15 +175,27 @@ impl Fleet {
             .await
             .ok()?;
         let w = l.status.and_then(|s| s.writer_pod)?;
-        self.sim.pods().set_ready(ns, &w, false).ok()?;
-        let at = self.sim.store().elapsed_ms();
+        self.fail_pod(ns, name, &w)
+    }
+
+    /// Fail `pod` of the StatefulSet `set` (it turns NotReady, and Ready again 2 s later).
+    pub(crate) fn fail_pod(&self, ns: &str, set: &str, pod: &str) -> Option<Flap> {
+        self.sim.pods().set_ready(ns, pod, false).ok()?;
+        // The commit time of the readiness change itself.
+        let at = self
+            .sim
+            .commit_log()
+            .iter()
+            .rev()
+            .find(|c| c.resource == "pods" && c.namespace == ns && c.name == pod)
+            .map(|c| c.at_us)?;
         let pods = self.sim.pods().clone();
-        let (ns2, w2) = (ns.clone(), w.clone());
+        let (ns2, w2) = (ns.to_string(), pod.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let _ = pods.set_ready(&ns2, &w2, true);
         });
-        Some((at, ns.clone(), name.clone(), w))
+        Some((at, ns.to_string(), set.to_string(), pod.to_string()))
     }
 
     /// Renewal lateness (gap between consecutive writes of a lock's Lease beyond half its
@@ -248,6 +261,18 @@ impl Fleet {
     /// Failover latency of each flap: the failure → the first operator label write on another
     /// pod of that StatefulSet (the promotion; the old writer's demotion comes first).
     pub(crate) fn failovers(&self, flaps: &[Flap]) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .failovers_us(flaps, "stslock/")
+            .into_iter()
+            .map(|us| us / 1000)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// [`Fleet::failovers`] in microseconds, of the label writes of the clients whose name
+    /// starts with `actor`; failures nobody failed over are left out.
+    pub(crate) fn failovers_us(&self, flaps: &[Flap], actor: &str) -> Vec<u64> {
         let log = self.sim.commit_log();
         let mut out: Vec<u64> = flaps
             .iter()
@@ -255,14 +280,14 @@ impl Fleet {
                 let prefix = format!("{set}-");
                 log.iter()
                     .find(|d| {
-                        d.at_ms >= *at
+                        d.at_us > *at
                             && d.resource == "pods"
-                            && d.actor.starts_with("stslock/")
+                            && d.actor.starts_with(actor)
                             && &d.namespace == ns
                             && &d.name != pod
                             && d.name.starts_with(&prefix)
                     })
-                    .map(|p| p.at_ms - at)
+                    .map(|p| p.at_us - at)
             })
             .collect();
         out.sort_unstable();

@@ -31,6 +31,7 @@
 
 mod driver;
 mod faults;
+mod floor;
 mod memory;
 mod scenarios;
 
@@ -47,6 +48,7 @@ enum Scenario {
     Rolling,
     Faults,
     Memory,
+    Failover,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -109,6 +111,10 @@ struct Args {
         default_value = "0.6,0.7,0.75,0.8,0.85,0.9,0.95,1.0,1.05"
     )]
     capacity_steps: Vec<f64>,
+    /// `failover`: StatefulSets the floor client fails over (each is failed again only after
+    /// its last failure has come back Ready).
+    #[arg(long, default_value_t = 20)]
+    floor_sets: usize,
     /// `rolling`: time between a replica's stop and its replacement's start.
     #[arg(long, default_value_t = 3000)]
     restart_delay_ms: u64,
@@ -210,5 +216,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Capacity => scenarios::capacity(&args).await,
         Scenario::Rolling => scenarios::rolling(&args).await,
         Scenario::Memory => memory::memory(&args).await,
+        Scenario::Failover => floor::failover(&args).await,
     }
 }

@@ -111,6 +111,8 @@ pub struct CommitRecord {
     pub rv: u64,
     /// Milliseconds since the store started.
     pub at_ms: u64,
+    /// Microseconds since the store started (for latencies of a few milliseconds).
+    pub at_us: u64,
     pub actor: String,
     pub verb: &'static str,
     pub group: String,
@@ -287,6 +289,10 @@ impl Store {
 
     pub fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn elapsed_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
     }
 
     pub fn current_rv(&self) -> u64 {
@@ -745,9 +751,11 @@ impl State {
         if self.commit_log.len() >= store.config.commit_log_max {
             self.commit_log.pop_front();
         }
+        let at = store.started.elapsed();
         self.commit_log.push_back(CommitRecord {
             rv: self.rv,
-            at_ms: store.elapsed_ms(),
+            at_ms: at.as_millis() as u64,
+            at_us: at.as_micros() as u64,
             actor: actor.to_string(),
             verb,
             group: key.0.clone(),
