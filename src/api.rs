@@ -162,10 +162,14 @@ pub fn format_time(t: jiff::Timestamp) -> String {
 /// A lock's key, `namespace/name`: how every per-lock map of a replica (trust, in-flight
 /// writes, failures, handoffs, metrics) and every log line names it.
 pub fn lock_key(lock: &StatefulSetLock) -> String {
-    use kube::ResourceExt;
-    format!(
-        "{}/{}",
-        lock.namespace().unwrap_or_default(),
-        lock.name_any()
-    )
+    // As `namespace()` / `name_any()` give them, without copying either first: this runs over
+    // every cached lock in each sharding pass.
+    let m = &lock.metadata;
+    let ns = m.namespace.as_deref().unwrap_or_default();
+    let name = m
+        .name
+        .as_deref()
+        .or(m.generate_name.as_deref())
+        .unwrap_or_default();
+    format!("{ns}/{name}")
 }

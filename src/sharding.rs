@@ -765,7 +765,7 @@ impl Sharding {
         let now = Instant::now();
         let generation = self.generation();
         for cached in locks.state() {
-            if !scope.allows(&cached.namespace().unwrap_or_default()) {
+            if !scope.allows(cached.metadata.namespace.as_deref().unwrap_or_default()) {
                 continue;
             }
             let key = lock_key(&cached);

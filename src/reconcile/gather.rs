@@ -59,7 +59,11 @@ pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> 
         .locks
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && l.name_any() != name)
+        // Compared in place: this runs over every cached lock on every reconcile.
+        .filter(|l| {
+            l.metadata.namespace.as_deref() == Some(ns.as_str())
+                && l.metadata.name.as_deref() != Some(name.as_str())
+        })
         .filter(|l| l.meta().deletion_timestamp.is_none())
         .map(|l| Rival {
             name: l.name_any(),

@@ -180,14 +180,19 @@ impl Fleet {
 
     /// Fail `pod` of the StatefulSet `set` (it turns NotReady, and Ready again 2 s later).
     pub(crate) fn fail_pod(&self, ns: &str, set: &str, pod: &str) -> Option<Flap> {
-        self.sim.pods().set_ready(ns, pod, false).ok()?;
-        // The commit time of the readiness change itself.
+        let failed = self.sim.pods().set_ready(ns, pod, false).ok()?;
+        // The commit time of the readiness change itself (a copy of the whole log would hold
+        // the store for as long as it takes).
+        let rv: u64 = failed
+            .pointer("/metadata/resourceVersion")
+            .and_then(|v| v.as_str())
+            .and_then(|v| v.parse().ok())?;
         let at = self
             .sim
-            .commit_log()
+            .store()
+            .commits_since(rv)
             .iter()
-            .rev()
-            .find(|c| c.resource == "pods" && c.namespace == ns && c.name == pod)
+            .find(|c| c.rv == rv)
             .map(|c| c.at_us)?;
         let pods = self.sim.pods().clone();
         let (ns2, w2) = (ns.to_string(), pod.to_string());

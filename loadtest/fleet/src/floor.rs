@@ -76,6 +76,7 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
         args.flap_every_ms
     });
     let run = Instant::now();
+    let cpu_before = cpu_seconds();
     let mut next = Instant::now();
     let (mut ops, mut floors) = (vec![], vec![]);
     let mut n = 0usize;
@@ -99,6 +100,7 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
         next += every;
         tokio::time::sleep_until(next.into()).await;
     }
+    let busy = (cpu_seconds() - cpu_before) / run.elapsed().as_secs_f64();
     // Let the last failovers finish before reading the log.
     tokio::time::sleep(Duration::from_secs(3)).await;
     floor_task.abort();
@@ -113,6 +115,10 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
             v.last().copied().unwrap_or(0) as f64 / 1e3
         )
     };
+    println!(
+        "this process (kubesim, {} replicas, floor client, driver) used {busy:.2} cores during the run",
+        args.replicas
+    );
     println!("{}", line("operator failover", &op, ops.len()));
     println!(
         "{}",
@@ -121,6 +127,33 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
             &fl,
             floors.len()
         )
+    );
+    // Where the floor's time goes: the watch delivery and the Lease write (to the Lease's
+    // commit), then each label write.
+    let log = fleet.sim.commit_log();
+    let (mut to_lease, mut to_demote) = (vec![], vec![]);
+    for (at, _, set, pod) in &floors {
+        let after = |pred: &dyn Fn(&kubesim::store::CommitRecord) -> bool| {
+            log.iter()
+                .find(|c| c.at_us > *at && c.actor == "floor" && pred(c))
+                .map(|c| c.at_us - at)
+        };
+        let lease = format!("{set}-lease");
+        if let (Some(l), Some(d)) = (
+            after(&|c| c.resource == "leases" && c.name == lease),
+            after(&|c| c.resource == "pods" && c.name == *pod),
+        ) {
+            to_lease.push(l);
+            to_demote.push(d);
+        }
+    }
+    to_lease.sort_unstable();
+    to_demote.sort_unstable();
+    println!(
+        "  floor steps, p50: Lease committed {:.2} ms, demotion {:.2} ms, promotion {:.2} ms after the failure",
+        pct(&to_lease, 0.5) as f64 / 1e3,
+        pct(&to_demote, 0.5) as f64 / 1e3,
+        pct(&fl, 0.5) as f64 / 1e3
     );
     let ratio = |p: f64| pct(&op, p) as f64 / (pct(&fl, p).max(1)) as f64;
     println!(
@@ -147,6 +180,17 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
         floors.len()
     );
     Ok(())
+}
+
+/// CPU time (user + system) this process has used, in seconds (Linux; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn create_set(client: &kube::Client, name: &str, pods: i32) -> anyhow::Result<()> {

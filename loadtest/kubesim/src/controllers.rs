@@ -561,8 +561,8 @@ impl StatefulSets {
         let revision = revision_of(&sts);
         let pods: BTreeMap<i64, Arc<Value>> = {
             let st = self.store.lock();
-            st.objects_of(&(String::new(), "pods".into()))
-                .filter(|p| meta::namespace(p) == ns)
+            let prefix = format!("{name}-");
+            st.objects_named(&(String::new(), "pods".into()), ns, &prefix)
                 .filter(|p| meta::controller_ref(p).is_some_and(|r| r["uid"] == uid.as_str()))
                 .filter_map(|p| ordinal_of(meta::name(p), name).map(|o| (o, p.clone())))
                 .collect()

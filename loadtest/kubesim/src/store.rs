@@ -494,6 +494,14 @@ impl Store {
         self.lock().commit_log.iter().cloned().collect()
     }
 
+    /// The commit log's records with a resourceVersion of `rv` or newer: a copy of the tail
+    /// only (the log is in resourceVersion order), for drivers that look at it while writing.
+    pub fn commits_since(&self, rv: u64) -> Vec<CommitRecord> {
+        let st = self.lock();
+        let from = st.commit_log.partition_point(|c| c.rv < rv);
+        st.commit_log.range(from..).cloned().collect()
+    }
+
     pub fn create(
         &self,
         rt: &ResourceType,
@@ -729,6 +737,23 @@ impl State {
 
     pub fn objects_of(&self, key: &StoreKey) -> impl Iterator<Item = &Arc<Value>> {
         self.objects.get(key).into_iter().flat_map(|m| m.values())
+    }
+
+    /// The objects of `key` in namespace `ns` whose names start with `prefix`: a range of the
+    /// store's ordered map, not a scan of every object of the kind.
+    pub fn objects_named<'a>(
+        &'a self,
+        key: &StoreKey,
+        ns: &'a str,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Value>> + 'a {
+        let start = (ns.to_string(), prefix.to_string());
+        self.objects
+            .get(key)
+            .into_iter()
+            .flat_map(move |m| m.range(start.clone()..))
+            .take_while(move |((n, name), _)| n == ns && name.starts_with(prefix))
+            .map(|(_, v)| v)
     }
 
     pub fn allocate_ip(&mut self, prefix: &str) -> String {
