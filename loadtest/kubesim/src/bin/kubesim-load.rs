@@ -36,6 +36,12 @@ struct Args {
     /// Talk to kubesim in-process instead of over loopback HTTP.
     #[arg(long)]
     in_process: bool,
+    /// Open loop: offer this many patches per second in total, each client at its share of
+    /// the rate on a fixed schedule, and measure each patch's latency from the time it was due
+    /// (so a server that falls behind shows in the latency, not only in the rate). Default:
+    /// closed loop, each client sends its next patch when the last one is answered.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -124,17 +130,33 @@ async fn main() -> anyhow::Result<()> {
             .filter(|p| p % args.clients == c)
             .map(|p| format!("load-{p}"))
             .collect();
+        let interval = args
+            .rate
+            .map(|r| Duration::from_secs_f64(args.clients as f64 / r.max(1.0)));
+        let offset = interval
+            .unwrap_or_default()
+            .mul_f64(c as f64 / args.clients as f64);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let mut n = 0u64;
+            // Spread the clients' schedules over one interval.
+            let mut due = started + offset;
             while Instant::now() < deadline {
                 for name in &pods {
                     n += 1;
                     let patch = json!({"status": {"conditions": [
                         {"type": "example.com/Load", "status": "True", "message": n.to_string()}
                     ]}});
-                    let t = Instant::now();
+                    let t = match interval {
+                        Some(every) => {
+                            tokio::time::sleep_until(due.into()).await;
+                            let t = due;
+                            due += every;
+                            t
+                        }
+                        None => Instant::now(),
+                    };
                     match api
                         .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
                         .await
@@ -173,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
     all.sort();
     let rate = all.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "kubesim-load: transport={} clients={} watches={} pods={} seconds={:.1}",
+        "kubesim-load: transport={} clients={} watches={} pods={} seconds={:.1} load={}",
         if args.in_process {
             "in-process"
         } else {
@@ -182,7 +204,11 @@ async fn main() -> anyhow::Result<()> {
         args.clients,
         args.watches,
         args.pods,
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        match args.rate {
+            Some(r) => format!("open loop, {r:.0} patches/s offered"),
+            None => "closed loop".into(),
+        }
     );
     println!("  status patches ok:   {} ({errors} errors)", all.len());
     println!("  throughput:          {rate:.0} patches/s (store writes {writes})");
