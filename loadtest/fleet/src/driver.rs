@@ -424,16 +424,33 @@ pub(crate) fn tenants(prefix: &str, n: usize) -> Vec<String> {
 
 pub(crate) async fn settle(fleet: &Fleet, what: &str) -> anyhow::Result<()> {
     let start = Instant::now();
+    let from_ms = fleet.sim.store().elapsed_ms();
     let settled = fleet.wait_settled(Duration::from_secs(900)).await?;
     anyhow::ensure!(
         settled == fleet.locks.len(),
         "{what}: only {settled} of {} locks elected after 900 s",
         fleet.locks.len()
     );
-    println!(
-        "{what}: {} locks elected in {:.1} s",
-        settled,
-        start.elapsed().as_secs_f64()
-    );
+    let secs = start.elapsed().as_secs_f64();
+    println!("{what}: {settled} locks elected in {secs:.1} s");
+    // How much of the write budget the election used: near 100 % it is bounded by the
+    // budget, not by the operator.
+    let to_ms = fleet.sim.store().elapsed_ms();
+    let writes = fleet
+        .sim
+        .commit_log()
+        .iter()
+        .filter(|c| c.at_ms >= from_ms && c.at_ms <= to_ms && c.actor.starts_with("stslock/"))
+        .count();
+    let running = fleet.replicas.iter().flatten().count();
+    if fleet.args.qps > 0.0 && running > 0 {
+        let budget = fleet.args.qps * running as f64;
+        let rate = writes as f64 / secs.max(0.001);
+        println!(
+            "  election: {writes} operator writes ({:.1} per lock) in {secs:.1} s = {rate:.0}/s, {:.0} % of the write budget ({budget:.0}/s over {running} replicas; renewals of the locks already elected included)",
+            writes as f64 / settled.max(1) as f64,
+            100.0 * rate / budget
+        );
+    }
     Ok(())
 }

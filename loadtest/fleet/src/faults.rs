@@ -27,7 +27,11 @@
 //! or stopped for a graceful restart, and not back yet) at some moment between the renewal's due
 //! time (half a Lease after the lapsed renewal) and the expiry, and came back less than half a
 //! Lease before the expiry: a dead replica renews nothing, and half a Lease is what every
-//! renewal gets after it is due. Every other lapse is the operator's.
+//! renewal gets after it is due. It is also the fault injector's when the owner was up but cut
+//! off: it tried at least one write for the lock (the lock, its Lease or its pods) between the
+//! due time and the expiry, and every such try failed by faults — an error answer (5xx, 429),
+//! an answer only after the API timeout, or none (kubesim's write-attempt log). Every other
+//! lapse is the operator's, including one where the owner tried nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -1295,8 +1299,66 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .iter()
             .any(|&(down, back)| down < expiry && back > due && back + lease_ms / 2 > expiry)
     };
-    let excused: Vec<bool> = all_lapses.iter().map(owner_down_at_due).collect();
+    // The owner was up but the fault layer defeated every write it tried for the lock between
+    // the due time and the expiry: each answered with an error (5xx, 429), only after the
+    // client had given up (the API timeout), or never. An owner that tried nothing in that
+    // window, or got any answer in time, had its chance: that lapse stays the operator's.
+    let attempts = fleet.sim.write_attempts();
+    let timeout_ms = api_timeout * 1000;
+    let owner_cut_off = |l: &Lapse| -> bool {
+        let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
+            return false;
+        };
+        let renewed = log
+            .iter()
+            .find(|c| c.rv == l.lease_rv)
+            .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
+        let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
+        let agent = format!("{AGENT_PREFIX}{owner}");
+        // The fleet's names: lock `dbN`, its Lease `dbN-lease`, its pods `dbN-<ordinal>`.
+        let (ns, lock) = (&l.lock.0, &l.lock.1);
+        let (lease, pods) = (format!("{lock}-lease"), format!("{lock}-"));
+        let mut tried = attempts.iter().filter(|a| {
+            a.at_ms >= due
+                && a.at_ms <= expiry
+                && a.actor == agent
+                && a.namespace == *ns
+                && match a.resource.as_str() {
+                    "statefulsetlocks" => a.name == *lock,
+                    "leases" => a.name == lease,
+                    "pods" => a.name.starts_with(&pods),
+                    _ => false,
+                }
+        });
+        let mut any = false;
+        let defeated = tried.all(|a| {
+            any = true;
+            a.status == 0 || a.status == 429 || a.status >= 500 || a.elapsed_ms >= timeout_ms
+        });
+        any && defeated
+    };
+    #[derive(Clone, Copy, PartialEq)]
+    enum Cause {
+        Operator,
+        OwnerDown,
+        OwnerCutOff,
+    }
+    let causes: Vec<Cause> = all_lapses
+        .iter()
+        .map(|l| {
+            if owner_down_at_due(l) {
+                Cause::OwnerDown
+            } else if owner_cut_off(l) {
+                Cause::OwnerCutOff
+            } else {
+                Cause::Operator
+            }
+        })
+        .collect();
+    let excused: Vec<bool> = causes.iter().map(|c| *c != Cause::Operator).collect();
     let operator_lapses = excused.iter().filter(|e| !**e).count();
+    let cut_off_lapses = causes.iter().filter(|c| **c == Cause::OwnerCutOff).count();
+    let down_lapses = causes.iter().filter(|c| **c == Cause::OwnerDown).count();
     let operator_lapse_ms: u64 = all_lapses
         .iter()
         .zip(&excused)
@@ -1355,7 +1417,11 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 vec![]
             };
             json!({
-                "cause": if excused[n] { "owner down when the renewal was due" } else { "operator" },
+                "cause": match causes[n] {
+                    Cause::OwnerDown => "owner down when the renewal was due",
+                    Cause::OwnerCutOff => "owner cut off: every write it tried for the lock failed by faults",
+                    Cause::Operator => "operator",
+                },
                 "ownerWritesInWindow": owner_writes,
                 "commits": commits,
                 "lock": format!("{}/{}", l.lock.0, l.lock.1), "holder": l.holder,
@@ -1442,7 +1508,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         },
         "leaseLapses": {"count": all_lapses.len(), "totalMs": lapse_ms, "maxMs": lapse_max,
             "operatorCaused": operator_lapses, "operatorCausedMs": operator_lapse_ms,
-            "ownerDownAtDue": all_lapses.len() - operator_lapses, "lapses": lapse_details},
+            "ownerDownAtDue": down_lapses, "ownerCutOff": cut_off_lapses, "lapses": lapse_details},
         "convergence": {
             "limitSeconds": args.converge_seconds, "converged": converge.len(),
             "confirmed": confirmed, "apiCrossCheckConverged": api_ok,
@@ -1499,9 +1565,8 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             (
                 "Lease lapses of a Ready writer".to_string(),
                 format!(
-                    "{} ({lapse_ms} ms): {operator_lapses} caused by the operator, {} with the owner down when the renewal was due",
+                    "{} ({lapse_ms} ms): {operator_lapses} caused by the operator, {down_lapses} with the owner down when the renewal was due, {cut_off_lapses} with every write the owner tried for the lock failed by faults",
                     all_lapses.len(),
-                    all_lapses.len() - operator_lapses
                 ),
             ),
             (
@@ -1584,9 +1649,8 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             println!("  claim from a live owner: {x}");
         }
         println!(
-            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms): {operator_lapses} caused by the operator ({operator_lapse_ms} ms), {} with the owner down when the renewal was due and back less than half a Lease before the expiry",
+            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms): {operator_lapses} caused by the operator ({operator_lapse_ms} ms), {down_lapses} with the owner down when the renewal was due and back less than half a Lease before the expiry, {cut_off_lapses} with the owner up but every write it tried for the lock (due time to expiry) failed by faults",
             all_lapses.len(),
-            all_lapses.len() - operator_lapses
         );
         for x in lapse_details.iter().take(DETAILS_TEXT) {
             println!("  lapse: {x}");

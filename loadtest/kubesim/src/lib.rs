@@ -197,6 +197,11 @@ impl Sim {
         self.app.store.commit_log()
     }
 
+    /// Every write request's outcome as its client saw it (see [`store::WriteAttempt`]).
+    pub fn write_attempts(&self) -> Vec<store::WriteAttempt> {
+        self.app.store.write_attempts()
+    }
+
     /// Forget the watch history (watchers resuming from before now get 410 Gone).
     pub fn compact(&self) -> u64 {
         self.app.store.compact()

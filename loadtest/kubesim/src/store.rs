@@ -216,6 +216,25 @@ pub struct Store {
     tx: broadcast::Sender<Arc<Event>>,
     pub config: StoreConfig,
     started: Instant,
+    attempts: Mutex<VecDeque<WriteAttempt>>,
+}
+
+/// One write request as its client experienced it, faults included: when it arrived, how long
+/// until it was answered, and with what status (0: never answered — the client went away
+/// first, e.g. it timed out during a partition or a held answer). The commit log says what was
+/// committed; this says which tries a client made and what the fault layer did to them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WriteAttempt {
+    /// Milliseconds since the store started, at arrival.
+    pub at_ms: u64,
+    pub actor: String,
+    pub method: String,
+    /// The object the request was for (empty when the path names none, e.g. a create).
+    pub namespace: String,
+    pub resource: String,
+    pub name: String,
+    pub status: u16,
+    pub elapsed_ms: u64,
 }
 
 /// What a watch starts with: the events to replay, then the live feed.
@@ -252,6 +271,7 @@ impl Store {
             tx,
             config,
             started: Instant::now(),
+            attempts: Mutex::new(VecDeque::new()),
         });
         let ns = store.registry().get("", "v1", "namespaces");
         if let Some(ns) = ns {
@@ -492,6 +512,31 @@ impl Store {
 
     pub fn commit_log(&self) -> Vec<CommitRecord> {
         self.lock().commit_log.iter().cloned().collect()
+    }
+
+    /// Record a write request's outcome (bounded like the commit log).
+    pub fn record_attempt(&self, a: WriteAttempt) {
+        if self.config.commit_log_max == 0 {
+            return;
+        }
+        let mut log = self
+            .attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if log.len() >= self.config.commit_log_max {
+            log.pop_front();
+        }
+        log.push_back(a);
+    }
+
+    /// Every write request recorded, oldest first (see [`WriteAttempt`]).
+    pub fn write_attempts(&self) -> Vec<WriteAttempt> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The commit log's records with a resourceVersion of `rv` or newer: a copy of the tail

@@ -362,3 +362,61 @@ async fn invariant_report_sees_dual_writers_and_gaps() {
     assert_eq!(set["writers"], json!(["db-1"]));
     assert_eq!(sim.report().dual_writer_intervals, 1);
 }
+
+/// Every write request is logged with what its client got: the answer's status and how long
+/// it took, or status 0 when the client gave up before any answer (here: a partition, and a
+/// client that stops waiting after 300 ms).
+#[tokio::test]
+async fn write_attempts_record_what_the_client_got() {
+    let (sim, _) = sim(Transport::InProcess).await;
+    let client = sim.client_as("tester");
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "a"}})).expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    sim.faults().set(FaultConfig {
+        error_rate: 1.0,
+        error_code: 503,
+        writes_only: true,
+        ..Default::default()
+    });
+    assert!(cms.replace("a", &PostParams::default(), &cm).await.is_err());
+    sim.faults().set(FaultConfig {
+        partitioned: vec!["tester".into()],
+        ..Default::default()
+    });
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        cms.replace("a", &PostParams::default(), &cm),
+    )
+    .await;
+    assert!(gave_up.is_err(), "a partitioned client gets no answer");
+    sim.faults().set(FaultConfig::default());
+    let mine: Vec<_> = sim
+        .write_attempts()
+        .into_iter()
+        .filter(|a| a.actor == "tester")
+        .collect();
+    let seen: Vec<(&str, &str, &str, u16)> = mine
+        .iter()
+        .map(|a| {
+            (
+                a.method.as_str(),
+                a.resource.as_str(),
+                a.name.as_str(),
+                a.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("POST", "configmaps", "", 201),
+            ("PUT", "configmaps", "a", 503),
+            ("PUT", "configmaps", "a", 0),
+        ]
+    );
+    assert!(mine.iter().all(|a| a.namespace == "default"));
+    assert!(mine[2].elapsed_ms >= 250, "{:?}", mine[2]);
+}

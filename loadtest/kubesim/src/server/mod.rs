@@ -130,7 +130,77 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     }
     let ua = agent(&parts.headers);
     let is_write = parts.method != Method::GET;
-    if let Verdict::Fail(e) = app.faults.admit(&ua, is_write).await {
+    // Recorded when answered, or when dropped unanswered (the client gave up).
+    let _attempt = is_write.then(|| Attempt::start(&app, &ua, &parts.method, &path));
+    let answer = handle_api(&app, &parts, &path, &query, body, &ua, is_write).await;
+    if let Some(mut a) = _attempt {
+        a.answered(answer.status().as_u16());
+    }
+    answer
+}
+
+/// A write request in flight: recorded in the store's attempt log when answered or dropped.
+struct Attempt {
+    app: Arc<App>,
+    record: Option<crate::store::WriteAttempt>,
+    started: std::time::Instant,
+}
+
+impl Attempt {
+    fn start(app: &Arc<App>, ua: &str, method: &Method, path: &str) -> Attempt {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let seg = |i: usize| segs.get(i).copied().unwrap_or_default().to_string();
+        // …/namespaces/<ns>/<resource>/<name>[/<sub>], or a cluster-scoped
+        // /api(s)/…/<version>/<resource>/<name>.
+        let (namespace, resource, name) = match segs.iter().position(|s| *s == "namespaces") {
+            Some(i) if segs.len() > i + 2 => (seg(i + 1), seg(i + 2), seg(i + 3)),
+            _ => {
+                let base = if segs.first() == Some(&"api") { 2 } else { 3 };
+                (String::new(), seg(base), seg(base + 1))
+            }
+        };
+        Attempt {
+            app: app.clone(),
+            record: Some(crate::store::WriteAttempt {
+                at_ms: app.store.elapsed_ms(),
+                actor: ua.to_string(),
+                method: method.to_string(),
+                namespace,
+                resource,
+                name,
+                status: 0,
+                elapsed_ms: 0,
+            }),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn answered(&mut self, status: u16) {
+        if let Some(r) = self.record.as_mut() {
+            r.status = status;
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            self.app.store.record_attempt(r);
+        }
+    }
+}
+
+async fn handle_api(
+    app: &Arc<App>,
+    parts: &http::request::Parts,
+    path: &str,
+    query: &Query,
+    body: Bytes,
+    ua: &str,
+    is_write: bool,
+) -> Response<Body> {
+    if let Verdict::Fail(e) = app.faults.admit(ua, is_write).await {
         return error_response(&e);
     }
     if app.auth.enabled {
@@ -145,24 +215,14 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         };
         let attrs = crate::auth::Attributes::from_request(
             parts.method.as_str(),
-            &path,
-            truthy(&query, "watch"),
+            path,
+            truthy(query, "watch"),
         );
         if !crate::auth::authorize(&st, &user, &attrs) {
             return error_response(&crate::auth::forbidden(&user, &attrs));
         }
     }
-    match route(
-        &app,
-        &parts.method,
-        &path,
-        &query,
-        &parts.headers,
-        body,
-        &ua,
-    )
-    .await
-    {
+    match route(app, &parts.method, path, query, &parts.headers, body, ua).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
