@@ -29,6 +29,30 @@ pub struct CacheSync {
     pub locks: AtomicBool,
     pub statefulsets: AtomicBool,
     pub leases: Arc<AtomicBool>,
+    /// Woken when `locks` is set.
+    locks_set: tokio::sync::Notify,
+}
+
+impl CacheSync {
+    /// The lock watch has delivered its initial list.
+    pub fn set_locks(&self) {
+        self.locks.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.locks_set.notify_waiters();
+    }
+
+    /// Wait until the lock watch has delivered its initial list.
+    pub async fn locks_listed(&self) {
+        loop {
+            let woken = self.locks_set.notified();
+            tokio::pin!(woken);
+            // Registered before the flag is read: a `set_locks` in between still wakes it.
+            woken.as_mut().enable();
+            if self.locks.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 /// What the endpoints read.

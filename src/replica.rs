@@ -191,9 +191,7 @@ pub async fn run_with(
                 }
             }
             if matches!(ev, Ok(watcher::Event::InitDone)) {
-                synced
-                    .locks
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                synced.set_locks();
             }
         }
     })
@@ -427,9 +425,7 @@ pub async fn run_with(
         let (cache, synced, locks) = (ctx.cache.clone(), synced.clone(), locks.clone());
         let id = ctx.identity.clone();
         async move {
-            while !synced.locks.load(std::sync::atomic::Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            synced.locks_listed().await;
             let state = locks.state();
             let own: Vec<&StatefulSetLock> = state
                 .iter()

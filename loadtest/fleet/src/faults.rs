@@ -27,7 +27,9 @@
 //! or stopped for a graceful restart, and not back yet) at some moment between the renewal's due
 //! time (half a Lease after the lapsed renewal) and the expiry, and came back less than half a
 //! Lease before the expiry: a dead replica renews nothing, and half a Lease is what every
-//! renewal gets after it is due. It is also the fault injector's when the owner was up but cut
+//! renewal gets after it is due. The same when the owner at the due time went down that way and
+//! the replica owning the lock at the expiry claimed it less than half a Lease before the
+//! expiry (a peer claims a dead owner's locks only once its membership Lease has run out). It is also the fault injector's when the owner was up but cut
 //! off: it tried at least one write for the lock (the lock, its Lease or its pods) between the
 //! due time and the expiry, and every such try failed by faults — an error answer (5xx, 429),
 //! an answer only after the API timeout, or none (kubesim's write-attempt log). Every other
@@ -1287,17 +1289,40 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .collect()
     };
     let owner_down_at_due = |l: &Lapse| -> bool {
-        let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
-            return false;
-        };
         let renewed = log
             .iter()
             .find(|c| c.rv == l.lease_rv)
             .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
-        down_of(&owner)
+        let down_in_window = |owner: &str| {
+            down_of(owner)
+                .iter()
+                .any(|&(down, back)| down < expiry && back > due && back + lease_ms / 2 > expiry)
+        };
+        let at_expiry = lock_owner_at(&log, &l.lock, expiry);
+        if at_expiry.as_deref().is_some_and(down_in_window) {
+            return true;
+        }
+        // The owner when the renewal was due went down; the replica that owns the lock at the
+        // expiry claimed it (after the dead owner's membership ran out) less than half a Lease
+        // before the expiry, later than any renewal gets after it is due.
+        let Some(at_due) = lock_owner_at(&log, &l.lock, due) else {
+            return false;
+        };
+        if Some(&at_due) == at_expiry.as_ref() || !down_in_window(&at_due) {
+            return false;
+        }
+        let claimed = log
             .iter()
-            .any(|&(down, back)| down < expiry && back > due && back + lease_ms / 2 > expiry)
+            .find(|c| {
+                c.resource == "statefulsetlocks"
+                    && c.namespace == l.lock.0
+                    && c.name == l.lock.1
+                    && c.at_ms >= due
+                    && c.labels.get(SHARD_LABEL) == at_expiry.as_ref()
+            })
+            .map(|c| c.at_ms);
+        claimed.is_none_or(|c| c + lease_ms / 2 > expiry)
     };
     // The owner was up but the fault layer defeated every write it tried for the lock between
     // the due time and the expiry: each answered with an error (5xx, 429), only after the
