@@ -51,6 +51,8 @@ impl Fleet {
         cfg.controllers.pod_ready_delay = Duration::from_millis(50);
         cfg.store.history_window = Duration::from_secs(180);
         cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+        // The faults scenario tells lapses of an owner cut off by faults apart with it.
+        cfg.store.attempt_log_max = 1_000_000;
         let sim = kubesim::Sim::start(cfg);
         let client = sim.client_as("fleet");
         Fleet {

@@ -134,6 +134,9 @@ pub struct StoreConfig {
     pub history_max: usize,
     /// Commit log entries kept (oldest dropped first).
     pub commit_log_max: usize,
+    /// Write attempts kept ([`WriteAttempt`], oldest dropped first); 0 (the default) keeps
+    /// none: drivers that classify failures turn it on.
+    pub attempt_log_max: usize,
     /// The label whose value `writer` the invariant recorder watches on pods.
     pub role_label: String,
     /// Label keys whose values the commit log records with each write.
@@ -146,6 +149,7 @@ impl Default for StoreConfig {
             history_window: Duration::from_secs(300),
             history_max: 500_000,
             commit_log_max: 1_000_000,
+            attempt_log_max: 0,
             role_label: "sts-role".into(),
             recorded_labels: vec![],
         }
@@ -516,14 +520,14 @@ impl Store {
 
     /// Record a write request's outcome (bounded like the commit log).
     pub fn record_attempt(&self, a: WriteAttempt) {
-        if self.config.commit_log_max == 0 {
+        if self.config.attempt_log_max == 0 {
             return;
         }
         let mut log = self
             .attempts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if log.len() >= self.config.commit_log_max {
+        if log.len() >= self.config.attempt_log_max {
             log.pop_front();
         }
         log.push_back(a);

@@ -368,7 +368,9 @@ async fn invariant_report_sees_dual_writers_and_gaps() {
 /// client that stops waiting after 300 ms).
 #[tokio::test]
 async fn write_attempts_record_what_the_client_got() {
-    let (sim, _) = sim(Transport::InProcess).await;
+    let mut cfg = kubesim::SimConfig::default();
+    cfg.store.attempt_log_max = 100;
+    let (sim, _) = common::sim_with(Transport::InProcess, cfg).await;
     let client = sim.client_as("tester");
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "a"}})).expect("cm");
