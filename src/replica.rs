@@ -169,7 +169,7 @@ pub async fn run_with(
             watch::watch_config(),
             undecodable.clone(),
         )
-        .modify(watch::slim_lock)
+        .modify(watch::slim_lock_for(identity.clone()))
         .backoff(watch::backoff()),
     )
     .inspect({

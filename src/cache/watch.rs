@@ -99,10 +99,34 @@ pub fn slim_statefulset(s: &mut CachedStatefulSet) {
     m.owner_references = None;
 }
 
-/// Managed fields are never read here, and on a real API server they are often most of an
-/// object's metadata: dropped before a lock is cached.
-pub fn slim_lock(l: &mut StatefulSetLock) {
-    l.metadata.managed_fields = None;
+/// What the lock watch keeps of each lock, for replica `identity` (DESIGN §4: full state only
+/// for the locks a replica owns, metadata for the rest):
+/// - managed fields are never read here, and on a real API server they are often most of an
+///   object's metadata: dropped from every lock;
+/// - a lock labelled for another replica keeps its metadata (labels, finalizers, deletion
+///   time), and its spec (the rival check compares every lock's StatefulSet and Lease names),
+///   but not its status, annotations or owner references. Nothing reads those of a lock this
+///   replica does not own: a reconcile or renewal of a lock not labelled for this replica
+///   stops at `Sharding::may_begin`, and a lock this replica gains arrives in full (the watch
+///   event of the label change, the claim's or handoff's answer, the re-read that follows).
+///
+/// A lock with no shard label (not claimed yet, or still the Go operator's) is kept in full:
+/// some replica is about to claim it.
+pub fn slim_lock_for(identity: String) -> impl FnMut(&mut StatefulSetLock) + Send + 'static {
+    move |l: &mut StatefulSetLock| {
+        let m = &mut l.metadata;
+        m.managed_fields = None;
+        let foreign = m
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(crate::api::SHARD_LABEL))
+            .is_some_and(|owner| *owner != identity);
+        if foreign {
+            m.annotations = None;
+            m.owner_references = None;
+            l.status = None;
+        }
+    }
 }
 
 /// The watcher configuration every cache uses.
@@ -454,6 +478,61 @@ mod tests {
             .into_iter()
             .map(|r| r.name)
             .collect()
+    }
+
+    /// A lock labelled for another replica is kept as metadata and spec; this replica's own
+    /// locks and unclaimed ones are kept whole (minus managed fields).
+    #[test]
+    fn only_other_replicas_locks_are_slimmed() {
+        let with = |label: Option<&str>| {
+            let mut l = lock("a", "db");
+            l.metadata.labels = label.map(|o| {
+                [
+                    (crate::api::SHARD_LABEL.to_string(), o.to_string()),
+                    ("team".to_string(), "x".to_string()),
+                ]
+                .into()
+            });
+            l.metadata.annotations = Some([("note".to_string(), "kept?".to_string())].into());
+            l.metadata.finalizers = Some(vec![crate::api::FINALIZER.to_string()]);
+            l.metadata.managed_fields = Some(vec![Default::default()]);
+            l.status = Some(crate::api::StatefulSetLockStatus {
+                writer_pod: Some("db-0".into()),
+                highest_epoch: Some(7),
+                ..Default::default()
+            });
+            l
+        };
+        let mut slim = slim_lock_for("r0".to_string());
+        for label in [Some("r0"), None] {
+            let mut l = with(label);
+            slim(&mut l);
+            assert!(l.metadata.managed_fields.is_none(), "{label:?}");
+            assert!(l.metadata.annotations.is_some(), "{label:?}");
+            let st = l.status.as_ref().unwrap();
+            assert_eq!(
+                (st.writer_pod.as_deref(), st.highest_epoch),
+                (Some("db-0"), Some(7)),
+                "{label:?}"
+            );
+        }
+        let mut other = with(Some("r1"));
+        slim(&mut other);
+        assert!(other.status.is_none());
+        assert!(other.metadata.annotations.is_none());
+        assert!(other.metadata.managed_fields.is_none());
+        // What ownership, the rival check and deletion read stays.
+        assert_eq!(
+            other
+                .labels()
+                .get(crate::api::SHARD_LABEL)
+                .map(String::as_str),
+            Some("r1")
+        );
+        assert_eq!(other.labels().get("team").map(String::as_str), Some("x"));
+        assert_eq!(other.finalizers(), [crate::api::FINALIZER]);
+        assert_eq!(other.spec.stateful_set_name, "db");
+        assert_eq!(other.spec.lease_name, "a-lease");
     }
 
     #[test]

@@ -128,6 +128,9 @@ struct Rss {
     last: u64,
     peak: u64,
     anon: u64,
+    /// Proportional set size, last: the shared pages (the binary) split among the processes
+    /// that map them, so the replicas' sum counts the binary once.
+    pss: u64,
 }
 
 /// RSS of each named process, sampled every second for `seconds`.
@@ -145,11 +148,13 @@ async fn sample(
                 .with_context(|| format!("{n} is not running"))?;
             let kib = rss_kib(pid)?;
             let anon = kubesim::html::status_kib(&pid.to_string(), "RssAnon").unwrap_or(0);
+            let pss = kubesim::html::pss_kib(&pid.to_string()).unwrap_or(0);
             let e = out.entry(n.clone()).or_default();
             *e = Rss {
                 last: kib,
                 peak: e.peak.max(kib),
                 anon,
+                pss,
             };
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -303,6 +308,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     procs.stop("single").await?;
     let single_kib = one.get("single").map_or(0, |v| v.last);
     let single_anon = one.get("single").map_or(0, |v| v.anon);
+    let single_pss = one.get("single").map_or(0, |v| v.pss);
     let pods = n as u64 * u64::try_from(args.pods.max(0)).unwrap_or(0);
     println!(
         "one replica: {} MiB (peak {} MiB, {} MiB private); {:.2} KiB per cached pod above the empty replica",
@@ -335,15 +341,24 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     let ratio = total as f64 / single_kib.max(1) as f64;
     let total_anon: u64 = many.values().map(|v| v.anon).sum();
     let ratio_anon = total_anon as f64 / single_anon.max(1) as f64;
+    let total_pss: u64 = many.values().map(|v| v.pss).sum();
+    let ratio_pss = total_pss as f64 / single_pss.max(1) as f64;
     for (id, r) in &many {
         println!(
-            "  {id}: {} locks, {} MiB (peak {} MiB, {} MiB private)",
+            "  {id}: {} locks, {} MiB (peak {} MiB, {} MiB private, {} MiB proportional)",
             split.get(id).copied().unwrap_or(0),
             mib(r.last),
             mib(r.peak),
-            mib(r.anon)
+            mib(r.anon),
+            mib(r.pss)
         );
     }
+    println!(
+        "{} replicas, proportional set size (Pss: the binary counted once, as on one node): total {} MiB = {ratio_pss:.2}x the singleton's {} MiB",
+        ids.len(),
+        mib(total_pss),
+        mib(single_pss)
+    );
     println!(
         "{} replicas, private memory (RssAnon): total {} MiB = {ratio_anon:.2}x the singleton's {} MiB",
         ids.len(),
@@ -371,12 +386,15 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         "singleKiBPerCachedPod": per_pod(single_kib, empty_kib, pods),
         "replicas": ids.len(),
         "perReplica": many.iter().map(|(id, r)| (id.clone(), json!({
-            "locks": split.get(id), "rssKiB": r.last, "peakKiB": r.peak, "anonKiB": r.anon,
+            "locks": split.get(id), "rssKiB": r.last, "peakKiB": r.peak, "anonKiB": r.anon, "pssKiB": r.pss,
         }))).collect::<serde_json::Map<String, Value>>(),
         "totalKiB": total,
         "totalOverSingle": ratio,
         "totalAnonKiB": total_anon,
         "totalAnonOverSingle": ratio_anon,
+        "singleReplicaPssKiB": single_pss,
+        "totalPssKiB": total_pss,
+        "totalPssOverSingle": ratio_pss,
         "kubesimKiB": {"singleReplica": sim_one, "replicas": sim_many},
     });
     if args.json {

@@ -512,7 +512,18 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
 /// One KiB figure of `/proc/<pid>/status` (`VmRSS`, `RssAnon`: the private part, `RssFile`:
 /// mapped files such as the binary, shared by every process that maps them).
 pub fn status_kib(pid: &str, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    proc_kib(pid, "status", field)
+}
+
+/// A process's proportional set size in KiB (`Pss` of `/proc/<pid>/smaps_rollup`): its private
+/// pages plus each shared page divided by the number of processes mapping it, so the Pss of
+/// processes that run one binary adds up to what they use together (the binary counted once).
+pub fn pss_kib(pid: &str) -> Option<u64> {
+    proc_kib(pid, "smaps_rollup", "Pss")
+}
+
+fn proc_kib(pid: &str, file: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
