@@ -158,14 +158,18 @@ async fn the_image_is_built_and_runs_the_operator() {
     env.wait_writer("db", "db-0").await;
     // The lock's status is written after the pods' labels: a status read right after the
     // labels may be ahead of it (the operator runs in a slow chroot here), so wait for it.
-    let mut status = env.lock_status("lock").await;
-    for _ in 0..150 {
-        if status.writer_pod.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = env.lock_status("lock").await;
-    }
+    let status = env
+        .until(15, "the lock's status names its writer", {
+            let locks = env.locks();
+            move || {
+                let locks = locks.clone();
+                Box::pin(async move {
+                    let status = locks.get("lock").await.ok()?.status?;
+                    status.writer_pod.is_some().then_some(status)
+                })
+            }
+        })
+        .await;
     assert_eq!(status.writer_pod.as_deref(), Some("db-0"), "{status:?}");
     assert_eq!(status.shard.as_deref(), Some(shard.as_str()), "{status:?}");
     env.assert_never_two_writers().await;

@@ -103,6 +103,15 @@ pub(crate) async fn failover(args: &Args) -> anyhow::Result<()> {
     let busy = (cpu_seconds() - cpu_before) / run.elapsed().as_secs_f64();
     // Let the last failovers finish before reading the log.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The floor client runs until aborted here; an error that ended it early is the run's
+    // (its failovers would be missing from the figures below).
+    if floor_task.is_finished() {
+        match floor_task.await {
+            Ok(Ok(())) => anyhow::bail!("the floor client stopped before the run ended"),
+            Ok(Err(e)) => return Err(e.context("the floor client failed")),
+            Err(e) => anyhow::bail!("the floor client panicked: {e}"),
+        }
+    }
     floor_task.abort();
     let op = fleet.failovers_us(&ops, "stslock/");
     let fl = fleet.failovers_us(&floors, "floor");

@@ -13,8 +13,8 @@
 //!   each have the write budget `--qps`/`--burst`; locks are added in steps (fractions of the
 //!   theoretical per-replica renewal capacity qps × lease/2, times the replica count) and each
 //!   step is held for `--seconds`. A step is sustained when every lock is elected, no Lease
-//!   lapses and renewal lateness p99 stays within a tenth of the Lease duration. Reports the
-//!   largest sustained count per replica count and their ratio.
+//!   lapses and renewal lateness p99 stays within 1 s (P10; a tenth of the Lease when that is
+//!   shorter). Reports the largest sustained count per replica count and their ratio.
 //! - `rolling`: a rolling update of the operator (replicas stopped gracefully one at a time,
 //!   highest id first, each replaced by one with the same id after `--restart-delay-ms`), once
 //!   per shutdown strategy (`--leave handoff`, then `keep`), each on a fresh cluster in one
@@ -27,7 +27,13 @@
 //!   `--node-loss-every-ms`) and writes an HTML report (`--html-out`).
 //! - `memory`: the operator's memory with kubesim and every replica as separate processes
 //!   (see `memory.rs`): a replica with no locks, one with every lock, then `--replicas` sharing
-//!   them; reports each replica's RSS and the sharded total against the singleton.
+//!   them; reports each replica's RSS, private memory and Pss, and the sharded totals against
+//!   the singleton's.
+//! - `failover`: failover latency against its floor (see `floor.rs`): writers fail every
+//!   `--flap-every-ms` (200 ms when 0), alternating between the fleet's locks and the
+//!   `--floor-sets` StatefulSets of a minimal client that does only what a failover must
+//!   (watch pods; CAS the Lease, demote, promote). Reports both latencies (readiness change to
+//!   promotion, from kubesim's commit log) and their ratio.
 
 mod driver;
 mod faults;
@@ -42,12 +48,19 @@ pub(crate) use driver::{Fleet, pct, tenants};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    /// Locks, replicas, optional kills and writer failures (the default).
     Chaos,
+    /// A quiet phase, then one namespace failing writers fast.
     Noisy,
+    /// The most locks 1 and N replicas sustain with a fixed write budget.
     Capacity,
+    /// A rolling update of the operator.
     Rolling,
+    /// P5/P9's fault soak: API faults, flaps, kills, then convergence.
     Faults,
+    /// The operator's memory: separate processes, 1 replica against N.
     Memory,
+    /// Failover latency against a minimal floor client on the same cluster.
     Failover,
 }
 

@@ -131,10 +131,10 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     let ua = agent(&parts.headers);
     let is_write = parts.method != Method::GET;
     // Recorded when answered, or when dropped unanswered (the client gave up).
-    let _attempt = (is_write && app.store.config.attempt_log_max > 0)
+    let attempt = (is_write && app.store.config.attempt_log_max > 0)
         .then(|| Attempt::start(&app, &ua, &parts.method, &path));
     let answer = handle_api(&app, &parts, &path, &query, body, &ua, is_write).await;
-    if let Some(mut a) = _attempt {
+    if let Some(mut a) = attempt {
         a.answered(answer.status().as_u16());
     }
     answer
