@@ -154,6 +154,10 @@ pub async fn run_with(
             let _ = undecodable_tx.send(u);
         }
     });
+    let scope = Arc::new(crate::scope::Scope::new(
+        &args.namespaces,
+        args.namespace_selector.as_deref(),
+    ));
     // Locks the lock watch saw deleted (Some), or a list of it complete (None: any lock the
     // list lacks is gone too — a deletion while the watch was down has no event), for the
     // caches to give up (once they exist).
@@ -170,7 +174,11 @@ pub async fn run_with(
             undecodable.clone(),
         )
         .modify(watch::slim_lock_for(identity.clone()))
-        .backoff(watch::backoff()),
+        .backoff(watch::backoff())
+        .filter({
+            let scope = scope.clone();
+            move |ev| std::future::ready(watch::may_be_in_scope(&scope, ev))
+        }),
     )
     .inspect({
         let synced = synced.clone();
@@ -202,7 +210,11 @@ pub async fn run_with(
         sets_writer,
         lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
             .modify(watch::slim_statefulset)
-            .backoff(watch::backoff()),
+            .backoff(watch::backoff())
+            .filter({
+                let scope = scope.clone();
+                move |ev| std::future::ready(watch::may_be_in_scope(&scope, ev))
+            }),
     );
     // Leases and pods are kept only for this replica's own locks (DESIGN §4).
     let interest = Arc::new(crate::cache::interest::Interest::default());
@@ -211,10 +223,6 @@ pub async fn run_with(
         move |ns, set| interest.wants_set(ns, set)
     });
     let leases: crate::cache::watch::LeaseCache = Arc::default();
-    let scope = Arc::new(crate::scope::Scope::new(
-        &args.namespaces,
-        args.namespace_selector.as_deref(),
-    ));
     let probe = Arc::new(crate::probe::Probe {
         metrics: metrics.clone(),
         caches: synced.clone(),

@@ -62,6 +62,17 @@ impl Scope {
         true
     }
 
+    /// Can `namespace` ever be in scope? Not when `--namespaces` lists others: that list is
+    /// fixed for the process's life (a selector only narrows it further). The lock and
+    /// StatefulSet watches drop such objects at the event, so a replica scoped to some
+    /// namespaces caches nothing of the others. Under a selector alone every namespace may
+    /// join later, and everything is kept.
+    pub fn may_ever_allow(&self, namespace: &str) -> bool {
+        self.names
+            .as_ref()
+            .is_none_or(|names| names.contains(namespace))
+    }
+
     /// Is the scope known: no selector, or the selected namespaces have been listed?
     pub fn is_synced(&self) -> bool {
         self.selector.is_none() || self.synced.load(Ordering::Acquire)
@@ -155,5 +166,18 @@ mod tests {
         both.selected.write().unwrap().insert("a".into());
         both.synced.store(true, Ordering::Release);
         assert!(!both.allows("a") && !both.allows("b"), "both filters apply");
+    }
+
+    /// What the watches may drop at the event: only namespaces outside a fixed list.
+    #[test]
+    fn only_a_fixed_list_excludes_for_good() {
+        let fixed = Scope::new(&["a".into()], Some("team=a"));
+        assert!(fixed.may_ever_allow("a") && !fixed.may_ever_allow("b"));
+        let selected = Scope::new(&[], Some("team=a"));
+        assert!(
+            selected.may_ever_allow("b") && !selected.allows("b"),
+            "a namespace may be labelled into a selector's scope later"
+        );
+        assert!(Scope::all().may_ever_allow("anything"));
     }
 }
