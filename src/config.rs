@@ -314,62 +314,6 @@ pub async fn kube_config(
     }
 }
 
-/// Idle connections kept per API server. kube's own client keeps every connection it ever
-/// opened: the renewal lane (512 renewals at once) and the reconcilers open hundreds in a burst
-/// of claims, and each idle HTTP/1.1 connection holds its buffers — about 10 MiB of heap per
-/// replica at 5,000 locks (heaptrack, `fleet --scenario memory`). client-go keeps 25
-/// (`idleConnsPerHost`); a burst above that opens connections that close when it is over.
-pub const IDLE_CONNECTIONS: usize = 25;
-/// How long an idle connection is kept (Go's `http.Transport` default).
-pub const IDLE_CONNECTION_SECONDS: u64 = 90;
-
-/// The operator's client: kube's default stack (`Client::try_from(Config)`: base URI, retry of
-/// 429/503/504 when the config asks for it, authentication, extra headers such as
-/// impersonation, connect/read/write timeouts), over a connection pool that keeps at most
-/// [`IDLE_CONNECTIONS`] idle connections for at most [`IDLE_CONNECTION_SECONDS`].
-pub fn kube_client(config: kube::Config) -> anyhow::Result<kube::Client> {
-    use anyhow::Context as _;
-    use hyper_util::client::legacy::{Client, connect::HttpConnector};
-    use hyper_util::rt::{TokioExecutor, TokioTimer};
-    use kube::client::ConfigExt as _;
-    use tower::ServiceBuilder;
-
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let https = config
-        .rustls_https_connector_with_connector(http)
-        .context("building the TLS connector from the kubeconfig")?;
-    let mut connector = hyper_timeout::TimeoutConnector::new(https);
-    connector.set_connect_timeout(config.connect_timeout);
-    connector.set_read_timeout(config.read_timeout);
-    connector.set_write_timeout(config.write_timeout);
-    connector.set_reset_reader_on_write(config.reset_reader_on_write);
-    let pool = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(IDLE_CONNECTION_SECONDS))
-        .pool_max_idle_per_host(IDLE_CONNECTIONS)
-        .build(connector);
-    let retry = config
-        .default_retry
-        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
-    let service = ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(retry)
-        .option_layer(
-            config
-                .auth_layer()
-                .context("the kubeconfig's credentials")?,
-        )
-        .layer(
-            config
-                .extra_headers_layer()
-                .context("the kubeconfig's extra headers")?,
-        )
-        .map_err(tower::BoxError::from)
-        .service(pool);
-    Ok(kube::Client::new(service, config.default_namespace))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

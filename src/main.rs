@@ -76,7 +76,7 @@ async fn shutdown_signal() {
 
 async fn client_for(args: &OperatorArgs) -> anyhow::Result<kube::Client> {
     let config = stslock::config::kube_config(args.kubeconfig.as_deref(), None).await?;
-    stslock::config::kube_client(config).context("building the Kubernetes client")
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 #[tokio::main]

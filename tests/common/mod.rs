@@ -566,23 +566,31 @@ impl Env {
     }
 
     /// A client for operator replica `id`, as that replica and nobody else (through its
-    /// proxy on a real cluster when [`Options::partitionable`]). On a real cluster it is the
-    /// client `stslock run` builds (`stslock::config::kube_client`: kube's stack over a bounded
-    /// connection pool), from the replica's kubeconfig.
+    /// proxy on a real cluster when [`Options::partitionable`]).
     pub async fn operator_client(&self, id: &str) -> Client {
         let agent = format!("stslock/{id}");
-        let kubeconfig = match &self.inner {
-            Inner::Sim(sim) => return sim.client_as(&agent),
+        match &self.inner {
+            Inner::Sim(sim) => sim.client_as(&agent),
             Inner::Real(real) if real.fault_proxy.is_some() => {
-                self.fault_proxy_kubeconfig(real, id)
+                let kubeconfig = self.fault_proxy_kubeconfig(real, id);
+                controlplane::client_from_kubeconfig(&kubeconfig, &agent)
+                    .await
+                    .unwrap()
             }
-            Inner::Real(real) if self.opts.partitionable => self.proxied_kubeconfig(real, id).await,
-            Inner::Real(real) => real.cluster.operator.kubeconfig_path.clone(),
-        };
-        let config = controlplane::config_from_kubeconfig(&kubeconfig, &agent)
+            Inner::Real(real) if self.opts.partitionable => {
+                let kubeconfig = self.proxied_kubeconfig(real, id).await;
+                controlplane::client_from_kubeconfig(&kubeconfig, &agent)
+                    .await
+                    .unwrap()
+            }
+            Inner::Real(real) => OperatorIdentity {
+                user_agent: agent,
+                ..real.cluster.operator.clone()
+            }
+            .client()
             .await
-            .unwrap();
-        stslock::config::kube_client(config).unwrap()
+            .unwrap(),
+        }
     }
 
     pub async fn start_operators(&mut self) {

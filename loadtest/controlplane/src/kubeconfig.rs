@@ -64,13 +64,6 @@ pub(crate) fn write_with_cluster(
 /// A client from a kubeconfig file, with `user_agent` and a connect timeout. Request
 /// timeouts are the caller's (watches must be allowed to stay open).
 pub async fn client(path: &Path, user_agent: &str) -> Result<kube::Client> {
-    kube::Client::try_from(config(path, user_agent).await?)
-        .with_context(|| format!("building a client from {}", path.display()))
-}
-
-/// The configuration [`client`] builds its client from (for a caller with a client stack of
-/// its own, such as the operator's).
-pub async fn config(path: &Path, user_agent: &str) -> Result<kube::Config> {
     let kubeconfig =
         Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     let mut config =
@@ -81,5 +74,6 @@ pub async fn config(path: &Path, user_agent: &str) -> Result<kube::Config> {
     let agent =
         HeaderValue::from_str(user_agent).with_context(|| format!("User-Agent {user_agent:?}"))?;
     config.headers.push((header::USER_AGENT, agent));
-    Ok(config)
+    kube::Client::try_from(config)
+        .with_context(|| format!("building a client from {}", path.display()))
 }

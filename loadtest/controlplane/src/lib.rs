@@ -26,7 +26,6 @@ use kube::Api;
 
 pub use binaries::Binaries;
 pub use kubeconfig::client as client_from_kubeconfig;
-pub use kubeconfig::config as config_from_kubeconfig;
 pub use operator::{OperatorIdentity, install_operator_identity_with_kubeconfig};
 pub use pod_lifecycle::PodLifecycleOptions;
 
