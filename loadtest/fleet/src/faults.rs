@@ -1262,16 +1262,6 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         .map(|i| i.duration_ms(report.now_ms))
         .max()
         .unwrap_or(0);
-    let duals: Vec<Value> = report
-        .statefulsets
-        .iter()
-        .flat_map(|(set, s)| {
-            s.dual_writer
-                .iter()
-                .map(move |i| json!({"statefulSet": set, "startMs": i.start_ms, "endMs": i.end_ms}))
-        })
-        .take(DETAILS_JSON)
-        .collect();
     let lapse_ms: u64 = all_lapses.iter().map(|l| l.end_ms - l.start_ms).sum();
     let lapse_max = all_lapses
         .iter()
@@ -1412,6 +1402,50 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             })
             .collect()
     };
+    // Each dual-writer interval with what led to it: every commit for its lock (lock, Lease,
+    // pods, with the pods' role label and the lock's shard label) from 10 s before to 1 s
+    // after, and the faults on the lock's owner then.
+    let duals: Vec<Value> = report
+        .statefulsets
+        .iter()
+        .flat_map(|(set, s)| s.dual_writer.iter().map(move |i| (set, i)))
+        .take(DETAILS_JSON)
+        .map(|(set, i)| {
+            // fleet names each lock after its StatefulSet.
+            let key: Option<Key> = set
+                .split_once('/')
+                .map(|(ns, name)| (ns.to_string(), name.to_string()));
+            let (from, to) = (
+                i.start_ms.saturating_sub(10_000),
+                i.end_ms.unwrap_or(report.now_ms) + 1000,
+            );
+            let owner = key.as_ref().and_then(|k| owner_at(k, i.start_ms));
+            let commits: Vec<Value> = log
+                .iter()
+                .filter(|c| {
+                    c.at_ms >= from && c.at_ms <= to && key.is_some() && lock_of(c, &known) == key
+                })
+                .take(200)
+                .map(|c| {
+                    json!([
+                        c.rv,
+                        c.at_ms,
+                        c.actor,
+                        c.verb,
+                        c.resource,
+                        c.name,
+                        c.labels.get(SHARD_LABEL),
+                        c.labels.get(ROLE_LABEL)
+                    ])
+                })
+                .collect();
+            json!({
+                "statefulSet": set, "startMs": i.start_ms, "endMs": i.end_ms,
+                "owner": owner, "commits": commits,
+                "faultsOnOwner": faults_near(owner.as_deref(), from, to),
+            })
+        })
+        .collect();
     let lapse_details: Vec<Value> = all_lapses
         .iter()
         .take(DETAILS_JSON)
