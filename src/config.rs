@@ -111,6 +111,7 @@ pub struct OperatorArgs {
     pub tenant_qps: f64,
 
     /// Only handle StatefulSetLocks in these namespaces (comma-separated; default: all).
+    /// Locks and StatefulSets of other namespaces are not cached either.
     #[arg(long, env = "STSLOCK_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
 

@@ -175,10 +175,7 @@ pub async fn run_with(
         )
         .modify(watch::slim_lock_for(identity.clone()))
         .backoff(watch::backoff())
-        .filter({
-            let scope = scope.clone();
-            move |ev| std::future::ready(watch::may_be_in_scope(&scope, ev))
-        }),
+        .filter(watch::in_scope(scope.clone())),
     )
     .inspect({
         let synced = synced.clone();
@@ -211,10 +208,7 @@ pub async fn run_with(
         lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
             .modify(watch::slim_statefulset)
             .backoff(watch::backoff())
-            .filter({
-                let scope = scope.clone();
-                move |ev| std::future::ready(watch::may_be_in_scope(&scope, ev))
-            }),
+            .filter(watch::in_scope(scope.clone())),
     );
     // Leases and pods are kept only for this replica's own locks (DESIGN §4).
     let interest = Arc::new(crate::cache::interest::Interest::default());

@@ -129,17 +129,18 @@ pub fn slim_lock_for(identity: String) -> impl FnMut(&mut StatefulSetLock) + Sen
     }
 }
 
-/// Whether a lock or StatefulSet watch event is kept: an object in a namespace the scope can
+/// The filter of the lock and StatefulSet watches: an object in a namespace the scope can
 /// never include (`Scope::may_ever_allow`) is dropped before any cache sees it.
-pub fn may_be_in_scope<K: kube::Resource, E>(
-    scope: &crate::scope::Scope,
-    ev: &Result<watcher::Event<K>, E>,
-) -> bool {
-    match ev {
-        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => {
-            scope.may_ever_allow(o.meta().namespace.as_deref().unwrap_or_default())
-        }
-        _ => true,
+pub fn in_scope<K: kube::Resource, E>(
+    scope: Arc<crate::scope::Scope>,
+) -> impl FnMut(&Result<watcher::Event<K>, E>) -> std::future::Ready<bool> {
+    move |ev| {
+        std::future::ready(match ev {
+            Ok(
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
+            ) => scope.may_ever_allow(o.meta().namespace.as_deref().unwrap_or_default()),
+            _ => true,
+        })
     }
 }
 
