@@ -782,6 +782,33 @@ enum Step<'a> {
     Pod(&'a str, Option<&'a PodRec>),
 }
 
+/// The write attempts of replica `owner` for lock `key` (the lock, its Lease, its pods) that
+/// arrived between `from_ms` and `to_ms`, whatever their outcome. The fleet's names: lock
+/// `dbN`, its Lease `dbN-lease`, its pods `dbN-<ordinal>`.
+fn attempts_for_lock<'a>(
+    attempts: &'a [kubesim::WriteAttempt],
+    owner: &str,
+    key: &'a Key,
+    from_ms: u64,
+    to_ms: u64,
+) -> impl Iterator<Item = &'a kubesim::WriteAttempt> + 'a {
+    let agent = format!("{AGENT_PREFIX}{owner}");
+    let (ns, lock) = (&key.0, &key.1);
+    let (lease, pods) = (format!("{lock}-lease"), format!("{lock}-"));
+    attempts.iter().filter(move |a| {
+        a.at_ms >= from_ms
+            && a.at_ms <= to_ms
+            && a.actor == agent
+            && a.namespace == *ns
+            && match a.resource.as_str() {
+                "statefulsetlocks" => a.name == *lock,
+                "leases" => a.name == lease,
+                "pods" => a.name.starts_with(&pods),
+                _ => false,
+            }
+    })
+}
+
 fn lapses(
     key: &Key,
     t: &LockTrack,
@@ -1329,22 +1356,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .find(|c| c.rv == l.lease_rv)
             .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
-        let agent = format!("{AGENT_PREFIX}{owner}");
-        // The fleet's names: lock `dbN`, its Lease `dbN-lease`, its pods `dbN-<ordinal>`.
-        let (ns, lock) = (&l.lock.0, &l.lock.1);
-        let (lease, pods) = (format!("{lock}-lease"), format!("{lock}-"));
-        let mut tried = attempts.iter().filter(|a| {
-            a.at_ms >= due
-                && a.at_ms <= expiry
-                && a.actor == agent
-                && a.namespace == *ns
-                && match a.resource.as_str() {
-                    "statefulsetlocks" => a.name == *lock,
-                    "leases" => a.name == lease,
-                    "pods" => a.name.starts_with(&pods),
-                    _ => false,
-                }
-        });
+        let mut tried = attempts_for_lock(&attempts, &owner, &l.lock, due, expiry);
         let mut any = false;
         let defeated = tried.all(|a| {
             any = true;
@@ -1475,7 +1487,20 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             } else {
                 vec![]
             };
+            // What the owner tried for the lock from the renewal that lapsed to the end of the
+            // lapse: [arrival ms, method, resource, name, status (0: no answer), ms to answer].
+            let renewed = lw.map_or(w0, |c| c.at_ms);
+            let tried: Vec<Value> = owner
+                .as_deref()
+                .map(|o| {
+                    attempts_for_lock(&attempts, o, &l.lock, renewed, l.end_ms)
+                        .take(60)
+                        .map(|a| json!([a.at_ms, a.method, a.resource, a.name, a.status, a.elapsed_ms]))
+                        .collect()
+                })
+                .unwrap_or_default();
             json!({
+                "ownerAttempts": tried,
                 "cause": match causes[n] {
                     Cause::OwnerDown => "owner down when the renewal was due",
                     Cause::OwnerCutOff => "owner cut off: every write it tried for the lock failed by faults",

@@ -46,7 +46,7 @@ pub use auth::{ADMIN_TOKEN, User};
 pub use controllers::{ControllerConfig, PodFaults};
 pub use faults::{FaultConfig, Faults, HoldResponse, LoseResponse, LostAs, StaleRead, WatchFault};
 pub use recorder::Report;
-pub use store::{CommitRecord, Store, StoreConfig};
+pub use store::{CommitRecord, Store, StoreConfig, WriteAttempt};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
