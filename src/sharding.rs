@@ -429,12 +429,21 @@ impl Sharding {
             r = &mut write => Some(r),
             _ = tokio::time::sleep(HEDGE.min(timeout / 2)) => None,
         };
+        // The read-back races the write: whichever shows the renewal first wins (awaiting the
+        // read alone added a whole round trip to every slow renewal).
         let answered = match answered {
             Some(r) => r,
-            None => match read_back().await {
-                Ok(Some(l)) if is_mine(&l) => Ok(Some(l)),
-                _ => write.await,
-            },
+            None => {
+                let read = read_back();
+                tokio::pin!(read);
+                tokio::select! {
+                    r = &mut write => r,
+                    r = &mut read => match r {
+                        Ok(Some(l)) if is_mine(&l) => Ok(Some(l)),
+                        _ => write.await,
+                    },
+                }
+            }
         };
         let renewed = match answered {
             Ok(r) => r,
@@ -587,19 +596,23 @@ impl Sharding {
         // A leaving replica keeps renewing while it hands its locks off (its fence must stay
         // open for those writes); it stops when the leave is done.
         while !self.left.load(std::sync::atomic::Ordering::SeqCst) {
+            let started = tokio::time::Instant::now();
             let result = self.renew().await;
-            // A failed renewal is tried again soon: waiting S/3 after a failure can close the
-            // fence (or keep it closed after a restart) for longer than a lock's Lease lasts,
-            // and after a restart every Lease of the replica waits for the fence to open.
-            let pause = if result.is_ok() {
-                every
-            } else {
-                every.min(Duration::from_millis(250))
+            // Renewals start every S/3 whatever their answers take: the fence runs from when a
+            // renewal was sent, so counting S/3 from the answer let slow answers (a fifth of S)
+            // close it before the next renewal was answered, and every reopening bumps the
+            // generation (all trust in cached ownership lost). A failed renewal is tried again
+            // soon: waiting S/3 after a failure can close the fence (or keep it closed after a
+            // restart) for longer than a lock's Lease lasts, and after a restart every Lease of
+            // the replica waits for the fence to open.
+            let next = match &result {
+                Ok(()) => started + every,
+                Err(_) => tokio::time::Instant::now() + every.min(Duration::from_millis(250)),
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, shard = %self.cfg.id, "membership renewal failed");
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep_until(next).await;
         }
     }
 
