@@ -88,6 +88,43 @@ async fn until_owned_by(
     }
 }
 
+/// Waits until every lock is owned as the ring of `live` assigns it (what `stslock` computes
+/// from its membership: [`stslock_shard::Ring`] over the sorted ids, keyed by
+/// `namespace/name`), unchanged for a moment. Unlike [`until_owned_by`], no handoff is left
+/// to do when it returns, so later snapshots compare against the settled assignment rather
+/// than one taken mid-rebalance.
+async fn until_assigned(
+    env: &Env,
+    live: &HashSet<String>,
+    secs: u64,
+) -> BTreeMap<String, Option<String>> {
+    let mut members: Vec<String> = live.iter().cloned().collect();
+    members.sort();
+    let ring = stslock_shard::Ring::new(&members);
+    let start = Instant::now();
+    loop {
+        let o = owners(env).await;
+        let misplaced = o
+            .iter()
+            .filter(|(name, owner)| owner.as_deref() != ring.owner(&format!("{}/{name}", env.ns)))
+            .count();
+        if misplaced == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if owners(env).await == o {
+                return o;
+            }
+        }
+        if start.elapsed() >= Duration::from_secs(secs) {
+            panic!(
+                "{misplaced} locks not where the ring of {live:?} puts them after {secs}s: {:?}; membership Leases: {:#?}",
+                counts(&o),
+                membership(env).await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The membership Leases (name, holder, renewed, annotations), for failure messages.
 async fn membership(env: &Env) -> Vec<String> {
     let leases = call("list leases", env.leases().list(&ListParams::default()))
@@ -162,7 +199,8 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
         start(&mut env, &format!("r{i}"), 3).await;
     }
     let live: HashSet<String> = env.operator_ids().into_iter().collect();
-    let (three, took) = until_owned_by(&env, &live, 60).await;
+    let (_, took) = until_owned_by(&env, &live, 60).await;
+    let three = until_assigned(&env, &live, 30).await;
     let c = counts(&three);
     let max = *c.values().max().unwrap() as f64;
     let balance = max / (n as f64 / 3.0);
@@ -175,7 +213,7 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
     // A 4th replica joins: it takes about its share, nothing else moves.
     start(&mut env, "r3", 3).await;
     let live4: HashSet<String> = env.operator_ids().into_iter().collect();
-    let (four, _) = until_owned_by(&env, &live4, 60).await;
+    let four = until_assigned(&env, &live4, 60).await;
     let moved = three
         .iter()
         .filter(|(k, v)| four.get(*k) != Some(v))
@@ -194,8 +232,9 @@ async fn three_replicas_split_1000_locks_and_rebalance() {
     env.stop_operator("r1").await;
     println!("r1 stopped after {:?}", left_at.elapsed());
     let live3: HashSet<String> = env.operator_ids().into_iter().collect();
-    let (after_leave, _) = until_owned_by(&env, &live3, 30).await;
+    until_owned_by(&env, &live3, 30).await;
     println!("graceful leave handed off in {:?}", left_at.elapsed());
+    let after_leave = until_assigned(&env, &live3, 30).await;
     for (k, v) in &four {
         if v.as_deref() != Some("r1") {
             assert_eq!(
