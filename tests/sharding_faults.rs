@@ -952,3 +952,78 @@ async fn a_graceful_stop_ends_while_reconciles_wait_for_the_write_budget() {
     );
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A replica stopped by dropping its future writes nothing after.
+
+/// `stslock::replica::run` is how the harness, `fleet` and `stslock dev` embed replicas, and
+/// aborting its task is how they kill one: the soaks' kills mean something only if nothing of
+/// the killed replica writes after it (its reconcile lane runs on a task of its own, stopped
+/// through the shutdown channel the abort drops). Every write of it is served 1.5 s late when
+/// it is killed, and its writer fails just after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_replica_writes_nothing_after() {
+    let (sim, client) = sim_with_crd().await;
+    let n = 8;
+    // Leases of 4 s: both lanes renew every 2 s. A membership Lease of 15 s (the default):
+    // the fence of a replica nothing renews any more stays open 12 s.
+    statefulsets(&client, 0..n, 2).await;
+    locks(&client, 0..n, 4).await;
+    let a = start(&sim, "a", |a| a.membership_lease_seconds = 15);
+    until_owned_by(&client, &["a"], 30).await;
+    until_leases(&client, n).await;
+    // Every write of a served 1.5 s late: when it is killed, renewals are on their way.
+    sim.faults().update(|c| {
+        c.latency_ms = 1500;
+        c.writes_only = true;
+        c.agents = vec!["stslock/a".into()];
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let in_flight_from = sim.store().elapsed_ms();
+    a.task.abort();
+    let _ = a.task.await;
+    let killed_ms = sim.store().elapsed_ms();
+    // Deliberate wait: two renewal periods, and a writer failure to decide on.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let writer = until(10, "a writer-labelled pod", || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels("sts-role=writer"))
+                .await
+                .ok()?
+                .items
+                .first()
+                .map(|p| p.name_any())
+        }
+    })
+    .await;
+    sim.pods().set_ready("default", &writer, false).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let late: Vec<String> = sim
+        .commit_log()
+        .iter()
+        // A request already sent when the task was aborted may still be served.
+        .filter(|c| c.at_ms > killed_ms + 300 && c.actor == "stslock/a")
+        .map(|c| {
+            format!(
+                "{} ms: {} {} {}",
+                c.at_ms - killed_ms,
+                c.verb,
+                c.resource,
+                c.name
+            )
+        })
+        .collect();
+    let landed = sim
+        .commit_log()
+        .iter()
+        .filter(|c| c.at_ms > in_flight_from && c.actor == "stslock/a")
+        .count();
+    println!(
+        "writes by the aborted replica more than 300 ms after: {late:#?} ({writer} was the writer; {landed} of its writes landed after the latency began)"
+    );
+    assert!(
+        late.is_empty(),
+        "the aborted replica went on writing: {late:#?}"
+    );
+}
