@@ -228,7 +228,7 @@ async fn renew_one(ctx: &Context, lock: LockRef, reconcile: &mpsc::UnboundedSend
         Outcome::NotDue(next) => ctx.renewals.reschedule(lock, next),
         Outcome::NotMine => {}
         Outcome::Wait(why) => {
-            tracing::debug!(lock = %lock, why, "renewal waits");
+            tracing::debug!(lock = %lock, shard = %ctx.identity, why, "renewal waits");
             ctx.renewals.reschedule(lock, RETRY);
         }
         Outcome::Reconcile(why) | Outcome::Retry(why) => {
@@ -254,7 +254,7 @@ fn hand_to_reconcile(
     reconcile: &mpsc::UnboundedSender<LockRef>,
     why: &'static str,
 ) {
-    tracing::debug!(lock = %lock, why, "renewal handed to the reconcile lane");
+    tracing::debug!(lock = %lock, shard = %ctx.identity, why, "renewal handed to the reconcile lane");
     if ctx.renewals.handed.insert(lock.clone()) {
         let _ = reconcile.send(lock.clone());
     }
@@ -315,6 +315,8 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // a compare-and-swap on the cached version confirms it without reading the lock first, one
     // round trip less before each Lease's renewal. Only a cache that is behind (409) costs the
     // read.
+    // (None after a 409 or a 404: the cached version is known to be behind, and only the read
+    // below may be used from here on, even if another lane verified ownership meanwhile.)
     let confirmed_from_cache = if must {
         match ctx
             .sharding
@@ -324,9 +326,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
             Ok(Some(confirmed)) => Some(confirmed),
             Ok(None) => return Outcome::NotMine,
             Err(crate::error::Error::Fenced) => return Outcome::Wait("fenced"),
-            Err(e) if e.is_conflict() => None,
+            Err(e) if e.is_conflict() || e.is_not_found() => None,
             Err(e) => {
-                tracing::debug!(lock = %key, error = %e, "ownership not confirmed");
+                tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "ownership not confirmed");
                 return Outcome::Retry("ownership of the lock could not be confirmed");
             }
         }
@@ -338,7 +340,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         reread = ctx.cache.fresh.newest_after_read(confirmed);
         ctx.cache.fresh.owner_seen(&key, generation);
         reread.as_ref()
-    } else if ctx.cache.fresh.owner_verified(&key, generation) {
+    } else if !must && ctx.cache.fresh.owner_verified(&key, generation) {
         lock
     } else {
         match ctx.cache.reread_lock(lock).await {
@@ -358,7 +360,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                     Ok(None) => return Outcome::NotMine,
                     Err(crate::error::Error::Fenced) => return Outcome::Wait("fenced"),
                     Err(e) => {
-                        tracing::debug!(lock = %key, error = %e, "ownership not confirmed");
+                        tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "ownership not confirmed");
                         return Outcome::Retry("ownership of the lock could not be confirmed");
                     }
                 }
@@ -367,7 +369,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
             }
             Ok(None) => return Outcome::NotMine,
             Err(e) => {
-                tracing::debug!(lock = %key, error = %e, "re-read before renewal");
+                tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "re-read before renewal");
                 return Outcome::Retry("view of the lock could not be re-read");
             }
         }
@@ -388,7 +390,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     if (!synced || !ctx.cache.holds(lock))
         && let Err(e) = ctx.cache.reread(lock).await
     {
-        tracing::debug!(lock = %key, error = %e, "direct read before renewal");
+        tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read before renewal");
         return Outcome::Retry("Lease and pods could not be read");
     }
     let lease_name = lock.spec.lease_name.clone();
@@ -514,7 +516,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 // the reconcile lane) starts from the truth.
                 ctx.cache.refresh_lease(&ns, &lease_name).await;
             } else {
-                tracing::warn!(lock = %key, error = %e, "Lease renewal failed");
+                tracing::warn!(lock = %key, shard = %ctx.identity, error = %e, "Lease renewal failed");
             }
             Outcome::Retry("renewal write failed")
         }

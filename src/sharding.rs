@@ -525,13 +525,17 @@ impl Sharding {
         format!("{}.{:x}.{generation}", self.cfg.id, self.incarnation)
     }
 
-    /// Confirm that `read` (a lock just read from the API server, labelled for this replica) is
-    /// this replica's in `generation`. Just after the fence reopened (`must`: what
+    /// Confirm that `read` (a version of the lock labelled for this replica) is this replica's
+    /// in `generation`. Just after the fence reopened (`must`: what
     /// [`must_confirm`](Self::must_confirm) said before the read) a read does not show it: a
     /// peer's claim decided on this replica's absence may land after it. Then this replica's
-    /// term is written into the lock, compare-and-swap on the resourceVersion read: once that
-    /// write lands no earlier claim can (it conflicts), and a later one is decided on a fresh
-    /// read of the membership, which shows this replica alive. Returns the lock as confirmed
+    /// term is written into the lock, compare-and-swap on the resourceVersion of `read`: once
+    /// that write lands no earlier claim can (it conflicts), and a later one is decided on a
+    /// fresh read of the membership, which shows this replica alive. With `must`, `read` may
+    /// be a cached version rather than one just read: the compare-and-swap proves it current
+    /// (a stale one gets a 409), and a cached term of this generation exists only if this
+    /// replica's own confirmation landed. Without `must`, `read` must come from a read started
+    /// after the window. Returns the lock as confirmed
     /// (the write's answer), `None` when it is not this replica's; an error (a conflict, a lost
     /// answer) means "not confirmed yet": read again and retry.
     pub async fn confirm_owner(

@@ -91,6 +91,7 @@ pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Con
     }
     tracing::warn!(
         lock = %key,
+        shard = %ctx.identity,
         failures,
         error = %err,
         kind = err.metric_label(),
