@@ -435,6 +435,7 @@ pub async fn run_with(
                 .map(|l| l.as_ref())
                 .collect();
             tracing::info!(
+                shard = %id,
                 owned = own.len(),
                 "lock watch listed: keeping the Leases and pods of this replica's own locks"
             );
@@ -472,7 +473,7 @@ pub async fn run_with(
                 let _ = stop.wait_for(|s| *s).await;
             }
         });
-    tracing::info!("stslock operator started");
+    tracing::info!(shard = %args.identity(), "stslock operator started");
     let mut reconciling = tokio::spawn(
         controller
             .run(traced_reconcile, error_policy, ctx)
