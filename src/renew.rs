@@ -287,6 +287,41 @@ enum Due {
     Handoff,
 }
 
+/// What [`Sharding::confirm_owner`](crate::sharding::Sharding::confirm_owner) answered, as the
+/// renewal lane acts on it.
+enum Confirmation {
+    Confirmed(Box<StatefulSetLock>),
+    /// The version confirmed from is behind (409) or the lock is gone from it (404).
+    Behind,
+    /// Not this replica's, fenced, or no answer: what to report.
+    Stop(Outcome),
+}
+
+async fn confirm_owner(
+    ctx: &Context,
+    lock: &StatefulSetLock,
+    generation: u64,
+    must: bool,
+    key: &str,
+) -> Confirmation {
+    match ctx
+        .sharding
+        .confirm_owner(lock, generation, must, &ctx.limits)
+        .await
+    {
+        Ok(Some(confirmed)) => Confirmation::Confirmed(Box::new(confirmed)),
+        Ok(None) => Confirmation::Stop(Outcome::NotMine),
+        Err(crate::error::Error::Fenced) => Confirmation::Stop(Outcome::Wait("fenced")),
+        Err(e) if e.is_conflict() || e.is_not_found() => Confirmation::Behind,
+        Err(e) => {
+            tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "ownership not confirmed");
+            Confirmation::Stop(Outcome::Retry(
+                "ownership of the lock could not be confirmed",
+            ))
+        }
+    }
+}
+
 async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     let lock = ctx.cache.fresh.newest_lock(Arc::new(lock.clone()));
     let lock = lock.as_ref();
@@ -318,19 +353,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // (None after a 409 or a 404: the cached version is known to be behind, and only the read
     // below may be used from here on, even if another lane verified ownership meanwhile.)
     let confirmed_from_cache = if must {
-        match ctx
-            .sharding
-            .confirm_owner(lock, generation, true, &ctx.limits)
-            .await
-        {
-            Ok(Some(confirmed)) => Some(confirmed),
-            Ok(None) => return Outcome::NotMine,
-            Err(crate::error::Error::Fenced) => return Outcome::Wait("fenced"),
-            Err(e) if e.is_conflict() || e.is_not_found() => None,
-            Err(e) => {
-                tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "ownership not confirmed");
-                return Outcome::Retry("ownership of the lock could not be confirmed");
-            }
+        match confirm_owner(ctx, lock, generation, true, &key).await {
+            Confirmation::Confirmed(confirmed) => Some(*confirmed),
+            Confirmation::Behind => None,
+            Confirmation::Stop(outcome) => return outcome,
         }
     } else {
         None
@@ -348,21 +374,17 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 let read = ctx.cache.fresh.newest_after_read(l);
                 // Just after the fence reopened a read is not enough: a peer's claim decided
                 // while this replica was away may still land (see `Sharding::confirm_owner`).
-                match ctx
-                    .sharding
-                    .confirm_owner(&read, generation, must, &ctx.limits)
-                    .await
-                {
-                    Ok(Some(confirmed)) => {
-                        ctx.cache.fresh.remember_lock(confirmed.clone());
-                        reread = ctx.cache.fresh.newest_after_read(confirmed);
+                match confirm_owner(ctx, &read, generation, must, &key).await {
+                    Confirmation::Confirmed(confirmed) => {
+                        ctx.cache.fresh.remember_lock((*confirmed).clone());
+                        reread = ctx.cache.fresh.newest_after_read(*confirmed);
                     }
-                    Ok(None) => return Outcome::NotMine,
-                    Err(crate::error::Error::Fenced) => return Outcome::Wait("fenced"),
-                    Err(e) => {
-                        tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "ownership not confirmed");
+                    // Behind a version just read: someone wrote the lock since; the next
+                    // attempt starts over.
+                    Confirmation::Behind => {
                         return Outcome::Retry("ownership of the lock could not be confirmed");
                     }
+                    Confirmation::Stop(outcome) => return outcome,
                 }
                 ctx.cache.fresh.owner_seen(&key, generation);
                 reread.as_ref()

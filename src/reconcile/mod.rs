@@ -205,6 +205,20 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
             return Ok(Action::requeue(wait));
         }
+        if !plan.steps.is_empty() {
+            // What the plan was made from and what it does (for explaining a decision after
+            // the fact: which view of the pods and the Lease led to which writes).
+            tracing::debug!(
+                lock = %observed.key(),
+                shard = %ctx.identity,
+                lease = ?observed.lease.as_ref().map(|l| (&l.holder, &l.holder_uid, l.transitions)),
+                status_writer = ?(&observed.status.writer_pod, observed.status.writer_epoch),
+                pods = ?observed.pods.iter().map(|p| (&p.name, p.ready, p.role, p.epoch)).collect::<Vec<_>>(),
+                lock_rv = ?lock.resource_version(),
+                steps = ?plan.steps,
+                "plan"
+            );
+        }
         crate::telemetry::traced_apply(
             &observed,
             &plan,

@@ -50,7 +50,11 @@ impl Fleet {
         let mut cfg = kubesim::SimConfig::default();
         cfg.controllers.pod_ready_delay = Duration::from_millis(50);
         cfg.store.history_window = Duration::from_secs(180);
-        cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+        // The role label too: a dual-writer interval's commit rows say which way each pod write went.
+        cfg.store.recorded_labels = vec![
+            SHARD_LABEL.to_string(),
+            crate::faults::ROLE_LABEL.to_string(),
+        ];
         // The faults scenario tells lapses of an owner cut off by faults apart with it.
         cfg.store.attempt_log_max = 1_000_000;
         let sim = kubesim::Sim::start(cfg);

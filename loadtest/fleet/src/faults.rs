@@ -53,7 +53,7 @@ use stslock::sharding::GROUP_LABEL;
 
 use crate::{Args, Fleet, pct, tenants};
 
-const ROLE_LABEL: &str = "sts-role";
+pub(crate) const ROLE_LABEL: &str = "sts-role";
 const AGENT_PREFIX: &str = "stslock/";
 /// Details listed per violation kind (the JSON has up to `DETAILS_JSON`).
 const DETAILS_TEXT: usize = 15;
@@ -1451,9 +1451,27 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                     ])
                 })
                 .collect();
+            // What the owner sent for the lock in that window, answered or not (a write that
+            // lands late shows here with its arrival time and how long it took).
+            let tried: Vec<Value> = match (owner.as_deref(), key.as_ref()) {
+                (Some(o), Some(k)) => attempts_for_lock(&attempts, o, k, from, to)
+                    .take(200)
+                    .map(|a| {
+                        json!([
+                            a.at_ms,
+                            a.method,
+                            a.resource,
+                            a.name,
+                            a.status,
+                            a.elapsed_ms
+                        ])
+                    })
+                    .collect(),
+                _ => vec![],
+            };
             json!({
                 "statefulSet": set, "startMs": i.start_ms, "endMs": i.end_ms,
-                "owner": owner, "commits": commits,
+                "owner": owner, "commits": commits, "ownerAttempts": tried,
                 "faultsOnOwner": faults_near(owner.as_deref(), from, to),
             })
         })
