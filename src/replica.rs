@@ -445,6 +445,7 @@ pub async fn run_with(
     });
     let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
+        .trigger_backoff(watch::NoTriggerBackoff)
         .reconcile_on(after_settling(
             settled.clone(),
             watch::pod_triggers(

@@ -38,6 +38,9 @@ pub struct FaultConfig {
     /// When non-empty, latency and errors apply only to clients whose User-Agent contains one
     /// of these strings.
     pub agents: Vec<String>,
+    /// When non-empty, latency and errors apply only to requests for these resources (plural,
+    /// or `plural.group`), e.g. only the lock watch's lists and watches.
+    pub resources: Vec<String>,
     /// Every API request fails with 503, open watches end.
     pub down: bool,
     /// Clients whose User-Agent contains one of these strings are cut off: their requests hang
@@ -548,7 +551,12 @@ impl Faults {
     }
 
     /// Decide the fate of one API request; sleeps for latency and partitions.
-    pub async fn admit(&self, agent: &str, is_write: bool) -> Verdict {
+    pub async fn admit(
+        &self,
+        agent: &str,
+        is_write: bool,
+        (group, plural): (&str, &str),
+    ) -> Verdict {
         // A partitioned client waits until healed: from its side the request simply never
         // gets an answer, and its own timeout decides what happens.
         while self.is_partitioned(agent) {
@@ -565,7 +573,9 @@ impl Faults {
                 )
             });
         }
-        let affected = (!c.writes_only || is_write) && agent_matches(&c.agents, agent);
+        let affected = (!c.writes_only || is_write)
+            && agent_matches(&c.agents, agent)
+            && resource_matches(&c.resources, group, plural);
         if !affected {
             return Verdict::Proceed;
         }

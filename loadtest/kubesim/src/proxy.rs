@@ -210,10 +210,10 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         .unwrap_or("unknown")
         .to_string();
     let is_write = parts.method != Method::GET;
-    if let Verdict::Fail(e) = p.faults.admit(&agent, is_write).await {
+    let (group, plural) = resource_of(&path);
+    if let Verdict::Fail(e) = p.faults.admit(&agent, is_write, (&group, &plural)).await {
         return error_response(&e);
     }
-    let (group, plural) = resource_of(&path);
     let query = parts.uri.query().map(str::to_string);
     let mut up = Request::builder().method(parts.method.clone()).uri(
         parts

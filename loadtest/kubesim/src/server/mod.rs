@@ -201,7 +201,8 @@ async fn handle_api(
     ua: &str,
     is_write: bool,
 ) -> Response<Body> {
-    if let Verdict::Fail(e) = app.faults.admit(ua, is_write).await {
+    let (group, plural) = crate::proxy::resource_of(path);
+    if let Verdict::Fail(e) = app.faults.admit(ua, is_write, (&group, &plural)).await {
         return error_response(&e);
     }
     if app.auth.enabled {
