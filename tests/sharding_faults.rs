@@ -1087,3 +1087,79 @@ async fn a_lock_watch_outage_does_not_hold_up_the_next_failover() {
     assert_never_two_writers(&sim);
     a.stop().await;
 }
+
+/// The same for a reconcile in flight at the abort: a failover whose writes are each served
+/// 1.2 s late, its replica aborted 300 ms after the plan's first wave was served, while its
+/// Lease write waits out its latency in kubesim. Nothing of the plan may land after: not the
+/// write already sent, not the steps after it (the controller runs on a task of its own, and
+/// kube-runtime lets running reconciles finish after a graceful shutdown — which the abort
+/// starts by dropping the shutdown channel). This holds on the code as it is (two runs: the
+/// demotion and the epoch reservation before the abort, nothing after); it pins down what the
+/// soaks' kills mean, which the analysis of a dual writer there relied on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_in_flight_when_its_replica_is_aborted_writes_nothing_after() {
+    let (sim, client) = sim_with_crd().await;
+    let n = 2;
+    let a = alone_with_locks(&sim, &client, n, 10).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let writer = until(10, "s0's writer labelled", || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels("sts-role=writer"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .map(|p| p.name_any())
+                .find(|p| p.starts_with("s0-"))
+        }
+    })
+    .await;
+    sim.faults().update(|c| {
+        c.latency_ms = 1200;
+        c.writes_only = true;
+        c.agents = vec!["stslock/a".into()];
+    });
+    let flipped_ms = sim.store().elapsed_ms();
+    sim.pods().set_ready("default", &writer, false).unwrap();
+    // The failover's first writes are served; the rest of its plan is still to come.
+    until(10, "the failover's first write served", || {
+        let log = sim.commit_log();
+        async move {
+            log.iter()
+                .any(|c| c.actor == "stslock/a" && c.at_ms > flipped_ms)
+                .then_some(())
+        }
+    })
+    .await;
+    // Its next write is sent meanwhile and waits out its latency in kubesim.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.task.abort();
+    let _ = a.task.await;
+    let killed_ms = sim.store().elapsed_ms();
+    // Deliberate wait: the rest of the plan, had it gone on, would land within this.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = sim.commit_log();
+    let after: Vec<String> = log
+        .iter()
+        .filter(|c| c.at_ms > killed_ms && c.actor == "stslock/a")
+        .map(|c| {
+            format!(
+                "+{} ms: {} {} {}",
+                c.at_ms - killed_ms,
+                c.verb,
+                c.resource,
+                c.name
+            )
+        })
+        .collect();
+    let before = log
+        .iter()
+        .filter(|c| c.at_ms > flipped_ms && c.at_ms <= killed_ms && c.actor == "stslock/a")
+        .count();
+    println!("{before} writes of the failover before the abort; after it: {after:#?}");
+    assert!(
+        after.is_empty(),
+        "the aborted replica's plan went on: {after:#?}"
+    );
+}
