@@ -155,8 +155,12 @@ where
     let mut wheel: DelayQueue<LockRef> = DelayQueue::new();
     let mut entries: HashMap<LockRef, delay_queue::Key> = HashMap::new();
     let permits = Arc::new(Semaphore::new(parallel));
+    // The renewals running: aborted with the lane (a replica whose future is dropped — killed —
+    // must not go on renewing from a state nothing updates any more).
+    let mut running = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = running.join_next(), if !running.is_empty() => {}
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(Cmd::Schedule(lock, at)) => match entries.get(&lock) {
@@ -183,7 +187,7 @@ where
                 entries.remove(&lock);
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let work = due(lock);
-                tokio::spawn(async move {
+                running.spawn(async move {
                     work.await;
                     drop(permit);
                 });

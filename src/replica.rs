@@ -475,7 +475,11 @@ pub async fn run_with(
             }
         });
     tracing::info!(shard = %args.identity(), "stslock operator started");
-    let mut reconciling = tokio::spawn(
+    // On a task of its own, aborted when this future is dropped: kube-runtime lets running
+    // reconciles finish after a graceful shutdown, which dropping the shutdown channel starts —
+    // a killed replica's plan in flight went on writing with the permits of a sharding state
+    // nothing updated any more, after its restarted successor had decided the lock afresh.
+    let mut reconciling = AbortOnDrop(tokio::spawn(
         controller
             .run(traced_reconcile, error_policy, ctx)
             .for_each(|res| async move {
@@ -484,19 +488,19 @@ pub async fn run_with(
                     Err(e) => tracing::debug!(error = %e, "reconcile"),
                 }
             }),
-    );
+    ));
     // After the stop, the reconciles running get a bounded time to end: a stop must finish
     // (a pod has a termination grace period, a rolling update waits for it). One still running
     // after that is left to run while the locks are handed off — each handoff waits for the
     // lock's writes in flight, and no write is sent once the fence closes — and ended after.
     let mut stop = stop_rx.clone();
     tokio::select! {
-        _ = &mut reconciling => {}
+        _ = &mut reconciling.0 => {}
         stopped = async { stop.wait_for(|s| *s).await.is_ok() } => {
             let grace = args.api_timeout() * STOP_GRACE_API_TIMEOUTS;
             if !stopped {
-                let _ = (&mut reconciling).await;
-            } else if tokio::time::timeout(grace, &mut reconciling).await.is_err() {
+                let _ = (&mut reconciling.0).await;
+            } else if tokio::time::timeout(grace, &mut reconciling.0).await.is_err() {
                 tracing::warn!(
                     shard = %args.identity(),
                     ?grace,
@@ -512,10 +516,19 @@ pub async fn run_with(
             tracing::info!("keeping this replica's locks for a replacement with the same id")
         }
     }
-    reconciling.abort();
+    drop(reconciling);
     drop(background);
     tracing::info!("stslock operator stopped");
     Ok(())
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Marks a reflector cache as synced once it has its initial list. Only for stores nothing

@@ -1090,17 +1090,25 @@ async fn a_lock_watch_outage_does_not_hold_up_the_next_failover() {
 
 /// The same for a reconcile in flight at the abort: a failover whose writes are each served
 /// 1.2 s late, its replica aborted 300 ms after the plan's first wave was served, while its
-/// Lease write waits out its latency in kubesim. Nothing of the plan may land after: not the
-/// write already sent, not the steps after it (the controller runs on a task of its own, and
-/// kube-runtime lets running reconciles finish after a graceful shutdown — which the abort
-/// starts by dropping the shutdown channel). This holds on the code as it is (two runs: the
-/// demotion and the epoch reservation before the abort, nothing after); it pins down what the
-/// soaks' kills mean, which the analysis of a dual writer there relied on.
+/// Lease write waits out its latency in kubesim. Nothing of the plan may land after. Before,
+/// the controller ran on a task the abort did not reach, and kube-runtime lets running
+/// reconciles finish after a graceful shutdown (which the abort starts by dropping the shutdown
+/// channel): the plan went on with the permits of a sharding state nothing updated any more —
+/// here the Lease +0.9 s, the promotion +2.1 s, the status +3.3 s and an Event +4.5 s after
+/// the abort (two runs); in a soak such a plan of a killed replica promoted a pod after its
+/// restarted successor had failed the lock over to another (2 ms of two writers). Now the
+/// controller and the renewals end with the replica (three runs: nothing after).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_in_flight_when_its_replica_is_aborted_writes_nothing_after() {
     let (sim, client) = sim_with_crd().await;
     let n = 2;
-    let a = alone_with_locks(&sim, &client, n, 10).await;
+    statefulsets(&client, 0..n, 2).await;
+    locks(&client, 0..n, 10).await;
+    // A membership Lease of 15 s (the default): the fence of a replica nothing renews any more
+    // stays open about 12 s, so the write window does not end a plan left running.
+    let a = start(&sim, "a", |a| a.membership_lease_seconds = 15);
+    until_owned_by(&client, &["a"], 30).await;
+    until_leases(&client, n).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let writer = until(10, "s0's writer labelled", || {
         let pods = pods.clone();
