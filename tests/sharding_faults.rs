@@ -69,6 +69,34 @@ async fn alone_with_locks(sim: &Sim, client: &Client, n: usize, lease_seconds: i
     a
 }
 
+/// a alone with `n` locks (2 pods each, Leases of `lease_seconds`) and a membership Lease of
+/// 15 s (the default): the fence of a replica nothing renews any more stays open about 12 s.
+async fn alone_with_a_long_fence(
+    sim: &Sim,
+    client: &Client,
+    n: usize,
+    lease_seconds: i32,
+) -> Replica {
+    statefulsets(client, 0..n, 2).await;
+    locks(client, 0..n, lease_seconds).await;
+    let a = start(sim, "a", |a| a.membership_lease_seconds = 15);
+    until_owned_by(client, &["a"], 30).await;
+    until_leases(client, n).await;
+    a
+}
+
+/// The pod of StatefulSet `set` labelled writer, if any (the first, if several are).
+async fn writer_of(client: &Client, set: &str) -> Option<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.list(&ListParams::default().labels("sts-role=writer"))
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .map(|p| p.name_any())
+        .find(|p| p.starts_with(&format!("{set}-")))
+}
+
 /// Until the Leases `lease{i}` of `n` locks exist.
 async fn until_leases(client: &Client, n: usize) {
     until(15, "every Lease created", || {
@@ -964,14 +992,8 @@ async fn a_graceful_stop_ends_while_reconciles_wait_for_the_write_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_replica_writes_nothing_after() {
     let (sim, client) = sim_with_crd().await;
-    let n = 8;
-    // Leases of 4 s: both lanes renew every 2 s. A membership Lease of 15 s (the default):
-    // the fence of a replica nothing renews any more stays open 12 s.
-    statefulsets(&client, 0..n, 2).await;
-    locks(&client, 0..n, 4).await;
-    let a = start(&sim, "a", |a| a.membership_lease_seconds = 15);
-    until_owned_by(&client, &["a"], 30).await;
-    until_leases(&client, n).await;
+    // Leases of 4 s: both lanes renew every 2 s.
+    let a = alone_with_a_long_fence(&sim, &client, 8, 4).await;
     // Every write of a served 1.5 s late: when it is killed, renewals are on their way.
     sim.faults().update(|c| {
         c.latency_ms = 1500;
@@ -1044,20 +1066,7 @@ async fn a_lock_watch_outage_does_not_hold_up_the_next_failover() {
     let (sim, client) = sim_with_crd().await;
     let n = 4;
     let a = alone_with_locks(&sim, &client, n, 10).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let writer_of = |set: &'static str| {
-        let pods = pods.clone();
-        async move {
-            pods.list(&ListParams::default().labels("sts-role=writer"))
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .map(|p| p.name_any())
-                .find(|p| p.starts_with(&format!("{set}-")))
-        }
-    };
-    let writer = until(10, "s0's writer labelled", || writer_of("s0")).await;
+    let writer = until(10, "s0's writer labelled", || writer_of(&client, "s0")).await;
     sim.faults().update(|c| {
         c.error_rate = 1.0;
         c.agents = vec!["stslock/a".into()];
@@ -1069,9 +1078,8 @@ async fn a_lock_watch_outage_does_not_hold_up_the_next_failover() {
     let flipped = std::time::Instant::now();
     sim.pods().set_ready("default", &writer, false).unwrap();
     let new = until(15, "s0's writer failed over", || {
-        let w = writer_of("s0");
-        let old = writer.clone();
-        async move { w.await.filter(|w| *w != old) }
+        let (client, old) = (client.clone(), writer.clone());
+        async move { writer_of(&client, "s0").await.filter(|w| *w != old) }
     })
     .await;
     let took = flipped.elapsed();
@@ -1101,28 +1109,9 @@ async fn a_lock_watch_outage_does_not_hold_up_the_next_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_in_flight_when_its_replica_is_aborted_writes_nothing_after() {
     let (sim, client) = sim_with_crd().await;
-    let n = 2;
-    statefulsets(&client, 0..n, 2).await;
-    locks(&client, 0..n, 10).await;
-    // A membership Lease of 15 s (the default): the fence of a replica nothing renews any more
-    // stays open about 12 s, so the write window does not end a plan left running.
-    let a = start(&sim, "a", |a| a.membership_lease_seconds = 15);
-    until_owned_by(&client, &["a"], 30).await;
-    until_leases(&client, n).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let writer = until(10, "s0's writer labelled", || {
-        let pods = pods.clone();
-        async move {
-            pods.list(&ListParams::default().labels("sts-role=writer"))
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .map(|p| p.name_any())
-                .find(|p| p.starts_with("s0-"))
-        }
-    })
-    .await;
+    // The write window does not end a plan left running.
+    let a = alone_with_a_long_fence(&sim, &client, 2, 10).await;
+    let writer = until(10, "s0's writer labelled", || writer_of(&client, "s0")).await;
     sim.faults().update(|c| {
         c.latency_ms = 1200;
         c.writes_only = true;
