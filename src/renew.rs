@@ -386,6 +386,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                     // Behind a version just read: someone wrote the lock since; the next
                     // attempt starts over.
                     Confirmation::Behind => {
+                        tracing::debug!(lock = %key, shard = %ctx.identity, "ownership not confirmed: the lock changed since it was read");
                         return Outcome::Retry("ownership of the lock could not be confirmed");
                     }
                     Confirmation::Stop(outcome) => return outcome,

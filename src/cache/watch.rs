@@ -35,10 +35,10 @@ pub const WATCH_TIMEOUT_SECONDS: u32 = 20;
 
 /// The backoff of every watch of a replica after an error: 100 ms, doubling to 2.5 s, each
 /// delay up to twice that by jitter (at most 5 s), reset by the first event that arrives (a
-/// relist's start is one: failed lists are retried every 100-200 ms). kube-runtime's default (client-go's:
-/// 800 ms to 30 s) costs a restarted replica a second or more per failed initial list, and
-/// its Leases are due meanwhile; an apiserver in trouble still sees each watch at most every
-/// few seconds.
+/// relist's start is one: failed lists are retried every 100-200 ms). kube-runtime's default
+/// (client-go's: 800 ms to 30 s) costs a restarted replica a second or more per failed initial
+/// list, and its Leases are due meanwhile; an apiserver in trouble still sees each watch at
+/// most every few seconds.
 pub fn backoff() -> kube::runtime::watcher::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(std::time::Duration::from_millis(100))
