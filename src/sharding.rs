@@ -165,6 +165,8 @@ pub struct Sharding {
     /// the next move. Dropped when the fence reopens (peers may have claimed the lock
     /// meanwhile).
     read_mine: DashMap<String, (Arc<StatefulSetLock>, u64)>,
+    /// One ownership confirmation per lock at a time (see [`Sharding::confirm_owner`]).
+    confirming: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Locks labelled for this replica as of the last assignment pass. One that appears here —
     /// after a restart, handed over by a peer, or claimed — is reported gained at once
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
@@ -229,6 +231,7 @@ impl Sharding {
             released: DashMap::default(),
             awaited: DashMap::default(),
             read_mine: DashMap::default(),
+            confirming: DashMap::default(),
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -535,9 +538,17 @@ impl Sharding {
     /// be a cached version rather than one just read: the compare-and-swap proves it current
     /// (a stale one gets a 409), and a cached term of this generation exists only if this
     /// replica's own confirmation landed. Without `must`, `read` must come from a read started
-    /// after the window. Returns the lock as confirmed
-    /// (the write's answer), `None` when it is not this replica's; an error (a conflict, a lost
-    /// answer) means "not confirmed yet": read again and retry.
+    /// after the window.
+    ///
+    /// A confirmation that conflicts or gets no answer is resolved here by one read of the
+    /// lock: this replica's term in it means the write landed (only this process writes it,
+    /// and only in this generation), otherwise it is tried once more on the version read. One
+    /// confirmation per lock runs at a time (the renewal and reconcile lanes both confirm):
+    /// the second finds the first's answer instead of conflicting with it.
+    ///
+    /// Returns the lock as confirmed (the write's answer, or the read showing it), `None` when
+    /// it is not this replica's; an error (a conflict, a lost answer) means "not confirmed
+    /// yet": read again and retry.
     pub async fn confirm_owner(
         &self,
         read: &StatefulSetLock,
@@ -552,46 +563,123 @@ impl Sharding {
         if !must || read.annotations().get(SHARD_TERM_ANNOTATION) == Some(&term) {
             return Ok(Some(read.clone()));
         }
-        limits.acquire(crate::limits::Lane::Renewal).await;
-        let permit = match self.permit(read, generation) {
-            Ok(p) => p,
-            Err(Refused::Fenced) => return Err(crate::error::Error::Fenced),
-            Err(Refused::NotOwner) => return Ok(None),
+        let key = lock_key(read);
+        let gate = self.confirming.entry(key.clone()).or_default().clone();
+        let result = {
+            let _turn = gate.lock().await;
+            self.confirm_by_write(read, generation, &term, limits).await
         };
+        drop(gate);
+        self.confirming
+            .remove_if(&key, |_, g| Arc::strong_count(g) == 1);
+        result
+    }
+
+    /// The write of [`confirm_owner`](Self::confirm_owner), with its resolution by a read.
+    async fn confirm_by_write(
+        &self,
+        read: &StatefulSetLock,
+        generation: u64,
+        term: &str,
+        limits: &crate::limits::Limits,
+    ) -> crate::error::Result<Option<StatefulSetLock>> {
+        let key = lock_key(read);
+        let mine = |l: &StatefulSetLock| l.labels().get(SHARD_LABEL) == Some(&self.cfg.id);
+        let confirmed = |l: &StatefulSetLock| {
+            mine(l)
+                && l.annotations()
+                    .get(SHARD_TERM_ANNOTATION)
+                    .map(String::as_str)
+                    == Some(term)
+        };
+        // Confirmed while this one waited its turn (the other lane's write, or its read).
+        if let Some(known) = self.read_mine.get(&key).map(|r| r.clone())
+            && known.1 == generation
+            && confirmed(&known.0)
+            && crate::cache::fresh::rv_number(known.0.resource_version().as_deref())
+                >= crate::cache::fresh::rv_number(read.resource_version().as_deref())
+        {
+            return Ok(Some((*known.0).clone()));
+        }
         let ns = read.namespace().unwrap_or_default();
         let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
-        let patch = json!({"metadata": {
-            "resourceVersion": read.resource_version(),
-            "annotations": {SHARD_TERM_ANNOTATION: term},
-        }});
-        let result = call(
-            &self.metrics,
-            ApiCall::patch(Kind::StatefulSetLock, lock_key(read)).note("confirming ownership"),
-            self.cfg.api_timeout.min(permit.window),
-            api.patch(
-                &read.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await;
-        match result {
-            Ok(updated) => {
-                let key = lock_key(read);
-                tracing::debug!(shard = %self.cfg.id, lock = %key, "ownership confirmed");
-                // Assignment works from this version until the lock watch delivers one as new
-                // (a handoff from an older one would conflict).
-                self.read_mine
-                    .insert(key, (Arc::new(updated.clone()), generation));
-                Ok((updated.labels().get(SHARD_LABEL) == Some(&self.cfg.id)).then_some(updated))
-            }
-            Err(e) => {
-                if e.outcome_unknown() {
-                    permit.unknown_outcome();
+        let mut from = read.clone();
+        let mut resolved_once = false;
+        loop {
+            limits.acquire(crate::limits::Lane::Renewal).await;
+            let permit = match self.permit(&from, generation) {
+                Ok(p) => p,
+                Err(Refused::Fenced) => return Err(crate::error::Error::Fenced),
+                Err(Refused::NotOwner) => return Ok(None),
+            };
+            let patch = json!({"metadata": {
+                "resourceVersion": from.resource_version(),
+                "annotations": {SHARD_TERM_ANNOTATION: term},
+            }});
+            let result = call(
+                &self.metrics,
+                ApiCall::patch(Kind::StatefulSetLock, key.clone()).note("confirming ownership"),
+                self.cfg.api_timeout.min(permit.window),
+                api.patch(
+                    &from.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                ),
+            )
+            .await;
+            let e = match result {
+                Ok(updated) => {
+                    tracing::debug!(shard = %self.cfg.id, lock = %key, "ownership confirmed");
+                    return Ok(
+                        Some(self.confirmed_as(&key, updated, generation)).filter(|l| mine(l))
+                    );
                 }
-                Err(e)
+                Err(e) => e,
+            };
+            if e.outcome_unknown() {
+                permit.unknown_outcome();
             }
+            drop(permit);
+            if resolved_once || !(e.is_conflict() || e.outcome_unknown()) {
+                return Err(e);
+            }
+            resolved_once = true;
+            // What became of it is learnt from one read, not from another write on a version
+            // known to be behind (each a round trip; under slow answers, Leases lapsed while
+            // confirmations conflicted one after another).
+            let now = match call_opt(
+                &self.metrics,
+                ApiCall::get(Kind::StatefulSetLock, key.clone()).note("confirmation outcome"),
+                self.cfg.api_timeout,
+                api.get(&from.name_any()),
+            )
+            .await
+            {
+                Ok(Some(now)) => now,
+                Ok(None) => return Err(e),
+                Err(read_error) => {
+                    tracing::debug!(shard = %self.cfg.id, lock = %key, error = %read_error, "confirmation outcome not read");
+                    return Err(e);
+                }
+            };
+            if !mine(&now) {
+                return Ok(None);
+            }
+            if confirmed(&now) {
+                tracing::debug!(shard = %self.cfg.id, lock = %key, error = %e, "ownership confirmed: the unanswered confirmation landed");
+                return Ok(Some(self.confirmed_as(&key, now, generation)));
+            }
+            tracing::debug!(shard = %self.cfg.id, lock = %key, error = %e, "ownership confirmation tried again on the version read");
+            from = now;
         }
+    }
+
+    /// Remember `lock` (confirmed in `generation`): assignment works from this version until
+    /// the lock watch delivers one as new (a handoff from an older one would conflict).
+    fn confirmed_as(&self, key: &str, lock: StatefulSetLock, generation: u64) -> StatefulSetLock {
+        self.read_mine
+            .insert(key.to_string(), (Arc::new(lock.clone()), generation));
+        lock
     }
 
     /// Renew the membership Lease every S/3 until leaving.

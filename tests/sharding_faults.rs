@@ -1160,3 +1160,91 @@ async fn a_reconcile_in_flight_when_its_replica_is_aborted_writes_nothing_after(
         "the aborted replica's plan went on: {after:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 18. A restarted replica whose ownership confirmations lose their answers.
+
+/// a owns 8 locks alone (Leases of 12 s, its membership Lease 15 s as in production) and is
+/// killed when they are 2 s old; it comes back 1 s
+/// later with every request of it served 1 s late, every lock write of it committed but never
+/// answered (the client gives up after its 2 s timeout) and its lock watch stalled, so that
+/// only a read shows what its writes did. Its first write for each lock, the confirmation of
+/// ownership after the restart, lands unanswered: the next look must learn that from one read
+/// of the lock (its term is there) and go on to the Lease, not try the confirmation again on the
+/// version it knew before (a 409 a second late) — before, each lock took several such
+/// confirmation attempts, about a second each, and Leases lapsed (the chaos soak's last
+/// operator lapses after restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
+    let (sim, client) = sim_with_crd().await;
+    let n = 8;
+    let lease_ms = 12_000;
+    let a = alone_with_a_long_fence(&sim, &client, n, 12).await;
+    until_leases_aged(&sim, n, 2000..2300).await;
+    a.task.abort();
+    let _ = a.task.await;
+    let killed_ms = sim.store().elapsed_ms();
+    sim.faults().update(|c| {
+        c.latency_ms = 1000;
+        c.agents = vec!["stslock/a".into()];
+        c.lose_responses = vec![
+            LoseResponse::hang()
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ];
+        c.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = start(&sim, "a", |a| a.membership_lease_seconds = 15);
+    // Deliberate wait: past the time the Leases would lapse, and one more renewal.
+    tokio::time::sleep(Duration::from_millis(lease_ms + 3000)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    let attempts = sim.write_attempts();
+    sim.faults().update(|c| *c = Default::default());
+    a.stop().await;
+    for w in attempts
+        .iter()
+        .filter(|w| w.at_ms > killed_ms && w.actor == "stslock/a")
+    {
+        println!(
+            "+{} {} {} {} -> {} in {} ms",
+            w.at_ms - killed_ms,
+            w.method,
+            w.resource,
+            w.name,
+            w.status,
+            w.elapsed_ms
+        );
+    }
+    let mut worst_all = 0;
+    let mut behind = vec![];
+    for i in 0..n {
+        let lock = format!("l{i}");
+        let worst = longest_without_lease_write(&log, &lock, killed_ms, end_ms);
+        let tries: Vec<String> = attempts
+            .iter()
+            .filter(|w| {
+                w.at_ms > killed_ms
+                    && w.actor == "stslock/a"
+                    && w.resource == "statefulsetlocks"
+                    && w.name == lock
+            })
+            .map(|w| format!("+{} {} {}", w.at_ms - killed_ms, w.method, w.status))
+            .collect();
+        println!("{lock}: longest without a Lease write {worst} ms; lock writes {tries:?}");
+        worst_all = worst_all.max(worst);
+        if tries.iter().any(|t| t.ends_with(" 409")) {
+            behind.push((lock, tries));
+        }
+    }
+    assert!(
+        behind.is_empty(),
+        "confirmations sent on a version known to be behind: {behind:?}"
+    );
+    assert!(
+        worst_all < lease_ms,
+        "a Lease went {worst_all} ms without a write across a's restart"
+    );
+    assert_never_two_writers(&sim);
+}

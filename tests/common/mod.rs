@@ -337,6 +337,16 @@ impl Drop for Env {
     }
 }
 
+/// `STSLOCK_TEST_LOG=<filter>`: the operator's log (and the harness's) on stderr.
+pub fn init_test_log() {
+    if let Ok(filter) = std::env::var("STSLOCK_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 impl Env {
     pub async fn start(replicas: usize) -> Env {
         Self::start_with(Options {
@@ -347,13 +357,7 @@ impl Env {
     }
 
     pub async fn start_with(opts: Options) -> Env {
-        // `STSLOCK_TEST_LOG=<filter>`: the operator's log (and the harness's) on stderr.
-        if let Ok(filter) = std::env::var("STSLOCK_TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_writer(std::io::stderr)
-                .try_init();
-        }
+        init_test_log();
         let started = Instant::now();
         let home = std::env::temp_dir().join(format!(
             "stslock-test-{}-{:08x}",

@@ -9,9 +9,12 @@ use stslock::api::SHARD_LABEL;
 use stslock::config::OperatorArgs;
 use tokio::sync::oneshot;
 
-/// kubesim with fast pod lifecycles, recording each commit's ownership label.
+/// kubesim with fast pod lifecycles, recording each commit's ownership label and every write
+/// request (answered or not, see `Sim::write_attempts`).
 pub fn sim() -> Sim {
+    super::init_test_log();
     let mut cfg = SimConfig::default();
+    cfg.store.attempt_log_max = 100_000;
     cfg.controllers.pod_ready_delay = Duration::from_millis(20);
     cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
     cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
