@@ -52,6 +52,10 @@ pub struct FaultConfig {
     /// A matching write is served (committed when it succeeds), then answered late. Delays of
     /// several matching entries add up.
     pub hold_responses: Vec<HoldResponse>,
+    /// A matching write is served late whatever its client does meanwhile: it commits after
+    /// the delay even if the client gave up (as a request already inside a real apiserver
+    /// does). Delays of several matching entries add up.
+    pub late_commits: Vec<LateCommit>,
     /// Lag or stall of matching watch streams, re-evaluated on every configuration change (so
     /// lifting a fault resumes delivery on the open streams).
     pub watch_faults: Vec<WatchFault>,
@@ -195,6 +199,58 @@ impl Default for HoldResponse {
 impl HoldResponse {
     pub fn new(delay_ms: u64) -> Self {
         HoldResponse {
+            delay_ms,
+            ..Default::default()
+        }
+    }
+
+    pub fn agent(mut self, agent: &str) -> Self {
+        self.agents.push(agent.into());
+        self
+    }
+
+    pub fn resource(mut self, resource: &str) -> Self {
+        self.resources.push(resource.into());
+        self
+    }
+
+    pub fn probability(mut self, p: f64) -> Self {
+        self.probability = p;
+        self
+    }
+}
+
+/// Late commit for writes: the write is served `delay_ms` after it arrived, in a task of its
+/// own, so that a client that gave up (its timeout, a closed connection, a killed process)
+/// does not stop it — it still commits, seconds after its client moved on. Latency
+/// ([`FaultConfig::latency_ms`]) is served in the request's own task instead: a client that
+/// goes away takes its request with it.
+///
+/// JSON: `{"delayMs": 4000, "probability": 1.0, "agents": [...], "resources": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LateCommit {
+    pub delay_ms: u64,
+    /// Probability in `0.0..=1.0` that a matching write is served late (default 1.0).
+    pub probability: f64,
+    pub agents: Vec<String>,
+    pub resources: Vec<String>,
+}
+
+impl Default for LateCommit {
+    fn default() -> Self {
+        LateCommit {
+            delay_ms: 0,
+            probability: 1.0,
+            agents: vec![],
+            resources: vec![],
+        }
+    }
+}
+
+impl LateCommit {
+    pub fn new(delay_ms: u64) -> Self {
+        LateCommit {
             delay_ms,
             ..Default::default()
         }
@@ -501,6 +557,21 @@ impl Faults {
             None
         };
         WriteFate { hold, lost }
+    }
+
+    /// How late a write of `group`/`plural` by `agent` commits (see [`LateCommit`]); zero for
+    /// a write served as usual.
+    pub fn late_commit(&self, agent: &str, group: &str, plural: &str) -> Duration {
+        self.snapshot()
+            .late_commits
+            .iter()
+            .filter(|l| {
+                agent_matches(&l.agents, agent)
+                    && resource_matches(&l.resources, group, plural)
+                    && roll(l.probability)
+            })
+            .map(|l| Duration::from_millis(l.delay_ms))
+            .sum()
     }
 
     /// How a watch stream of `group`/`plural` by `agent` with the given `labelSelector`

@@ -44,7 +44,9 @@ use tokio::task::JoinHandle;
 
 pub use auth::{ADMIN_TOKEN, User};
 pub use controllers::{ControllerConfig, PodFaults};
-pub use faults::{FaultConfig, Faults, HoldResponse, LoseResponse, LostAs, StaleRead, WatchFault};
+pub use faults::{
+    FaultConfig, Faults, HoldResponse, LateCommit, LoseResponse, LostAs, StaleRead, WatchFault,
+};
 pub use recorder::Report;
 pub use store::{CommitRecord, Store, StoreConfig, WriteAttempt};
 

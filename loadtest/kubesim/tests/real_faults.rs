@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Api;
 use kube::api::{GetParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kubesim::{HoldResponse, LoseResponse, StaleRead, WatchFault};
+use kubesim::{HoldResponse, LateCommit, LoseResponse, StaleRead, WatchFault};
 use serde_json::json;
 
 const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
@@ -301,6 +301,72 @@ async fn held_response_arrives_late_after_the_write_is_visible_and_recorded() {
         sim.commit_log()
             .iter()
             .any(|r| r.actor == "slow-operator" && r.name == "db-0" && r.verb == "update")
+    );
+}
+
+/// A late commit outlives its client: a kube-rs client over loopback gives up after 300 ms (its
+/// own timeout drops the request and closes its connection), the write is not there then, and
+/// it commits 1.5 s after it was sent anyway. The same delay as `latencyMs` dies with the
+/// client.
+#[tokio::test]
+async fn a_late_commit_lands_after_its_client_gave_up() {
+    let (sim, client) = sim(Transport::Loopback).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .expect("create");
+    let patch = |v: &str| Patch::Merge(json!({"data": {"v": v}}));
+    let give_up = Duration::from_millis(300);
+    let late = Duration::from_millis(1500);
+    // Latency in the request's own task: gone with the client.
+    sim.faults().update(|c| {
+        c.latency_ms = late.as_millis() as u64;
+        c.writes_only = true;
+    });
+    let sent = tokio::time::timeout(
+        give_up,
+        cms.patch("a", &PatchParams::default(), &patch("2")),
+    )
+    .await;
+    assert!(sent.is_err(), "the client gave up: {sent:?}");
+    sim.faults().set(Default::default());
+    tokio::time::sleep(late + Duration::from_millis(700)).await;
+    assert_eq!(
+        v_of(&cms.get("a").await.expect("get")),
+        Some("1"),
+        "a request whose client went away under latency is not served"
+    );
+    // A late commit: served in a task of its own.
+    sim.faults().update(|c| {
+        c.late_commits = vec![LateCommit::new(late.as_millis() as u64).resource("configmaps")];
+    });
+    let t = Instant::now();
+    let sent = tokio::time::timeout(
+        give_up,
+        cms.patch("a", &PatchParams::default(), &patch("3")),
+    )
+    .await;
+    assert!(sent.is_err(), "the client gave up: {sent:?}");
+    sim.faults().set(Default::default());
+    assert_eq!(
+        v_of(&cms.get("a").await.expect("get")),
+        Some("1"),
+        "not committed yet"
+    );
+    let landed = eventually(10, "the late write committed", || {
+        let cms = cms.clone();
+        async move { (v_of(&cms.get("a").await.ok()?) == Some("3")).then(Instant::now) }
+    })
+    .await;
+    assert!(landed.duration_since(t) >= late, "{:?}", landed - t);
+    // The faults can be set over HTTP too.
+    assert_eq!(
+        serde_json::to_value(kubesim::FaultConfig {
+            late_commits: vec![LateCommit::new(5).agent("x")],
+            ..Default::default()
+        })
+        .expect("json")["lateCommits"],
+        json!([{"delayMs": 5, "probability": 1.0, "agents": ["x"], "resources": []}])
     );
 }
 

@@ -133,7 +133,40 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     // Recorded when answered, or when dropped unanswered (the client gave up).
     let attempt = (is_write && app.store.config.attempt_log_max > 0)
         .then(|| Attempt::start(&app, &ua, &parts.method, &path));
-    let answer = handle_api(&app, &parts, &path, &query, body, &ua, is_write).await;
+    let late = if is_write {
+        let (group, plural) = crate::proxy::resource_of(&path);
+        app.faults.late_commit(&ua, &group, &plural)
+    } else {
+        Duration::ZERO
+    };
+    let answer = if late.is_zero() {
+        handle_api(&app, &parts, &path, &query, body, &ua, is_write).await
+    } else {
+        // Served in a task of its own: it commits even if this request is dropped.
+        let app = app.clone();
+        let mut copy = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .version(parts.version);
+        for (k, v) in &parts.headers {
+            copy = copy.header(k, v);
+        }
+        let parts = match copy.body(()) {
+            Ok(r) => r.into_parts().0,
+            Err(e) => {
+                return error_response(&ApiError::internal(format!("late commit: {e}")));
+            }
+        };
+        let ua = ua.clone();
+        let served = tokio::spawn(async move {
+            tokio::time::sleep(late).await;
+            handle_api(&app, &parts, &path, &query, body, &ua, true).await
+        });
+        match served.await {
+            Ok(answer) => answer,
+            Err(e) => error_response(&ApiError::internal(format!("late commit: {e}"))),
+        }
+    };
     if let Some(mut a) = attempt {
         a.answered(answer.status().as_u16());
     }
