@@ -90,8 +90,8 @@ docker-push: ## Push the image IMG (docker, else buildah).
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then docker push $(IMG); \
 	else STORAGE_DRIVER=vfs buildah push $(IMG) docker://$(IMG); fi
 
-image-deps: ## buildah, to build images without a Docker daemon (Debian's package).
-	@command -v docker >/dev/null || command -v buildah >/dev/null || \
+image-deps: ## buildah, to build images without a Docker daemon (Debian's package). A docker client with no daemon behind it does not count.
+	@docker info >/dev/null 2>&1 || command -v buildah >/dev/null || \
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah >/dev/null || \
 		  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah >/dev/null; }; }
 

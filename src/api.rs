@@ -14,6 +14,11 @@ pub const GROUP: &str = "app.anukkrit.me";
 pub const FINALIZER: &str = "app.anukkrit.me/finalizer";
 /// Pod annotation carrying the writer's fencing epoch (the Lease's `leaseTransitions`).
 pub const EPOCH_ANNOTATION: &str = "app.anukkrit.me/writer-epoch";
+/// Pod annotation every demotion writes with a fresh token: a demotion always changes the pod
+/// (a new resourceVersion), even of a pod that is a reader already, so a promotion of it
+/// decided before — compare-and-swap on the version its plan saw — can never land after it,
+/// however late it is applied (a write whose answer was lost, a replica killed mid-plan).
+pub const FENCE_ANNOTATION: &str = "app.anukkrit.me/fenced";
 /// Lease annotation recording the writer pod's UID (a recreated pod is a different pod).
 pub const WRITER_UID_ANNOTATION: &str = "app.anukkrit.me/writer-uid";
 /// Lease annotation naming the lock (`namespace/name`) that created and owns the Lease.

@@ -18,13 +18,23 @@
 //! before the label moves. The model is the specification of those mechanisms; the integration
 //! tests check the real shell against kubesim with the same faults.
 //!
+//! A pod label write can also be served late: the replica gets no answer (an unknown outcome)
+//! and the write is applied at some later moment, its guards checked then — after the replica
+//! moved on, crashed, or lost the lock. The shell fences against that (DESIGN §2 rule 12): a
+//! promotion is a compare-and-swap on the pod version its plan saw, and a demotion always makes
+//! a new version of the pod. `STSLOCK_MODEL_UNFENCED=1` models the shell without either (a
+//! demotion of a reader is a no-op, a promotion is guarded by UID only), to show what they are
+//! for (with `STSLOCK_MODEL_REPORT=1`: violations of invariants 1 and 2).
+//!
 //! Invariants, after every commit:
 //! 1. at most one pod labelled `writer`;
 //! 2. a writer-labelled pod is the Lease holder the operator last wrote (same UID), or the
 //!    holder before it (during the demote step of a handover);
 //! 3. every epoch the operator writes (Lease `leaseTransitions` for a holder, a writer's epoch
 //!    annotation) was issued to that pod only, and new epochs are strictly above all earlier ones;
-//! 4. no operator write for the lock commits from a replica that does not own it at that commit.
+//! 4. no operator write for the lock commits from a replica that does not own it at that commit
+//!    (a write served late is applied by the apiserver after its replica gave up on it: it is
+//!    held to 1–3 only).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are failures
 
 use std::collections::BTreeMap;
@@ -107,6 +117,8 @@ struct View {
 #[derive(Debug, Clone)]
 struct Running {
     plan: Plan,
+    /// The pod versions the plan was made from: (UID, resourceVersion) by pod index.
+    seen: [Option<(String, u64)>; PODS],
     next: usize,
     /// The lock resourceVersion the plan's lock writes are compare-and-swap on (advanced by
     /// the plan's own lock writes).
@@ -123,8 +135,25 @@ struct Replica {
     trusted: bool,
 }
 
+/// A pod label write the replica gave up on, still to be served (its guards checked then).
+#[derive(Debug, Clone)]
+struct LateWrite {
+    r: usize,
+    pod: usize,
+    uid: String,
+    role: Option<Role>,
+    epoch: Option<i64>,
+    /// The promotion's compare-and-swap on the pod version its plan saw.
+    guard: Option<u64>,
+}
+
 struct World {
     rng: StdRng,
+    /// The shell without fencing (see the module doc).
+    unfenced: bool,
+    late: Vec<LateWrite>,
+    /// A late write is being applied (invariant 4 does not apply to it).
+    landing_late: bool,
     rv: u64,
     now: Timestamp,
     pods: Vec<Hist<PodT>>,
@@ -167,6 +196,9 @@ impl World {
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let mut w = World {
             rng: StdRng::seed_from_u64(seed),
+            unfenced: std::env::var("STSLOCK_MODEL_UNFENCED").is_ok(),
+            late: vec![],
+            landing_late: false,
             rv: 1,
             now,
             pods: vec![],
@@ -277,7 +309,7 @@ impl World {
             by.map_or("world".into(), |r| format!("r{r}"))
         ));
         // 4. Only the owner writes.
-        if let Some(r) = by {
+        if let Some(r) = by.filter(|_| !self.landing_late) {
             let owner = self.lock.truth().as_ref().and_then(|l| l.shard);
             // A write to the lock that moves its own label was checked against the label before.
             let before = if o == Obj::Lock {
@@ -400,6 +432,7 @@ impl World {
                     terminating: p.terminating,
                     role: p.role,
                     epoch: p.epoch,
+                    resource_version: self.pods[i].versions[v.pods[i]].0,
                 })
             })
             .collect();
@@ -479,8 +512,14 @@ impl World {
             }
             self.log.push(format!("r{r} plans {:?}", plan.steps));
             let lock_rv = self.lock.versions[self.replicas[r].view.lock].0;
+            let view = self.replicas[r].view.clone();
+            let seen = std::array::from_fn(|i| {
+                let (rv, p) = &self.pods[i].versions[view.pods[i]];
+                p.as_ref().map(|p| (p.uid.clone(), *rv))
+            });
             self.replicas[r].running = Some(Running {
                 plan,
+                seen,
                 next: 0,
                 lock_rv,
                 status_done: false,
@@ -644,6 +683,25 @@ impl World {
             } => {
                 let i: usize = pod.trim_start_matches("db-").parse().expect("pod name");
                 let demote = *role != Some(Role::Writer);
+                let guard = run.seen[i]
+                    .as_ref()
+                    .filter(|(u, _)| !demote && !self.unfenced && u == uid)
+                    .map(|(_, rv)| *rv);
+                // Served late: the replica gets no answer; the write is applied later.
+                if self.rng.random_bool(0.04) {
+                    self.late.push(LateWrite {
+                        r,
+                        pod: i,
+                        uid: uid.clone(),
+                        role: *role,
+                        epoch: *epoch,
+                        guard,
+                    });
+                    self.log.push(format!(
+                        "r{r} label {pod} {role:?} {epoch:?}: no answer, served later"
+                    ));
+                    return Err(WriteErr::Unknown);
+                }
                 let Some(p) = self.pods[i].truth().clone() else {
                     // 404: nothing to label; a promotion cannot go on.
                     return if demote {
@@ -660,6 +718,16 @@ impl World {
                     } else {
                         Err(WriteErr::Conflict)
                     };
+                }
+                if guard.is_some_and(|rv| rv != self.pods[i].rv()) {
+                    // A 409 on a promotion fetches the pod afresh.
+                    self.see_head(r, Obj::Pod(i));
+                    return Err(WriteErr::Conflict);
+                }
+                if self.unfenced && p.role == *role && p.epoch == *epoch {
+                    // A no-op write: no new version.
+                    self.see_head(r, Obj::Pod(i));
+                    return Ok(());
                 }
                 let answered = self.dice()?;
                 let mut p = p;
@@ -678,6 +746,38 @@ impl World {
                 Ok(())
             }
         }
+    }
+
+    /// One late write is served now, its guards checked against the truth.
+    fn land_late(&mut self) {
+        if self.late.is_empty() {
+            return;
+        }
+        let w = self
+            .late
+            .swap_remove(self.rng.random_range(0..self.late.len()));
+        let what = format!(
+            "r{}'s late label db-{} {:?} {:?}",
+            w.r, w.pod, w.role, w.epoch
+        );
+        let Some(mut p) = self.pods[w.pod].truth().clone() else {
+            self.log.push(format!("{what}: 404"));
+            return;
+        };
+        if (!w.uid.is_empty() && p.uid != w.uid)
+            || w.guard.is_some_and(|rv| rv != self.pods[w.pod].rv())
+        {
+            self.log.push(format!("{what}: 409"));
+            return;
+        }
+        if self.unfenced && p.role == w.role && p.epoch == w.epoch {
+            return;
+        }
+        p.role = w.role;
+        p.epoch = w.epoch;
+        self.landing_late = true;
+        self.commit_pod(w.pod, Some(p), Some(w.r), &what);
+        self.landing_late = false;
     }
 
     // ---------------------------------------------------------------- sharding
@@ -846,10 +946,11 @@ impl World {
                 self.advance_cache(r, o);
             }
             70..=84 => self.world_step(),
-            85..=88 => {
+            85..=86 => {
                 let r = self.rng.random_range(0..n);
                 self.hand_off(r);
             }
+            87..=88 => self.land_late(),
             89..=91 => {
                 let r = self.rng.random_range(0..n);
                 if self.replicas.iter().filter(|x| x.up).count() > 1 {

@@ -797,3 +797,106 @@ async fn a_pod_seen_ready_first_in_a_write_answer_gets_the_writer_at_once() {
     op.stop().await;
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A promotion that commits after the operator gave up on it.
+
+/// A switchover to db-1 whose promotion write is served 4 s late, in a task of its own (it
+/// commits whatever the operator does meanwhile, as a request inside a real apiserver does):
+/// the operator gives up on it after its 2 s timeout, and before it lands a second switchover
+/// moves the Lease on to db-0 — db-1 never changed meanwhile (no readiness change, still a
+/// reader). When the late promotion lands it must not make db-1 a second writer beside db-0.
+/// Before, the demotion of db-1 (a reader already) was a no-op write that left db-1 as it was,
+/// and the promotion, guarded by db-1's UID only, went through: two writers for as long as the
+/// next plan took to notice. Now a promotion is a compare-and-swap on the version of the pod
+/// its plan saw, and a demotion always changes the pod (a fencing token): the late promotion
+/// conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_that_commits_after_a_later_switchover_does_not_make_a_second_writer() {
+    let (sim, client) = sim_with_crd().await;
+    let op = start(&sim, "op", |a| a.api_timeout_seconds = 2);
+    statefulset(&client, "db", 2).await;
+    lock(&client, "lock", "db", "db-lease", 20).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+    let prefer = |pod: &'static str| {
+        let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+        async move {
+            locks
+                .patch(
+                    "lock",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"preferredWriter": pod}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = || {
+        let leases = leases.clone();
+        async move { leases.get("db-lease").await.ok()?.spec?.holder_identity }
+    };
+    // The operator's writes to db-1 commit 4 s late from here on.
+    sim.faults().update(|c| {
+        c.late_commits = vec![
+            kubesim::LateCommit::new(4000)
+                .agent("stslock/op")
+                .resource("pods")
+                .name("db-1"),
+        ]
+    });
+    let started_ms = sim.store().elapsed_ms();
+    prefer("db-1").await;
+    // The Lease moves to db-1, then its promotion is sent (and served late); from then on the
+    // operator's writes are served at once.
+    until(20, "the Lease moved to db-1", || {
+        let h = holder();
+        async move { (h.await.as_deref() == Some("db-1")).then_some(()) }
+    })
+    .await;
+    let moved_ms = sim.store().elapsed_ms();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.faults().set(Default::default());
+    prefer("db-0").await;
+    until(20, "the Lease moved back to db-0", || {
+        let h = holder();
+        async move { (h.await.as_deref() == Some("db-0")).then_some(()) }
+    })
+    .await;
+    // Deliberate wait: the late promotion of db-1 (sent by 300 ms after the Lease moved,
+    // served 4 s after it was sent) has landed or been refused by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = sim.commit_log();
+    op.stop().await;
+    let db1_writes: Vec<String> = log
+        .iter()
+        .filter(|c| c.at_ms > started_ms && c.resource == "pods" && c.name == "db-1")
+        .map(|c| {
+            format!(
+                "+{} ms {} by {} role {:?}",
+                c.at_ms - moved_ms.min(c.at_ms),
+                c.verb,
+                c.actor,
+                c.labels.get(ROLE)
+            )
+        })
+        .collect();
+    println!("db-1's committed writes (from the Lease's move to db-1): {db1_writes:#?}");
+    // The scenario happened: a promotion of db-1 was sent and its client gave up on it (no
+    // answer within 2 s) — it was then served late, 4 s after it was sent.
+    let given_up: Vec<_> = sim
+        .write_attempts()
+        .into_iter()
+        .filter(|w| {
+            w.at_ms > started_ms
+                && w.actor == "stslock/op"
+                && w.resource == "pods"
+                && w.name == "db-1"
+                && w.status == 0
+        })
+        .collect();
+    assert!(!given_up.is_empty(), "no write to db-1 was given up on");
+
+    assert_never_two_writers(&sim);
+    wait_writer(&client, "db", "db-0", 5).await;
+}

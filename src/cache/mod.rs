@@ -118,6 +118,25 @@ impl Caches {
         }
     }
 
+    /// Fetch the pod `ns/name` afresh into the pod cache (after a promotion conflicted: the
+    /// cache is behind it, and the next plan must start from its current version).
+    pub async fn refresh_pod(&self, ns: &str, name: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        match call_opt(
+            &self.metrics,
+            ApiCall::get(Kind::Pod, format!("{ns}/{name}")),
+            self.api_timeout,
+            api.get(name),
+        )
+        .await
+        {
+            Ok(Some(p)) => self.pods.remember(&p),
+            // Gone: its deletion reaches the cache through the watch.
+            Ok(None) => {}
+            Err(e) => tracing::debug!(pod = %format!("{ns}/{name}"), error = %e, "pod refresh"),
+        }
+    }
+
     /// A quorum read of the lock alone (remembered, newest wins); None: it is gone.
     pub async fn reread_lock(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
         let ns = lock.namespace().unwrap_or_default();

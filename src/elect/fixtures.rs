@@ -46,6 +46,7 @@ impl Candidate {
             terminating: false,
             role: None,
             epoch: None,
+            resource_version: 0,
         }
     }
 }

@@ -42,6 +42,10 @@ pub struct Candidate {
     /// The role label's value (None when absent; any other value is treated as absent).
     pub role: Option<Role>,
     pub epoch: Option<i64>,
+    /// The pod's resourceVersion as observed (0: unknown). A promotion is a compare-and-swap
+    /// on it: a pod that changed since — a demotion's fencing write above all — is not
+    /// promoted by a plan made from the older view, however late its write is applied.
+    pub resource_version: u64,
 }
 
 /// The writer Lease as observed.

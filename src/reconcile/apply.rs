@@ -1,8 +1,15 @@
 //! Apply: carry out a [`Plan`]'s steps in order, each one API write under a timeout, each
 //! guarded so that it cannot act on something that changed since it was observed — the
-//! Lease by its resourceVersion, a pod by its UID, the lock's finalizers and status by its
-//! resourceVersion. A failed guard (409) stops the plan; the next reconcile starts from what
-//! is true then.
+//! Lease by its resourceVersion, a pod by its UID (a promotion by its resourceVersion too),
+//! the lock's finalizers and status by its resourceVersion. A failed guard (409) stops the
+//! plan; the next reconcile starts from what is true then.
+//!
+//! Fencing (DESIGN §2 rule 12): a demotion always changes the pod — it writes a fresh token
+//! into [`FENCE_ANNOTATION`] — and a promotion is a compare-and-swap on the pod's version its
+//! plan observed. A promotion that is applied late (its answer lost, or its replica killed
+//! while it was in flight) after a later plan demoted the pod conflicts instead of making a
+//! second writer: every plan that moves the Lease away from a pod demotes it before the Lease
+//! write.
 //!
 //! Every write asks the shard runtime for a permit at the moment it is sent (ownership, the
 //! fence, a handoff in progress), so a plan stops as soon as its lock is no longer this
@@ -22,8 +29,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{
-    EPOCH_ANNOTATION, FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION, RENEWED_ANNOTATION,
-    StatefulSetLock, WRITER_UID_ANNOTATION,
+    EPOCH_ANNOTATION, FENCE_ANNOTATION, FINALIZER, GO_FINALIZER, LEASE_OWNER_ANNOTATION,
+    RENEWED_ANNOTATION, StatefulSetLock, WRITER_UID_ANNOTATION,
 };
 use crate::cache::watch::{LEASE_LABEL, forget_lease, remember_lease};
 use crate::call::{ApiCall, Kind, call, call_opt};
@@ -305,6 +312,7 @@ impl Applier<'_> {
                 } => {
                     // metadata.uid in the patch is a precondition: a pod recreated under the same
                     // name since it was observed is never given the role.
+                    let demote = *role != Some(crate::elect::Role::Writer);
                     let mut meta = json!({
                         "labels": {ctx.args.role_label.as_str(): role.map(|r| r.as_str())},
                         "annotations": {EPOCH_ANNOTATION: epoch.map(|e| e.to_string())},
@@ -312,12 +320,22 @@ impl Applier<'_> {
                     if !uid.is_empty() {
                         meta["uid"] = json!(uid);
                     }
+                    if demote {
+                        meta["annotations"][FENCE_ANNOTATION] =
+                            json!(format!("{:016x}", rand::random::<u64>()));
+                    } else if let Some(rv) = o
+                        .pods
+                        .iter()
+                        .find(|p| p.name == *pod && p.uid == *uid && p.resource_version > 0)
+                        .map(|p| p.resource_version)
+                    {
+                        meta["resourceVersion"] = json!(rv.to_string());
+                    }
                     let what = ApiCall::patch(Kind::Pod, format!("{ns}/{pod}")).note(format!(
                         "{}={}",
                         ctx.args.role_label,
                         role.map(|r| r.as_str()).unwrap_or("(none)")
                     ));
-                    let demote = *role != Some(crate::elect::Role::Writer);
                     match call_opt(&ctx.metrics, what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
                         Ok(Some(p)) => {
                             ctx.cache.pods.remember(&p);
@@ -366,6 +384,17 @@ impl Applier<'_> {
                 )
             {
                 ctx.cache.refresh_lease(ns, &o.lease_name).await;
+            }
+            // The same for a promotion: the pod changed since the plan saw it (a fencing
+            // demotion, a status update the cache had not shown yet).
+            if e.is_conflict()
+                && let Step::Label {
+                    pod,
+                    role: Some(crate::elect::Role::Writer),
+                    ..
+                } = step
+            {
+                ctx.cache.refresh_pod(ns, pod).await;
             }
         }
         result?;

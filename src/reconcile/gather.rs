@@ -51,6 +51,7 @@ pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> 
             terminating: p.terminating,
             role: p.role.as_deref().and_then(Role::parse),
             epoch: p.epoch.map(|e| e as i64),
+            resource_version: p.resource_version,
         })
         .collect();
     let lease = ctx.cache.lease(&ns, &lock.spec.lease_name).await?;

@@ -17,7 +17,7 @@ pub fn sim() -> Sim {
     cfg.store.attempt_log_max = 100_000;
     cfg.controllers.pod_ready_delay = Duration::from_millis(20);
     cfg.controllers.pod_terminate_delay = Duration::from_millis(100);
-    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string()];
+    cfg.store.recorded_labels = vec![SHARD_LABEL.to_string(), "sts-role".to_string()];
     Sim::start(cfg)
 }
 

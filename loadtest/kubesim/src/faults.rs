@@ -226,7 +226,8 @@ impl HoldResponse {
 /// ([`FaultConfig::latency_ms`]) is served in the request's own task instead: a client that
 /// goes away takes its request with it.
 ///
-/// JSON: `{"delayMs": 4000, "probability": 1.0, "agents": [...], "resources": [...]}`.
+/// JSON: `{"delayMs": 4000, "probability": 1.0, "agents": [...], "resources": [...],
+/// "names": [...]}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct LateCommit {
@@ -235,6 +236,8 @@ pub struct LateCommit {
     pub probability: f64,
     pub agents: Vec<String>,
     pub resources: Vec<String>,
+    /// When non-empty, only writes to objects of these names (a create names none).
+    pub names: Vec<String>,
 }
 
 impl Default for LateCommit {
@@ -244,6 +247,7 @@ impl Default for LateCommit {
             probability: 1.0,
             agents: vec![],
             resources: vec![],
+            names: vec![],
         }
     }
 }
@@ -268,6 +272,11 @@ impl LateCommit {
 
     pub fn probability(mut self, p: f64) -> Self {
         self.probability = p;
+        self
+    }
+
+    pub fn name(mut self, name: &str) -> Self {
+        self.names.push(name.into());
         self
     }
 }
@@ -559,15 +568,16 @@ impl Faults {
         WriteFate { hold, lost }
     }
 
-    /// How late a write of `group`/`plural` by `agent` commits (see [`LateCommit`]); zero for
-    /// a write served as usual.
-    pub fn late_commit(&self, agent: &str, group: &str, plural: &str) -> Duration {
+    /// How late a write of object `name` of `group`/`plural` by `agent` commits (see
+    /// [`LateCommit`]); zero for a write served as usual.
+    pub fn late_commit(&self, agent: &str, group: &str, plural: &str, name: &str) -> Duration {
         self.snapshot()
             .late_commits
             .iter()
             .filter(|l| {
                 agent_matches(&l.agents, agent)
                     && resource_matches(&l.resources, group, plural)
+                    && (l.names.is_empty() || l.names.iter().any(|n| n == name))
                     && roll(l.probability)
             })
             .map(|l| Duration::from_millis(l.delay_ms))

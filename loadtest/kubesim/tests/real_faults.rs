@@ -338,7 +338,11 @@ async fn a_late_commit_lands_after_its_client_gave_up() {
     );
     // A late commit: served in a task of its own.
     sim.faults().update(|c| {
-        c.late_commits = vec![LateCommit::new(late.as_millis() as u64).resource("configmaps")];
+        c.late_commits = vec![
+            LateCommit::new(late.as_millis() as u64)
+                .resource("configmaps")
+                .name("a"),
+        ];
     });
     let t = Instant::now();
     let sent = tokio::time::timeout(
@@ -366,7 +370,7 @@ async fn a_late_commit_lands_after_its_client_gave_up() {
             ..Default::default()
         })
         .expect("json")["lateCommits"],
-        json!([{"delayMs": 5, "probability": 1.0, "agents": ["x"], "resources": []}])
+        json!([{"delayMs": 5, "probability": 1.0, "agents": ["x"], "resources": [], "names": []}])
     );
 }
 

@@ -135,7 +135,8 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
         .then(|| Attempt::start(&app, &ua, &parts.method, &path));
     let late = if is_write {
         let (group, plural) = crate::proxy::resource_of(&path);
-        app.faults.late_commit(&ua, &group, &plural)
+        let (_, _, name) = object_of(&path);
+        app.faults.late_commit(&ua, &group, &plural, &name)
     } else {
         Duration::ZERO
     };
@@ -173,6 +174,21 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
     answer
 }
 
+/// The namespace, resource and name a request path is for (empty when it names none):
+/// …/namespaces/<ns>/<resource>/<name>[/<sub>], or a cluster-scoped
+/// /api(s)/…/<version>/<resource>/<name>.
+fn object_of(path: &str) -> (String, String, String) {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let seg = |i: usize| segs.get(i).copied().unwrap_or_default().to_string();
+    match segs.iter().position(|s| *s == "namespaces") {
+        Some(i) if segs.len() > i + 2 => (seg(i + 1), seg(i + 2), seg(i + 3)),
+        _ => {
+            let base = if segs.first() == Some(&"api") { 2 } else { 3 };
+            (String::new(), seg(base), seg(base + 1))
+        }
+    }
+}
+
 /// A write request in flight: recorded in the store's attempt log when answered or dropped.
 struct Attempt {
     app: Arc<App>,
@@ -182,17 +198,7 @@ struct Attempt {
 
 impl Attempt {
     fn start(app: &Arc<App>, ua: &str, method: &Method, path: &str) -> Attempt {
-        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let seg = |i: usize| segs.get(i).copied().unwrap_or_default().to_string();
-        // …/namespaces/<ns>/<resource>/<name>[/<sub>], or a cluster-scoped
-        // /api(s)/…/<version>/<resource>/<name>.
-        let (namespace, resource, name) = match segs.iter().position(|s| *s == "namespaces") {
-            Some(i) if segs.len() > i + 2 => (seg(i + 1), seg(i + 2), seg(i + 3)),
-            _ => {
-                let base = if segs.first() == Some(&"api") { 2 } else { 3 };
-                (String::new(), seg(base), seg(base + 1))
-            }
-        };
+        let (namespace, resource, name) = object_of(path);
         Attempt {
             app: app.clone(),
             record: Some(crate::store::WriteAttempt {
