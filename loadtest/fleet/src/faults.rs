@@ -1,6 +1,7 @@
 //! `faults`: the acceptance run of issue P5. R replicas, N locks of 3-pod StatefulSets, and for
 //! `--seconds` random faults of every kind kubesim has, each on one replica (or all) for a short
-//! while, several at once: commit-then-lose-response (hang, 500, 504), hold-response, per-watch
+//! while, several at once: commit-then-lose-response (hang, 500, 504), hold-response, late
+//! commits of pod and Lease writes (served seconds after the replica gave up on them), per-watch
 //! lag and half-open stall (pods, leases, locks, the membership watch), stale `resourceVersion=0`
 //! reads, latency, error rates (500/503/429), partitions, watch drops, compactions; plus writer
 //! flaps and abrupt replica kills (restarted with the same id). Then every fault is lifted and
@@ -16,7 +17,9 @@
 //! share a name here). The owner at a write is the ownership label of the latest lock commit
 //! before it. A lock commit by replica X is X's own when the label was X before it, or when the
 //! commit sets the label to X (a claim; counted separately, with whether the previous owner's
-//! membership Lease was still current then).
+//! membership Lease was still current then). A write served late (kubesim's late commit) that
+//! lands after its replica lost the lock is the server's doing, applied after the replica gave
+//! up on it: counted and listed apart, not as a write by a non-owner.
 //!
 //! A Lease lapse of a Ready writer: for each lock, replay its Lease and pod commits in
 //! resourceVersion order, each at its commit-log time. Between two consecutive commits the state
@@ -44,7 +47,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use kubesim::store::EventType;
-use kubesim::{FaultConfig, HoldResponse, LoseResponse, StaleRead, WatchFault};
+use kubesim::{FaultConfig, HoldResponse, LateCommit, LoseResponse, StaleRead, WatchFault};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -309,6 +312,7 @@ enum Kind {
     LoseServerTimeout,
     LoseTimeout,
     Hold,
+    Late,
     WatchLag,
     WatchStall,
     StaleRead,
@@ -321,11 +325,12 @@ enum Kind {
     Compaction,
 }
 
-const KINDS: [Kind; 14] = [
+const KINDS: [Kind; 15] = [
     Kind::LoseHang,
     Kind::LoseServerTimeout,
     Kind::LoseTimeout,
     Kind::Hold,
+    Kind::Late,
     Kind::WatchLag,
     Kind::WatchStall,
     Kind::StaleRead,
@@ -345,6 +350,7 @@ impl Kind {
             Kind::LoseServerTimeout => "lose-response-500",
             Kind::LoseTimeout => "lose-response-504",
             Kind::Hold => "hold-response",
+            Kind::Late => "late-commit",
             Kind::WatchLag => "watch-lag",
             Kind::WatchStall => "watch-stall",
             Kind::StaleRead => "stale-read",
@@ -362,6 +368,7 @@ impl Kind {
 enum Payload {
     Lose(LoseResponse),
     Hold(HoldResponse),
+    Late(LateCommit),
     Watch(WatchFault),
     Stale(StaleRead),
     /// latency, jitter, agents
@@ -406,6 +413,7 @@ fn build(active: &[Active]) -> FaultConfig {
         match &a.payload {
             Payload::Lose(l) => c.lose_responses.push(l.clone()),
             Payload::Hold(h) => c.hold_responses.push(h.clone()),
+            Payload::Late(l) => c.late_commits.push(l.clone()),
             Payload::Watch(w) => c.watch_faults.push(w.clone()),
             Payload::Stale(s) => c.stale_reads.push(s.clone()),
             Payload::Latency(ms, j, ag) => {
@@ -532,6 +540,33 @@ impl Injector {
                 h.agents = agents.clone();
                 h.resources = with_res(vec![]);
                 (Payload::Hold(h), format!("{res} {d} ms p={p}"))
+            }
+            Kind::Late => {
+                // Pod and Lease writes served 2-6 s late, past the API timeout, whatever the
+                // replica does meanwhile. (Lock writes are left out: a claim or handoff applied
+                // seconds after its replica gave up on it can move a lock under a live owner
+                // that never wrote the lock since, which the ownership protocol does not fence.)
+                // On every Lease write it blocks renewals as lost answers do.
+                let late_res: Vec<String> = match res {
+                    "leases" | "pods" => vec![res.to_string()],
+                    _ => vec!["pods".to_string(), "leases".to_string()],
+                };
+                let blocking_res = if late_res.iter().any(|r| r == "leases") {
+                    "leases"
+                } else {
+                    "pods"
+                };
+                if !self.blocking_allowed(p, blocking_res, target, now, &mut dur) {
+                    return false;
+                }
+                let d = self.ms((2000, 6000));
+                let mut l = LateCommit::new(d).probability(p);
+                l.agents = agents.clone();
+                l.resources = late_res.clone();
+                (
+                    Payload::Late(l),
+                    format!("{} {d} ms p={p}", late_res.join("+")),
+                )
             }
             Kind::WatchLag | Kind::WatchStall => {
                 let which = ["pods", "leases", "statefulsetlocks", "membership"]
@@ -664,6 +699,9 @@ struct Writes {
     for_locks: u64,
     non_owner: Vec<Value>,
     non_owner_count: u64,
+    /// Writes served late that landed after their replica lost the lock.
+    late_non_owner: Vec<Value>,
+    late_non_owner_count: u64,
     claims: u64,
     claims_from_live: Vec<Value>,
 }
@@ -727,9 +765,14 @@ fn writes(
                     }
                 }
             } else if !own {
-                w.non_owner_count += 1;
-                if w.non_owner.len() < DETAILS_JSON {
-                    w.non_owner.push(json!({
+                let (count, list) = if c.late {
+                    (&mut w.late_non_owner_count, &mut w.late_non_owner)
+                } else {
+                    (&mut w.non_owner_count, &mut w.non_owner)
+                };
+                *count += 1;
+                if list.len() < DETAILS_JSON {
+                    list.push(json!({
                         "rv": c.rv, "atMs": c.at_ms, "by": r, "verb": c.verb,
                         "resource": c.resource, "object": format!("{}/{}", c.namespace, c.name),
                         "lock": format!("{}/{}", key.0, key.1),
@@ -1606,6 +1649,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         "writes": {
             "operator": w.total, "byResource": w.by_resource, "forLocks": w.for_locks,
             "nonOwner": w.non_owner_count, "nonOwnerWrites": w.non_owner,
+            "lateNonOwner": w.late_non_owner_count, "lateNonOwnerWrites": w.late_non_owner,
             "claims": w.claims, "claimsWhilePreviousOwnerLive": w.claims_from_live,
         },
         "leaseLapses": {"count": all_lapses.len(), "totalMs": lapse_ms, "maxMs": lapse_max,
@@ -1662,7 +1706,10 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             ),
             (
                 "writes for a lock by a non-owner".to_string(),
-                format!("{} of {}", w.non_owner_count, w.for_locks),
+                format!(
+                    "{} of {} (and {} served late, after their replica lost the lock)",
+                    w.non_owner_count, w.for_locks, w.late_non_owner_count
+                ),
             ),
             (
                 "Lease lapses of a Ready writer".to_string(),
@@ -1746,6 +1793,15 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         );
         for x in w.non_owner.iter().take(DETAILS_TEXT) {
             println!("  non-owner write: {x}");
+        }
+        if w.late_non_owner_count > 0 {
+            println!(
+                "  {} writes served late landed after their replica lost the lock (the server's doing, not counted above)",
+                w.late_non_owner_count
+            );
+        }
+        for x in w.late_non_owner.iter().take(DETAILS_TEXT) {
+            println!("  late write after the lock moved: {x}");
         }
         for x in w.claims_from_live.iter().take(DETAILS_TEXT) {
             println!("  claim from a live owner: {x}");

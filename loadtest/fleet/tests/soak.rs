@@ -103,6 +103,7 @@ fn ci_soak_keeps_every_invariant_and_its_report_renders() {
         "latency",
         "lose-response-hang",
         "hold-response",
+        "late-commit",
         "watch-lag",
         "watch-stall",
         "stale-read",

@@ -123,6 +123,15 @@ pub struct CommitRecord {
     /// (e.g. an ownership label, to check who owned an object when something wrote for it).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Served late ([`crate::LateCommit`]): applied by the server after its client may have
+    /// given up on it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
+}
+
+tokio::task_local! {
+    /// Set while a write is served late (see [`crate::LateCommit`]): its commits say so.
+    pub static SERVING_LATE: bool;
 }
 
 #[derive(Debug, Clone)]
@@ -842,6 +851,7 @@ impl State {
                 .iter()
                 .filter_map(|k| meta::label(obj, k).map(|v| (k.clone(), v.to_string())))
                 .collect(),
+            late: SERVING_LATE.try_with(|l| *l).unwrap_or(false),
         });
     }
 

@@ -363,6 +363,11 @@ async fn a_late_commit_lands_after_its_client_gave_up() {
     })
     .await;
     assert!(landed.duration_since(t) >= late, "{:?}", landed - t);
+    // The commit log says which commits were served late.
+    let log = sim.commit_log();
+    let late_commits: Vec<_> = log.iter().filter(|c| c.late).collect();
+    assert_eq!(late_commits.len(), 1, "{log:?}");
+    assert_eq!(late_commits[0].name, "a");
     // The faults can be set over HTTP too.
     assert_eq!(
         serde_json::to_value(kubesim::FaultConfig {

@@ -159,10 +159,10 @@ pub async fn handle(app: Arc<App>, req: Request<Body>) -> Response<Body> {
             }
         };
         let ua = ua.clone();
-        let served = tokio::spawn(async move {
+        let served = tokio::spawn(crate::store::SERVING_LATE.scope(true, async move {
             tokio::time::sleep(late).await;
             handle_api(&app, &parts, &path, &query, body, &ua, true).await
-        });
+        }));
         match served.await {
             Ok(answer) => answer,
             Err(e) => error_response(&ApiError::internal(format!("late commit: {e}"))),
