@@ -267,17 +267,29 @@ fn hand_to_reconcile(
 /// Renew `lock`'s Lease before this replica hands the lock off (the hook of
 /// [`crate::sharding::Sharding::before_handoff`]) if a quarter of its duration has passed since
 /// its last renewal, with the checks of any renewal: the next owner then starts with at least
-/// three quarters of a Lease to learn of the lock, re-read it and renew it. Whatever else the
-/// lane would do (hand the lock to the reconcile lane, retry) is left to the next owner.
-pub async fn before_handoff(ctx: &Context, lock: &StatefulSetLock) {
+/// three quarters of a Lease to learn of the lock, re-read it and renew it. Returns whether the
+/// handoff may go on: not when the renewal was due and could not be made (an API failure, or
+/// no write allowed right now) — the lock stays here, its renewals go on in this lane, and a
+/// later pass hands it off. Anything else this lane would leave to the reconcile lane is left
+/// to the next owner.
+pub async fn before_handoff(ctx: &Context, lock: &StatefulSetLock) -> bool {
     let lock_ref = ObjectRef::from_obj(lock);
     match try_renew(ctx, lock, Due::Handoff).await {
         // Kept due on this replica's schedule in case the handoff does not happen (a
         // conflict): the label moving cancels it.
-        Outcome::Renewed(next, _) => ctx.renewals.schedule(lock_ref, next),
-        Outcome::NotDue(_) | Outcome::NotMine => {}
-        Outcome::Wait(why) | Outcome::Reconcile(why) | Outcome::Retry(why) => {
+        Outcome::Renewed(next, _) => {
+            ctx.renewals.schedule(lock_ref, next);
+            true
+        }
+        Outcome::NotDue(_) | Outcome::NotMine => true,
+        Outcome::Reconcile(why) => {
             tracing::debug!(lock = %lock_ref, why, "no renewal before the handoff");
+            true
+        }
+        Outcome::Wait(why) | Outcome::Retry(why) => {
+            tracing::debug!(lock = %lock_ref, why, "no renewal before the handoff: put off");
+            ctx.renewals.reschedule(lock_ref, RETRY);
+            false
         }
     }
 }

@@ -360,8 +360,9 @@ pub async fn run_with(
         Box::new(move |lock| {
             let lane = lane.clone();
             Box::pin(async move {
-                if let Some(lane) = lane.upgrade() {
-                    crate::renew::before_handoff(&lane, &lock).await;
+                match lane.upgrade() {
+                    Some(lane) => crate::renew::before_handoff(&lane, &lock).await,
+                    None => true,
                 }
             })
         })

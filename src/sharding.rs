@@ -43,9 +43,9 @@ pub const LEAVING_ANNOTATION: &str = "app.anukkrit.me/leaving";
 /// own write: `true` when it gained the lock (a claim), `false` when it handed it off.
 pub type OnOwnership = Box<dyn Fn(&StatefulSetLock, bool) + Send + Sync>;
 /// Run before a lock is handed off, while this replica may still write for it (see
-/// [`Sharding::before_handoff`]).
+/// [`Sharding::before_handoff`]); `false` puts the handoff off.
 pub type BeforeHandoff =
-    Box<dyn Fn(Arc<StatefulSetLock>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+    Box<dyn Fn(Arc<StatefulSetLock>) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
 
 /// Why a write was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +309,8 @@ impl Sharding {
     /// had just restarted, not enough (Leases of healthy writers lapsed in the chaos soak after
     /// graceful restarts). Set once, when the replica is wired. The hook's writes ask for
     /// permits like any other and end before draining begins; it must bound its own calls.
+    /// It answers whether the handoff may go on: not when the Lease was due and could not be
+    /// renewed (the handoff is put off to a later pass, and the renewal lane keeps trying).
     pub fn before_handoff(&self, f: BeforeHandoff) {
         let _ = self.before_handoff.set(f);
     }
@@ -1125,7 +1127,14 @@ impl Sharding {
         if let Some(renew) = self.before_handoff.get() {
             // Not under a timeout of its own: cutting a write short would leave it in flight
             // with no record that it may still land. Its calls are bounded by api-timeout.
-            renew(Arc::new(lock.clone())).await;
+            if !renew(Arc::new(lock.clone())).await {
+                // The Lease was due and its renewal failed: draining now would stop this
+                // replica's own renewals of it for as long as the handoff takes (its wait for
+                // that failed write, the label write), under the same faults — Leases of Ready
+                // writers lapsed that way in the chaos soak. The next pass tries again.
+                tracing::debug!(shard = %self.cfg.id, lock = %key, to, "handoff put off: the Lease's renewal before it failed");
+                return;
+            }
         }
         // The renewal may have confirmed ownership (a write to the lock): the label moves from
         // that version, or it would conflict.
