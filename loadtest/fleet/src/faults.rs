@@ -35,8 +35,11 @@
 //! expiry (a peer claims a dead owner's locks only once its membership Lease has run out). It is also the fault injector's when the owner was up but cut
 //! off: it tried at least one write for the lock (the lock, its Lease or its pods) between the
 //! due time and the expiry, and every such try failed by faults — an error answer (5xx, 429),
-//! an answer only after the API timeout, or none (kubesim's write-attempt log). Every other
-//! lapse is the operator's, including one where the owner tried nothing.
+//! an answer only after the API timeout, or none (kubesim's write-attempt log); or its fence
+//! was shut by faults: every renewal of its own membership Lease from a membership Lease before
+//! the due time to the expiry failed that way (it may write nothing then), and nothing it tried
+//! for the lock got through. Every other lapse is the operator's, including one where the owner
+//! tried nothing while its membership renewals went through.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -439,6 +442,8 @@ fn build(active: &[Active]) -> FaultConfig {
 const SHORT_MS: (u64, u64) = (500, 8000);
 const BLOCKING_MS: (u64, u64) = (500, 3000);
 const KILL_DOWN_MS: (u64, u64) = (1000, 3000);
+/// How late a late commit is served.
+const LATE_MS: (u64, u64) = (2000, 6000);
 /// Timeline kinds that are not API faults.
 const NOT_API_FAULTS: [&str; 4] = ["replica-kill", "replica-restart", "scale-down", "node-loss"];
 const FLAP_DOWN_MS: (u64, u64) = (1000, 10_000);
@@ -559,7 +564,7 @@ impl Injector {
                 if !self.blocking_allowed(p, blocking_res, target, now, &mut dur) {
                     return false;
                 }
-                let d = self.ms((2000, 6000));
+                let d = self.ms(LATE_MS);
                 let mut l = LateCommit::new(d).probability(p);
                 l.agents = agents.clone();
                 l.resources = late_res.clone();
@@ -1266,8 +1271,11 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     );
     let limit = Duration::from_secs(args.converge_seconds);
     let mut confirmed = false;
+    // Writes sent before the lift may still be served late after it: convergence is
+    // confirmed only once the last of them has landed.
+    let drained = Duration::from_millis(LATE_MS.1 + 500);
     while lift.elapsed() < limit {
-        if all_converged(&tracker, &keys) == keys.len() {
+        if lift.elapsed() >= drained && all_converged(&tracker, &keys) == keys.len() {
             // Still converged a moment later (nothing was in flight)?
             tokio::time::sleep(Duration::from_secs(2)).await;
             if all_converged(&tracker, &keys) == keys.len() {
@@ -1390,6 +1398,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     // window, or got any answer in time, had its chance: that lapse stays the operator's.
     let attempts = fleet.sim.write_attempts();
     let timeout_ms = api_timeout * 1000;
+    let membership_ms = args.membership_seconds * 1000;
     let owner_cut_off = |l: &Lapse| -> bool {
         let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
             return false;
@@ -1399,13 +1408,28 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .find(|c| c.rv == l.lease_rv)
             .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
-        let mut tried = attempts_for_lock(&attempts, &owner, &l.lock, due, expiry);
-        let mut any = false;
-        let defeated = tried.all(|a| {
-            any = true;
+        let defeated = |a: &kubesim::WriteAttempt| {
             a.status == 0 || a.status == 429 || a.status >= 500 || a.elapsed_ms >= timeout_ms
-        });
-        any && defeated
+        };
+        let tried: Vec<_> = attempts_for_lock(&attempts, &owner, &l.lock, due, expiry).collect();
+        let lock_defeated = tried.iter().all(|a| defeated(a));
+        // Or its fence was shut by faults: every renewal of its own membership Lease, from a
+        // membership Lease before the due time to the expiry, failed (a replica writes nothing
+        // without a live membership), and nothing it tried for the lock got through.
+        let member = format!("stslock-{owner}");
+        let agent = format!("{AGENT_PREFIX}{owner}");
+        let renewals: Vec<_> = attempts
+            .iter()
+            .filter(|a| {
+                a.actor == agent
+                    && a.resource == "leases"
+                    && a.name == member
+                    && a.at_ms + membership_ms >= due
+                    && a.at_ms <= expiry
+            })
+            .collect();
+        let fence_shut = !renewals.is_empty() && renewals.iter().all(|a| defeated(a));
+        (fence_shut || !tried.is_empty()) && lock_defeated
     };
     #[derive(Clone, Copy, PartialEq)]
     enum Cause {
