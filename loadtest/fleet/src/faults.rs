@@ -37,8 +37,8 @@
 //! due time and the expiry, and every such try failed by faults — an error answer (5xx, 429),
 //! an answer only after the API timeout, or none (kubesim's write-attempt log); or its fence
 //! was shut by faults: every renewal of its own membership Lease from a membership Lease before
-//! the due time to the expiry failed that way (it may write nothing then), and nothing it tried
-//! for the lock got through. Every other lapse is the operator's, including one where the owner
+//! the due time (or its last restart, if later) to the expiry failed that way (it may write
+//! nothing then), and nothing it tried for the lock got through. Every other lapse is the operator's, including one where the owner
 //! tried nothing while its membership renewals went through.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1414,17 +1414,26 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         let tried: Vec<_> = attempts_for_lock(&attempts, &owner, &l.lock, due, expiry).collect();
         let lock_defeated = tried.iter().all(|a| defeated(a));
         // Or its fence was shut by faults: every renewal of its own membership Lease, from a
-        // membership Lease before the due time to the expiry, failed (a replica writes nothing
-        // without a live membership), and nothing it tried for the lock got through.
+        // membership Lease before the due time (or from its last restart, if later: an earlier
+        // process's renewals open no fence of this one) to the expiry, failed (a replica
+        // writes nothing without a live membership), and nothing it tried for the lock got
+        // through.
         let member = format!("stslock-{owner}");
         let agent = format!("{AGENT_PREFIX}{owner}");
+        let restarted = down_of(&owner)
+            .iter()
+            .map(|&(_, back)| back)
+            .filter(|&back| back <= expiry)
+            .max()
+            .unwrap_or(0);
+        let from = due.saturating_sub(membership_ms).max(restarted);
         let renewals: Vec<_> = attempts
             .iter()
             .filter(|a| {
                 a.actor == agent
                     && a.resource == "leases"
                     && a.name == member
-                    && a.at_ms + membership_ms >= due
+                    && a.at_ms >= from
                     && a.at_ms <= expiry
             })
             .collect();
