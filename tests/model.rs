@@ -731,6 +731,7 @@ impl World {
                 }
                 let answered = self.dice()?;
                 let mut p = p;
+                let uid_now = p.uid.clone();
                 p.role = *role;
                 p.epoch = *epoch;
                 self.commit_pod(
@@ -743,6 +744,8 @@ impl World {
                     return Err(WriteErr::Unknown);
                 }
                 self.see_head(r, Obj::Pod(i));
+                // A later promotion of it in this plan is guarded by this write's answer.
+                run.seen[i] = Some((uid_now, self.pods[i].rv()));
                 Ok(())
             }
         }

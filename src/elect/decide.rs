@@ -462,9 +462,10 @@ impl<'a> Builder<'a> {
     ///
     /// The pod cache may lag: a pod it shows as a reader may carry `writer` by now. So besides
     /// every pod the cache shows as a writer, the Lease's holder and the writer the lock's
-    /// status records are demoted by UID whatever the cache says (a no-op write when they are
-    /// readers already). A promotion in a plan that does not write the Lease first is preceded
-    /// by a fresh read of the Lease: the label must not contradict the Lease it is based on.
+    /// status records are demoted by UID whatever the cache says (a fencing write even when
+    /// they are readers already, see `reconcile::apply`). A promotion in a plan that does not
+    /// write the Lease first is preceded by a fresh read of the Lease: the label must not
+    /// contradict the Lease it is based on.
     fn relabel(&mut self, writer: Option<&Candidate>, epoch: i64) {
         let (demote, promote, readers) = self.label_steps(writer, epoch);
         self.plan.steps.extend(demote);

@@ -87,6 +87,10 @@ struct Applier<'a> {
     locks: Api<StatefulSetLock>,
     leases: Api<Lease>,
     pods: Api<Pod>,
+    /// Pod name → the resourceVersion of this plan's own last write to it (its answer): a
+    /// promotion of a pod the plan demoted first (a leftover from an interrupted handover)
+    /// is a compare-and-swap on that version, not on the one the plan was made from.
+    wrote: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Steps that may be sent together: none depends on another's result, and each is safe in any
@@ -323,13 +327,24 @@ impl Applier<'_> {
                     if demote {
                         meta["annotations"][FENCE_ANNOTATION] =
                             json!(format!("{:016x}", rand::random::<u64>()));
-                    } else if let Some(rv) = o
-                        .pods
-                        .iter()
-                        .find(|p| p.name == *pod && p.uid == *uid && p.resource_version > 0)
-                        .map(|p| p.resource_version)
-                    {
-                        meta["resourceVersion"] = json!(rv.to_string());
+                    } else {
+                        let own = self
+                            .wrote
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(pod.as_str())
+                            .copied();
+                        let seen = o
+                            .pods
+                            .iter()
+                            .find(|p| p.name == *pod && p.uid == *uid)
+                            .map(|p| p.resource_version);
+                        match own.or(seen).filter(|rv| *rv > 0) {
+                            Some(rv) => meta["resourceVersion"] = json!(rv.to_string()),
+                            // Not a number (an API server whose resourceVersions are not
+                            // etcd's): guarded by UID only, as before fencing.
+                            None => tracing::warn!(lock = %self.key, pod = %pod, "promotion not guarded by the pod's resourceVersion: none known"),
+                        }
                     }
                     let what = ApiCall::patch(Kind::Pod, format!("{ns}/{pod}")).note(format!(
                         "{}={}",
@@ -338,6 +353,11 @@ impl Applier<'_> {
                     ));
                     match call_opt(&ctx.metrics, what, timeout, pods.patch(pod, &pp, &Patch::Merge(&json!({"metadata": meta})))).await {
                         Ok(Some(p)) => {
+                            let rv = crate::cache::fresh::rv_number(p.metadata.resource_version.as_deref());
+                            self.wrote
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(pod.clone(), rv);
                             ctx.cache.pods.remember(&p);
                             Ok(())
                         }
@@ -422,6 +442,7 @@ pub async fn apply(
         locks: Api::namespaced(ctx.client.clone(), ns),
         leases: Api::namespaced(ctx.client.clone(), ns),
         pods: Api::namespaced(ctx.client.clone(), ns),
+        wrote: Default::default(),
     };
     let (locks, key) = (&a.locks, &a.key);
     // Writes to the lock itself are compare-and-swap on the version this plan was made from

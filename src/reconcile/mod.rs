@@ -131,14 +131,24 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
                 lock = ctx.cache.fresh.newest_after_read(l);
                 // Confirmed by a write when the read alone does not show it (just after the
                 // fence reopened, see `Sharding::confirm_owner`).
-                if let Some(confirmed) = ctx
+                match ctx
                     .sharding
                     .confirm_owner(&lock, generation, must, &ctx.limits)
                     .await?
                 {
-                    ctx.cache.fresh.remember_lock(confirmed.clone());
-                    lock = ctx.cache.fresh.newest_after_read(confirmed);
-                    ctx.cache.fresh.trust(&key, generation);
+                    Some(confirmed) => {
+                        ctx.cache.fresh.remember_lock(confirmed.clone());
+                        lock = ctx.cache.fresh.newest_after_read(confirmed);
+                        ctx.cache.fresh.trust(&key, generation);
+                    }
+                    // Not this replica's: the read above may still say it is (a confirmation
+                    // that lost to a peer's claim learns it from a read of its own), or a
+                    // handoff of it is under way. Nothing of this plan may go out; the next
+                    // reconcile reads again.
+                    None if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) => {
+                        return Ok(Action::requeue(Duration::from_secs(1)));
+                    }
+                    None => {}
                 }
             }
             None => {

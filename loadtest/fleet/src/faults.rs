@@ -442,8 +442,10 @@ fn build(active: &[Active]) -> FaultConfig {
 const SHORT_MS: (u64, u64) = (500, 8000);
 const BLOCKING_MS: (u64, u64) = (500, 3000);
 const KILL_DOWN_MS: (u64, u64) = (1000, 3000);
-/// How late a late commit is served.
-const LATE_MS: (u64, u64) = (2000, 6000);
+/// How late a late commit is served: past the default API timeout (2 s), so its client has
+/// given up on it when it lands (and a late write counted apart from the non-owner writes is one
+/// its replica never saw answered).
+const LATE_MS: (u64, u64) = (2500, 6000);
 /// Timeline kinds that are not API faults.
 const NOT_API_FAULTS: [&str; 4] = ["replica-kill", "replica-restart", "scale-down", "node-loss"];
 const FLAP_DOWN_MS: (u64, u64) = (1000, 10_000);
@@ -547,7 +549,7 @@ impl Injector {
                 (Payload::Hold(h), format!("{res} {d} ms p={p}"))
             }
             Kind::Late => {
-                // Pod and Lease writes served 2-6 s late, past the API timeout, whatever the
+                // Pod and Lease writes served 2.5-6 s late, past the API timeout, whatever the
                 // replica does meanwhile. (Lock writes are left out: a claim or handoff applied
                 // seconds after its replica gave up on it can move a lock under a live owner
                 // that never wrote the lock since, which the ownership protocol does not fence.)
