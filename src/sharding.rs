@@ -136,6 +136,8 @@ pub struct Sharding {
     /// When each was found unresolved: it is read only once that write can no longer land
     /// (api-timeout later), or a read showing the label unmoved could be overtaken by it.
     unresolved: DashMap<String, Instant>,
+    /// Unresolved handoffs being read right now (see [`Sharding::resolve_unknown_handoffs`]).
+    resolving: DashSet<String>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
     /// plans started before do not survive it.
@@ -223,6 +225,7 @@ impl Sharding {
             handing: DashSet::default(),
             writes: DashMap::default(),
             unresolved: DashMap::default(),
+            resolving: DashSet::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             contested: Mutex::new(None),
             incarnation: u64::try_from(jiff::Timestamp::now().as_microsecond()).unwrap_or(0),
@@ -1062,8 +1065,11 @@ impl Sharding {
             .await
     }
 
-    /// Handoffs whose response was lost: read the lock to see where its label is.
-    async fn resolve_unknown_handoffs(&self) {
+    /// Handoffs whose response was lost: read the lock to see where its label is (each once
+    /// api-timeout has passed since it was found unresolved). Run by every assignment pass and
+    /// on a schedule of its own (`replica::run`); a lock being resolved by one is skipped by
+    /// the other.
+    pub async fn resolve_unknown_handoffs(&self) {
         let keys: Vec<String> = self
             .unresolved
             .iter()
@@ -1074,15 +1080,18 @@ impl Sharding {
             let Some((ns, name)) = key.split_once('/') else {
                 continue;
             };
+            if !self.resolving.insert(key.clone()) {
+                continue;
+            }
             let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), ns);
-            match call_opt(
+            let read = call_opt(
                 &self.metrics,
                 ApiCall::get(Kind::StatefulSetLock, key.clone()).note("handoff outcome"),
                 self.cfg.api_timeout,
                 api.get(name),
             )
-            .await
-            {
+            .await;
+            match read {
                 Ok(found) => {
                     if let Some(l) = &found
                         && l.labels().get(SHARD_LABEL) != Some(&self.cfg.id)
@@ -1096,6 +1105,7 @@ impl Sharding {
                 }
                 Err(e) => tracing::warn!(error = %e, lock = %key, "handoff outcome unknown"),
             }
+            self.resolving.remove(&key);
         }
     }
 
