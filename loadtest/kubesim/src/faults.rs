@@ -154,21 +154,6 @@ impl LoseResponse {
             ..Default::default()
         }
     }
-
-    pub fn agent(mut self, agent: &str) -> Self {
-        self.agents.push(agent.into());
-        self
-    }
-
-    pub fn resource(mut self, resource: &str) -> Self {
-        self.resources.push(resource.into());
-        self
-    }
-
-    pub fn probability(mut self, p: f64) -> Self {
-        self.probability = p;
-        self
-    }
 }
 
 /// Hold-response for writes: the write is served at once (committed when it succeeds, and
@@ -202,21 +187,6 @@ impl HoldResponse {
             delay_ms,
             ..Default::default()
         }
-    }
-
-    pub fn agent(mut self, agent: &str) -> Self {
-        self.agents.push(agent.into());
-        self
-    }
-
-    pub fn resource(mut self, resource: &str) -> Self {
-        self.resources.push(resource.into());
-        self
-    }
-
-    pub fn probability(mut self, p: f64) -> Self {
-        self.probability = p;
-        self
     }
 }
 
@@ -260,26 +230,36 @@ impl LateCommit {
         }
     }
 
-    pub fn agent(mut self, agent: &str) -> Self {
-        self.agents.push(agent.into());
-        self
-    }
-
-    pub fn resource(mut self, resource: &str) -> Self {
-        self.resources.push(resource.into());
-        self
-    }
-
-    pub fn probability(mut self, p: f64) -> Self {
-        self.probability = p;
-        self
-    }
-
     pub fn name(mut self, name: &str) -> Self {
         self.names.push(name.into());
         self
     }
 }
+
+/// The filters every write fault shares: `.agent(..)`, `.resource(..)` (each adds one) and
+/// `.probability(..)`.
+macro_rules! write_fault_filters {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn agent(mut self, agent: &str) -> Self {
+                self.agents.push(agent.into());
+                self
+            }
+
+            pub fn resource(mut self, resource: &str) -> Self {
+                self.resources.push(resource.into());
+                self
+            }
+
+            pub fn probability(mut self, p: f64) -> Self {
+                self.probability = p;
+                self
+            }
+        }
+    )*};
+}
+
+write_fault_filters!(LoseResponse, HoldResponse, LateCommit);
 
 /// Default bound on the events one lagging or stalled watch stream holds.
 pub const DEFAULT_MAX_HELD: usize = 1000;
