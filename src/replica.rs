@@ -385,15 +385,19 @@ pub async fn run_with(
             }
         }
     });
-    // Handoffs whose answer was lost are resolved on their own schedule, not only when an
-    // assignment pass starts: a pass busy with a batch of handoffs (each waits for the lock's
-    // writes in flight) took many seconds, and the lock of an unresolved handoff gets no
-    // renewal until it is resolved.
+    // Handoffs whose answer was lost are resolved, and locks gained or lost noticed, on their
+    // own schedule, not only when an assignment pass starts: a pass busy with a batch of
+    // handoffs (each waits for the lock's writes in flight) took many seconds, and neither the
+    // lock of an unresolved handoff nor one handed to this replica meanwhile got a renewal
+    // until then.
     background.spawn({
         let sharding = sharding.clone();
+        let locks = locks.clone();
+        let scope = scope.clone();
         let mut stop = stop_rx.clone();
         async move {
             loop {
+                sharding.notice_ownership(&locks, &scope);
                 sharding.resolve_unknown_handoffs().await;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}

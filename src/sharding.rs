@@ -1065,6 +1065,56 @@ impl Sharding {
             .await
     }
 
+    /// Report locks this replica gained or lost since `owned` was last brought up to date (see
+    /// the field), between assignment passes: a pass busy with a batch of handoffs (each
+    /// waits for its lock's writes in flight) took seconds, and a lock handed to this replica
+    /// meanwhile had no renewal entry until the pass ended — its Lease lapsed in the 500-lock
+    /// chaos soak. Only adds to and removes from `owned`; the pass still replaces it whole.
+    pub fn notice_ownership(&self, locks: &Store<StatefulSetLock>, scope: &crate::scope::Scope) {
+        if !self.may_write() {
+            return;
+        }
+        let generation = self.generation();
+        let (mut gained, mut lost) = (vec![], vec![]);
+        {
+            let Ok(mut owned) = self.owned.lock() else {
+                return;
+            };
+            for cached in locks.state() {
+                if !scope.allows(cached.metadata.namespace.as_deref().unwrap_or_default()) {
+                    continue;
+                }
+                let key = lock_key(&cached);
+                let lock = match self.read_mine.get(&key).map(|r| r.clone()) {
+                    Some((l, g)) if g == generation && rv_of(&l) > rv_of(&cached) => l,
+                    _ => cached,
+                };
+                let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
+                if label == Some(self.cfg.id.as_str())
+                    && !self.is_draining(&key)
+                    && !self.predates_own_handoff(&key, &lock)
+                {
+                    if owned.insert(key) {
+                        gained.push(lock);
+                    }
+                } else if label != Some(self.cfg.id.as_str())
+                    && !self.handing.contains(&key)
+                    && owned.remove(&key)
+                {
+                    lost.push(lock);
+                }
+            }
+        }
+        if let Some(f) = self.on_ownership.get() {
+            for lock in &gained {
+                f(lock, true);
+            }
+            for lock in &lost {
+                f(lock, false);
+            }
+        }
+    }
+
     /// Handoffs whose response was lost: read the lock to see where its label is (each once
     /// api-timeout has passed since it was found unresolved). Run by every assignment pass and
     /// on a schedule of its own (`replica::run`); a lock being resolved by one is skipped by
