@@ -442,10 +442,17 @@ fn build(active: &[Active]) -> FaultConfig {
 const SHORT_MS: (u64, u64) = (500, 8000);
 const BLOCKING_MS: (u64, u64) = (500, 3000);
 const KILL_DOWN_MS: (u64, u64) = (1000, 3000);
-/// How late a late commit is served: past the default API timeout (2 s), so its client has
-/// given up on it when it lands (and a late write counted apart from the non-owner writes is one
-/// its replica never saw answered).
-const LATE_MS: (u64, u64) = (2500, 6000);
+/// How late a late commit is served, past the API timeout: from half a second to four seconds
+/// after it, so its client has given up on it when it lands (and a late write counted apart from
+/// the non-owner writes is one its replica never saw answered), whatever `--api-timeout-seconds`.
+const LATE_PAST_TIMEOUT_MS: (u64, u64) = (500, 4000);
+
+fn late_ms(api_timeout_ms: u64) -> (u64, u64) {
+    (
+        api_timeout_ms + LATE_PAST_TIMEOUT_MS.0,
+        api_timeout_ms + LATE_PAST_TIMEOUT_MS.1,
+    )
+}
 /// Timeline kinds that are not API faults.
 const NOT_API_FAULTS: [&str; 4] = ["replica-kill", "replica-restart", "scale-down", "node-loss"];
 const FLAP_DOWN_MS: (u64, u64) = (1000, 10_000);
@@ -461,6 +468,8 @@ struct Injector {
     up: Vec<bool>,
     restart_at: Vec<Option<Instant>>,
     max_overlap: usize,
+    /// The range late commits are served in ([`late_ms`]).
+    late_ms: (u64, u64),
 }
 
 impl Injector {
@@ -498,9 +507,24 @@ impl Injector {
         target.map_or_else(|| (0..self.replicas).collect(), |i| vec![i])
     }
 
+    /// The kind to try next: half the draws go to the kinds not injected yet (a kind refused
+    /// because its slot was busy or its replicas were quiet stays among them), so a short run
+    /// still sees every kind; the others are uniform.
+    fn draw_kind(&mut self) -> Kind {
+        let missing: Vec<Kind> = KINDS
+            .iter()
+            .copied()
+            .filter(|k| !self.timeline.iter().any(|r| r.kind == k.name()))
+            .collect();
+        if !missing.is_empty() && self.rng.random_bool(0.5) {
+            return missing[self.rng.random_range(0..missing.len())];
+        }
+        KINDS[self.rng.random_range(0..KINDS.len())]
+    }
+
     /// Inject one random fault now (returns false when the kind drawn is not possible now).
     fn inject(&mut self, sim: &kubesim::Sim, now: Instant, now_ms: u64) -> bool {
-        let kind = KINDS[self.rng.random_range(0..KINDS.len())];
+        let kind = self.draw_kind();
         let target = if self.rng.random_bool(0.25) {
             None
         } else {
@@ -549,7 +573,7 @@ impl Injector {
                 (Payload::Hold(h), format!("{res} {d} ms p={p}"))
             }
             Kind::Late => {
-                // Pod and Lease writes served 2.5-6 s late, past the API timeout, whatever the
+                // Pod and Lease writes served 0.5-4 s past the API timeout, whatever the
                 // replica does meanwhile. (Lock writes are left out: a claim or handoff applied
                 // seconds after its replica gave up on it can move a lock under a live owner
                 // that never wrote the lock since, which the ownership protocol does not fence.)
@@ -566,7 +590,7 @@ impl Injector {
                 if !self.blocking_allowed(p, blocking_res, target, now, &mut dur) {
                     return false;
                 }
-                let d = self.ms(LATE_MS);
+                let d = self.ms(self.late_ms);
                 let mut l = LateCommit::new(d).probability(p);
                 l.agents = agents.clone();
                 l.resources = late_res.clone();
@@ -1046,6 +1070,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         up: vec![true; args.replicas],
         restart_at: vec![None; args.replicas],
         max_overlap: 0,
+        late_ms: late_ms(api_timeout * 1000),
     };
     let from_ms = fleet.sim.store().elapsed_ms();
     let end = now + Duration::from_secs(args.seconds);
@@ -1275,7 +1300,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     let mut confirmed = false;
     // Writes sent before the lift may still be served late after it: convergence is
     // confirmed only once the last of them has landed.
-    let drained = Duration::from_millis(LATE_MS.1 + 500);
+    let drained = Duration::from_millis(inj.late_ms.1 + 500);
     while lift.elapsed() < limit {
         if lift.elapsed() >= drained && all_converged(&tracker, &keys) == keys.len() {
             // Still converged a moment later (nothing was in flight)?
