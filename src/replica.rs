@@ -391,35 +391,21 @@ pub async fn run_with(
     // lock of an unresolved handoff nor one handed to this replica meanwhile got a renewal
     // until then.
     background.spawn({
-        let sharding = sharding.clone();
-        let locks = locks.clone();
-        let scope = scope.clone();
-        let mut stop = stop_rx.clone();
-        async move {
-            loop {
+        let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
+        every(Duration::from_millis(250), stop_rx.clone(), move || {
+            let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
+            async move {
                 sharding.notice_ownership(&locks, &scope);
                 sharding.resolve_unknown_handoffs().await;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = stop.changed() => return,
-                }
             }
-        }
+        })
     });
     background.spawn({
-        let sharding = sharding.clone();
-        let locks = locks.clone();
-        let scope = scope.clone();
-        let mut stop = stop_rx.clone();
-        async move {
-            loop {
-                sharding.assign(&locks, &scope).await;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    _ = stop.changed() => return,
-                }
-            }
-        }
+        let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
+        every(Duration::from_millis(300), stop_rx.clone(), move || {
+            let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
+            async move { sharding.assign(&locks, &scope).await }
+        })
     });
     let set_triggers = {
         let locks = lock_index.clone();
@@ -579,4 +565,19 @@ fn after_settling<S: futures::Stream + Send + 'static>(
         stream
     })
     .flatten()
+}
+
+/// Run `f` to completion, then wait `period` (or until `stop` changes, which ends the loop).
+async fn every<F, Fut>(period: Duration, mut stop: tokio::sync::watch::Receiver<bool>, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        f().await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
