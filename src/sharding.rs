@@ -19,7 +19,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use stslock_shard::{Decision, Fence, Member, Ring, alive_members, membership_lease_name};
+use stslock_shard::{Decision, Fence, Member, Rejoin, Ring, alive_members, membership_lease_name};
 
 use crate::api::{SHARD_LABEL, SHARD_TERM_ANNOTATION, StatefulSetLock, lock_key};
 use crate::call::{ApiCall, Kind, call, call_opt};
@@ -107,6 +107,9 @@ struct View {
     ring: Option<Ring>,
     /// Alive members, leaving ones included: the owners whose labels are respected.
     alive: HashSet<String>,
+    /// Hysteresis: a peer back on the ring after being off it is handed locks only after one of
+    /// its membership renewal periods.
+    rejoin: Rejoin,
 }
 
 pub struct Sharding {
@@ -217,10 +220,14 @@ impl Sharding {
         Arc::new(Sharding {
             metrics,
             fence: Mutex::new(Fence::new(cfg.lease_duration, cfg.margin)),
-            cfg,
             client,
             origin: Instant::now(),
-            view: RwLock::default(),
+            view: RwLock::new(View {
+                rejoin: Rejoin::new(
+                    u64::try_from((cfg.lease_duration / 3).as_millis()).unwrap_or(0),
+                ),
+                ..View::default()
+            }),
             draining: DashSet::default(),
             handing: DashSet::default(),
             writes: DashMap::default(),
@@ -238,6 +245,7 @@ impl Sharding {
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
+            cfg,
         })
     }
 
@@ -841,6 +849,7 @@ impl Sharding {
             .cloned()
             .collect();
         ring_members.sort();
+        v.rejoin.observe(&ring_members, now_ms);
         let unchanged = v
             .ring
             .as_ref()
@@ -879,35 +888,18 @@ impl Sharding {
                 continue;
             }
             let key = lock_key(&cached);
-            // A handoff to this replica read from the API server that the watch has not
-            // delivered yet (see `read_awaited`) stands for the cached view.
-            let read = self.read_mine.get(&key).map(|r| r.clone());
-            let lock = match read {
-                Some((l, g)) if g == generation && rv_of(&l) > rv_of(&cached) => l,
-                Some(_) => {
-                    self.read_mine.remove(&key);
-                    cached
-                }
-                None => cached,
-            };
+            let lock = self.best_view(&key, cached, generation, true);
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
-            // A lock this replica is handing off, or a cached view older than its own handoff,
-            // is not gained.
-            if label == Some(self.cfg.id.as_str())
-                && !self.is_draining(&key)
-                && !self.predates_own_handoff(&key, &lock)
-            {
-                if !self.owned.lock().is_ok_and(|o| o.contains(&key)) {
-                    gained.push(lock.clone());
+            let was_owned = self.owned.lock().is_ok_and(|o| o.contains(&key));
+            match self.ownership_of(&key, &lock) {
+                Some(true) => {
+                    if !was_owned {
+                        gained.push(lock.clone());
+                    }
+                    mine.insert(key.clone());
                 }
-                mine.insert(key.clone());
-            } else if label != Some(self.cfg.id.as_str())
-                && !self.handing.contains(&key)
-                && self.owned.lock().is_ok_and(|o| o.contains(&key))
-            {
-                // Labelled for another replica by someone else (a peer's claim): given up.
-                // (A handoff of this replica's reports itself when its label write answers.)
-                lost.push(lock.clone());
+                Some(false) if was_owned => lost.push(lock.clone()),
+                _ => {}
             }
             let mut decision = self.decide_for(&key, label);
             // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
@@ -932,8 +924,11 @@ impl Sharding {
                 // behind the handoff still shows the label): that would hand it off again,
                 // with a stale resourceVersion, and conflict every pass until the watch
                 // catches up — each time renewing its Lease first. Nor while one is running.
+                // Nor to a peer just back on the ring (see `Rejoin`).
                 Some(Decision::Release { to })
-                    if !self.is_draining(&key) && !self.predates_own_handoff(&key, &lock) =>
+                    if !self.is_draining(&key)
+                        && !self.predates_own_handoff(&key, &lock)
+                        && self.may_hand_to(&to) =>
                 {
                     work.push((lock, Some(to), false))
                 }
@@ -1023,6 +1018,50 @@ impl Sharding {
         }
     }
 
+    /// The newest view of a lock this replica has: a handoff to it read from the API server
+    /// that the watch has not delivered yet (see `read_awaited`) stands for the cached one.
+    /// `forget` drops a read the cache has caught up with (or from an earlier generation).
+    fn best_view(
+        &self,
+        key: &str,
+        cached: Arc<StatefulSetLock>,
+        generation: u64,
+        forget: bool,
+    ) -> Arc<StatefulSetLock> {
+        match self.read_mine.get(key).map(|r| r.clone()) {
+            Some((l, g)) if g == generation && rv_of(&l) > rv_of(&cached) => l,
+            Some(_) => {
+                if forget {
+                    self.read_mine.remove(key);
+                }
+                cached
+            }
+            None => cached,
+        }
+    }
+
+    /// What `lock`'s label says about this replica's ownership of it: `Some(true)` held (not
+    /// while it is handing it off, nor from a view older than its own handoff), `Some(false)`
+    /// labelled for another replica by someone else (a peer's claim; a handoff of this
+    /// replica's reports itself when its label write answers), `None` neither yet.
+    fn ownership_of(&self, key: &str, lock: &StatefulSetLock) -> Option<bool> {
+        let mine = lock.labels().get(SHARD_LABEL).map(String::as_str) == Some(self.cfg.id.as_str());
+        if mine && !self.is_draining(key) && !self.predates_own_handoff(key, lock) {
+            Some(true)
+        } else if !mine && !self.handing.contains(key) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn may_hand_to(&self, to: &str) -> bool {
+        let now_ms = self.now().as_millis() as u64;
+        self.view
+            .read()
+            .is_ok_and(|v| v.rejoin.may_hand_to(to, now_ms))
+    }
+
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
         let v = self.view.read().ok()?;
         let ring = v.ring.as_ref()?;
@@ -1085,23 +1124,12 @@ impl Sharding {
                     continue;
                 }
                 let key = lock_key(&cached);
-                let lock = match self.read_mine.get(&key).map(|r| r.clone()) {
-                    Some((l, g)) if g == generation && rv_of(&l) > rv_of(&cached) => l,
-                    _ => cached,
-                };
-                let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
-                if label == Some(self.cfg.id.as_str())
-                    && !self.is_draining(&key)
-                    && !self.predates_own_handoff(&key, &lock)
-                {
-                    if owned.insert(key) {
-                        gained.push(lock);
-                    }
-                } else if label != Some(self.cfg.id.as_str())
-                    && !self.handing.contains(&key)
-                    && owned.remove(&key)
-                {
+                let lock = self.best_view(&key, cached, generation, false);
+                let held = self.ownership_of(&key, &lock);
+                if held == Some(false) && owned.remove(&key) {
                     lost.push(lock);
+                } else if held == Some(true) && owned.insert(key) {
+                    gained.push(lock);
                 }
             }
         }

@@ -13,9 +13,11 @@
 pub mod fence;
 pub mod membership;
 pub mod ownership;
+pub mod rejoin;
 pub mod ring;
 
 pub use fence::Fence;
 pub use membership::{Member, alive_members, membership_lease_name};
 pub use ownership::{Decision, decide};
+pub use rejoin::Rejoin;
 pub use ring::Ring;
