@@ -47,6 +47,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// A renewal whose write or re-read failed is tried again after this long: the holder is
 /// healthy, only the API answered badly, and the Lease's time is running.
 const RETRY: Duration = Duration::from_millis(300);
+/// A renewal sent with less than this (or twice the API timeout, if more) left on the Lease is
+/// hedged: sent again when the first attempt has no answer after [`HEDGE_AFTER`].
+const HEDGE_WITHIN: Duration = Duration::from_secs(4);
+const HEDGE_AFTER: Duration = Duration::from_millis(500);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -511,15 +515,30 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     };
     let api: Api<Lease> = Api::namespaced(ctx.cache.client.clone(), &ns);
     let sent = std::time::Instant::now();
-    match call(
-        &ctx.metrics,
-        ApiCall::patch(Kind::Lease, format!("{ns}/{lease_name}"))
-            .note(format!("renewal for {holder}")),
-        ctx.api_timeout.min(permit.window),
-        api.patch(&lease_name, &PatchParams::default(), &Patch::Merge(&patch)),
-    )
-    .await
-    {
+    let timeout = ctx.api_timeout.min(permit.window);
+    let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+    let attempt = || {
+        call(
+            &ctx.metrics,
+            ApiCall::patch(Kind::Lease, format!("{ns}/{lease_name}"))
+                .note(format!("renewal for {holder}")),
+            timeout,
+            api.patch(&lease_name, &pp, &merge),
+        )
+    };
+    // Close to the Lease's expiry one unanswered attempt can use up the time left (an answer
+    // lost, or the write held past the timeout): the same compare-and-swap is sent again if the
+    // first has no answer after HEDGE_AFTER. At most one of them commits (they carry the same
+    // resourceVersion); the other conflicts, and a conflict re-reads the Lease.
+    let remaining = duration.saturating_sub(since_renew);
+    let (result, unknown) = if remaining < HEDGE_WITHIN.max(2 * ctx.api_timeout) {
+        hedged(attempt, HEDGE_AFTER).await
+    } else {
+        let r = attempt().await;
+        let unknown = r.as_ref().is_err_and(|e| e.outcome_unknown());
+        (r, unknown)
+    };
+    match result {
         Ok(renewed) => {
             crate::cache::watch::remember_lease(&ctx.cache.leases, renewed);
             ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
@@ -546,7 +565,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 spec.lease_transitions.unwrap_or_default().into(),
                 &e,
             );
-            if e.outcome_unknown() {
+            if unknown {
                 permit.unknown_outcome();
             }
             drop(permit);
@@ -562,6 +581,48 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     }
 }
 
+/// `attempt`, and the same attempt again if the first has no answer after `after`: the first
+/// success wins; when both fail, a conflict is the error returned (the other attempt may have
+/// committed: the caller re-reads), else the last one. Also whether any attempt's outcome is
+/// unknown (it may still commit).
+async fn hedged<T, F, Fut>(attempt: F, after: Duration) -> (crate::error::Result<T>, bool)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<T>>,
+{
+    let first = attempt();
+    tokio::pin!(first);
+    tokio::select! {
+        r = &mut first => {
+            let unknown = r.as_ref().is_err_and(|e| e.outcome_unknown());
+            return (r, unknown);
+        }
+        _ = tokio::time::sleep(after) => {}
+    }
+    let second = attempt();
+    tokio::pin!(second);
+    let (done, other) = tokio::select! {
+        r = &mut first => (r, second.as_mut()),
+        r = &mut second => (r, first.as_mut()),
+    };
+    let e1 = match done {
+        Ok(v) => return (Ok(v), false),
+        Err(e) => e,
+    };
+    match other.await {
+        // The other committed, so the failed one cannot (same resourceVersion).
+        Ok(v) => (Ok(v), false),
+        Err(e2) => {
+            let unknown = e1.outcome_unknown() || e2.outcome_unknown();
+            if e1.is_conflict() {
+                (Err(e1), unknown)
+            } else {
+                (Err(e2), unknown)
+            }
+        }
+    }
+}
+
 /// The stream of locks the renewal lane sends to the reconcile lane.
 pub fn to_reconcile(
     rx: mpsc::UnboundedReceiver<LockRef>,
@@ -572,6 +633,54 @@ pub fn to_reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timed_out() -> crate::error::Error {
+        crate::error::Error::Timeout {
+            context: "renewal".into(),
+            after: Duration::from_secs(2),
+        }
+    }
+
+    /// Attempt `n` (from 0) answers after `delays[n]` with `Ok(n)`, or a timeout for `None`.
+    async fn scripted(
+        delays: &[(u64, bool)],
+        calls: &std::sync::atomic::AtomicUsize,
+    ) -> crate::error::Result<usize> {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (ms, ok) = delays[n];
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if ok { Ok(n) } else { Err(timed_out()) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_renewal_sends_once_more_only_when_the_first_is_slow() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        // Answered in time: no second attempt.
+        let (r, unknown) = hedged(|| scripted(&[(100, true)], &calls), HEDGE_AFTER).await;
+        assert_eq!((r.ok(), unknown), (Some(0), false));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // The first hangs until its timeout: the second, sent after 500 ms, wins.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let start = tokio::time::Instant::now();
+        let (r, unknown) = hedged(
+            || scripted(&[(2000, false), (100, true)], &calls),
+            HEDGE_AFTER,
+        )
+        .await;
+        assert_eq!((r.ok(), unknown), (Some(1), false));
+        assert_eq!(start.elapsed(), Duration::from_millis(600));
+
+        // Both time out: an error, and the outcome is unknown.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let (r, unknown) = hedged(
+            || scripted(&[(2000, false), (2000, false)], &calls),
+            HEDGE_AFTER,
+        )
+        .await;
+        assert!(r.is_err_and(|e| e.outcome_unknown()));
+        assert!(unknown);
+    }
 
     fn lock(name: &str) -> LockRef {
         LockRef::new(name).within("ns")
