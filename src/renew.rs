@@ -51,6 +51,8 @@ const RETRY: Duration = Duration::from_millis(300);
 /// hedged: sent again when the first attempt has no answer after [`HEDGE_AFTER`].
 const HEDGE_WITHIN: Duration = Duration::from_secs(4);
 const HEDGE_AFTER: Duration = Duration::from_millis(500);
+/// A hedging attempt is sent only with at least this left of the write window.
+const MIN_ATTEMPT: Duration = Duration::from_millis(300);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -515,9 +517,10 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     };
     let api: Api<Lease> = Api::namespaced(ctx.cache.client.clone(), &ns);
     let sent = std::time::Instant::now();
-    let timeout = ctx.api_timeout.min(permit.window);
+    // Every attempt's timeout ends within the write window the permit gave (the fence).
+    let window_end = tokio::time::Instant::now() + permit.window;
     let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
-    let attempt = || {
+    let attempt = |timeout| {
         call(
             &ctx.metrics,
             ApiCall::patch(Kind::Lease, format!("{ns}/{lease_name}"))
@@ -531,13 +534,14 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // first has no answer after HEDGE_AFTER. At most one of them commits (they carry the same
     // resourceVersion); the other conflicts, and a conflict re-reads the Lease.
     let remaining = duration.saturating_sub(since_renew);
-    let (result, unknown) = if remaining < HEDGE_WITHIN.max(2 * ctx.api_timeout) {
-        hedged(attempt, HEDGE_AFTER).await
-    } else {
-        let r = attempt().await;
-        let unknown = r.as_ref().is_err_and(|e| e.outcome_unknown());
-        (r, unknown)
-    };
+    let hedge = remaining < HEDGE_WITHIN.max(2 * ctx.api_timeout);
+    let (result, unknown) = hedged(
+        attempt,
+        ctx.api_timeout,
+        window_end,
+        hedge.then_some(HEDGE_AFTER),
+    )
+    .await;
     match result {
         Ok(renewed) => {
             crate::cache::watch::remember_lease(&ctx.cache.leases, renewed);
@@ -581,25 +585,41 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     }
 }
 
-/// `attempt`, and the same attempt again if the first has no answer after `after`: the first
-/// success wins; when both fail, a conflict is the error returned (the other attempt may have
-/// committed: the caller re-reads), else the last one. Also whether any attempt's outcome is
-/// unknown (it may still commit).
-async fn hedged<T, F, Fut>(attempt: F, after: Duration) -> (crate::error::Result<T>, bool)
+/// `attempt` (given its timeout: `api_timeout`, cut to end by `deadline`), and with `again_after`
+/// the same attempt once more if the first has no answer by then and at least
+/// [`MIN_ATTEMPT`] is left before `deadline`. The first success wins; when both fail, a conflict
+/// is the error returned (the other attempt may have committed: the caller re-reads), else the
+/// last one. Also whether any attempt's outcome is unknown (it may still commit).
+async fn hedged<T, F, Fut>(
+    attempt: F,
+    api_timeout: Duration,
+    deadline: tokio::time::Instant,
+    again_after: Option<Duration>,
+) -> (crate::error::Result<T>, bool)
 where
-    F: Fn() -> Fut,
+    F: Fn(Duration) -> Fut,
     Fut: std::future::Future<Output = crate::error::Result<T>>,
 {
-    let first = attempt();
+    let timeout =
+        || api_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let first = attempt(timeout());
     tokio::pin!(first);
+    let single = |r: crate::error::Result<T>| {
+        let unknown = r.as_ref().is_err_and(|e| e.outcome_unknown());
+        (r, unknown)
+    };
+    let Some(after) = again_after else {
+        return single(first.await);
+    };
     tokio::select! {
-        r = &mut first => {
-            let unknown = r.as_ref().is_err_and(|e| e.outcome_unknown());
-            return (r, unknown);
-        }
+        r = &mut first => return single(r),
         _ = tokio::time::sleep(after) => {}
     }
-    let second = attempt();
+    let left = timeout();
+    if left < MIN_ATTEMPT {
+        return single(first.await);
+    }
+    let second = attempt(left);
     tokio::pin!(second);
     let (done, other) = tokio::select! {
         r = &mut first => (r, second.as_mut()),
@@ -642,44 +662,69 @@ mod tests {
     }
 
     /// Attempt `n` (from 0) answers after `delays[n]` with `Ok(n)`, or a timeout for `None`.
+    /// The attempt times out (as `call` would) when its answer comes after its timeout.
     async fn scripted(
         delays: &[(u64, bool)],
         calls: &std::sync::atomic::AtomicUsize,
+        timeout: Duration,
     ) -> crate::error::Result<usize> {
         let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (ms, ok) = delays[n];
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        if ok { Ok(n) } else { Err(timed_out()) }
+        let answer = Duration::from_millis(ms);
+        tokio::time::sleep(answer.min(timeout)).await;
+        if ok && answer <= timeout {
+            Ok(n)
+        } else {
+            Err(timed_out())
+        }
+    }
+
+    fn hedge(
+        delays: &'static [(u64, bool)],
+        calls: &'static std::sync::atomic::AtomicUsize,
+        window_ms: u64,
+    ) -> impl std::future::Future<Output = (crate::error::Result<usize>, bool)> {
+        hedged(
+            move |t| scripted(delays, calls, t),
+            Duration::from_secs(2),
+            tokio::time::Instant::now() + Duration::from_millis(window_ms),
+            Some(HEDGE_AFTER),
+        )
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hedged_renewal_sends_once_more_only_when_the_first_is_slow() {
-        let calls = std::sync::atomic::AtomicUsize::new(0);
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         // Answered in time: no second attempt.
-        let (r, unknown) = hedged(|| scripted(&[(100, true)], &calls), HEDGE_AFTER).await;
+        static A: AtomicUsize = AtomicUsize::new(0);
+        let (r, unknown) = hedge(&[(100, true)], &A, 10_000).await;
         assert_eq!((r.ok(), unknown), (Some(0), false));
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(A.load(SeqCst), 1);
 
         // The first hangs until its timeout: the second, sent after 500 ms, wins.
-        let calls = std::sync::atomic::AtomicUsize::new(0);
+        static B: AtomicUsize = AtomicUsize::new(0);
         let start = tokio::time::Instant::now();
-        let (r, unknown) = hedged(
-            || scripted(&[(2000, false), (100, true)], &calls),
-            HEDGE_AFTER,
-        )
-        .await;
+        let (r, unknown) = hedge(&[(5000, true), (100, true)], &B, 10_000).await;
         assert_eq!((r.ok(), unknown), (Some(1), false));
         assert_eq!(start.elapsed(), Duration::from_millis(600));
 
         // Both time out: an error, and the outcome is unknown.
-        let calls = std::sync::atomic::AtomicUsize::new(0);
-        let (r, unknown) = hedged(
-            || scripted(&[(2000, false), (2000, false)], &calls),
-            HEDGE_AFTER,
-        )
-        .await;
+        static C: AtomicUsize = AtomicUsize::new(0);
+        let (r, unknown) = hedge(&[(5000, true), (5000, true)], &C, 10_000).await;
         assert!(r.is_err_and(|e| e.outcome_unknown()));
         assert!(unknown);
+
+        // The second attempt's timeout ends with the write window (1 s: 500 ms left when it is
+        // sent), and none is sent with less than MIN_ATTEMPT left (700 ms window).
+        static D: AtomicUsize = AtomicUsize::new(0);
+        let start = tokio::time::Instant::now();
+        let (r, _) = hedge(&[(5000, true), (600, true)], &D, 1000).await;
+        assert!(r.is_err());
+        assert_eq!(start.elapsed(), Duration::from_millis(1000));
+        static E: AtomicUsize = AtomicUsize::new(0);
+        let (r, _) = hedge(&[(5000, true), (100, true)], &E, 700).await;
+        assert!(r.is_err());
+        assert_eq!(E.load(SeqCst), 1);
     }
 
     fn lock(name: &str) -> LockRef {
