@@ -317,10 +317,19 @@ pub async fn run_with(
     // dropped (or aborted) with it.
     let mut background = tokio::task::JoinSet::new();
     let stopping = args.identity();
-    background.spawn(async move {
-        shutdown.await;
-        tracing::info!(shard = %stopping, "stopping: no new reconciles; waiting for the running ones");
-        let _ = stop_tx.send(true);
+    background.spawn({
+        let sharding = sharding.clone();
+        let hand_off = matches!(args.leave, crate::config::LeaveStrategy::Handoff);
+        async move {
+            shutdown.await;
+            tracing::info!(shard = %stopping, "stopping: no new reconciles; waiting for the running ones");
+            let _ = stop_tx.send(true);
+            // Peers hand locks to this replica until they see it leaving: the mark goes out
+            // now, not after the reconciles running have ended (seconds, under API faults).
+            if hand_off {
+                sharding.mark_leaving().await;
+            }
+        }
     });
     background.spawn(crate::probe::serve(listener, probe));
     background.spawn({
@@ -390,9 +399,12 @@ pub async fn run_with(
     // handoffs (each waits for the lock's writes in flight) took many seconds, and neither the
     // lock of an unresolved handoff nor one handed to this replica meanwhile got a renewal
     // until then.
+    // Gains are noticed until the replica is gone, through its leave too: a lock handed to it
+    // by a peer that has not seen it leaving needs its renewals until the leave hands it on.
+    let (_noticing, until_gone) = tokio::sync::watch::channel(false);
     background.spawn({
         let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
-        every(Duration::from_millis(250), stop_rx.clone(), move || {
+        every(Duration::from_millis(250), until_gone, move || {
             let (sharding, locks, scope) = (sharding.clone(), locks.clone(), scope.clone());
             async move {
                 sharding.notice_ownership(&locks, &scope);

@@ -73,6 +73,8 @@ const MOVES_IN_PARALLEL: usize = 16;
 /// renewing its Lease.
 const HANDOFF_READ_AFTER: Duration = Duration::from_millis(500);
 const HANDOFF_READ_EVERY: Duration = Duration::from_secs(1);
+/// Rounds of a leave's handoffs of the locks the API server still lists for the replica.
+const LEAVE_LIST_ROUNDS: usize = 3;
 /// Awaited handoffs read per assignment pass, at most.
 const HANDOFF_READS_PER_PASS: usize = 64;
 
@@ -177,6 +179,8 @@ pub struct Sharding {
     /// (`on_ownership`), so its Lease gets a renewal entry before any reconcile of it runs.
     owned: Mutex<HashSet<String>>,
     leaving: std::sync::atomic::AtomicBool,
+    /// Set when the leaving mark has been tried (every caller of `mark_leaving` waits for it).
+    marked_leaving: tokio::sync::OnceCell<()>,
     /// The leave is done: no more membership renewals.
     left: std::sync::atomic::AtomicBool,
 }
@@ -244,6 +248,7 @@ impl Sharding {
             confirming: DashMap::default(),
             owned: Mutex::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            marked_leaving: tokio::sync::OnceCell::new(),
             left: std::sync::atomic::AtomicBool::new(false),
             cfg,
         })
@@ -1338,42 +1343,105 @@ impl Sharding {
         }
     }
 
-    /// Graceful leave: hand every owned lock to its next owner, then delete the membership
-    /// Lease so peers rebalance at once.
-    pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
-        self.leaving
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let name = self.lease_name();
-        let mark = json!({"metadata": {"annotations": {LEAVING_ANNOTATION: "true"}}});
-        if let Err(e) = call(
+    /// Mark the membership Lease `leaving` (once; tried up to three times: peers hand locks to
+    /// this replica until they see the mark) and take this replica off its own ring. Called as
+    /// soon as a graceful stop begins, before the reconciles running are waited for.
+    pub async fn mark_leaving(&self) {
+        self.marked_leaving
+            .get_or_init(|| async {
+                self.leaving
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let name = self.lease_name();
+                let mark = json!({"metadata": {"annotations": {LEAVING_ANNOTATION: "true"}}});
+                for attempt in 1..=3 {
+                    match call(
+                        &self.metrics,
+                        ApiCall::patch(Kind::Lease, self.member_target(&name)).note("leaving"),
+                        self.cfg.api_timeout.min(self.write_window()),
+                        self.leases()
+                            .patch(&name, &PatchParams::default(), &Patch::Merge(&mark)),
+                    )
+                    .await
+                    {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, attempt, "marking the membership Lease as leaving")
+                        }
+                    }
+                }
+                self.recompute();
+            })
+            .await;
+    }
+
+    /// Hand each of `moves` to its owner on `ring`.
+    async fn hand_all_off(&self, ring: &Ring, moves: Vec<Arc<StatefulSetLock>>) {
+        futures::stream::iter(moves)
+            .filter_map(|lock| {
+                let to = ring.owner(&lock_key(&lock)).map(str::to_string);
+                futures::future::ready(to.map(|to| (lock, to)))
+            })
+            .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
+                self.hand_off(&lock, &to).await
+            })
+            .await;
+    }
+
+    /// The locks the API server lists labelled for this replica (none being handed off by it);
+    /// `None` when the list fails.
+    async fn list_own_locks(&self) -> Option<Vec<StatefulSetLock>> {
+        let api: Api<StatefulSetLock> = Api::all(self.client.clone());
+        let selector = format!("{SHARD_LABEL}={}", self.cfg.id);
+        match call(
             &self.metrics,
-            ApiCall::patch(Kind::Lease, self.member_target(&name)).note("leaving"),
-            self.cfg.api_timeout.min(self.write_window()),
-            self.leases()
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&mark)),
+            ApiCall::list(Kind::StatefulSetLock, selector.clone()).note("leaving"),
+            self.cfg.api_timeout,
+            api.list(&kube::api::ListParams::default().labels(&selector)),
         )
         .await
         {
-            tracing::warn!(error = %e, "marking the membership Lease as leaving");
+            Ok(list) => Some(
+                list.items
+                    .into_iter()
+                    .filter(|l| {
+                        !self.handing.contains(&lock_key(l)) && !self.is_draining(&lock_key(l))
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "leaving: listing this replica's locks");
+                None
+            }
         }
-        self.recompute();
+    }
+
+    /// Graceful leave: hand every owned lock to its next owner, then delete the membership
+    /// Lease so peers rebalance at once.
+    pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
+        self.mark_leaving().await;
         let ring = self.view.read().ok().and_then(|v| v.ring.clone());
         if let Some(ring) = ring {
             let moves: Vec<_> = locks
                 .state()
                 .into_iter()
                 .filter(|lock| lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id))
-                .filter_map(|lock| {
-                    let to = ring.owner(&lock_key(&lock)).map(str::to_string)?;
-                    Some((lock, to))
-                })
                 .collect();
             tracing::info!(shard = %self.cfg.id, locks = moves.len(), "leaving: handing locks off");
-            futures::stream::iter(moves)
-                .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
-                    self.hand_off(&lock, &to).await
-                })
-                .await;
+            self.hand_all_off(&ring, moves).await;
+            // Peers that had not seen the mark yet may have handed locks to this replica since
+            // (or the lock watch is behind): the API server's list of the locks labelled for
+            // it, handed off until it is empty (a few rounds at most).
+            for _ in 0..LEAVE_LIST_ROUNDS {
+                let Some(left) = self.list_own_locks().await else {
+                    break;
+                };
+                if left.is_empty() {
+                    break;
+                }
+                tracing::info!(shard = %self.cfg.id, locks = left.len(), "leaving: handing off locks the API server still lists for this replica");
+                self.hand_all_off(&ring, left.into_iter().map(Arc::new).collect())
+                    .await;
+            }
         }
         tracing::info!(shard = %self.cfg.id, "leaving: handoffs done");
         // A handoff the last assignment pass started (skipped above) must end before the
@@ -1402,6 +1470,7 @@ impl Sharding {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tracing::info!(shard = %self.cfg.id, "leaving: deleting the membership Lease");
+        let name = self.lease_name();
         if let Err(e) = call_opt(
             &self.metrics,
             ApiCall::delete(Kind::Lease, self.member_target(&name)),

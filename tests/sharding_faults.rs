@@ -1248,3 +1248,86 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
     );
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A lock handed to a replica while it leaves is handed on by it.
+
+/// Peers hand locks to a leaving replica until they see its leaving mark (or when the answer of
+/// an earlier handoff was lost and it lands late). a leaves with every label write of it held
+/// 1.5 s; once its own handoffs are under way, one of b's locks is labelled for a (as b's
+/// handoff would). a must hand that lock on before it goes: before, its leave handed off only
+/// the locks its cache showed when the leave began, and such a lock stayed labelled for a
+/// (renewed by nobody) until b saw a gone and claimed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..16, 2).await;
+    locks(&client, 0..16, 10).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 30).await;
+    let late = owned
+        .iter()
+        .find(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(k, _)| k.clone())
+        .expect("b owns a lock");
+    sim.faults().update(|c| {
+        c.hold_responses = vec![
+            HoldResponse::new(1500)
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ]
+    });
+    let from = sim.commit_log().last().map_or(0, |c| c.rv);
+    let _ = a.stop.send(());
+    // a's first handoff has been sent (its label write is held): the leave's own list is made.
+    until(10, "a's leave started handing off", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.get_opt("stslock-a").await.ok().flatten()?;
+            l.annotations()
+                .contains_key(stslock::sharding::LEAVING_ANNOTATION)
+                .then_some(())
+        }
+    })
+    .await;
+    // Deliberate wait: a's handoffs (label writes held 1.5 s each) are in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
+    admin
+        .patch(&late, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    until_owned_by(&client, &["b"], 20).await;
+    b.stop().await;
+
+    let log = sim.commit_log();
+    let moves = audit(&log).moves;
+    let handed_on: Vec<_> = moves
+        .iter()
+        .filter(|(rv, lock, from_owner, to, actor)| {
+            *rv > from
+                && *lock == late
+                && from_owner.as_deref() == Some("a")
+                && to == "b"
+                && actor == "stslock/a"
+        })
+        .collect();
+    println!(
+        "moves of {late} after the stop: {:?}",
+        moves
+            .iter()
+            .filter(|m| m.0 > from && m.1 == late)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !handed_on.is_empty(),
+        "a left without handing {late} on (labelled for it during its leave)"
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
