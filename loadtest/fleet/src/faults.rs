@@ -1579,11 +1579,15 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let lapse_details: Vec<Value> = all_lapses
+    // The operator's lapses first (in time order), then the others.
+    let mut order: Vec<usize> = (0..all_lapses.len()).collect();
+    order.sort_by_key(|&n| (excused[n], all_lapses[n].start_ms));
+    let lapse_details: Vec<Value> = order
         .iter()
         .take(DETAILS_JSON)
         .enumerate()
-        .map(|(n, l)| {
+        .map(|(k, &n)| {
+            let l = &all_lapses[n];
             let owner = owner_at(&l.lock, l.start_ms);
             let lw = log.iter().find(|c| c.rv == l.lease_rv);
             let (w0, w1) = (l.start_ms.saturating_sub(lease_ms), l.end_ms + 1000);
@@ -1593,7 +1597,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 .filter(|c| c.at_ms >= w0 && c.at_ms <= l.end_ms && Some(&c.actor) == agent.as_ref())
                 .count();
             // The first lapses also get every commit for their lock around them.
-            let commits: Vec<Value> = if n < 10 {
+            let commits: Vec<Value> = if k < 10 {
                 log.iter()
                     .filter(|c| {
                         c.at_ms >= w0
