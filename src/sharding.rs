@@ -435,34 +435,59 @@ impl Sharding {
             )
         };
         let (pp, body) = (PatchParams::default(), Patch::Merge(&patch));
-        let write = call_opt(
-            &self.metrics,
-            ApiCall::patch(Kind::Lease, self.member_target(&name)).note("membership renewal"),
-            timeout,
-            api.patch(&name, &pp, &body),
-        );
+        let send = || {
+            call_opt(
+                &self.metrics,
+                ApiCall::patch(Kind::Lease, self.member_target(&name)).note("membership renewal"),
+                timeout,
+                api.patch(&name, &pp, &body),
+            )
+        };
+        let write = send();
         tokio::pin!(write);
         // An answer that is late (held, or lost) does not mean the renewal did not happen: if
         // none came within HEDGE, a read shows whether it committed, and if it did the fence
         // opens now instead of after the whole API timeout (after a restart every held Lease
-        // waits for it).
+        // waits for it). The same renewal is sent once more meanwhile (the same renewTime: it
+        // does not matter which lands, or if both do): a write served late, or whose answer is
+        // lost, then costs HEDGE, not the API timeout and a retry.
         let answered = tokio::select! {
             r = &mut write => Some(r),
             _ = tokio::time::sleep(HEDGE.min(timeout / 2)) => None,
         };
-        // The read-back races the write: whichever shows the renewal first wins (awaiting the
-        // read alone added a whole round trip to every slow renewal).
+        // The read-back and the second write race the first: whichever shows the renewal first
+        // wins (awaiting the read alone added a whole round trip to every slow renewal).
         let answered = match answered {
             Some(r) => r,
             None => {
-                let read = read_back();
-                tokio::pin!(read);
-                tokio::select! {
-                    r = &mut write => r,
-                    r = &mut read => match r {
-                        Ok(Some(l)) if is_mine(&l) => Ok(Some(l)),
-                        _ => write.await,
-                    },
+                let (read, again) = (read_back(), send());
+                tokio::pin!(read, again);
+                let (mut read_done, mut first, mut second) = (false, None, None);
+                loop {
+                    tokio::select! {
+                        r = &mut write, if first.is_none() => match r {
+                            Ok(v) => break Ok(v),
+                            Err(e) => first = Some(e),
+                        },
+                        r = &mut again, if second.is_none() => match r {
+                            Ok(v) => break Ok(v),
+                            Err(e) => second = Some(e),
+                        },
+                        r = &mut read, if !read_done => {
+                            read_done = true;
+                            if let Ok(Some(l)) = r && is_mine(&l) {
+                                break Ok(Some(l));
+                            }
+                        }
+                    }
+                    if let (Some(a), Some(b)) = (&first, &second) {
+                        // Both failed: an unknown outcome is the one to report (it is read
+                        // back below).
+                        let unknown_first = a.outcome_unknown() || !b.outcome_unknown();
+                        break Err(if unknown_first { first } else { second }
+                            .take()
+                            .unwrap_or(crate::error::Error::Stale("membership renewal".into())));
+                    }
                 }
             }
         };
