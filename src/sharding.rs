@@ -1444,6 +1444,11 @@ impl Sharding {
     /// Lease so peers rebalance at once.
     pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
         self.mark_leaving().await;
+        // Handoffs go to the ring of a fresh read of the membership: a stalled membership watch
+        // hid a peer's own leave, and locks went to a replica that was leaving too.
+        if self.refresh_members().await {
+            self.recompute();
+        }
         let ring = self.view.read().ok().and_then(|v| v.ring.clone());
         if let Some(ring) = ring {
             let moves: Vec<_> = locks
@@ -1456,13 +1461,30 @@ impl Sharding {
             // Peers that had not seen the mark yet may have handed locks to this replica since
             // (or the lock watch is behind): the API server's list of the locks labelled for
             // it, handed off until it is empty (a few rounds at most).
+            // Not while the fence is shut (no handoff can be written), nor once a round hands
+            // nothing off.
+            let mut before = usize::MAX;
             for _ in 0..LEAVE_LIST_ROUNDS {
+                if !self.may_write() {
+                    break;
+                }
                 let Some(left) = self.list_own_locks().await else {
                     break;
                 };
-                if left.is_empty() {
+                let ring = if self.refresh_members().await {
+                    self.recompute();
+                    self.view
+                        .read()
+                        .ok()
+                        .and_then(|v| v.ring.clone())
+                        .unwrap_or_else(|| ring.clone())
+                } else {
+                    ring.clone()
+                };
+                if left.is_empty() || left.len() >= before {
                     break;
                 }
+                before = left.len();
                 tracing::info!(shard = %self.cfg.id, locks = left.len(), "leaving: handing off locks the API server still lists for this replica");
                 self.hand_all_off(&ring, left.into_iter().map(Arc::new).collect())
                     .await;
