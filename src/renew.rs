@@ -430,9 +430,18 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // stop every renewal.
     // The same for a lock the caches do not keep yet (just gained: they keep the Leases and
     // pods of this replica's own locks only, from its first read on).
+    // And for a Lease the cache shows lapsed not long ago: whether its holder is Ready decides
+    // between re-acquiring it here and handing it to the reconcile lane, and a pod cache behind
+    // a stalled watch kept a Ready holder looking NotReady for seconds (while the reconcile lane
+    // was stopped for a leave, nothing else looked). Not for one lapsed longer: a StatefulSet
+    // with no Ready pod would be read every second.
     let synced =
         ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) && ctx.cache.pods.is_synced();
-    if (!synced || !ctx.cache.holds(lock))
+    let recently_lapsed = ctx
+        .cache
+        .cached_lease(&ns, &lock.spec.lease_name)
+        .is_some_and(|l| lapsed_within(&l, 2));
+    if (!synced || !ctx.cache.holds(lock) || recently_lapsed)
         && let Err(e) = ctx.cache.reread(lock).await
     {
         tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read before renewal");
@@ -585,6 +594,23 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     }
 }
 
+/// Whether `lease` has lapsed (by its renewTime, on this clock) less than `durations` of its
+/// own durations ago.
+fn lapsed_within(lease: &Lease, durations: u32) -> bool {
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
+    let Some(since) = spec
+        .renew_time
+        .as_ref()
+        .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok())
+    else {
+        return false;
+    };
+    since >= duration && since < duration * (durations + 1)
+}
+
 /// `attempt` (given its timeout: `api_timeout`, cut to end by `deadline`), and with `again_after`
 /// the same attempt once more if the first has no answer by then and at least
 /// [`MIN_ATTEMPT`] is left before `deadline`. The first success wins; when both fail, a conflict
@@ -690,6 +716,22 @@ mod tests {
             tokio::time::Instant::now() + Duration::from_millis(window_ms),
             Some(HEDGE_AFTER),
         )
+    }
+
+    #[test]
+    fn a_lease_lapsed_recently_is_told_from_a_live_one_and_from_one_lapsed_long_ago() {
+        let lease = |ago_secs: i64| -> Lease {
+            let t = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(ago_secs);
+            serde_json::from_value(
+                json!({"spec": {"leaseDurationSeconds": 10, "renewTime": MicroTime(t)}}),
+            )
+            .unwrap()
+        };
+        assert!(!lapsed_within(&lease(5), 2));
+        assert!(lapsed_within(&lease(11), 2));
+        assert!(lapsed_within(&lease(29), 2));
+        assert!(!lapsed_within(&lease(31), 2));
+        assert!(!lapsed_within(&Lease::default(), 2));
     }
 
     #[tokio::test(start_paused = true)]
