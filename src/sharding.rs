@@ -462,17 +462,25 @@ impl Sharding {
             None => {
                 let (read, again) = (read_back(), send());
                 tokio::pin!(read, again);
-                let (mut read_done, mut first, mut second) = (false, None, None);
+                // Both attempts' errors, once they have failed.
+                let mut failed: Vec<crate::error::Error> = vec![];
+                let (mut read_done, mut first_done, mut second_done) = (false, false, false);
                 loop {
                     tokio::select! {
-                        r = &mut write, if first.is_none() => match r {
-                            Ok(v) => break Ok(v),
-                            Err(e) => first = Some(e),
-                        },
-                        r = &mut again, if second.is_none() => match r {
-                            Ok(v) => break Ok(v),
-                            Err(e) => second = Some(e),
-                        },
+                        r = &mut write, if !first_done => {
+                            first_done = true;
+                            match r {
+                                Ok(v) => break Ok(v),
+                                Err(e) => failed.push(e),
+                            }
+                        }
+                        r = &mut again, if !second_done => {
+                            second_done = true;
+                            match r {
+                                Ok(v) => break Ok(v),
+                                Err(e) => failed.push(e),
+                            }
+                        }
                         r = &mut read, if !read_done => {
                             read_done = true;
                             if let Ok(Some(l)) = r && is_mine(&l) {
@@ -480,13 +488,11 @@ impl Sharding {
                             }
                         }
                     }
-                    if let (Some(a), Some(b)) = (&first, &second) {
+                    if failed.len() == 2 {
                         // Both failed: an unknown outcome is the one to report (it is read
                         // back below).
-                        let unknown_first = a.outcome_unknown() || !b.outcome_unknown();
-                        break Err(if unknown_first { first } else { second }
-                            .take()
-                            .unwrap_or(crate::error::Error::Stale("membership renewal".into())));
+                        let i = failed.iter().position(|e| e.outcome_unknown()).unwrap_or(1);
+                        break Err(failed.swap_remove(i));
                     }
                 }
             }
@@ -1399,6 +1405,16 @@ impl Sharding {
             .await;
     }
 
+    /// The ring of a fresh read of the membership (of the view as it is, if the read fails):
+    /// a leave's handoffs go by it, since a stalled membership watch hid a peer's own leave and
+    /// locks went to a replica that was leaving too.
+    async fn fresh_ring(&self) -> Option<Ring> {
+        if self.refresh_members().await {
+            self.recompute();
+        }
+        self.view.read().ok().and_then(|v| v.ring.clone())
+    }
+
     /// Hand each of `moves` to its owner on `ring`.
     async fn hand_all_off(&self, ring: &Ring, moves: Vec<Arc<StatefulSetLock>>) {
         futures::stream::iter(moves)
@@ -1444,13 +1460,7 @@ impl Sharding {
     /// Lease so peers rebalance at once.
     pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
         self.mark_leaving().await;
-        // Handoffs go to the ring of a fresh read of the membership: a stalled membership watch
-        // hid a peer's own leave, and locks went to a replica that was leaving too.
-        if self.refresh_members().await {
-            self.recompute();
-        }
-        let ring = self.view.read().ok().and_then(|v| v.ring.clone());
-        if let Some(ring) = ring {
+        if let Some(ring) = self.fresh_ring().await {
             let moves: Vec<_> = locks
                 .state()
                 .into_iter()
@@ -1471,20 +1481,11 @@ impl Sharding {
                 let Some(left) = self.list_own_locks().await else {
                     break;
                 };
-                let ring = if self.refresh_members().await {
-                    self.recompute();
-                    self.view
-                        .read()
-                        .ok()
-                        .and_then(|v| v.ring.clone())
-                        .unwrap_or_else(|| ring.clone())
-                } else {
-                    ring.clone()
-                };
                 if left.is_empty() || left.len() >= before {
                     break;
                 }
                 before = left.len();
+                let ring = self.fresh_ring().await.unwrap_or_else(|| ring.clone());
                 tracing::info!(shard = %self.cfg.id, locks = left.len(), "leaving: handing off locks the API server still lists for this replica");
                 self.hand_all_off(&ring, left.into_iter().map(Arc::new).collect())
                     .await;
