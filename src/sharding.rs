@@ -74,7 +74,33 @@ const MOVES_IN_PARALLEL: usize = 16;
 const HANDOFF_READ_AFTER: Duration = Duration::from_millis(500);
 const HANDOFF_READ_EVERY: Duration = Duration::from_secs(1);
 /// Rounds of a leave's handoffs of the locks the API server still lists for the replica.
-const LEAVE_LIST_ROUNDS: usize = 3;
+const LEAVE_LIST_ROUNDS: usize = 4;
+/// Pause before a leave lists its locks again after a failed list.
+const LEAVE_LIST_RETRY: Duration = Duration::from_millis(250);
+
+/// A leave's handoffs: each lock once, at the newer of its cached and listed versions (a
+/// handoff's CAS from an older one only conflicts), the ones the cache does not show first.
+fn leave_order(
+    cached: Vec<Arc<StatefulSetLock>>,
+    listed: Vec<StatefulSetLock>,
+) -> Vec<Arc<StatefulSetLock>> {
+    let mut cached: HashMap<String, Arc<StatefulSetLock>> =
+        cached.into_iter().map(|l| (lock_key(&l), l)).collect();
+    let mut unseen = Vec::new();
+    let mut seen = Vec::new();
+    for lock in listed {
+        match cached.remove(&lock_key(&lock)) {
+            None => unseen.push(Arc::new(lock)),
+            Some(c) if rv_of(&c) >= rv_of(&lock) => seen.push(c),
+            Some(_) => seen.push(Arc::new(lock)),
+        }
+    }
+    // Cached but not listed: labelled for this replica in its cache only (moved since, or the
+    // list failed); a handoff from a stale version conflicts and re-reads, so they go too.
+    let mut rest: Vec<_> = cached.into_values().collect();
+    rest.sort_by_key(|l| lock_key(l));
+    unseen.into_iter().chain(seen).chain(rest).collect()
+}
 /// Awaited handoffs read per assignment pass, at most.
 const HANDOFF_READS_PER_PASS: usize = 64;
 
@@ -1098,6 +1124,20 @@ impl Sharding {
             .is_ok_and(|v| v.rejoin.may_hand_to(to, now_ms))
     }
 
+    /// The target of a handoff of `key` planned for `planned`, as the ring is now: `planned` while
+    /// it is still on the ring, else the ring's owner of `key`; `None` when that is this replica
+    /// or the ring is empty.
+    fn target_now(&self, key: &str, planned: &str) -> Option<String> {
+        let v = self.view.read().ok()?;
+        let ring = v.ring.as_ref()?;
+        if ring.members().iter().any(|m| m == planned) {
+            return Some(planned.to_string());
+        }
+        ring.owner(key)
+            .filter(|owner| *owner != self.cfg.id)
+            .map(str::to_string)
+    }
+
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
         let v = self.view.read().ok()?;
         let ring = v.ring.as_ref()?;
@@ -1283,6 +1323,18 @@ impl Sharding {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        // The renewal and the wait above can take seconds under faults, and the target was taken
+        // from the ring when the handoff began: a target that has left the ring since (it began
+        // a leave of its own, or died) is replaced by the owner on the ring as it is now.
+        let to = match self.target_now(&key, to) {
+            Some(to) => to,
+            None => {
+                tracing::debug!(shard = %self.cfg.id, lock = %key, to, "handoff dropped: the ring now gives the lock to this replica or to no one");
+                self.draining.remove(&key);
+                return;
+            }
+        };
+        let to = to.as_str();
         if quiet {
             use tracing::Instrument;
             let span = crate::telemetry::handoff_span(
@@ -1461,25 +1513,33 @@ impl Sharding {
     pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
         self.mark_leaving().await;
         if let Some(ring) = self.fresh_ring().await {
-            let moves: Vec<_> = locks
+            let cached: Vec<_> = locks
                 .state()
                 .into_iter()
                 .filter(|lock| lock.labels().get(SHARD_LABEL) == Some(&self.cfg.id))
                 .collect();
+            // The lock watch can be behind (a peer handed this replica locks just before it saw
+            // the mark): the API server's list too, from the start. The locks only it shows
+            // go first: nothing renews their Leases, since this replica has never seen them.
+            let listed = self.list_own_locks().await.unwrap_or_default();
+            let moves = leave_order(cached, listed);
             tracing::info!(shard = %self.cfg.id, locks = moves.len(), "leaving: handing locks off");
             self.hand_all_off(&ring, moves).await;
             // Peers that had not seen the mark yet may have handed locks to this replica since
             // (or the lock watch is behind): the API server's list of the locks labelled for
             // it, handed off until it is empty (a few rounds at most).
             // Not while the fence is shut (no handoff can be written), nor once a round hands
-            // nothing off.
+            // nothing off; a list that fails is tried again in the next round.
             let mut before = usize::MAX;
-            for _ in 0..LEAVE_LIST_ROUNDS {
+            for round in 0..LEAVE_LIST_ROUNDS {
                 if !self.may_write() {
                     break;
                 }
                 let Some(left) = self.list_own_locks().await else {
-                    break;
+                    if round + 1 < LEAVE_LIST_ROUNDS {
+                        tokio::time::sleep(LEAVE_LIST_RETRY).await;
+                    }
+                    continue;
                 };
                 if left.is_empty() || left.len() >= before {
                     break;
@@ -1553,6 +1613,43 @@ mod tests {
             },
             Arc::new(crate::metrics::Metrics::new("a")),
         )
+    }
+
+    fn lock_at(name: &str, rv: u64) -> StatefulSetLock {
+        let mut l = StatefulSetLock::new(name, Default::default());
+        l.metadata.namespace = Some("t".into());
+        l.metadata.resource_version = Some(rv.to_string());
+        l
+    }
+
+    /// A leave hands off each lock once: the ones only the API server's list shows first
+    /// (nothing renews their Leases), each at the newer of its cached and listed versions, then
+    /// the ones only the cache shows.
+    #[test]
+    fn a_leave_hands_off_locks_its_cache_never_saw_first_at_their_newest_version() {
+        let cached = vec![
+            Arc::new(lock_at("both-older-cache", 5)),
+            Arc::new(lock_at("both-newer-cache", 9)),
+            Arc::new(lock_at("cache-only", 3)),
+        ];
+        let listed = vec![
+            lock_at("both-older-cache", 7),
+            lock_at("listed-only", 4),
+            lock_at("both-newer-cache", 8),
+        ];
+        let order: Vec<(String, u64)> = leave_order(cached, listed)
+            .iter()
+            .map(|l| (l.name_any(), rv_of(l)))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("listed-only".to_string(), 4),
+                ("both-older-cache".to_string(), 7),
+                ("both-newer-cache".to_string(), 9),
+                ("cache-only".to_string(), 3),
+            ]
+        );
     }
 
     /// A membership renewal sent while the Lease was surely live but answered after it may

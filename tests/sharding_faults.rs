@@ -1331,3 +1331,146 @@ async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
     assert!(audit(&log).non_owner.is_empty());
     assert_never_two_writers(&sim);
 }
+
+/// a, b and c share the locks; a's label writes are answered 1.5 s late, so its leave's
+/// handoffs go out in batches over several seconds. Once a's leave is under way, b begins a
+/// leave of its own. a must stop handing locks to b once it has seen b's mark: before, every
+/// handoff of a leave went to the owner on the ring as it was when the leave began, and locks
+/// went to a replica that was itself leaving (in the chaos soak, one whose leave then missed
+/// them, so their Leases lapsed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_stops_handing_locks_to_a_peer_that_began_to_leave_meanwhile() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..90, 1).await;
+    locks(&client, 0..90, 10).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    let c = start(&sim, "c", |_| {});
+    until_owned_by(&client, &["a", "b", "c"], 60).await;
+    sim.faults().update(|f| {
+        f.hold_responses = vec![
+            HoldResponse::new(1500)
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ]
+    });
+    let _ = a.stop.send(());
+    let marked = |id: &'static str| {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            // Marked, or already gone (a leave with nothing slowing it is over in milliseconds).
+            match leases.get_opt(&format!("stslock-{id}")).await.ok()? {
+                Some(l) => l
+                    .annotations()
+                    .contains_key(stslock::sharding::LEAVING_ANNOTATION)
+                    .then_some(()),
+                None => Some(()),
+            }
+        }
+    };
+    until(10, "a's leave started", || marked("a")).await;
+    // Deliberate wait: a's first handoffs (label writes answered 1.5 s late) are in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = b.stop.send(());
+    until(10, "b's leave started", || marked("b")).await;
+    // Deliberate wait: a's membership watch delivers b's mark (milliseconds on kubesim).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = sim.commit_log().last().map_or(0, |c| c.rv);
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    let _ = tokio::time::timeout(Duration::from_secs(40), b.task).await;
+    until_owned_by(&client, &["c"], 30).await;
+    c.stop().await;
+
+    let log = sim.commit_log();
+    let moves = audit(&log).moves;
+    let by_a_after = |to: &str| {
+        moves
+            .iter()
+            .filter(|m| {
+                m.0 > seen && m.2.as_deref() == Some("a") && m.3 == to && m.4 == "stslock/a"
+            })
+            .map(|m| m.1.clone())
+            .collect::<Vec<_>>()
+    };
+    let to_b = by_a_after("b");
+    let to_c = by_a_after("c");
+    println!("a's handoffs after it saw b's mark: to b {to_b:?}, to c {to_c:?}");
+    assert!(
+        !to_c.is_empty(),
+        "a's leave had no handoffs left after b began to leave: the test shows nothing"
+    );
+    assert!(
+        to_b.is_empty(),
+        "a handed {to_b:?} to b after b had begun to leave"
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
+
+/// a's lock watch is stalled when one of b's locks is labelled for a; then a leaves, its label
+/// writes answered 1.5 s late. a's leave must hand that lock on with its first handoffs: a has
+/// never seen it, so nothing renews its Lease until it moves. Before, the leave handed off what
+/// its cache showed first and listed the API server only after those handoffs, seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_hands_on_first_the_locks_its_stalled_cache_never_showed() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..96, 1).await;
+    locks(&client, 0..96, 10).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 60).await;
+    let of_a = owned.values().filter(|o| o.as_deref() == Some("a")).count();
+    assert!(
+        of_a >= 40,
+        "a owns {of_a} locks: fewer than three batches of handoffs"
+    );
+    let late = owned
+        .iter()
+        .find(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(k, _)| k.clone())
+        .expect("b owns a lock");
+    sim.faults().update(|f| {
+        f.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
+        f.hold_responses = vec![
+            HoldResponse::new(1500)
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ];
+    });
+    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
+    admin
+        .patch(&late, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    // Deliberate wait: the relabel is committed and b's watch has shown it (milliseconds).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = sim.commit_log().last().map_or(0, |c| c.rv);
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.stop()).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    until_owned_by(&client, &["b"], 20).await;
+    b.stop().await;
+
+    let log = sim.commit_log();
+    let handoffs: Vec<String> = audit(&log)
+        .moves
+        .into_iter()
+        .filter(|m| m.0 > from && m.2.as_deref() == Some("a") && m.4 == "stslock/a")
+        .map(|m| m.1)
+        .collect();
+    println!("a's handoffs in commit order: {handoffs:?}");
+    let at = handoffs.iter().position(|l| *l == late);
+    // Its handoff is started first, with the first batch of 16; it takes longer than the others
+    // (a has never renewed its Lease: the renewal before the handoff reads and confirms it), so
+    // it commits within the first two batches.
+    assert!(
+        at.is_some_and(|i| i < 32),
+        "a handed {late} on at position {at:?} of its {} handoffs, not within its first 32",
+        handoffs.len()
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
