@@ -87,8 +87,9 @@ async fn report_undecodable_locks(
     }
 }
 
-/// How many API timeouts the reconciles running at a stop get to end before the replica leaves
-/// anyway (a reconcile's writes are each bounded by one; waits for the write budget are not).
+/// How many API timeouts the reconciles running at a stop get to end before the replica stops
+/// waiting for them (a reconcile's writes are each bounded by one; waits for the write budget
+/// are not). A graceful leave runs beside them and does not wait.
 const STOP_GRACE_API_TIMEOUTS: u32 = 3;
 
 /// Run the operator until `shutdown` resolves.
@@ -510,29 +511,44 @@ pub async fn run_with(
             }),
     ));
     // After the stop, the reconciles running get a bounded time to end: a stop must finish
-    // (a pod has a termination grace period, a rolling update waits for it). One still running
-    // after that is left to run while the locks are handed off — each handoff waits for the
-    // lock's writes in flight, and no write is sent once the fence closes — and ended after.
+    // (a pod has a termination grace period, a rolling update waits for it). With handoffs the
+    // leave begins at once, beside them: each handoff marks its lock draining and waits for
+    // the lock's writes in flight, and a running reconcile sends no write for a draining lock.
+    // Waiting for them first kept every lock of the replica unhandled for up to that grace
+    // (seconds under API faults) while peers had already taken it off the ring. One still
+    // running once the leave is over is ended: the fence is closed by then.
     let mut stop = stop_rx.clone();
+    let mut ended = false;
     tokio::select! {
-        _ = &mut reconciling.0 => {}
+        _ = &mut reconciling.0 => ended = true,
         stopped = async { stop.wait_for(|s| *s).await.is_ok() } => {
-            let grace = args.api_timeout() * STOP_GRACE_API_TIMEOUTS;
             if !stopped {
                 let _ = (&mut reconciling.0).await;
-            } else if tokio::time::timeout(grace, &mut reconciling.0).await.is_err() {
-                tracing::warn!(
-                    shard = %args.identity(),
-                    ?grace,
-                    "reconciles still running after the stop; leaving anyway (each lock's writes in flight are waited for)"
-                );
+                ended = true;
             }
         }
     }
-    tracing::info!(shard = %args.identity(), "reconciles stopped");
+    let grace = args.api_timeout() * STOP_GRACE_API_TIMEOUTS;
+    let wind_down = async {
+        if !ended
+            && tokio::time::timeout(grace, &mut reconciling.0)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                shard = %args.identity(),
+                ?grace,
+                "reconciles still running after the stop (each lock's writes in flight are waited for before its handoff)"
+            );
+        }
+        tracing::info!(shard = %args.identity(), "reconciles stopped");
+    };
     match args.leave {
-        crate::config::LeaveStrategy::Handoff => sharding.leave(&locks).await,
+        crate::config::LeaveStrategy::Handoff => {
+            tokio::join!(wind_down, sharding.leave(&locks));
+        }
         crate::config::LeaveStrategy::Keep => {
+            wind_down.await;
             tracing::info!("keeping this replica's locks for a replacement with the same id")
         }
     }

@@ -1600,10 +1600,14 @@ mod tests {
     use kubesim::{HoldResponse, Sim, SimConfig};
 
     fn alone(client: Client, lease_duration: Duration) -> Arc<Sharding> {
+        member(client, "a", lease_duration)
+    }
+
+    fn member(client: Client, id: &str, lease_duration: Duration) -> Arc<Sharding> {
         Sharding::new(
             client,
             ShardConfig {
-                id: "a".into(),
+                id: id.into(),
                 group: "stslock".into(),
                 namespace: "default".into(),
                 lease_duration,
@@ -1611,7 +1615,7 @@ mod tests {
                 grace: Duration::from_secs(2),
                 api_timeout: Duration::from_secs(2),
             },
-            Arc::new(crate::metrics::Metrics::new("a")),
+            Arc::new(crate::metrics::Metrics::new(id)),
         )
     }
 
@@ -1705,7 +1709,20 @@ mod tests {
         .unwrap();
         let lock = locks.create(&PostParams::default(), &lock).await.unwrap();
         let s = alone(client, Duration::from_secs(15));
+        // Peers b and c on the ring: a handoff's target is re-taken from it before its write.
+        for peer in ["b", "c"] {
+            member(
+                sim.client_as(&format!("stslock/{peer}")),
+                peer,
+                Duration::from_secs(15),
+            )
+            .renew()
+            .await
+            .unwrap();
+        }
         s.renew().await.unwrap();
+        assert!(s.refresh_members().await);
+        s.recompute();
         assert!(
             s.may_write(),
             "the fence is open after the membership renewal"

@@ -1474,3 +1474,87 @@ async fn a_leave_hands_on_first_the_locks_its_stalled_cache_never_showed() {
     assert!(audit(&log).non_owner.is_empty());
     assert_never_two_writers(&sim);
 }
+
+/// a's answers to pod writes are held 8 s (its api timeout is 5 s, its membership Lease 12 s),
+/// and one of its writers fails, so a reconcile of a is stuck in a pod write when a is stopped
+/// gracefully. a's leave must begin at once, beside that reconcile: before, it began only once
+/// the running reconciles had ended (here, when the pod write timed out), and every lock of a
+/// waited, unhandled, although peers had already taken a off the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_does_not_wait_for_a_reconcile_stuck_in_a_write() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..16, 2).await;
+    locks(&client, 0..16, 10).await;
+    // Every write's timeout is bounded by the fence window too: a's membership Lease is long
+    // enough for the api timeout to be the bound.
+    let a = start(&sim, "a", |args| {
+        args.api_timeout_seconds = 5;
+        args.membership_lease_seconds = 12;
+    });
+    let b = start(&sim, "b", |_| {});
+    let owned = until_owned_by(&client, &["a", "b"], 30).await;
+    let lock = owned
+        .iter()
+        .find(|(_, o)| o.as_deref() == Some("a"))
+        .map(|(k, _)| k.clone())
+        .expect("a owns a lock");
+    let set = lock.replacen('l', "s", 1);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let writer = until(20, "a writer-labelled pod of a's lock", || {
+        let (pods, selector) = (pods.clone(), format!("sts-role=writer,app={set}"));
+        async move {
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items
+                .first()
+                .map(|p| p.name_any())
+        }
+    })
+    .await;
+    sim.faults().update(|f| {
+        f.hold_responses = vec![HoldResponse::new(8000).agent("stslock/a").resource("pods")];
+    });
+    let from_ms = sim.store().elapsed_ms();
+    sim.pods().set_ready("default", &writer, false).unwrap();
+    until(10, "a's failover wrote a pod (its answer is held)", || {
+        let log = sim.commit_log();
+        let wrote = log
+            .iter()
+            .any(|c| c.at_ms >= from_ms && c.actor == "stslock/a" && c.resource == "pods");
+        async move { wrote.then_some(()) }
+    })
+    .await;
+    let from = sim.commit_log().last().map_or(0, |c| c.rv);
+    let stop_ms = sim.store().elapsed_ms();
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.stop()).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    until_owned_by(&client, &["b"], 20).await;
+    b.stop().await;
+
+    let log = sim.commit_log();
+    let first = audit(&log)
+        .moves
+        .into_iter()
+        .find(|m| m.0 > from && m.2.as_deref() == Some("a") && m.4 == "stslock/a")
+        .expect("a handed a lock off");
+    let at_ms = log
+        .iter()
+        .find(|c| c.rv == first.0)
+        .map(|c| c.at_ms)
+        .expect("the handoff's commit");
+    println!(
+        "a's first handoff ({}) committed {} ms after the stop",
+        first.1,
+        at_ms - stop_ms
+    );
+    // The stuck pod write ends at a's 5 s api timeout; a leave that waits for it starts after.
+    assert!(
+        at_ms - stop_ms < 2500,
+        "a's first handoff committed {} ms after the stop: its leave waited for the stuck reconcile",
+        at_ms - stop_ms
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
