@@ -691,17 +691,43 @@ impl Sharding {
                 "resourceVersion": from.resource_version(),
                 "annotations": {SHARD_TERM_ANNOTATION: term},
             }});
-            let result = call(
+            let (name, params, patch) = (
+                from.name_any(),
+                PatchParams::default(),
+                Patch::Merge(&patch),
+            );
+            let write = call(
                 &self.metrics,
                 ApiCall::patch(Kind::StatefulSetLock, key.clone()).note("confirming ownership"),
                 self.cfg.api_timeout.min(permit.window),
-                api.patch(
-                    &from.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                ),
-            )
-            .await;
+                api.patch(&name, &params, &patch),
+            );
+            // Hedged: with no answer after HEDGE, one read shows whether it landed (a lost or
+            // late answer otherwise costs the whole timeout, and the Lease renewal waiting for
+            // this confirmation was sent too late to land before the Lease expired). A read
+            // showing the term is this write's landing: any other write of the term came before
+            // it and makes this compare-and-swap fail.
+            let read_back = async {
+                tokio::time::sleep(HEDGE).await;
+                match call_opt(
+                    &self.metrics,
+                    ApiCall::get(Kind::StatefulSetLock, key.clone()).note("confirmation hedge"),
+                    self.cfg.api_timeout.min(permit.window),
+                    api.get(&from.name_any()),
+                )
+                .await
+                {
+                    Ok(Some(now)) if confirmed(&now) => Some(now),
+                    _ => None,
+                }
+            };
+            let result = tokio::select! {
+                result = write => result,
+                Some(now) = read_back => {
+                    tracing::debug!(shard = %self.cfg.id, lock = %key, "ownership confirmed: read back before the confirmation's answer");
+                    return Ok(Some(self.confirmed_as(&key, now, generation)));
+                }
+            };
             let e = match result {
                 Ok(updated) => {
                     tracing::debug!(shard = %self.cfg.id, lock = %key, "ownership confirmed");
@@ -1619,6 +1645,19 @@ mod tests {
         )
     }
 
+    /// Lock `default/l0`, labelled for replica a, created through `client`.
+    async fn lock_of_a(client: &Client) -> (Api<StatefulSetLock>, StatefulSetLock) {
+        let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
+        let lock: StatefulSetLock = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "l0", "labels": {SHARD_LABEL: "a"}},
+            "spec": {"statefulSetName": "s0", "leaseName": "lease0", "leaseDurationSeconds": 10}
+        }))
+        .unwrap();
+        let lock = locks.create(&PostParams::default(), &lock).await.unwrap();
+        (locks, lock)
+    }
+
     fn lock_at(name: &str, rv: u64) -> StatefulSetLock {
         let mut l = StatefulSetLock::new(name, Default::default());
         l.metadata.namespace = Some("t".into());
@@ -1689,6 +1728,44 @@ mod tests {
         assert!(s.must_confirm());
     }
 
+    /// A confirmation of ownership whose answer is late (committed at once, answered after the
+    /// 2 s api timeout) is read back after 500 ms: ownership is confirmed then, not when the
+    /// write times out (the Lease renewal of a restarted replica waits for this confirmation,
+    /// and in the chaos soak it was sent too late to land before the Lease expired).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_confirmation_answered_late_is_read_back_before_its_timeout() {
+        let sim = Sim::start(SimConfig::default());
+        let client = sim.client_as("stslock/a");
+        crate::dev::install_crd(&client).await.unwrap();
+        let (_, lock) = lock_of_a(&client).await;
+        let s = alone(client, Duration::from_secs(15));
+        s.renew().await.unwrap();
+        sim.faults().update(|c| {
+            c.hold_responses = vec![HoldResponse::new(3000).resource("statefulsetlocks")];
+        });
+        let started = Instant::now();
+        let confirmed = s
+            .confirm_owner(
+                &lock,
+                s.generation(),
+                true,
+                &crate::limits::Limits::unlimited(),
+            )
+            .await
+            .unwrap()
+            .expect("confirmed");
+        let took = started.elapsed();
+        println!("confirmed after {took:?}");
+        assert_eq!(
+            confirmed.annotations().get(SHARD_TERM_ANNOTATION),
+            Some(&s.term(s.generation()))
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "confirmed only after {took:?}: the late answer's timeout was waited for"
+        );
+    }
+
     /// A second handoff of a lock while one is under way (an assignment pass and a graceful
     /// leave) returns at once and leaves the first in charge: the lock stays drained until the
     /// first one's label write has its answer. Before, the second shared the draining mark,
@@ -1700,14 +1777,7 @@ mod tests {
         let sim = Sim::start(SimConfig::default());
         let client = sim.client_as("stslock/a");
         crate::dev::install_crd(&client).await.unwrap();
-        let locks: Api<StatefulSetLock> = Api::namespaced(client.clone(), "default");
-        let lock: StatefulSetLock = serde_json::from_value(json!({
-            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
-            "metadata": {"name": "l0", "labels": {SHARD_LABEL: "a"}},
-            "spec": {"statefulSetName": "s0", "leaseName": "lease0", "leaseDurationSeconds": 10}
-        }))
-        .unwrap();
-        let lock = locks.create(&PostParams::default(), &lock).await.unwrap();
+        let (locks, lock) = lock_of_a(&client).await;
         let s = alone(client, Duration::from_secs(15));
         // Peers b and c on the ring: a handoff's target is re-taken from it before its write.
         for peer in ["b", "c"] {
