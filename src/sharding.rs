@@ -882,6 +882,12 @@ impl Sharding {
     /// A quorum LIST of the group's membership Leases: before a peer is declared dead, its
     /// Lease is read fresh, so a stalled watch cannot make a live peer look dead.
     async fn refresh_members(&self) -> bool {
+        self.refresh_members_listed().await.is_some()
+    }
+
+    /// [`refresh_members`](Self::refresh_members), returning the ids of the members whose
+    /// Leases the read showed (None: the read failed).
+    async fn refresh_members_listed(&self) -> Option<HashSet<String>> {
         let lp =
             kube::api::ListParams::default().labels(&format!("{GROUP_LABEL}={}", self.cfg.group));
         match call(
@@ -899,11 +905,16 @@ impl Sharding {
                 for l in &list.items {
                     self.observe_member(l);
                 }
-                true
+                Some(
+                    list.items
+                        .iter()
+                        .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
+                        .collect(),
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %e, "membership refresh");
-                false
+                None
             }
         }
     }
@@ -963,6 +974,8 @@ impl Sharding {
         let mut refreshed: Option<Instant> = None;
         // The membership re-read a claim needs failed: nothing moves this pass.
         let mut unread = false;
+        // The members that re-read showed.
+        let mut listed: Option<HashSet<String>> = None;
         let mut work = vec![];
         let mut mine = HashSet::new();
         let mut gained = vec![];
@@ -992,9 +1005,19 @@ impl Sharding {
             let mut decision = self.decide_for(&key, label);
             // Claiming a lock whose labelled owner looks dead: make sure it is, by a fresh
             // read of the membership Leases (my watch may just have stalled).
-            if decision == Some(Decision::Claim) && label.is_some() && refreshed.is_none() {
+            // And handing a lock off: a peer that began to leave (its mark behind my stalled or
+            // lagging membership watch) may just have handed it to me, and would get it back,
+            // only to hand it on again — under slow answers its Lease lapsed meanwhile. A lock
+            // goes only to a peer whose Lease this pass's read showed.
+            let releasing = matches!(&decision, Some(Decision::Release { to })
+                if !self.is_draining(&key)
+                    && !self.predates_own_handoff(&key, &lock)
+                    && self.may_hand_to(to));
+            let claiming = decision == Some(Decision::Claim) && label.is_some();
+            if (claiming || releasing) && refreshed.is_none() {
                 refreshed = Some(Instant::now());
-                if self.refresh_members().await {
+                listed = self.refresh_members_listed().await;
+                if listed.is_some() {
                     self.recompute();
                     decision = self.decide_for(&key, label);
                 } else {
@@ -1016,7 +1039,8 @@ impl Sharding {
                 Some(Decision::Release { to })
                     if !self.is_draining(&key)
                         && !self.predates_own_handoff(&key, &lock)
-                        && self.may_hand_to(&to) =>
+                        && self.may_hand_to(&to)
+                        && listed.as_ref().is_some_and(|ids| ids.contains(&to)) =>
                 {
                     work.push((lock, Some(to), false))
                 }

@@ -1409,6 +1409,67 @@ async fn a_leave_stops_handing_locks_to_a_peer_that_began_to_leave_meanwhile() {
     assert_never_two_writers(&sim);
 }
 
+/// b's membership watch is stalled when a leaves gracefully, a's label writes answered 1.5 s
+/// late: a's leave hands every lock of a to b, and b's ring (behind the stall) still has a on
+/// it, so b would hand about half of them straight back — to a replica that hands them on again
+/// (under slow answers their Leases lapsed meanwhile: the P5 soak). b reads the membership
+/// afresh before it hands a lock off, sees a's mark, and keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..40, 1).await;
+    locks(&client, 0..40, 10).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    until_owned_by(&client, &["a", "b"], 60).await;
+    sim.faults().update(|f| {
+        f.watch_faults = vec![
+            WatchFault::stall("leases")
+                .agent("stslock/b")
+                .label_selector("app.anukkrit.me/shard-group"),
+        ];
+        f.hold_responses = vec![
+            HoldResponse::new(1500)
+                .agent("stslock/a")
+                .resource("statefulsetlocks"),
+        ];
+    });
+    // Deliberate wait: b's membership watch is stalled before a marks its Lease leaving.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = sim.commit_log().last().map_or(0, |c| c.rv);
+    let _ = a.stop.send(());
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    until_owned_by(&client, &["b"], 30).await;
+    b.stop().await;
+
+    let log = sim.commit_log();
+    let moves = audit(&log).moves;
+    let moved = |to: &str, by: &str| -> Vec<String> {
+        moves
+            .iter()
+            .filter(|m| m.0 > from && m.3 == to && m.4 == by)
+            .map(|m| m.1.clone())
+            .collect()
+    };
+    let (to_b, back) = (moved("b", "stslock/a"), moved("a", "stslock/b"));
+    println!(
+        "a's leave handed {} locks to b; b handed {back:?} back to a",
+        to_b.len()
+    );
+    assert!(
+        !to_b.is_empty(),
+        "a's leave handed nothing to b: the test shows nothing"
+    );
+    assert!(
+        back.is_empty(),
+        "b handed {back:?} back to a, which was leaving"
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
+
 /// a's lock watch is stalled when one of b's locks is labelled for a; then a leaves, its label
 /// writes answered 1.5 s late. a's leave must hand that lock on with its first handoffs: a has
 /// never seen it, so nothing renews its Lease until it moves. Before, the leave handed off what
