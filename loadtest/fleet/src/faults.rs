@@ -34,8 +34,10 @@
 //! the replica owning the lock at the expiry claimed it less than half a Lease before the
 //! expiry (a peer claims a dead owner's locks only once its membership Lease has run out). It is also the fault injector's when the owner was up but cut
 //! off: it tried at least one write for the lock (the lock, its Lease or its pods) between the
-//! due time and the expiry, and every such try failed by faults — an error answer (5xx, 429),
-//! an answer only after the API timeout, or none (kubesim's write-attempt log); or its fence
+//! due time and the expiry, the first of them within a quarter of a Lease of the due time (or of
+//! when it got the lock, if later), and every such try failed by faults — an error answer (5xx,
+//! 429), an answer only after the API timeout, none (kubesim's write-attempt log), or an answer
+//! after the expiry while latency, late commits or held answers were injected on it; or its fence
 //! was shut by faults: every renewal of its own membership Lease from a membership Lease before
 //! the due time (or its last restart, if later) to the expiry failed that way (it may write
 //! nothing then), and nothing it tried for the lock got through. Every other lapse is the operator's, including one where the owner
@@ -859,6 +861,26 @@ enum Step<'a> {
 /// The write attempts of replica `owner` for lock `key` (the lock, its Lease, its pods) that
 /// arrived between `from_ms` and `to_ms`, whatever their outcome. The fleet's names: lock
 /// `dbN`, its Lease `dbN-lease`, its pods `dbN-<ordinal>`.
+/// When `owner` got lock `key` last before `until_ms` (store milliseconds): the commit that
+/// labelled it `owner` after a commit that did not (0 if it was `owner`'s from the start).
+fn owner_since(log: &[kubesim::CommitRecord], key: &Key, owner: &str, until_ms: u64) -> u64 {
+    let mut since = 0;
+    let mut before: Option<&str> = None;
+    for c in log.iter().filter(|c| {
+        c.resource == "statefulsetlocks"
+            && c.namespace == key.0
+            && c.name == key.1
+            && c.at_ms <= until_ms
+    }) {
+        let label = c.labels.get(SHARD_LABEL).map(String::as_str);
+        if label == Some(owner) && before != Some(owner) {
+            since = c.at_ms;
+        }
+        before = label;
+    }
+    since
+}
+
 fn attempts_for_lock<'a>(
     attempts: &'a [kubesim::WriteAttempt],
     owner: &str,
@@ -1388,7 +1410,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .iter()
             .find(|c| c.rv == l.lease_rv)
             .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
-        let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
+        // The Lease's expiry: a lapse starts later when its holder was not Ready then (it
+        // starts when the holder turns Ready again), but the renewal was missed by then.
+        let (due, expiry) = (renewed + lease_ms / 2, l.start_ms.min(renewed + lease_ms));
         let down_in_window = |owner: &str| {
             down_of(owner)
                 .iter()
@@ -1435,11 +1459,35 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .find(|c| c.rv == l.lease_rv)
             .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
+        // Slowed past the expiry by the fault layer: answered after it while latency, a late
+        // commit or a held answer was injected on the owner's requests when the try arrived.
+        let slowed = |a: &kubesim::WriteAttempt| {
+            a.at_ms + a.elapsed_ms > expiry
+                && inj.timeline.iter().any(|f| {
+                    matches!(f.kind, "latency" | "late-commit" | "hold-response")
+                        && (f.target == owner || f.target == "all")
+                        && f.start_ms <= a.at_ms
+                        && f.end_ms.is_none_or(|end| end >= a.at_ms)
+                })
+        };
         let defeated = |a: &kubesim::WriteAttempt| {
-            a.status == 0 || a.status == 429 || a.status >= 500 || a.elapsed_ms >= timeout_ms
+            a.status == 0
+                || a.status == 429
+                || a.status >= 500
+                || a.elapsed_ms >= timeout_ms
+                || slowed(a)
         };
         let tried: Vec<_> = attempts_for_lock(&attempts, &owner, &l.lock, due, expiry).collect();
         let lock_defeated = tried.iter().all(|a| defeated(a));
+        // And it tried in time: its first try came within a quarter of a Lease of the due time
+        // (or of when it got the lock, if later). One that sat idle and tried only near the
+        // expiry had its chance, whatever the fault layer did to that late try.
+        let since = owner_since(&log, &l.lock, &owner, expiry);
+        let prompt = tried
+            .iter()
+            .map(|a| a.at_ms)
+            .min()
+            .is_some_and(|first| first <= due.max(since) + lease_ms / 4);
         // Or its fence was shut by faults: every renewal of its own membership Lease, from a
         // membership Lease before the due time (or from its last restart, if later: an earlier
         // process's renewals open no fence of this one) to the expiry, failed (a replica
@@ -1465,7 +1513,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             })
             .collect();
         let fence_shut = !renewals.is_empty() && renewals.iter().all(|a| defeated(a));
-        (fence_shut || !tried.is_empty()) && lock_defeated
+        (fence_shut || prompt) && lock_defeated
     };
     #[derive(Clone, Copy, PartialEq)]
     enum Cause {
