@@ -190,6 +190,18 @@ struct OwnershipAudit {
 
 /// Replays the commit log: the owner of each lock is the label recorded by the latest commit of
 /// the lock before a write (kubesim records `app.anukkrit.me/shard` with every write).
+/// The locks replica `by` moved from itself to `to` (label writes by `stslock/<by>`) after
+/// resourceVersion `after`.
+fn moved_after(log: &[CommitRecord], after: u64, by: &str, to: &str) -> Vec<String> {
+    let actor = format!("stslock/{by}");
+    audit(log)
+        .moves
+        .into_iter()
+        .filter(|m| m.0 > after && m.2.as_deref() == Some(by) && m.3 == to && m.4 == actor)
+        .map(|m| m.1)
+        .collect()
+}
+
 fn audit(log: &[CommitRecord]) -> OwnershipAudit {
     let mut log: Vec<&CommitRecord> = log.iter().collect();
     log.sort_by_key(|c| c.rv);
@@ -1384,18 +1396,8 @@ async fn a_leave_stops_handing_locks_to_a_peer_that_began_to_leave_meanwhile() {
     c.stop().await;
 
     let log = sim.commit_log();
-    let moves = audit(&log).moves;
-    let by_a_after = |to: &str| {
-        moves
-            .iter()
-            .filter(|m| {
-                m.0 > seen && m.2.as_deref() == Some("a") && m.3 == to && m.4 == "stslock/a"
-            })
-            .map(|m| m.1.clone())
-            .collect::<Vec<_>>()
-    };
-    let to_b = by_a_after("b");
-    let to_c = by_a_after("c");
+    let to_b = moved_after(&log, seen, "a", "b");
+    let to_c = moved_after(&log, seen, "a", "c");
     println!("a's handoffs after it saw b's mark: to b {to_b:?}, to c {to_c:?}");
     assert!(
         !to_c.is_empty(),
@@ -1445,15 +1447,10 @@ async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
     b.stop().await;
 
     let log = sim.commit_log();
-    let moves = audit(&log).moves;
-    let moved = |to: &str, by: &str| -> Vec<String> {
-        moves
-            .iter()
-            .filter(|m| m.0 > from && m.3 == to && m.4 == by)
-            .map(|m| m.1.clone())
-            .collect()
-    };
-    let (to_b, back) = (moved("b", "stslock/a"), moved("a", "stslock/b"));
+    let (to_b, back) = (
+        moved_after(&log, from, "a", "b"),
+        moved_after(&log, from, "b", "a"),
+    );
     println!(
         "a's leave handed {} locks to b; b handed {back:?} back to a",
         to_b.len()
