@@ -713,7 +713,7 @@ impl Sharding {
                     &self.metrics,
                     ApiCall::get(Kind::StatefulSetLock, key.clone()).note("confirmation hedge"),
                     self.cfg.api_timeout.min(permit.window),
-                    api.get(&from.name_any()),
+                    api.get(&name),
                 )
                 .await
                 {
@@ -962,6 +962,15 @@ impl Sharding {
         true
     }
 
+    /// Whether this replica may hand `lock` to `to` now. Not from a view older than its own
+    /// handoff of it (a lock watch behind the handoff still shows the label): that would hand it
+    /// off again, with a stale resourceVersion, and conflict every pass until the watch catches
+    /// up — each time renewing its Lease first. Nor while one is running. Nor to a peer just
+    /// back on the ring (see `Rejoin`).
+    fn may_release(&self, key: &str, lock: &StatefulSetLock, to: &str) -> bool {
+        !self.is_draining(key) && !self.predates_own_handoff(key, lock) && self.may_hand_to(to)
+    }
+
     /// Claim, hand off or leave each lock as the rules say (up to [`MOVES_IN_PARALLEL`] moves at
     /// once). Runs periodically and on ring changes.
     pub async fn assign(&self, locks: &Store<StatefulSetLock>, scope: &crate::scope::Scope) {
@@ -1010,9 +1019,7 @@ impl Sharding {
             // only to hand it on again — under slow answers its Lease lapsed meanwhile. A lock
             // goes only to a peer whose Lease this pass's read showed.
             let releasing = matches!(&decision, Some(Decision::Release { to })
-                if !self.is_draining(&key)
-                    && !self.predates_own_handoff(&key, &lock)
-                    && self.may_hand_to(to));
+                if self.may_release(&key, &lock, to));
             let claiming = decision == Some(Decision::Claim) && label.is_some();
             if (claiming || releasing) && refreshed.is_none() {
                 refreshed = Some(Instant::now());
@@ -1031,15 +1038,8 @@ impl Sharding {
                     let from_dead = label.is_some();
                     work.push((lock, None, from_dead))
                 }
-                // Not from a view older than this replica's own handoff of it (a lock watch
-                // behind the handoff still shows the label): that would hand it off again,
-                // with a stale resourceVersion, and conflict every pass until the watch
-                // catches up — each time renewing its Lease first. Nor while one is running.
-                // Nor to a peer just back on the ring (see `Rejoin`).
                 Some(Decision::Release { to })
-                    if !self.is_draining(&key)
-                        && !self.predates_own_handoff(&key, &lock)
-                        && self.may_hand_to(&to)
+                    if self.may_release(&key, &lock, &to)
                         && listed.as_ref().is_some_and(|ids| ids.contains(&to)) =>
                 {
                     work.push((lock, Some(to), false))

@@ -1436,8 +1436,7 @@ async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
                 .resource("statefulsetlocks"),
         ];
     });
-    // Deliberate wait: b's membership watch is stalled before a marks its Lease leaving.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stall shapes b's open watch from the next event on: a's leaving mark is not seen.
     let from = sim.commit_log().last().map_or(0, |c| c.rv);
     let _ = a.stop.send(());
     let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
