@@ -352,6 +352,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) {
             return Outcome::Wait("fenced or being handed off");
         }
+        // A read of its Lease and pods made beside a confirmation that ended unanswered may
+        // have put a lock lost meanwhile back into the caches' interest.
+        ctx.cache.give_up(&crate::api::lock_key(lock));
         return Outcome::NotMine;
     }
     let ns = lock.namespace().unwrap_or_default();
@@ -374,11 +377,22 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // read.
     // (None after a 409 or a 404: the cached version is known to be behind, and only the read
     // below may be used from here on, even if another lane verified ownership meanwhile.)
+    //
+    // The Lease and pods a renewal may need read directly (see `must_read_around`) are read
+    // beside the confirming write: the renewal is sent only after it, and under slow answers
+    // each round trip in a row before it is one a Lease renewed late cannot spare — after a
+    // restart, or a lock gained by a handoff whose Lease is due, these were four in a row.
+    let mut around: Around = None;
     let confirmed_from_cache = if must {
-        match confirm_owner(ctx, lock, generation, true, &key).await {
+        let (confirmation, read) = tokio::join!(
+            confirm_owner(ctx, lock, generation, true, &key),
+            read_around_if_needed(ctx, lock, &None),
+        );
+        around = read;
+        match confirmation {
             Confirmation::Confirmed(confirmed) => Some(*confirmed),
             Confirmation::Behind => None,
-            Confirmation::Stop(outcome) => return outcome,
+            Confirmation::Stop(outcome) => return stopped(ctx, lock, around, outcome),
         }
     } else {
         None
@@ -396,7 +410,14 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 let read = ctx.cache.fresh.newest_after_read(l);
                 // Just after the fence reopened a read is not enough: a peer's claim decided
                 // while this replica was away may still land (see `Sharding::confirm_owner`).
-                match confirm_owner(ctx, &read, generation, must, &key).await {
+                let (confirmation, read_now) = tokio::join!(
+                    confirm_owner(ctx, &read, generation, must, &key),
+                    read_around_if_needed(ctx, &read, &around),
+                );
+                if read_now.is_some() {
+                    around = read_now;
+                }
+                match confirmation {
                     Confirmation::Confirmed(confirmed) => {
                         ctx.cache.fresh.remember_lock((*confirmed).clone());
                         reread = ctx.cache.fresh.newest_after_read(*confirmed);
@@ -407,12 +428,15 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                         tracing::debug!(lock = %key, shard = %ctx.identity, "ownership not confirmed: the lock changed since it was read");
                         return Outcome::Retry("ownership of the lock could not be confirmed");
                     }
-                    Confirmation::Stop(outcome) => return outcome,
+                    Confirmation::Stop(outcome) => return stopped(ctx, &read, around, outcome),
                 }
                 ctx.cache.fresh.owner_seen(&key, generation);
                 reread.as_ref()
             }
-            Ok(None) => return Outcome::NotMine,
+            Ok(None) => {
+                ctx.cache.give_up(&key);
+                return Outcome::NotMine;
+            }
             Err(e) => {
                 tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "re-read before renewal");
                 return Outcome::Retry("view of the lock could not be re-read");
@@ -422,28 +446,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     if lock.meta().deletion_timestamp.is_some() {
         return Outcome::Reconcile("lock deleting");
     }
-    // Until the Lease and pod watches have their initial lists (a restart), "not in the cache"
-    // means "not listed yet": this lock's Lease and pods are read directly (and go into the
-    // caches) rather than the lock handed to the reconcile lane and looked at again only after
-    // RECHECK — with a Lease renewed just before the restart, half a Lease was not always
-    // enough for that. Never a wait for the lists themselves: a watch that cannot list must not
-    // stop every renewal.
-    // The same for a lock the caches do not keep yet (just gained: they keep the Leases and
-    // pods of this replica's own locks only, from its first read on).
-    // And for a Lease the cache shows lapsed not long ago: whether its holder is Ready decides
-    // between re-acquiring it here and handing it to the reconcile lane, and a pod cache behind
-    // a stalled watch kept a Ready holder looking NotReady for seconds (while the reconcile lane
-    // was stopped for a leave, nothing else looked). Not for one lapsed longer: a StatefulSet
-    // with no Ready pod would be read every second.
-    let synced =
-        ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) && ctx.cache.pods.is_synced();
-    let recently_lapsed = ctx
-        .cache
-        .cached_lease(&ns, &lock.spec.lease_name)
-        .is_some_and(|l| lapsed_within(&l, 2));
-    if (!synced || !ctx.cache.holds(lock) || recently_lapsed)
-        && let Err(e) = ctx.cache.reread(lock).await
-    {
+    // Read here unless read above for this lock's Lease and set (a lock just confirmed or read
+    // is as fresh as a read of it: it is not read again).
+    if let Some((_, _, Err(e))) = read_around_if_needed(ctx, lock, &around).await {
         tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read before renewal");
         return Outcome::Retry("Lease and pods could not be read");
     }
@@ -592,6 +597,70 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
             Outcome::Retry("renewal write failed")
         }
     }
+}
+
+/// The outcome of a direct read of a lock's Lease and pods, with the Lease and StatefulSet
+/// names it read for (None: not read).
+type Around = Option<(String, String, Result<(), String>)>;
+
+/// Until the Lease and pod watches have their initial lists (a restart), "not in the cache"
+/// means "not listed yet": a lock's Lease and pods are read directly (and go into the caches)
+/// rather than the lock handed to the reconcile lane and looked at again only after RECHECK —
+/// with a Lease renewed just before the restart, half a Lease was not always enough for that.
+/// Never a wait for the lists themselves: a watch that cannot list must not stop every
+/// renewal. The same for a lock the caches do not keep yet (just gained: they keep the Leases
+/// and pods of this replica's own locks only, from its first read on). And for a Lease the
+/// cache shows lapsed not long ago: whether its holder is Ready decides between re-acquiring it
+/// here and handing it to the reconcile lane, and a pod cache behind a stalled watch kept a
+/// Ready holder looking NotReady for seconds (while the reconcile lane was stopped for a leave,
+/// nothing else looked). Not for one lapsed longer: a StatefulSet with no Ready pod would be
+/// read every second.
+fn must_read_around(ctx: &Context, lock: &StatefulSetLock) -> bool {
+    let synced =
+        ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst) && ctx.cache.pods.is_synced();
+    let ns = lock.namespace().unwrap_or_default();
+    let recently_lapsed = ctx
+        .cache
+        .cached_lease(&ns, &lock.spec.lease_name)
+        .is_some_and(|l| lapsed_within(&l, 2));
+    !synced || !ctx.cache.holds(lock) || recently_lapsed
+}
+
+/// Read `lock`'s Lease and pods directly if [`must_read_around`] says so and `done` is not a
+/// successful read for the same Lease and set. None: nothing read now.
+async fn read_around_if_needed(ctx: &Context, lock: &StatefulSetLock, done: &Around) -> Around {
+    let names = (
+        lock.spec.lease_name.clone(),
+        lock.spec.stateful_set_name.clone(),
+    );
+    let covered = done
+        .as_ref()
+        .is_some_and(|(lease, set, read)| read.is_ok() && (lease, set) == (&names.0, &names.1));
+    let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+    if covered || !mine || !must_read_around(ctx, lock) {
+        return None;
+    }
+    let read = ctx.cache.read_around(lock).await.map_err(|e| {
+        let key = crate::api::lock_key(lock);
+        tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read of the Lease and pods");
+        e.to_string()
+    });
+    Some((names.0, names.1, read))
+}
+
+/// A renewal stopped at its ownership check: a read of the Lease and pods made beside it for
+/// a lock that is not this replica's leaves nothing of it in the caches. ("Not mine" also
+/// means "being handed off": a lock whose newest view still names this replica keeps them,
+/// as the handoff may fail; one that succeeds gives them up itself.)
+fn stopped(ctx: &Context, lock: &StatefulSetLock, around: Around, outcome: Outcome) -> Outcome {
+    let newest = ctx.cache.fresh.newest_lock(Arc::new(lock.clone()));
+    if around.is_some()
+        && matches!(outcome, Outcome::NotMine)
+        && newest.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity)
+    {
+        ctx.cache.give_up(&crate::api::lock_key(lock));
+    }
+    outcome
 }
 
 /// Whether `lease` has lapsed (by its renewTime, on this clock) less than `durations` of its

@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use kubesim::{LoseResponse, Sim, StaleRead, WatchFault};
+use kubesim::{HoldResponse, LoseResponse, Sim, StaleRead, WatchFault};
 use serde_json::{Value, json};
 use stslock::api::{EPOCH_ANNOTATION, SHARD_LABEL, StatefulSetLock, WRITER_UID_ANNOTATION};
 
@@ -625,6 +625,88 @@ async fn a_restarted_replica_renews_before_its_reconcile_lane_reaches_the_lock()
     assert!(
         all.is_empty(),
         "Leases of Ready writers lapsed after the restart: {all:#?}"
+    );
+    assert_never_two_writers(&sim);
+}
+
+/// The membership Lease of a production replica (15 s): the fence's write window must not be
+/// what late answers run into (with the tests' 3 s Leases it is under a second).
+fn production_membership(a: &mut stslock::config::OperatorArgs) {
+    a.membership_lease_seconds = 15;
+}
+
+/// A replica restarted while every read it makes is answered 2 s late and every write 1 s
+/// late (committed at once), 5.1 s before the first of its Leases (10 s) expires: every Lease is
+/// renewed before it expires. A lock's first renewal after a restart needs its label confirmed
+/// by a write and, while the Lease and pod watches have not listed yet, its Lease and pods read;
+/// before, those reads waited for the confirmation and read the lock once more first — four
+/// answers in a row before the renewal was sent — and the Leases lapsed. Now the reads go beside
+/// the confirming write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_under_slow_answers_renews_every_lease_in_time() {
+    const READS_LATE_MS: u64 = 2_000;
+    let (sim, client) = sim_with_crd().await;
+    let tap = Tap::start(&sim);
+    let n = 16;
+    sets_and_locks(&client, n, 10).await;
+    let a = start(&sim, "a", production_membership);
+    for i in 0..n {
+        wait_writer(&client, &format!("s{i}"), &format!("s{i}-0"), 15).await;
+    }
+    // Past the first renewals, so the Leases' renewTimes are spread as in steady state.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    a.task.abort();
+    // Restarted 5.1 s before the first of the Leases it left expires: time for the lock list
+    // and one read beside the confirming write before its renewal commits (4.0 s after the
+    // restart, measured), not for the confirmation and two reads after it (6.0 s before).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let leases: Api<Lease> = Api::default_namespaced(client.clone());
+    let mut earliest = i64::MAX;
+    for i in 0..n {
+        let l = leases.get(&format!("lease{i}")).await.unwrap();
+        let renewed = l.spec.unwrap().renew_time.unwrap().0.as_millisecond();
+        earliest = earliest.min(renewed + 10_000);
+    }
+    let restart_at = earliest - 5_100;
+    let wait = restart_at - unix_ms(SystemTime::now());
+    assert!(wait > 0, "the Leases were renewed {} ms too early", -wait);
+    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    let from = unix_ms(SystemTime::now());
+    sim.faults().update(|c| {
+        c.latency_ms = READS_LATE_MS;
+        c.reads_only = true;
+        c.agents = vec!["stslock/a".into()];
+        c.hold_responses = vec![HoldResponse::new(1_000).agent("stslock/a")];
+    });
+    let a = start(&sim, "a", production_membership);
+    // Deliberate wait: two Lease durations after the restart, so a Lease nobody renews in time
+    // is seen lapsing.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let to = unix_ms(SystemTime::now());
+    sim.faults().set(kubesim::FaultConfig::default());
+    a.stop().await;
+    let first_renewals: Vec<i64> = (0..n)
+        .filter_map(|i| {
+            let versions = tap.of("leases", Some(&format!("lease{i}")));
+            versions
+                .iter()
+                .find(|v| v.at_ms > from)
+                .map(|v| v.at_ms - from)
+        })
+        .collect();
+    println!(
+        "restarted {} ms before the first Lease expiry; first renewal of each Lease after the restart, ms after it: {first_renewals:?}",
+        earliest - from
+    );
+    assert_eq!(
+        first_renewals.len(),
+        n,
+        "a Lease was not renewed after the restart"
+    );
+    let all = lapses_of(&tap, n, from, to);
+    assert!(
+        all.is_empty(),
+        "Leases of Ready writers lapsed after a restart under late answers: {all:#?}"
     );
     assert_never_two_writers(&sim);
 }

@@ -7,8 +7,9 @@
 //! first list on the caches keep only the Leases and pods of its own locks — an event for any
 //! other is dropped at once. (Before settling everything would be kept; nothing is watched
 //! then.) A relist keeps what is wanted when it completes. A lock gained later enters the interest before its Lease and pods are
-//! first read for it — [`super::Caches::reread`], which every gained lock goes through before
-//! it is decided or renewed (a claim or a handoff makes it untrusted) — so no event newer than
+//! first read for it — [`super::Caches::read_around`], which every gained lock goes through
+//! before it is decided or renewed (a claim or a handoff makes it untrusted; the reconcile lane
+//! reads it with the lock, [`super::Caches::reread`]) — so no event newer than
 //! that read is dropped, and the caches hold it ([`Interest::holds`]) once that read
 //! succeeded. It leaves when the replica gives the lock up (its Lease and pods leave the
 //! caches); a lock given up is untrusted again, so regaining it reads it afresh.

@@ -188,8 +188,6 @@ impl Caches {
     /// as read (None: it is gone). The lock enters the caches' interest first (it is read
     /// because it is this replica's), so no watch event newer than these reads is dropped.
     pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
-        let ns = lock.namespace().unwrap_or_default();
-        let timeout = self.api_timeout;
         let Some(read) = self.reread_lock(lock).await? else {
             self.give_up(&crate::api::lock_key(lock));
             return Ok(None);
@@ -199,9 +197,19 @@ impl Caches {
             self.give_up(&crate::api::lock_key(&read));
             return Ok(Some(read));
         }
-        // Into the interest before its Lease and pods are read: no watch event newer than
-        // these reads is dropped. (From the lock as read: it names the Lease and set.)
-        self.interest.gain(&read);
+        self.read_around(&read).await?;
+        Ok(Some(read))
+    }
+
+    /// Quorum reads of `lock`'s Lease and its StatefulSet's pods into the caches, for a lock
+    /// labelled this replica's as read just now or as cached (the renewal lane reads them
+    /// beside the write that confirms the label).
+    /// The lock enters the caches' interest first, so no watch event newer than these reads is
+    /// dropped; from the lock given, which names the Lease and the set.
+    pub async fn read_around(&self, read: &StatefulSetLock) -> Result<()> {
+        let ns = read.namespace().unwrap_or_default();
+        let timeout = self.api_timeout;
+        self.interest.gain(read);
         let lease_read = async {
             let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
             let lease_name = &read.spec.lease_name;
@@ -260,8 +268,8 @@ impl Caches {
         let (lease_read, pods_read) = futures::join!(lease_read, pods_read);
         lease_read?;
         pods_read?;
-        self.interest.populated(&read);
-        Ok(Some(read))
+        self.interest.populated(read);
+        Ok(())
     }
 }
 

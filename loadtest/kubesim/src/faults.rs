@@ -35,6 +35,9 @@ pub struct FaultConfig {
     pub error_code: u16,
     /// Only writes (POST/PUT/PATCH/DELETE) are affected by latency and errors.
     pub writes_only: bool,
+    /// Only reads (GET, LIST, WATCH) are affected by latency and errors: slow lists and reads
+    /// beside writes answered at another pace (with `hold_responses`, say).
+    pub reads_only: bool,
     /// When non-empty, latency and errors apply only to clients whose User-Agent contains one
     /// of these strings.
     pub agents: Vec<String>,
@@ -635,6 +638,7 @@ impl Faults {
             });
         }
         let affected = (!c.writes_only || is_write)
+            && (!c.reads_only || !is_write)
             && agent_matches(&c.agents, agent)
             && resource_matches(&c.resources, group, plural);
         if !affected {

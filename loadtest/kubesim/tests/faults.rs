@@ -110,6 +110,18 @@ async fn error_rates_return_the_chosen_status() {
         .expect("reads unaffected");
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "w"}})).expect("cm");
     assert!(cms.create(&PostParams::default(), &cm).await.is_err());
+    // Reads only: writes pass, reads fail.
+    sim.faults().set(FaultConfig {
+        error_rate: 1.0,
+        error_code: 500,
+        reads_only: true,
+        ..Default::default()
+    });
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("writes unaffected");
+    assert!(cms.list(&ListParams::default()).await.is_err());
+    assert!(cms.get("w").await.is_err());
     // A 50% rate fails some and passes some.
     sim.faults().set(FaultConfig {
         error_rate: 0.5,
