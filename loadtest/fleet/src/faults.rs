@@ -40,7 +40,10 @@
 //! after the expiry while latency, late commits or held answers were injected on it; or its fence
 //! was shut by faults: every renewal of its own membership Lease from a membership Lease before
 //! the due time (or its last restart, if later) to the expiry failed that way (it may write
-//! nothing then), and nothing it tried for the lock got through. Every other lapse is the operator's, including one where the owner
+//! nothing then), or it tried to renew its membership more than half a Lease before the expiry
+//! and none of its renewals committed until less than half a Lease before it (the fence opens
+//! only on a committed renewal: as for an owner back from a restart only then) — and nothing it
+//! tried for the lock got through. Every other lapse is the operator's, including one where the owner
 //! tried nothing while its membership renewals went through.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1513,7 +1516,20 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             })
             .collect();
         let fence_shut = !renewals.is_empty() && renewals.iter().all(|a| defeated(a));
-        (fence_shut || prompt) && lock_defeated
+        // Or it was shut until less than half a Lease before the expiry (as for an owner back
+        // from a restart only then, see `owner_down_at_due`): the owner tried to renew its
+        // membership before that, and none of its renewals committed until then — the fence
+        // opens on a committed renewal (answered, or read back), never before it commits.
+        let tried_early = renewals.iter().any(|a| a.at_ms + lease_ms / 2 <= expiry);
+        let first_commit = log
+            .iter()
+            .filter(|c| {
+                c.actor == agent && c.resource == "leases" && c.name == member && c.at_ms >= from
+            })
+            .map(|c| c.at_ms)
+            .min();
+        let opened_late = tried_early && first_commit.is_none_or(|at| at + lease_ms / 2 > expiry);
+        (fence_shut || opened_late || prompt) && lock_defeated
     };
     #[derive(Clone, Copy, PartialEq)]
     enum Cause {
