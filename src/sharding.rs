@@ -34,6 +34,14 @@ pub const GROUP_LABEL: &str = "app.anukkrit.me/shard-group";
 /// api-timeout, if shorter), or not at all; it lands within api-timeout of being sent, or never.
 const CLAIM_SENT_WITHIN: Duration = Duration::from_secs(1);
 
+/// The membership read the claims of one assignment pass from dead owners rest on.
+struct ClaimRead {
+    /// When it started (None: none yet).
+    at: Option<Instant>,
+    /// A read again for later claims failed: no more claims this pass.
+    failed: bool,
+}
+
 /// Annotation a replica puts on its membership Lease when it starts a graceful leave: peers
 /// take it off the ring at once (no new locks go to it), but its locks stay its own until it
 /// hands them off or its Lease is gone.
@@ -1088,15 +1096,22 @@ impl Sharding {
             // Claims first: they must go out soon after the membership read (below), and a
             // handoff can take seconds (it waits for the lock's writes in flight).
             work.sort_by_key(|(_, to, _)| to.is_some());
+            let claim_read = tokio::sync::Mutex::new(ClaimRead {
+                at: refreshed,
+                failed: false,
+            });
+            let claim_read = &claim_read;
             futures::stream::iter(work)
                 .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to, from_dead)| async move {
                     match to {
-                        // A claim from a dead owner goes out soon after the membership read that
-                        // found it dead, or not at all (the next pass decides again): a replica
-                        // that came back meanwhile bounds by this how long such a claim can
-                        // still land (see `contested`).
-                        None if from_dead
-                            && refreshed.is_none_or(|r| r.elapsed() > self.claim_sent_within()) => {
+                        // A claim from a dead owner goes out soon after a membership read that
+                        // shows it dead, or not at all: a replica that came back meanwhile
+                        // bounds by this how long such a claim can still land (see
+                        // `contested`).
+                        None if from_dead => {
+                            if self.dead_owner_claimable(&lock, claim_read).await {
+                                self.set_owner(&lock, &self.cfg.id, "claim").await;
+                            }
                         }
                         None => {
                             self.set_owner(&lock, &self.cfg.id, "claim").await;
@@ -1186,6 +1201,39 @@ impl Sharding {
         ring.owner(key)
             .filter(|owner| *owner != self.cfg.id)
             .map(str::to_string)
+    }
+
+    /// May a claim of `lock` from its dead labelled owner be sent now? Only within
+    /// [`CLAIM_SENT_WITHIN`] of a membership read that still shows the owner dead. When the
+    /// pass's read is older (a dead peer's few hundred locks take more than that to claim on a
+    /// loaded API server), the membership is read again — once for all the claims waiting —
+    /// and each claim decided again on it, rather than left to a later pass: passes are
+    /// 300 ms apart and each began with its own read, so a dead peer's locks went in bursts of
+    /// what one window allowed, a second or more apart. A read that fails stops the claims of
+    /// this pass.
+    async fn dead_owner_claimable(
+        &self,
+        lock: &StatefulSetLock,
+        read: &tokio::sync::Mutex<ClaimRead>,
+    ) -> bool {
+        let mut read = read.lock().await;
+        let fresh = read
+            .at
+            .is_some_and(|at| at.elapsed() <= self.claim_sent_within());
+        if !fresh {
+            if read.failed {
+                return false;
+            }
+            let started = Instant::now();
+            if self.refresh_members_listed().await.is_none() {
+                read.failed = true;
+                return false;
+            }
+            self.recompute();
+            read.at = Some(started);
+        }
+        let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
+        label.is_some() && self.decide_for(&lock_key(lock), label) == Some(Decision::Claim)
     }
 
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
