@@ -448,8 +448,8 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     }
     // Read here unless read above for this lock's Lease and set (a lock just confirmed or read
     // is as fresh as a read of it: it is not read again).
-    if let Some((_, _, Err(e))) = read_around_if_needed(ctx, lock, &around).await {
-        tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read before renewal");
+    // (A read that fails is logged where it is made.)
+    if let Some((_, _, Err(_))) = read_around_if_needed(ctx, lock, &around).await {
         return Outcome::Retry("Lease and pods could not be read");
     }
     let lease_name = lock.spec.lease_name.clone();

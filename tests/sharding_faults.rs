@@ -85,6 +85,14 @@ async fn alone_with_a_long_fence(
     a
 }
 
+/// Every write of replica a to a lock committed at once and answered 1.5 s late: its
+/// handoffs are in flight for that long.
+fn a_lock_writes_answered_late() -> HoldResponse {
+    HoldResponse::new(1500)
+        .agent("stslock/a")
+        .resource("statefulsetlocks")
+}
+
 /// The pod of StatefulSet `set` labelled writer, if any (the first, if several are).
 async fn writer_of(client: &Client, set: &str) -> Option<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -1283,13 +1291,8 @@ async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
         .find(|(_, o)| o.as_deref() == Some("b"))
         .map(|(k, _)| k.clone())
         .expect("b owns a lock");
-    sim.faults().update(|c| {
-        c.hold_responses = vec![
-            HoldResponse::new(1500)
-                .agent("stslock/a")
-                .resource("statefulsetlocks"),
-        ]
-    });
+    sim.faults()
+        .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
     let from = sim.commit_log().last().map_or(0, |c| c.rv);
     let _ = a.stop.send(());
     // a's first handoff has been sent (its label write is held): the leave's own list is made.
@@ -1359,13 +1362,8 @@ async fn a_leave_stops_handing_locks_to_a_peer_that_began_to_leave_meanwhile() {
     let b = start(&sim, "b", |_| {});
     let c = start(&sim, "c", |_| {});
     until_owned_by(&client, &["a", "b", "c"], 60).await;
-    sim.faults().update(|f| {
-        f.hold_responses = vec![
-            HoldResponse::new(1500)
-                .agent("stslock/a")
-                .resource("statefulsetlocks"),
-        ]
-    });
+    sim.faults()
+        .update(|f| f.hold_responses = vec![a_lock_writes_answered_late()]);
     let _ = a.stop.send(());
     let marked = |id: &'static str| {
         let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
@@ -1430,11 +1428,7 @@ async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
                 .agent("stslock/b")
                 .label_selector("app.anukkrit.me/shard-group"),
         ];
-        f.hold_responses = vec![
-            HoldResponse::new(1500)
-                .agent("stslock/a")
-                .resource("statefulsetlocks"),
-        ];
+        f.hold_responses = vec![a_lock_writes_answered_late()];
     });
     // The stall shapes b's open watch from the next event on: a's leaving mark is not seen.
     let from = sim.commit_log().last().map_or(0, |c| c.rv);
@@ -1490,11 +1484,7 @@ async fn a_leave_hands_on_first_the_locks_its_stalled_cache_never_showed() {
         .expect("b owns a lock");
     sim.faults().update(|f| {
         f.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
-        f.hold_responses = vec![
-            HoldResponse::new(1500)
-                .agent("stslock/a")
-                .resource("statefulsetlocks"),
-        ];
+        f.hold_responses = vec![a_lock_writes_answered_late()];
     });
     let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
     let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});

@@ -659,18 +659,29 @@ async fn a_replica_restarted_under_slow_answers_renews_every_lease_in_time() {
     // Restarted 5.1 s before the first of the Leases it left expires: time for the lock list
     // and one read beside the confirming write before its renewal commits (4.0 s after the
     // restart, measured), not for the confirmation and two reads after it (6.0 s before).
+    // (A request the aborted task had sent may still be served: the expiries are read after
+    // that, and read again at the restart to check none moved.)
     tokio::time::sleep(Duration::from_millis(200)).await;
     let leases: Api<Lease> = Api::default_namespaced(client.clone());
-    let mut earliest = i64::MAX;
-    for i in 0..n {
-        let l = leases.get(&format!("lease{i}")).await.unwrap();
-        let renewed = l.spec.unwrap().renew_time.unwrap().0.as_millisecond();
-        earliest = earliest.min(renewed + 10_000);
-    }
+    let earliest_expiry = || async {
+        let mut earliest = i64::MAX;
+        for i in 0..n {
+            let l = leases.get(&format!("lease{i}")).await.unwrap();
+            let renewed = l.spec.unwrap().renew_time.unwrap().0.as_millisecond();
+            earliest = earliest.min(renewed + 10_000);
+        }
+        earliest
+    };
+    let earliest = earliest_expiry().await;
     let restart_at = earliest - 5_100;
     let wait = restart_at - unix_ms(SystemTime::now());
     assert!(wait > 0, "the Leases were renewed {} ms too early", -wait);
     tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    assert_eq!(
+        earliest_expiry().await,
+        earliest,
+        "a Lease was renewed after the aborted replica's expiries were read"
+    );
     let from = unix_ms(SystemTime::now());
     sim.faults().update(|c| {
         c.latency_ms = READS_LATE_MS;
