@@ -38,7 +38,8 @@ const CLAIM_SENT_WITHIN: Duration = Duration::from_secs(1);
 struct ClaimRead {
     /// When it started (None: none yet).
     at: Option<Instant>,
-    /// A read again for later claims failed: no more claims this pass.
+    /// A read again for later claims failed or came too late: no more claims from dead
+    /// owners this pass.
     failed: bool,
 }
 
@@ -987,7 +988,8 @@ impl Sharding {
             return;
         }
         self.resolve_unknown_handoffs().await;
-        // When the membership re-read this pass's claims from dead owners rest on started.
+        // When this pass's first membership re-read started (claims from dead owners that
+        // outlast its window read it again: `dead_owner_claimable`).
         let mut refreshed: Option<Instant> = None;
         // The membership re-read a claim needs failed: nothing moves this pass.
         let mut unread = false;
@@ -1109,7 +1111,10 @@ impl Sharding {
                         // bounds by this how long such a claim can still land (see
                         // `contested`).
                         None if from_dead => {
-                            if self.dead_owner_claimable(&lock, claim_read).await {
+                            if self
+                                .dead_owner_claimable(&lock, claim_read, generation)
+                                .await
+                            {
                                 self.set_owner(&lock, &self.cfg.id, "claim").await;
                             }
                         }
@@ -1204,26 +1209,27 @@ impl Sharding {
     }
 
     /// May a claim of `lock` from its dead labelled owner be sent now? Only within
-    /// [`CLAIM_SENT_WITHIN`] of a membership read that still shows the owner dead. When the
-    /// pass's read is older (a dead peer's few hundred locks take more than that to claim on a
-    /// loaded API server), the membership is read again — once for all the claims waiting —
-    /// and each claim decided again on it, rather than left to a later pass: passes are
-    /// 300 ms apart and each began with its own read, so a dead peer's locks went in bursts of
-    /// what one window allowed, a second or more apart. A read that fails stops the claims of
-    /// this pass.
+    /// [`CLAIM_SENT_WITHIN`] of the start of a membership read that still shows the owner dead,
+    /// and in the fence generation the pass began in. When the pass's read is older (a dead
+    /// peer's few hundred locks take more than that to claim on a loaded API server), the
+    /// membership is read again — once for all the claims waiting — and each claim decided
+    /// again on it, rather than left to a later pass: passes are 300 ms apart and each began
+    /// with its own read, so a dead peer's locks went in bursts of what one window allowed, a
+    /// second or more apart. A read that fails, or answers only after the window, stops this
+    /// pass's claims from dead owners (the next pass reads again).
     async fn dead_owner_claimable(
         &self,
         lock: &StatefulSetLock,
         read: &tokio::sync::Mutex<ClaimRead>,
+        generation: u64,
     ) -> bool {
         let mut read = read.lock().await;
-        let fresh = read
-            .at
-            .is_some_and(|at| at.elapsed() <= self.claim_sent_within());
-        if !fresh {
-            if read.failed {
-                return false;
-            }
+        let within =
+            |at: Option<Instant>| at.is_some_and(|at| at.elapsed() <= self.claim_sent_within());
+        if read.failed || self.generation() != generation {
+            return false;
+        }
+        if !within(read.at) {
             let started = Instant::now();
             if self.refresh_members_listed().await.is_none() {
                 read.failed = true;
@@ -1231,6 +1237,10 @@ impl Sharding {
             }
             self.recompute();
             read.at = Some(started);
+            if !within(read.at) {
+                read.failed = true;
+                return false;
+            }
         }
         let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
         label.is_some() && self.decide_for(&lock_key(lock), label) == Some(Decision::Claim)

@@ -310,6 +310,68 @@ async fn stalled_membership_watch_does_not_make_a_live_peer_look_dead() {
     assert_never_two_writers(&sim);
 }
 
+/// A claim from a dead owner is sent within a second of the start of a membership read that
+/// showed the owner dead (a peer back meanwhile holds its locks as contested only that long).
+/// Replica a's reads of Leases are answered 1.5 s late and b is killed: no membership read of
+/// a's can back a claim, so b's locks stay b's until a's reads are fast again — then a takes
+/// them all. (The pass's claims that outlast their read read the membership again: a claim
+/// sent on such a re-read answered after the window broke the bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peers_locks_are_not_claimed_on_a_membership_read_answered_late() {
+    let (sim, client) = sim_with_crd().await;
+    statefulsets(&client, 0..20, 1).await;
+    locks(&client, 0..20, 10).await;
+    let a = start(&sim, "a", |_| {});
+    let b = start(&sim, "b", |_| {});
+    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    let of_b = before
+        .values()
+        .filter(|o| o.as_deref() == Some("b"))
+        .count();
+    assert!(of_b > 0, "b owns no lock: {before:?}");
+    sim.faults().update(|c| {
+        c.latency_ms = 1500;
+        c.reads_only = true;
+        c.agents = vec!["stslock/a".into()];
+        c.resources = vec!["leases".into()];
+    });
+    let killed_at = sim.store().current_rv();
+    b.task.abort();
+    let _ = b.task.await;
+    // Deliberate wait (something must NOT happen): b's membership Lease (3 s) lapses, and a
+    // reads the membership on every pass, each read answered after the window.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let slow_until = sim.store().current_rv();
+    sim.faults().set(kubesim::FaultConfig::default());
+    let after = until_owned_by(&client, &["a"], 20).await;
+    let end = sim.store().current_rv();
+    a.stop().await;
+
+    let audit = audit(&sim.commit_log());
+    let taken = |from_rv: u64, to_rv: u64| {
+        audit
+            .moves
+            .iter()
+            .filter(|(rv, _, from, to, _)| {
+                *rv > from_rv && *rv <= to_rv && from.as_deref() == Some("b") && to == "a"
+            })
+            .count()
+    };
+    println!(
+        "b owned {of_b} locks; taken by a while its Lease reads were slow: {}, after: {}",
+        taken(killed_at, slow_until),
+        taken(slow_until, end)
+    );
+    assert_eq!(
+        taken(killed_at, slow_until),
+        0,
+        "a claimed dead b's locks on membership reads answered after the window"
+    );
+    assert_eq!(taken(slow_until, end), of_b, "{after:?}");
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. A membership Lease deleted by a third party is not an instant death.
 
