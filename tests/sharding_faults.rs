@@ -69,6 +69,23 @@ async fn alone_with_locks(sim: &Sim, client: &Client, n: usize, lease_seconds: i
     a
 }
 
+/// `n` StatefulSets of `pods` pods with locks of `lease_seconds` Leases, split between
+/// replicas a and b: the replicas, and each lock's owner once split.
+async fn a_and_b_with_locks(
+    sim: &Sim,
+    client: &Client,
+    n: usize,
+    pods: i32,
+    lease_seconds: i32,
+) -> (Replica, Replica, BTreeMap<String, Option<String>>) {
+    statefulsets(client, 0..n, pods).await;
+    locks(client, 0..n, lease_seconds).await;
+    let a = start(sim, "a", |_| {});
+    let b = start(sim, "b", |_| {});
+    let owned = until_owned_by(client, &["a", "b"], 60).await;
+    (a, b, owned)
+}
+
 /// a alone with `n` locks (2 pods each, Leases of `lease_seconds`) and a membership Lease of
 /// 15 s (the default): the fence of a replica nothing renews any more stays open about 12 s.
 async fn alone_with_a_long_fence(
@@ -319,11 +336,7 @@ async fn stalled_membership_watch_does_not_make_a_live_peer_look_dead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peers_locks_are_not_claimed_on_a_membership_read_answered_late() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..20, 1).await;
-    locks(&client, 0..20, 10).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    let (a, b, before) = a_and_b_with_locks(&sim, &client, 20, 1, 10).await;
     let of_b = before
         .values()
         .filter(|o| o.as_deref() == Some("b"))
@@ -381,11 +394,7 @@ async fn a_dead_peers_locks_are_not_claimed_on_a_membership_read_answered_late()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_membership_lease_is_not_an_instant_death() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..20, 1).await;
-    locks(&client, 0..20, 4).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    let before = until_owned_by(&client, &["a", "b"], 30).await;
+    let (a, b, before) = a_and_b_with_locks(&sim, &client, 20, 1, 4).await;
     let deleted_at = sim.store().current_rv();
     let third: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
     third
@@ -989,11 +998,7 @@ async fn a_replica_back_after_its_membership_was_gone_confirms_its_locks_by_a_wr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_leaving_rejoins_the_ring_when_back() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..8, 1).await;
-    locks(&client, 0..8, 4).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    until_owned_by(&client, &["a", "b"], 30).await;
+    let (a, b, _) = a_and_b_with_locks(&sim, &client, 8, 1, 4).await;
     a.task.abort();
     let admin: Api<Lease> = Api::namespaced(sim.client_as("kubectl"), "default");
     mark_leaving(&admin, "stslock-a").await;
@@ -1343,11 +1348,7 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..16, 2).await;
-    locks(&client, 0..16, 10).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    let owned = until_owned_by(&client, &["a", "b"], 30).await;
+    let (a, b, owned) = a_and_b_with_locks(&sim, &client, 16, 2, 10).await;
     let late = owned
         .iter()
         .find(|(_, o)| o.as_deref() == Some("b"))
@@ -1479,11 +1480,7 @@ async fn a_leave_stops_handing_locks_to_a_peer_that_began_to_leave_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..40, 1).await;
-    locks(&client, 0..40, 10).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    until_owned_by(&client, &["a", "b"], 60).await;
+    let (a, b, _) = a_and_b_with_locks(&sim, &client, 40, 1, 10).await;
     sim.faults().update(|f| {
         f.watch_faults = vec![
             WatchFault::stall("leases")
@@ -1529,11 +1526,7 @@ async fn a_lock_handed_over_by_a_leaving_peer_is_not_handed_back_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_hands_on_first_the_locks_its_stalled_cache_never_showed() {
     let (sim, client) = sim_with_crd().await;
-    statefulsets(&client, 0..96, 1).await;
-    locks(&client, 0..96, 10).await;
-    let a = start(&sim, "a", |_| {});
-    let b = start(&sim, "b", |_| {});
-    let owned = until_owned_by(&client, &["a", "b"], 60).await;
+    let (a, b, owned) = a_and_b_with_locks(&sim, &client, 96, 1, 10).await;
     let of_a = owned.values().filter(|o| o.as_deref() == Some("a")).count();
     assert!(
         of_a >= 40,
