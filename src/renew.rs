@@ -383,6 +383,8 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // each round trip in a row before it is one a Lease renewed late cannot spare — after a
     // restart, or a lock gained by a handoff whose Lease is due, these were four in a row.
     let mut around: Around = None;
+    // Whether this try read (or confirmed by a write) the lock itself.
+    let mut lock_read = true;
     let confirmed_from_cache = if must {
         let (confirmation, read) = tokio::join!(
             confirm_owner(ctx, lock, generation, true, &key),
@@ -403,6 +405,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         ctx.cache.fresh.owner_seen(&key, generation);
         reread.as_ref()
     } else if !must && ctx.cache.fresh.owner_verified(&key, generation) {
+        lock_read = false;
         lock
     } else {
         match ctx.cache.reread_lock(lock).await {
@@ -449,8 +452,24 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // Read here unless read above for this lock's Lease and set (a lock just confirmed or read
     // is as fresh as a read of it: it is not read again).
     // (A read that fails is logged where it is made.)
-    if let Some((_, _, Err(_))) = read_around_if_needed(ctx, lock, &around).await {
-        return Outcome::Retry("Lease and pods could not be read");
+    if lock_read {
+        if let Some((_, _, Err(_))) = read_around_if_needed(ctx, lock, &around).await {
+            return Outcome::Retry("Lease and pods could not be read");
+        }
+    } else if read_around_needed(ctx, lock, &around) {
+        // The lock itself was not read in this try (its ownership was verified earlier in this
+        // generation): one deleted while the lock watch was down is still here as cached, and
+        // a read of only its Lease and pods would put them back into the caches for good —
+        // nothing gives up a lock the lock list no longer has. It is read with them.
+        match ctx.cache.reread(lock).await {
+            Ok(Some(read)) if read.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) => {
+            }
+            Ok(_) => return Outcome::NotMine,
+            Err(e) => {
+                tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read before renewal");
+                return Outcome::Retry("Lease and pods could not be read");
+            }
+        }
     }
     let lease_name = lock.spec.lease_name.clone();
     let Some(lease) = ctx.cache.cached_lease(&ns, &lease_name) else {
@@ -629,23 +648,29 @@ fn must_read_around(ctx: &Context, lock: &StatefulSetLock) -> bool {
 /// Read `lock`'s Lease and pods directly if [`must_read_around`] says so and `done` is not a
 /// successful read for the same Lease and set. None: nothing read now.
 async fn read_around_if_needed(ctx: &Context, lock: &StatefulSetLock, done: &Around) -> Around {
+    if !read_around_needed(ctx, lock, done) {
+        return None;
+    }
     let names = (
         lock.spec.lease_name.clone(),
         lock.spec.stateful_set_name.clone(),
     );
-    let covered = done
-        .as_ref()
-        .is_some_and(|(lease, set, read)| read.is_ok() && (lease, set) == (&names.0, &names.1));
-    let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
-    if covered || !mine || !must_read_around(ctx, lock) {
-        return None;
-    }
     let read = ctx.cache.read_around(lock).await.map_err(|e| {
         let key = crate::api::lock_key(lock);
         tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "direct read of the Lease and pods");
         e.to_string()
     });
     Some((names.0, names.1, read))
+}
+
+/// Whether [`read_around_if_needed`] would read: [`must_read_around`], for a lock labelled
+/// this replica's, unless `done` is a successful read for the same Lease and set.
+fn read_around_needed(ctx: &Context, lock: &StatefulSetLock, done: &Around) -> bool {
+    let covered = done.as_ref().is_some_and(|(lease, set, read)| {
+        read.is_ok() && (lease, set) == (&lock.spec.lease_name, &lock.spec.stateful_set_name)
+    });
+    let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+    !covered && mine && must_read_around(ctx, lock)
 }
 
 /// A renewal stopped at its ownership check: a read of the Lease and pods made beside it for
