@@ -386,9 +386,11 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // Whether this try read (or confirmed by a write) the lock itself.
     let mut lock_read = true;
     let confirmed_from_cache = if must {
-        let (confirmation, read) = tokio::join!(
-            confirm_owner(ctx, lock, generation, true, &key),
+        // The read first: it puts the lock into the caches' interest as it starts, before the
+        // write that shows the lock still exists is sent (see `Caches::reread`).
+        let (read, confirmation) = tokio::join!(
             read_around_if_needed(ctx, lock, &None),
+            confirm_owner(ctx, lock, generation, true, &key),
         );
         around = read;
         match confirmation {
@@ -408,14 +410,20 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         lock_read = false;
         lock
     } else {
+        // A lock whose Lease and pods will be read enters the caches' interest before the
+        // read that shows it still exists (see `Caches::reread`).
+        let gained = read_around_needed(ctx, lock, &around) && ctx.cache.interest.gain(lock);
         match ctx.cache.reread_lock(lock).await {
             Ok(Some(l)) => {
                 let read = ctx.cache.fresh.newest_after_read(l);
+                if gained && read.labels().get(crate::api::SHARD_LABEL) != Some(&ctx.identity) {
+                    ctx.cache.give_up(&key);
+                }
                 // Just after the fence reopened a read is not enough: a peer's claim decided
                 // while this replica was away may still land (see `Sharding::confirm_owner`).
-                let (confirmation, read_now) = tokio::join!(
-                    confirm_owner(ctx, &read, generation, must, &key),
+                let (read_now, confirmation) = tokio::join!(
                     read_around_if_needed(ctx, &read, &around),
+                    confirm_owner(ctx, &read, generation, must, &key),
                 );
                 if read_now.is_some() {
                     around = read_now;
@@ -441,6 +449,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
                 return Outcome::NotMine;
             }
             Err(e) => {
+                if gained {
+                    ctx.cache.give_up(&key);
+                }
                 tracing::debug!(lock = %key, shard = %ctx.identity, error = %e, "re-read before renewal");
                 return Outcome::Retry("view of the lock could not be re-read");
             }

@@ -703,10 +703,12 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
     }
     let mut env = env(false).await;
     let m = replica(&mut env, "d-0", |_| {}).await;
-    for i in 0..2 {
-        env.statefulset(&format!("ds{i}"), 2).await;
-        lock(&env, &format!("d{i}"), &format!("ds{i}")).await;
-    }
+    // d1's Lease is short: its renewal entry fires (every 2 s) after the lock is gone, while
+    // the check below still looks.
+    env.statefulset("ds0", 2).await;
+    lock(&env, "d0", "ds0").await;
+    env.statefulset("ds1", 2).await;
+    env.lock("d1", "ds1", "ds1-lease", 4, json!({})).await;
     for i in 0..2 {
         env.wait_writer(&format!("ds{i}"), &format!("ds{i}-0"))
             .await;
@@ -745,5 +747,19 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
         Box::pin(cached(2.0, 1.0, 1.0))
     })
     .await;
+    // ... and they stay gone: d1's renewal entry, which still holds the lock as it was cached,
+    // must not read them back in (it did, when the renewal lane read a lock's Lease and pods
+    // without reading the lock itself).
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = metrics(m).await;
+        let counts = ["pods", "leases", "locks"]
+            .map(|k| s.get(&format!("stslock_cached_objects{{kind=\"{k}\"}}")).copied());
+        assert_eq!(
+            counts,
+            [Some(2.0), Some(1.0), Some(1.0)],
+            "cached pods, Leases, locks after d1 was deleted unseen"
+        );
+    }
     env.stop_operators().await;
 }

@@ -58,9 +58,9 @@ impl Interest {
     }
 
     /// Keep the Lease and pods of `lock` from now on (idempotent); the caches hold them once
-    /// they were read ([`Interest::populated`]).
-    pub fn gain(&self, lock: &StatefulSetLock) {
-        gain_locked(&mut self.write(), lock);
+    /// they were read ([`Interest::populated`]). True: it was not kept before.
+    pub fn gain(&self, lock: &StatefulSetLock) -> bool {
+        gain_locked(&mut self.write(), lock)
     }
 
     /// The Lease and pods of `lock` were read after it was gained: the caches hold them.
@@ -140,23 +140,26 @@ impl Interest {
     }
 }
 
-fn gain_locked(inner: &mut Inner, lock: &StatefulSetLock) {
+/// True: `lock` was not kept before (under any names).
+fn gain_locked(inner: &mut Inner, lock: &StatefulSetLock) -> bool {
     let key = lock_key(lock);
     let ns = lock.namespace().unwrap_or_default();
     let set = (ns.clone(), lock.spec.stateful_set_name.clone());
     let lease = (ns, lock.spec.lease_name.clone());
     // statefulSetName and leaseName are immutable, but a lock deleted and re-created under
     // the same name may name others: the old entry is given up first.
-    match inner.locks.get(&key) {
-        Some(known) if *known == (set.clone(), lease.clone()) => return,
+    let new = match inner.locks.get(&key) {
+        Some(known) if *known == (set.clone(), lease.clone()) => return false,
         Some(_) => {
             remove(inner, &key);
+            false
         }
-        None => {}
-    }
+        None => true,
+    };
     *inner.sets.entry(set.clone()).or_default() += 1;
     *inner.leases.entry(lease.clone()).or_default() += 1;
     inner.locks.insert(key, (set, lease));
+    new
 }
 
 fn remove(inner: &mut Inner, key: &str) -> Evict {
@@ -207,12 +210,12 @@ mod tests {
         assert_eq!(i.lose("ns/a"), Evict::default());
         i.settle([]);
         assert!(!i.wants_set("ns", "db") && !i.wants_lease("ns", "l1"));
-        i.gain(&lock("a", "db", "l1"));
+        assert!(i.gain(&lock("a", "db", "l1")), "not kept before");
         assert!(!i.holds(&lock("a", "db", "l1")), "kept, not read yet");
         i.populated(&lock("a", "db", "l1"));
         assert!(i.holds(&lock("a", "db", "l1")));
-        i.gain(&lock("a", "db", "l1")); // idempotent
-        i.gain(&lock("b", "db", "l2")); // a rival lock on the same StatefulSet
+        assert!(!i.gain(&lock("a", "db", "l1")), "idempotent");
+        assert!(i.gain(&lock("b", "db", "l2")), "a rival lock on the same StatefulSet");
         assert_eq!(i.len(), 2);
         assert!(i.wants_set("ns", "db") && i.wants_lease("ns", "l1") && i.wants_lease("ns", "l2"));
         assert!(!i.wants_set("other", "db"), "by namespace");

@@ -187,8 +187,24 @@ impl Caches {
     /// StatefulSet's pods — into the caches (which keep whatever is newer). Returns the lock
     /// as read (None: it is gone). The lock enters the caches' interest first (it is read
     /// because it is this replica's), so no watch event newer than these reads is dropped.
+    ///
+    /// The interest is gained before the lock is read, not after: a lock deleted after that
+    /// read is then given up by whatever reports the deletion (the lock watch's Delete, or the
+    /// sweep after its relist), which comes after the gain. Gained after the read, a deletion
+    /// reported in between would leave the lock's Lease and pods cached for good. A read that
+    /// fails gives up a lock that was not in the interest before.
     pub async fn reread(&self, lock: &StatefulSetLock) -> Result<Option<StatefulSetLock>> {
-        let Some(read) = self.reread_lock(lock).await? else {
+        let new = self.interest.gain(lock);
+        let read = match self.reread_lock(lock).await {
+            Ok(read) => read,
+            Err(e) => {
+                if new {
+                    self.give_up(&crate::api::lock_key(lock));
+                }
+                return Err(e);
+            }
+        };
+        let Some(read) = read else {
             self.give_up(&crate::api::lock_key(lock));
             return Ok(None);
         };
@@ -205,7 +221,10 @@ impl Caches {
     /// labelled this replica's as read just now or as cached (the renewal lane reads them
     /// beside the write that confirms the label).
     /// The lock enters the caches' interest first, so no watch event newer than these reads is
-    /// dropped; from the lock given, which names the Lease and the set.
+    /// dropped; from the lock given, which names the Lease and the set. What a read brings in
+    /// is checked against the interest after it is stored: a lock given up while the read was
+    /// in flight (deleted, or lost) leaves nothing behind — checked before storing, a give-up
+    /// in between would leave it cached for good.
     pub async fn read_around(&self, read: &StatefulSetLock) -> Result<()> {
         let ns = read.namespace().unwrap_or_default();
         let timeout = self.api_timeout;
@@ -222,7 +241,11 @@ impl Caches {
             .await?
             {
                 Some(l) if l.labels().get(watch::LEASE_LABEL).is_some() => {
-                    watch::remember_lease(&self.leases, l)
+                    watch::remember_lease(&self.leases, l);
+                    // Given up while this read was in flight (see below).
+                    if !self.interest.wants_lease(&ns, lease_name) {
+                        watch::forget_lease(&self.leases, &ns, lease_name, None);
+                    }
                 }
                 // Not ours (not watched, never cached): gather reads it directly every time.
                 Some(_) => {}
@@ -263,6 +286,9 @@ impl Caches {
                 })
                 .collect();
             self.pods.replace_set(&ns, set_name, &mine, list_rv);
+            if !self.interest.wants_set(&ns, set_name) {
+                self.pods.drop_set(&ns, set_name);
+            }
             Ok::<(), crate::error::Error>(())
         };
         let (lease_read, pods_read) = futures::join!(lease_read, pods_read);
@@ -292,5 +318,110 @@ pub fn lease_view(l: &Lease) -> LeaseView {
             .annotations()
             .get(RENEWED_ANNOTATION)
             .and_then(|t| t.parse().ok()),
+    }
+}
+
+#[cfg(all(test, feature = "dev"))]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: panics are its failures
+
+    use super::*;
+    use kube::api::PostParams;
+    use kubesim::{Sim, SimConfig};
+    use serde_json::json;
+
+    fn caches(client: Client) -> Caches {
+        let interest = Arc::new(interest::Interest::default());
+        interest.settle([]);
+        let pods = pods::PodIndex::new("sts-role").keeping({
+            let interest = interest.clone();
+            move |ns, set| interest.wants_set(ns, set)
+        });
+        Caches {
+            client,
+            identity: "a".into(),
+            api_timeout: Duration::from_secs(5),
+            pods,
+            leases: Arc::default(),
+            locks: kube::runtime::reflector::store().0,
+            sets: kube::runtime::reflector::store().0,
+            fresh: Arc::default(),
+            interest,
+            metrics: Arc::new(crate::metrics::Metrics::new("a")),
+        }
+    }
+
+    /// A lock given up (deleted while the lock watch was down, and swept after its relist)
+    /// while a read of its Lease and pods is in flight: what that read brings in does not stay
+    /// in the caches — nothing would ever give it up again.
+    #[tokio::test]
+    async fn a_lock_given_up_during_a_read_of_its_lease_and_pods_leaves_nothing_cached() {
+        let sim = Sim::start(SimConfig::default());
+        let client = sim.client_as("stslock/a");
+        crate::dev::install_crd(&client).await.unwrap();
+        let lock: StatefulSetLock = serde_json::from_value(json!({
+            "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+            "metadata": {"name": "l0", "namespace": "default",
+                         "labels": {crate::api::SHARD_LABEL: "a"}},
+            "spec": {"statefulSetName": "s0", "leaseName": "lease0", "leaseDurationSeconds": 10}
+        }))
+        .unwrap();
+        let lock = Api::<StatefulSetLock>::namespaced(client.clone(), "default")
+            .create(&PostParams::default(), &lock)
+            .await
+            .unwrap();
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": "lease0", "namespace": "default",
+                         "labels": {watch::LEASE_LABEL: "stslock"}},
+            "spec": {"holderIdentity": "s0-0", "leaseDurationSeconds": 10}
+        }))
+        .unwrap();
+        Api::<Lease>::namespaced(client.clone(), "default")
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "s0-0", "namespace": "default",
+                         "labels": {watch::STS_POD_LABEL: "s0-0"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                              "name": "s0", "uid": "u-s0", "controller": true}]},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}
+        }))
+        .unwrap();
+        Api::<Pod>::namespaced(client.clone(), "default")
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+        let caches = Arc::new(caches(client));
+        // Reads of the Lease and pods are answered after 800 ms; the lock is given up 300 ms
+        // into them.
+        sim.faults().update(|c| {
+            c.latency_ms = 800;
+            c.reads_only = true;
+            c.resources = vec!["leases".into(), "pods".into()];
+        });
+        let read = tokio::spawn({
+            let (caches, lock) = (caches.clone(), lock.clone());
+            async move { caches.read_around(&lock).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(caches.interest.keys(), vec!["default/l0".to_string()]);
+        caches.give_up("default/l0");
+        read.await.unwrap().unwrap();
+        assert!(caches.interest.is_empty());
+        assert!(
+            caches.cached_lease("default", "lease0").is_none(),
+            "the Lease of a lock given up stays cached"
+        );
+        assert!(
+            caches.pods.pods_of("default", "s0").is_empty(),
+            "the pods of a lock given up stay cached"
+        );
+        // A read of a lock still kept keeps them (the check above is not vacuous).
+        sim.faults().set(Default::default());
+        caches.read_around(&lock).await.unwrap();
+        assert!(caches.holds(&lock));
+        assert!(caches.cached_lease("default", "lease0").is_some());
+        assert_eq!(caches.pods.pods_of("default", "s0").len(), 1);
     }
 }

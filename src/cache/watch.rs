@@ -385,7 +385,13 @@ pub fn lease_triggers_synced(
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
+                    let (ns, name) = (l.namespace().unwrap_or_default(), l.name_any());
                     remember_lease(&leases, l);
+                    // Its lock given up since `wanted` was asked: that give-up may have
+                    // dropped the Lease before it was stored here.
+                    if !interest.wants_lease(&ns, &name) {
+                        forget_lease(&leases, &ns, &name, None);
+                    }
                 }
                 Ok(watcher::Event::InitApply(l)) => {
                     list_rv = list_rv.max(crate::cache::fresh::rv_number(
@@ -488,6 +494,9 @@ fn swap_in(
             }
         }
     }
+    // Locks given up after the list was filtered: their give-up, which drops their Leases
+    // only after taking this cache, may have come before this swap.
+    m.retain(|(ns, name), _| interest.wants_lease(ns, name));
 }
 
 /// The lock a Lease belongs to, from the annotation stslock writes on it.
