@@ -753,8 +753,10 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = metrics(m).await;
-        let counts = ["pods", "leases", "locks"]
-            .map(|k| s.get(&format!("stslock_cached_objects{{kind=\"{k}\"}}")).copied());
+        let counts = ["pods", "leases", "locks"].map(|k| {
+            s.get(&format!("stslock_cached_objects{{kind=\"{k}\"}}"))
+                .copied()
+        });
         assert_eq!(
             counts,
             [Some(2.0), Some(1.0), Some(1.0)],

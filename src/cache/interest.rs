@@ -215,7 +215,10 @@ mod tests {
         i.populated(&lock("a", "db", "l1"));
         assert!(i.holds(&lock("a", "db", "l1")));
         assert!(!i.gain(&lock("a", "db", "l1")), "idempotent");
-        assert!(i.gain(&lock("b", "db", "l2")), "a rival lock on the same StatefulSet");
+        assert!(
+            i.gain(&lock("b", "db", "l2")),
+            "a rival lock on the same StatefulSet"
+        );
         assert_eq!(i.len(), 2);
         assert!(i.wants_set("ns", "db") && i.wants_lease("ns", "l1") && i.wants_lease("ns", "l2"));
         assert!(!i.wants_set("other", "db"), "by namespace");

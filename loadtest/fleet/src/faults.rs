@@ -884,6 +884,47 @@ fn owner_since(log: &[kubesim::CommitRecord], key: &Key, owner: &str, until_ms: 
     since
 }
 
+/// Whether an owner whose Lease lapsed at `expiry` kept at its renewal from `start` (its due
+/// time, or when it got the lock if later) on, given its writes `tried` for the lock (its
+/// Lease, the lock, its pods): its first renewal of the Lease came within `prompt_ms` of
+/// `start`, and from then to the expiry it was never idle longer than `timeout_ms` — idle
+/// meaning no write of it in flight (a write counts from its arrival until its answer or its
+/// client's timeout, whichever came first). One that sat idle and tried only near the expiry,
+/// or gave up after one failed try, had its chance, whatever the fault layer did to its tries.
+fn renewed_promptly_and_persistently(
+    tried: &[&kubesim::WriteAttempt],
+    start: u64,
+    expiry: u64,
+    prompt_ms: u64,
+    timeout_ms: u64,
+) -> bool {
+    let Some(first) = tried
+        .iter()
+        .filter(|a| a.resource == "leases")
+        .map(|a| a.at_ms)
+        .min()
+    else {
+        return false;
+    };
+    if first > start + prompt_ms {
+        return false;
+    }
+    let mut busy: Vec<(u64, u64)> = tried
+        .iter()
+        .filter(|a| a.at_ms >= first)
+        .map(|a| (a.at_ms, a.at_ms + a.elapsed_ms.min(timeout_ms)))
+        .collect();
+    busy.sort_unstable();
+    let mut free_from = first;
+    for (from, to) in busy {
+        if from > free_from + timeout_ms {
+            return false;
+        }
+        free_from = free_from.max(to);
+    }
+    free_from + timeout_ms >= expiry
+}
+
 fn attempts_for_lock<'a>(
     attempts: &'a [kubesim::WriteAttempt],
     owner: &str,
@@ -1487,16 +1528,24 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         let window_from = due.saturating_sub(lease_ms / 20);
         let tried: Vec<_> =
             attempts_for_lock(&attempts, &owner, &l.lock, window_from, expiry).collect();
-        let lock_defeated = tried.iter().all(|a| defeated(a));
-        // And it tried in time: its first try came within a quarter of a Lease of the due time
-        // (or of when it got the lock, if later). One that sat idle and tried only near the
-        // expiry had its chance, whatever the fault layer did to that late try.
-        let since = owner_since(&log, &l.lock, &owner, expiry);
-        let prompt = tried
+        // Only a write of the Lease renews it: a confirmation of the lock that got through
+        // (P5 run of seed 20261216: an owner back from a kill confirmed its locks, then every
+        // renewal of their Leases timed out or committed past the expiry) renews nothing.
+        let renewals_tried: Vec<_> = tried
             .iter()
-            .map(|a| a.at_ms)
-            .min()
-            .is_some_and(|first| first <= due.max(since) + lease_ms / 4);
+            .copied()
+            .filter(|a| a.resource == "leases")
+            .collect();
+        let lock_defeated = renewals_tried.iter().all(|a| defeated(a));
+        // And it tried in time and kept trying (see `renewed_promptly_and_persistently`).
+        let since = owner_since(&log, &l.lock, &owner, expiry);
+        let prompt = renewed_promptly_and_persistently(
+            &tried,
+            due.max(since),
+            expiry,
+            lease_ms / 4,
+            timeout_ms,
+        );
         // Or its fence was shut by faults: every renewal of its own membership Lease, from a
         // membership Lease before the due time (or from its last restart, if later: an earlier
         // process's renewals open no fence of this one) to the expiry, failed (a replica
@@ -1698,7 +1747,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 "ownerAttempts": tried,
                 "cause": match causes[n] {
                     Cause::OwnerDown => "owner down when the renewal was due",
-                    Cause::OwnerCutOff => "owner cut off: every write it tried for the lock failed by faults",
+                    Cause::OwnerCutOff => "owner cut off: every renewal of the Lease it tried failed by faults",
                     Cause::Operator => "operator",
                 },
                 "ownerWritesInWindow": owner_writes,
@@ -1848,7 +1897,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             (
                 "Lease lapses of a Ready writer".to_string(),
                 format!(
-                    "{} ({lapse_ms} ms): {operator_lapses} caused by the operator, {down_lapses} with the owner down when the renewal was due, {cut_off_lapses} with every write the owner tried for the lock failed by faults",
+                    "{} ({lapse_ms} ms): {operator_lapses} caused by the operator, {down_lapses} with the owner down when the renewal was due, {cut_off_lapses} with every renewal of the Lease the owner tried failed by faults",
                     all_lapses.len(),
                 ),
             ),
@@ -1941,7 +1990,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             println!("  claim from a live owner: {x}");
         }
         println!(
-            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms): {operator_lapses} caused by the operator ({operator_lapse_ms} ms), {down_lapses} with the owner down when the renewal was due and back less than half a Lease before the expiry, {cut_off_lapses} with the owner up but every write it tried for the lock (due time to expiry) failed by faults",
+            "Lease lapses of a Ready writer: {} (total {lapse_ms} ms, max {lapse_max} ms): {operator_lapses} caused by the operator ({operator_lapse_ms} ms), {down_lapses} with the owner down when the renewal was due and back less than half a Lease before the expiry, {cut_off_lapses} with the owner up, renewing in time and on, but every renewal of the Lease it tried (due time to expiry) failed by faults",
             all_lapses.len(),
         );
         for x in lapse_details.iter().take(DETAILS_TEXT) {
@@ -2309,4 +2358,75 @@ fn html_report(r: &ReportInput<'_>) -> String {
         ),
         &sections,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn try_at(resource: &str, at_ms: u64, elapsed_ms: u64, status: u16) -> kubesim::WriteAttempt {
+        kubesim::WriteAttempt {
+            at_ms,
+            actor: format!("{AGENT_PREFIX}r1"),
+            method: "PATCH".into(),
+            namespace: "t".into(),
+            resource: resource.into(),
+            name: "db".into(),
+            status,
+            elapsed_ms,
+        }
+    }
+
+    fn judged(tries: &[kubesim::WriteAttempt], start: u64, expiry: u64) -> bool {
+        let tries: Vec<_> = tries.iter().collect();
+        // 10 s Leases (a quarter: 2.5 s), 2 s API timeout.
+        renewed_promptly_and_persistently(&tries, start, expiry, 2_500, 2_000)
+    }
+
+    /// The P5 run of seed 20261216: back from a kill 5 s before the expiry, the owner confirms
+    /// the lock, sends the renewal and its hedge (both time out), confirms again and renews
+    /// again until the expiry.
+    #[test]
+    fn an_owner_renewing_until_the_expiry_kept_at_it() {
+        let tries = [
+            try_at("statefulsetlocks", 119_300, 600, 200),
+            try_at("leases", 119_970, 2_000, 0),
+            try_at("leases", 120_480, 2_000, 0),
+            try_at("statefulsetlocks", 122_800, 700, 200),
+            try_at("leases", 123_600, 1_900, 200),
+        ];
+        assert!(judged(&tries, 119_000, 125_000));
+    }
+
+    #[test]
+    fn an_owner_that_stopped_after_one_failed_renewal_had_its_chance() {
+        let tries = [
+            try_at("leases", 120_000, 2_000, 0),
+            // Nothing between 122 s and the expiry at 125 s.
+        ];
+        assert!(!judged(&tries, 119_000, 125_000));
+        // Idle for 2.5 s in the middle, then one more try.
+        let tries = [
+            try_at("leases", 120_000, 300, 503),
+            try_at("leases", 122_800, 2_000, 0),
+        ];
+        assert!(!judged(&tries, 119_000, 125_000));
+    }
+
+    #[test]
+    fn an_owner_that_renewed_late_or_only_confirmed_the_lock_had_its_chance() {
+        // First renewal 3 s after it was due (a quarter of the Lease is 2.5 s).
+        let tries = [
+            try_at("leases", 123_000, 2_000, 0),
+            try_at("leases", 124_000, 2_000, 0),
+        ];
+        assert!(!judged(&tries, 120_000, 126_000));
+        // Only lock writes: no renewal tried at all.
+        let tries = [
+            try_at("statefulsetlocks", 120_000, 2_000, 0),
+            try_at("statefulsetlocks", 122_000, 2_000, 0),
+            try_at("statefulsetlocks", 124_000, 2_000, 0),
+        ];
+        assert!(!judged(&tries, 120_000, 126_000));
+    }
 }
