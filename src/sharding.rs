@@ -86,6 +86,8 @@ const HANDOFF_READ_EVERY: Duration = Duration::from_secs(1);
 const LEAVE_LIST_ROUNDS: usize = 4;
 /// Pause before a leave lists its locks again after a failed list.
 const LEAVE_LIST_RETRY: Duration = Duration::from_millis(250);
+/// How often a leave's first handoffs look for locks peers handed this replica meanwhile.
+const LEAVE_POLL: Duration = Duration::from_millis(500);
 
 /// A leave's handoffs: each lock once, at the newer of its cached and listed versions (a
 /// handoff's CAS from an older one only conflicts), the ones the cache does not show first.
@@ -1616,6 +1618,46 @@ impl Sharding {
         }
     }
 
+    /// During a leave's first handoffs (never ends by itself): every [`LEAVE_POLL`], the locks
+    /// the API server lists labelled for this replica that are not in `known` (what the leave
+    /// hands off) get renewal entries at once, as the assignment passes would give them.
+    async fn renew_locks_handed_meanwhile(&self, mut known: HashSet<String>) {
+        loop {
+            tokio::time::sleep(LEAVE_POLL).await;
+            if !self.may_write() {
+                continue;
+            }
+            let Some(listed) = self.list_own_locks().await else {
+                continue;
+            };
+            let new: Vec<_> = listed
+                .into_iter()
+                .filter(|l| known.insert(lock_key(l)))
+                .collect();
+            if !new.is_empty() {
+                tracing::info!(shard = %self.cfg.id, locks = new.len(), "leaving: locks handed to this replica meanwhile get their Leases renewed until they are handed on");
+                self.report_gained(&new);
+            }
+        }
+    }
+
+    /// Report `locks` (listed labelled for this replica) gained, unless already reported:
+    /// their Leases get renewal entries (see `on_ownership`).
+    fn report_gained(&self, locks: &[StatefulSetLock]) {
+        let Some(f) = self.on_ownership.get() else {
+            return;
+        };
+        for lock in locks {
+            if self
+                .owned
+                .lock()
+                .is_ok_and(|mut o| o.insert(lock_key(lock)))
+            {
+                f(lock, true);
+            }
+        }
+    }
+
     /// Graceful leave: hand every owned lock to its next owner, then delete the membership
     /// Lease so peers rebalance at once.
     pub async fn leave(&self, locks: &Store<StatefulSetLock>) {
@@ -1631,8 +1673,16 @@ impl Sharding {
             // go first: nothing renews their Leases, since this replica has never seen them.
             let listed = self.list_own_locks().await.unwrap_or_default();
             let moves = leave_order(cached, listed);
+            let known: HashSet<String> = moves.iter().map(|l| lock_key(l)).collect();
             tracing::info!(shard = %self.cfg.id, locks = moves.len(), "leaving: handing locks off");
-            self.hand_all_off(&ring, moves).await;
+            // Those handoffs take seconds under slow answers; a lock a peer hands this replica
+            // meanwhile (it has not seen the mark yet) would have nothing renewing its Lease
+            // until they are done (the assignment passes, which report gained locks, stopped
+            // with the reconciles). The API server's list is polled meanwhile.
+            tokio::select! {
+                () = self.hand_all_off(&ring, moves) => {}
+                () = self.renew_locks_handed_meanwhile(known) => {}
+            }
             // Peers that had not seen the mark yet may have handed locks to this replica since
             // (or the lock watch is behind): the API server's list of the locks labelled for
             // it, handed off until it is empty (a few rounds at most).
@@ -1653,6 +1703,7 @@ impl Sharding {
                     break;
                 }
                 before = left.len();
+                self.report_gained(&left);
                 let ring = self.fresh_ring().await.unwrap_or_else(|| ring.clone());
                 tracing::info!(shard = %self.cfg.id, locks = left.len(), "leaving: handing off locks the API server still lists for this replica");
                 self.hand_all_off(&ring, left.into_iter().map(Arc::new).collect())

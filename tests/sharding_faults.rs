@@ -1410,6 +1410,67 @@ async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
     assert_never_two_writers(&sim);
 }
 
+/// As above, but the Lease of the lock labelled for a during its leave must also stay renewed
+/// until it is handed on: a's leave (48 locks, its label writes answered 1.5 s late) takes
+/// seconds, and the lock's 3 s Lease cannot wait for its end. Before, nothing renewed such a
+/// lock until the leave's first pass had handed off everything else and listed the locks left
+/// (the P5 run of seed 20261216: three Leases of locks handed to a replica restarting
+/// gracefully lapsed that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_handed_to_a_leaving_replica_keeps_its_lease_renewed() {
+    let (sim, client) = sim_with_crd().await;
+    let lease_ms = 3000;
+    let (a, b, owned) = a_and_b_with_locks(&sim, &client, 48, 1, 3).await;
+    until_leases(&client, 48).await;
+    let late = owned
+        .iter()
+        .find(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(k, _)| k.clone())
+        .expect("b owns a lock");
+    sim.faults()
+        .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
+    let _ = a.stop.send(());
+    until(10, "a's leave started handing off", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.get_opt("stslock-a").await.ok().flatten()?;
+            l.annotations()
+                .contains_key(stslock::sharding::LEAVING_ANNOTATION)
+                .then_some(())
+        }
+    })
+    .await;
+    // Deliberate wait: a's first handoffs (label writes held 1.5 s each) are in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from_ms = sim.store().elapsed_ms();
+    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
+    admin
+        .patch(&late, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
+    assert!(finished.is_ok(), "a's leave did not finish within 40 s");
+    sim.faults().set(kubesim::FaultConfig::default());
+    until_owned_by(&client, &["b"], 20).await;
+    // b renews it again once it has it back.
+    tokio::time::sleep(Duration::from_millis(lease_ms)).await;
+    let end_ms = sim.store().elapsed_ms();
+    b.stop().await;
+
+    let log = sim.commit_log();
+    let worst = longest_without_lease_write(&log, &late, from_ms, end_ms);
+    println!(
+        "{late}: labelled for a during its leave; longest time without a Lease write {worst} ms"
+    );
+    assert!(
+        worst < lease_ms,
+        "{late}'s Lease went {worst} ms without a write (its Lease: {lease_ms} ms)"
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
+
 /// a, b and c share the locks; a's label writes are answered 1.5 s late, so its leave's
 /// handoffs go out in batches over several seconds. Once a's leave is under way, b begins a
 /// leave of its own. a must stop handing locks to b once it has seen b's mark: before, every

@@ -32,18 +32,22 @@
 //! Lease before the expiry: a dead replica renews nothing, and half a Lease is what every
 //! renewal gets after it is due. The same when the owner at the due time went down that way and
 //! the replica owning the lock at the expiry claimed it less than half a Lease before the
-//! expiry (a peer claims a dead owner's locks only once its membership Lease has run out). It is also the fault injector's when the owner was up but cut
-//! off: it tried at least one write for the lock (the lock, its Lease or its pods) between the
-//! due time (less a twentieth of a Lease: the renewal lane's early jitter) and the expiry, the first of them within a quarter of a Lease of the due time (or of
-//! when it got the lock, if later), and every such try failed by faults — an error answer (5xx,
-//! 429), an answer only after the API timeout, none (kubesim's write-attempt log), or an answer
-//! after the expiry while latency, late commits or held answers were injected on it; or its fence
-//! was shut by faults: every renewal of its own membership Lease from a membership Lease before
-//! the due time (or its last restart, if later) to the expiry failed that way (it may write
-//! nothing then), or it tried to renew its membership more than half a Lease before the expiry
-//! and none of its renewals committed until less than half a Lease before it (the fence opens
-//! only on a committed renewal: as for an owner back from a restart only then) — and nothing it
-//! tried for the lock got through. Every other lapse is the operator's, including one where the owner
+//! expiry (a peer claims a dead owner's locks only once its membership Lease has run out).
+//! It is also the fault injector's when the owner was up but cut off from renewing: it tried
+//! to renew the Lease between the due time (less a twentieth of a Lease: the renewal lane's
+//! early jitter) and the expiry, the first renewal within a quarter of a Lease of the due time
+//! (or of when it got the lock, if later), and kept at it until the expiry (never idle for
+//! longer than the API timeout: no write for the lock in flight), and every renewal failed by
+//! faults — an error answer (5xx, 429), an answer only after the API timeout, none (kubesim's
+//! write-attempt log), or an answer after the expiry while latency, late commits or held
+//! answers were injected on it. Only Lease writes count as renewals: a write of the lock (a
+//! confirmation of ownership) that got through renews nothing. Or its fence was shut by faults:
+//! every renewal of its own membership Lease from a membership Lease before the due time (or
+//! its last restart, if later) to the expiry failed that way (it may write nothing then), or
+//! it tried to renew its membership more than half a Lease before the expiry and none of its
+//! renewals committed until less than half a Lease before it (the fence opens only on a
+//! committed renewal: as for an owner back from a restart only then) — and no renewal of the
+//! Lease it tried got through. Every other lapse is the operator's, including one where the owner
 //! tried nothing while its membership renewals went through.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
