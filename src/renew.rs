@@ -53,6 +53,9 @@ const HEDGE_WITHIN: Duration = Duration::from_secs(4);
 const HEDGE_AFTER: Duration = Duration::from_millis(500);
 /// A hedging attempt is sent only with at least this left of the write window.
 const MIN_ATTEMPT: Duration = Duration::from_millis(300);
+/// How long after its start the lane waits for the Lease watch's first list before it renews
+/// without knowing which Leases are due (see `try_renew`).
+const SYNC_WAIT: Duration = Duration::from_secs(1);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -79,6 +82,8 @@ pub struct Context {
     pub api_timeout: Duration,
     /// Has the Lease watch delivered its initial list (see [`crate::probe::CacheSync`])?
     pub leases_synced: Arc<std::sync::atomic::AtomicBool>,
+    /// When the lane was set up (see [`SYNC_WAIT`]).
+    pub started: Instant,
 }
 
 /// Handle to the renewal lane, held by the reconcile lane's context.
@@ -328,7 +333,7 @@ async fn confirm_owner(
 ) -> Confirmation {
     match ctx
         .sharding
-        .confirm_owner(lock, generation, must, &ctx.limits)
+        .confirm_owner(lock, generation, must, &ctx.limits, Lane::Renewal)
         .await
     {
         Ok(Some(confirmed)) => Confirmation::Confirmed(Box::new(confirmed)),
@@ -360,6 +365,22 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     let ns = lock.namespace().unwrap_or_default();
     if !ctx.scope.allows(&ns) {
         return Outcome::NotMine;
+    }
+    // Not due as the Lease cache shows it: nothing is read or written yet, not even the
+    // confirmation of ownership a restart asks for. After a restart every owned lock's entry
+    // fires at once; confirming them all first spent the write budget on Leases renewed just
+    // before the restart while others ran out (the P5 run of seed 20261216: a replica back with
+    // 493 locks sent its first renewal of one 2.4 s before it expired). Each is confirmed and
+    // renewed when due instead, the most urgent first. That needs the Lease watch's first
+    // list: the lane waits for it, but not past SYNC_WAIT after its start (a Lease watch that
+    // cannot list must not hold renewals up; then every Lease is taken as due).
+    if !ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst)
+        && ctx.started.elapsed() < SYNC_WAIT
+    {
+        return Outcome::Wait("the Lease watch has not listed yet");
+    }
+    if let Some(next) = not_due_as_cached(ctx, lock, due) {
+        return Outcome::NotDue(next);
     }
     let key = crate::api::lock_key(lock);
     // A renewal needs the lock's ownership verified in this fence generation (its other writes'
@@ -504,26 +525,14 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     if spec.lease_duration_seconds != Some(lock.spec.lease_duration_seconds) {
         return Outcome::Reconcile("leaseDurationSeconds changed");
     }
-    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
+    let (duration, since_renew) = renewal_age(spec);
     let half = duration / 2;
-    let now = jiff::Timestamp::now();
-    let since_renew = spec
-        .renew_time
-        .as_ref()
-        .map(|t| now.duration_since(t.0))
-        .and_then(|d| Duration::try_from(d).ok())
-        .unwrap_or(duration);
     // Lapsed (renewals failed, or the replica was away): the same healthy holder re-acquires
     // it here, with no transition (rule 5), as the reconcile lane would.
     let expired = since_renew >= duration;
-    // Renewed since this entry was scheduled (by the reconcile lane): not due yet. The slack
-    // covers the jitter, so an early-jittered entry renews instead of rescheduling itself.
-    let not_due = match due {
-        Due::Half => since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half,
-        Due::Handoff => since_renew < duration / 4,
-    };
-    if not_due {
-        return Outcome::NotDue(half.saturating_sub(since_renew));
+    // Renewed since this entry was scheduled (by the reconcile lane): not due yet.
+    if let Some(next) = not_due(due, duration, since_renew) {
+        return Outcome::NotDue(next);
     }
     let holder_uid = lease.annotations().get(WRITER_UID_ANNOTATION);
     // Ready or not: a writer that is failing over keeps its Lease until the Lease moves (the
@@ -654,6 +663,50 @@ fn must_read_around(ctx: &Context, lock: &StatefulSetLock) -> bool {
         .cached_lease(&ns, &lock.spec.lease_name)
         .is_some_and(|l| lapsed_within(&l, 2));
     !synced || !ctx.cache.holds(lock) || recently_lapsed
+}
+
+/// A Lease's duration (at least 1 s) and how long ago it was renewed, by this clock (its
+/// duration when it never was).
+fn renewal_age(spec: &k8s_openapi::api::coordination::v1::LeaseSpec) -> (Duration, Duration) {
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
+    let since_renew = spec
+        .renew_time
+        .as_ref()
+        .map(|t| jiff::Timestamp::now().duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(duration);
+    (duration, since_renew)
+}
+
+/// When a Lease renewed `since_renew` ago is due (`None`: now). The slack covers the jitter,
+/// so an early-jittered entry renews instead of rescheduling itself.
+fn not_due(due: Due, duration: Duration, since_renew: Duration) -> Option<Duration> {
+    let half = duration / 2;
+    let not_due = match due {
+        Due::Half => since_renew + half.mul_f64(2.0 * JITTER) + Duration::from_millis(500) < half,
+        Due::Handoff => since_renew < duration / 4,
+    };
+    not_due.then(|| half.saturating_sub(since_renew))
+}
+
+/// When `lock`'s Lease is due as the Lease cache shows it, if not now: the lock's own Lease,
+/// of the lock's duration, renewed by nobody else. A cache behind the truth shows an older
+/// renewal, never a newer one: it can make a Lease look due early, not late. None when the
+/// cache does not tell (no such Lease cached, or another's).
+fn not_due_as_cached(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Option<Duration> {
+    let ns = lock.namespace()?;
+    let lease = ctx.cache.cached_lease(&ns, &lock.spec.lease_name)?;
+    if lease.annotations().get(LEASE_OWNER_ANNOTATION) != Some(&crate::api::lock_key(lock))
+        || crate::cache::lease_view(&lease).renewed_elsewhere()
+    {
+        return None;
+    }
+    let spec = lease.spec.as_ref()?;
+    if spec.lease_duration_seconds != Some(lock.spec.lease_duration_seconds) {
+        return None;
+    }
+    let (duration, since_renew) = renewal_age(spec);
+    not_due(due, duration, since_renew)
 }
 
 /// Read `lock`'s Lease and pods directly if [`must_read_around`] says so and `done` is not a

@@ -635,12 +635,19 @@ impl Sharding {
     /// Returns the lock as confirmed (the write's answer, or the read showing it), `None` when
     /// it is not this replica's; an error (a conflict, a lost answer) means "not confirmed
     /// yet": read again and retry.
+    ///
+    /// The writes are budgeted in `lane`: the renewal lane's confirmations (each is followed
+    /// by a renewal) go before reconciles, the reconcile lane's do not (after a restart, its
+    /// first pass over every lock confirmed them all in the renewals' lane and took the budget
+    /// from the Leases about to expire). The first write's token is taken before this lock's
+    /// turn, so a confirmation waiting for a reconcile token never holds up a renewal's.
     pub async fn confirm_owner(
         &self,
         read: &StatefulSetLock,
         generation: u64,
         must: bool,
         limits: &crate::limits::Limits,
+        lane: crate::limits::Lane,
     ) -> crate::error::Result<Option<StatefulSetLock>> {
         if read.labels().get(SHARD_LABEL) != Some(&self.cfg.id) {
             return Ok(None);
@@ -650,10 +657,12 @@ impl Sharding {
             return Ok(Some(read.clone()));
         }
         let key = lock_key(read);
+        limits.acquire(lane).await;
         let gate = self.confirming.entry(key.clone()).or_default().clone();
         let result = {
             let _turn = gate.lock().await;
-            self.confirm_by_write(read, generation, &term, limits).await
+            self.confirm_by_write(read, generation, &term, limits, lane)
+                .await
         };
         drop(gate);
         self.confirming
@@ -668,6 +677,7 @@ impl Sharding {
         generation: u64,
         term: &str,
         limits: &crate::limits::Limits,
+        lane: crate::limits::Lane,
     ) -> crate::error::Result<Option<StatefulSetLock>> {
         let key = lock_key(read);
         let mine = |l: &StatefulSetLock| l.labels().get(SHARD_LABEL) == Some(&self.cfg.id);
@@ -691,8 +701,12 @@ impl Sharding {
         let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
         let mut from = read.clone();
         let mut resolved_once = false;
+        // The first write's token was taken before this lock's turn.
+        let mut paid = true;
         loop {
-            limits.acquire(crate::limits::Lane::Renewal).await;
+            if !std::mem::take(&mut paid) {
+                limits.acquire(lane).await;
+            }
             let permit = match self.permit(&from, generation) {
                 Ok(p) => p,
                 Err(Refused::Fenced) => return Err(crate::error::Error::Fenced),
@@ -1883,6 +1897,7 @@ mod tests {
                 s.generation(),
                 true,
                 &crate::limits::Limits::unlimited(),
+                crate::limits::Lane::Renewal,
             )
             .await
             .unwrap()

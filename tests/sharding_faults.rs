@@ -913,6 +913,68 @@ async fn restart_with_slow_answers(latency_ms: u64, lease_secs: i32) {
     assert_never_two_writers(&sim);
 }
 
+/// a owns 44 locks alone, created in eleven batches 450 ms apart, so their 10 s Leases are
+/// renewed at phases spread over the 5 s between renewals. a is killed and comes back a second
+/// later with a write budget of 16 writes/s: after a restart each lock needs two writes (the
+/// confirmation of ownership, then the renewal), 88 in all, each before its own Lease runs out.
+/// Before, every lock was confirmed at once, by both lanes in the renewals' share of the
+/// budget, and the renewals came after, in no order: Leases close to expiry waited behind
+/// confirmations of Leases renewed just before the kill, and lapsed. Now the renewal lane
+/// confirms and renews each lock when its Lease is due as the Lease cache shows it, and the
+/// reconcile lane's confirmations wait behind renewals: the budget goes to the most urgent
+/// first.
+///
+/// Measured here (one run each): before, 11.4, 11.9 and 12.5 s without a Lease write (fails);
+/// now 7 runs, 8.1-9.8 s (passes). The margin is under a second, too little for CI's shared
+/// cores: run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing-sensitive on a shared machine (margin under 1 s): run with --ignored"]
+async fn a_restarted_replica_under_a_tight_write_budget_renews_the_most_urgent_first() {
+    let (sim, client) = sim_with_crd().await;
+    let (n, batch) = (44, 4);
+    let lease_ms = 10_000;
+    statefulsets(&client, 0..n, 1).await;
+    let a = start(&sim, "a", |_| {});
+    for b in 0..n / batch {
+        locks(&client, b * batch..(b + 1) * batch, 10).await;
+        // Deliberate wait: the batches' Leases are renewed at phases 450 ms apart.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+    }
+    until_owned_by(&client, &["a"], 30).await;
+    until_leases(&client, n).await;
+    // Deliberate wait: every Lease renewed at least once since its election.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    a.task.abort();
+    let killed_ms = sim.store().elapsed_ms();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = start(&sim, "a", |a| {
+        a.qps = 16.0;
+        a.burst = 16;
+    });
+    // Deliberate wait: past the time every Lease would lapse, and one more renewal.
+    tokio::time::sleep(Duration::from_millis(lease_ms + 2000)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    a.stop().await;
+    let worst: Vec<(u64, String)> = (0..n)
+        .map(|i| {
+            let lock = format!("l{i}");
+            (
+                longest_without_lease_write(&log, &lock, killed_ms, end_ms),
+                lock,
+            )
+        })
+        .collect();
+    let max = worst.iter().max().cloned().unwrap_or_default();
+    println!("longest times without a Lease write across the restart: max {max:?}");
+    let lapsed: Vec<_> = worst.iter().filter(|(w, _)| *w >= lease_ms).collect();
+    assert!(
+        lapsed.is_empty(),
+        "Leases that went a Lease duration without a write: {lapsed:?}"
+    );
+    assert_never_two_writers(&sim);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 13. A replica back after its membership Lease was gone confirms its locks by a write.
 

@@ -133,7 +133,13 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
                 // fence reopened, see `Sharding::confirm_owner`).
                 match ctx
                     .sharding
-                    .confirm_owner(&lock, generation, must, &ctx.limits)
+                    .confirm_owner(
+                        &lock,
+                        generation,
+                        must,
+                        &ctx.limits,
+                        crate::limits::Lane::Reconcile,
+                    )
                     .await?
                 {
                     Some(confirmed) => {
