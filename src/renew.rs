@@ -53,9 +53,6 @@ const HEDGE_WITHIN: Duration = Duration::from_secs(4);
 const HEDGE_AFTER: Duration = Duration::from_millis(500);
 /// A hedging attempt is sent only with at least this left of the write window.
 const MIN_ATTEMPT: Duration = Duration::from_millis(300);
-/// How long after its start the lane waits for the Lease watch's first list before it renews
-/// without knowing which Leases are due (see `try_renew`).
-const SYNC_WAIT: Duration = Duration::from_secs(1);
 /// Renewals are scheduled up to this fraction of the half-duration early.
 const JITTER: f64 = 0.05;
 
@@ -82,8 +79,6 @@ pub struct Context {
     pub api_timeout: Duration,
     /// Has the Lease watch delivered its initial list (see [`crate::probe::CacheSync`])?
     pub leases_synced: Arc<std::sync::atomic::AtomicBool>,
-    /// When the lane was set up (see [`SYNC_WAIT`]).
-    pub started: Instant,
 }
 
 /// Handle to the renewal lane, held by the reconcile lane's context.
@@ -371,14 +366,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     // fires at once; confirming them all first spent the write budget on Leases renewed just
     // before the restart while others ran out (the P5 run of seed 20261216: a replica back with
     // 493 locks sent its first renewal of one 2.4 s before it expired). Each is confirmed and
-    // renewed when due instead, the most urgent first. That needs the Lease watch's first
-    // list: the lane waits for it, but not past SYNC_WAIT after its start (a Lease watch that
-    // cannot list must not hold renewals up; then every Lease is taken as due).
-    if !ctx.leases_synced.load(std::sync::atomic::Ordering::SeqCst)
-        && ctx.started.elapsed() < SYNC_WAIT
-    {
-        return Outcome::Wait("the Lease watch has not listed yet");
-    }
+    // renewed when due instead, the most urgent first. Before the Lease watch's first list
+    // every Lease is taken as due (waiting for that list, up to a second, cost a restart under
+    // slow reads the second its renewals needed).
     if let Some(next) = not_due_as_cached(ctx, lock, due) {
         return Outcome::NotDue(next);
     }
@@ -495,6 +485,9 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         // nothing gives up a lock the lock list no longer has. It is read with them.
         match ctx.cache.reread(lock).await {
             Ok(Some(read)) if read.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) => {
+                if read.meta().deletion_timestamp.is_some() {
+                    return Outcome::Reconcile("lock deleting");
+                }
             }
             Ok(_) => return Outcome::NotMine,
             Err(e) => {

@@ -278,7 +278,6 @@ pub async fn run_with(
         renewals,
         api_timeout: args.api_timeout(),
         leases_synced: synced.leases.clone(),
-        started: tokio::time::Instant::now(),
     });
     // A lock this replica gains or gives up is re-read before it is decided again (the
     // previous owner's writes may not be in the cache yet). A gained lock gets its renewal

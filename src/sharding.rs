@@ -657,17 +657,44 @@ impl Sharding {
             return Ok(Some(read.clone()));
         }
         let key = lock_key(read);
+        // Confirmed already (the other lane's write, or its read): no token spent.
+        if let Some(known) = self.confirmed_since(&key, generation, &term, read) {
+            return Ok(Some(known));
+        }
         limits.acquire(lane).await;
         let gate = self.confirming.entry(key.clone()).or_default().clone();
         let result = {
             let _turn = gate.lock().await;
-            self.confirm_by_write(read, generation, &term, limits, lane)
-                .await
+            self.confirm_by_write(read, generation, &term, limits).await
         };
         drop(gate);
         self.confirming
             .remove_if(&key, |_, g| Arc::strong_count(g) == 1);
         result
+    }
+
+    /// The lock as this replica confirmed or read it in `generation` with its `term`, when
+    /// that is at least as new as `read` (a confirmation already made by the other lane).
+    fn confirmed_since(
+        &self,
+        key: &str,
+        generation: u64,
+        term: &str,
+        read: &StatefulSetLock,
+    ) -> Option<StatefulSetLock> {
+        let known = self.read_mine.get(key).map(|r| r.clone())?;
+        let confirmed = known.0.labels().get(SHARD_LABEL) == Some(&self.cfg.id)
+            && known
+                .0
+                .annotations()
+                .get(SHARD_TERM_ANNOTATION)
+                .map(String::as_str)
+                == Some(term);
+        (known.1 == generation
+            && confirmed
+            && crate::cache::fresh::rv_number(known.0.resource_version().as_deref())
+                >= crate::cache::fresh::rv_number(read.resource_version().as_deref()))
+        .then(|| (*known.0).clone())
     }
 
     /// The write of [`confirm_owner`](Self::confirm_owner), with its resolution by a read.
@@ -677,7 +704,6 @@ impl Sharding {
         generation: u64,
         term: &str,
         limits: &crate::limits::Limits,
-        lane: crate::limits::Lane,
     ) -> crate::error::Result<Option<StatefulSetLock>> {
         let key = lock_key(read);
         let mine = |l: &StatefulSetLock| l.labels().get(SHARD_LABEL) == Some(&self.cfg.id);
@@ -689,23 +715,21 @@ impl Sharding {
                     == Some(term)
         };
         // Confirmed while this one waited its turn (the other lane's write, or its read).
-        if let Some(known) = self.read_mine.get(&key).map(|r| r.clone())
-            && known.1 == generation
-            && confirmed(&known.0)
-            && crate::cache::fresh::rv_number(known.0.resource_version().as_deref())
-                >= crate::cache::fresh::rv_number(read.resource_version().as_deref())
-        {
-            return Ok(Some((*known.0).clone()));
+        if let Some(known) = self.confirmed_since(&key, generation, term, read) {
+            return Ok(Some(known));
         }
         let ns = read.namespace().unwrap_or_default();
         let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
         let mut from = read.clone();
         let mut resolved_once = false;
-        // The first write's token was taken before this lock's turn.
+        // The first write's token was taken before this lock's turn (in its lane). A retry
+        // (after a conflict, or a lost answer that did not land) is taken in the renewals'
+        // share whatever the lane: it holds this lock's turn, and a renewal of the lock may be
+        // waiting for it — a reconcile token is not served while renewals wait for theirs.
         let mut paid = true;
         loop {
             if !std::mem::take(&mut paid) {
-                limits.acquire(lane).await;
+                limits.acquire(crate::limits::Lane::Renewal).await;
             }
             let permit = match self.permit(&from, generation) {
                 Ok(p) => p,
@@ -1717,7 +1741,6 @@ impl Sharding {
                     break;
                 }
                 before = left.len();
-                self.report_gained(&left);
                 let ring = self.fresh_ring().await.unwrap_or_else(|| ring.clone());
                 tracing::info!(shard = %self.cfg.id, locks = left.len(), "leaving: handing off locks the API server still lists for this replica");
                 self.hand_all_off(&ring, left.into_iter().map(Arc::new).collect())
