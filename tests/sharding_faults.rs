@@ -1401,6 +1401,37 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
 // ---------------------------------------------------------------------------------------------
 // A lock handed to a replica while it leaves is handed on by it.
 
+/// Once a has marked its membership Lease leaving (its leave's first handoffs are then under
+/// way) and `wait_ms` more have passed, label `lock` for a, as a peer's handoff that had not seen
+/// the mark would. Returns the store time just before that write.
+async fn relabel_for_a_during_its_leave(
+    sim: &Sim,
+    client: &Client,
+    lock: &str,
+    wait_ms: u64,
+) -> u64 {
+    until(10, "a's leave started handing off", || {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        async move {
+            let l = leases.get_opt("stslock-a").await.ok().flatten()?;
+            l.annotations()
+                .contains_key(stslock::sharding::LEAVING_ANNOTATION)
+                .then_some(())
+        }
+    })
+    .await;
+    // Deliberate wait: a's first handoffs (label writes held 1.5 s each) are in flight.
+    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    let at_ms = sim.store().elapsed_ms();
+    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
+    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
+    admin
+        .patch(lock, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    at_ms
+}
+
 /// Peers hand locks to a leaving replica until they see its leaving mark (or when the answer of
 /// an earlier handoff was lost and it lands late). a leaves with every label write of it held
 /// 1.5 s; once its own handoffs are under way, one of b's locks is labelled for a (as b's
@@ -1420,25 +1451,7 @@ async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
         .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
     let from = sim.commit_log().last().map_or(0, |c| c.rv);
     let _ = a.stop.send(());
-    // a's first handoff has been sent (its label write is held): the leave's own list is made.
-    until(10, "a's leave started handing off", || {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-        async move {
-            let l = leases.get_opt("stslock-a").await.ok().flatten()?;
-            l.annotations()
-                .contains_key(stslock::sharding::LEAVING_ANNOTATION)
-                .then_some(())
-        }
-    })
-    .await;
-    // Deliberate wait: a's handoffs (label writes held 1.5 s each) are in flight.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
-    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
-    admin
-        .patch(&late, &PatchParams::default(), &Patch::Merge(&relabel))
-        .await
-        .unwrap();
+    relabel_for_a_during_its_leave(&sim, &client, &late, 500).await;
     let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
     assert!(finished.is_ok(), "a's leave did not finish within 40 s");
     sim.faults().set(kubesim::FaultConfig::default());
@@ -1492,25 +1505,7 @@ async fn a_lock_handed_to_a_leaving_replica_keeps_its_lease_renewed() {
     sim.faults()
         .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
     let _ = a.stop.send(());
-    until(10, "a's leave started handing off", || {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-        async move {
-            let l = leases.get_opt("stslock-a").await.ok().flatten()?;
-            l.annotations()
-                .contains_key(stslock::sharding::LEAVING_ANNOTATION)
-                .then_some(())
-        }
-    })
-    .await;
-    // Deliberate wait: a's first handoffs (label writes held 1.5 s each) are in flight.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let from_ms = sim.store().elapsed_ms();
-    let admin: Api<StatefulSetLock> = Api::namespaced(sim.client_as("kubectl"), "default");
-    let relabel = json!({"metadata": {"labels": {SHARD_LABEL: "a"}}});
-    admin
-        .patch(&late, &PatchParams::default(), &Patch::Merge(&relabel))
-        .await
-        .unwrap();
+    let from_ms = relabel_for_a_during_its_leave(&sim, &client, &late, 300).await;
     let finished = tokio::time::timeout(Duration::from_secs(40), a.task).await;
     assert!(finished.is_ok(), "a's leave did not finish within 40 s");
     sim.faults().set(kubesim::FaultConfig::default());
