@@ -659,16 +659,23 @@ fn must_read_around(ctx: &Context, lock: &StatefulSetLock) -> bool {
 }
 
 /// A Lease's duration (at least 1 s) and how long ago it was renewed, by this clock (its
-/// duration when it never was).
+/// duration when it never was, or when its renewTime is ahead of this clock).
 fn renewal_age(spec: &k8s_openapi::api::coordination::v1::LeaseSpec) -> (Duration, Duration) {
+    let (duration, since) = since_renewed(spec);
+    (duration, since.unwrap_or(duration))
+}
+
+/// A Lease's duration (at least 1 s) and how long ago it was renewed, by this clock (None: it
+/// never was, or its renewTime is ahead of this clock).
+fn since_renewed(
+    spec: &k8s_openapi::api::coordination::v1::LeaseSpec,
+) -> (Duration, Option<Duration>) {
     let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
-    let since_renew = spec
+    let since = spec
         .renew_time
         .as_ref()
-        .map(|t| jiff::Timestamp::now().duration_since(t.0))
-        .and_then(|d| Duration::try_from(d).ok())
-        .unwrap_or(duration);
-    (duration, since_renew)
+        .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok());
+    (duration, since)
 }
 
 /// When a Lease renewed `since_renew` ago is due (`None`: now). The slack covers the jitter,
@@ -751,12 +758,7 @@ fn lapsed_within(lease: &Lease, durations: u32) -> bool {
     let Some(spec) = lease.spec.as_ref() else {
         return false;
     };
-    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
-    let Some(since) = spec
-        .renew_time
-        .as_ref()
-        .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok())
-    else {
+    let (duration, Some(since)) = since_renewed(spec) else {
         return false;
     };
     since >= duration && since < duration * (durations + 1)

@@ -1401,6 +1401,15 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
 // ---------------------------------------------------------------------------------------------
 // A lock handed to a replica while it leaves is handed on by it.
 
+/// One of the locks `owned` shows owned by `owner`.
+fn a_lock_of(owned: &BTreeMap<String, Option<String>>, owner: &str) -> String {
+    owned
+        .iter()
+        .find(|(_, o)| o.as_deref() == Some(owner))
+        .map(|(k, _)| k.clone())
+        .unwrap_or_else(|| panic!("{owner} owns no lock: {owned:?}"))
+}
+
 /// Once a has marked its membership Lease leaving (its leave's first handoffs are then under
 /// way) and `wait_ms` more have passed, label `lock` for a, as a peer's handoff that had not seen
 /// the mark would. Returns the store time just before that write.
@@ -1442,11 +1451,7 @@ async fn relabel_for_a_during_its_leave(
 async fn a_lock_handed_to_a_leaving_replica_is_handed_on_before_it_goes() {
     let (sim, client) = sim_with_crd().await;
     let (a, b, owned) = a_and_b_with_locks(&sim, &client, 16, 2, 10).await;
-    let late = owned
-        .iter()
-        .find(|(_, o)| o.as_deref() == Some("b"))
-        .map(|(k, _)| k.clone())
-        .expect("b owns a lock");
+    let late = a_lock_of(&owned, "b");
     sim.faults()
         .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
     let from = sim.commit_log().last().map_or(0, |c| c.rv);
@@ -1497,11 +1502,7 @@ async fn a_lock_handed_to_a_leaving_replica_keeps_its_lease_renewed() {
     let lease_ms = 3000;
     let (a, b, owned) = a_and_b_with_locks(&sim, &client, 48, 1, 3).await;
     until_leases(&client, 48).await;
-    let late = owned
-        .iter()
-        .find(|(_, o)| o.as_deref() == Some("b"))
-        .map(|(k, _)| k.clone())
-        .expect("b owns a lock");
+    let late = a_lock_of(&owned, "b");
     sim.faults()
         .update(|c| c.hold_responses = vec![a_lock_writes_answered_late()]);
     let _ = a.stop.send(());
@@ -1650,11 +1651,7 @@ async fn a_leave_hands_on_first_the_locks_its_stalled_cache_never_showed() {
         of_a >= 40,
         "a owns {of_a} locks: fewer than three batches of handoffs"
     );
-    let late = owned
-        .iter()
-        .find(|(_, o)| o.as_deref() == Some("b"))
-        .map(|(k, _)| k.clone())
-        .expect("b owns a lock");
+    let late = a_lock_of(&owned, "b");
     sim.faults().update(|f| {
         f.watch_faults = vec![WatchFault::stall("statefulsetlocks").agent("stslock/a")];
         f.hold_responses = vec![a_lock_writes_answered_late()];
