@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use stslock::api::StatefulSetLock;
 
@@ -548,22 +548,11 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
     // Per owning replica: all sets share one namespace, so a replica owning many of them is
     // paced by the namespace's write budget (--tenant-qps) and the others are not; the overall
     // p50 lands wherever the two groups meet.
-    let owners: std::collections::BTreeMap<String, String> = env
-        .locks()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|l| {
-            let owner = l.labels().get(stslock::api::SHARD_LABEL).cloned();
-            (l.name_any(), owner.unwrap_or_else(|| "-".into()))
-        })
-        .collect();
+    let owners = common::lock_owners(&env.locks()).await;
     let mut by_owner: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
     for (i, ms) in &latencies {
-        let owner = owners.get(&format!("f{i}")).map_or("-", String::as_str);
-        by_owner.entry(owner).or_default().push(*ms);
+        let owner = owners.get(&format!("f{i}")).and_then(Option::as_deref);
+        by_owner.entry(owner.unwrap_or("-")).or_default().push(*ms);
     }
     for (owner, ms) in by_owner {
         println!(
