@@ -466,10 +466,6 @@ async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label(replicas: usize)
     env.assert_never_two_writers().await;
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
 /// Failover latency over 200 failovers: from the commit that turned the writer NotReady to the
 /// commit that labelled the new writer, both read from the write log (kubesim's commit log, or the audit log). Prints the
 /// distribution, overall and per owning replica (run with --nocapture); asserts only that every
@@ -566,13 +562,14 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
 
 /// p50, p90, p99, max and mean of latencies in milliseconds.
 fn distribution(mut ms: Vec<u64>) -> String {
+    use kubesim::html::pct;
     ms.sort_unstable();
     let mean = ms.iter().sum::<u64>() as f64 / ms.len() as f64;
     format!(
         "p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, mean {mean:.0} ms",
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.9),
-        percentile(&ms, 0.99),
+        pct(&ms, 0.5),
+        pct(&ms, 0.9),
+        pct(&ms, 0.99),
         ms[ms.len() - 1]
     )
 }
