@@ -18,6 +18,8 @@
 //!   that is not urgent and still waits (status updates, switchovers), which move back by its
 //!   writes: the namespace's rate holds, only the order changes. Urgent plans are served in
 //!   the order they asked.
+//! - A lock that comes back with a bigger plan than it reserved for (a status update that
+//!   became a failover) pays the difference: nothing is sent that was not charged.
 //!
 //! Membership and ownership writes of the shard runtime are not budgeted: their number is
 //! bounded by the locks that move between replicas, never by what tenants do, and delaying
@@ -91,37 +93,40 @@ impl TenantBudget {
         urgent: bool,
     ) -> Result<(), Duration> {
         let now = Instant::now();
-        let mut space = self.spaces.entry(namespace.to_string()).or_default();
-        let mut turned_urgent = None;
-        if let Some(r) = space.reserved.get(lock).copied() {
-            if r.at <= now {
-                space.reserved.remove(lock);
-                return Ok(());
-            }
-            if !urgent || r.urgent {
-                // Back early (another trigger): its place is kept, nothing is charged again.
-                return Err(r.at - now);
-            }
-            // It lost its writer while it waited: it moves up below, paid for already.
-            space.reserved.remove(lock);
-            turned_urgent = Some(r);
-        }
-        let (at, writes, behind) = match turned_urgent {
-            Some(r) => (r.at, r.writes, r.at),
-            None => {
-                // A plan larger than the burst can never pass whole: charge it the burst.
-                let n = writes.clamp(1, self.burst);
-                let tat = space.tat.map_or(now, |t| t.max(now)) + self.period * n;
+        // A plan larger than the burst can never pass whole: charge it the burst.
+        let n = writes.clamp(1, self.burst);
+        let mut entry = self.spaces.entry(namespace.to_string()).or_default();
+        let space = &mut *entry;
+        // Back with a reservation (another trigger, or its time has come): its place and the
+        // writes it paid for are kept.
+        let prior = space.reserved.remove(lock);
+        let paid = prior.map_or(0, |r| r.writes);
+        // Writes not paid for (a new plan; or one that grew while it waited, as a status
+        // update that became a failover) are charged now, at the end of the namespace's
+        // queue: the plan may go once the bucket holds them, and not before its old place.
+        let unpaid = n.saturating_sub(paid);
+        let (at, behind) = match prior {
+            Some(r) if unpaid == 0 => (r.at, r.at),
+            _ => {
+                let tat = space.tat.map_or(now, |t| t.max(now)) + self.period * unpaid;
                 space.tat = Some(tat);
-                // Allowed once the bucket holds n tokens: when `tat` is at most a burst ahead.
-                let wait = tat
-                    .saturating_duration_since(now)
-                    .saturating_sub(self.period * self.burst);
-                (now + wait, n, tat + self.period * self.burst)
+                // Allowed once `tat` is at most a burst ahead.
+                let ready = now
+                    + tat
+                        .saturating_duration_since(now)
+                        .saturating_sub(self.period * self.burst);
+                (
+                    prior.map_or(ready, |r| r.at.max(ready)),
+                    tat + self.period * self.burst,
+                )
             }
         };
-        let at = if urgent {
-            // Ahead of every plan that is not urgent and still waits (those reserved before
+        let was_urgent = prior.is_some_and(|r| r.urgent);
+        // An urgent plan moves up, once: when it asks first, when it turns urgent (it lost
+        // its writer while it waited), or when it grew and was charged at the end again.
+        let moves_up = urgent && !(was_urgent && unpaid == 0);
+        let at = if moves_up {
+            // Ahead of every plan that is not urgent and still waits (those placed before
             // `behind`): each moves back by this plan's writes, so the namespace's rate holds.
             let mut overtaken = 0;
             for r in space
@@ -130,7 +135,7 @@ impl TenantBudget {
                 .filter(|r| !r.urgent && r.at > now && r.at < behind)
             {
                 overtaken += r.writes;
-                r.at += self.period * writes;
+                r.at += self.period * n.max(paid);
             }
             at.checked_sub(self.period * overtaken)
                 .map_or(now, |t| t.max(now))
@@ -140,9 +145,14 @@ impl TenantBudget {
         if at <= now {
             return Ok(());
         }
-        space
-            .reserved
-            .insert(lock.to_string(), Reservation { at, writes, urgent });
+        space.reserved.insert(
+            lock.to_string(),
+            Reservation {
+                at,
+                writes: n.max(paid),
+                urgent: urgent || was_urgent,
+            },
+        );
         Err(at - now)
     }
 
@@ -425,6 +435,46 @@ mod tests {
             Err(Duration::from_millis(1200))
         );
         assert_eq!(l.deferred_locks(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_that_grew_while_it_waited_pays_the_difference() {
+        let l = Limits::new(0.0, 1, 5.0); // 5/s per namespace, burst 10
+        assert!(l.tenant_admit("ns", "elections", 10, false).is_ok());
+        // A status write reserved for 1 write...
+        assert_eq!(
+            l.tenant_admit("ns", "a", 1, false),
+            Err(Duration::from_millis(200))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "b", 1, false),
+            Err(Duration::from_millis(400))
+        );
+        // ...comes back as a failover of 4: the 3 writes it did not pay for are charged at
+        // the end of the queue (1.0 s), then it moves ahead of b, which moves back by 4 writes.
+        assert_eq!(
+            l.tenant_admit("ns", "a", 4, true),
+            Err(Duration::from_millis(800))
+        );
+        assert_eq!(
+            l.tenant_admit("ns", "b", 1, false),
+            Err(Duration::from_millis(1200))
+        );
+        // Every write was charged: a newcomer waits until the bucket has refilled all 16
+        // (3.2 s) but its burst of 10 (2 s).
+        assert_eq!(
+            l.tenant_admit("ns", "c", 1, false),
+            Err(Duration::from_millis(1200))
+        );
+        // On time, with what it paid for, it passes; a plan that grew after its time waits for
+        // the rest.
+        tokio::time::advance(Duration::from_millis(800)).await;
+        assert!(l.tenant_admit("ns", "a", 4, true).is_ok());
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(
+            l.tenant_admit("ns", "b", 3, false),
+            Err(Duration::from_millis(400))
+        );
     }
 
     /// A renewal whose wait for the budget is cancelled stops counting as waiting: before, the

@@ -251,8 +251,9 @@ impl Plan {
 
     /// Does the plan give a StatefulSet that has no usable writer one: a failover, a first
     /// election, or the promotion that completes an interrupted transition (the Lease moved,
-    /// the label not yet)? Such a plan may borrow from its namespace's budget
-    /// ([`crate::limits`]). A switchover's own plan does not (its writer is healthy).
+    /// the label not yet)? Such a plan goes before its namespace's plans that do not, and
+    /// never borrows ([`crate::limits`]). A switchover's own plan does not go first (its writer
+    /// is healthy).
     pub fn restores_writer(&self) -> bool {
         match &self.transition {
             Some(t) => matches!(t.kind, TransitionKind::Failover | TransitionKind::Election),

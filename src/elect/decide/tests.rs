@@ -265,7 +265,7 @@ fn a_writer_keeps_its_lease_as_long_as_it_keeps_the_label() {
     assert_eq!(failover.renew_after, Some(Duration::from_secs(15)));
     assert!(failover.restores_writer());
     // Interrupted after the Lease moved: the promotion that completes it restores the writer
-    // too (it may borrow from the namespace's budget), though it is no transition of its own.
+    // too (it goes first in its namespace's budget), though it is no transition of its own.
     o.pods[0].role = Some(Role::Reader);
     o.pods[0].epoch = None;
     o.lease = Some(lease("db-1", "uid-1-0", 4, 116));
@@ -281,7 +281,7 @@ fn a_writer_keeps_its_lease_as_long_as_it_keeps_the_label() {
         completion.steps
     );
     assert!(completion.restores_writer());
-    // A switchover from a healthy writer does not borrow.
+    // A switchover from a healthy writer does not go first.
     o.pods[1].role = Some(Role::Writer);
     o.pods[1].epoch = Some(4);
     o.pods[0].ready = true;
