@@ -224,7 +224,7 @@ impl Default for Options {
 
 /// One write as the API server saw it: from kubesim's commit log, or from the real apiserver's
 /// audit log (stage ResponseComplete).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Write {
     /// Order: kubesim's resourceVersion; on a real cluster the audit log's order of request
     /// arrival (a request sent after another's response is later).
@@ -1376,7 +1376,8 @@ impl Env {
     /// owner may have held the lock at some instant of the write; as a violation when no
     /// instant of it can fall in the writer's tenure (every violation reported is proven);
     /// as ambiguous when the owner may have changed during the write. A write to the lock
-    /// that may be the ownership change itself is not checked.
+    /// that may be the ownership change itself is not checked. A re-list of the lock watch may
+    /// have jumped over versions (and owners): a write in such a gap is ambiguous too.
     pub async fn owner_check(&self, lock_of: impl Fn(&Write) -> Option<String>) -> OwnerCheck {
         assert!(
             self.opts.record_owners,
@@ -1431,7 +1432,7 @@ impl Env {
                 if o.relists > 0 {
                     let _ = writeln!(
                         std::io::stderr(),
-                        "note: the lock watch of {} re-listed {} time(s); ownership changes between may be missing",
+                        "note: the lock watch of {} re-listed {} time(s); writes where it may have missed owners count as ambiguous",
                         self.ns,
                         o.relists
                     );
@@ -2154,20 +2155,25 @@ pub struct OwnerCheck {
 
 /// Each lock's owner over time, from the harness's own lock watch.
 #[derive(Default)]
-struct Owners {
+pub struct Owners {
     /// (namespace, lock) → every version of it the watch delivered, in resourceVersion order.
-    locks: HashMap<(String, String), Vec<OwnerVersion>>,
+    pub locks: HashMap<(String, String), Vec<OwnerVersion>>,
     /// (namespace, lock) → the last resourceVersion seen.
     seen: HashMap<(String, String), u64>,
     /// Re-lists after a watch's first list: changes between may be missing.
     relists: usize,
+    /// A re-list is being delivered.
+    relisting: bool,
 }
 
-struct OwnerVersion {
-    rv: u64,
-    owner: Option<String>,
+pub struct OwnerVersion {
+    pub rv: u64,
+    pub owner: Option<String>,
     /// When the watch delivered it (after its commit), microseconds since the Unix epoch.
-    seen_us: i64,
+    pub seen_us: i64,
+    /// Delivered by a re-list, newer than the last version the watch had delivered (or the
+    /// first of its lock): versions between, and the owners they named, may be missing.
+    pub after_gap: bool,
 }
 
 impl Owners {
@@ -2183,6 +2189,7 @@ impl Owners {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         self.seen.insert(key.clone(), rv);
+        let relisting = self.relisting;
         let versions = self.locks.entry(key).or_default();
         // A re-list delivers the current version again.
         if deleted || versions.last().is_none_or(|v| v.rv < rv) {
@@ -2190,6 +2197,7 @@ impl Owners {
                 rv,
                 owner,
                 seen_us: jiff::Timestamp::now().as_microsecond(),
+                after_gap: relisting && !deleted,
             });
         }
     }
@@ -2207,11 +2215,12 @@ async fn record_owners(locks: Api<StatefulSetLock>, owners: Arc<Mutex<Owners>>) 
                 lists += 1;
                 if lists > 1 {
                     o.relists += 1;
+                    o.relisting = true;
                 }
             }
             Ok(watcher::Event::InitApply(l)) | Ok(watcher::Event::Apply(l)) => o.observe(&l, false),
             Ok(watcher::Event::Delete(l)) => o.observe(&l, true),
-            Ok(watcher::Event::InitDone) => {}
+            Ok(watcher::Event::InitDone) => o.relisting = false,
             Err(e) => tracing::warn!("harness lock watch: {e}"),
         }
     }
@@ -2264,7 +2273,7 @@ struct Tenure {
 }
 
 /// [`Env::owner_check`] from the audit log and the lock watch (see there).
-fn timed_owner_check(
+pub fn timed_owner_check(
     writes: &[Write],
     owners: &Owners,
     lock_of: impl Fn(&Write) -> Option<String>,
@@ -2284,10 +2293,22 @@ fn timed_owner_check(
         a.sort_unstable();
     }
     let mut tenures: HashMap<&(String, String), Vec<Tenure>> = HashMap::new();
+    // Per lock, the times in which its watch may have missed versions (a re-list jumped over
+    // them): any replica may have owned it then.
+    let mut gaps: HashMap<&(String, String), Vec<(i64, i64)>> = HashMap::new();
     for (key, versions) in &owners.locks {
         let arrived = arrivals.get(key).map(Vec::as_slice).unwrap_or(&[]);
         let mut list: Vec<Tenure> = vec![];
         for (k, v) in versions.iter().enumerate() {
+            if v.after_gap {
+                // The missed versions were committed after the last delivered one, which was
+                // committed after its own write arrived (the k-th arrival bounds it).
+                let from = k
+                    .checked_sub(1)
+                    .and_then(|p| arrived.get(p).copied())
+                    .unwrap_or(i64::MIN);
+                gaps.entry(key).or_default().push((from, v.seen_us));
+            }
             if list.last().is_some_and(|t| t.owner == v.owner) {
                 continue;
             }
@@ -2369,7 +2390,11 @@ fn timed_owner_check(
                 possible.push(t.owner.as_deref());
             }
         }
-        let owned = possible.contains(&Some(actor));
+        // Inside a re-list's gap the owner is unknown: not provable either way.
+        let in_gap = gaps
+            .get(&key)
+            .is_some_and(|g| g.iter().any(|(gs, ge)| from <= *ge && to >= *gs));
+        let owned = possible.contains(&Some(actor)) || in_gap;
         if !w.maybe_committed() {
             if !owned {
                 out.refused += 1;
@@ -2443,7 +2468,7 @@ fn timed_owner_check(
                 to - from,
                 w.code
             ));
-        } else if possible.len() > 1 {
+        } else if possible.len() > 1 || in_gap {
             out.ambiguous += 1;
         }
     }
