@@ -10,6 +10,7 @@
 //! plain values and an injected clock.
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod fence;
 pub mod membership;
 pub mod ownership;

@@ -5,7 +5,9 @@
 //! each member is added as `VNODES` entries `(member, i)`, in one `batch_add` (it re-sorts on
 //! every add).
 
-use hashring::HashRing;
+use std::hash::BuildHasher;
+
+use hashring::{DefaultHashBuilder, HashRing};
 
 /// Virtual nodes per member. Chosen by `ring::tests::vnode_balance_table` (printed with
 /// `cargo test -p stslock-shard vnode_balance -- --nocapture`): at 128 the busiest of 3 members
@@ -23,6 +25,9 @@ struct VNode {
 pub struct Ring {
     ring: HashRing<VNode>,
     members: Vec<String>,
+    /// The virtual nodes as `ring` places them (hash, index into `members`), sorted: for walks
+    /// past the owner ([`Ring::walk`]).
+    points: Vec<(u64, usize)>,
 }
 
 impl Ring {
@@ -45,16 +50,45 @@ impl Ring {
                 })
             })
             .collect();
+        // The hashes `hashring` gives the same nodes, in its order (a stable sort by hash of
+        // the nodes in insertion order).
+        let mut points: Vec<(u64, usize)> = nodes
+            .iter()
+            .map(|n| {
+                let member = sorted.iter().position(|m| *m == n.member).unwrap_or(0);
+                (DefaultHashBuilder.hash_one(n), member)
+            })
+            .collect();
+        points.sort_by_key(|(h, _)| *h);
         ring.batch_add(nodes);
         Ring {
             ring,
             members: sorted,
+            points,
         }
     }
 
     /// The member that owns `key` (e.g. `namespace/name`), None for an empty ring.
     pub fn owner(&self, key: &str) -> Option<&str> {
         self.ring.get(&key).map(|v| v.member.as_str())
+    }
+
+    /// Where `key` sits on the ring: the hash [`Ring::owner`] looks up.
+    pub fn position(key: &str) -> u64 {
+        DefaultHashBuilder.hash_one(key)
+    }
+
+    /// Indices into [`Ring::members`] in the order a clockwise walk from `key` meets them:
+    /// [`Ring::owner`] first, then each other member once.
+    pub fn walk(&self, key: &str) -> impl Iterator<Item = usize> + '_ {
+        let position = Self::position(key);
+        let start = self.points.partition_point(|(h, _)| *h < position);
+        let mut seen = vec![false; self.members.len()];
+        let len = self.points.len();
+        (0..len)
+            .map(move |i| self.points[(start + i) % len].1)
+            .filter(move |m| !std::mem::replace(&mut seen[*m], true))
+            .take(self.members.len())
     }
 
     pub fn members(&self) -> &[String] {
@@ -100,6 +134,23 @@ mod tests {
             assert_eq!(a.owner(&k), b.owner(&k));
         }
         assert!(Ring::new(&[]).owner("x").is_none());
+    }
+
+    #[test]
+    fn a_walk_starts_at_the_owner_and_meets_every_member_once() {
+        let ring = Ring::new(&members(5));
+        for k in keys(2_000) {
+            let walk: Vec<usize> = ring.walk(&k).collect();
+            assert_eq!(
+                ring.members().get(walk[0]).map(String::as_str),
+                ring.owner(&k),
+                "{k}"
+            );
+            let mut sorted = walk.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4], "{k}");
+        }
+        assert_eq!(Ring::new(&[]).walk("x").count(), 0);
     }
 
     #[test]
