@@ -48,6 +48,17 @@ pub enum LeaveStrategy {
     Keep,
 }
 
+/// How a shard group places locks on its replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Placement {
+    /// Each lock on its owner on the consistent-hash ring.
+    #[default]
+    Ring,
+    /// The ring with every replica's share capped 2 % above the mean (bounded loads): the
+    /// busiest replica's write budget, not the ring's luck, sets the group's capacity.
+    Bounded,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OperatorArgs {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then in-cluster config).
@@ -82,6 +93,12 @@ pub struct OperatorArgs {
     /// What to do with this replica's locks on shutdown.
     #[arg(long, env = "STSLOCK_LEAVE", value_enum, default_value_t = LeaveStrategy::Handoff)]
     pub leave: LeaveStrategy,
+
+    /// How the shard group places locks on its replicas. `bounded` takes effect once every
+    /// replica on the ring runs with it (each says so on its membership Lease); until then the
+    /// group places by the ring, so a rolling change never has two rules at once.
+    #[arg(long, env = "STSLOCK_PLACEMENT", value_enum, default_value_t = Placement::Ring)]
+    pub placement: Placement,
 
     /// Namespace of the membership Leases. Default: POD_NAMESPACE, else the kubeconfig
     /// context's namespace, else `default`.
@@ -150,6 +167,7 @@ impl OperatorArgs {
             shard_id: Some(id.to_string()),
             shard_group: "stslock".into(),
             leave: LeaveStrategy::Handoff,
+            placement: Placement::Ring,
             namespace: None,
             max_locks_per_namespace: None,
             membership_lease_seconds: 15,

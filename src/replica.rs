@@ -139,6 +139,7 @@ pub async fn run_with(
             margin: membership / 5,
             grace: membership / 7,
             api_timeout: args.api_timeout(),
+            placement: args.placement,
         },
         metrics.clone(),
     );

@@ -48,6 +48,10 @@ struct ClaimRead {
 /// hands them off or its Lease is gone.
 pub const LEAVING_ANNOTATION: &str = "app.anukkrit.me/leaving";
 
+/// Annotation a replica running with `--placement bounded` puts on its membership Lease: the
+/// group places by bounded loads only when every replica on the ring carries it.
+pub const PLACEMENT_ANNOTATION: &str = "app.anukkrit.me/placement";
+
 /// What the rest of the replica does when this replica's ownership of a lock changes by its
 /// own write: `true` when it gained the lock (a claim), `false` when it handed it off.
 pub type OnOwnership = Box<dyn Fn(&StatefulSetLock, bool) + Send + Sync>;
@@ -127,6 +131,7 @@ pub struct ShardConfig {
     /// Peers are declared dead at S + grace after their last observed renewal.
     pub grace: Duration,
     pub api_timeout: Duration,
+    pub placement: crate::config::Placement,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +143,8 @@ struct Seen {
     duration: Duration,
     /// Marked as leaving (graceful): off the ring, but still holding its locks.
     leaving: bool,
+    /// Runs with `--placement bounded`.
+    bounded: bool,
 }
 
 #[derive(Default)]
@@ -149,6 +156,38 @@ struct View {
     /// Hysteresis: a peer back on the ring after being off it is handed locks only after one of
     /// its membership renewal periods.
     rejoin: Rejoin,
+    /// Bounded-load placement, while every ring member runs with it: the locks of the last
+    /// assignment pass (key, owner label) and where each belongs on the current ring.
+    placement: Option<PlacementView>,
+}
+
+/// Where bounded loads put each lock (see [`stslock_shard::balance`]).
+#[derive(Default)]
+struct PlacementView {
+    /// The locks it was computed from: key and owner label as the pass saw them.
+    locks: Vec<(String, Option<String>)>,
+    /// The ring members it was computed for.
+    members: Vec<String>,
+    /// Lock key → its replica.
+    targets: HashMap<String, String>,
+}
+
+impl PlacementView {
+    fn compute(&mut self, ring: &Ring) {
+        let locks: Vec<(&str, Option<&str>)> = self
+            .locks
+            .iter()
+            .map(|(k, l)| (k.as_str(), l.as_deref()))
+            .collect();
+        let placed = stslock_shard::balance::assign(ring, &locks, stslock_shard::balance::EPSILON);
+        self.targets = self
+            .locks
+            .iter()
+            .zip(placed)
+            .filter_map(|((k, _), i)| Some((k.clone(), ring.members().get(i)?.clone())))
+            .collect();
+        self.members = ring.members().to_vec();
+    }
 }
 
 pub struct Sharding {
@@ -448,14 +487,18 @@ impl Sharding {
         let name = self.lease_name();
         let timeout = self.cfg.api_timeout;
         let mut patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
+        // The placement this replica runs with (null removes an earlier process's).
+        let placement =
+            (self.cfg.placement == crate::config::Placement::Bounded).then_some("bounded");
+        patch["metadata"] = json!({"annotations": {PLACEMENT_ANNOTATION: placement}});
         if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
-            patch["metadata"] = json!({"annotations": {LEAVING_ANNOTATION: "true"}});
+            patch["metadata"]["annotations"][LEAVING_ANNOTATION] = json!("true");
         } else if self.generation() == 0 {
             // Until this process's first renewal: a Lease marked `leaving` by an earlier one
             // whose leave never finished (killed during its handoffs) is unmarked, or this one
             // would stay off every ring. Only then: a later renewal sent just before this
             // process's own leave began could land after the mark and undo it.
-            patch["metadata"] = json!({"annotations": {LEAVING_ANNOTATION: null}});
+            patch["metadata"]["annotations"][LEAVING_ANNOTATION] = serde_json::Value::Null;
         }
         let is_mine = |l: &Lease| {
             l.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&now)
@@ -867,12 +910,18 @@ impl Sharding {
         };
         let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
         let leaving = l.annotations().contains_key(LEAVING_ANNOTATION);
+        let bounded = l
+            .annotations()
+            .get(PLACEMENT_ANNOTATION)
+            .map(String::as_str)
+            == Some("bounded");
         let now_ms = self.now().as_millis() as u64;
         if let Ok(mut v) = self.view.write() {
             match v.members.get_mut(&id) {
                 Some(seen) if seen.renew_time == spec.renew_time => {
                     seen.leaving = leaving;
                     seen.duration = duration;
+                    seen.bounded = bounded;
                 }
                 _ => {
                     v.members.insert(
@@ -882,6 +931,7 @@ impl Sharding {
                             at_ms: now_ms,
                             duration,
                             leaving,
+                            bounded,
                         },
                     );
                 }
@@ -1003,12 +1053,42 @@ impl Sharding {
             .as_ref()
             .is_some_and(|r| r.members() == ring_members.as_slice());
         v.alive = holders;
-        if unchanged {
-            return false;
+        // Bounded loads only while every replica on the ring places by them.
+        let bounded = self.cfg.placement == crate::config::Placement::Bounded
+            && ring_members
+                .iter()
+                .all(|id| v.members.get(id).is_some_and(|s| s.bounded));
+        if !bounded {
+            v.placement = None;
+        } else if v.placement.is_none() {
+            v.placement = Some(PlacementView::default());
         }
-        tracing::info!(shard = %self.cfg.id, members = ?ring_members, "ring changed");
-        v.ring = Some(Ring::new(&ring_members));
-        true
+        if !unchanged {
+            tracing::info!(shard = %self.cfg.id, members = ?ring_members, bounded, "ring changed");
+            v.ring = Some(Ring::new(&ring_members));
+        }
+        let View {
+            ring, placement, ..
+        } = &mut *v;
+        if let (Some(ring), Some(p)) = (ring.as_ref(), placement.as_mut())
+            && p.members != ring.members()
+        {
+            p.compute(ring);
+        }
+        !unchanged
+    }
+
+    /// Place the assignment pass's locks (bounded loads; nothing to do placing by the ring).
+    fn place(&self, locks: Vec<(String, Option<String>)>) {
+        if let Ok(mut v) = self.view.write() {
+            let View {
+                ring, placement, ..
+            } = &mut *v;
+            if let (Some(ring), Some(p)) = (ring.as_ref(), placement.as_mut()) {
+                p.locks = locks;
+                p.compute(ring);
+            }
+        }
     }
 
     /// Whether this replica may hand `lock` to `to` now. Not from a view older than its own
@@ -1043,12 +1123,25 @@ impl Sharding {
         let mut to_read = vec![];
         let now = Instant::now();
         let generation = self.generation();
-        for cached in locks.state() {
-            if !scope.allows(cached.metadata.namespace.as_deref().unwrap_or_default()) {
-                continue;
-            }
-            let key = lock_key(&cached);
-            let lock = self.best_view(&key, cached, generation, true);
+        let views: Vec<(String, Arc<StatefulSetLock>)> = locks
+            .state()
+            .into_iter()
+            .filter(|l| scope.allows(l.metadata.namespace.as_deref().unwrap_or_default()))
+            .map(|cached| {
+                let key = lock_key(&cached);
+                let lock = self.best_view(&key, cached, generation, true);
+                (key, lock)
+            })
+            .collect();
+        if self.view.read().is_ok_and(|v| v.placement.is_some()) {
+            self.place(
+                views
+                    .iter()
+                    .map(|(k, l)| (k.clone(), l.labels().get(SHARD_LABEL).cloned()))
+                    .collect(),
+            );
+        }
+        for (key, lock) in views {
             let label = lock.labels().get(SHARD_LABEL).map(String::as_str);
             let was_owned = self.owned.lock().is_ok_and(|o| o.contains(&key));
             match self.ownership_of(&key, &lock) {
@@ -1243,9 +1336,18 @@ impl Sharding {
         if ring.members().iter().any(|m| m == planned) {
             return Some(planned.to_string());
         }
-        ring.owner(key)
+        Self::target(&v, ring, key)
             .filter(|owner| *owner != self.cfg.id)
             .map(str::to_string)
+    }
+
+    /// Where `key` belongs on `ring`: its bounded-load placement while the group places by
+    /// bounded loads (`None` for a lock the last pass did not place yet), else its ring owner.
+    fn target<'v>(v: &'v View, ring: &'v Ring, key: &str) -> Option<&'v str> {
+        match &v.placement {
+            Some(p) => p.targets.get(key).map(String::as_str),
+            None => ring.owner(key),
+        }
     }
 
     /// May a claim of `lock` from its dead labelled owner be sent now? Only within
@@ -1289,9 +1391,12 @@ impl Sharding {
     fn decide_for(&self, key: &str, label: Option<&str>) -> Option<Decision> {
         let v = self.view.read().ok()?;
         let ring = v.ring.as_ref()?;
+        if v.placement.is_some() && Self::target(&v, ring, key).is_none() {
+            return None; // not placed yet: the next pass decides
+        }
         Some(stslock_shard::decide(
             label,
-            ring.owner(key),
+            Self::target(&v, ring, key),
             &self.cfg.id,
             &v.alive,
         ))
@@ -1810,6 +1915,7 @@ mod tests {
                 margin: lease_duration / 5,
                 grace: Duration::from_secs(2),
                 api_timeout: Duration::from_secs(2),
+                placement: crate::config::Placement::Ring,
             },
             Arc::new(crate::metrics::Metrics::new(id)),
         )

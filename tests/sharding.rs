@@ -372,3 +372,127 @@ async fn fifty_kill_restart_cycles_never_let_a_non_owner_write() {
     assert_only_owners_wrote(&env, "50 kill/restart cycles", 800).await;
     env.assert_never_two_writers().await;
 }
+
+/// Waits until the locks sit where bounded loads put them on the ring of `live` (what
+/// `--placement bounded` computes: [`stslock_shard::balance::assign`] over the owner labels,
+/// keyed by `namespace/name`) — a fixpoint: applied to the labels, it moves nothing — and stay
+/// so for a moment.
+async fn until_placed(
+    env: &Env,
+    live: &HashSet<String>,
+    secs: u64,
+) -> BTreeMap<String, Option<String>> {
+    let mut members: Vec<String> = live.iter().cloned().collect();
+    members.sort();
+    let ring = stslock_shard::Ring::new(&members);
+    let start = Instant::now();
+    loop {
+        let o = owners(env).await;
+        let keys: Vec<String> = o.keys().map(|name| format!("{}/{name}", env.ns)).collect();
+        let locks: Vec<(&str, Option<&str>)> = keys
+            .iter()
+            .zip(o.values())
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        let placed = stslock_shard::balance::assign(&ring, &locks, stslock_shard::balance::EPSILON);
+        let misplaced = locks
+            .iter()
+            .zip(&placed)
+            .filter(|((_, label), i)| *label != Some(ring.members()[**i].as_str()))
+            .count();
+        if misplaced == 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if owners(env).await == o {
+                return o;
+            }
+        }
+        if start.elapsed() >= Duration::from_secs(secs) {
+            panic!(
+                "{misplaced} locks not where bounded loads on {live:?} put them after {secs}s: {:?}; membership Leases: {:#?}",
+                counts(&o),
+                membership(env).await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `--placement bounded`: every replica holds at most ⌈1.02 × the mean⌉ of the locks (the ring
+/// alone lets the busiest hold 5–15 % more), the group settles (no lock keeps moving), a
+/// replica that joins takes about its share from the others, and a replica running with the
+/// ring's placement makes the whole group place by the ring until it goes (a rolling change of
+/// the flag never has two rules at once). Only owners write throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_placement_caps_every_replica_and_settles() {
+    let mut env = env(false).await;
+    let n = 300;
+    fleet(&env, n, 30).await;
+    let bounded = |env: &Env, id: &str| {
+        env.operator_args_with(id, |a| {
+            a.membership_lease_seconds = 3;
+            a.placement = stslock::config::Placement::Bounded;
+        })
+    };
+    for i in 0..3 {
+        let args = bounded(&env, &format!("r{i}"));
+        env.start_operator_with(&format!("r{i}"), args).await;
+    }
+    let live: HashSet<String> = env.operator_ids().into_iter().collect();
+    until_owned_by(&env, &live, 60).await;
+    let three = until_placed(&env, &live, 60).await;
+    let c = counts(&three);
+    let cap = stslock_shard::balance::bounds(n, 3, stslock_shard::balance::EPSILON).cap;
+    println!("bounded, 3 replicas, {n} locks: {c:?} (cap {cap})");
+    assert!(c.values().all(|&x| x <= cap), "{c:?} over the cap {cap}");
+
+    // A 4th replica joins: it takes about its share; what moves goes to it.
+    let args = bounded(&env, "r3");
+    env.start_operator_with("r3", args).await;
+    let live4: HashSet<String> = env.operator_ids().into_iter().collect();
+    let four = until_placed(&env, &live4, 60).await;
+    let c4 = counts(&four);
+    let cap4 = stslock_shard::balance::bounds(n, 4, stslock_shard::balance::EPSILON).cap;
+    let moved: Vec<&String> = three
+        .iter()
+        .filter(|(k, v)| four.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    let to_new = moved
+        .iter()
+        .filter(|k| four[**k].as_deref() == Some("r3"))
+        .count();
+    println!(
+        "4th replica joined: {c4:?} (cap {cap4}); {} of {n} moved, {to_new} to r3",
+        moved.len()
+    );
+    assert!(
+        c4.values().all(|&x| x <= cap4),
+        "{c4:?} over the cap {cap4}"
+    );
+    assert!(
+        moved.len() as f64 <= 0.4 * n as f64,
+        "{} moved",
+        moved.len()
+    );
+    assert!(
+        to_new as f64 >= 0.8 * moved.len() as f64,
+        "{to_new} of {} to r3",
+        moved.len()
+    );
+
+    // A replica placing by the ring joins: the whole group places by the ring.
+    start(&mut env, "r4", 3).await;
+    let live5: HashSet<String> = env.operator_ids().into_iter().collect();
+    until_assigned(&env, &live5, 60).await;
+    // It goes: bounded loads again.
+    env.stop_operator("r4").await;
+    let after = until_placed(&env, &live4, 60).await;
+    assert!(
+        counts(&after).values().all(|&x| x <= cap4),
+        "{:?}",
+        counts(&after)
+    );
+    env.stop_operators().await;
+    env.assert_never_two_writers().await;
+    assert_only_owners_wrote(&env, "bounded placement: join, mixed group, leave", n).await;
+}

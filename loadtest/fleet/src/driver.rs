@@ -96,6 +96,7 @@ impl Fleet {
         a.burst = self.args.burst;
         a.tenant_qps = self.args.tenant_qps;
         a.leave = self.leave;
+        a.placement = self.args.placement;
         if let Some(t) = self.args.api_timeout_seconds {
             a.api_timeout_seconds = t;
         }

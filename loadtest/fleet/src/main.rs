@@ -108,6 +108,9 @@ struct Args {
     /// Each replica's per-namespace reconcile write budget (0: unlimited).
     #[arg(long, default_value_t = 50.0)]
     tenant_qps: f64,
+    /// How the replicas place locks (the operator's `--placement`).
+    #[arg(long, value_enum, default_value_t = stslock::config::Placement::Ring)]
+    placement: stslock::config::Placement,
     /// `noisy`: locks in the noisy namespace.
     #[arg(long, default_value_t = 2000)]
     noisy_locks: usize,

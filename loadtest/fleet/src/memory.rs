@@ -222,6 +222,10 @@ fn operator(args: &Args, kubeconfig: &Path, id: &str) -> anyhow::Result<Command>
         .args(["--qps", &args.qps.to_string()])
         .args(["--burst", &args.burst.to_string()])
         .args(["--tenant-qps", &args.tenant_qps.to_string()])
+        .args([
+            "--placement",
+            &format!("{:?}", args.placement).to_lowercase(),
+        ])
         .env("RUST_LOG", "warn");
     Ok(cmd)
 }
