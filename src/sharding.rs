@@ -48,9 +48,20 @@ struct ClaimRead {
 /// hands them off or its Lease is gone.
 pub const LEAVING_ANNOTATION: &str = "app.anukkrit.me/leaving";
 
-/// Annotation a replica running with `--placement bounded` puts on its membership Lease: the
-/// group places by bounded loads only when every replica on the ring carries it.
+/// Annotation a replica running with `--placement bounded` puts on its membership Lease:
+/// `bounded@<renewTime>`, written with every renewal (and on the Lease it creates). The group
+/// places by bounded loads only while every replica on the ring carries it for its current
+/// renewTime: a stale mark (left by a process that was killed, then renewed by an older binary
+/// that knows nothing of it) does not count.
 pub const PLACEMENT_ANNOTATION: &str = "app.anukkrit.me/placement";
+
+/// The [`PLACEMENT_ANNOTATION`] of a bounded replica's renewal at `renew_time`.
+fn bounded_mark(renew_time: &MicroTime) -> Option<String> {
+    match serde_json::to_value(renew_time).ok()? {
+        serde_json::Value::String(t) => Some(format!("bounded@{t}")),
+        _ => None,
+    }
+}
 
 /// What the rest of the replica does when this replica's ownership of a lock changes by its
 /// own write: `true` when it gained the lock (a claim), `false` when it handed it off.
@@ -488,8 +499,9 @@ impl Sharding {
         let timeout = self.cfg.api_timeout;
         let mut patch = json!({"spec": {"renewTime": now, "holderIdentity": self.cfg.id}});
         // The placement this replica runs with (null removes an earlier process's).
-        let placement =
-            (self.cfg.placement == crate::config::Placement::Bounded).then_some("bounded");
+        let placement = (self.cfg.placement == crate::config::Placement::Bounded)
+            .then(|| bounded_mark(&now))
+            .flatten();
         patch["metadata"] = json!({"annotations": {PLACEMENT_ANNOTATION: placement}});
         if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
             patch["metadata"]["annotations"][LEAVING_ANNOTATION] = json!("true");
@@ -597,6 +609,9 @@ impl Sharding {
                 metadata: kube::api::ObjectMeta {
                     name: Some(name.clone()),
                     labels: Some([(GROUP_LABEL.to_string(), self.cfg.group.clone())].into()),
+                    // Peers place by bounded loads from this Lease's first version on: without
+                    // the mark they would place by the ring until its next renewal.
+                    annotations: placement.map(|p| [(PLACEMENT_ANNOTATION.to_string(), p)].into()),
                     ..Default::default()
                 },
                 spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
@@ -910,11 +925,11 @@ impl Sharding {
         };
         let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
         let leaving = l.annotations().contains_key(LEAVING_ANNOTATION);
-        let bounded = l
-            .annotations()
-            .get(PLACEMENT_ANNOTATION)
-            .map(String::as_str)
-            == Some("bounded");
+        let bounded = spec
+            .renew_time
+            .as_ref()
+            .and_then(bounded_mark)
+            .is_some_and(|mark| l.annotations().get(PLACEMENT_ANNOTATION) == Some(&mark));
         let now_ms = self.now().as_millis() as u64;
         if let Ok(mut v) = self.view.write() {
             match v.members.get_mut(&id) {
@@ -1079,15 +1094,30 @@ impl Sharding {
     }
 
     /// Place the assignment pass's locks (bounded loads; nothing to do placing by the ring).
+    /// Computed outside the view's lock (the membership watch takes it), and not again while
+    /// neither the locks' labels nor the ring changed.
     fn place(&self, locks: Vec<(String, Option<String>)>) {
-        if let Ok(mut v) = self.view.write() {
-            let View {
-                ring, placement, ..
-            } = &mut *v;
-            if let (Some(ring), Some(p)) = (ring.as_ref(), placement.as_mut()) {
-                p.locks = locks;
-                p.compute(ring);
-            }
+        let ring = match self.view.read() {
+            Ok(v) => match (&v.ring, &v.placement) {
+                (Some(ring), Some(p)) if p.members != ring.members() || p.locks != locks => {
+                    ring.clone()
+                }
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        let mut placed = PlacementView {
+            locks,
+            ..PlacementView::default()
+        };
+        placed.compute(&ring);
+        if let Ok(mut v) = self.view.write()
+            && v.placement.is_some()
+            && v.ring
+                .as_ref()
+                .is_some_and(|r| r.members() == ring.members())
+        {
+            v.placement = Some(placed);
         }
     }
 
@@ -1720,11 +1750,17 @@ impl Sharding {
         self.view.read().ok().and_then(|v| v.ring.clone())
     }
 
-    /// Hand each of `moves` to its owner on `ring`.
+    /// Hand each of `moves` to its place on `ring`: its bounded-load target while the group
+    /// places by bounded loads (on this ring), else its ring owner.
     async fn hand_all_off(&self, ring: &Ring, moves: Vec<Arc<StatefulSetLock>>) {
         futures::stream::iter(moves)
             .filter_map(|lock| {
-                let to = ring.owner(&lock_key(&lock)).map(str::to_string);
+                let key = lock_key(&lock);
+                let placed = self.view.read().ok().and_then(|v| {
+                    let p = v.placement.as_ref()?;
+                    (p.members == ring.members()).then(|| p.targets.get(&key).cloned())?
+                });
+                let to = placed.or_else(|| ring.owner(&key).map(str::to_string));
                 futures::future::ready(to.map(|to| (lock, to)))
             })
             .for_each_concurrent(MOVES_IN_PARALLEL, |(lock, to)| async move {
@@ -1905,6 +1941,15 @@ mod tests {
     }
 
     fn member(client: Client, id: &str, lease_duration: Duration) -> Arc<Sharding> {
+        member_placing(client, id, lease_duration, crate::config::Placement::Ring)
+    }
+
+    fn member_placing(
+        client: Client,
+        id: &str,
+        lease_duration: Duration,
+        placement: crate::config::Placement,
+    ) -> Arc<Sharding> {
         Sharding::new(
             client,
             ShardConfig {
@@ -1915,7 +1960,7 @@ mod tests {
                 margin: lease_duration / 5,
                 grace: Duration::from_secs(2),
                 api_timeout: Duration::from_secs(2),
-                placement: crate::config::Placement::Ring,
+                placement,
             },
             Arc::new(crate::metrics::Metrics::new(id)),
         )
@@ -1969,6 +2014,58 @@ mod tests {
                 ("cache-only".to_string(), 3),
             ]
         );
+    }
+
+    /// The placement mark on a membership Lease counts only for the renewal that wrote it: a
+    /// Lease renewed later by a binary that does not know the mark (a rollback) does not keep
+    /// the group on bounded loads, and a replica placing by the ring removes it.
+    #[tokio::test]
+    async fn a_placement_mark_counts_only_for_the_renewal_that_wrote_it() {
+        use crate::config::Placement::Bounded;
+        let sim = Sim::start(SimConfig::default());
+        let a = member_placing(
+            sim.client_as("stslock/a"),
+            "a",
+            Duration::from_secs(3),
+            Bounded,
+        );
+        let b = member_placing(
+            sim.client_as("stslock/b"),
+            "b",
+            Duration::from_secs(3),
+            Bounded,
+        );
+        let leases: Api<Lease> = Api::namespaced(sim.client(), "default");
+        let marked = |s: &Sharding, id: &str| {
+            s.view
+                .read()
+                .unwrap()
+                .members
+                .get(id)
+                .is_some_and(|m| m.bounded)
+        };
+        // The Lease a creates carries the mark from its first version.
+        a.renew().await.unwrap();
+        let mut l = leases.get(&a.lease_name()).await.unwrap();
+        b.observe_member(&l);
+        assert!(marked(&b, "a"));
+        // Renewed by a binary that knows nothing of the mark: it stays, for an old renewTime.
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(
+            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1),
+        ));
+        b.observe_member(&l);
+        assert!(!marked(&b, "a"), "a mark of an earlier renewal counted");
+        // a's next renewal marks its own renewTime again.
+        a.renew().await.unwrap();
+        b.observe_member(&leases.get(&a.lease_name()).await.unwrap());
+        assert!(marked(&b, "a"));
+        // A replica placing by the ring clears the mark.
+        let ring = member(sim.client_as("stslock/a"), "a", Duration::from_secs(3));
+        ring.renew().await.unwrap();
+        let l = leases.get(&a.lease_name()).await.unwrap();
+        assert!(!l.annotations().contains_key(PLACEMENT_ANNOTATION), "{l:?}");
+        b.observe_member(&l);
+        assert!(!marked(&b, "a"));
     }
 
     /// A membership renewal sent while the Lease was surely live but answered after it may

@@ -425,7 +425,7 @@ async fn until_placed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_placement_caps_every_replica_and_settles() {
     let mut env = env(false).await;
-    let n = 300;
+    let n = 150;
     fleet(&env, n, 30).await;
     let bounded = |env: &Env, id: &str| {
         env.operator_args_with(id, |a| {

@@ -41,12 +41,18 @@ impl Ring {
         sorted.sort();
         sorted.dedup();
         let mut ring = HashRing::new();
-        let nodes: Vec<VNode> = sorted
+        let nodes: Vec<(usize, VNode)> = sorted
             .iter()
-            .flat_map(|m| {
-                (0..vnodes).map(move |index| VNode {
-                    member: m.clone(),
-                    index,
+            .enumerate()
+            .flat_map(|(i, m)| {
+                (0..vnodes).map(move |index| {
+                    (
+                        i,
+                        VNode {
+                            member: m.clone(),
+                            index,
+                        },
+                    )
                 })
             })
             .collect();
@@ -54,11 +60,9 @@ impl Ring {
         // the nodes in insertion order).
         let mut points: Vec<(u64, usize)> = nodes
             .iter()
-            .map(|n| {
-                let member = sorted.iter().position(|m| *m == n.member).unwrap_or(0);
-                (DefaultHashBuilder.hash_one(n), member)
-            })
+            .map(|(i, n)| (DefaultHashBuilder.hash_one(n), *i))
             .collect();
+        let nodes: Vec<VNode> = nodes.into_iter().map(|(_, n)| n).collect();
         points.sort_by_key(|(h, _)| *h);
         ring.batch_add(nodes);
         Ring {
