@@ -100,15 +100,61 @@ async fn until_assigned(
     live: &HashSet<String>,
     secs: u64,
 ) -> BTreeMap<String, Option<String>> {
+    until_settled(env, live, secs, "the ring", |ring, locks| {
+        locks
+            .iter()
+            .map(|(k, _)| ring.owner(k).unwrap_or_default().to_string())
+            .collect()
+    })
+    .await
+}
+
+/// Waits until the locks sit where bounded loads put them on the ring of `live` (what
+/// `--placement bounded` computes: [`stslock_shard::balance::assign`] over the owner labels,
+/// keyed by `namespace/name`) — a fixpoint: applied to the labels, it moves nothing — and stay
+/// so for a moment.
+async fn until_placed(
+    env: &Env,
+    live: &HashSet<String>,
+    secs: u64,
+) -> BTreeMap<String, Option<String>> {
+    until_settled(env, live, secs, "bounded loads", |ring, locks| {
+        let locks: Vec<(&str, Option<&str>)> = locks
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        stslock_shard::balance::assign(ring, &locks, stslock_shard::balance::EPSILON)
+            .into_iter()
+            .map(|i| ring.members()[i].clone())
+            .collect()
+    })
+    .await
+}
+
+/// Waits until every lock's owner is the one `place` gives it on the ring of `live` (from the
+/// locks keyed `namespace/name` with their owner labels), unchanged for a moment.
+async fn until_settled(
+    env: &Env,
+    live: &HashSet<String>,
+    secs: u64,
+    how: &str,
+    place: impl Fn(&stslock_shard::Ring, &[(String, Option<String>)]) -> Vec<String>,
+) -> BTreeMap<String, Option<String>> {
     let mut members: Vec<String> = live.iter().cloned().collect();
     members.sort();
     let ring = stslock_shard::Ring::new(&members);
     let start = Instant::now();
     loop {
         let o = owners(env).await;
-        let misplaced = o
+        let keyed: Vec<(String, Option<String>)> = o
             .iter()
-            .filter(|(name, owner)| owner.as_deref() != ring.owner(&format!("{}/{name}", env.ns)))
+            .map(|(name, owner)| (format!("{}/{name}", env.ns), owner.clone()))
+            .collect();
+        let want = place(&ring, &keyed);
+        let misplaced = keyed
+            .iter()
+            .zip(&want)
+            .filter(|((_, owner), want)| owner.as_deref() != Some(want.as_str()))
             .count();
         if misplaced == 0 {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -118,7 +164,7 @@ async fn until_assigned(
         }
         if start.elapsed() >= Duration::from_secs(secs) {
             panic!(
-                "{misplaced} locks not where the ring of {live:?} puts them after {secs}s: {:?}; membership Leases: {:#?}",
+                "{misplaced} locks not where {how} on {live:?} puts them after {secs}s: {:?}; membership Leases: {:#?}",
                 counts(&o),
                 membership(env).await,
             );
@@ -371,50 +417,6 @@ async fn fifty_kill_restart_cycles_never_let_a_non_owner_write() {
     env.stop_operators().await;
     assert_only_owners_wrote(&env, "50 kill/restart cycles", 800).await;
     env.assert_never_two_writers().await;
-}
-
-/// Waits until the locks sit where bounded loads put them on the ring of `live` (what
-/// `--placement bounded` computes: [`stslock_shard::balance::assign`] over the owner labels,
-/// keyed by `namespace/name`) — a fixpoint: applied to the labels, it moves nothing — and stay
-/// so for a moment.
-async fn until_placed(
-    env: &Env,
-    live: &HashSet<String>,
-    secs: u64,
-) -> BTreeMap<String, Option<String>> {
-    let mut members: Vec<String> = live.iter().cloned().collect();
-    members.sort();
-    let ring = stslock_shard::Ring::new(&members);
-    let start = Instant::now();
-    loop {
-        let o = owners(env).await;
-        let keys: Vec<String> = o.keys().map(|name| format!("{}/{name}", env.ns)).collect();
-        let locks: Vec<(&str, Option<&str>)> = keys
-            .iter()
-            .zip(o.values())
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        let placed = stslock_shard::balance::assign(&ring, &locks, stslock_shard::balance::EPSILON);
-        let misplaced = locks
-            .iter()
-            .zip(&placed)
-            .filter(|((_, label), i)| *label != Some(ring.members()[**i].as_str()))
-            .count();
-        if misplaced == 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if owners(env).await == o {
-                return o;
-            }
-        }
-        if start.elapsed() >= Duration::from_secs(secs) {
-            panic!(
-                "{misplaced} locks not where bounded loads on {live:?} put them after {secs}s: {:?}; membership Leases: {:#?}",
-                counts(&o),
-                membership(env).await,
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `--placement bounded`: every replica holds at most ⌈1.02 × the mean⌉ of the locks (the ring

@@ -858,6 +858,10 @@ struct Lapse {
     end_ms: u64,
     /// rv of the Lease write whose renewTime lapsed.
     lease_rv: u64,
+    /// That renewTime (store milliseconds): what the Lease's expiry, and the renewal lane's due
+    /// time, run from. Not the write's commit: a write committed late (the fault layer's late
+    /// commit) carries a renewTime from before it, and is due and expires that much earlier.
+    renewed_ms: u64,
 }
 
 enum Step<'a> {
@@ -994,6 +998,7 @@ fn lapses(
             continue;
         }
         let deadline = u64::try_from(renew + l.dur_ms - offset_ms).unwrap_or(0);
+        let renewed_ms = u64::try_from(renew - offset_ms).unwrap_or(0);
         let (s, e) = (t0.max(deadline).max(from_ms), t1.min(to_ms));
         if s >= e {
             continue;
@@ -1006,6 +1011,7 @@ fn lapses(
                 start_ms: s,
                 end_ms: e,
                 lease_rv: lrv,
+                renewed_ms,
             }),
         }
     }
@@ -1454,10 +1460,8 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             .collect()
     };
     let owner_down_at_due = |l: &Lapse| -> bool {
-        let renewed = log
-            .iter()
-            .find(|c| c.rv == l.lease_rv)
-            .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
+        // From the Lease's renewTime, as the renewal lane schedules (see `Lapse::renewed_ms`).
+        let renewed = l.renewed_ms;
         // The Lease's expiry: a lapse starts later when its holder was not Ready then (it
         // starts when the holder turns Ready again), but the renewal was missed by then.
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms.min(renewed + lease_ms));
@@ -1502,10 +1506,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
         let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
             return false;
         };
-        let renewed = log
-            .iter()
-            .find(|c| c.rv == l.lease_rv)
-            .map_or(l.start_ms.saturating_sub(lease_ms), |c| c.at_ms);
+        let renewed = l.renewed_ms;
         let (due, expiry) = (renewed + lease_ms / 2, l.start_ms);
         // Slowed past the expiry by the fault layer: answered after it while latency, a late
         // commit or a held answer was injected on the owner's requests when the try arrived.
