@@ -86,7 +86,19 @@ async fn lease_is_renewed_at_half_its_duration_and_idle_locks_write_only_renewal
         env.wait_roles(&format!("s{i}"), 2).await;
         env.wait_condition(&format!("l{i}"), "Available", "True", "WriterReady")
             .await;
+        // And the status counts both Ready (a later count would be a status write).
+        let (locks, name) = (env.locks(), format!("l{i}"));
+        env.until(30, &format!("{name} status with 2 Ready pods"), move || {
+            let (locks, name) = (locks.clone(), name.clone());
+            Box::pin(async move {
+                let l = common::call("get lock", locks.get(&name)).await.ok()?;
+                (l.status?.ready_replicas == Some(2)).then_some(())
+            })
+        })
+        .await;
     }
+    // With several replicas, locks the first one elected move once the group forms.
+    env.wait_ring_settled(60).await;
     // Idle for two lease periods: the operator writes nothing but Lease renewals, one per lock
     // per second (half of 2 s).
     tokio::time::sleep(Duration::from_millis(500)).await;

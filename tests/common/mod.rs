@@ -1232,6 +1232,48 @@ impl Env {
         .await;
     }
 
+    /// Until every lock sits where the ring of the running replicas puts it, its status names
+    /// that owner, and nothing changes for 300 ms: the replicas start one by one, so locks
+    /// elected by the first ones move once the group has formed, and each move writes the new
+    /// owner's `status.shard`. A window measured after this sees no ownership moves.
+    pub async fn wait_ring_settled(&self, secs: u64) {
+        let mut ids: Vec<String> = self.operators.iter().map(|r| r.id.clone()).collect();
+        ids.sort();
+        let ring = stslock_shard::Ring::new(&ids);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut last: Option<BTreeMap<String, (Option<String>, Option<String>)>> = None;
+        loop {
+            let now: BTreeMap<_, _> = call("list locks", self.locks().list(&ListParams::default()))
+                .await
+                .expect("list locks")
+                .items
+                .iter()
+                .map(|l| {
+                    let shard = l.status.as_ref().and_then(|s| s.shard.clone());
+                    (l.name_any(), (l.labels().get(SHARD_LABEL).cloned(), shard))
+                })
+                .collect();
+            let misplaced: Vec<&String> = now
+                .iter()
+                .filter(|(name, (owner, shard))| {
+                    let want = ring.owner(&format!("{}/{name}", self.ns));
+                    owner.as_deref() != want || shard != owner
+                })
+                .map(|(name, _)| name)
+                .collect();
+            if misplaced.is_empty() && last.as_ref() == Some(&now) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "after {secs}s, locks not settled on the ring of {ids:?} (owner label, status.shard): {:?}",
+                misplaced.iter().map(|n| (n, &now[*n])).collect::<Vec<_>>()
+            );
+            last = misplaced.is_empty().then_some(now);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// The invariant report (two writers at once, no Ready writer): kubesim's history, or on a
     /// real cluster the harness's own pod watch, once it has seen every pod as it is now.
     pub async fn report(&self) -> Report {
