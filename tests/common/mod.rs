@@ -1241,9 +1241,11 @@ impl Env {
         ids.sort();
         let ring = stslock_shard::Ring::new(&ids);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        let mut last: Option<BTreeMap<String, (Option<String>, Option<String>)>> = None;
+        // name → (owner label, status.shard)
+        type Placed = BTreeMap<String, (Option<String>, Option<String>)>;
+        let mut last: Option<Placed> = None;
         loop {
-            let now: BTreeMap<_, _> = call("list locks", self.locks().list(&ListParams::default()))
+            let now: Placed = call("list locks", self.locks().list(&ListParams::default()))
                 .await
                 .expect("list locks")
                 .items
