@@ -1076,14 +1076,22 @@ impl Env {
         v
     }
 
-    /// Until `writer` is the writer of `app` and every other pod a reader.
+    /// Until `writer` is the writer of `app` and every other pod a reader, with as many pods
+    /// as the StatefulSet `app` asks for (when there is one): under the default OrderedReady
+    /// policy a real StatefulSet controller creates the next pod only once every earlier one
+    /// is Ready, so a test that turns the writer NotReady before its successor exists waits
+    /// for a pod that is never created.
     pub async fn wait_writer(&self, app: &str, writer: &str) {
-        let pods = self.pods();
+        let (pods, sets) = (self.pods(), self.api::<StatefulSet>());
         let (app, writer) = (app.to_string(), writer.to_string());
         self.until(15, &format!("{writer} sole writer of {app}"), move || {
-            let pods = pods.clone();
+            let (pods, sets) = (pods.clone(), sets.clone());
             let (app, writer) = (app.clone(), writer.clone());
             Box::pin(async move {
+                let want = match call("get statefulset", sets.get_opt(&app)).await.ok()? {
+                    Some(s) => s.spec.replicas.map(|n| n as usize),
+                    None => None,
+                };
                 let l = call(
                     "list pods",
                     pods.list(&ListParams::default().labels(&format!("app={app}"))),
@@ -1091,6 +1099,7 @@ impl Env {
                 .await
                 .ok()?;
                 let ok = !l.items.is_empty()
+                    && want.is_none_or(|n| l.items.len() == n)
                     && l.items.iter().all(|p| {
                         let role = p.labels().get(ROLE_LABEL).map(String::as_str);
                         if p.name_any() == writer {
