@@ -1080,38 +1080,73 @@ impl Env {
     /// as the StatefulSet `app` asks for (when there is one): under the default OrderedReady
     /// policy a real StatefulSet controller creates the next pod only once every earlier one
     /// is Ready, so a test that turns the writer NotReady before its successor exists waits
-    /// for a pod that is never created.
+    /// for a pod that is never created. The election gets 15 s from when every pod exists
+    /// (creating them one after another gets up to 30 s more); a timeout shows the pods.
     pub async fn wait_writer(&self, app: &str, writer: &str) {
         let (pods, sets) = (self.pods(), self.api::<StatefulSet>());
-        let (app, writer) = (app.to_string(), writer.to_string());
-        self.until(15, &format!("{writer} sole writer of {app}"), move || {
-            let (pods, sets) = (pods.clone(), sets.clone());
-            let (app, writer) = (app.clone(), writer.clone());
-            Box::pin(async move {
-                let want = match call("get statefulset", sets.get_opt(&app)).await.ok()? {
-                    Some(s) => s.spec.replicas.map(|n| n as usize),
-                    None => None,
-                };
-                let l = call(
-                    "list pods",
-                    pods.list(&ListParams::default().labels(&format!("app={app}"))),
-                )
-                .await
-                .ok()?;
-                let ok = !l.items.is_empty()
-                    && want.is_none_or(|n| l.items.len() == n)
-                    && l.items.iter().all(|p| {
+        let started = tokio::time::Instant::now();
+        let mut all_there: Option<tokio::time::Instant> = None;
+        loop {
+            let (want, mut seen) = match call("get statefulset", sets.get_opt(app)).await {
+                Ok(s) => (
+                    s.and_then(|s| s.spec.replicas).map(|n| n as usize),
+                    String::new(),
+                ),
+                Err(e) => (None, format!("get statefulset: {e}; ")),
+            };
+            match call(
+                "list pods",
+                pods.list(&ListParams::default().labels(&format!("app={app}"))),
+            )
+            .await
+            {
+                Ok(l) => {
+                    let complete = !l.items.is_empty() && want.is_none_or(|n| l.items.len() == n);
+                    let elected = l.items.iter().all(|p| {
                         let role = p.labels().get(ROLE_LABEL).map(String::as_str);
-                        if p.name_any() == writer {
-                            role == Some("writer")
+                        role == Some(if p.name_any() == writer {
+                            "writer"
                         } else {
-                            role == Some("reader")
-                        }
+                            "reader"
+                        })
                     });
-                ok.then_some(())
-            })
-        })
-        .await;
+                    if complete && elected {
+                        return;
+                    }
+                    if complete && all_there.is_none() {
+                        all_there = Some(tokio::time::Instant::now());
+                    }
+                    seen += &format!(
+                        "{} of {want:?} pods: {:?}",
+                        l.items.len(),
+                        l.items
+                            .iter()
+                            .map(|p| {
+                                let ready = p
+                                    .status
+                                    .as_ref()
+                                    .and_then(|s| s.conditions.as_ref())
+                                    .and_then(|c| {
+                                        c.iter()
+                                            .find(|c| c.type_ == "Ready")
+                                            .map(|c| c.status.clone())
+                                    });
+                                (p.name_any(), p.labels().get(ROLE_LABEL).cloned(), ready)
+                            })
+                            .collect::<Vec<_>>()
+                    );
+                }
+                Err(e) => seen += &format!("list pods: {e}"),
+            }
+            let waited = started.elapsed();
+            let electing = all_there.map(|t| t.elapsed());
+            assert!(
+                electing.is_none_or(|e| e < Duration::from_secs(15))
+                    && waited < Duration::from_secs(45),
+                "timed out after {waited:?} ({electing:?} with every pod there) waiting for {writer} sole writer of {app}; last seen: {seen}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Until Lease `lease` is held by `pod` and `pod` carries the writer label.
