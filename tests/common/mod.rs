@@ -1117,23 +1117,9 @@ impl Env {
                         all_there = Some(tokio::time::Instant::now());
                     }
                     seen += &format!(
-                        "{} of {want:?} pods: {:?}",
+                        "{} of {want:?} pods: {}",
                         l.items.len(),
-                        l.items
-                            .iter()
-                            .map(|p| {
-                                let ready = p
-                                    .status
-                                    .as_ref()
-                                    .and_then(|s| s.conditions.as_ref())
-                                    .and_then(|c| {
-                                        c.iter()
-                                            .find(|c| c.type_ == "Ready")
-                                            .map(|c| c.status.clone())
-                                    });
-                                (p.name_any(), p.labels().get(ROLE_LABEL).cloned(), ready)
-                            })
-                            .collect::<Vec<_>>()
+                        describe_pods(&l.items)
                     );
                 }
                 Err(e) => seen += &format!("list pods: {e}"),
@@ -1258,22 +1244,53 @@ impl Env {
     /// Until `app` has exactly `n` pods and each carries a role (under OrderedReady the
     /// StatefulSet controller creates them one after another, and a real one takes its time).
     pub async fn wait_roles(&self, app: &str, n: usize) {
-        let pods = self.pods();
-        let app = app.to_string();
-        self.until(30, &format!("{n} pods of {app} with a role"), move || {
-            let (pods, app) = (pods.clone(), app.clone());
-            Box::pin(async move {
-                let l = call(
-                    "list pods",
-                    pods.list(&ListParams::default().labels(&format!("app={app}"))),
-                )
-                .await
-                .ok()?;
-                (l.items.len() == n && l.items.iter().all(|p| p.labels().contains_key(ROLE_LABEL)))
-                    .then_some(())
-            })
-        })
-        .await;
+        let (pods, locks) = (self.pods(), self.locks());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = match call(
+                "list pods",
+                pods.list(&ListParams::default().labels(&format!("app={app}"))),
+            )
+            .await
+            {
+                Ok(l) => {
+                    if l.items.len() == n
+                        && l.items.iter().all(|p| p.labels().contains_key(ROLE_LABEL))
+                    {
+                        return;
+                    }
+                    describe_pods(&l.items)
+                }
+                Err(e) => format!("list pods: {e}"),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                // What the operator said about the StatefulSet's locks, for the failure.
+                let said: Vec<String> = call("list locks", locks.list(&ListParams::default()))
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|l| l.spec.stateful_set_name == app)
+                    .map(|l| {
+                        let (name, owner) = (l.name_any(), l.labels().get(SHARD_LABEL).cloned());
+                        let conditions: Vec<_> = l
+                            .status
+                            .map(|s| s.conditions)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|c| {
+                                format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message)
+                            })
+                            .collect();
+                        format!("{name} (owner {owner:?}): {conditions:?}")
+                    })
+                    .collect();
+                panic!(
+                    "timed out after 30s waiting for {n} pods of {app} with a role; pods: {seen}; locks: {said:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Until every lock sits where the ring of the running replicas puts it, its status names
@@ -1651,6 +1668,23 @@ pub fn pod_ready(p: &Pod) -> bool {
 }
 
 /// The shard label of every lock `locks` lists (None when unlabelled), by lock name.
+/// Each pod's name, role label and Ready condition, for failure messages.
+pub fn describe_pods(pods: &[Pod]) -> String {
+    let v: Vec<_> = pods
+        .iter()
+        .map(|p| {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status.clone());
+            (p.name_any(), p.labels().get(ROLE_LABEL).cloned(), ready)
+        })
+        .collect();
+    format!("{v:?}")
+}
+
 pub async fn lock_owners(locks: &Api<StatefulSetLock>) -> BTreeMap<String, Option<String>> {
     call("list locks", locks.list(&ListParams::default()))
         .await
