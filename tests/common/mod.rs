@@ -572,7 +572,14 @@ impl Env {
     /// A client for operator replica `id`, as that replica and nobody else (through its
     /// proxy on a real cluster when [`Options::partitionable`]).
     pub async fn operator_client(&self, id: &str) -> Client {
-        let agent = format!("stslock/{id}");
+        self.client_as(id, &format!("stslock/{id}")).await
+    }
+
+    /// A client with the operator's credentials (on a real cluster its ServiceAccount, through
+    /// the fault proxy or the partition proxy when the test has one, named `id` there) and
+    /// user agent `agent`: the commit log attributes its writes to `agent`.
+    pub async fn client_as(&self, id: &str, agent: &str) -> Client {
+        let agent = agent.to_string();
         match &self.inner {
             Inner::Sim(sim) => sim.client_as(&agent),
             Inner::Real(real) if real.fault_proxy.is_some() => {
