@@ -489,17 +489,7 @@ async fn deleting_the_lock_cleans_up_and_keeps_the_writer_label(replicas: usize)
 async fn failover_latency_over_200_failovers(replicas: usize) {
     let env = Env::start(replicas).await;
     let sets = 20;
-    for i in 0..sets {
-        env.statefulset(&format!("f{i}"), 3).await;
-        env.lock(
-            &format!("f{i}"),
-            &format!("f{i}"),
-            &format!("f{i}-lease"),
-            30,
-            json!({}),
-        )
-        .await;
-    }
+    failover_fleet(&env, sets).await;
     for i in 0..sets {
         env.wait_writer(&format!("f{i}"), &format!("f{i}-0")).await;
     }
@@ -527,18 +517,10 @@ async fn failover_latency_over_200_failovers(replicas: usize) {
             .commits_until(5, "every set's NotReady and promotion commits", |log| {
                 (0..sets)
                     .map(|i| {
-                        let old = format!("f{i}-{writer}");
-                        let new = format!("f{i}-{next}");
-                        let fail = log.iter().rfind(|c| {
-                            c.name == old && c.resource == "pods" && c.actor == readiness
-                        })?;
-                        let promoted = log.iter().find(|c| {
-                            c.seq > fail.seq
-                                && c.name == new
-                                && c.resource == "pods"
-                                && c.by_operator()
-                        })?;
-                        Some((i, promoted.at_ms.saturating_sub(fail.at_ms)))
+                        let (old, new) = (format!("f{i}-{writer}"), format!("f{i}-{next}"));
+                        let ms =
+                            failover_ms(log, readiness, &old, &new, common::Write::by_operator)?;
+                        Some((i, ms))
                     })
                     .collect::<Option<Vec<(usize, u64)>>>()
             })
@@ -598,16 +580,8 @@ async fn failover_latency_against_the_floor() {
     })
     .await;
     let (sets, rounds) = (10, 10);
+    failover_fleet(&env, sets).await;
     for i in 0..sets {
-        env.statefulset(&format!("f{i}"), 3).await;
-        env.lock(
-            &format!("f{i}"),
-            &format!("f{i}"),
-            &format!("f{i}-lease"),
-            30,
-            json!({}),
-        )
-        .await;
         env.statefulset(&format!("g{i}"), 3).await;
     }
     for i in 0..sets {
@@ -768,20 +742,14 @@ async fn failover_latency_against_the_floor() {
                 for i in 0..sets {
                     for (set, by_floor) in [(format!("f{i}"), false), (format!("g{i}"), true)] {
                         let (old, new) = (format!("{set}-{writer}"), format!("{set}-{next}"));
-                        let fail = log.iter().rfind(|c| {
-                            c.name == old && c.resource == "pods" && c.actor == readiness
+                        let ms = failover_ms(log, readiness, &old, &new, |c| {
+                            if by_floor {
+                                c.actor == agent
+                            } else {
+                                c.by_operator()
+                            }
                         })?;
-                        let promoted = log.iter().find(|c| {
-                            c.seq > fail.seq
-                                && c.name == new
-                                && c.resource == "pods"
-                                && if by_floor {
-                                    c.actor == agent
-                                } else {
-                                    c.by_operator()
-                                }
-                        })?;
-                        out.push((by_floor, promoted.at_ms.saturating_sub(fail.at_ms)));
+                        out.push((by_floor, ms));
                     }
                 }
                 Some(out)
@@ -822,6 +790,40 @@ async fn failover_latency_against_the_floor() {
         ratio(op99, fl99),
     );
     env.assert_never_two_writers().await;
+}
+
+/// StatefulSets `f0`… of 3 pods, each with a lock `f<i>` of a 30 s Lease `f<i>-lease`.
+async fn failover_fleet(env: &Env, sets: usize) {
+    for i in 0..sets {
+        env.statefulset(&format!("f{i}"), 3).await;
+        env.lock(
+            &format!("f{i}"),
+            &format!("f{i}"),
+            &format!("f{i}-lease"),
+            30,
+            json!({}),
+        )
+        .await;
+    }
+}
+
+/// One failover's latency in the commit log: from the last commit of `old` by the readiness
+/// actor (turning it NotReady) to the first later commit of `new` by `promoter` (its
+/// promotion).
+fn failover_ms(
+    log: &[common::Write],
+    readiness: &str,
+    old: &str,
+    new: &str,
+    promoter: impl Fn(&common::Write) -> bool,
+) -> Option<u64> {
+    let fail = log
+        .iter()
+        .rfind(|c| c.name == old && c.resource == "pods" && c.actor == readiness)?;
+    let promoted = log
+        .iter()
+        .find(|c| c.seq > fail.seq && c.name == new && c.resource == "pods" && promoter(c))?;
+    Some(promoted.at_ms.saturating_sub(fail.at_ms))
 }
 
 /// p50, p90, p99, max and mean of latencies in milliseconds.
