@@ -637,14 +637,18 @@ async fn failover_latency_against_the_floor() {
         )
         .await
         .unwrap();
-        state.insert(format!("g{i}"), (0usize, lease));
+        state.insert(
+            format!("g{i}"),
+            (0usize, std::sync::Arc::new(tokio::sync::Mutex::new(lease))),
+        );
     }
     // The floor client: a watch of the namespace's pods; when a set's writer turns NotReady,
     // the Lease moves (compare-and-swap on what it wrote last), the writer is demoted, the
     // first other Ready pod promoted.
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let client = tokio::spawn({
-        let (pods, leases) = (pods.clone(), leases.clone());
+        let (pods, leases, failed) = (pods.clone(), leases.clone(), failed.clone());
         async move {
             let mut synced_tx = Some(synced_tx);
             let mut readiness = std::collections::HashMap::new();
@@ -684,37 +688,40 @@ async fn failover_latency_against_the_floor() {
                 else {
                     continue;
                 };
-                // A merge patch carrying the resourceVersion last written: a compare-and-swap
-                // (with the operator's credentials, which may patch Leases, not update them).
-                let transitions = lease.spec.as_ref().and_then(|s| s.lease_transitions);
-                let cas = Patch::Merge(json!({
-                    "metadata": {"resourceVersion": lease.resource_version()},
-                    "spec": {"holderIdentity": format!("{set}-{next}"),
-                             "leaseTransitions": transitions.unwrap_or(0) + 1}
-                }));
-                *lease = common::call(
-                    "move lease",
-                    leases.patch(&lease.name_any(), &PatchParams::default(), &cas),
-                )
-                .await
-                .expect("the floor's Lease CAS (nobody else writes it)");
-                common::call(
-                    "demote",
-                    pods.patch(&old, &PatchParams::default(), &role("reader")),
-                )
-                .await
-                .unwrap();
-                common::call(
-                    "promote",
-                    pods.patch(
-                        &format!("{set}-{next}"),
-                        &PatchParams::default(),
-                        &role("writer"),
-                    ),
-                )
-                .await
-                .unwrap();
                 *writer = next;
+                // Each failover runs on its own, as the operator's do: one set's three writes
+                // never wait behind another's. A failed write (nobody else writes these) ends
+                // the task and is reported by the round.
+                let (pods, leases, lease) = (pods.clone(), leases.clone(), lease.clone());
+                let (failed, set) = (failed.clone(), set.to_string());
+                tokio::spawn(async move {
+                    let mut lease = lease.lock().await;
+                    // A merge patch carrying the resourceVersion last written: a
+                    // compare-and-swap (with the operator's credentials, which may patch
+                    // Leases, not update them).
+                    let transitions = lease.spec.as_ref().and_then(|s| s.lease_transitions);
+                    let cas = Patch::Merge(json!({
+                        "metadata": {"resourceVersion": lease.resource_version()},
+                        "spec": {"holderIdentity": format!("{set}-{next}"),
+                                 "leaseTransitions": transitions.unwrap_or(0) + 1}
+                    }));
+                    let pp = PatchParams::default();
+                    let done = async {
+                        *lease =
+                            common::call("move lease", leases.patch(&lease.name_any(), &pp, &cas))
+                                .await?;
+                        common::call("demote", pods.patch(&old, &pp, &role("reader"))).await?;
+                        common::call(
+                            "promote",
+                            pods.patch(&format!("{set}-{next}"), &pp, &role("writer")),
+                        )
+                        .await?;
+                        Ok::<_, kube::Error>(())
+                    };
+                    if let Err(e) = done.await {
+                        failed.lock().unwrap().push(format!("{set}: {e}"));
+                    }
+                });
             }
         }
     });
@@ -733,7 +740,21 @@ async fn failover_latency_against_the_floor() {
         }
         for i in 0..sets {
             for set in [format!("f{i}"), format!("g{i}")] {
-                env.wait_writer(&set, &format!("{set}-{next}")).await;
+                // A failed floor write fails the test with its error, not with this timeout.
+                let floor_failed = async {
+                    loop {
+                        let f = failed.lock().unwrap().clone();
+                        if !f.is_empty() {
+                            break f;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                let new = format!("{set}-{next}");
+                tokio::select! {
+                    _ = env.wait_writer(&set, &new) => {}
+                    f = floor_failed => panic!("the floor client's writes failed: {f:?}"),
+                }
             }
         }
         let latencies = env
