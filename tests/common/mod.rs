@@ -1094,13 +1094,27 @@ impl Env {
         let started = tokio::time::Instant::now();
         let mut all_there: Option<tokio::time::Instant> = None;
         loop {
-            let (want, mut seen) = match call("get statefulset", sets.get_opt(app)).await {
-                Ok(s) => (
-                    s.and_then(|s| s.spec.replicas).map(|n| n as usize),
-                    String::new(),
-                ),
-                Err(e) => (None, format!("get statefulset: {e}; ")),
-            };
+            // The StatefulSet whose selector is app=APP (the tests name it APP; the seed's
+            // samples do not).
+            let (want, mut seen) =
+                match call("list statefulsets", sets.list(&ListParams::default())).await {
+                    Ok(l) => (
+                        l.items
+                            .iter()
+                            .find(|s| {
+                                s.spec
+                                    .selector
+                                    .match_labels
+                                    .as_ref()
+                                    .and_then(|m| m.get("app"))
+                                    .is_some_and(|a| a == app)
+                            })
+                            .and_then(|s| s.spec.replicas)
+                            .map(|n| n as usize),
+                        String::new(),
+                    ),
+                    Err(e) => (None, format!("list statefulsets: {e}; ")),
+                };
             match call(
                 "list pods",
                 pods.list(&ListParams::default().labels(&format!("app={app}"))),
