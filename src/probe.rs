@@ -61,7 +61,7 @@ pub struct Probe {
     pub caches: Arc<CacheSync>,
     pub pods: PodIndex,
     pub leases: crate::cache::watch::LeaseCache,
-    pub sets: Store<crate::cache::watch::CachedStatefulSet>,
+    pub sets: crate::cache::sets::SetIndex,
     pub locks: Store<StatefulSetLock>,
     pub sharding: Arc<Sharding>,
     /// The namespaces in scope (listed, with --namespace-selector).
@@ -109,7 +109,7 @@ impl Probe {
             self.readiness().is_ok(),
         );
         self.metrics.cached("locks", self.locks.state().len());
-        self.metrics.cached("statefulsets", self.sets.state().len());
+        self.metrics.cached("statefulsets", self.sets.len());
         self.metrics.cached("pods", self.pods.len());
         self.metrics
             .cached("leases", self.leases.read().map(|m| m.len()).unwrap_or(0));

@@ -204,16 +204,32 @@ pub async fn run_with(
     })
     .applied_objects();
     let controller = Controller::for_stream(lock_events, locks.clone());
-    let (sets, sets_writer) = kube::runtime::reflector::store();
-    let sets_stream = kube::runtime::reflector(
-        sets_writer,
-        lenient::watcher(client.clone(), watch::watch_config(), undecodable.clone())
-            .modify(watch::slim_statefulset)
-            .backoff(watch::backoff())
-            .filter(watch::in_scope(scope.clone())),
-    );
-    // Leases and pods are kept only for this replica's own locks (DESIGN §4).
+    // StatefulSets, Leases and pods are kept only for this replica's own locks (DESIGN §4).
     let interest = Arc::new(crate::cache::interest::Interest::default());
+    let sets = crate::cache::sets::SetIndex::default().keeping({
+        let interest = interest.clone();
+        move |ns, set| interest.wants_set(ns, set)
+    });
+    let sets_stream = lenient::watcher::<watch::CachedStatefulSet>(
+        client.clone(),
+        watch::watch_config(),
+        undecodable.clone(),
+    )
+    .backoff(watch::backoff())
+    .filter(watch::in_scope(scope.clone()))
+    .inspect({
+        let (sets, synced) = (sets.clone(), synced.clone());
+        move |ev| {
+            if let Ok(e) = ev {
+                sets.apply(e);
+                if matches!(e, watcher::Event::InitDone) {
+                    synced
+                        .statefulsets
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    });
     let pods = PodIndex::new(args.role_label.clone()).keeping({
         let interest = interest.clone();
         move |ns, set| interest.wants_set(ns, set)
@@ -361,9 +377,6 @@ pub async fn run_with(
     background.spawn(report_undecodable_locks(ctx.clone(), undecodable_rx));
     background.spawn(sharding.clone().membership_loop());
     background.spawn(sharding.clone().watch_members());
-    background.spawn(cache_synced(sets.clone(), synced.clone(), |c| {
-        &c.statefulsets
-    }));
     // A lock about to be handed off has its Lease renewed first (if a quarter of it has
     // passed). Weak: the hook lives in `sharding`, which the lane's context holds.
     sharding.before_handoff({
@@ -565,21 +578,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Marks a reflector cache as synced once it has its initial list. Only for stores nothing
-/// else waits on: `wait_until_ready` wakes only its most recent waiter.
-async fn cache_synced<K>(
-    store: kube::runtime::reflector::Store<K>,
-    synced: Arc<crate::probe::CacheSync>,
-    flag: fn(&crate::probe::CacheSync) -> &std::sync::atomic::AtomicBool,
-) where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    if store.wait_until_ready().await.is_ok() {
-        flag(&synced).store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -284,15 +284,17 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
         })
     })
     .await;
-    // Alone, h-0 keeps every pod and Lease.
+    // Alone, h-0 keeps every pod, Lease and StatefulSet.
     poll(
         20,
-        "h-0 caches the pods and Leases of every lock",
+        "h-0 caches the pods, Leases and StatefulSets of every lock",
         move || {
             Box::pin(async move {
                 let m = metrics(first).await;
                 (m.get("stslock_cached_objects{kind=\"pods\"}") == Some(&(2.0 * locks as f64))
-                    && m.get("stslock_cached_objects{kind=\"leases\"}") == Some(&(locks as f64)))
+                    && m.get("stslock_cached_objects{kind=\"leases\"}") == Some(&(locks as f64))
+                    && m.get("stslock_cached_objects{kind=\"statefulsets\"}")
+                        == Some(&(locks as f64)))
                 .then_some(())
             })
         },
@@ -308,8 +310,8 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
         let replicas = replicas.clone();
         Box::pin(async move {
             let s = scrape_all(&replicas).await;
-            // Each replica keeps the pods (two per StatefulSet) and the Leases of its own
-            // locks only; every lock and StatefulSet of the scope.
+            // Each replica keeps the pods (two per StatefulSet), the Leases and the
+            // StatefulSets of its own locks only; every lock of the scope.
             let cached = |m: &HashMap<String, f64>, kind: &str| {
                 m.get(&format!("stslock_cached_objects{{kind=\"{kind}\"}}"))
                     .copied()
@@ -319,7 +321,7 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
                 cached(m, "pods") == Some(2.0 * owned)
                     && cached(m, "leases") == Some(owned)
                     && cached(m, "locks") == Some(locks as f64)
-                    && cached(m, "statefulsets") == Some(locks as f64)
+                    && cached(m, "statefulsets") == Some(owned)
             });
             let settled = s.iter().all(|m| m["stslock_ring_members"] == 3.0)
                 && sum(&s, "stslock_owned_locks") == locks as f64
@@ -713,16 +715,20 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
         env.wait_writer(&format!("ds{i}"), &format!("ds{i}-0"))
             .await;
     }
-    let cached = move |pods: f64, leases: f64, locks: f64| async move {
+    // Pods, Leases, locks, StatefulSets.
+    let cached = move |want: [f64; 4]| async move {
         let s = metrics(m).await;
-        (s.get("stslock_cached_objects{kind=\"pods\"}") == Some(&pods)
-            && s.get("stslock_cached_objects{kind=\"leases\"}") == Some(&leases)
-            && s.get("stslock_cached_objects{kind=\"locks\"}") == Some(&locks))
-        .then_some(())
+        let counts = ["pods", "leases", "locks", "statefulsets"].map(|k| {
+            s.get(&format!("stslock_cached_objects{{kind=\"{k}\"}}"))
+                .copied()
+        });
+        (counts == want.map(Some)).then_some(())
     };
-    poll(20, "both locks' pods and Leases cached", move || {
-        Box::pin(cached(4.0, 2.0, 2.0))
-    })
+    poll(
+        20,
+        "both locks' pods, Leases and StatefulSets cached",
+        move || Box::pin(cached([4.0, 2.0, 2.0, 2.0])),
+    )
     .await;
     // The lock watch stalls; d1 goes (its finalizer removed first: the operator cannot see the
     // deletion to finish it); the history is compacted and the watches dropped, so the lock
@@ -743,9 +749,12 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
     env.sim().expect("kubesim").compact();
     env.faults().drop_watches();
     env.faults().set(Default::default());
-    poll(20, "d1's pods and Lease gone from the caches", move || {
-        Box::pin(cached(2.0, 1.0, 1.0))
-    })
+    // ds1 itself stays: no lock of this replica's targets it any more.
+    poll(
+        20,
+        "d1's pods, Lease and StatefulSet gone from the caches",
+        move || Box::pin(cached([2.0, 1.0, 1.0, 1.0])),
+    )
     .await;
     // ... and they stay gone: d1's renewal entry, which still holds the lock as it was cached,
     // must not read them back in (it did, when the renewal lane read a lock's Lease and pods
@@ -753,14 +762,14 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = metrics(m).await;
-        let counts = ["pods", "leases", "locks"].map(|k| {
+        let counts = ["pods", "leases", "locks", "statefulsets"].map(|k| {
             s.get(&format!("stslock_cached_objects{{kind=\"{k}\"}}"))
                 .copied()
         });
         assert_eq!(
             counts,
-            [Some(2.0), Some(1.0), Some(1.0)],
-            "cached pods, Leases, locks after d1 was deleted unseen"
+            [Some(2.0), Some(1.0), Some(1.0), Some(1.0)],
+            "cached pods, Leases, locks, StatefulSets after d1 was deleted unseen"
         );
     }
     env.stop_operators().await;

@@ -70,11 +70,10 @@ impl kube::runtime::utils::Backoff for NoTriggerBackoff {
     fn reset(&mut self) {}
 }
 
-/// What the caches keep of a StatefulSet: its identity, `spec.replicas` and `spec.selector`
-/// (what a decision and a re-read of its pods need). It is decoded as this type, so the pod
-/// template, volume claim templates and status are never allocated — each replica caches every
-/// StatefulSet of its scope, and a full `StatefulSet` is about 2.6 KB even with its template
-/// emptied; annotations, owner references and managed fields are dropped before it is stored.
+/// A StatefulSet as the StatefulSet watch and reads decode it: its metadata, `spec.replicas`
+/// and `spec.selector` (what a decision and a re-read of its pods need), so the pod template,
+/// volume claim templates and status are never allocated (a full `StatefulSet` is about 2.6 KB
+/// even with its template emptied). The set cache keeps less still ([`super::sets::SetView`]).
 #[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 pub struct CachedStatefulSet {
     pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -111,14 +110,6 @@ impl kube::Resource for CachedStatefulSet {
     fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         &mut self.metadata
     }
-}
-
-/// Drop what no decision reads from a cached StatefulSet's metadata.
-pub fn slim_statefulset(s: &mut CachedStatefulSet) {
-    let m = &mut s.metadata;
-    m.managed_fields = None;
-    m.annotations = None;
-    m.owner_references = None;
 }
 
 /// What the lock watch keeps of each lock, for replica `identity` (DESIGN §4: full state only
@@ -660,8 +651,8 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_statefulset_keeps_what_decisions_read_and_nothing_else() {
-        let mut s: CachedStatefulSet = serde_json::from_value(serde_json::json!({
+    fn a_statefulset_decodes_as_what_decisions_read() {
+        let s: CachedStatefulSet = serde_json::from_value(serde_json::json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "db", "namespace": "ns", "uid": "u", "resourceVersion": "7",
                          "labels": {"app": "db"}, "annotations": {"big": "x".repeat(4096)},
@@ -674,7 +665,6 @@ mod tests {
             "status": {"replicas": 3, "readyReplicas": 2}
         }))
         .unwrap();
-        slim_statefulset(&mut s);
         assert_eq!(s.spec.replicas, Some(3));
         assert_eq!(
             s.spec.selector.match_labels,
@@ -685,8 +675,6 @@ mod tests {
             ("db".into(), Some("ns".into()))
         );
         assert_eq!(s.resource_version().as_deref(), Some("7"));
-        assert_eq!(s.metadata.labels.as_ref().map(|l| l.len()), Some(1));
-        assert!(s.metadata.annotations.is_none() && s.metadata.managed_fields.is_none());
         // Nothing else was decoded: a fraction of the full type's inline size.
         assert!(
             std::mem::size_of::<CachedStatefulSet>()

@@ -4,7 +4,6 @@
 //! ([`crate::cache::fresh`]) is first re-read with quorum reads
 //! ([`crate::cache::Caches::reread`]).
 
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{FINALIZER, GO_FINALIZER, StatefulSetLock};
@@ -33,10 +32,7 @@ pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> 
             "{ns}/{name}: its Lease and pods are not cached yet (re-reading)"
         )));
     }
-    let set = ctx
-        .cache
-        .sets
-        .get(&ObjectRef::new(&lock.spec.stateful_set_name).within(&ns));
+    let set = ctx.cache.sets.get(&ns, &lock.spec.stateful_set_name);
     let pods = ctx
         .cache
         .pods
@@ -87,7 +83,7 @@ pub async fn observe(lock: &StatefulSetLock, ctx: &Context) -> Result<Observed> 
         paused: lock.spec.paused,
         failover_delay_seconds: i64::from(lock.spec.failover_delay_seconds.unwrap_or(0)),
         preferred_writer: lock.spec.preferred_writer.clone(),
-        replicas: set.map(|s| s.spec.replicas.unwrap_or(1)),
+        replicas: set.map(|s| s.replicas.unwrap_or(1)),
         pods,
         lease: lease.as_ref().map(crate::cache::lease_view),
         rivals,
