@@ -204,12 +204,10 @@ pub async fn run_with(
     })
     .applied_objects();
     let controller = Controller::for_stream(lock_events, locks.clone());
-    // StatefulSets, Leases and pods are kept only for this replica's own locks (DESIGN §4).
+    // Every StatefulSet as a projection; Leases and pods only for this replica's own locks
+    // (DESIGN §4).
+    let sets = crate::cache::sets::SetIndex::default();
     let interest = Arc::new(crate::cache::interest::Interest::default());
-    let sets = crate::cache::sets::SetIndex::default().keeping({
-        let interest = interest.clone();
-        move |ns, set| interest.wants_set(ns, set)
-    });
     let sets_stream = lenient::watcher::<watch::CachedStatefulSet>(
         client.clone(),
         watch::watch_config(),

@@ -310,8 +310,8 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
         let replicas = replicas.clone();
         Box::pin(async move {
             let s = scrape_all(&replicas).await;
-            // Each replica keeps the pods (two per StatefulSet), the Leases and the
-            // StatefulSets of its own locks only; every lock of the scope.
+            // Each replica keeps the pods (two per StatefulSet) and the Leases of its own
+            // locks only; every lock and StatefulSet of the scope.
             let cached = |m: &HashMap<String, f64>, kind: &str| {
                 m.get(&format!("stslock_cached_objects{{kind=\"{kind}\"}}"))
                     .copied()
@@ -321,7 +321,7 @@ async fn joining_replicas_take_locks_by_handoff_and_caches_and_gauges_follow() {
                 cached(m, "pods") == Some(2.0 * owned)
                     && cached(m, "leases") == Some(owned)
                     && cached(m, "locks") == Some(locks as f64)
-                    && cached(m, "statefulsets") == Some(owned)
+                    && cached(m, "statefulsets") == Some(locks as f64)
             });
             let settled = s.iter().all(|m| m["stslock_ring_members"] == 3.0)
                 && sum(&s, "stslock_owned_locks") == locks as f64
@@ -749,12 +749,10 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
     env.sim().expect("kubesim").compact();
     env.faults().drop_watches();
     env.faults().set(Default::default());
-    // ds1 itself stays: no lock of this replica's targets it any more.
-    poll(
-        20,
-        "d1's pods, Lease and StatefulSet gone from the caches",
-        move || Box::pin(cached([2.0, 1.0, 1.0, 1.0])),
-    )
+    // ds1 itself stays (every StatefulSet of the scope is kept).
+    poll(20, "d1's pods and Lease gone from the caches", move || {
+        Box::pin(cached([2.0, 1.0, 1.0, 2.0]))
+    })
     .await;
     // ... and they stay gone: d1's renewal entry, which still holds the lock as it was cached,
     // must not read them back in (it did, when the renewal lane read a lock's Lease and pods
@@ -768,7 +766,7 @@ async fn a_lock_deleted_while_the_lock_watch_was_down_leaves_the_caches() {
         });
         assert_eq!(
             counts,
-            [Some(2.0), Some(1.0), Some(1.0), Some(1.0)],
+            [Some(2.0), Some(1.0), Some(1.0), Some(2.0)],
             "cached pods, Leases, locks, StatefulSets after d1 was deleted unseen"
         );
     }

@@ -67,7 +67,7 @@ pub struct Caches {
     /// stslock's own Leases, from the labelled Lease watch.
     pub leases: watch::LeaseCache,
     pub locks: Store<StatefulSetLock>,
-    /// The StatefulSets of this replica's own locks (see [`sets`]).
+    /// Every StatefulSet of the scope, as a projection (see [`sets`]).
     pub sets: sets::SetIndex,
     /// Read-your-writes and trust per lock (see [`fresh`]).
     pub fresh: Arc<fresh::Freshness>,
@@ -163,7 +163,6 @@ impl Caches {
         let evict = self.interest.lose(key);
         if let Some((ns, set)) = evict.set {
             self.pods.drop_set(&ns, &set);
-            self.sets.forget(&ns, &set);
         }
         if let Some((ns, name)) = evict.lease {
             watch::forget_lease(&self.leases, &ns, &name, None);
@@ -181,7 +180,6 @@ impl Caches {
         self.interest.settle(owned);
         let interest = &self.interest;
         self.pods.retain_sets(|ns, set| interest.wants_set(ns, set));
-        self.sets.retain(|ns, set| interest.wants_set(ns, set));
         if let Ok(mut m) = self.leases.write() {
             m.retain(|(ns, name), _| interest.wants_lease(ns, name));
         }
@@ -219,27 +217,6 @@ impl Caches {
         }
         self.read_around(&read).await?;
         Ok(Some(read))
-    }
-
-    /// A quorum read of StatefulSet `ns/name` into the set cache (which keeps it while an
-    /// owned lock targets it). None: there is no such StatefulSet.
-    async fn read_set(&self, ns: &str, name: &str) -> Result<Option<Arc<sets::SetView>>> {
-        let api: Api<watch::CachedStatefulSet> = Api::namespaced(self.client.clone(), ns);
-        let read = call_opt(
-            &self.metrics,
-            ApiCall::get(Kind::StatefulSet, format!("{ns}/{name}")),
-            self.api_timeout,
-            api.get(name),
-        )
-        .await?;
-        Ok(read.map(|s| {
-            self.sets.remember(&s);
-            // Given up while this read was in flight (see `read_around`).
-            if !self.interest.wants_set(ns, name) {
-                self.sets.forget(ns, name);
-            }
-            Arc::new(sets::SetView::of(&s))
-        }))
     }
 
     /// Quorum reads of `lock`'s Lease and its StatefulSet's pods into the caches, for a lock
@@ -280,19 +257,15 @@ impl Caches {
         };
         let pods_read = async {
             let set_name = &read.spec.stateful_set_name;
-            // The StatefulSet's own selector, narrowed to StatefulSet pods; every StatefulSet
-            // pod of the namespace when there is no such set. Either way only the pods this
-            // set controls go in. The set is read first unless cached (a gained lock's is
-            // not: only owned locks' StatefulSets are kept).
-            let set = match self.sets.get(&ns, set_name) {
-                Some(set) => Some(set),
-                None => self.read_set(&ns, set_name).await?,
-            };
-            let mut selector: Vec<String> = set
-                .and_then(|s| s.match_labels.clone())
-                .unwrap_or_default()
+            // The StatefulSet's own selector, narrowed to StatefulSet pods, when the set is
+            // cached; else every StatefulSet pod of the namespace. Either way only the pods
+            // this set controls go in.
+            let mut selector: Vec<String> = self
+                .sets
+                .get(&ns, set_name)
+                .map(|s| s.match_labels.to_string())
                 .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
+                .filter(|s| !s.is_empty())
                 .collect();
             selector.push(watch::STS_POD_LABEL.to_string());
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
