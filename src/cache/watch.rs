@@ -6,7 +6,7 @@
 //! to a pod, a StatefulSet or one of our Leases maps to the locks in that namespace that
 //! target it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
@@ -200,8 +200,9 @@ type SetKey = (String, String);
 
 #[derive(Default)]
 struct LockIndexInner {
-    /// (namespace, StatefulSet) → names of the locks targeting it.
-    by_set: HashMap<SetKey, BTreeSet<String>>,
+    /// (namespace, StatefulSet) → names of the locks targeting it (almost always one: a
+    /// `Vec` of one name is one small allocation, a `BTreeSet` node ~270 bytes).
+    by_set: HashMap<SetKey, Vec<String>>,
     /// (namespace, lock) → its StatefulSet.
     set_of: HashMap<SetKey, String>,
     /// Listed since the last `Init`, swapped in at `InitDone`.
@@ -222,16 +223,16 @@ impl LockIndexInner {
         {
             self.remove_from_set(&lock, &old);
         }
-        self.by_set
-            .entry((lock.0.clone(), set))
-            .or_default()
-            .insert(lock.1);
+        let names = self.by_set.entry((lock.0.clone(), set)).or_default();
+        if !names.contains(&lock.1) {
+            names.push(lock.1);
+        }
     }
 
     fn remove_from_set(&mut self, lock: &SetKey, set: &str) {
         let key = (lock.0.clone(), set.to_string());
         if let Some(names) = self.by_set.get_mut(&key) {
-            names.remove(&lock.1);
+            names.retain(|n| *n != lock.1);
             if names.is_empty() {
                 self.by_set.remove(&key);
             }
