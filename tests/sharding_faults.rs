@@ -1775,3 +1775,76 @@ async fn a_graceful_leave_does_not_wait_for_a_reconcile_stuck_in_a_write() {
     assert!(audit(&log).non_owner.is_empty());
     assert_never_two_writers(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 20. Handoffs whose outcome is unknown are resolved together, not one read after another.
+
+/// a owns 40 locks (8 s Leases) alone; b joins, and every lock write of a fails with a 500
+/// meanwhile: each handoff to b ends with an unknown outcome, and until a read shows where the
+/// label is, a sends nothing for that lock — not even its Lease's renewal (the handoff may have
+/// landed). Then the writes go through again but a's reads of locks take 1 s each. The ~20
+/// unresolved locks must be read together: read one after another (as before; an assignment
+/// pass and a timer both resolve, so two at a time), the last were resolved about 2 s + 10 × 1 s
+/// after their handoffs failed, and their Leases, held by Ready writers,
+/// went longer than a Lease without a renewal (a P5 fault run lost two Leases that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_handoff_outcomes_are_resolved_together() {
+    let (sim, client) = sim_with_crd().await;
+    let (n, lease_ms) = (40, 8_000u64);
+    let a = alone_with_locks(&sim, &client, n, 8).await;
+    sim.faults().update(|c| {
+        c.error_rate = 1.0;
+        c.error_code = 500;
+        c.writes_only = true;
+        c.agents = vec!["stslock/a".into()];
+        c.resources = vec!["statefulsetlocks".into()];
+    });
+    let from_ms = sim.store().elapsed_ms();
+    let b = start(&sim, "b", |_| {});
+    // Deliberate wait: b joins the ring, and a's assignment passes (every 300 ms) try their
+    // handoffs to b, each failing with a 500 and left unresolved for the API timeout (2 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let moved = owners(&client)
+        .await
+        .values()
+        .filter(|o| o.as_deref() == Some("b"))
+        .count();
+    assert_eq!(moved, 0, "a lock moved to b while a's lock writes failed");
+    sim.faults().update(|c| {
+        c.error_rate = 0.0;
+        c.writes_only = false;
+        c.reads_only = true;
+        c.latency_ms = 1000;
+    });
+    let owned = until_owned_by(&client, &["a", "b"], 40).await;
+    let end_ms = sim.store().elapsed_ms();
+    sim.faults().set(kubesim::FaultConfig::default());
+    let log = sim.commit_log();
+    a.stop().await;
+    b.stop().await;
+
+    let handed: Vec<&String> = owned
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("b"))
+        .map(|(l, _)| l)
+        .collect();
+    assert!(
+        handed.len() >= 12,
+        "the ring gave b too few locks: {owned:?}"
+    );
+    let mut worst_of_all = 0;
+    for lock in &handed {
+        let worst = longest_without_lease_write(&log, lock, from_ms, end_ms);
+        worst_of_all = worst_of_all.max(worst);
+        assert!(
+            worst < lease_ms,
+            "{lock}'s Lease went {worst} ms without a write while its handoff was unresolved"
+        );
+    }
+    println!(
+        "{} locks handed to b after failed handoffs; longest time without a Lease write {worst_of_all} ms (Leases of {lease_ms} ms)",
+        handed.len()
+    );
+    assert!(audit(&log).non_owner.is_empty());
+    assert_never_two_writers(&sim);
+}
