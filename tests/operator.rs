@@ -571,6 +571,17 @@ async fn failover_latency_against_the_floor() {
         ..Options::default()
     })
     .await;
+    // P10 asks for the comparison at fleet size: STSLOCK_FLOOR_BACKGROUND_LOCKS=N first
+    // elects N more locks (2 pods each) that only renew meanwhile; both the operator and the
+    // floor client then see every pod event of the namespace (README, "Failover against its
+    // floor": what this machine managed).
+    let background = std::env::var("STSLOCK_FLOOR_BACKGROUND_LOCKS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    if background > 0 {
+        background_locks(&env, background).await;
+    }
     let (sets, rounds) = (10, 10);
     failover_fleet(&env, sets).await;
     for i in 0..sets {
@@ -790,8 +801,9 @@ async fn failover_latency_against_the_floor() {
     // Commit times have 1 ms resolution: a floor of 0 ms is taken as 1 ms for the ratio.
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     println!(
-        "failover against the floor ({:?}, debug build, {} failovers each): operator {}; floor {}; operator/floor p50 {:.1}x, p99 {:.1}x",
+        "failover against the floor ({:?}, debug build, {} background locks, {} failovers each): operator {}; floor {}; operator/floor p50 {:.1}x, p99 {:.1}x",
         env.backend(),
+        background,
         sets * rounds,
         distribution(operator.clone()),
         distribution(floor_ms.clone()),
@@ -799,6 +811,90 @@ async fn failover_latency_against_the_floor() {
         ratio(op99, fl99),
     );
     env.assert_never_two_writers().await;
+}
+
+/// `n` StatefulSets `bg<i>` of 2 pods (created in parallel), each with a lock of a 30 s Lease,
+/// all elected before this returns (the time it took is printed).
+async fn background_locks(env: &Env, n: usize) {
+    use futures::StreamExt;
+    let started = std::time::Instant::now();
+    let (sets, locks) = (
+        env.api::<k8s_openapi::api::apps::v1::StatefulSet>(),
+        env.locks(),
+    );
+    futures::stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let (sets, locks) = (sets.clone(), locks.clone());
+            async move {
+                let name = format!("bg{i}");
+                let sts = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"serviceName": name, "replicas": 2, "podManagementPolicy": "Parallel",
+                             "selector": {"matchLabels": {"app": name}},
+                             "template": {"metadata": {"labels": {"app": name}},
+                                          "spec": {"containers": [{"name": "c", "image": "postgres:15"}]}}}
+                }))
+                .unwrap();
+                common::call("create statefulset", sets.create(&PostParams::default(), &sts))
+                    .await
+                    .unwrap();
+                let lock: StatefulSetLock = serde_json::from_value(json!({
+                    "apiVersion": "app.anukkrit.me/v1", "kind": "StatefulSetLock",
+                    "metadata": {"name": name},
+                    "spec": {"statefulSetName": name, "leaseName": format!("{name}-lease"),
+                             "leaseDurationSeconds": 30}
+                }))
+                .unwrap();
+                common::call("create lock", locks.create(&PostParams::default(), &lock))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    let created = started.elapsed();
+    // A lock is elected once its status names the writer; the budget grows with `n`. Read in
+    // pages, every 5 s, each page with a minute to answer: a list of thousands of custom
+    // objects from an API server busy with the election takes longer than the harness's 10 s.
+    env.until(
+        120 + n as u64 / 5,
+        &format!("{n} background locks elected"),
+        || {
+            let locks = locks.clone();
+            Box::pin(async move {
+                let (mut elected, mut next) = (0, None::<String>);
+                loop {
+                    let mut page = kube::api::ListParams::default().limit(500);
+                    if let Some(token) = &next {
+                        page = page.continue_token(token);
+                    }
+                    let l = tokio::time::timeout(Duration::from_secs(60), locks.list(&page))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    elected += l
+                        .items
+                        .iter()
+                        .filter(|l| l.name_any().starts_with("bg"))
+                        .filter(|l| l.status.as_ref().is_some_and(|s| s.writer_pod.is_some()))
+                        .count();
+                    next = l.metadata.continue_.filter(|t| !t.is_empty());
+                    if next.is_none() {
+                        break;
+                    }
+                }
+                if elected < n {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                (elected == n).then_some(())
+            })
+        },
+    )
+    .await;
+    println!(
+        "{n} background locks: created in {:.1} s, all elected after {:.1} s",
+        created.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// StatefulSets `f0`… of 3 pods, each with a lock `f<i>` of a 30 s Lease `f<i>-lease`.

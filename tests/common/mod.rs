@@ -1094,27 +1094,29 @@ impl Env {
         let started = tokio::time::Instant::now();
         let mut all_there: Option<tokio::time::Instant> = None;
         loop {
-            // The StatefulSet whose selector is app=APP (the tests name it APP; the seed's
-            // samples do not).
-            let (want, mut seen) =
-                match call("list statefulsets", sets.list(&ListParams::default())).await {
+            // The StatefulSet whose selector is app=APP: the tests name it APP (one read);
+            // the seed's samples do not (a list of the namespace's sets, which at fleet size
+            // is thousands of objects, so only then).
+            let selects = |s: &StatefulSet| {
+                s.spec
+                    .selector
+                    .match_labels
+                    .as_ref()
+                    .and_then(|m| m.get("app"))
+                    .is_some_and(|a| a == app)
+            };
+            let replicas = |s: &StatefulSet| s.spec.replicas.map(|n| n as usize);
+            let (want, mut seen) = match call("get statefulset", sets.get_opt(app)).await {
+                Ok(Some(s)) if selects(&s) => (replicas(&s), String::new()),
+                Ok(_) => match call("list statefulsets", sets.list(&ListParams::default())).await {
                     Ok(l) => (
-                        l.items
-                            .iter()
-                            .find(|s| {
-                                s.spec
-                                    .selector
-                                    .match_labels
-                                    .as_ref()
-                                    .and_then(|m| m.get("app"))
-                                    .is_some_and(|a| a == app)
-                            })
-                            .and_then(|s| s.spec.replicas)
-                            .map(|n| n as usize),
+                        l.items.iter().find(|s| selects(s)).and_then(replicas),
                         String::new(),
                     ),
                     Err(e) => (None, format!("list statefulsets: {e}; ")),
-                };
+                },
+                Err(e) => (None, format!("get statefulset: {e}; ")),
+            };
             match call(
                 "list pods",
                 pods.list(&ListParams::default().labels(&format!("app={app}"))),

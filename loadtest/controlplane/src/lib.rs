@@ -335,6 +335,11 @@ impl ControlPlane {
             format!("--root-ca-file={}", pki_file("ca.crt")),
             "--leader-elect=false".to_string(),
             "--profiling=false".to_string(),
+            // Its client's default budget (20 requests/s, burst 30) would take minutes to create
+            // the pods of a few thousand StatefulSets (the 5,000-lock floor comparison); a
+            // cluster's controller manager is given far more than that.
+            "--kube-api-qps=500".to_string(),
+            "--kube-api-burst=1000".to_string(),
         ];
         cp.spawn(
             "kube-controller-manager",
