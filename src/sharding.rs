@@ -1516,13 +1516,17 @@ impl Sharding {
             .iter()
             .filter(|e| e.value().elapsed() > self.cfg.api_timeout)
             .map(|e| e.key().clone())
-            .filter(|key| key.contains('/'))
-            .filter(|key| self.resolving.insert(key.clone()))
             .collect();
-        futures::stream::iter(keys)
-            .for_each_concurrent(MOVES_IN_PARALLEL, |key| async move {
-                self.resolve_unknown_handoff(&key).await;
-                self.resolving.remove(&key);
+        // Marked here, unmarked when each read ends or is dropped (a pass cancelled at a
+        // shutdown): a mark left behind would keep its lock from ever being resolved.
+        let underway: Vec<Underway<'_>> = keys
+            .into_iter()
+            .filter_map(|key| Underway::take(&self.resolving, key))
+            .collect();
+        futures::stream::iter(underway)
+            .for_each_concurrent(MOVES_IN_PARALLEL, |underway| async move {
+                self.resolve_unknown_handoff(&underway.0).await;
+                drop(underway);
             })
             .await;
     }
@@ -1572,12 +1576,11 @@ impl Sharding {
     /// in time the handoff is put off, never forced.
     async fn hand_off(&self, lock: &StatefulSetLock, to: &str) {
         let key = lock_key(lock);
-        if !self.handing.insert(key.clone()) {
+        let Some(_handing) = Underway::take(&self.handing, key.clone()) else {
             // Another handoff of it is under way; it decides.
             return;
-        }
+        };
         self.hand_off_alone(lock, to, &key).await;
-        self.handing.remove(&key);
     }
 
     async fn hand_off_alone(&self, lock: &StatefulSetLock, to: &str, key: &str) {
@@ -1937,6 +1940,22 @@ impl Sharding {
         {
             tracing::warn!(error = %e, "leaving the shard group");
         }
+    }
+}
+
+/// A lock's key in one of the runtime's sets of work under way (handoffs, resolutions of lost
+/// handoff answers): put in only if absent, given back when dropped — also when the work is cancelled.
+struct Underway<'a>(String, &'a DashSet<String>);
+
+impl<'a> Underway<'a> {
+    fn take(set: &'a DashSet<String>, key: String) -> Option<Underway<'a>> {
+        set.insert(key.clone()).then_some(Underway(key, set))
+    }
+}
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        self.1.remove(&self.0);
     }
 }
 

@@ -787,11 +787,7 @@ async fn a_lock_is_handed_off_with_its_lease_freshly_renewed() {
     a.stop().await;
     b.stop().await;
 
-    let handed: Vec<&String> = owned
-        .iter()
-        .filter(|(_, o)| o.as_deref() == Some("b"))
-        .map(|(l, _)| l)
-        .collect();
+    let handed = locks_of(&owned, "b");
     assert!(!handed.is_empty(), "the ring gave b no lock: {owned:?}");
     for lock in handed {
         let handoff = log
@@ -1402,6 +1398,15 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
 // A lock handed to a replica while it leaves is handed on by it.
 
 /// One of the locks `owned` shows owned by `owner`.
+/// The locks `owner` owns in `owned`.
+fn locks_of<'a>(owned: &'a BTreeMap<String, Option<String>>, owner: &str) -> Vec<&'a String> {
+    owned
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some(owner))
+        .map(|(l, _)| l)
+        .collect()
+}
+
 fn a_lock_of(owned: &BTreeMap<String, Option<String>>, owner: &str) -> String {
     owned
         .iter()
@@ -1801,9 +1806,27 @@ async fn unknown_handoff_outcomes_are_resolved_together() {
     });
     let from_ms = sim.store().elapsed_ms();
     let b = start(&sim, "b", |_| {});
-    // Deliberate wait: b joins the ring, and a's assignment passes (every 300 ms) try their
-    // handoffs to b, each failing with a 500 and left unresolved for the API timeout (2 s).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // b joins the ring, and a's assignment passes (every 300 ms) try their handoffs to b, each
+    // failing with a 500 and left unresolved: wait until a dozen have failed (kubesim's record
+    // of every write request; a writes no lock for any other reason here).
+    until(20, "a's failed handoffs of a dozen locks", || {
+        let failed: std::collections::BTreeSet<String> = sim
+            .write_attempts()
+            .into_iter()
+            .filter(|w| {
+                w.actor == "stslock/a"
+                    && w.resource == "statefulsetlocks"
+                    && w.status >= 500
+                    && w.at_ms > from_ms
+            })
+            .map(|w| w.name)
+            .collect();
+        std::future::ready((failed.len() >= 12).then_some(()))
+    })
+    .await;
+    // Deliberate wait: an unresolved handoff is read only once the API timeout (2 s) has passed
+    // since it failed; then they are all due together when a's reads turn slow.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let moved = owners(&client)
         .await
         .values()
@@ -1823,11 +1846,7 @@ async fn unknown_handoff_outcomes_are_resolved_together() {
     a.stop().await;
     b.stop().await;
 
-    let handed: Vec<&String> = owned
-        .iter()
-        .filter(|(_, o)| o.as_deref() == Some("b"))
-        .map(|(l, _)| l)
-        .collect();
+    let handed = locks_of(&owned, "b");
     assert!(
         handed.len() >= 12,
         "the ring gave b too few locks: {owned:?}"
