@@ -265,6 +265,7 @@ pub async fn run_with(
         pods: pods.clone(),
         leases: Arc::clone(&leases),
         locks: locks.clone(),
+        lock_index: lock_index.clone(),
         sets: sets.clone(),
         fresh: Arc::default(),
         interest: interest.clone(),

@@ -67,6 +67,8 @@ pub struct Caches {
     /// stslock's own Leases, from the labelled Lease watch.
     pub leases: watch::LeaseCache,
     pub locks: Store<StatefulSetLock>,
+    /// The locks by StatefulSet and by Lease, kept from the same watch as `locks`.
+    pub lock_index: watch::LockIndex,
     /// Every StatefulSet of the scope, as a projection (see [`sets`]).
     pub sets: sets::SetIndex,
     /// Read-your-writes and trust per lock (see [`fresh`]).
@@ -346,6 +348,7 @@ mod tests {
             pods,
             leases: Arc::default(),
             locks: kube::runtime::reflector::store().0,
+            lock_index: watch::LockIndex::default(),
             sets: sets::SetIndex::default(),
             fresh: Arc::default(),
             interest,
