@@ -820,8 +820,8 @@ async fn failover_latency_against_the_floor() {
     env.assert_never_two_writers().await;
 }
 
-/// `n` StatefulSets `bg<i>` of 2 pods (created in parallel), each with a lock of a 30 s Lease,
-/// all elected before this returns (the time it took is printed).
+/// `n` StatefulSets `bg<i>` of 2 pods (created in parallel), each with a lock of a Lease of
+/// `lease_seconds`, all elected before this returns (the time it took is printed).
 async fn background_locks(env: &Env, n: usize, lease_seconds: u32) {
     use futures::StreamExt;
     let started = std::time::Instant::now();

@@ -1397,7 +1397,6 @@ async fn a_restarted_replica_resolves_unanswered_confirmations_by_a_read() {
 // ---------------------------------------------------------------------------------------------
 // A lock handed to a replica while it leaves is handed on by it.
 
-/// One of the locks `owned` shows owned by `owner`.
 /// The locks `owner` owns in `owned`.
 fn locks_of<'a>(owned: &'a BTreeMap<String, Option<String>>, owner: &str) -> Vec<&'a String> {
     owned
@@ -1407,6 +1406,7 @@ fn locks_of<'a>(owned: &'a BTreeMap<String, Option<String>>, owner: &str) -> Vec
         .collect()
 }
 
+/// One of the locks `owned` shows owned by `owner`.
 fn a_lock_of(owned: &BTreeMap<String, Option<String>>, owner: &str) -> String {
     owned
         .iter()
@@ -1807,8 +1807,9 @@ async fn unknown_handoff_outcomes_are_resolved_together() {
     let from_ms = sim.store().elapsed_ms();
     let b = start(&sim, "b", |_| {});
     // b joins the ring, and a's assignment passes (every 300 ms) try their handoffs to b, each
-    // failing with a 500 and left unresolved: wait until a dozen have failed (kubesim's record
-    // of every write request; a writes no lock for any other reason here).
+    // failing with a 500 and left unresolved: wait until a dozen locks had a failed write
+    // (kubesim's record of every write request; with its 40 locks settled, a's lock writes
+    // now are those handoffs and the renewals' confirmations before them).
     until(20, "a's failed handoffs of a dozen locks", || {
         let failed: std::collections::BTreeSet<String> = sim
             .write_attempts()

@@ -164,33 +164,44 @@ pub fn watch_config() -> watcher::Config {
 
 /// Put `lease` into the cache unless the cache already has a newer version: watch events,
 /// write responses and quorum reads all go through here, so the cache only moves forward.
-pub fn remember_lease(cache: &LeaseCache, lease: Lease) {
-    learn_lease(cache, lease);
-}
-
-/// [`remember_lease`], returning whether it told the cache anything new: false when the cache
-/// already held this version (a watch event echoing a write whose answer was remembered) or a
-/// newer one.
-pub fn learn_lease(cache: &LeaseCache, mut lease: Lease) -> bool {
+pub fn remember_lease(cache: &LeaseCache, mut lease: Lease) {
     use crate::cache::fresh::rv_number;
     lease.metadata.managed_fields = None;
     let key = (lease.namespace().unwrap_or_default(), lease.name_any());
-    let Ok(mut m) = cache.write() else {
-        return true;
-    };
-    let rv = rv_number(lease.resource_version().as_deref());
-    let (newer, news) = match m.get(&key) {
-        None => (true, true),
-        Some(known) => {
-            let known_rv = rv_number(known.resource_version().as_deref());
-            // A version that is not a number (0) is never taken for one already known.
-            (known_rv <= rv, known_rv < rv || rv == 0)
+    if let Ok(mut m) = cache.write() {
+        let newer = m.get(&key).is_none_or(|known| {
+            rv_number(known.resource_version().as_deref())
+                <= rv_number(lease.resource_version().as_deref())
+        });
+        if newer {
+            m.insert(key, Arc::new(lease));
         }
-    };
-    if newer {
-        m.insert(key, Arc::new(lease));
     }
-    news
+}
+
+/// The resourceVersions of this replica's own Lease writes whose watch events have not come
+/// back yet, by (namespace, name): at most one per Lease, the newest.
+pub type OwnLeaseWrites = Arc<dashmap::DashMap<(String, String), u64>>;
+
+/// [`remember_lease`] for the answer of this replica's own write: its watch event, when it
+/// comes, is known as the echo of that write (see [`is_own_echo`]).
+pub fn remember_own_lease_write(cache: &LeaseCache, own: &OwnLeaseWrites, lease: Lease) {
+    use crate::cache::fresh::rv_number;
+    let rv = rv_number(lease.resource_version().as_deref());
+    if rv > 0 {
+        own.insert(
+            (lease.namespace().unwrap_or_default(), lease.name_any()),
+            rv,
+        );
+    }
+    remember_lease(cache, lease);
+}
+
+/// Is a watch event of Lease `key` at `rv` the echo of this replica's own last write of it
+/// (then forgotten: an echo comes once)? Anything else — someone else's change, even one a
+/// read of this replica already brought into the cache — is not.
+fn is_own_echo(own: &OwnLeaseWrites, key: &(String, String), rv: u64) -> bool {
+    rv > 0 && own.remove_if(key, |_, wrote| *wrote == rv).is_some()
 }
 
 /// The Lease is gone as of resourceVersion `rv` (None: certainly gone, e.g. a 404 from a quorum
@@ -429,6 +440,7 @@ pub fn learned_triggers(
 pub fn lease_triggers_synced(
     client: Client,
     leases: LeaseCache,
+    own_writes: OwnLeaseWrites,
     interest: Arc<crate::cache::interest::Interest>,
     synced: Arc<std::sync::atomic::AtomicBool>,
     undecodable: crate::cache::lenient::Reporter,
@@ -451,16 +463,18 @@ pub fn lease_triggers_synced(
             match ev {
                 Ok(watcher::Event::Apply(l)) if wanted(&l) => {
                     let (ns, name) = (l.namespace().unwrap_or_default(), l.name_any());
-                    let owner = owner_ref(&l);
-                    // The echo of this replica's own write, whose answer the cache already
-                    // holds (every renewal: at 5,000 locks of 30 s Leases, 333 reconciles a
-                    // second that found nothing to do), tells nothing new: no reconcile.
-                    // Anyone else's change is a newer version and triggers one.
-                    if learn_lease(&leases, l)
-                        && let Some(r) = owner
+                    // The echo of this replica's own write, whose answer is in the cache
+                    // already (every renewal: at 5,000 locks of 30 s Leases, 333 reconciles a
+                    // second that found nothing to do), triggers nothing. Every other change
+                    // does, even one a read of this replica brought in first: the read's
+                    // reader may not have acted on it.
+                    let rv = crate::cache::fresh::rv_number(l.resource_version().as_deref());
+                    if !is_own_echo(&own_writes, &(ns.clone(), name.clone()), rv)
+                        && let Some(r) = owner_ref(&l)
                     {
                         refs.push(r);
                     }
+                    remember_lease(&leases, l);
                     // Its lock given up since `wanted` was asked: that give-up may have
                     // dropped the Lease before it was stored here.
                     if !interest.wants_lease(&ns, &name) {
@@ -477,9 +491,12 @@ pub fn lease_triggers_synced(
                         skipped.push((l.namespace().unwrap_or_default(), l.name_any()));
                     }
                 }
-                // Another replica's lock: not kept.
-                Ok(watcher::Event::Apply(_)) => {}
+                // Another replica's lock: not kept (nor an echo awaited of it).
+                Ok(watcher::Event::Apply(l)) => {
+                    own_writes.remove(&(l.namespace().unwrap_or_default(), l.name_any()));
+                }
                 Ok(watcher::Event::Delete(l)) => {
+                    own_writes.remove(&(l.namespace().unwrap_or_default(), l.name_any()));
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
@@ -491,6 +508,8 @@ pub fn lease_triggers_synced(
                     );
                 }
                 Ok(watcher::Event::Init) => {
+                    // Echoes of writes before the list do not come any more.
+                    own_writes.clear();
                     relist.begin();
                     list_rv = 0;
                     skipped.clear();
@@ -741,29 +760,31 @@ mod tests {
     }
 
     #[test]
-    fn only_a_lease_version_the_cache_lacks_is_news() {
-        let cache: LeaseCache = Arc::default();
-        assert!(learn_lease(&cache, lease("la", 10, "a")), "first seen");
-        // The watch echoes a write whose answer was remembered: nothing to reconcile.
+    fn only_the_echo_of_an_own_write_is_not_news() {
+        let (cache, own): (LeaseCache, OwnLeaseWrites) = Default::default();
+        let key = ("ns".to_string(), "la".to_string());
+        remember_own_lease_write(&cache, &own, lease("la", 10, "a"));
         assert!(
-            !learn_lease(&cache, lease("la", 10, "a")),
-            "the same version"
+            !is_own_echo(&own, &key, 9),
+            "an older event: someone else's"
         );
-        assert!(
-            !learn_lease(&cache, lease("la", 9, "a")),
-            "an older version"
-        );
-        assert!(
-            learn_lease(&cache, lease("la", 11, "a")),
-            "someone else's write"
-        );
-        let held = |c: &LeaseCache| c.read().unwrap()[&("ns".into(), "la".into())].clone();
-        assert_eq!(held(&cache).resource_version().as_deref(), Some("11"));
-        // A version that is not a number can never be told apart: always news.
+        assert!(is_own_echo(&own, &key, 10), "the echo of the write");
+        assert!(!is_own_echo(&own, &key, 10), "an echo comes once");
+        // Someone else's change that a read brought into the cache first is still news.
+        remember_lease(&cache, lease("la", 11, "a"));
+        assert!(!is_own_echo(&own, &key, 11));
+        // Only the newest own write is awaited.
+        remember_own_lease_write(&cache, &own, lease("la", 12, "a"));
+        remember_own_lease_write(&cache, &own, lease("la", 13, "a"));
+        assert!(!is_own_echo(&own, &key, 12));
+        assert!(is_own_echo(&own, &key, 13));
+        let held = |c: &LeaseCache| c.read().unwrap()[&key].clone();
+        assert_eq!(held(&cache).resource_version().as_deref(), Some("13"));
+        // A version that is not a number is never taken for an echo.
         let mut odd = lease("la", 0, "a");
         odd.metadata.resource_version = Some("x1".into());
-        assert!(learn_lease(&cache, odd.clone()));
-        assert!(learn_lease(&cache, odd));
+        remember_own_lease_write(&cache, &own, odd);
+        assert!(!is_own_echo(&own, &key, 0));
     }
 
     #[test]

@@ -260,7 +260,7 @@ impl Applier<'_> {
                         leases.create(&PostParams::default(), &lease),
                     )
                     .await?;
-                    remember_lease(&ctx.cache.leases, created);
+                    ctx.cache.wrote_lease(created);
                     Ok(())
                 }
                 Step::UpdateLease {
@@ -305,7 +305,7 @@ impl Applier<'_> {
                         leases.patch(&o.lease_name, &pp, &Patch::Merge(&patch)),
                     )
                     .await?;
-                    remember_lease(&ctx.cache.leases, updated);
+                    ctx.cache.wrote_lease(updated);
                     Ok(())
                 }
                 Step::Label {
