@@ -72,6 +72,44 @@ fn backoff(failures: u32, err: &Error) -> Duration {
     capped.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
 
+/// How long the Lease of `lock`, as this replica's cache has it, has before it expires (None:
+/// not cached, never renewed, or expired).
+fn lease_expires_in(lock: &StatefulSetLock, ctx: &Context) -> Option<Duration> {
+    let key = (
+        lock.namespace().unwrap_or_default(),
+        lock.spec.lease_name.clone(),
+    );
+    let spec = {
+        let leases = ctx.cache.leases.read().ok()?;
+        leases.get(&key)?.spec.clone()?
+    };
+    let expiry = spec
+        .renew_time?
+        .0
+        .checked_add(jiff::SignedDuration::from_secs(i64::from(
+            spec.lease_duration_seconds?,
+        )));
+    Duration::try_from(expiry.ok()?.duration_since(jiff::Timestamp::now())).ok()
+}
+
+/// A failed reconcile of a lock whose Lease is still live comes back while the Lease can be
+/// renewed: no later than two API timeouts before it expires, however far its backoff went.
+/// While its writer is labelled the renewal lane keeps the Lease on its own; mid-failover (the
+/// Lease names the new writer, its promotion has no known outcome) only a reconcile can, and a
+/// 1 s then 2 s backoff behind API errors after a restart let one expire in the chaos soak.
+/// Not sooner than half an API timeout between tries, so an outage does not turn every lock
+/// near its expiry into a loop of reads.
+fn in_time_for_lease(
+    delay: Duration,
+    lease_expires_in: Option<Duration>,
+    api_timeout: Duration,
+) -> Duration {
+    match lease_expires_in {
+        Some(left) => delay.min(left.saturating_sub(api_timeout * 2).max(api_timeout / 2)),
+        None => delay,
+    }
+}
+
 pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = crate::api::lock_key(&lock);
     let failures = {
@@ -79,11 +117,16 @@ pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Con
         *n = n.saturating_add(1);
         *n
     };
-    let delay = backoff(failures, err);
+    let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+    let delay = in_time_for_lease(
+        backoff(failures, err),
+        mine.then(|| lease_expires_in(&lock, &ctx)).flatten(),
+        ctx.args.api_timeout(),
+    );
     // The plan may have failed before it scheduled the renewal (after a restart nothing has
     // scheduled it yet): the renewal lane keeps a held Lease renewed meanwhile, with its own
     // re-read and fast retries, whatever this lock's backoff (rule 16).
-    if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) {
+    if mine {
         ctx.renewals.ensure(
             kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref()),
             Duration::ZERO,
@@ -266,7 +309,7 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
+    use super::{backoff, in_time_for_lease};
     use crate::error::Error;
     use std::time::Duration;
 
@@ -292,5 +335,21 @@ mod tests {
             assert!(backoff(1, &stale) <= Duration::from_millis(120));
             assert!(backoff(30, &stale) <= Duration::from_millis(1200));
         }
+    }
+
+    #[test]
+    fn a_live_lease_is_not_left_to_expire_behind_the_backoff() {
+        let (ms, api) = (Duration::from_millis, Duration::from_secs(2));
+        // The soak's case: 2 s of backoff, 2.08 s left on a 10 s Lease: back in 1 s (half an
+        // API timeout), in time to renew.
+        assert_eq!(in_time_for_lease(ms(2000), Some(ms(2080)), api), ms(1000));
+        // Plenty left: the backoff as it is.
+        assert_eq!(in_time_for_lease(ms(2000), Some(ms(9000)), api), ms(2000));
+        // A long backoff ends two API timeouts before the expiry.
+        assert_eq!(in_time_for_lease(ms(16_000), Some(ms(9000)), api), ms(5000));
+        // No Lease, or expired: the backoff.
+        assert_eq!(in_time_for_lease(ms(16_000), None, api), ms(16_000));
+        // A shorter backoff is never lengthened.
+        assert_eq!(in_time_for_lease(ms(100), Some(ms(500)), api), ms(100));
     }
 }
