@@ -590,7 +590,7 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     .await;
     match result {
         Ok(renewed) => {
-            ctx.cache.wrote_lease(renewed);
+            crate::cache::watch::remember_lease(&ctx.cache.leases, renewed);
             ctx.metrics.lane_renewal(since_renew.saturating_sub(half));
             if let Some(go) = ctx.metrics.go() {
                 go.renewal(

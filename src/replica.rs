@@ -233,7 +233,6 @@ pub async fn run_with(
         move |ns, set| interest.wants_set(ns, set)
     });
     let leases: crate::cache::watch::LeaseCache = Arc::default();
-    let own_lease_writes: crate::cache::watch::OwnLeaseWrites = Arc::default();
     let probe = Arc::new(crate::probe::Probe {
         metrics: metrics.clone(),
         caches: synced.clone(),
@@ -265,7 +264,6 @@ pub async fn run_with(
         api_timeout: args.api_timeout(),
         pods: pods.clone(),
         leases: Arc::clone(&leases),
-        own_lease_writes: own_lease_writes.clone(),
         locks: locks.clone(),
         lock_index: lock_index.clone(),
         sets: sets.clone(),
@@ -498,7 +496,6 @@ pub async fn run_with(
             watch::lease_triggers_synced(
                 client.clone(),
                 leases,
-                own_lease_writes,
                 interest,
                 synced.leases.clone(),
                 undecodable.clone(),

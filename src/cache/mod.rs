@@ -66,8 +66,6 @@ pub struct Caches {
     pub pods: pods::PodIndex,
     /// stslock's own Leases, from the labelled Lease watch.
     pub leases: watch::LeaseCache,
-    /// This replica's Lease writes whose watch events have not come back yet.
-    pub own_lease_writes: watch::OwnLeaseWrites,
     pub locks: Store<StatefulSetLock>,
     /// The locks by StatefulSet and by Lease, kept from the same watch as `locks`.
     pub lock_index: watch::LockIndex,
@@ -82,12 +80,6 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Put the answer of this replica's own Lease write into the cache (its watch echo will
-    /// trigger no reconcile).
-    pub fn wrote_lease(&self, lease: k8s_openapi::api::coordination::v1::Lease) {
-        watch::remember_own_lease_write(&self.leases, &self.own_lease_writes, lease);
-    }
-
     /// The cached Lease `ns/name`, if stslock's Lease watch has it.
     pub fn cached_lease(&self, ns: &str, name: &str) -> Option<Arc<Lease>> {
         self.leases
@@ -355,7 +347,6 @@ mod tests {
             api_timeout: Duration::from_secs(5),
             pods,
             leases: Arc::default(),
-            own_lease_writes: Arc::default(),
             locks: kube::runtime::reflector::store().0,
             lock_index: watch::LockIndex::default(),
             sets: sets::SetIndex::default(),

@@ -260,7 +260,7 @@ impl Applier<'_> {
                         leases.create(&PostParams::default(), &lease),
                     )
                     .await?;
-                    ctx.cache.wrote_lease(created);
+                    remember_lease(&ctx.cache.leases, created);
                     Ok(())
                 }
                 Step::UpdateLease {
@@ -305,7 +305,7 @@ impl Applier<'_> {
                         leases.patch(&o.lease_name, &pp, &Patch::Merge(&patch)),
                     )
                     .await?;
-                    ctx.cache.wrote_lease(updated);
+                    remember_lease(&ctx.cache.leases, updated);
                     Ok(())
                 }
                 Step::Label {
