@@ -300,6 +300,16 @@ pub async fn before_handoff(ctx: &Context, lock: &StatefulSetLock) -> bool {
     }
 }
 
+/// Does the newest view of `lock` (this replica's own writes included) name this replica?
+fn still_mine(ctx: &Context, lock: &StatefulSetLock) -> bool {
+    ctx.cache
+        .fresh
+        .newest_lock(Arc::new(lock.clone()))
+        .labels()
+        .get(crate::api::SHARD_LABEL)
+        == Some(&ctx.identity)
+}
+
 /// When a renewal is due.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Due {
@@ -548,6 +558,12 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
     let permit = match ctx.sharding.permit(lock, generation) {
         Ok(p) => p,
         Err(crate::sharding::Refused::Fenced) => return Outcome::Wait("fenced"),
+        // Refused while a handoff of it is being decided (it drains): the handoff may not
+        // happen (put off, lost to a conflict), and nothing else would schedule the entry
+        // again. Only a lock this replica no longer owns leaves the lane.
+        Err(crate::sharding::Refused::NotOwner) if still_mine(ctx, lock) => {
+            return Outcome::Wait("being handed off");
+        }
         Err(crate::sharding::Refused::NotOwner) => return Outcome::NotMine,
     };
     let now = MicroTime(jiff::Timestamp::now());

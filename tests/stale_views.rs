@@ -489,6 +489,87 @@ async fn half_open_lease_watch_and_third_party_edits_never_let_the_lease_lapse()
     assert_never_two_writers(&sim);
 }
 
+/// A failover whose writes after the Lease's compare-and-swap take seconds (each answered 1 s
+/// late, inside the write window the harness's 3 s membership allows), while every watch of the replica runs 20 s behind: no watch event can trigger a
+/// reconcile before the Lease (30 s) is due again, so its renewal rests on the entry the
+/// failover's plan set. That entry must count from the plan, not from the end of its writes:
+/// the new writer's Lease is renewed half a Lease after the failover wrote it (at 15 s, not
+/// 15 s after the plan's last answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slow_after_its_lease_write_renews_on_the_leases_schedule() {
+    common::init_test_log();
+    let (sim, client) = sim_with_crd().await;
+    let tap = Tap::start(&sim);
+    let op = start(&sim, "op", |a| a.api_timeout_seconds = 2);
+    statefulset(&client, "db", 2).await;
+    lock(&client, "lock", "db", "db-lease", 30).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+    // Right after a renewal: the next one (15 s on) comes after the failover's Lease write,
+    // which the lag puts 20 s after the readiness change, so the two never race.
+    until(25, "a renewal", || async {
+        (tap.of("leases", Some("db-lease")).len() >= 2).then_some(())
+    })
+    .await;
+    sim.faults().update(|c| {
+        c.watch_faults = vec![
+            WatchFault {
+                resources: vec![
+                    "pods".into(),
+                    "statefulsets".into(),
+                    "statefulsetlocks".into(),
+                ],
+                lag_ms: 20_000,
+                ..WatchFault::default()
+            }
+            .agent("stslock/op"),
+            WatchFault::lag("leases", 20_000)
+                .agent("stslock/op")
+                .label_selector("app.anukkrit.me/managed-by"),
+        ];
+        c.hold_responses = vec![
+            HoldResponse::new(1000)
+                .agent("stslock/op")
+                .resource("pods")
+                .resource("statefulsetlocks")
+                .resource("events"),
+        ];
+    });
+    sim.pods().set_ready("default", "db-0", false).unwrap();
+    // The Lease version naming db-1 (the failover), then the next one (its first renewal).
+    let holder = |v: &Version| str_at(&v.obj, "/spec/holderIdentity").map(str::to_string);
+    let (moved, renewed) = until(
+        90,
+        "the failover's Lease write and its next renewal",
+        || {
+            let versions = tap.of("leases", Some("db-lease"));
+            async move {
+                let i = versions
+                    .iter()
+                    .position(|v| holder(v).as_deref() == Some("db-1"))?;
+                Some((versions[i].clone(), versions.get(i + 1)?.clone()))
+            }
+        },
+    )
+    .await;
+    sim.faults().update(|c| {
+        c.watch_faults.clear();
+        c.hold_responses.clear();
+    });
+    wait_writer(&client, "db", "db-1", 30).await;
+    op.stop().await;
+    let gap = renewed.at_ms - moved.at_ms;
+    println!("failover's Lease write to its next renewal: {gap} ms (30 s Lease)");
+    assert_eq!(holder(&renewed).as_deref(), Some("db-1"));
+    // Due 15 s after the plan (up to 5 % early); slack for a loaded machine, short of the
+    // 18 s the plan's last answer (promotion, status, Event: 1 s each) plus half a Lease
+    // comes to.
+    assert!(
+        gap <= 16_500,
+        "the new writer's Lease was renewed {gap} ms after the failover wrote it (due at 15,000)"
+    );
+    assert_never_two_writers(&sim);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Claimed locks get a renewal entry at once even when the tenant budget defers them.
 

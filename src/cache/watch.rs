@@ -439,7 +439,9 @@ pub fn lease_triggers_synced(
                     // Every change triggers a reconcile, the echo of this replica's own write
                     // included. Without the echo's reconcile (tried in 9eba8d2) the CI soak's
                     // seed failed 2 runs of 2 (Leases of Ready writers lapsed, locks left
-                    // unconverged); with it, it passed 2 of 2.
+                    // unconverged); with it, it passed 4 of 4. One thing the echo's reconcile
+                    // had covered: a plan's renewal entry counted from the end of its writes
+                    // (see `reconcile_lock`), which a late watch still exposes.
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }

@@ -141,12 +141,7 @@ struct Builder<'a> {
 }
 
 fn lease_expired(l: &LeaseView, now: Timestamp) -> bool {
-    match l.renew_time.or(l.acquire_time) {
-        Some(t) => t
-            .saturating_add(SignedDuration::from_secs(l.duration_seconds))
-            .is_ok_and(|e| e <= now),
-        None => true,
-    }
+    l.expiry().is_none_or(|e| e <= now)
 }
 
 fn secs_until(from: Timestamp, to: Timestamp) -> Duration {
@@ -1137,13 +1132,7 @@ impl<'a> Builder<'a> {
         if !already {
             self.event(Severity::Warning, "ConcurrentWriter", "Validate", message);
         }
-        let expiry = l
-            .renew_time
-            .and_then(|t| {
-                t.checked_add(SignedDuration::from_secs(l.duration_seconds))
-                    .ok()
-            })
-            .unwrap_or(self.now);
+        let expiry = l.expiry().unwrap_or(self.now);
         self.requeue(secs_until(self.now, expiry) + Duration::from_millis(500));
     }
 

@@ -75,6 +75,15 @@ impl LeaseView {
     pub fn renewed_elsewhere(&self) -> bool {
         self.renewed_mark.is_some() && self.renewed_mark != self.renew_time
     }
+
+    /// When the Lease expires: its last renewal (or, never renewed, its acquisition) plus its
+    /// duration. None: neither time is set (or out of range), which counts as expired.
+    pub fn expiry(&self) -> Option<Timestamp> {
+        self.renew_time
+            .or(self.acquire_time)?
+            .checked_add(jiff::SignedDuration::from_secs(self.duration_seconds))
+            .ok()
+    }
 }
 
 /// Another lock in the same namespace, for conflict detection.

@@ -589,10 +589,12 @@ fn new_lease(
 
 /// When to reconcile a lock again. While its writer holds the Lease the renewal lane renews it;
 /// the reconcile lane then only wakes as a safety net, past the renewal but well before expiry.
-pub fn next_action(plan: &Plan, lease_duration: Duration) -> Action {
+pub fn next_action(plan: &Plan, lease_duration: Duration, since_planned: Duration) -> Action {
     let after = match (plan.requeue_after, plan.renew_after) {
         (Some(r), Some(n)) if r >= n => n + lease_duration.mul_f64(0.3),
         (r, _) => r.unwrap_or(RESYNC),
     };
+    // Counted from when the plan was made, like its renewal (see `reconcile_lock`).
+    let after = after.saturating_sub(since_planned);
     Action::requeue(after.min(RESYNC).max(Duration::from_millis(50)))
 }

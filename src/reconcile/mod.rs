@@ -72,40 +72,47 @@ fn backoff(failures: u32, err: &Error) -> Duration {
     capped.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
 
-/// How long the Lease of `lock`, as this replica's cache has it, has before it expires (None:
-/// not cached, never renewed, or expired).
-fn lease_expires_in(lock: &StatefulSetLock, ctx: &Context) -> Option<Duration> {
+/// How long the Lease of `lock`, as this replica's cache has it, has before it expires, and
+/// its duration (None: not cached, never renewed, or expired).
+fn lease_expires_in(lock: &StatefulSetLock, ctx: &Context) -> Option<(Duration, Duration)> {
     let key = (
         lock.namespace().unwrap_or_default(),
         lock.spec.lease_name.clone(),
     );
-    let spec = {
+    let view = {
         let leases = ctx.cache.leases.read().ok()?;
-        leases.get(&key)?.spec.clone()?
+        crate::cache::lease_view(leases.get(&key)?)
     };
-    let expiry = spec
-        .renew_time?
-        .0
-        .checked_add(jiff::SignedDuration::from_secs(i64::from(
-            spec.lease_duration_seconds?,
-        )));
-    Duration::try_from(expiry.ok()?.duration_since(jiff::Timestamp::now())).ok()
+    let left = Duration::try_from(view.expiry()?.duration_since(jiff::Timestamp::now())).ok()?;
+    let duration = Duration::from_secs(u64::try_from(view.duration_seconds).unwrap_or(0));
+    Some((left, duration))
 }
 
 /// A failed reconcile of a lock whose Lease is still live comes back while the Lease can be
-/// renewed: no later than two API timeouts before it expires, however far its backoff went.
-/// While its writer is labelled the renewal lane keeps the Lease on its own; mid-failover (the
-/// Lease names the new writer, its promotion has no known outcome) only a reconcile can, and a
-/// 1 s then 2 s backoff behind API errors after a restart let one expire in the chaos soak.
-/// Not sooner than half an API timeout between tries, so an outage does not turn every lock
-/// near its expiry into a loop of reads.
+/// renewed, however far its backoff went: no later than the renewal is due (half a Lease
+/// before the expiry), and once that is past, no later than two API timeouts before the
+/// expiry. While its writer is labelled the renewal lane keeps the Lease on its own;
+/// mid-failover (the Lease names the new writer, its promotion has no known outcome) only a
+/// reconcile can — it then keeps the renewal's schedule, with half a Lease left for the
+/// re-reads an untrusted lock needs first. A 1 s then 2 s backoff behind API errors after a
+/// restart let one expire in the chaos soak. Not sooner than half an API timeout between
+/// tries, so an outage does not turn every lock near its expiry into a loop of reads.
 fn in_time_for_lease(
     delay: Duration,
-    lease_expires_in: Option<Duration>,
+    lease: Option<(Duration, Duration)>,
     api_timeout: Duration,
 ) -> Duration {
-    match lease_expires_in {
-        Some(left) => delay.min(left.saturating_sub(api_timeout * 2).max(api_timeout / 2)),
+    match lease {
+        Some((left, duration)) => {
+            // The first of the renewal's due time and two API timeouts before the expiry that
+            // is still ahead; past both, half an API timeout.
+            let deadline = [duration / 2, api_timeout * 2]
+                .into_iter()
+                .filter_map(|margin| left.checked_sub(margin).filter(|d| !d.is_zero()))
+                .min()
+                .unwrap_or_default();
+            delay.min(deadline.max(api_timeout / 2))
+        }
         None => delay,
     }
 }
@@ -117,7 +124,15 @@ pub(crate) fn error_policy(lock: Arc<StatefulSetLock>, err: &Error, ctx: Arc<Con
         *n = n.saturating_add(1);
         *n
     };
-    let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
+    // As this replica knows the lock: its own writes (a claim the lock watch has not
+    // delivered yet) included.
+    let mine = ctx
+        .cache
+        .fresh
+        .newest_lock(lock.clone())
+        .labels()
+        .get(crate::api::SHARD_LABEL)
+        == Some(&ctx.identity);
     let delay = in_time_for_lease(
         backoff(failures, err),
         mine.then(|| lease_expires_in(&lock, &ctx)).flatten(),
@@ -223,6 +238,8 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
     let started = std::time::Instant::now();
     let result = async {
         let now = jiff::Timestamp::now();
+        // The plan's durations (`renew_after`, `requeue_after`) count from here.
+        let planned = std::time::Instant::now();
         let observed = gather::observe(&lock, &ctx).await?;
         ctx.metrics.observed(&observed);
         let plan = crate::elect::decide(
@@ -287,12 +304,17 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         .await?;
         ctx.failures.remove(&key);
         if let Some(after) = plan.renew_after {
-            // Renewed (or not due) as of now: the lane's entry starts from here.
-            ctx.renewals.schedule(lock_ref, after);
+            // Renewed (or not due) as of when the plan was made, not as of now: the writes
+            // after its Lease write may have taken seconds (each up to an API timeout), and
+            // counted from their end the entry moved the next renewal that much closer to the
+            // expiry — nothing else renews the Lease meanwhile when the watch events that
+            // trigger a reconcile come late.
+            ctx.renewals
+                .schedule(lock_ref, after.saturating_sub(planned.elapsed()));
         }
         let duration =
             Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
-        Ok(apply::next_action(&plan, duration))
+        Ok(apply::next_action(&plan, duration, planned.elapsed()))
     }
     .await;
     ctx.metrics
@@ -340,16 +362,51 @@ mod tests {
     #[test]
     fn a_live_lease_is_not_left_to_expire_behind_the_backoff() {
         let (ms, api) = (Duration::from_millis, Duration::from_secs(2));
+        let (ten, thirty) = (Duration::from_secs(10), Duration::from_secs(30));
         // The soak's case: 2 s of backoff, 2.08 s left on a 10 s Lease: back in 1 s (half an
         // API timeout), in time to renew.
-        assert_eq!(in_time_for_lease(ms(2000), Some(ms(2080)), api), ms(1000));
+        assert_eq!(
+            in_time_for_lease(ms(2000), Some((ms(2080), ten)), api),
+            ms(1000)
+        );
         // Plenty left: the backoff as it is.
-        assert_eq!(in_time_for_lease(ms(2000), Some(ms(9000)), api), ms(2000));
-        // A long backoff ends two API timeouts before the expiry.
-        assert_eq!(in_time_for_lease(ms(16_000), Some(ms(9000)), api), ms(5000));
+        assert_eq!(
+            in_time_for_lease(ms(2000), Some((ms(9000), ten)), api),
+            ms(2000)
+        );
+        // A long backoff ends when the renewal is due (half a Lease before the expiry)...
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(9000), ten)), api),
+            ms(4000)
+        );
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(28_000), thirty)), api),
+            ms(13_000)
+        );
+        // ...or two API timeouts before the expiry, if that is earlier (short Leases)...
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(5000), ms(3000))), api),
+            ms(1000)
+        );
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(6000), ms(6000))), api),
+            ms(2000)
+        );
+        // ...and past the renewal's due time, two API timeouts before the expiry.
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(12_000), thirty)), api),
+            ms(8000)
+        );
+        assert_eq!(
+            in_time_for_lease(ms(16_000), Some((ms(3500), ms(3000))), api),
+            ms(2000)
+        );
         // No Lease, or expired: the backoff.
         assert_eq!(in_time_for_lease(ms(16_000), None, api), ms(16_000));
         // A shorter backoff is never lengthened.
-        assert_eq!(in_time_for_lease(ms(100), Some(ms(500)), api), ms(100));
+        assert_eq!(
+            in_time_for_lease(ms(100), Some((ms(500), ten)), api),
+            ms(100)
+        );
     }
 }
