@@ -358,6 +358,24 @@ impl<'a> Builder<'a> {
         !(status_claims || pod_claims)
     }
 
+    /// The epoch reserved on the lock and the pod it is for, when that reservation is the only
+    /// record above the Lease's epoch (no pod, nor the lock's writer, carries a higher one).
+    fn unfinished_reservation(&self, l: &LeaseView) -> Option<(i64, String)> {
+        let o = self.o;
+        let reserved = o.status.highest_epoch.filter(|h| *h > l.transitions)?;
+        let above = |e: Option<i64>| e.is_some_and(|e| e > l.transitions);
+        if above(o.status.writer_epoch) || o.pods.iter().any(|p| above(p.epoch)) {
+            return None;
+        }
+        let uid = o.status.highest_epoch_uid.as_deref()?;
+        let pod = o
+            .pods
+            .iter()
+            .find(|p| p.uid == uid)
+            .map_or_else(|| format!("pod UID {uid}"), |p| p.name.clone());
+        Some((reserved, pod))
+    }
+
     /// The epoch for a new holder `uid`: the one the lock already reserved for that very pod,
     /// when no other record has reached it (an earlier plan reserved it, then stopped — its
     /// answer lost, a conflict, a timeout — before the Lease moved); else the next one. A
@@ -659,10 +677,19 @@ impl<'a> Builder<'a> {
             // Someone else moved the Lease's holder without a transition, or lowered its
             // epoch: the epoch it shows may belong to another pod. Whoever becomes writer now
             // gets a fresh epoch above every record (rule 13).
-            let why = format!(
-                "the Lease's holder or epoch was changed outside stslock (holder {}, epoch {epoch})",
-                lease.holder.as_deref().unwrap_or("none")
-            );
+            let holder = lease.holder.as_deref().unwrap_or("none");
+            let why = match self.unfinished_reservation(lease) {
+                // The usual way there: a handover of this lock reserved the epoch and its Lease
+                // write then failed (a conflict with a renewal, a timeout), which is not a
+                // change from outside — but a write committed behind a lost answer and then
+                // overwritten looks the same, so the repair is the same.
+                Some((reserved, pod)) => format!(
+                    "the lock reserved epoch {reserved} for {pod} but the Lease shows epoch {epoch} (holder {holder}): a handover that did not finish, or the Lease was changed since"
+                ),
+                None => format!(
+                    "the Lease's holder or epoch was changed outside stslock (holder {holder}, epoch {epoch})"
+                ),
+            };
             let to = writer
                 .filter(|w| Self::eligible(w))
                 .or_else(|| self.preferred())

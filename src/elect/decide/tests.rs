@@ -1623,3 +1623,41 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_failover_retried_after_its_lease_write_failed_says_so_and_keeps_its_epoch() {
+    // The first try demoted db-0 and reserved epoch 1 for db-1; its Lease write then lost to
+    // a renewal (409). The retry sees a reservation above the Lease's epoch: it repairs the
+    // epoch as for an edit from outside (a committed write later overwritten looks the
+    // same), with the reserved epoch, and says what it saw.
+    let mut pods = vec![pod(0, false), pod(1, true)];
+    pods[0].role = Some(Role::Reader);
+    pods[1].role = Some(Role::Reader);
+    let mut o = observed(pods);
+    o.lease = Some(lease("db-0", "uid-0-0", 0, 5));
+    o.status.writer_pod = Some("db-0".into());
+    o.status.writer_uid = Some("uid-0-0".into());
+    o.status.writer_epoch = Some(0);
+    o.status.highest_epoch = Some(1);
+    o.status.highest_epoch_uid = Some("uid-1-0".into());
+    let plan = decide(&o, ts(6), &cfg());
+    assert!(
+        matches!(lease_step(&plan), Step::UpdateLease { holder, transitions: 1, .. } if holder == "db-1"),
+        "{:?}",
+        plan.steps
+    );
+    let t = plan.transition.as_ref().expect("a transition");
+    assert_eq!(t.kind, TransitionKind::EpochRepair);
+    assert!(
+        t.reason
+            .contains("reserved epoch 1 for db-1 but the Lease shows epoch 0 (holder db-0)"),
+        "{}",
+        t.reason
+    );
+    // A pod carrying an epoch above the Lease's is no unfinished handover of this lock's: the
+    // reason is the edit from outside.
+    o.pods[1].epoch = Some(2);
+    let plan = decide(&o, ts(6), &cfg());
+    let t = plan.transition.as_ref().expect("a transition");
+    assert!(t.reason.contains("changed outside stslock"), "{}", t.reason);
+}
