@@ -439,9 +439,11 @@ pub fn lease_triggers_synced(
                     // Every change triggers a reconcile, the echo of this replica's own write
                     // included. Without the echo's reconcile (tried in 9eba8d2) the CI soak's
                     // seed failed 2 runs of 2 (Leases of Ready writers lapsed, locks left
-                    // unconverged); with it, it passed 4 of 4. One thing the echo's reconcile
-                    // had covered: a plan's renewal entry counted from the end of its writes
-                    // (see `reconcile_lock`), which a late watch still exposes.
+                    // unconverged); with it, it passed 4 of 4. What the echo's reconcile had
+                    // covered: a plan's renewal entry counted from the end of its writes (see
+                    // `reconcile_lock`), which a late watch exposes as well. With that fixed
+                    // (9a757ca) the same seed passed 2 of 2 with the echo's reconcile
+                    // suppressed, no Lease lapsing; it is kept as a safety net all the same.
                     if let Some(r) = owner_ref(&l) {
                         refs.push(r);
                     }
