@@ -300,16 +300,6 @@ pub async fn before_handoff(ctx: &Context, lock: &StatefulSetLock) -> bool {
     }
 }
 
-/// Does the newest view of `lock` (this replica's own writes included) name this replica?
-fn still_mine(ctx: &Context, lock: &StatefulSetLock) -> bool {
-    ctx.cache
-        .fresh
-        .newest_lock(Arc::new(lock.clone()))
-        .labels()
-        .get(crate::api::SHARD_LABEL)
-        == Some(&ctx.identity)
-}
-
 /// When a renewal is due.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Due {
@@ -560,8 +550,11 @@ async fn try_renew(ctx: &Context, lock: &StatefulSetLock, due: Due) -> Outcome {
         Err(crate::sharding::Refused::Fenced) => return Outcome::Wait("fenced"),
         // Refused while a handoff of it is being decided (it drains): the handoff may not
         // happen (put off, lost to a conflict), and nothing else would schedule the entry
-        // again. Only a lock this replica no longer owns leaves the lane.
-        Err(crate::sharding::Refused::NotOwner) if still_mine(ctx, lock) => {
+        // again. Only a lock this replica no longer owns leaves the lane (`lock` is the
+        // newest view here, this replica's own writes included).
+        Err(crate::sharding::Refused::NotOwner)
+            if lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) =>
+        {
             return Outcome::Wait("being handed off");
         }
         Err(crate::sharding::Refused::NotOwner) => return Outcome::NotMine,

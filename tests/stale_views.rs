@@ -570,6 +570,70 @@ async fn a_failover_slow_after_its_lease_write_renews_on_the_leases_schedule() {
     assert_never_two_writers(&sim);
 }
 
+/// A restart whose StatefulSet list is answered 4 s late: the lock watch's list (and the
+/// replica's own re-reads of its locks) come first, and so do the StatefulSet list's
+/// triggers, which fire before the list is published. A lock decided then saw no StatefulSet:
+/// it reported `StatefulSetNotFound` (condition and Event) for a set that exists, and
+/// cancelled its renewal entry. It must wait for the list instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_slow_statefulset_list_reports_no_missing_statefulset() {
+    let (sim, client) = sim_with_crd().await;
+    let tap = Tap::start(&sim);
+    let first = start(&sim, "op", |_| {});
+    statefulset(&client, "db", 2).await;
+    lock(&client, "lock", "db", "db-lease", 10).await;
+    wait_writer(&client, "db", "db-0", 15).await;
+    first.stop().await;
+    let before = tap
+        .of("statefulsetlocks", None)
+        .last()
+        .map_or(0, |v| v.rv)
+        .max(tap.of("events", None).last().map_or(0, |v| v.rv));
+    sim.faults().update(|c| {
+        c.latency_ms = 4000;
+        c.reads_only = true;
+        c.agents = vec!["stslock/op".into()];
+        c.resources = vec!["statefulsets".into()];
+    });
+    let op = start(&sim, "op", |_| {});
+    // Deliberate wait (nothing to poll for: what is checked is that something never happens):
+    // the list is answered after 4 s, and the reconciles it lets through follow at once.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sim.faults().update(|c| {
+        c.latency_ms = 0;
+        c.reads_only = false;
+        c.agents.clear();
+        c.resources.clear();
+    });
+    wait_writer(&client, "db", "db-0", 10).await;
+    op.stop().await;
+    let not_found =
+        |v: &Version| v.rv > before && v.obj.to_string().contains("StatefulSetNotFound");
+    let statuses: Vec<u64> = tap
+        .of("statefulsetlocks", Some("lock"))
+        .iter()
+        .filter(|v| not_found(v))
+        .map(|v| v.rv)
+        .collect();
+    let events: Vec<u64> = tap
+        .of("events", None)
+        .iter()
+        .filter(|v| not_found(v))
+        .map(|v| v.rv)
+        .collect();
+    assert!(
+        statuses.is_empty() && events.is_empty(),
+        "StatefulSetNotFound reported for an existing StatefulSet: lock versions {statuses:?}, events {events:?}"
+    );
+    let first_lease = tap.of("leases", Some("db-lease"))[0].at_ms;
+    let gaps = lapses(&tap, "db-lease", first_lease, unix_ms(SystemTime::now()));
+    assert!(
+        gaps.is_empty(),
+        "the Lease lapsed across the restart: {gaps:?}"
+    );
+    assert_never_two_writers(&sim);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Claimed locks get a renewal entry at once even when the tenant budget defers them.
 

@@ -56,6 +56,9 @@ struct Inner {
     sets: HashMap<SetKey, Arc<SetView>>,
     /// Listed since the last `Init`, swapped in at `InitDone`.
     buffer: super::Relist<(SetKey, Arc<SetView>)>,
+    /// A first list has completed: from then on a set absent here is absent from the API
+    /// server as of the watch, not merely not listed yet.
+    listed: bool,
 }
 
 /// StatefulSets by (namespace, name).
@@ -89,6 +92,7 @@ impl SetIndex {
                 let mut inner = self.write();
                 let listed = inner.buffer.finish();
                 inner.sets = listed.into_iter().collect();
+                inner.listed = true;
             }
             watcher::Event::Apply(s) => {
                 upsert(&mut self.write(), key_of(s), Arc::new(SetView::of(s)));
@@ -117,6 +121,11 @@ impl SetIndex {
 
     pub fn len(&self) -> usize {
         self.read().sets.len()
+    }
+
+    /// Has the watch's first list completed? Before that, a set not here may exist.
+    pub fn is_listed(&self) -> bool {
+        self.read().listed
     }
 
     pub fn is_empty(&self) -> bool {
@@ -207,7 +216,9 @@ mod tests {
             (replicas(&idx, "gone"), replicas(&idx, "listed")),
             (Some(1), Some(1))
         );
+        assert!(!idx.is_listed(), "no list has completed yet");
         idx.apply(&watcher::Event::InitDone);
+        assert!(idx.is_listed());
         assert_eq!(
             replicas(&idx, "gone"),
             None,
@@ -216,5 +227,23 @@ mod tests {
         assert_eq!(replicas(&idx, "listed"), Some(3));
         assert_eq!(replicas(&idx, "new"), Some(1));
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn a_set_not_listed_yet_is_told_from_a_missing_one() {
+        let idx = SetIndex::default();
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(set("db", 3, 2)));
+        // Its trigger may already have run a reconcile: the set is not found, but the list
+        // is not complete either.
+        assert_eq!(replicas(&idx, "db"), None);
+        assert!(!idx.is_listed());
+        idx.apply(&watcher::Event::InitDone);
+        assert_eq!(replicas(&idx, "db"), Some(2));
+        assert!(idx.is_listed());
+        // A relist keeps it listed: the old state is served until the new list completes.
+        idx.apply(&watcher::Event::Init);
+        assert!(idx.is_listed());
+        assert_eq!(replicas(&idx, "db"), Some(2));
     }
 }

@@ -594,7 +594,9 @@ pub fn next_action(plan: &Plan, lease_duration: Duration, since_planned: Duratio
         (Some(r), Some(n)) if r >= n => n + lease_duration.mul_f64(0.3),
         (r, _) => r.unwrap_or(RESYNC),
     };
-    // Counted from when the plan was made, like its renewal (see `reconcile_lock`).
+    // Counted from when the plan was made, like its renewal (see `reconcile_lock`): a slow
+    // pass of writes may bring a pacing requeue (an error's, a wait for a Ready pod) down to
+    // the floor once; the pass after it writes nothing.
     let after = after.saturating_sub(since_planned);
     Action::requeue(after.min(RESYNC).max(Duration::from_millis(50)))
 }

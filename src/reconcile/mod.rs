@@ -104,13 +104,15 @@ fn in_time_for_lease(
 ) -> Duration {
     match lease {
         Some((left, duration)) => {
-            // The first of the renewal's due time and two API timeouts before the expiry that
-            // is still ahead; past both, half an API timeout.
-            let deadline = [duration / 2, api_timeout * 2]
-                .into_iter()
-                .filter_map(|margin| left.checked_sub(margin).filter(|d| !d.is_zero()))
-                .min()
-                .unwrap_or_default();
+            // Two API timeouts before the expiry, or the renewal's due time if that is earlier
+            // and still ahead; within two API timeouts of the expiry, half an API timeout.
+            let deadline = match left.checked_sub(api_timeout * 2) {
+                Some(late) if !late.is_zero() => left
+                    .checked_sub(duration / 2)
+                    .filter(|due| !due.is_zero())
+                    .map_or(late, |due| due.min(late)),
+                _ => Duration::ZERO,
+            };
             delay.min(deadline.max(api_timeout / 2))
         }
         None => delay,
@@ -233,6 +235,28 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         } else {
             Action::await_change()
         });
+    }
+    // Not found before the StatefulSet watch's first list completed (a start: its list's
+    // triggers come before the list is published) is not "not found": deciding from it
+    // reported StatefulSetNotFound, with an Event, and cancelled the Lease's renewal entry.
+    // No decision yet, and no error: the renewal lane keeps a held Lease meanwhile, and the
+    // readiness probe reports the StatefulSet cache unsynced (a list that keeps failing).
+    if !ctx.cache.sets.is_listed()
+        && ctx
+            .cache
+            .sets
+            .get(
+                &lock.namespace().unwrap_or_default(),
+                &lock.spec.stateful_set_name,
+            )
+            .is_none()
+    {
+        tracing::debug!(lock = %key, "StatefulSets not listed yet; requeued");
+        ctx.renewals.ensure(
+            kube::runtime::reflector::ObjectRef::from_obj(lock.as_ref()),
+            Duration::ZERO,
+        );
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let _busy = ctx.metrics.reconcile_started();
     let started = std::time::Instant::now();
@@ -392,14 +416,16 @@ mod tests {
             in_time_for_lease(ms(16_000), Some((ms(6000), ms(6000))), api),
             ms(2000)
         );
-        // ...and past the renewal's due time, two API timeouts before the expiry.
+        // ...and past the renewal's due time, two API timeouts before the expiry...
         assert_eq!(
             in_time_for_lease(ms(16_000), Some((ms(12_000), thirty)), api),
             ms(8000)
         );
+        // ...and within two API timeouts of the expiry, half an API timeout, whatever the
+        // renewal's due time (never later than before it counted).
         assert_eq!(
             in_time_for_lease(ms(16_000), Some((ms(3500), ms(3000))), api),
-            ms(2000)
+            ms(1000)
         );
         // No Lease, or expired: the backoff.
         assert_eq!(in_time_for_lease(ms(16_000), None, api), ms(16_000));
