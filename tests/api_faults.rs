@@ -201,9 +201,11 @@ async fn lost_and_held_answers_stalled_watches_and_error_storms_on_both_backends
 /// fault proxy, with kube-apiserver and etcd crashes): for `STSLOCK_CHAOS_SECONDS` (default
 /// 45) one random fault after another — error storms (500/503/429), latency, lost and held
 /// answers, stalled and lagging watches, a partitioned replica, dropped watches, a replica
-/// killed and restarted with the same id, an API outage — while writers fail and recover.
+/// killed and restarted with the same id, an API outage — while writers fail and recover,
+/// nodes are lost (the pods of one ordinal in every set NotReady at once) and StatefulSets
+/// are scaled down to one pod and back (the writer's pod deleted when it is the last one).
 /// Then every lock converges, and the record says: never two writers, no write by a replica
-/// that did not own the lock.
+/// that did not own the lock, no Lease of a Ready writer lapsed ([`ready_writer_lapses`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_faults_restarts_and_writer_failures_on_both_backends() {
     use rand::{Rng, SeedableRng};
@@ -228,8 +230,14 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
     let operators = || vec!["stslock/".to_string()];
     let resources = ["leases", "pods", "statefulsetlocks"];
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
-    // Writers made NotReady, and when each recovers.
+    // Pods made NotReady (writer failures, node losses), and when each recovers.
     let mut failed: Vec<(String, std::time::Instant)> = vec![];
+    // StatefulSets scaled down to one pod (`s{i}-1` deleted), and when each is scaled back.
+    let mut scaled: Vec<(usize, std::time::Instant)> = vec![];
+    // A pod a scale-down deleted (or is deleting) is not failed nor recovered.
+    let scaled_away = |scaled: &[(usize, std::time::Instant)], pod: &str| {
+        scaled.iter().any(|(i, _)| pod == format!("s{i}-1"))
+    };
     let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
     // For the report: what was injected when, and this process's memory.
     let from_ms = env.elapsed_ms();
@@ -243,6 +251,10 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
             env.set_ready(pod, true).await;
         }
         failed.retain(|(_, at)| *at > now);
+        for (i, _) in scaled.iter().filter(|(_, at)| *at <= now) {
+            scale(&env, *i, 2).await;
+        }
+        scaled.retain(|(_, at)| *at > now);
         if rng.random_bool(0.6) {
             let i = rng.random_range(0..SETS);
             let roles = env.roles(&format!("s{i}")).await;
@@ -250,6 +262,7 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 .iter()
                 .find(|(_, r)| r.as_deref() == Some("writer"))
                 .filter(|(p, _)| failed.iter().all(|(f, _)| f != p))
+                .filter(|(p, _)| !scaled_away(&scaled, p))
             {
                 env.set_ready(writer, false).await;
                 let back = Duration::from_millis(rng.random_range(1000..6000));
@@ -261,6 +274,55 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                     end_ms: start_ms + back.as_millis() as u64,
                     kind: "writer failure",
                     detail: format!("{writer} NotReady for {back:?}"),
+                });
+            }
+        }
+        if rng.random_bool(0.15) {
+            // A node lost: it hosted the pods of one ordinal of every set.
+            let k = rng.random_range(0..2);
+            let back = Duration::from_millis(rng.random_range(2000..8000));
+            let mut lost = vec![];
+            for i in 0..SETS {
+                let pod = format!("s{i}-{k}");
+                if failed.iter().any(|(f, _)| *f == pod) || scaled_away(&scaled, &pod) {
+                    continue;
+                }
+                env.set_ready(&pod, false).await;
+                failed.push((pod.clone(), std::time::Instant::now() + back));
+                lost.push(pod);
+            }
+            *counts.entry("node loss").or_default() += 1;
+            let start_ms = env.elapsed_ms();
+            faults.push(Fault {
+                start_ms,
+                end_ms: start_ms + back.as_millis() as u64,
+                kind: "node loss",
+                detail: format!("{lost:?} NotReady for {back:?}"),
+            });
+        }
+        if rng.random_bool(0.2) {
+            // A scale-down to one pod and back: `s{i}-1` is deleted, the writer or not.
+            let i = rng.random_range(0..SETS);
+            let last = format!("s{i}-1");
+            if !scaled.iter().any(|(s, _)| *s == i) && failed.iter().all(|(f, _)| *f != last) {
+                let back = Duration::from_millis(rng.random_range(2000..8000));
+                let writer = env
+                    .roles(&format!("s{i}"))
+                    .await
+                    .into_iter()
+                    .any(|(p, r)| p == last && r.as_deref() == Some("writer"));
+                scale(&env, i, 1).await;
+                scaled.push((i, std::time::Instant::now() + back));
+                *counts.entry("scale event").or_default() += 1;
+                let start_ms = env.elapsed_ms();
+                faults.push(Fault {
+                    start_ms,
+                    end_ms: start_ms + back.as_millis() as u64,
+                    kind: "scale event",
+                    detail: format!(
+                        "s{i} to 1 pod for {back:?} ({last} {})",
+                        if writer { "the writer" } else { "a reader" }
+                    ),
                 });
             }
         }
@@ -370,6 +432,9 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
     for (pod, _) in &failed {
         env.set_ready(pod, true).await;
     }
+    for (i, _) in &scaled {
+        scale(&env, *i, 2).await;
+    }
     println!(
         "chaos ({:?} backend, seed {seed}, {seconds} s): {counts:?}",
         env.backend()
@@ -411,6 +476,34 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
         env.wait_lease_holder(&format!("lease{i}"), &writer).await;
     }
     let report = env.report().await;
+    // Lease lapses of a Ready writer, from the write log (kubesim's commits, or the audit
+    // log) and the harness's record of the pods: see `ready_writer_lapses`.
+    let to_ms = env.elapsed_ms();
+    let log = env.commit_log();
+    let mut lapses = vec![];
+    for i in 0..SETS {
+        let set = report.statefulsets.get(&format!("{}/s{i}", env.ns));
+        let writerless = set.map_or(&[][..], |s| &s.no_ready_writer[..]);
+        let lease = format!("lease{i}");
+        let writes: Vec<u64> = log
+            .iter()
+            .filter(|w| w.resource == "leases" && w.name == lease)
+            .map(|w| w.at_ms)
+            .collect();
+        let gap = writes.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        println!("{lease}: {} writes, longest gap {gap} ms", writes.len());
+        let dur_ms = LEASE_SECONDS as u64 * 1000;
+        for (s, e) in ready_writer_lapses(&writes, writerless, dur_ms, to_ms) {
+            lapses.push(format!(
+                "{lease} expired with s{i} having a Ready writer from {s} ms to {e} ms; faults meanwhile: {:?}",
+                faults
+                    .iter()
+                    .filter(|f| f.end_ms + dur_ms / 2 >= s && f.start_ms <= e)
+                    .map(|f| format!("{} {}..{} ms: {}", f.kind, f.start_ms, f.end_ms, f.detail))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
     env.stop_operators().await;
     let owners = env.owner_check(common::lock_of).await;
     // The report, whatever the verdict: into $STSLOCK_REPORT_DIR, else the target's tmp dir.
@@ -427,6 +520,7 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
         ));
     }
     violations.extend(owners.violations.iter().cloned());
+    violations.extend(lapses.iter().cloned());
     let (judged, api) = match env.backend() {
         common::Backend::Real => (
             "Judged from the harness's pod and lock watches and the apiserver's audit log (lock writes with their committed bodies).",
@@ -470,6 +564,13 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 ),
             ),
             (
+                "Lease lapses of a Ready writer".into(),
+                format!(
+                    "{} (Leases of {LEASE_SECONDS} s, renewed every half)",
+                    lapses.len()
+                ),
+            ),
+            (
                 "converged after the faults".into(),
                 format!("{SETS}/{SETS}: one Ready writer holding its Lease"),
             ),
@@ -488,7 +589,87 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
         assert!(seen >= 100, "figure {id}: its marker covers {seen} pixels");
     }
     assert_eq!(report.dual_writer_intervals, 0, "{:?}", report.statefulsets);
+    assert!(
+        lapses.is_empty(),
+        "Lease lapses of a Ready writer: {lapses:#?}"
+    );
     assert_only_owners_wrote(&env, "after the chaos", 0).await;
+}
+
+/// Scales StatefulSet `s{i}` to `replicas` pods (the harness's client: no fault applies).
+async fn scale(env: &Env, i: usize, replicas: i32) {
+    use kube::api::{Patch, PatchParams};
+    let patch = json!({"spec": {"replicas": replicas}});
+    common::call(
+        "scale statefulset",
+        env.api::<k8s_openapi::api::apps::v1::StatefulSet>().patch(
+            &format!("s{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("scaling s{i} to {replicas}: {e}"));
+}
+
+/// The stretches (from, to; milliseconds of the write log) in which a Lease had expired while
+/// its StatefulSet had a Ready writer: after each committed write of the Lease, from the
+/// write plus the Lease's duration to its next committed write (or `to_ms`), less the
+/// intervals in which the set had no Ready writer (`writerless`, the harness's record).
+/// A write commits no earlier than the renewTime it carries, so the real expiry is no later
+/// than this one: a lapse is never missed by the write's own latency, and is counted only
+/// when the Lease had surely expired. The operator keeps renewing a holder that is not Ready
+/// when no other pod is, so only a holder that is gone (scaled away) leaves its Lease
+/// unrenewed, and then the set has no Ready writer until a new one is elected.
+fn ready_writer_lapses(
+    writes: &[u64],
+    writerless: &[kubesim::recorder::Interval],
+    dur_ms: u64,
+    to_ms: u64,
+) -> Vec<(u64, u64)> {
+    let mut out = vec![];
+    let ends = writes.iter().skip(1).copied().chain(std::iter::once(to_ms));
+    for (w, next) in writes.iter().zip(ends) {
+        let mut from = w + dur_ms;
+        if from >= next {
+            continue;
+        }
+        let mut gaps: Vec<(u64, u64)> = writerless
+            .iter()
+            .map(|g| (g.start_ms, g.end_ms.unwrap_or(to_ms)))
+            .filter(|(s, e)| *e > from && *s < next)
+            .collect();
+        gaps.sort_unstable();
+        for (s, e) in gaps {
+            if s > from {
+                out.push((from, s));
+            }
+            from = from.max(e);
+        }
+        if from < next {
+            out.push((from, next));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_lapse_is_an_expired_lease_while_the_set_had_a_ready_writer() {
+    use kubesim::recorder::Interval;
+    let gap = |start_ms, end_ms| Interval { start_ms, end_ms };
+    // Renewed in time: nothing.
+    assert!(ready_writer_lapses(&[0, 10, 20], &[], 15, 30).is_empty());
+    // Expired at 15, written again at 40: lapsed from 15 to 40 but for the writer-less 20..30.
+    assert_eq!(
+        ready_writer_lapses(&[0, 40], &[gap(20, Some(30))], 15, 50),
+        vec![(15, 20), (30, 40)]
+    );
+    // Writer-less over the whole expired stretch (the holder gone, no one Ready): no lapse.
+    assert!(ready_writer_lapses(&[0, 40], &[gap(10, Some(45))], 15, 50).is_empty());
+    // The last write expired before the end and the set still had no Ready writer at the
+    // end; an open writer-less interval runs to the end.
+    assert!(ready_writer_lapses(&[0], &[gap(12, None)], 15, 50).is_empty());
+    assert_eq!(ready_writer_lapses(&[0], &[], 15, 50), vec![(15, 50)]);
 }
 
 /// The owner check has teeth on both backends: writes for a lock by a replica that does not
