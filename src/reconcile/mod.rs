@@ -259,11 +259,10 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let _busy = ctx.metrics.reconcile_started();
+    // The plan's durations (`renew_after`, `requeue_after`) count from here, as `now` does.
     let started = std::time::Instant::now();
     let result = async {
         let now = jiff::Timestamp::now();
-        // The plan's durations (`renew_after`, `requeue_after`) count from here.
-        let planned = std::time::Instant::now();
         let observed = gather::observe(&lock, &ctx).await?;
         ctx.metrics.observed(&observed);
         let plan = crate::elect::decide(
@@ -334,11 +333,11 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             // expiry — nothing else renews the Lease meanwhile when the watch events that
             // trigger a reconcile come late.
             ctx.renewals
-                .schedule(lock_ref, after.saturating_sub(planned.elapsed()));
+                .schedule(lock_ref, after.saturating_sub(started.elapsed()));
         }
         let duration =
             Duration::from_secs(u64::try_from(observed.lease_duration_seconds).unwrap_or(1));
-        Ok(apply::next_action(&plan, duration, planned.elapsed()))
+        Ok(apply::next_action(&plan, duration, started.elapsed()))
     }
     .await;
     ctx.metrics
