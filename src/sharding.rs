@@ -1206,18 +1206,18 @@ impl Sharding {
                     unread = true;
                 }
             }
+            // A view that names me but is older than my own handoff of the lock says nothing
+            // of the label now. With the ring giving the lock back to me, the peer may have
+            // handed it back behind my watch: ask the API server, as for an awaited handoff
+            // (the read counts only if labelled mine and no older than that handoff). Not
+            // when the ring says the peer: that is my handoff itself, still on its way.
+            let stale_own = decision == Some(Decision::Own)
+                && self.predates_own_handoff(&key, &lock)
+                && !self.is_draining(&key)
+                && !self.handing.contains(&key);
+            let read_it = stale_own || matches!(decision, Some(Decision::WaitForHandoff { .. }));
             match decision {
-                Some(Decision::Claim) => {
-                    let from_dead = label.is_some();
-                    work.push((lock, None, from_dead))
-                }
-                Some(Decision::Release { to })
-                    if self.may_release(&key, &lock, &to)
-                        && listed.as_ref().is_some_and(|ids| ids.contains(&to)) =>
-                {
-                    work.push((lock, Some(to), false))
-                }
-                Some(Decision::WaitForHandoff { .. }) => {
+                _ if read_it => {
                     let mut e = self.awaited.entry(key.clone()).or_insert((now, None));
                     let (since, read) = *e;
                     if now.duration_since(since) >= HANDOFF_READ_AFTER
@@ -1228,6 +1228,16 @@ impl Sharding {
                         to_read.push(lock.clone());
                     }
                     awaited.insert(key);
+                }
+                Some(Decision::Claim) => {
+                    let from_dead = label.is_some();
+                    work.push((lock, None, from_dead))
+                }
+                Some(Decision::Release { to })
+                    if self.may_release(&key, &lock, &to)
+                        && listed.as_ref().is_some_and(|ids| ids.contains(&to)) =>
+                {
+                    work.push((lock, Some(to), false))
                 }
                 _ => {}
             }

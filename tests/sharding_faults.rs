@@ -649,6 +649,74 @@ async fn a_handoff_reaches_a_replica_whose_lock_watch_is_stalled() {
     assert_never_two_writers(&sim);
 }
 
+/// a hands locks to b while a's lock watch is half-open, and b hands them back when it stops
+/// (A→B→A). a's stale cache still shows them labelled a, from before its own handoff: such a
+/// view may not be acted on, and said nothing of the handback. a must learn of it by a read
+/// (as for any awaited handoff) and renew the Leases: none of the locks handed back goes a
+/// Lease duration without a Lease write while a's lock and Lease watches stay stalled for 2.5
+/// durations (before, nothing on a looked at them until its watches recovered), and only
+/// owners write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_handed_back_behind_its_own_handoff_is_renewed() {
+    let (sim, client) = sim_with_crd().await;
+    let lease_ms = 6000;
+    let a = alone_with_locks(&sim, &client, 10, 6).await;
+    // a's watch of the locks' Leases too (not of the membership Leases): b's renewal of a
+    // Lease just before it hands the lock back would otherwise trigger a reconcile on a that
+    // may re-read the lock after the handback.
+    sim.faults().update(|c| {
+        c.watch_faults = vec![
+            WatchFault::stall("statefulsetlocks").agent("stslock/a"),
+            WatchFault::stall("leases")
+                .agent("stslock/a")
+                .label_selector(stslock::cache::watch::LEASE_LABEL),
+        ];
+    });
+    let joined = sim.store().current_rv();
+    let b = start(&sim, "b", |_| {});
+    until_owned_by(&client, &["a", "b"], 20).await;
+    // Deliberate wait: b keeps the locks for more than a Lease, so that every reconcile a
+    // had scheduled for them (their renewal time) has come and found them b's; nothing of
+    // a's is pending for them when b hands them back.
+    tokio::time::sleep(Duration::from_millis(lease_ms + 500)).await;
+    let left = sim.store().current_rv();
+    b.stop().await;
+    until_owned_by(&client, &["a"], 20).await;
+    let back_ms = sim.store().elapsed_ms();
+    // Deliberate wait (the Leases must keep being renewed meanwhile): 2.5 Lease durations with
+    // a's lock watch still stalled.
+    tokio::time::sleep(Duration::from_millis(lease_ms * 5 / 2)).await;
+    let end_ms = sim.store().elapsed_ms();
+    let log = sim.commit_log();
+    sim.faults().update(|c| c.watch_faults.clear());
+    a.stop().await;
+
+    let there = moved_after(&log, joined, "a", "b");
+    let back = moved_after(&log, left, "b", "a");
+    assert!(!there.is_empty(), "a handed nothing to b");
+    assert!(!back.is_empty(), "b handed nothing back to a");
+    let handback_ms = |lock: &str| {
+        log.iter()
+            .filter(|c| c.resource == "statefulsetlocks" && c.name == lock && c.rv > left)
+            .find(|c| c.labels.get(SHARD_LABEL).map(String::as_str) == Some("a"))
+            .map_or(back_ms, |c| c.at_ms)
+    };
+    for lock in &back {
+        let from = handback_ms(lock);
+        let worst = longest_without_lease_write(&log, lock, from, end_ms);
+        println!(
+            "{lock}: handed back to a at {from} ms, longest time without a Lease write {worst} ms"
+        );
+        assert!(
+            worst < lease_ms,
+            "{lock}'s Lease went {worst} ms without a write after b handed it back to a"
+        );
+    }
+    let audit = audit(&log);
+    assert!(audit.non_owner.is_empty(), "{:#?}", audit.non_owner);
+    assert_never_two_writers(&sim);
+}
+
 /// The longest time lock `l{i}`'s Lease `lease{i}` went without a committed write between
 /// `from_ms` and `end_ms` (store milliseconds), counting from its last write before `from_ms`.
 fn longest_without_lease_write(log: &[CommitRecord], lock: &str, from_ms: u64, end_ms: u64) -> u64 {

@@ -229,6 +229,9 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
         let mine = lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity);
         if !mine {
             ctx.metrics.forget_lock(&key);
+            // Its failures were this replica's: a lock that comes back later starts its
+            // backoff afresh.
+            ctx.failures.remove(&key);
         }
         return Ok(if mine {
             Action::requeue(Duration::from_secs(1))
