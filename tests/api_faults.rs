@@ -284,7 +284,14 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
             let mut lost = vec![];
             for i in 0..SETS {
                 let pod = format!("s{i}-{k}");
-                if failed.iter().any(|(f, _)| *f == pod) || scaled_away(&scaled, &pod) {
+                // Only pods that are there: one scaled back may not be re-created yet (on a
+                // real cluster not before its predecessor is Ready).
+                let there = env
+                    .roles(&format!("s{i}"))
+                    .await
+                    .iter()
+                    .any(|(p, _)| *p == pod);
+                if !there || failed.iter().any(|(f, _)| *f == pod) || scaled_away(&scaled, &pod) {
                     continue;
                 }
                 env.set_ready(&pod, false).await;
@@ -300,31 +307,34 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 detail: format!("{lost:?} NotReady for {back:?}"),
             });
         }
-        if rng.random_bool(0.2) {
-            // A scale-down to one pod and back: `s{i}-1` is deleted, the writer or not.
-            let i = rng.random_range(0..SETS);
+        // A scale-down to one pod and back: `s{i}-1` is deleted, the writer or not (a set
+        // already scaled down, or whose `s{i}-1` is failed, is not picked).
+        let scalable: Vec<usize> = (0..SETS)
+            .filter(|i| !scaled.iter().any(|(s, _)| s == i))
+            .filter(|i| failed.iter().all(|(f, _)| *f != format!("s{i}-1")))
+            .collect();
+        if !scalable.is_empty() && rng.random_bool(0.2) {
+            let i = scalable[rng.random_range(0..scalable.len())];
             let last = format!("s{i}-1");
-            if !scaled.iter().any(|(s, _)| *s == i) && failed.iter().all(|(f, _)| *f != last) {
-                let back = Duration::from_millis(rng.random_range(2000..8000));
-                let writer = env
-                    .roles(&format!("s{i}"))
-                    .await
-                    .into_iter()
-                    .any(|(p, r)| p == last && r.as_deref() == Some("writer"));
-                scale(&env, i, 1).await;
-                scaled.push((i, std::time::Instant::now() + back));
-                *counts.entry("scale event").or_default() += 1;
-                let start_ms = env.elapsed_ms();
-                faults.push(Fault {
-                    start_ms,
-                    end_ms: start_ms + back.as_millis() as u64,
-                    kind: "scale event",
-                    detail: format!(
-                        "s{i} to 1 pod for {back:?} ({last} {})",
-                        if writer { "the writer" } else { "a reader" }
-                    ),
-                });
-            }
+            let back = Duration::from_millis(rng.random_range(2000..8000));
+            let writer = env
+                .roles(&format!("s{i}"))
+                .await
+                .into_iter()
+                .any(|(p, r)| p == last && r.as_deref() == Some("writer"));
+            scale(&env, i, 1).await;
+            scaled.push((i, std::time::Instant::now() + back));
+            *counts.entry("scale event").or_default() += 1;
+            let start_ms = env.elapsed_ms();
+            faults.push(Fault {
+                start_ms,
+                end_ms: start_ms + back.as_millis() as u64,
+                kind: "scale event",
+                detail: format!(
+                    "s{i} to 1 pod for {back:?} ({last} {})",
+                    if writer { "the writer" } else { "a reader" }
+                ),
+            });
         }
         let hold = Duration::from_millis(rng.random_range(500..3000));
         let resource = resources[rng.random_range(0..resources.len())];

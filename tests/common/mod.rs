@@ -1621,9 +1621,11 @@ async fn create_namespace(admin: &Client, ns: &str, labels: Value) {
     )
     .await
     .unwrap();
-    // Pods are admitted only once the namespace's `default` ServiceAccount exists.
+    // Pods are admitted only once the namespace's `default` ServiceAccount exists. Its
+    // creator, kube-controller-manager, can take longer than 30 s right after a test that
+    // killed kube-apiserver and etcd (seen once, in the test after the crash tests).
     let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
-    poll(30, "ServiceAccount default in a test namespace", || {
+    poll(90, "ServiceAccount default in a test namespace", || {
         let accounts = accounts.clone();
         Box::pin(async move {
             call("get serviceaccount", accounts.get_opt("default"))
