@@ -201,7 +201,7 @@ async fn lost_and_held_answers_stalled_watches_and_error_storms_on_both_backends
 /// fault proxy, with kube-apiserver and etcd crashes): for `STSLOCK_CHAOS_SECONDS` (default
 /// 45) one random fault after another — error storms (500/503/429), latency, lost and held
 /// answers, stalled and lagging watches, a partitioned replica, dropped watches, a replica
-/// killed and restarted with the same id, an API outage — while writers fail and recover,
+/// killed (or stopped gracefully) and restarted with the same id, an API outage — while writers fail and recover,
 /// nodes are lost (the pods of one ordinal in every set NotReady at once) and StatefulSets
 /// are scaled down to one pod and back (the writer's pod deleted when it is the last one).
 /// Then every lock converges, and the record says: never two writers, no write by a replica
@@ -406,12 +406,24 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 "dropped watches"
             }
             8 => {
+                // Killed (no handoff: its locks wait for it, or for its membership to
+                // expire), or stopped as SIGTERM would (it hands its locks off and leaves),
+                // then started again with the same id.
                 let id = ids[rng.random_range(0..ids.len())].clone();
-                env.kill_operator(&id).await;
+                let graceful = rng.random_bool(0.3);
+                if graceful {
+                    env.stop_operator(&id).await;
+                } else {
+                    env.kill_operator(&id).await;
+                }
                 tokio::time::sleep(hold).await;
                 let args = env.operator_args(&id);
                 env.start_operator_with(&id, args).await;
-                "replica killed and restarted"
+                if graceful {
+                    "replica stopped and restarted"
+                } else {
+                    "replica killed and restarted"
+                }
             }
             9 => {
                 env.api_outage("kube-apiserver", hold).await;
