@@ -224,10 +224,9 @@ pub struct Sharding {
     /// last ended without a known outcome (it may still land: the handoff waits it out).
     writes: DashMap<String, (usize, Option<Instant>)>,
     /// Handoffs whose response was lost: the lock is neither worked on nor handed again until
-    /// a fresh read says where the label is.
-    /// When each was found unresolved: it is read only once that write can no longer land
-    /// (api-timeout later), or a read showing the label unmoved could be overtaken by it.
-    unresolved: DashMap<String, Instant>,
+    /// the outcome is known. Each with the version the handoff was sent from (its
+    /// compare-and-swap base; see [`Sharding::resolve_unknown_handoffs`]).
+    unresolved: DashMap<String, Arc<StatefulSetLock>>,
     /// Unresolved handoffs being read right now (see [`Sharding::resolve_unknown_handoffs`]).
     resolving: DashSet<String>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
@@ -1512,23 +1511,20 @@ impl Sharding {
         }
     }
 
-    /// Handoffs whose response was lost: read the lock to see where its label is (each once
-    /// api-timeout has passed since it was found unresolved). Run by every assignment pass and
-    /// on a schedule of its own (`replica::run`); a lock being resolved by one is skipped by
-    /// the other. The reads go out together: until its read answers, an unresolved lock gets
-    /// no write, not even its Lease's renewal (the handoff may have landed), and a batch of
-    /// handoffs whose answers were lost together, read one after the other under slow answers
-    /// (15 at about 1 s each in a P5 run), held the last ones' renewals past their Leases'
-    /// expiry.
+    /// Handoffs whose response was lost: settle where the label is. Run by every assignment
+    /// pass and on a schedule of its own (`replica::run`); a lock being resolved by one is
+    /// skipped by the other. They go out together: until it is settled, an unresolved lock
+    /// gets no write, not even its Lease's renewal (the handoff may have landed), and a batch
+    /// of handoffs whose answers were lost together, settled one after the other under slow
+    /// answers (15 at about 1 s each in a P5 run), held the last ones' renewals past their
+    /// Leases' expiry.
     pub async fn resolve_unknown_handoffs(&self) {
-        let keys: Vec<String> = self
-            .unresolved
-            .iter()
-            .filter(|e| e.value().elapsed() > self.cfg.api_timeout)
-            .map(|e| e.key().clone())
-            .collect();
-        // Marked here, unmarked when each read ends or is dropped (a pass cancelled at a
-        // shutdown): a mark left behind would keep its lock from ever being resolved.
+        if !self.may_write() {
+            return;
+        }
+        let keys: Vec<String> = self.unresolved.iter().map(|e| e.key().clone()).collect();
+        // Marked here, unmarked when each ends or is dropped (a pass cancelled at a shutdown):
+        // a mark left behind would keep its lock from ever being resolved.
         let underway: Vec<Underway<'_>> = keys
             .into_iter()
             .filter_map(|key| Underway::take(&self.resolving, key))
@@ -1543,16 +1539,61 @@ impl Sharding {
 
     /// One lock of [`resolve_unknown_handoffs`](Self::resolve_unknown_handoffs), its key
     /// `namespace/name`.
+    ///
+    /// Settled by a write, not by waiting and reading: a handoff whose answer was lost may
+    /// still be applied later (an API server serves a request past its client's timeout), so a
+    /// read showing the label unmoved proves nothing by itself. This replica's term is written
+    /// into the lock, compare-and-swap on the version the handoff was sent from: if that lands,
+    /// the handoff never can (same base version) and the lock is still this replica's; a 409
+    /// means the lock moved past that version (the handoff landed, or another write did), so
+    /// the handoff can no longer land either and one read shows where the label is. The lock
+    /// stays unresolved while neither answers (tried again by the next pass).
     async fn resolve_unknown_handoff(&self, key: &str) {
-        let Some((ns, name)) = key.split_once('/') else {
+        let Some(from) = self.unresolved.get(key).map(|e| e.value().clone()) else {
             return;
         };
-        let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), ns);
+        let generation = self.generation();
+        let timeout = self.cfg.api_timeout.min(self.write_window());
+        if timeout.is_zero() {
+            return;
+        }
+        let ns = from.namespace().unwrap_or_default();
+        let api: Api<StatefulSetLock> = Api::namespaced(self.client.clone(), &ns);
+        let patch = json!({"metadata": {
+            "resourceVersion": from.resource_version(),
+            "annotations": {SHARD_TERM_ANNOTATION: self.term(generation)},
+        }});
+        let fenced = call(
+            &self.metrics,
+            ApiCall::patch(Kind::StatefulSetLock, key.to_string()).note("fencing a lost handoff"),
+            timeout,
+            api.patch(
+                &from.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await;
+        let e = match fenced {
+            Ok(kept) => {
+                // Labelled for this replica at the handoff's base version: still its own, and
+                // confirmed in this generation.
+                tracing::info!(shard = %self.cfg.id, lock = %key, "handoff did not land: the lock stays here");
+                self.confirmed_as(key, kept, generation);
+                self.unresolved.remove(key);
+                return;
+            }
+            Err(e) => e,
+        };
+        if !(e.is_conflict() || e.is_not_found()) {
+            tracing::warn!(error = %e, lock = %key, "handoff outcome unknown");
+            return;
+        }
         let read = call_opt(
             &self.metrics,
             ApiCall::get(Kind::StatefulSetLock, key.to_string()).note("handoff outcome"),
             self.cfg.api_timeout,
-            api.get(name),
+            api.get(&from.name_any()),
         )
         .await;
         match read {
@@ -1727,7 +1768,8 @@ impl Sharding {
                 // not this replica's to work on. (A claim that may have committed shows up in
                 // the lock watch, and a claimed lock is re-read before it is decided.)
                 if e.outcome_unknown() && owner != self.cfg.id {
-                    self.unresolved.insert(lock_key(lock), Instant::now());
+                    self.unresolved
+                        .insert(lock_key(lock), Arc::new(lock.clone()));
                 }
             }
         }
@@ -2178,6 +2220,55 @@ mod tests {
             took < Duration::from_millis(1500),
             "confirmed only after {took:?}: the late answer's timeout was waited for"
         );
+    }
+
+    /// A handoff served after its client gave up (an API server keeps a request its client
+    /// timed out on) is settled by a compare-and-swap on the handoff's own base version, not by
+    /// a read: once that lands the handoff cannot, and the lock stays this replica's. Before,
+    /// a read api-timeout after the failure showed the label unmoved and the lock was taken
+    /// back; the handoff landed two seconds later and moved the label under a replica that
+    /// believed it the owner.
+    #[tokio::test]
+    async fn a_handoff_served_after_its_timeout_is_fenced_by_its_settlement() {
+        let sim = Sim::start(SimConfig::default());
+        let client = sim.client_as("stslock/a");
+        crate::dev::install_crd(&client).await.unwrap();
+        let (locks, lock) = lock_of_a(&client).await;
+        let s = alone(client, Duration::from_secs(15));
+        s.renew().await.unwrap();
+        sim.faults().update(|c| {
+            c.late_commits = vec![kubesim::LateCommit::new(4500).resource("statefulsetlocks")];
+        });
+        s.set_owner(&lock, "b", "handoff").await;
+        let key = lock_key(&lock);
+        assert!(s.is_draining(&key), "the handoff's outcome is unknown");
+        sim.faults().set(kubesim::FaultConfig::default());
+        s.resolve_unknown_handoffs().await;
+        assert!(
+            !s.is_draining(&key),
+            "settled at once, not api-timeout later"
+        );
+        let now = locks.get("l0").await.unwrap();
+        assert_eq!(now.labels().get(SHARD_LABEL), Some(&"a".to_string()));
+        assert_eq!(
+            now.annotations().get(SHARD_TERM_ANNOTATION),
+            Some(&s.term(s.generation())),
+            "settled by this replica's own compare-and-swap"
+        );
+        // Deliberate wait: the late handoff is served 4.5 s after it was sent.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let after = locks.get("l0").await.unwrap();
+        assert_eq!(
+            after.labels().get(SHARD_LABEL),
+            Some(&"a".to_string()),
+            "the late handoff moved the label after the lock was settled as this replica's"
+        );
+        assert_eq!(
+            after.resource_version(),
+            now.resource_version(),
+            "the late handoff committed"
+        );
+        assert!(s.may_begin(&after));
     }
 
     /// A second handoff of a lock while one is under way (an assignment pass and a graceful

@@ -1853,12 +1853,12 @@ async fn a_graceful_leave_does_not_wait_for_a_reconcile_stuck_in_a_write() {
 // 20. Handoffs whose outcome is unknown are resolved together, not one read after another.
 
 /// a owns 40 locks (8 s Leases) alone; b joins, and every lock write of a fails with a 500
-/// meanwhile: each handoff to b ends with an unknown outcome, and until a read shows where the
-/// label is, a sends nothing for that lock — not even its Lease's renewal (the handoff may have
-/// landed). Then the writes go through again but a's reads of locks take 1 s each. The ~20
-/// unresolved locks must be read together: read one after another (as before; an assignment
-/// pass and a timer both resolve, so two at a time), the last were resolved about 2 s + 10 × 1 s
-/// after their handoffs failed, and their Leases, held by Ready writers,
+/// meanwhile: each handoff to b ends with an unknown outcome, and until it is settled (see
+/// `Sharding::resolve_unknown_handoffs`) a sends nothing for that lock — not even its Lease's
+/// renewal (the handoff may have landed). Then the writes go through again but every lock
+/// request of a takes 1 s. The ~20 unresolved locks must be settled together: one after
+/// another (an assignment pass and a timer both resolve, so two at a time), the last were
+/// settled about 10 × 1 s after the faults changed, and their Leases, held by Ready writers,
 /// went longer than a Lease without a renewal (a P5 fault run lost two Leases that way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_handoff_outcomes_are_resolved_together() {
@@ -1893,8 +1893,8 @@ async fn unknown_handoff_outcomes_are_resolved_together() {
         std::future::ready((failed.len() >= 12).then_some(()))
     })
     .await;
-    // Deliberate wait: an unresolved handoff is read only once the API timeout (2 s) has passed
-    // since it failed; then they are all due together when a's reads turn slow.
+    // Deliberate wait: a's later passes keep trying to settle the unresolved handoffs (each
+    // a write that fails like the handoff did); none may move a lock meanwhile.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let moved = owners(&client)
         .await
@@ -1905,7 +1905,6 @@ async fn unknown_handoff_outcomes_are_resolved_together() {
     sim.faults().update(|c| {
         c.error_rate = 0.0;
         c.writes_only = false;
-        c.reads_only = true;
         c.latency_ms = 1000;
     });
     let owned = until_owned_by(&client, &["a", "b"], 40).await;

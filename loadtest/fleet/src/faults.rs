@@ -1503,7 +1503,10 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
     let timeout_ms = api_timeout * 1000;
     let membership_ms = args.membership_seconds * 1000;
     let owner_cut_off = |l: &Lapse| -> bool {
-        let Some(owner) = lock_owner_at(&log, &l.lock, l.start_ms) else {
+        // The owner when the Lease expired (a lapse starts later when its holder was not Ready
+        // then, and the lock may have moved on meanwhile).
+        let expired = l.start_ms.min(l.renewed_ms + lease_ms);
+        let Some(owner) = lock_owner_at(&log, &l.lock, expired) else {
             return false;
         };
         let renewed = l.renewed_ms;
@@ -1748,8 +1751,47 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                         .collect()
                 })
                 .unwrap_or_default();
+            // Every replica that owned the lock from the renewal that lapsed to the end of the
+            // lapse (the one that missed the renewal may have handed the lock on before the
+            // lapse began): what each tried for it, how much it wrote in all, and its faults.
+            let mut owners: Vec<String> = owner_at(&l.lock, renewed).into_iter().collect();
+            for c in log.iter().filter(|c| {
+                c.resource == "statefulsetlocks"
+                    && c.namespace == l.lock.0
+                    && c.name == l.lock.1
+                    && c.at_ms >= renewed
+                    && c.at_ms <= l.end_ms
+            }) {
+                if let Some(o) = c.labels.get(SHARD_LABEL)
+                    && !owners.contains(o)
+                {
+                    owners.push(o.clone());
+                }
+            }
+            let owners: Vec<Value> = owners
+                .iter()
+                .map(|o| {
+                    let agent = format!("{AGENT_PREFIX}{o}");
+                    json!({
+                        "id": o,
+                        "attempts": attempts_for_lock(&attempts, o, &l.lock, renewed, l.end_ms)
+                            .take(60)
+                            .map(|a| json!([a.at_ms, a.method, a.resource, a.name, a.status, a.elapsed_ms]))
+                            .collect::<Vec<_>>(),
+                        "writesInWindow": log
+                            .iter()
+                            .filter(|c| c.at_ms >= renewed && c.at_ms <= l.end_ms && c.actor == agent)
+                            .count(),
+                        "faults": faults_near(Some(o), renewed, l.end_ms)
+                            .into_iter()
+                            .filter(|f| !f.contains("@all "))
+                            .collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
             json!({
                 "ownerAttempts": tried,
+                "owners": owners,
                 "cause": match causes[n] {
                     Cause::OwnerDown => "owner down when the renewal was due",
                     Cause::OwnerCutOff => "owner cut off: every renewal of the Lease it tried failed by faults",
