@@ -130,6 +130,10 @@ fn leave_order(
 /// Awaited handoffs read per assignment pass, at most.
 const HANDOFF_READS_PER_PASS: usize = 64;
 
+/// How soon a lost handoff whose settlement failed is tried again (see
+/// [`Sharding::resolve_unknown_handoffs`]).
+const SETTLE_AGAIN_AFTER: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub id: String,
@@ -225,9 +229,10 @@ pub struct Sharding {
     writes: DashMap<String, (usize, Option<Instant>)>,
     /// Handoffs whose response was lost: the lock is neither worked on nor handed again until
     /// the outcome is known. Each with the version the handoff was sent from (its
-    /// compare-and-swap base; see [`Sharding::resolve_unknown_handoffs`]).
-    unresolved: DashMap<String, Arc<StatefulSetLock>>,
-    /// Unresolved handoffs being read right now (see [`Sharding::resolve_unknown_handoffs`]).
+    /// compare-and-swap base; see [`Sharding::resolve_unknown_handoffs`]) and when it may be
+    /// tried next.
+    unresolved: DashMap<String, (Arc<StatefulSetLock>, Instant)>,
+    /// Unresolved handoffs being settled right now (see [`Sharding::resolve_unknown_handoffs`]).
     resolving: DashSet<String>,
     /// Bumped each time the fence reopens after the membership Lease may have expired (peers
     /// may have claimed locks meanwhile): trust in cached views (see `cache::fresh`) and
@@ -1210,10 +1215,8 @@ impl Sharding {
             // handed it back behind my watch: ask the API server, as for an awaited handoff
             // (the read counts only if labelled mine and no older than that handoff). Not
             // when the ring says the peer: that is my handoff itself, still on its way.
-            let stale_own = decision == Some(Decision::Own)
-                && self.predates_own_handoff(&key, &lock)
-                && !self.is_draining(&key)
-                && !self.handing.contains(&key);
+            let stale_own =
+                decision == Some(Decision::Own) && self.only_own_handoff_known(&key, &lock);
             let read_it = stale_own || matches!(decision, Some(Decision::WaitForHandoff { .. }));
             match decision {
                 _ if read_it => {
@@ -1357,6 +1360,15 @@ impl Sharding {
         } else {
             None
         }
+    }
+
+    /// Is `lock` a view older than this replica's own handoff of it, with no handoff of it
+    /// under way here? Whatever happened to it since (a peer may have handed it back) only
+    /// the API server can tell.
+    fn only_own_handoff_known(&self, key: &str, lock: &StatefulSetLock) -> bool {
+        self.predates_own_handoff(key, lock)
+            && !self.is_draining(key)
+            && !self.handing.contains(key)
     }
 
     fn may_hand_to(&self, to: &str) -> bool {
@@ -1522,7 +1534,13 @@ impl Sharding {
         if !self.may_write() {
             return;
         }
-        let keys: Vec<String> = self.unresolved.iter().map(|e| e.key().clone()).collect();
+        let now = Instant::now();
+        let keys: Vec<String> = self
+            .unresolved
+            .iter()
+            .filter(|e| e.value().1 <= now)
+            .map(|e| e.key().clone())
+            .collect();
         // Marked here, unmarked when each ends or is dropped (a pass cancelled at a shutdown):
         // a mark left behind would keep its lock from ever being resolved.
         let underway: Vec<Underway<'_>> = keys
@@ -1549,9 +1567,21 @@ impl Sharding {
     /// the handoff can no longer land either and one read shows where the label is. The lock
     /// stays unresolved while neither answers (tried again by the next pass).
     async fn resolve_unknown_handoff(&self, key: &str) {
-        let Some(from) = self.unresolved.get(key).map(|e| e.value().clone()) else {
+        let Some(from) = self.unresolved.get(key).map(|e| e.value().0.clone()) else {
             return;
         };
+        // Only this entry is settled here: a newer one for the lock (another handoff of a
+        // later version) is left to its own settlement.
+        let settled = |_: &String, e: &(Arc<StatefulSetLock>, Instant)| Arc::ptr_eq(&e.0, &from);
+        if from.resource_version().is_none() {
+            // No base version to fence on (never the case for a lock read from the API).
+            self.unresolved.remove_if(key, settled);
+            return;
+        }
+        // Under an error storm each try is a write that fails: not more than two a second.
+        if let Some(mut e) = self.unresolved.get_mut(key) {
+            e.1 = Instant::now() + SETTLE_AGAIN_AFTER;
+        }
         let generation = self.generation();
         let timeout = self.cfg.api_timeout.min(self.write_window());
         if timeout.is_zero() {
@@ -1576,11 +1606,13 @@ impl Sharding {
         .await;
         let e = match fenced {
             Ok(kept) => {
-                // Labelled for this replica at the handoff's base version: still its own, and
+                // The handoff's base version, labelled for this replica: still its own, and
                 // confirmed in this generation.
                 tracing::info!(shard = %self.cfg.id, lock = %key, "handoff did not land: the lock stays here");
-                self.confirmed_as(key, kept, generation);
-                self.unresolved.remove(key);
+                if kept.labels().get(SHARD_LABEL) == Some(&self.cfg.id) {
+                    self.confirmed_as(key, kept, generation);
+                }
+                self.unresolved.remove_if(key, settled);
                 return;
             }
             Err(e) => e,
@@ -1606,7 +1638,7 @@ impl Sharding {
                         f(l, false);
                     }
                 }
-                self.unresolved.remove(key);
+                self.unresolved.remove_if(key, settled);
             }
             Err(e) => tracing::warn!(error = %e, lock = %key, "handoff outcome unknown"),
         }
@@ -1764,12 +1796,12 @@ impl Sharding {
             Err(e) => {
                 tracing::Span::current().record("stslock.outcome", e.metric_label());
                 tracing::warn!(error = %e, "ownership label");
-                // A handoff that may have committed: until a read says otherwise, the lock is
+                // A handoff that may have committed: until it is settled, the lock is
                 // not this replica's to work on. (A claim that may have committed shows up in
                 // the lock watch, and a claimed lock is re-read before it is decided.)
                 if e.outcome_unknown() && owner != self.cfg.id {
                     self.unresolved
-                        .insert(lock_key(lock), Arc::new(lock.clone()));
+                        .insert(lock_key(lock), (Arc::new(lock.clone()), Instant::now()));
                 }
             }
         }
@@ -2268,6 +2300,50 @@ mod tests {
             now.resource_version(),
             "the late handoff committed"
         );
+        assert!(s.may_begin(&after));
+    }
+
+    /// The settlement's own write can lose its answer too (committed, answered 504): the lock
+    /// stays unresolved, and the next try's compare-and-swap conflicts with it; the read that
+    /// follows shows the lock labelled for this replica, so it is settled as its own — and the
+    /// late handoff still cannot land.
+    #[tokio::test]
+    async fn a_settlement_whose_answer_was_lost_is_settled_by_the_next_try() {
+        let sim = Sim::start(SimConfig::default());
+        let client = sim.client_as("stslock/a");
+        crate::dev::install_crd(&client).await.unwrap();
+        let (locks, lock) = lock_of_a(&client).await;
+        let s = alone(client, Duration::from_secs(15));
+        s.renew().await.unwrap();
+        sim.faults().update(|c| {
+            c.late_commits = vec![kubesim::LateCommit::new(4500).resource("statefulsetlocks")];
+        });
+        s.set_owner(&lock, "b", "handoff").await;
+        let key = lock_key(&lock);
+        sim.faults().set(kubesim::FaultConfig::default());
+        sim.faults().update(|c| {
+            c.lose_responses = vec![kubesim::LoseResponse::timeout().resource("statefulsetlocks")];
+        });
+        s.resolve_unknown_handoffs().await;
+        assert!(s.is_draining(&key), "the settlement's answer was lost");
+        let fenced = locks.get("l0").await.unwrap();
+        assert_eq!(
+            fenced.annotations().get(SHARD_TERM_ANNOTATION),
+            Some(&s.term(s.generation())),
+            "the settlement committed"
+        );
+        sim.faults().set(kubesim::FaultConfig::default());
+        // Not tried again at once (an error storm would get a write per pass).
+        s.resolve_unknown_handoffs().await;
+        assert!(s.is_draining(&key));
+        tokio::time::sleep(SETTLE_AGAIN_AFTER).await;
+        s.resolve_unknown_handoffs().await;
+        assert!(!s.is_draining(&key), "settled by the second try");
+        // Deliberate wait: the late handoff is served 4.5 s after it was sent.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let after = locks.get("l0").await.unwrap();
+        assert_eq!(after.labels().get(SHARD_LABEL), Some(&"a".to_string()));
+        assert_eq!(after.resource_version(), fenced.resource_version());
         assert!(s.may_begin(&after));
     }
 

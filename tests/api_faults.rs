@@ -197,6 +197,25 @@ async fn lost_and_held_answers_stalled_watches_and_error_storms_on_both_backends
     settled(&mut env, &writers, &[1, 1, 1, 1]).await;
 }
 
+/// Count a fault of the chaos run that lasts `back` from now and record it for the report.
+fn timed_fault(
+    env: &Env,
+    counts: &mut BTreeMap<&'static str, u32>,
+    faults: &mut Vec<Fault>,
+    kind: &'static str,
+    back: Duration,
+    detail: String,
+) {
+    *counts.entry(kind).or_default() += 1;
+    let start_ms = env.elapsed_ms();
+    faults.push(Fault {
+        start_ms,
+        end_ms: start_ms + back.as_millis() as u64,
+        kind,
+        detail,
+    });
+}
+
 /// The kubesim soak's mix, shorter, on both backends (on the real control plane through the
 /// fault proxy, with kube-apiserver and etcd crashes): for `STSLOCK_CHAOS_SECONDS` (default
 /// 45) one random fault after another — error storms (500/503/429), latency, lost and held
@@ -267,14 +286,15 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 env.set_ready(writer, false).await;
                 let back = Duration::from_millis(rng.random_range(1000..6000));
                 failed.push((writer.clone(), std::time::Instant::now() + back));
-                *counts.entry("writer failure").or_default() += 1;
-                let start_ms = env.elapsed_ms();
-                faults.push(Fault {
-                    start_ms,
-                    end_ms: start_ms + back.as_millis() as u64,
-                    kind: "writer failure",
-                    detail: format!("{writer} NotReady for {back:?}"),
-                });
+                let detail = format!("{writer} NotReady for {back:?}");
+                timed_fault(
+                    &env,
+                    &mut counts,
+                    &mut faults,
+                    "writer failure",
+                    back,
+                    detail,
+                );
             }
         }
         if rng.random_bool(0.15) {
@@ -298,14 +318,8 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 failed.push((pod.clone(), std::time::Instant::now() + back));
                 lost.push(pod);
             }
-            *counts.entry("node loss").or_default() += 1;
-            let start_ms = env.elapsed_ms();
-            faults.push(Fault {
-                start_ms,
-                end_ms: start_ms + back.as_millis() as u64,
-                kind: "node loss",
-                detail: format!("{lost:?} NotReady for {back:?}"),
-            });
+            let detail = format!("{lost:?} NotReady for {back:?}");
+            timed_fault(&env, &mut counts, &mut faults, "node loss", back, detail);
         }
         // A scale-down to one pod and back: `s{i}-1` is deleted, the writer or not (a set
         // already scaled down, or whose `s{i}-1` is failed, is not picked).
@@ -324,17 +338,11 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 .any(|(p, r)| p == last && r.as_deref() == Some("writer"));
             scale(&env, i, 1).await;
             scaled.push((i, std::time::Instant::now() + back));
-            *counts.entry("scale event").or_default() += 1;
-            let start_ms = env.elapsed_ms();
-            faults.push(Fault {
-                start_ms,
-                end_ms: start_ms + back.as_millis() as u64,
-                kind: "scale event",
-                detail: format!(
-                    "s{i} to 1 pod for {back:?} ({last} {})",
-                    if writer { "the writer" } else { "a reader" }
-                ),
-            });
+            let detail = format!(
+                "s{i} to 1 pod for {back:?} ({last} {})",
+                if writer { "the writer" } else { "a reader" }
+            );
+            timed_fault(&env, &mut counts, &mut faults, "scale event", back, detail);
         }
         let hold = Duration::from_millis(rng.random_range(500..3000));
         let resource = resources[rng.random_range(0..resources.len())];

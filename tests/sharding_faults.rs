@@ -1850,7 +1850,7 @@ async fn a_graceful_leave_does_not_wait_for_a_reconcile_stuck_in_a_write() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 20. Handoffs whose outcome is unknown are resolved together, not one read after another.
+// 20. Handoffs whose outcome is unknown are settled together, not one after another.
 
 /// a owns 40 locks (8 s Leases) alone; b joins, and every lock write of a fails with a 500
 /// meanwhile: each handoff to b ends with an unknown outcome, and until it is settled (see
