@@ -2254,14 +2254,9 @@ mod tests {
         );
     }
 
-    /// A handoff served after its client gave up (an API server keeps a request its client
-    /// timed out on) is settled by a compare-and-swap on the handoff's own base version, not by
-    /// a read: once that lands the handoff cannot, and the lock stays this replica's. Before,
-    /// a read api-timeout after the failure showed the label unmoved and the lock was taken
-    /// back; the handoff landed two seconds later and moved the label under a replica that
-    /// believed it the owner.
-    #[tokio::test]
-    async fn a_handoff_served_after_its_timeout_is_fenced_by_its_settlement() {
+    /// Replica a alone with lock `l0`, and its handoff of the lock to b sent, to be served
+    /// 4.5 s later (after its 2 s timeout): the handoff's outcome is unknown. Faults cleared.
+    async fn handoff_served_late() -> (Sim, Api<StatefulSetLock>, Arc<Sharding>, String) {
         let sim = Sim::start(SimConfig::default());
         let client = sim.client_as("stslock/a");
         crate::dev::install_crd(&client).await.unwrap();
@@ -2272,9 +2267,20 @@ mod tests {
             c.late_commits = vec![kubesim::LateCommit::new(4500).resource("statefulsetlocks")];
         });
         s.set_owner(&lock, "b", "handoff").await;
-        let key = lock_key(&lock);
-        assert!(s.is_draining(&key), "the handoff's outcome is unknown");
         sim.faults().set(kubesim::FaultConfig::default());
+        (sim, locks, s, lock_key(&lock))
+    }
+
+    /// A handoff served after its client gave up (an API server keeps a request its client
+    /// timed out on) is settled by a compare-and-swap on the handoff's own base version, not by
+    /// a read: once that lands the handoff cannot, and the lock stays this replica's. Before,
+    /// a read api-timeout after the failure showed the label unmoved and the lock was taken
+    /// back; the handoff landed two seconds later and moved the label under a replica that
+    /// believed it the owner.
+    #[tokio::test]
+    async fn a_handoff_served_after_its_timeout_is_fenced_by_its_settlement() {
+        let (_sim, locks, s, key) = handoff_served_late().await;
+        assert!(s.is_draining(&key), "the handoff's outcome is unknown");
         s.resolve_unknown_handoffs().await;
         assert!(
             !s.is_draining(&key),
@@ -2309,18 +2315,7 @@ mod tests {
     /// late handoff still cannot land.
     #[tokio::test]
     async fn a_settlement_whose_answer_was_lost_is_settled_by_the_next_try() {
-        let sim = Sim::start(SimConfig::default());
-        let client = sim.client_as("stslock/a");
-        crate::dev::install_crd(&client).await.unwrap();
-        let (locks, lock) = lock_of_a(&client).await;
-        let s = alone(client, Duration::from_secs(15));
-        s.renew().await.unwrap();
-        sim.faults().update(|c| {
-            c.late_commits = vec![kubesim::LateCommit::new(4500).resource("statefulsetlocks")];
-        });
-        s.set_owner(&lock, "b", "handoff").await;
-        let key = lock_key(&lock);
-        sim.faults().set(kubesim::FaultConfig::default());
+        let (sim, locks, s, key) = handoff_served_late().await;
         sim.faults().update(|c| {
             c.lose_responses = vec![kubesim::LoseResponse::timeout().resource("statefulsetlocks")];
         });
