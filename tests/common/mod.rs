@@ -2094,12 +2094,9 @@ async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Inst
                 // listed states are applied demotions first (in resourceVersion order within
                 // each group), so a writer the watch missed being demoted never shows beside
                 // its successor for an instant that the list itself does not show. Two writers
-                // in the list still show.
-                let mut listed = std::mem::take(&mut w.listed);
-                listed.sort_by_key(|p| (is_writer(p), rv(p)));
-                for p in &listed {
-                    w.apply(at, p);
-                }
+                // in the list still show. Pods the list no longer has go before any of it: a
+                // writer deleted behind the watch (a scale-down) showed beside its successor,
+                // listed as writer, for the instant between the two.
                 let gone: Vec<String> = w
                     .pods
                     .keys()
@@ -2108,6 +2105,11 @@ async fn record_pods(pods: Api<Pod>, watched: Arc<Mutex<Watched>>, started: Inst
                     .collect();
                 for n in gone {
                     w.delete(at, &n);
+                }
+                let mut listed = std::mem::take(&mut w.listed);
+                listed.sort_by_key(|p| (is_writer(p), rv(p)));
+                for p in &listed {
+                    w.apply(at, p);
                 }
             }
             Ok(watcher::Event::Apply(p)) => w.apply(at, &p),
