@@ -219,8 +219,10 @@ fn timed_fault(
 /// The kubesim soak's mix, shorter, on both backends (on the real control plane through the
 /// fault proxy, with kube-apiserver and etcd crashes): for `STSLOCK_CHAOS_SECONDS` (default
 /// 45) one random fault after another — error storms (500/503/429), latency, lost and held
-/// answers, stalled and lagging watches, a partitioned replica, dropped watches, a replica
-/// killed (or stopped gracefully) and restarted with the same id, an API outage — while writers fail and recover,
+/// answers, stalled and lagging watches, a partitioned replica, dropped watches, a compaction
+/// (every watch resumed from before it gets 410 Gone and re-lists), a replica killed (or
+/// stopped gracefully) and restarted with the same id, an API outage — while writers fail and
+/// recover,
 /// nodes are lost (the pods of one ordinal in every set NotReady at once) and StatefulSets
 /// are scaled down to one pod and back (the writer's pod deleted when it is the last one).
 /// Then every lock converges, and the record says: never two writers, no write by a replica
@@ -346,7 +348,7 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
         }
         let hold = Duration::from_millis(rng.random_range(500..3000));
         let resource = resources[rng.random_range(0..resources.len())];
-        let kind = rng.random_range(0..11);
+        let kind = rng.random_range(0..12);
         let start_ms = env.elapsed_ms();
         let name = match kind {
             0 => {
@@ -413,6 +415,10 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
                 env.faults().drop_watches();
                 "dropped watches"
             }
+            11 => {
+                env.compact();
+                "compaction"
+            }
             8 => {
                 // Killed (no handoff: its locks wait for it, or for its membership to
                 // expire), or stopped as SIGTERM would (it hands its locks off and leaves),
@@ -451,10 +457,10 @@ async fn random_faults_restarts_and_writer_failures_on_both_backends() {
             start_ms,
             end_ms: env.elapsed_ms(),
             kind: name,
-            detail: if kind <= 7 {
-                format!("{resource}, {hold:?}")
-            } else {
-                format!("{hold:?}")
+            detail: match kind {
+                0..=6 => format!("{resource}, {hold:?}"),
+                7 | 11 => "every watch".to_string(),
+                _ => format!("{hold:?}"),
             },
         });
     }

@@ -805,6 +805,23 @@ impl Env {
         }
     }
 
+    /// A compaction of the watch history, then every watch dropped, so that each resumes from
+    /// its last version and gets 410 Gone: kubesim compacts its own history; on a real cluster
+    /// the fault proxy answers resumes from before the newest version it had passed on
+    /// ([`kubesim::proxy::Proxy::compact`]). Returns the version compacted at.
+    pub fn compact(&self) -> u64 {
+        let at = match &self.inner {
+            Inner::Sim(sim) => sim.compact(),
+            Inner::Real(real) => real
+                .fault_proxy
+                .as_ref()
+                .expect("compactions on a real cluster need Options::fault_proxy")
+                .compact(),
+        };
+        self.faults().drop_watches();
+        at
+    }
+
     /// The operator's kubeconfig with replica `id`'s proxy as its server.
     async fn proxied_kubeconfig(&self, real: &Real, id: &str) -> PathBuf {
         let proxy = self.proxy(real, id).await;

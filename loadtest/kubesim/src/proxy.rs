@@ -13,16 +13,22 @@
 //!   client and label selector; dropped watches (`/sim/drop-watches`, a partition starting, the
 //!   API down) end open streams.
 //!
+//! - compactions (`POST /sim/compact`, [`Proxy::compact`]): a watch resumed from a
+//!   `resourceVersion` older than the newest one the proxy has passed on at the compaction
+//!   gets 410 Gone (one `ERROR` event, as kube-apiserver answers a version its watch cache or
+//!   etcd no longer has) and must re-list. Open streams go on, as on the embedded server: a
+//!   compaction bites when a watch resumes (drop them to make every watch resume).
+//!
 //! Not injected here: stale `resourceVersion=0` reads (the proxy keeps no history to serve
-//! them from; the real apiserver's watch cache serves such reads itself) and compactions (the
-//! real etcd compacts on its own schedule). Faults are set with `PUT /sim/faults`, as on the
-//! embedded server.
+//! them from; the real apiserver's watch cache serves such reads itself). Faults are set with
+//! `PUT /sim/faults`, as on the embedded server.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,6 +69,10 @@ pub struct Proxy {
 struct Inner {
     upstream: kube::Client,
     faults: Faults,
+    /// The newest `resourceVersion` in any answer passed on (JSON bodies and watch events).
+    newest: AtomicU64,
+    /// Watches resumed from a version older than this get 410 Gone (0: never compacted).
+    compacted: AtomicU64,
 }
 
 impl Proxy {
@@ -93,6 +103,8 @@ impl Proxy {
         let inner = Arc::new(Inner {
             upstream: client,
             faults: Faults::default(),
+            newest: AtomicU64::new(0),
+            compacted: AtomicU64::new(0),
         });
         let router = axum::Router::new().fallback({
             let inner = inner.clone();
@@ -130,6 +142,13 @@ impl Proxy {
         &self.inner.faults
     }
 
+    /// Compact at the newest `resourceVersion` the proxy has passed on: from now on a watch
+    /// resumed from an older one gets 410 Gone. Returns that version (0 when nothing with a
+    /// version has passed yet: then nothing is compacted).
+    pub fn compact(&self) -> u64 {
+        self.inner.compact()
+    }
+
     /// The kubeconfig at `upstream` pointing at this proxy instead (plain HTTP on loopback: no
     /// CA, no TLS server name); its credentials stay, and go through to the API server.
     pub fn kubeconfig(&self, upstream: &Path) -> anyhow::Result<kube::config::Kubeconfig> {
@@ -145,6 +164,59 @@ impl Proxy {
         }
         Ok(k)
     }
+}
+
+impl Inner {
+    fn compact(&self) -> u64 {
+        let at = self.newest.load(Ordering::SeqCst);
+        self.compacted.fetch_max(at, Ordering::SeqCst);
+        at
+    }
+
+    fn saw(&self, body: &[u8]) {
+        if let Some(rv) = newest_resource_version(body) {
+            self.newest.fetch_max(rv, Ordering::SeqCst);
+        }
+    }
+
+    /// 410 Gone for a watch resumed from before the compaction (`resourceVersion` set, not
+    /// "0", and no `sendInitialEvents`, which starts from a list, not from history).
+    fn too_old(&self, query: Option<&str>) -> Option<ApiError> {
+        let compacted = self.compacted.load(Ordering::SeqCst);
+        let params: Vec<(String, String)> = form_urlencoded::parse(query?.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let get = |key: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        if get("sendInitialEvents") == Some("true") {
+            return None;
+        }
+        let rv: u64 = get("resourceVersion")?.parse().ok()?;
+        (rv > 0 && rv < compacted)
+            .then(|| ApiError::gone(format!("too old resource version: {rv} ({compacted})")))
+    }
+}
+
+/// The newest `"resourceVersion":"N"` in a JSON answer or watch event (every object's and the
+/// list's), if any.
+fn newest_resource_version(body: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"resourceVersion\":\"";
+    let mut newest = None;
+    let mut rest = body;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let rv = std::str::from_utf8(&rest[..digits])
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok());
+        newest = newest.max(rv);
+        rest = &rest[digits..];
+    }
+    newest
 }
 
 impl Drop for Proxy {
@@ -201,7 +273,7 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         Err(e) => return error_response(&ApiError::bad_request(format!("reading body: {e}"))),
     };
     if let Some(rest) = path.strip_prefix("/sim/") {
-        return sim_endpoint(&p.faults, &parts.method, rest, &body);
+        return sim_endpoint(&p, &parts.method, rest, &body);
     }
     let agent = parts
         .headers
@@ -232,6 +304,13 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         Err(e) => return error_response(&ApiError::bad_request(format!("request: {e}"))),
     };
     if parts.method == Method::GET && is_watch(query.as_deref()) {
+        if let Some(gone) = p.too_old(query.as_deref()) {
+            // As kube-apiserver answers it: 200, then one ERROR event carrying the 410.
+            let event = json!({"type": "ERROR", "object": gone.status_json()});
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            return json_line_response(line);
+        }
         // Taken before the request is sent: a fault set meanwhile shapes the stream.
         let mut epoch = p.faults.watch_epoch();
         epoch.mark_unchanged();
@@ -266,6 +345,7 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         Err(_) => return upstream_error("no answer in time"),
     };
     let (head, bytes) = answer;
+    p.saw(&bytes);
     if is_write {
         let dry_run = query.as_deref().is_some_and(|q| {
             form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "dryRun" && v == "All")
@@ -283,6 +363,15 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
     r
 }
 
+fn json_line_response(line: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Body::from(line));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// The upstream failed the request (a reset connection, a crashed API server, no answer in
 /// time): 502, which clients do not retry on their own and count as an unknown outcome — the
 /// request may have been served (a write committed) before the connection broke.
@@ -294,7 +383,8 @@ fn upstream_error(what: &str) -> Response<Body> {
     ))
 }
 
-fn sim_endpoint(faults: &Faults, method: &Method, rest: &str, body: &[u8]) -> Response<Body> {
+fn sim_endpoint(p: &Inner, method: &Method, rest: &str, body: &[u8]) -> Response<Body> {
+    let faults = &p.faults;
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let res: Result<Value, ApiError> = match (method.clone(), segs.as_slice()) {
         (Method::GET, ["faults"]) => {
@@ -318,10 +408,13 @@ fn sim_endpoint(faults: &Faults, method: &Method, rest: &str, body: &[u8]) -> Re
             faults.drop_watches();
             Ok(json!({"dropped": true}))
         }
+        (Method::POST, ["compact"]) => Ok(json!({"compacted": p.compact()})),
         _ => Err(ApiError::new(
             404,
             "NotFound",
-            format!("no such proxy endpoint: /sim/{rest} (the proxy has faults and drop-watches)"),
+            format!(
+                "no such proxy endpoint: /sim/{rest} (the proxy has faults, drop-watches and compact)"
+            ),
         )),
     };
     match res {
@@ -421,6 +514,7 @@ fn shaped_watch(answer: Response<kube::client::Body>, mut s: Shaping) -> Respons
                         partial.extend_from_slice(&c);
                         while let Some(i) = partial.iter().position(|b| *b == b'\n') {
                             let line = Bytes::from(partial.drain(..=i).collect::<Vec<u8>>());
+                            s.faults.saw(&line);
                             if held.is_empty() && !shape.stall && shape.lag.is_zero() {
                                 if tx.send(Ok(line)).await.is_err() {
                                     return;

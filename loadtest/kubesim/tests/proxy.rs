@@ -272,3 +272,90 @@ async fn a_stall_keeps_the_stream_open_past_its_timeout() {
         .expect("the stream ends once the stall is lifted");
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
 }
+
+/// A compaction through the proxy: a watch resumed from a version older than the newest one
+/// the proxy had passed on gets 410 Gone (an `ERROR` event, as from kube-apiserver); a watch
+/// from that newest version, or one started from a list, goes on; a watcher re-lists and sees
+/// what happened meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_from_before_a_compaction_is_gone() {
+    let (_sim, proxy, client, _dir) = proxied("stslock/r1").await;
+    let maps: Api<ConfigMap> = Api::default_namespaced(client);
+    // Nothing with a version passed yet: nothing is compacted.
+    assert_eq!(proxy.compact(), 0);
+    let old = maps
+        .create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let newest = maps
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"v": "2"}})),
+        )
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    // A watch opened before the compaction goes on (it bites when a watch resumes).
+    let mut open = maps
+        .watch(
+            &WatchParams::default().timeout(30).disable_bookmarks(),
+            &old,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    assert_eq!(proxy.compact().to_string(), newest);
+    let params = WatchParams::default().timeout(5).disable_bookmarks();
+    let mut gone = maps.watch(&params, &old).await.unwrap().boxed();
+    match tokio::time::timeout(Duration::from_secs(5), gone.next()).await {
+        Ok(Some(Ok(WatchEvent::Error(e)))) => {
+            assert_eq!(e.code, 410, "{e:?}");
+            assert_eq!(e.reason, "Expired", "{e:?}");
+            assert!(e.message.contains(&old), "{e:?}");
+        }
+        other => panic!("a resume from before the compaction: {other:?}"),
+    }
+    let ev = tokio::time::timeout(Duration::from_secs(5), open.next())
+        .await
+        .expect("the open watch goes on")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, WatchEvent::Modified(_)), "{ev:?}");
+    // From the compaction's version itself: served.
+    let mut fresh = maps.watch(&params, &newest).await.unwrap().boxed();
+    maps.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"v": "3"}})),
+    )
+    .await
+    .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), fresh.next())
+        .await
+        .expect("a watch from the compaction's version is served")
+        .unwrap()
+        .unwrap();
+    match ev {
+        WatchEvent::Modified(m) => assert_eq!(m.data.unwrap()["v"], "3"),
+        other => panic!("unexpected event {other:?}"),
+    }
+    // A later compaction moves the point on; one with nothing newer passed on keeps it.
+    let later = proxy.compact();
+    assert!(
+        later > newest.parse::<u64>().unwrap(),
+        "{later} vs {newest}"
+    );
+    assert_eq!(proxy.compact(), later);
+    let mut gone = maps.watch(&params, &newest).await.unwrap().boxed();
+    let ev = tokio::time::timeout(Duration::from_secs(5), gone.next()).await;
+    assert!(
+        matches!(ev, Ok(Some(Ok(WatchEvent::Error(ref e)))) if e.code == 410),
+        "{ev:?}"
+    );
+}
