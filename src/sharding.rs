@@ -1608,9 +1608,12 @@ impl Sharding {
             Ok(kept) => {
                 // The handoff's base version, labelled for this replica: still its own, and
                 // confirmed in this generation.
-                tracing::info!(shard = %self.cfg.id, lock = %key, "handoff did not land: the lock stays here");
                 if kept.labels().get(SHARD_LABEL) == Some(&self.cfg.id) {
+                    tracing::info!(shard = %self.cfg.id, lock = %key, "handoff did not land: the lock stays here");
                     self.confirmed_as(key, kept, generation);
+                } else {
+                    // The base version was not this replica's: nothing to keep.
+                    tracing::warn!(shard = %self.cfg.id, lock = %key, owner = ?kept.labels().get(SHARD_LABEL), "handoff did not land, and the lock's version it was based on is labelled for another replica");
                 }
                 self.unresolved.remove_if(key, settled);
                 return;

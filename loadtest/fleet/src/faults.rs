@@ -933,6 +933,19 @@ fn renewed_promptly_and_persistently(
     free_from + timeout_ms >= expiry
 }
 
+/// One write attempt in a report: [arrival ms, method, resource, name, status (0: no answer),
+/// ms to answer].
+fn attempt_json(a: &kubesim::WriteAttempt) -> Value {
+    json!([
+        a.at_ms,
+        a.method,
+        a.resource,
+        a.name,
+        a.status,
+        a.elapsed_ms
+    ])
+}
+
 fn attempts_for_lock<'a>(
     attempts: &'a [kubesim::WriteAttempt],
     owner: &str,
@@ -1686,16 +1699,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
             let tried: Vec<Value> = match (owner.as_deref(), key.as_ref()) {
                 (Some(o), Some(k)) => attempts_for_lock(&attempts, o, k, from, to)
                     .take(200)
-                    .map(|a| {
-                        json!([
-                            a.at_ms,
-                            a.method,
-                            a.resource,
-                            a.name,
-                            a.status,
-                            a.elapsed_ms
-                        ])
-                    })
+                    .map(attempt_json)
                     .collect(),
                 _ => vec![],
             };
@@ -1747,7 +1751,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 .map(|o| {
                     attempts_for_lock(&attempts, o, &l.lock, renewed, l.end_ms)
                         .take(60)
-                        .map(|a| json!([a.at_ms, a.method, a.resource, a.name, a.status, a.elapsed_ms]))
+                        .map(attempt_json)
                         .collect()
                 })
                 .unwrap_or_default();
@@ -1776,7 +1780,7 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                         "id": o,
                         "attempts": attempts_for_lock(&attempts, o, &l.lock, renewed, l.end_ms)
                             .take(60)
-                            .map(|a| json!([a.at_ms, a.method, a.resource, a.name, a.status, a.elapsed_ms]))
+                            .map(attempt_json)
                             .collect::<Vec<_>>(),
                         "writesInWindow": log
                             .iter()
