@@ -332,6 +332,16 @@ async fn confirm_owner(
         .await
     {
         Ok(Some(confirmed)) => Confirmation::Confirmed(Box::new(confirmed)),
+        // Refused because a handoff of it drains (one that began after this try's first
+        // check): as for the renewal's own permit below, the handoff may not happen (put off,
+        // dropped, lost to a conflict) and nothing else would schedule the entry again. (Any
+        // other refusal — the lock read labelled for another replica — leaves the lane.)
+        Ok(None)
+            if ctx.sharding.is_handing_off(key)
+                && lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) =>
+        {
+            Confirmation::Stop(Outcome::Wait("being handed off"))
+        }
         Ok(None) => Confirmation::Stop(Outcome::NotMine),
         Err(crate::error::Error::Fenced) => Confirmation::Stop(Outcome::Wait("fenced")),
         Err(e) if e.is_conflict() || e.is_not_found() => Confirmation::Behind,
