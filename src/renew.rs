@@ -337,7 +337,7 @@ async fn confirm_owner(
         // dropped, lost to a conflict) and nothing else would schedule the entry again. (Any
         // other refusal — the lock read labelled for another replica — leaves the lane.)
         Ok(None)
-            if ctx.sharding.is_handing_off(key)
+            if ctx.sharding.is_draining(key)
                 && lock.labels().get(crate::api::SHARD_LABEL) == Some(&ctx.identity) =>
         {
             Confirmation::Stop(Outcome::Wait("being handed off"))

@@ -383,11 +383,7 @@ impl Sharding {
 
     /// A handoff of the lock is being decided (drained for it, or its answer lost and not
     /// settled yet): its writes are refused until that is over.
-    pub fn is_handing_off(&self, key: &str) -> bool {
-        self.is_draining(key)
-    }
-
-    fn is_draining(&self, key: &str) -> bool {
+    pub fn is_draining(&self, key: &str) -> bool {
         self.draining.contains(key) || self.unresolved.contains_key(key)
     }
 

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
 use crate::faults::{FaultConfig, Faults, Verdict};
-use crate::server::{error_response, json_response};
+use crate::server::{error_response, json_response, watch_line};
 
 /// A request that is not a watch gets its answer from upstream within this: longer than the
 /// API server's own request timeout (60 s), so that its 504 is what the client sees.
@@ -306,10 +306,7 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
     if parts.method == Method::GET && is_watch(query.as_deref()) {
         if let Some(gone) = p.too_old(query.as_deref()) {
             // As kube-apiserver answers it: 200, then one ERROR event carrying the 410.
-            let event = json!({"type": "ERROR", "object": gone.status_json()});
-            let mut line = serde_json::to_vec(&event).unwrap_or_default();
-            line.push(b'\n');
-            return json_line_response(line);
+            return json_line_response(watch_line("ERROR", &gone.status_json()));
         }
         // Taken before the request is sent: a fault set meanwhile shapes the stream.
         let mut epoch = p.faults.watch_epoch();
@@ -363,7 +360,7 @@ async fn handle(p: Arc<Inner>, req: Request<Body>) -> Response<Body> {
     r
 }
 
-fn json_line_response(line: Vec<u8>) -> Response<Body> {
+fn json_line_response(line: Bytes) -> Response<Body> {
     let mut r = Response::new(Body::from(line));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -30,6 +30,7 @@ use crate::{discovery, openapi};
 mod read;
 mod sim;
 mod watch;
+pub(crate) use watch::line as watch_line;
 mod write;
 
 use sim::*;

@@ -301,7 +301,7 @@ impl Outbox {
     }
 }
 
-pub(super) fn line(t: &str, obj: &Value) -> Bytes {
+pub(crate) fn line(t: &str, obj: &Value) -> Bytes {
     let mut v = serde_json::to_vec(&json!({"type": t, "object": obj})).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
