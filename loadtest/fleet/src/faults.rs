@@ -466,6 +466,15 @@ fn late_ms(api_timeout_ms: u64) -> (u64, u64) {
 const NOT_API_FAULTS: [&str; 4] = ["replica-kill", "replica-restart", "scale-down", "node-loss"];
 const FLAP_DOWN_MS: (u64, u64) = (1000, 10_000);
 
+/// Whether stop number `done + 1` is graceful when a share `share` of the stops are: the
+/// graceful ones spread evenly (with 0.25, the 4th, 8th, 12th …), so a run of n stops has
+/// exactly ⌊n·share⌋ of them whatever its timing.
+fn graceful_turn(done: u64, share: f64) -> bool {
+    let share = share.clamp(0.0, 1.0);
+    let graceful_by = |n: u64| (n as f64 * share + 1e-9).floor() as u64;
+    graceful_by(done + 1) > graceful_by(done)
+}
+
 struct Injector {
     rng: StdRng,
     replicas: usize,
@@ -1303,7 +1312,9 @@ pub(crate) async fn faults(args: &Args) -> anyhow::Result<()> {
                 .collect();
             if up >= 2 && !candidates.is_empty() {
                 let i = candidates[inj.rng.random_range(0..candidates.len())];
-                let graceful = inj.rng.random_bool(args.graceful_share.clamp(0.0, 1.0));
+                // The share is kept exactly, not drawn: which stop is graceful must not hang
+                // on how many draws the run's timing put before it (a short run could draw none).
+                let graceful = graceful_turn(kills + ev.graceful_restarts, args.graceful_share);
                 let stopped = if graceful {
                     fleet.begin_stop(i).map(|h| stopping[i] = Some(h)).is_some()
                 } else {
@@ -2414,6 +2425,21 @@ fn html_report(r: &ReportInput<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn graceful_stops_keep_their_share_exactly() {
+        let turns = |share: f64, n: u64| -> Vec<u64> {
+            (0..n)
+                .filter(|&d| graceful_turn(d, share))
+                .map(|d| d + 1)
+                .collect()
+        };
+        assert_eq!(turns(0.25, 13), vec![4, 8, 12]);
+        assert_eq!(turns(0.15, 40).len(), 6);
+        assert_eq!(turns(0.0, 50), Vec::<u64>::new());
+        assert_eq!(turns(1.0, 5), vec![1, 2, 3, 4, 5]);
+        assert_eq!(turns(0.5, 6), vec![2, 4, 6]);
+    }
 
     fn try_at(resource: &str, at_ms: u64, elapsed_ms: u64, status: u16) -> kubesim::WriteAttempt {
         kubesim::WriteAttempt {
