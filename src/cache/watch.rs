@@ -373,6 +373,9 @@ pub fn pod_triggers(
             let out = match ev {
                 Ok(ev) => {
                     let touched = index.apply(&ev);
+                    if let watcher::Event::Apply(p) | watcher::Event::Delete(p) = &ev {
+                        tracing::trace!(pod = %p.name_any(), rv = ?p.metadata.resource_version, touched = touched.len(), "pod watch event");
+                    }
                     let mut refs = Vec::new();
                     let mut seen = HashSet::new();
                     for (ns, set) in touched {

@@ -307,6 +307,14 @@ async fn reconcile_lock(lock: Arc<StatefulSetLock>, ctx: Arc<Context>) -> Result
             tracing::debug!(lock = %observed.key(), ?wait, "namespace over its write budget; requeued");
             return Ok(Action::requeue(wait));
         }
+        if plan.steps.is_empty() {
+            tracing::trace!(
+                lock = %observed.key(),
+                lease = ?observed.lease.as_ref().map(|l| (&l.holder, l.transitions)),
+                pods = ?observed.pods.iter().map(|p| (&p.name, p.ready, p.role, p.epoch)).collect::<Vec<_>>(),
+                "nothing to do"
+            );
+        }
         if !plan.steps.is_empty() {
             // What the plan was made from and what it does (for explaining a decision after
             // the fact: which view of the pods and the Lease led to which writes).

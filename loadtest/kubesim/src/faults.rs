@@ -275,7 +275,8 @@ pub const DEFAULT_MAX_HELD: usize = 1000;
 /// - `lag_ms`: every event (and bookmark) of the stream is delivered `lag_ms` after the server
 ///   had it, in order. The stream still ends at its `timeoutSeconds`; what it had not
 ///   delivered yet is not sent on it (the client re-watches from the last version it saw and
-///   gets those events from the history).
+///   gets those events from the history, each `lag_ms` after its commit, as from a lagging
+///   watch cache).
 /// - `stall`: the stream goes half-open: the connection stays open, no events and no bookmarks
 ///   are sent, and it does not end, not even past the client's `timeoutSeconds`. When the stall
 ///   is lifted it delivers what it held, in order (and ends right after if its

@@ -428,6 +428,48 @@ async fn watch_lag_delays_one_resource_while_others_flow() {
     assert!(t.elapsed() < lag, "{:?}", t.elapsed());
 }
 
+/// A lag counts from the commit, as in a lagging watch cache: a stream that ends at its
+/// `timeoutSeconds` with a change still held, resumed from the last version its client saw,
+/// delivers that change `lag` after its commit, not `lag` after the resume. (Counted from the
+/// resume, a lag as long as the client's watch timeout held a change back through resume after
+/// resume: the operator's pod watch, 20 s timeouts under a 20 s lag, saw a readiness change
+/// 45 s or more after it happened.)
+#[tokio::test]
+async fn a_lagging_watch_resumed_delivers_lag_after_the_commit() {
+    let (sim, client) = sim(Transport::Loopback).await;
+    let lag = Duration::from_millis(4000);
+    sim.faults()
+        .update(|c| c.watch_faults = vec![WatchFault::lag("configmaps", lag.as_millis() as u64)]);
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    let rv = rv_of(&cms).await;
+    let mut first = cms
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    cms.create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .expect("create");
+    let committed = Instant::now();
+    assert!(
+        next_event(&mut first, 10).await.is_none(),
+        "the first stream ends at its timeout with the change still held"
+    );
+    let resumed_at = committed.elapsed();
+    let mut second = cms
+        .watch(&WatchParams::default().timeout(30), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    assert_eq!(added_name(next_event(&mut second, 10).await), "a");
+    let at = committed.elapsed();
+    assert!(at >= lag, "delivered early: {at:?}");
+    assert!(
+        at < resumed_at + lag - Duration::from_millis(200),
+        "delivered {at:?} after the commit: the lag counted from the resume at {resumed_at:?}"
+    );
+}
+
 #[tokio::test]
 async fn stalled_watch_is_half_open_past_its_timeout_and_delivers_after_lift() {
     let (sim, client) = sim(Transport::Loopback).await;

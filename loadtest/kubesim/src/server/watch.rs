@@ -61,7 +61,7 @@ impl Ctx {
             }
             for ev in &start.backlog {
                 if let Some(l) = this.render(ev, &keep)
-                    && !out.push(l).await
+                    && !out.push_committed(l, ev.at).await
                 {
                     return;
                 }
@@ -108,7 +108,7 @@ impl Ctx {
                                     if ev.rv <= last_rv { continue; }
                                     last_rv = ev.rv;
                                     if let Some(l) = this.render(&ev, &keep)
-                                        && !out.push(l).await { return; }
+                                        && !out.push_committed(l, ev.at).await { return; }
                                 }
                                 Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                                 Err(_) => return,
@@ -122,7 +122,7 @@ impl Ctx {
                             if ev.rv <= last_rv { continue; }
                             last_rv = ev.rv;
                             if let Some(l) = this.render(&ev, &keep)
-                                && !out.push(l).await { return; }
+                                && !out.push_committed(l, ev.at).await { return; }
                         }
                         // A watcher too slow for the feed is ended; it resumes from its last
                         // resourceVersion out of the history, like after any dropped watch.
@@ -250,9 +250,27 @@ impl Outbox {
         }
     }
 
-    /// Queue or send one line; false when the stream must end (the client is gone, or more
-    /// than `max_held` lines are held: the apiserver's slow-watcher close).
+    /// Queue or send one line the server has now (the initial list, a bookmark); false when
+    /// the stream must end (the client is gone, or more than `max_held` lines are held: the
+    /// apiserver's slow-watcher close).
     async fn push(&mut self, l: Bytes) -> bool {
+        self.push_had_at(l, tokio::time::Instant::now()).await
+    }
+
+    /// Queue or send the line of a change committed at `committed`. A lag counts from the
+    /// commit, as in a lagging watch cache, not from when this stream took the change up: a
+    /// stream resumed after its predecessor ended (its `timeoutSeconds`) with changes still
+    /// held delivers them `lag` after their commit. Counted from the resume instead, a lag as
+    /// long as the client's watch timeout held a change back through every resume for as long
+    /// as the ends and the dues happened to fall.
+    async fn push_committed(&mut self, l: Bytes, committed: std::time::Instant) -> bool {
+        let age = committed.elapsed();
+        let now = tokio::time::Instant::now();
+        self.push_had_at(l, now.checked_sub(age).unwrap_or(now))
+            .await
+    }
+
+    async fn push_had_at(&mut self, l: Bytes, had: tokio::time::Instant) -> bool {
         self.refresh();
         if self.shape.is_normal() && self.held.is_empty() {
             return self.tx.send(Ok(l)).await.is_ok();
@@ -264,7 +282,7 @@ impl Outbox {
             );
             return false;
         }
-        self.held.push_back((tokio::time::Instant::now(), l));
+        self.held.push_back((had, l));
         true
     }
 
