@@ -754,6 +754,83 @@ async fn the_owner_check_reports_writes_by_a_replica_that_does_not_own_the_lock(
     assert!(c.exact >= 1, "{c:#?}");
 }
 
+/// Writes the audit log keeps the answers of (the operator's pod and Lease writes) carry their
+/// etcd revision, one order with the lock's versions: where the watch missed no version
+/// between, the lock's owner at the commit is known exactly, and a write by another replica
+/// is a proven violation even where timestamps cannot order it. Across a re-list's jump the
+/// check falls back to the timestamps.
+#[test]
+fn owner_check_orders_writes_by_revision_where_the_lock_history_is_complete() {
+    let key = ("ns".to_string(), "l2".to_string());
+    let owners = |after_gap: bool| {
+        let mut o = common::Owners::default();
+        o.locks.insert(
+            key.clone(),
+            vec![
+                common::OwnerVersion {
+                    rv: 10,
+                    owner: Some("test-2".into()),
+                    seen_us: 1_000,
+                    after_gap: false,
+                },
+                common::OwnerVersion {
+                    rv: 50,
+                    owner: Some("test-0".into()),
+                    seen_us: 9_000,
+                    after_gap,
+                },
+            ],
+        );
+        o
+    };
+    let lock_write = |received_us: i64| Write {
+        actor: "stslock/test-2".into(),
+        verb: "patch".into(),
+        resource: "statefulsetlocks".into(),
+        subresource: "status".into(),
+        namespace: "ns".into(),
+        name: "l2".into(),
+        code: 200,
+        received_us,
+        completed_us: received_us + 100,
+        ..Write::default()
+    };
+    let lease_write = |actor: &str, received_us: i64, rv: u64| Write {
+        actor: format!("stslock/{actor}"),
+        verb: "patch".into(),
+        group: "coordination.k8s.io".into(),
+        resource: "leases".into(),
+        namespace: "ns".into(),
+        name: "lease2".into(),
+        code: 200,
+        received_us,
+        completed_us: received_us + 200,
+        committed_rv: Some(rv),
+        ..Write::default()
+    };
+    let writes = vec![
+        lock_write(500),
+        lease_write("test-2", 2_000, 20),
+        // Before the handoff's commit by revision; by timestamps it may be after it.
+        lease_write("test-0", 5_000, 40),
+        lease_write("test-0", 9_500, 60),
+        lock_write(8_000),
+    ];
+    let lock_of = |w: &Write| (w.name == "lease2").then(|| "l2".to_string());
+    let complete = common::timed_owner_check(&writes, &owners(false), lock_of);
+    assert_eq!(complete.violations.len(), 1, "{complete:?}");
+    assert!(
+        complete.violations[0].contains("resourceVersion 40"),
+        "{complete:?}"
+    );
+    assert_eq!(complete.exact, 3, "{complete:?}");
+    // The watch jumped from 10 to 50: 20 and 40 may follow a version it missed.
+    let gap = common::timed_owner_check(&writes, &owners(true), lock_of);
+    assert!(gap.violations.is_empty(), "{gap:?}");
+    assert_eq!(gap.exact, 1, "only the write at 60: {gap:?}");
+    assert!(gap.ambiguous >= 1, "{gap:?}");
+}
+
 /// The real cluster's owner check rests on the harness's lock watch. When that watch re-lists,
 /// it jumps over the versions committed meanwhile and the owners they named: a write by a
 /// replica that owned the lock only inside such a gap is not a proven violation (as it was

@@ -258,6 +258,10 @@ pub struct Write {
     pub labels_known: bool,
     /// Real clusters: the request itself wrote the lock's owner label (a claim or a handoff).
     pub sets_owner: bool,
+    /// The committed object's resourceVersion: kubesim's; on a real cluster the answer's when
+    /// the audit log keeps it (locks, and the operator's pod and Lease writes). Real
+    /// resourceVersions are etcd revisions: one order over every object.
+    pub committed_rv: Option<u64>,
 }
 
 impl Write {
@@ -1468,6 +1472,7 @@ impl Env {
                     labels: c.labels,
                     labels_known: true,
                     sets_owner: false,
+                    committed_rv: Some(c.rv),
                 })
                 .collect(),
             Inner::Real(real) => {
@@ -2156,7 +2161,8 @@ struct AuditEvent {
     user_agent: String,
     object_ref: Option<AuditObjectRef>,
     response_status: Option<AuditStatus>,
-    /// Only for the writes the policy logs with bodies (StatefulSetLocks).
+    /// Only for the writes the policy logs with bodies (StatefulSetLocks; the operator's pods
+    /// and Leases).
     #[serde(default)]
     request_object: Option<Value>,
     #[serde(default)]
@@ -2257,6 +2263,13 @@ impl AuditTail {
                         .and_then(|l| serde_json::from_value(l.clone()).ok())
                         .unwrap_or_default()
                 });
+            let committed_rv = ev
+                .response_object
+                .as_ref()
+                .filter(|_| (200..300).contains(&code))
+                .and_then(|o| o.pointer("/metadata/resourceVersion"))
+                .and_then(Value::as_str)
+                .and_then(|v| v.parse::<u64>().ok());
             let sets_owner = ev
                 .request_object
                 .as_ref()
@@ -2282,6 +2295,7 @@ impl AuditTail {
                     labels_known: committed_labels.is_some(),
                     labels: committed_labels.unwrap_or_default(),
                     sets_owner,
+                    committed_rv,
                 },
             ));
         }
@@ -2430,6 +2444,63 @@ fn exact_owner_check(log: &[Write], lock_of: impl Fn(&Write) -> Option<String>) 
     out
 }
 
+/// One lock's versions in etcd's order, from the harness's watch and the audit log's answers
+/// to lock writes, and the revisions between which the watch may have missed versions.
+#[derive(Default)]
+struct RvHistory {
+    /// (resourceVersion, owner label), ascending, one entry per version.
+    versions: Vec<(u64, Option<String>)>,
+    /// (a, b): versions strictly between may be missing (before the watch's first version, and
+    /// each re-list's jump). The audit log's answers may fill a gap but cannot show it full.
+    gaps: Vec<(u64, u64)>,
+}
+
+impl RvHistory {
+    fn of_locks(writes: &[Write], owners: &Owners) -> HashMap<(String, String), RvHistory> {
+        let mut out: HashMap<(String, String), RvHistory> = HashMap::new();
+        for (key, versions) in &owners.locks {
+            let h = out.entry(key.clone()).or_default();
+            let mut previous = 0;
+            for (k, v) in versions.iter().enumerate() {
+                if k == 0 || v.after_gap {
+                    h.gaps.push((previous, v.rv));
+                }
+                previous = v.rv;
+                h.versions.push((v.rv, v.owner.clone()));
+            }
+        }
+        for w in writes {
+            if w.resource == "statefulsetlocks"
+                && w.labels_known
+                && w.committed()
+                && let Some(rv) = w.committed_rv
+            {
+                out.entry((w.namespace.clone(), w.name.clone()))
+                    .or_default()
+                    .versions
+                    .push((rv, w.labels.get(SHARD_LABEL).cloned()));
+            }
+        }
+        for h in out.values_mut() {
+            h.versions.sort_by_key(|(rv, _)| *rv);
+            h.versions.dedup_by_key(|(rv, _)| *rv);
+        }
+        out
+    }
+
+    /// The newest version committed before `rv` and the owner it names, when no version
+    /// between may be missing and it names one (a deleted or unclaimed lock decides nothing).
+    fn owner_before(&self, rv: u64) -> Option<(u64, &str)> {
+        let i = self.versions.partition_point(|(v, _)| *v < rv);
+        let (version, owner) = self.versions.get(i.checked_sub(1)?)?;
+        let missing = self.gaps.iter().any(|(a, b)| *a < rv && *b > *version);
+        if missing {
+            return None;
+        }
+        Some((*version, owner.as_deref()?))
+    }
+}
+
 /// One owner's tenure of a lock, as far as timestamps bound it.
 struct Tenure {
     owner: Option<String>,
@@ -2505,6 +2576,7 @@ pub fn timed_owner_check(
         }
         tenures.insert(key, list);
     }
+    let in_order = RvHistory::of_locks(writes, owners);
     let none = vec![];
     let mut out = OwnerCheck::default();
     for w in writes {
@@ -2512,6 +2584,30 @@ pub fn timed_owner_check(
             continue;
         };
         let Some(lock) = lock_of(w) else { continue };
+        if w.resource != "statefulsetlocks"
+            && w.committed()
+            && let Some((version, owner)) = w.committed_rv.and_then(|rv| {
+                in_order
+                    .get(&(w.namespace.clone(), lock.clone()))?
+                    .owner_before(rv)
+            })
+        {
+            // Committed at a known revision, after a known version of the lock with none
+            // missing between: the owner then is known exactly, as on kubesim.
+            out.checked += 1;
+            out.exact += 1;
+            if owner != actor {
+                out.violations.push(format!(
+                    "{actor} wrote {} {}{} {} for lock {lock}, committed at resourceVersion {}, after the lock's version {version} naming owner {owner:?} (none between)",
+                    w.verb,
+                    w.resource,
+                    if w.subresource.is_empty() { String::new() } else { format!("/{}", w.subresource) },
+                    w.name,
+                    w.committed_rv.unwrap_or_default(),
+                ));
+            }
+            continue;
+        }
         if w.resource == "statefulsetlocks" && w.labels_known {
             // The answer is the lock as committed: its owner label then is known exactly.
             if w.sets_owner {

@@ -128,6 +128,10 @@ pub struct ControlPlane {
 /// IP), what (verb, resource, name) and the response code. Writes to StatefulSetLocks also
 /// with their bodies (RequestResponse): the answer is the lock as committed, so its owner
 /// label at that commit is known exactly, whatever a watch missed or a crash left unlogged.
+/// The operator's ServiceAccount's writes to pods and Leases with their bodies too: the
+/// answer's resourceVersion is the write's etcd revision, one order with the locks' versions,
+/// so the lock's owner when the write was committed is known by that order, not bounded by
+/// timestamps.
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
@@ -137,6 +141,14 @@ rules:
   resources:
   - group: "app.anukkrit.me"
     resources: ["statefulsetlocks", "statefulsetlocks/status"]
+- level: RequestResponse
+  users: ["system:serviceaccount:stslock-system:stslock"]
+  verbs: ["create", "update", "patch"]
+  resources:
+  - group: ""
+    resources: ["pods"]
+  - group: "coordination.k8s.io"
+    resources: ["leases"]
 - level: Metadata
   verbs: ["create", "update", "patch", "delete", "deletecollection"]
 - level: None
