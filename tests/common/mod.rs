@@ -129,7 +129,7 @@ pub fn lock_of(w: &Write) -> Option<String> {
 pub async fn assert_only_owners_wrote(env: &Env, what: &str, min_checked: usize) {
     let c = env.owner_check(lock_of).await;
     println!(
-        "{what}: {} operator writes checked against the lock's owner at the time ({:?} backend; {} of them exactly from the committed lock), {} by a non-owner, {} ambiguous by timestamps; attempts by a non-owner: {} refused, {} of unknown outcome {:?}",
+        "{what}: {} operator writes checked against the lock's owner at the time ({:?} backend; {} of them exactly: the committed lock, or the write's revision after the lock's), {} by a non-owner, {} ambiguous by timestamps; attempts by a non-owner: {} refused, {} of unknown outcome {:?}",
         c.checked,
         env.backend(),
         c.exact,
@@ -2320,8 +2320,10 @@ pub struct OwnerCheck {
     pub checked: usize,
     /// Committed writes by a replica that did not own the lock then (proven).
     pub violations: Vec<String>,
-    /// Real cluster: checked lock writes whose committed owner label the audit log gave
-    /// (exact, like kubesim's commit log); the rest are bounded by timestamps.
+    /// Real cluster: checked writes whose owner at the commit is exact, like kubesim's commit
+    /// log: lock writes whose committed owner label the audit log gave, and writes whose
+    /// committed revision follows a known lock version with none missing between; the rest
+    /// are bounded by timestamps.
     pub exact: usize,
     /// Real cluster: checked writes during which the owner may have changed (timestamps
     /// cannot order them; the commit order kubesim records can).
