@@ -754,6 +754,53 @@ async fn the_owner_check_reports_writes_by_a_replica_that_does_not_own_the_lock(
     assert!(c.exact >= 1, "{c:#?}");
 }
 
+/// Lock `ns/l2`'s history as the harness's watch saw it: test-2 from rv 10 (seen at 1 ms),
+/// then `second` from rv 50 (seen at 9 ms), delivered by a re-list's jump when `after_gap`.
+fn l2_owners(second: &str, after_gap: bool) -> common::Owners {
+    let mut o = common::Owners::default();
+    let version = |rv, owner: &str, seen_us, after_gap| common::OwnerVersion {
+        rv,
+        owner: Some(owner.into()),
+        seen_us,
+        after_gap,
+    };
+    o.locks.insert(
+        ("ns".to_string(), "l2".to_string()),
+        vec![
+            version(10, "test-2", 1_000, false),
+            version(50, second, 9_000, after_gap),
+        ],
+    );
+    o
+}
+
+/// A write of `actor` for lock `ns/l2` (its Lease `lease2`, or the lock's status) that arrived at
+/// `received_us` and was answered 200 `elapsed_us` later.
+fn l2_write(actor: &str, lease: bool, received_us: i64, elapsed_us: i64) -> Write {
+    let (group, resource, subresource, name) = if lease {
+        ("coordination.k8s.io", "leases", "", "lease2")
+    } else {
+        ("app.anukkrit.me", "statefulsetlocks", "status", "l2")
+    };
+    Write {
+        actor: format!("stslock/{actor}"),
+        verb: "patch".into(),
+        group: group.into(),
+        resource: resource.into(),
+        subresource: subresource.into(),
+        namespace: "ns".into(),
+        name: name.into(),
+        code: 200,
+        received_us,
+        completed_us: received_us + elapsed_us,
+        ..Write::default()
+    }
+}
+
+fn l2_lock_of(w: &Write) -> Option<String> {
+    (w.name == "lease2").then(|| "l2".to_string())
+}
+
 /// Writes the audit log keeps the answers of (the operator's pod and Lease writes) carry their
 /// etcd revision, one order with the lock's versions: where the watch missed no version
 /// between, the lock's owner at the commit is known exactly, and a write by another replica
@@ -761,63 +808,19 @@ async fn the_owner_check_reports_writes_by_a_replica_that_does_not_own_the_lock(
 /// check falls back to the timestamps.
 #[test]
 fn owner_check_orders_writes_by_revision_where_the_lock_history_is_complete() {
-    let key = ("ns".to_string(), "l2".to_string());
-    let owners = |after_gap: bool| {
-        let mut o = common::Owners::default();
-        o.locks.insert(
-            key.clone(),
-            vec![
-                common::OwnerVersion {
-                    rv: 10,
-                    owner: Some("test-2".into()),
-                    seen_us: 1_000,
-                    after_gap: false,
-                },
-                common::OwnerVersion {
-                    rv: 50,
-                    owner: Some("test-0".into()),
-                    seen_us: 9_000,
-                    after_gap,
-                },
-            ],
-        );
-        o
-    };
-    let lock_write = |received_us: i64| Write {
-        actor: "stslock/test-2".into(),
-        verb: "patch".into(),
-        resource: "statefulsetlocks".into(),
-        subresource: "status".into(),
-        namespace: "ns".into(),
-        name: "l2".into(),
-        code: 200,
-        received_us,
-        completed_us: received_us + 100,
-        ..Write::default()
-    };
-    let lease_write = |actor: &str, received_us: i64, rv: u64| Write {
-        actor: format!("stslock/{actor}"),
-        verb: "patch".into(),
-        group: "coordination.k8s.io".into(),
-        resource: "leases".into(),
-        namespace: "ns".into(),
-        name: "lease2".into(),
-        code: 200,
-        received_us,
-        completed_us: received_us + 200,
+    let at_revision = |actor: &str, received_us: i64, rv: u64| Write {
         committed_rv: Some(rv),
-        ..Write::default()
+        ..l2_write(actor, true, received_us, 200)
     };
     let writes = vec![
-        lock_write(500),
-        lease_write("test-2", 2_000, 20),
+        l2_write("test-2", false, 500, 100),
+        at_revision("test-2", 2_000, 20),
         // Before the handoff's commit by revision; by timestamps it may be after it.
-        lease_write("test-0", 5_000, 40),
-        lease_write("test-0", 9_500, 60),
-        lock_write(8_000),
+        at_revision("test-0", 5_000, 40),
+        at_revision("test-0", 9_500, 60),
+        l2_write("test-2", false, 8_000, 100),
     ];
-    let lock_of = |w: &Write| (w.name == "lease2").then(|| "l2".to_string());
-    let complete = common::timed_owner_check(&writes, &owners(false), lock_of);
+    let complete = common::timed_owner_check(&writes, &l2_owners("test-0", false), l2_lock_of);
     assert_eq!(complete.violations.len(), 1, "{complete:?}");
     assert!(
         complete.violations[0].contains("resourceVersion 40"),
@@ -825,7 +828,7 @@ fn owner_check_orders_writes_by_revision_where_the_lock_history_is_complete() {
     );
     assert_eq!(complete.exact, 3, "{complete:?}");
     // The watch jumped from 10 to 50: 20 and 40 may follow a version it missed.
-    let gap = common::timed_owner_check(&writes, &owners(true), lock_of);
+    let gap = common::timed_owner_check(&writes, &l2_owners("test-0", true), l2_lock_of);
     assert!(gap.violations.is_empty(), "{gap:?}");
     assert_eq!(gap.exact, 1, "only the write at 60: {gap:?}");
     assert!(gap.ambiguous >= 1, "{gap:?}");
@@ -838,57 +841,14 @@ fn owner_check_orders_writes_by_revision_where_the_lock_history_is_complete() {
 /// history complete still is.
 #[test]
 fn owner_check_counts_a_write_inside_a_relist_gap_as_ambiguous() {
-    let key = ("ns".to_string(), "l2".to_string());
-    let owners = |after_gap: bool| {
-        let mut o = common::Owners::default();
-        o.locks.insert(
-            key.clone(),
-            vec![
-                common::OwnerVersion {
-                    rv: 10,
-                    owner: Some("test-2".into()),
-                    seen_us: 1_000,
-                    after_gap: false,
-                },
-                common::OwnerVersion {
-                    rv: 50,
-                    owner: Some("test-2".into()),
-                    seen_us: 9_000,
-                    after_gap,
-                },
-            ],
-        );
-        o
-    };
-    let lock_write = |received_us: i64| Write {
-        actor: "stslock/test-2".into(),
-        verb: "patch".into(),
-        resource: "statefulsetlocks".into(),
-        subresource: "status".into(),
-        namespace: "ns".into(),
-        name: "l2".into(),
-        code: 200,
-        received_us,
-        completed_us: received_us + 100,
-        ..Write::default()
-    };
-    let lease_write = Write {
-        actor: "stslock/test-0".into(),
-        verb: "patch".into(),
-        group: "coordination.k8s.io".into(),
-        resource: "leases".into(),
-        namespace: "ns".into(),
-        name: "lease2".into(),
-        code: 200,
-        received_us: 5_000,
-        completed_us: 5_200,
-        ..Write::default()
-    };
-    let writes = vec![lock_write(500), lock_write(8_000), lease_write];
-    let lock_of = |w: &Write| (w.name == "lease2").then(|| "l2".to_string());
-    let complete = common::timed_owner_check(&writes, &owners(false), lock_of);
+    let writes = vec![
+        l2_write("test-2", false, 500, 100),
+        l2_write("test-2", false, 8_000, 100),
+        l2_write("test-0", true, 5_000, 200),
+    ];
+    let complete = common::timed_owner_check(&writes, &l2_owners("test-2", false), l2_lock_of);
     assert_eq!(complete.violations.len(), 1, "{complete:?}");
-    let gap = common::timed_owner_check(&writes, &owners(true), lock_of);
+    let gap = common::timed_owner_check(&writes, &l2_owners("test-2", true), l2_lock_of);
     assert!(gap.violations.is_empty(), "{gap:?}");
     assert_eq!(gap.ambiguous, 1, "{gap:?}");
 }
