@@ -341,7 +341,16 @@ async fn statefulset_pods_become_ready_and_the_operator_gets_exactly_its_rbac() 
         },
     )
     .await?;
-    assert_eq!(allowed["level"], "Metadata");
+    // The operator's pod writes are kept with their answers: the committed resourceVersion
+    // orders them among the lock's versions (the owner check of tests/common).
+    assert_eq!(allowed["level"], "RequestResponse");
+    assert!(
+        allowed["responseObject"]["metadata"]["resourceVersion"]
+            .as_str()
+            .is_some_and(|rv| rv.parse::<u64>().is_ok()),
+        "the answer's resourceVersion: {}",
+        allowed["responseObject"]["metadata"]
+    );
     assert_eq!(forbidden["objectRef"]["name"], NS);
     assert!(
         forbidden["annotations"]["authorization.k8s.io/decision"] == "forbid",
