@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use kubesim::{HoldResponse, LoseResponse, WatchFault};
 use serde_json::json;
+use stslock::api::SHARD_LABEL;
 
 mod common;
 use common::report::Fault;
@@ -832,6 +833,20 @@ fn owner_check_orders_writes_by_revision_where_the_lock_history_is_complete() {
     assert!(gap.violations.is_empty(), "{gap:?}");
     assert_eq!(gap.exact, 1, "only the write at 60: {gap:?}");
     assert!(gap.ambiguous >= 1, "{gap:?}");
+    // A lock the watch never saw: the audit log's answer to a lock write (rv 10, test-2) alone
+    // does not order the write at 20 (a version between may be one the log lost).
+    let answered = Write {
+        labels_known: true,
+        labels: BTreeMap::from([(SHARD_LABEL.to_string(), "test-2".to_string())]),
+        committed_rv: Some(10),
+        ..l2_write("test-2", false, 500, 100)
+    };
+    let unwatched = common::timed_owner_check(
+        &[answered, at_revision("test-2", 2_000, 20)],
+        &common::Owners::default(),
+        l2_lock_of,
+    );
+    assert_eq!(unwatched.exact, 0, "{unwatched:?}");
 }
 
 /// The real cluster's owner check rests on the harness's lock watch. When that watch re-lists,

@@ -2460,6 +2460,12 @@ struct RvHistory {
 impl RvHistory {
     fn of_locks(writes: &[Write], owners: &Owners) -> HashMap<(String, String), RvHistory> {
         let mut out: HashMap<(String, String), RvHistory> = HashMap::new();
+        // A lock the watch never delivered has no history known to be whole: the audit log's
+        // answers alone may miss a version (one committed as kube-apiserver crashed).
+        let unwatched = || RvHistory {
+            versions: vec![],
+            gaps: vec![(0, u64::MAX)],
+        };
         for (key, versions) in &owners.locks {
             let h = out.entry(key.clone()).or_default();
             let mut previous = 0;
@@ -2478,7 +2484,7 @@ impl RvHistory {
                 && let Some(rv) = w.committed_rv
             {
                 out.entry((w.namespace.clone(), w.name.clone()))
-                    .or_default()
+                    .or_insert_with(unwatched)
                     .versions
                     .push((rv, w.labels.get(SHARD_LABEL).cloned()));
             }
